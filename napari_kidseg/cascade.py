@@ -1,0 +1,302 @@
+"""The coarse -> ROI -> refine -> fusion cascade, on numpy arrays (no Qt, no napari).
+
+1. Coarse: every axial slice (with ``context_slices`` neighbours as channels), padded to a
+   square with air and resized to the coarse network's input size, is segmented; the kidney+tumor
+   and tumor probabilities are resized back onto the CT grid on the device and stored as uint8.
+2. ROI: the kidney ROIs and their refine patches (:mod:`roi`).
+3. Refine: the patches at full in-plane resolution go through the refine network; overlapping
+   tiles are averaged; results are kept only inside the patches.
+4. Fusion: :meth:`CascadeResult.fuse` (``alpha``, thresholds), cheap enough for a slider.
+
+Inference is batched under ``torch.inference_mode``; on CUDA with bf16 autocast and channels-last
+memory, the next batch is copied from pinned memory while the current one runs; device memory is
+bounded by the batch size, not by the volume. A CUDA out-of-memory error halves the batch and
+retries. Long work reports ``progress(done, total, stage)`` and checks ``cancel()`` between
+batches, raising :class:`Cancelled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from . import fusion, roi
+from .errors import KidsegError
+from .io import AIR_HU
+
+DEFAULT_ALPHA = 0.4  # best in the paper
+DEFAULT_KIDNEY_THRESHOLD = 0.5
+DEFAULT_TUMOR_THRESHOLD = 0.5
+
+
+class Cancelled(Exception):
+    """The user cancelled a run; nothing was written."""
+
+
+@dataclasses.dataclass
+class CascadeResult:
+    """Everything needed to re-fuse without running a network again."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    coarse_meta: np.ndarray  # uint8 levels of p(kidney)+p(tumor), full grid
+    coarse_tumor: np.ndarray  # uint8 levels of p(tumor), full grid
+    refined: dict[int, fusion.RefinedRegion]
+    rois: list[roi.KidneyROI]
+    patches: np.ndarray
+    patch_px: int
+    timings: dict = dataclasses.field(default_factory=dict)
+    messages: list[str] = dataclasses.field(default_factory=list)
+
+    def fuse(self, alpha=DEFAULT_ALPHA, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD,
+             tumor_threshold=DEFAULT_TUMOR_THRESHOLD, z: int | None = None) -> np.ndarray:
+        """Fused labels of the whole volume, or of slice ``z`` only."""
+        if z is None:
+            return fusion.fuse_volume(self.coarse_meta, self.coarse_tumor, self.refined, alpha,
+                                      kidney_threshold, tumor_threshold)
+        return fusion.fuse_slice(self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha,
+                                 kidney_threshold, tumor_threshold)
+
+    def coarse_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
+        return fusion.labels_from_levels(self.coarse_meta, self.coarse_tumor, kidney_threshold, tumor_threshold)
+
+    def refined_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
+        return fusion.refined_only_labels(self.shape, self.refined, kidney_threshold, tumor_threshold)
+
+    def patch_coverage(self) -> np.ndarray:
+        return roi.patch_coverage(self.patches, self.shape, self.patch_px)
+
+    def save_probabilities(self, path, *, overwrite=False):
+        """The coarse channels and the refined regions as one compressed .npz (atomic)."""
+        from .io import atomic_path
+
+        zs = np.array(sorted(self.refined), dtype=np.int32)
+        payload = {
+            "coarse_meta": self.coarse_meta, "coarse_tumor": self.coarse_tumor, "spacing": np.asarray(self.spacing),
+            "refined_z": zs,
+            "refined_origin": np.array([[self.refined[z].y0, self.refined[z].x0] for z in zs], np.int32).reshape(-1, 2),
+        }
+        for z in zs:
+            r = self.refined[z]
+            payload[f"refined_{z}"] = np.stack([r.meta, r.tumor, r.covered.astype(np.uint8)])
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **payload)
+
+
+def hu_to_input(x, window):
+    """Clip HU to the window and scale to [-1, 1] (torch tensors; the training code uses it too)."""
+    lo, hi = float(window[0]), float(window[1])
+    return (x.clamp(lo, hi) - (lo + hi) / 2.0) * (2.0 / (hi - lo))
+
+
+def context_indices(z: np.ndarray | int, n_slices: int, k: int) -> np.ndarray:
+    """Slice indices [z-k .. z+k], clamped at the volume's ends: the 2.5D channels of slice z."""
+    z = np.atleast_1d(np.asarray(z))
+    return np.clip(z[:, None] + np.arange(-k, k + 1)[None, :], 0, n_slices - 1)
+
+
+class Cascade:
+    """Loaded coarse and refine networks on a device, ready to segment CT volumes."""
+
+    def __init__(self, coarse_checkpoint=None, refine_checkpoint=None, *, device="auto", batch_size=None,
+                 min_roi_ml: float = 5.0, margin_mm: float = 12.0):
+        import torch
+
+        from .models import load_checkpoint, pick_device, resolve_checkpoint
+
+        self.device = pick_device(device)
+        self.coarse_path = resolve_checkpoint(coarse_checkpoint, "coarse")
+        self.refine_path = resolve_checkpoint(refine_checkpoint, "refine")
+        self.coarse, self.coarse_cfg = load_checkpoint(self.coarse_path, stage="coarse", device=self.device)
+        self.refine, self.refine_cfg = load_checkpoint(self.refine_path, stage="refine", device=self.device)
+        self.is_cuda = self.device.startswith("cuda")
+        if self.is_cuda:
+            self.coarse.to(memory_format=torch.channels_last)
+            self.refine.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.batch_size = int(batch_size or (64 if self.is_cuda else 8))
+        self.min_roi_ml = min_roi_ml
+        self.margin_mm = margin_mm
+
+    # ------------------------------------------------------------------ batched inference
+    def _forward(self, model, batch):
+        """Softmax probabilities of kidney+tumor and tumor, (B, 2, h, w) float32 on the device."""
+        import torch
+
+        if self.is_cuda:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(batch)
+        else:
+            logits = model(batch)
+        p = torch.softmax(logits.float(), dim=1)
+        return torch.stack([p[:, 1] + p[:, 2], p[:, 2]], dim=1)
+
+    def _run_batches(self, host_batches: Iterator[tuple[object, np.ndarray]], consume: Callable, model, prepare,
+                     total: int, stage: str, progress, cancel):
+        """Feed host batches to the device, one copy ahead of compute; OOM halves the batch."""
+        import torch
+
+        done = 0
+
+        def to_device(arr):
+            t = torch.from_numpy(arr)
+            if self.is_cuda:
+                return t.pin_memory().to(self.device, non_blocking=True)
+            return t.to(self.device)
+
+        pending = None
+        it = iter(host_batches)
+        nxt = next(it, None)
+        with torch.inference_mode():
+            while nxt is not None:
+                if cancel is not None and cancel():
+                    raise Cancelled(f"cancelled during the {stage} stage")
+                key, arr = nxt
+                pending = to_device(arr)
+                nxt = next(it, None)  # assembled on the host while the device works
+                out = self._forward_with_oom_retry(model, prepare, pending)
+                consume(key, out)
+                done += arr.shape[0]
+                if progress:
+                    progress(done, total, stage)
+
+    def _forward_with_oom_retry(self, model, prepare, batch):
+        import torch
+
+        try:
+            return self._forward(model, prepare(batch))
+        except torch.cuda.OutOfMemoryError:
+            if batch.shape[0] == 1:
+                raise KidsegError("the GPU is out of memory even for one slice; use --device cpu") from None
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, batch.shape[0] // 2)
+            half = batch.shape[0] // 2
+            a = self._forward_with_oom_retry(model, prepare, batch[:half])
+            b = self._forward_with_oom_retry(model, prepare, batch[half:])
+            return torch.cat([a, b])
+
+    # ------------------------------------------------------------------ stages
+    def _coarse(self, ct: np.ndarray, progress, cancel):
+        import torch
+        import torch.nn.functional as F
+
+        nz, ny, nx = ct.shape
+        cfg = self.coarse_cfg
+        side = max(ny, nx)
+        pad = (0, side - nx, 0, side - ny)  # pad right/bottom to a square with air (-1 after scaling)
+        size = cfg.input_size
+        meta = np.empty(ct.shape, np.uint8)
+        tumor = np.empty(ct.shape, np.uint8)
+
+        def batches():
+            for z0 in range(0, nz, self.batch_size):
+                zs = np.arange(z0, min(nz, z0 + self.batch_size))
+                yield zs, ct[context_indices(zs, nz, cfg.context_slices)]  # (B, C, H, W) HU
+
+        def prepare(t):
+            x = hu_to_input(t.float(), cfg.hu_window)
+            x = F.pad(x, pad, value=-1.0)
+            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=side > size)
+
+        def consume(zs, p):
+            p = F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[:, :, :ny, :nx]
+            levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            meta[zs] = levels[:, 0]
+            tumor[zs] = levels[:, 1]
+
+        self._run_batches(batches(), consume, self.coarse, prepare, nz, "coarse", progress, cancel)
+        return meta, tumor
+
+    def _refine(self, ct: np.ndarray, patches: np.ndarray, progress, cancel) -> dict[int, fusion.RefinedRegion]:
+        import torch
+
+        cfg = self.refine_cfg
+        size = cfg.input_size
+        nz, ny, nx = ct.shape
+        # each slice's region: the union of its patches, clipped to the image
+        acc = {}
+        for z in np.unique(patches["z"]):
+            ps = patches[patches["z"] == z]
+            y0, x0 = max(0, int(ps["y0"].min())), max(0, int(ps["x0"].min()))
+            y1, x1 = min(ny, int(ps["y0"].max()) + size), min(nx, int(ps["x0"].max()) + size)
+            h, w = y1 - y0, x1 - x0
+            acc[int(z)] = (y0, x0, np.zeros((2, h, w), np.uint16), np.zeros((h, w), np.uint8))
+
+        def batches():
+            for i0 in range(0, len(patches), self.batch_size):
+                chunk = patches[i0 : i0 + self.batch_size]
+                arr = np.empty((len(chunk), cfg.in_channels, size, size), ct.dtype)
+                for j, p in enumerate(chunk):
+                    for c, zc in enumerate(context_indices(int(p["z"]), nz, cfg.context_slices)[0]):
+                        arr[j, c] = roi.cut_patch(ct[zc], int(p["y0"]), int(p["x0"]), size, AIR_HU)
+                yield chunk, arr
+
+        def prepare(t):
+            return hu_to_input(t.float(), cfg.hu_window)
+
+        def consume(chunk, p):
+            levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            for j, pt in enumerate(chunk):
+                y0, x0, sums, count = acc[int(pt["z"])]
+                # the part of the patch inside the image, in region and in patch coordinates
+                py, px = int(pt["y0"]), int(pt["x0"])
+                ys, xs = max(py, 0), max(px, 0)
+                ye, xe = min(py + size, ny), min(px + size, nx)
+                sums[:, ys - y0 : ye - y0, xs - x0 : xe - x0] += levels[j, :, ys - py : ye - py, xs - px : xe - px]
+                count[ys - y0 : ye - y0, xs - x0 : xe - x0] += 1
+
+        self._run_batches(batches(), consume, self.refine, prepare, len(patches), "refine", progress, cancel)
+        refined = {}
+        for z, (y0, x0, sums, count) in acc.items():
+            covered = count > 0
+            avg = np.zeros(sums.shape, np.uint8)
+            avg[:, covered] = np.round(sums[:, covered] / count[covered]).astype(np.uint8)
+            refined[z] = fusion.RefinedRegion(y0, x0, avg[0], avg[1], covered)
+        return refined
+
+    # ------------------------------------------------------------------ the whole cascade
+    def run(self, ct: np.ndarray, spacing, *, progress=None, cancel=None) -> CascadeResult:
+        """Segment a CT (canonical ``(z, y, x)`` HU array with its spacing in mm)."""
+        import torch
+
+        if ct.ndim != 3:
+            raise KidsegError(f"the cascade needs a 3D CT volume, not an array of shape {ct.shape}")
+        timings = {}
+        t0 = time.perf_counter()
+        coarse_meta, coarse_tumor = self._coarse(ct, progress, cancel)
+        self._sync()
+        timings["coarse"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        half = DEFAULT_KIDNEY_THRESHOLD
+        rois, ids = roi.kidney_rois(coarse_meta > int(half * 255), spacing, min_volume_ml=self.min_roi_ml)
+        patches = roi.refine_patches(ids, spacing, patch_px=self.refine_cfg.input_size, margin_mm=self.margin_mm)
+        del ids
+        timings["roi"] = time.perf_counter() - t0
+        messages = []
+        if not rois:
+            messages.append(f"no kidney found: the coarse stage found no kidney or tumor region of "
+                            f"{self.min_roi_ml:g} mL or more, so nothing was refined")
+
+        t0 = time.perf_counter()
+        refined = self._refine(ct, patches, progress, cancel) if len(patches) else {}
+        self._sync()
+        timings["refine"] = time.perf_counter() - t0
+        timings["coarse_slices"] = ct.shape[0]
+        timings["refine_patches"] = len(patches)
+        if self.is_cuda:
+            timings["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return CascadeResult(tuple(ct.shape), tuple(float(s) for s in spacing), coarse_meta, coarse_tumor, refined,
+                             rois, patches, self.refine_cfg.input_size, timings, messages)
+
+    def _sync(self):
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.synchronize()

@@ -1,0 +1,49 @@
+"""napari layer-data tuples for CTs and labels: the contract between the core and napari.
+
+Plain tuples and dicts (napari's LayerData), so nothing here imports napari or Qt. The reader,
+the sample data and the widgets all build their layers here, so every layer gets the same
+physical scale, CT window and label colours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .io import Volume
+
+# Soft-tissue window (W400/L40): fixed limits, so that scanner padding or metal in a volume
+# cannot stretch the display the way min/max contrast limits would.
+CT_WINDOW = (-160.0, 240.0)
+LABEL_NAMES = {0: "background", 1: "kidney", 2: "tumor"}
+LABEL_COLORS = {None: "transparent", 0: "transparent", 1: "#2ca02c", 2: "#ffd700"}
+SOURCE_KEY = "kidseg_source"  # layer.metadata key holding the io.Volume the layer was read from
+
+
+def ct_layer_data(ct: Volume, name: str = "CT") -> tuple:
+    return (
+        ct.array,
+        {
+            "name": name,
+            **ct.napari_kwargs(),
+            "colormap": "gray",
+            "contrast_limits": CT_WINDOW,
+            "metadata": {SOURCE_KEY: ct},
+        },
+        "image",
+    )
+
+
+def labels_layer_data(labels: np.ndarray, like: Volume, name: str = "labels", **extra) -> tuple:
+    # the labels' own Volume (same grid and source as the CT) lets the writer put them back on disk
+    source = Volume(array=labels, geometry=like.geometry, source=like.source)
+    return (
+        labels,
+        {
+            "name": name,
+            **like.napari_kwargs(),
+            "colormap": dict(LABEL_COLORS),
+            "metadata": {SOURCE_KEY: source},
+            **extra,
+        },
+        "labels",
+    )

@@ -1,0 +1,394 @@
+"""Synthetic abdominal CTs with kidneys, tumors and cysts, in HU, with KiTS19 labels.
+
+No CT dataset can be downloaded here, so the sample data, the tests and the bundled weights
+all come from this generator. Every case is a deterministic function of its seed.
+
+Anatomy (all sizes in millimetres, laid out in the canonical LPS grid of :mod:`io`): body
+outline with skin, subcutaneous fat and an abdominal-wall muscle ring; visceral fat; vertebral
+bodies with cortex, cancellous bone and canal, posterior elements, ribs on the upper slices;
+paraspinal and psoas muscles; liver, spleen, aorta and IVC; bowel loops holding air, fluid or
+oral contrast; two kidneys (cortex, medulla, renal sinus fat, pelvis) tilted as in life, the
+left one higher; 0-3 tumors (solid, necrotic or cystic-appearing; endophytic or exophytic; on
+one or both kidneys); simple cysts; then partial volume (blur), noise, and sometimes a circular
+reconstruction field of view padded with -3024 as GE scanners write it.
+
+Labels follow KiTS19: 0 background, 1 kidney, 2 tumor. A simple cyst touching a kidney is part
+of label 1 (KiTS19 had no cyst class; it is not tumor), renal sinus fat is background.
+
+Matched against the real data in ../shared/data (figures measured by ``tests/test_phantom.py``
+and the statistics script in the model card's history):
+
+* Kidney volume: KiTS19 labels give about 150-250 mL per kidney (e.g. case 0: 215 and 180 mL;
+  case 1: 244 and 238 mL); kidney semi-axes here are drawn so one kidney is 110-300 mL.
+* Kidney in-plane extent: 75-95 mm in KiTS19; here 70-100 mm.
+* Tumors: KiTS19 tumors range from about 1 cm to over 10 cm (median about 4 cm); here 0-3
+  tumors of 1-12 cm diameter, log-uniform, so small ones are common and large ones occur.
+* HU on the real portal-venous/low-contrast CT (totalseg-abdomen-3mm): fat about -100, muscle
+  20-60, liver 46, kidney median 14 (5-95%: -25..39, a poorly enhanced kidney), air -1024.
+  Phases here: non-contrast (kidney 25-45 HU), arterial (cortex 150-260, medulla 60-110) and
+  venous (kidney 130-200); every tissue's HU is further jittered per case (domain
+  randomisation, as in SynthSeg) so a model does not learn one scanner's numbers.
+* Spacing and size: in-plane 0.5-1.0 mm at 512 x 512 (field of view 300-500 mm), slices
+  0.5-5 mm, 80-600 slices; orientation on disk varies (KiTS's I-P-L, LPS, RAS, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+from . import io
+
+TISSUE_HU = {
+    # (non-contrast, arterial, venous) typical HU; jittered per case
+    "fat": (-100, -100, -100),
+    "muscle": (45, 55, 60),
+    "liver": (55, 70, 110),
+    "spleen": (45, 120, 115),
+    "aorta": (40, 320, 170),
+    "ivc": (40, 70, 150),
+    "cortex": (35, 210, 170),
+    "medulla": (30, 85, 160),
+    "pelvis": (10, 10, 15),
+    "bone_cortex": (700, 700, 700),
+    "bone_cancellous": (220, 220, 220),
+    "tumor": (30, 150, 110),
+    "cyst": (5, 8, 10),
+    "bowel_wall": (40, 90, 100),
+    "fluid": (15, 15, 15),
+    "contrast": (300, 300, 300),
+    "air": (-1000, -1000, -1000),
+    "skin": (30, 30, 30),
+}
+PHASES = ("noncontrast", "arterial", "venous")
+DISK_LAYOUTS = ("IPL", "LPS", "RAS", "LPI", "RAI", "LAS")
+
+
+@dataclasses.dataclass
+class PhantomCase:
+    ct: io.Volume  # int16 HU, canonical orientation, with a source layout for writing
+    labels: np.ndarray  # uint8, 0/1/2
+    info: dict  # what was drawn: phase, spacing, tumors, cysts...
+
+
+class _Grid:
+    """Voxel-centre world coordinates (mm) of the canonical array, per axis."""
+
+    def __init__(self, shape, spacing, origin):
+        self.shape = shape
+        self.spacing = np.asarray(spacing, float)
+        self.origin = np.asarray(origin, float)
+        self.axes = [self.origin[i] + np.arange(shape[i]) * self.spacing[i] for i in range(3)]
+
+    def box(self, center_zyx, radius_mm):
+        """Slices of the array within ``radius_mm`` of a centre, or None if outside the grid."""
+        sl = []
+        for i in range(3):
+            lo = int(np.floor((center_zyx[i] - radius_mm - self.origin[i]) / self.spacing[i]))
+            hi = int(np.ceil((center_zyx[i] + radius_mm - self.origin[i]) / self.spacing[i])) + 1
+            lo, hi = max(lo, 0), min(hi, self.shape[i])
+            if lo >= hi:
+                return None
+            sl.append(slice(lo, hi))
+        return tuple(sl)
+
+    def coords(self, sl):
+        z, y, x = (self.axes[i][sl[i]] for i in range(3))
+        return z[:, None, None], y[None, :, None], x[None, None, :]
+
+
+def _rotation(rng, max_deg):
+    """A random rotation (3x3 acting on (z, y, x) vectors) of at most ``max_deg`` about each axis."""
+    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rz = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rx = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@dataclasses.dataclass
+class _Blob:
+    """A rotated ellipsoid whose surface is bumped by a few low-frequency waves."""
+
+    center: np.ndarray  # (z, y, x) mm
+    semi: np.ndarray  # semi-axes (z, y, x) mm, before rotation
+    rot: np.ndarray
+    waves: np.ndarray  # (k, 3) directions
+    phases: np.ndarray
+    amp: float
+
+    @classmethod
+    def random(cls, rng, center, semi, max_deg=10.0, amp=0.08):
+        return cls(np.asarray(center, float), np.asarray(semi, float), _rotation(rng, max_deg),
+                   rng.normal(size=(3, 3)) * 2.0, rng.uniform(0, 2 * np.pi, 3), amp)
+
+    def radius_field(self, grid: _Grid, margin=1.3):
+        """(slices, rho): rho < 1 inside; None if the blob misses the grid."""
+        sl = grid.box(self.center, float(self.semi.max()) * margin * (1 + self.amp))
+        if sl is None:
+            return None, None
+        z, y, x = grid.coords(sl)
+        d = [z - self.center[0], y - self.center[1], x - self.center[2]]
+        r = self.rot
+        u = [(r[0, i] * d[0] + r[1, i] * d[1] + r[2, i] * d[2]) / self.semi[i] for i in range(3)]
+        rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
+        if self.amp:
+            inv = 1.0 / np.maximum(rho, 1e-6)
+            bump = sum(np.cos((w[0] * u[0] + w[1] * u[1] + w[2] * u[2]) * inv + p)
+                       for w, p in zip(self.waves, self.phases))
+            rho = rho / (1.0 + self.amp * bump / len(self.phases))
+        return sl, rho
+
+    def surface_point(self, direction):
+        """A point on the ellipsoid surface along a unit direction (in the blob's own frame)."""
+        d = np.asarray(direction, float)
+        d = d / np.linalg.norm(d)
+        t = 1.0 / np.sqrt(np.sum((d / self.semi) ** 2))
+        return self.center + self.rot @ (d * t)
+
+
+class _Painter:
+    def __init__(self, grid, hu, labels, allowed=None):
+        self.grid, self.hu, self.labels = grid, hu, labels
+        self.allowed = allowed  # organs stay inside the skin, however a random draw places them
+
+    def blob(self, blob: _Blob, value, label=None, inside=1.0, texture=None):
+        sl, rho = blob.radius_field(self.grid)
+        if sl is None:
+            return None, None
+        m = rho < inside
+        if self.allowed is not None:
+            m &= self.allowed[sl]
+        v = self.hu[sl]
+        v[m] = value if texture is None else (value + texture(rho)[m])
+        if label is not None:
+            self.labels[sl][m] = label
+        return sl, rho
+
+
+def make_phantom(
+    seed: int,
+    *,
+    matrix: int = 512,
+    max_slices: int = 600,
+    min_slices: int = 1,
+    slice_thickness: float | None = None,
+    phase: str | None = None,
+    n_tumors: int | None = None,
+    disk_layout: str | None = None,
+) -> PhantomCase:
+    """One synthetic abdominal CT and its labels, deterministic in ``seed``.
+
+    ``matrix`` sets the in-plane size (512 like a real CT; tests use 96-128, which gives a coarser
+    spacing over the same field of view); ``max_slices`` bounds the slice count by thickening
+    slices, as a scanner protocol would.
+    """
+    rng = np.random.default_rng(seed)
+    phase = phase or str(rng.choice(PHASES, p=[0.25, 0.35, 0.40]))
+    p_idx = PHASES.index(phase)
+    jitter = {k: v[p_idx] + rng.normal(0, 12 if abs(v[p_idx]) < 500 else 60) for k, v in TISSUE_HU.items()}
+    jitter["fat"] = rng.uniform(-125, -80)
+    jitter["air"] = rng.uniform(-1010, -960)
+
+    # -------- body habitus and scan range
+    fov = rng.uniform(300, 500)
+    sxy = fov / matrix
+    body_ax = rng.uniform(115, min(185, 0.49 * fov + 25))  # left-right semi-axis
+    body_ap = body_ax * rng.uniform(0.62, 0.85)
+    fat_sc = rng.uniform(6, 35)
+    kid_z = 0.0
+    z_lo = kid_z - rng.uniform(90, 200)
+    z_hi = kid_z + rng.uniform(90, 170)
+    dz = slice_thickness or float(rng.choice([0.5, 0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0]))
+    dz = max(dz, (z_hi - z_lo) / max_slices)
+    nz = max(min_slices, int(round((z_hi - z_lo) / dz)))
+    shape = (nz, matrix, matrix)
+    center_shift = rng.normal(0, 10, 2)
+    origin = np.array([z_lo, -fov / 2 + center_shift[0], -fov / 2 + center_shift[1]])
+    grid = _Grid(shape, (dz, sxy, sxy), origin)
+    hu = np.full(shape, jitter["air"], np.float32)
+    labels = np.zeros(shape, np.uint8)
+    paint = _Painter(grid, hu, labels)
+
+    # -------- body wall: an elliptic cylinder, wobbling along z
+    z, y, x = grid.coords((slice(None),) * 3)
+    scale_z = 1 + 0.06 * np.sin((z - z_lo) / 90.0 + rng.uniform(0, 6))
+    rb = np.sqrt((x / (body_ax * scale_z)) ** 2 + ((y - 10) / (body_ap * scale_z)) ** 2)
+    hu[np.broadcast_to(rb < 1.0, shape)] = jitter["skin"]
+    inner = 1 - 2.5 / body_ap
+    hu[np.broadcast_to(rb < inner, shape)] = jitter["fat"]
+    wall_out = inner - fat_sc / body_ap
+    wall_in = wall_out - rng.uniform(8, 16) / body_ap
+    hu[np.broadcast_to(rb < wall_out, shape)] = jitter["muscle"]
+    hu[np.broadcast_to(rb < wall_in, shape)] = jitter["fat"]  # visceral fat
+    paint.allowed = np.broadcast_to(rb < inner, shape)
+
+    post = body_ap * scale_z.mean()  # posterior body extent
+    # -------- spine, paraspinal and psoas muscles, ribs
+    spine_y = 10 + 0.55 * post
+    for side in (-1, 1):
+        paint.blob(_Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
+    for vz in np.arange(z_lo - 20, z_hi + 30, 32.0):
+        paint.blob(_Blob.random(rng, (vz, spine_y, 0), (13, 17, 20), 3, 0.0), jitter["bone_cortex"])
+        paint.blob(_Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"]
+                   + rng.normal(0, 30))
+        paint.blob(_Blob.random(rng, (vz, spine_y + 32, 0), (10, 14, 10), 3, 0.0), jitter["bone_cortex"])
+        paint.blob(_Blob.random(rng, (vz, spine_y + 24, 0), (16, 6, 7), 0, 0.0), jitter["fluid"])
+    for side in (-1, 1):
+        # psoas: thin at the top, thicker towards the pelvis
+        for k, pz in enumerate(np.arange(kid_z - 40, z_lo - 80, -40.0)):
+            r = 8 + 5 * k
+            paint.blob(_Blob.random(rng, (pz, spine_y - 5, side * (28 + r)), (30, r, r * 1.1), 5, 0.1),
+                       jitter["muscle"])
+    for rz in np.arange(kid_z + 30, z_hi + 30, rng.uniform(22, 30)):
+        for side in (-1, 1):
+            for ang in np.linspace(0.15, 1.25, 4):
+                ry = 10 + np.cos(ang) * post * 0.85
+                rx = side * np.sin(ang) * body_ax * 0.92
+                paint.blob(_Blob.random(rng, (rz - 10 * ang, ry, rx), (5, 5, 9), 20, 0.0), jitter["bone_cortex"])
+
+    # -------- great vessels
+    aorta_r = rng.uniform(9, 14)
+    for vz in np.arange(z_lo - 20, z_hi + 30, 25.0):
+        paint.blob(_Blob.random(rng, (vz, spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02), jitter["aorta"])
+        paint.blob(_Blob.random(rng, (vz, spine_y - 28, -26), (20, 11, 15), 2, 0.05), jitter["ivc"])
+
+    # -------- liver (patient's right, -x), spleen (left, posterior), both upper abdomen
+    liver = _Blob.random(rng, (kid_z + rng.uniform(60, 95), 5, -body_ax * 0.38),
+                         (rng.uniform(70, 95), post * 0.62, body_ax * 0.55), 10, 0.12)
+    paint.blob(liver, jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32))
+    spleen = _Blob.random(rng, (kid_z + rng.uniform(45, 80), spine_y - 5, body_ax * 0.62),
+                          (rng.uniform(40, 60), 28, 22), 15, 0.12)
+    paint.blob(spleen, jitter["spleen"])
+
+    # -------- bowel loops (anterior half): air, fluid or oral contrast inside a wall
+    for _ in range(int(rng.integers(8, 20))):
+        c = (rng.uniform(z_lo, kid_z + 40), rng.uniform(-post * 0.7, post * 0.1), rng.uniform(-0.6, 0.6) * body_ax)
+        r = rng.uniform(10, 22)
+        loop = _Blob.random(rng, c, (r * rng.uniform(1, 2.5), r, r * rng.uniform(0.8, 1.6)), 40, 0.15)
+        content = jitter[str(rng.choice(["air", "fluid", "contrast"], p=[0.45, 0.35, 0.2]))]
+        paint.blob(loop, jitter["bowel_wall"])
+        paint.blob(loop, content, inside=0.8)
+
+    # -------- kidneys: left (+x) higher; long axis tilted, hilum facing antero-medially
+    kidneys = []
+    info_kidneys = []
+    for side in (-1, 1):
+        length = rng.uniform(48, 66)
+        width = rng.uniform(26, 34)
+        depth = rng.uniform(21, 27)
+        kz = kid_z + (rng.uniform(5, 25) if side > 0 else rng.uniform(-15, 5))
+        kc = np.array([kz, spine_y + rng.uniform(-8, 10), side * rng.uniform(58, 80)])
+        rot = _rotation(rng, 6)
+        tilt = np.deg2rad(rng.uniform(8, 20)) * side
+        tz = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, 1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
+        blob = _Blob(kc, np.array([length, depth, width]), tz @ rot, rng.normal(size=(3, 3)) * 1.5,
+                     rng.uniform(0, 2 * np.pi, 3), 0.05)
+        kidneys.append((side, blob))
+        sl, rho = paint.blob(blob, jitter["cortex"], label=1)
+        if sl is None:
+            continue
+        # medulla: pyramids inside the cortex, distinct only with arterial enhancement
+        zz, yy, xx = grid.coords(sl)
+        theta = np.arctan2(zz - kc[0], (yy - kc[1]) + 0 * xx)
+        pyramids = (rho < 0.78) & (rho > 0.3) & (np.cos(7 * theta + rng.uniform(0, 6)) > -0.3)
+        hu[sl][pyramids] = jitter["medulla"]
+        # renal sinus: fat at the hilum (medial), with the pelvis inside it
+        hilum = blob.surface_point([0, -0.3, -side])
+        sinus = _Blob.random(rng, blob.center + 0.55 * (hilum - blob.center),
+                             (length * 0.45, depth * 0.4, width * 0.35), 5, 0.1)
+        s_sl, s_rho = sinus.radius_field(grid)
+        if s_sl is not None:
+            m = (s_rho < 1) & paint.allowed[s_sl]
+            hu[s_sl][m] = jitter["fat"]
+            labels[s_sl][m & (labels[s_sl] == 1)] = 0
+            pel = s_rho < 0.45
+            hu[s_sl][pel] = jitter["pelvis"]
+            labels[s_sl][pel] = 1
+        info_kidneys.append({"side": "left" if side > 0 else "right", "center_zyx_mm": kc.round(1).tolist(),
+                             "semi_axes_mm": [round(length, 1), round(depth, 1), round(width, 1)]})
+
+    # -------- simple cysts: water density, sharp wall, part of the kidney label (not tumor)
+    cysts = []
+    for _ in range(int(rng.choice([0, 0, 1, 1, 2]))):
+        side, kb = kidneys[int(rng.integers(2))]
+        d = rng.normal(size=3)
+        c = kb.surface_point(d)
+        r = rng.uniform(5, 25)
+        cyst = _Blob.random(rng, kb.center + 0.85 * (c - kb.center), (r, r, r), 0, 0.02)
+        paint.blob(cyst, jitter["cyst"], label=1)
+        cysts.append({"side": "left" if side > 0 else "right", "diameter_mm": round(2 * r, 1)})
+
+    # -------- tumors
+    if n_tumors is None:
+        n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))
+    tumors = []
+    for _ in range(n_tumors):
+        side, kb = kidneys[int(rng.integers(2))]
+        diam = float(np.exp(rng.uniform(np.log(10), np.log(120))))
+        r = diam / 2
+        kind = str(rng.choice(["solid", "necrotic", "cystic"], p=[0.55, 0.3, 0.15]))
+        growth = str(rng.choice(["exophytic", "endophytic", "mixed"], p=[0.45, 0.25, 0.3]))
+        d = rng.normal(size=3)
+        d[0] *= 0.6
+        surf = kb.surface_point(d)
+        depth = {"exophytic": 0.45, "mixed": 0.0, "endophytic": -0.6}[growth] * r
+        out = (surf - kb.center) / np.linalg.norm(surf - kb.center)
+        c = surf + out * depth if growth != "endophytic" else surf + out * min(depth, -0.3 * r)
+        tb = _Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
+        base = jitter["tumor"] + rng.normal(0, 20)
+        sl, rho = paint.blob(tb, base, label=2,
+                             texture=lambda q: rng.normal(0, 14, q.shape).astype(np.float32))
+        if sl is not None and kind != "solid":
+            core = rho < (0.6 if kind == "necrotic" else 0.88)
+            hu[sl][core] = jitter["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
+        tumors.append({"side": "left" if side > 0 else "right", "diameter_mm": round(diam, 1), "kind": kind,
+                       "growth": growth})
+
+    # -------- image formation: partial volume (blur), noise, circular reconstruction FOV
+    sigma_mm = rng.uniform(0.4, 1.2)
+    sigma = [max(0.3, sigma_mm / s) if s < 2.5 * sigma_mm else 0 for s in grid.spacing]
+    ndimage.gaussian_filter(hu, sigma, output=hu, truncate=3.0)
+    noise_sd = rng.uniform(6, 22)
+    hu += rng.standard_normal(shape, dtype=np.float32) * noise_sd
+    ndimage.gaussian_filter(hu, [0, 0.5, 0.5], output=hu, truncate=2.0)  # correlated, like filtered back-projection
+    padded = bool(rng.random() < 0.3)
+    if padded:
+        yy = grid.axes[1][:, None] - origin[1] - fov / 2
+        xx = grid.axes[2][None, :] - origin[2] - fov / 2
+        hu[:, (yy**2 + xx**2) > (fov / 2 * 0.98) ** 2] = -3024
+    ct_arr = np.clip(np.round(hu), -3024, 3071).astype(np.int16)
+    del hu, rb
+
+    layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
+    ct = io.volume_in_memory(ct_arr, grid.spacing, grid.origin, io.direction_from_code(layout))
+    info = {
+        "seed": seed, "phase": phase, "shape_zyx": list(shape), "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
+        "disk_layout": layout, "noise_sd_hu": round(noise_sd, 1), "blur_sigma_mm": round(sigma_mm, 2),
+        "fov_padding": padded, "kidneys": info_kidneys, "tumors": tumors, "cysts": cysts,
+    }
+    return PhantomCase(ct=ct, labels=labels, info=info)
+
+
+def write_phantom_cases(out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, **kwargs) -> list:
+    """Write ``n_cases`` phantoms in KiTS layout (case_00000, ...) with seeds ``seed, seed+1, ...``.
+
+    Each case folder also gets ``phantom.json`` saying how it was made.
+    """
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(n_cases):
+        case = make_phantom(seed + i, **kwargs)
+        case_dir = io.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
+        with io.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps({**case.info, "generator_kwargs": kwargs}, indent=1))
+        written.append(case_dir)
+        if progress:
+            progress(i + 1, n_cases)
+    return written

@@ -1,0 +1,38 @@
+"""Shared fixtures: small phantom cases, the real data in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
+os.environ.setdefault("KIDSEG_NUM_THREADS", "2")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(*parts) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the real data at {path} (../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_case():
+    """A small phantom (128 x 128 in-plane, <= 40 slices) with a tumor, in KiTS's I-P-L layout."""
+    from napari_kidseg.phantom import make_phantom
+
+    return make_phantom(11, matrix=128, max_slices=40, n_tumors=1, disk_layout="IPL")
+
+
+@pytest.fixture(scope="session")
+def small_case_dir(tmp_path_factory, small_case):
+    from napari_kidseg import io
+
+    root = tmp_path_factory.mktemp("kits")
+    io.write_kits_case(root, "case_00000", small_case.ct, small_case.labels)
+    return root / "case_00000"
