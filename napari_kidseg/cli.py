@@ -51,6 +51,216 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- predict
+def _prediction_jobs(src: Path, out: Path):
+    """(input, output path) pairs: one volume, a KiTS case, a KiTS root, or a folder of volumes."""
+    from . import io
+
+    def out_name(p: Path) -> str:
+        fmt = io.volume_format(p)
+        if fmt in (None, "dicom"):
+            return f"{p.name}_labels.nii.gz"
+        suffix = next(s for s in io.VOLUME_SUFFIXES if p.name.lower().endswith(s))
+        return p.name[: -len(suffix)] + "_labels" + suffix
+
+    if not src.exists():
+        raise KidsegError("no such file or folder", src)
+    if (src / io.KITS_IMAGE).exists():  # one KiTS case
+        return [(src / io.KITS_IMAGE, out / src.name / io.KITS_LABELS if not io.volume_format(out) else out)]
+    if src.is_dir():
+        cases = io.kits_cases(src)
+        if cases:
+            return [(c / io.KITS_IMAGE, out / c.name / io.KITS_LABELS) for c in cases]
+        files = sorted(p for p in src.iterdir() if p.is_file() and io.volume_format(p) not in (None, "dicom"))
+        if files:
+            return [(f, out / out_name(f)) for f in files]
+        return [(src, out if io.volume_format(out) not in (None, "dicom") else out / out_name(src))]  # DICOM
+    target = out if io.volume_format(out) not in (None, "dicom") and not out.is_dir() else out / out_name(src)
+    return [(src, target)]
+
+
+def cmd_predict(args) -> int:
+    from . import io
+    from .cascade import Cascade
+
+    jobs = _prediction_jobs(Path(args.input), Path(args.output))
+    for _, target in jobs:
+        if target.exists() and not args.overwrite:
+            raise KidsegError("already exists; not overwriting it (use --overwrite)", target)
+    cascade = Cascade(args.coarse, args.refine, device=args.device, batch_size=args.batch_size)
+    print(f"kidseg: {len(jobs)} volume(s) on {cascade.device}; coarse {cascade.coarse_path.name}, "
+          f"refine {cascade.refine_path.name}", file=sys.stderr)
+    for src, target in jobs:
+        ct = io.read_ct(src, series_uid=args.series)
+        bar = _progress_bar(src.name)
+        result = cascade.run(ct.array, ct.geometry.spacing, progress=bar)
+        bar.close()
+        labels = result.fuse(args.alpha, args.kidney_threshold, args.tumor_threshold)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        io.write_labels(target, labels, ct, overwrite=args.overwrite)
+        if args.save_probabilities:
+            result.save_probabilities(target.parent / (target.name.split(".")[0] + "_probabilities.npz"),
+                                      overwrite=args.overwrite)
+        for msg in result.messages:
+            print(f"kidseg: note: {src}: {msg}", file=sys.stderr)
+        from .metrics import measurements
+
+        m = measurements(labels, ct.geometry.spacing)
+        print(f"{target}: kidney {m['total']['kidney_ml']:.1f} mL, tumor {m['total']['tumor_ml']:.1f} mL "
+              f"(largest tumor {m['total']['tumor_diameter_mm']:.0f} mm); "
+              f"{len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def _paired_volumes(pred: Path, ref: Path):
+    from . import io
+
+    if pred.is_file() or io.volume_format(pred) not in (None, "dicom"):
+        return [(pred.name, pred, ref)]
+    if not pred.is_dir():
+        raise KidsegError("no such file or folder", pred)
+    if not ref.is_dir():
+        raise KidsegError("is a file, but the predictions are a folder; give a folder of references", ref)
+    pairs = []
+    for case in sorted(p for p in pred.iterdir() if p.is_dir() and (p / io.KITS_LABELS).exists()):
+        pairs.append((case.name, case / io.KITS_LABELS, ref / case.name / io.KITS_LABELS))
+    if not pairs:
+        for f in sorted(p for p in pred.iterdir() if io.volume_format(p) not in (None, "dicom")):
+            pairs.append((f.name, f, ref / f.name))
+    if not pairs:
+        raise KidsegError("no predictions found (KiTS case folders or label files)", pred)
+    return pairs
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    import numpy as np
+
+    from . import io
+    from .metrics import kits_scores, measurements
+
+    rows = []
+    for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
+        ref = io.read_labels(r)
+        pred = io.read_labels(p, like=ref)
+        scores = kits_scores(pred.array, ref.array)
+        vols = measurements(pred.array, pred.geometry.spacing)["total"]
+        rows.append({"case": name, **scores, "kidney_ml": vols["kidney_ml"], "tumor_ml": vols["tumor_ml"]})
+    keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    if args.json:
+        print(json.dumps({"cases": rows, "mean": mean}, indent=1))
+        return 0
+    print(f"{'case':<28}" + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys))
+    for r in rows:
+        print(f"{r['case']:<28}" + "".join(f"{r[k]:>22.4f}" for k in keys))
+    if len(rows) > 1:
+        print(f"{'mean':<28}" + "".join(f"{mean[k]:>22.4f}" for k in keys))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    import datetime
+
+    from . import __version__
+    from .models import model_config
+    from .training import TrainSettings, cache_case, find_cases, split_cases, train
+
+    out = Path(args.output)
+    if out.exists() and not (args.overwrite or args.resume):
+        raise KidsegError("already exists; not overwriting it (use --overwrite, or --resume to continue)", out)
+    cases = find_cases(args.data)
+    val_cases = find_cases(args.val) if args.val else None
+    if val_cases is None:
+        cases, val_cases = split_cases(cases, args.val_fraction, args.seed)
+    print(f"kidseg: caching {len(cases) + len(val_cases)} case(s) as memory-mapped arrays", file=sys.stderr)
+    train_cached = [cache_case(c) for c in cases]
+    val_cached = [cache_case(c) for c in val_cases]
+    overrides = {}
+    if args.context_slices is not None:
+        overrides["context_slices"] = args.context_slices
+    if args.input_size is not None:
+        overrides["input_size"] = args.input_size
+    cfg = model_config(args.stage, args.preset, **overrides)
+    cfg.version = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    cfg.provenance = {
+        "data": [str(d) for d in args.data], "val": [str(d) for d in (args.val or [])],
+        "train_cases": [c.name for c in cases], "val_cases": [c.name for c in val_cases],
+        "seed": args.seed, "preset": args.preset, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
+        "batch_size": args.batch_size, "lr": args.lr, "napari_kidseg": __version__,
+        "encoder_weights": args.encoder_weights, "command": " ".join(sys.argv),
+    }
+    settings = TrainSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                             lr=args.lr, patience=args.patience, workers=args.workers, seed=args.seed,
+                             device=args.device, max_minutes=args.max_minutes)
+    bar = _progress_bar(f"train {args.stage}")
+    weights = None if args.encoder_weights in (None, "none") else args.encoder_weights
+    summary = train(cfg, train_cached, val_cached, out, settings, resume=args.resume, encoder_weights=weights,
+                    progress=bar, log=lambda s: print(s, file=sys.stderr))
+    bar.close()
+    print(f"{out}: best validation score {summary['best_score']:.4f} after {summary['epochs']} epoch(s), "
+          f"{summary['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _add_train_parser(sub):
+    p = sub.add_parser("train", help="train the coarse or refine network on KiTS-layout data")
+    p.add_argument("data", nargs="+", help="dataset folder(s) in KiTS layout")
+    p.add_argument("--stage", choices=["coarse", "refine"], required=True)
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--val", nargs="+", help="validation folder(s); default: hold out --val-fraction of the cases")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--preset", choices=["paper", "small", "tiny"], default="paper",
+                   help="paper: SE-ResNeXt50 U-Net; small: MobileNetV3 U-Net (the bundled weights); tiny: tests")
+    p.add_argument("--context-slices", type=int, default=None, help="2.5D: neighbouring slices per side as channels")
+    p.add_argument("--input-size", type=int, default=None, help="coarse slice size / refine patch size (px)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--steps-per-epoch", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better val Dice")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--encoder-weights", default="none", help="none, or imagenet (needs the model hub)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT.last.safetensors and OUTPUT.state.pt")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+# --------------------------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    """napari with the sample CT and the widget; with no display, the same cascade headless."""
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and sys.platform.startswith("linux"):
+        import tempfile
+
+        from ._napari_io import sample_case_dir
+
+        case = sample_case_dir()
+        print("kidseg: no display here, so napari cannot open. Run it on a desktop, or under a virtual "
+              "display with `xvfb-run -a kidseg demo`. Running the same cascade headless instead:\n"
+              f"  kidseg predict {case} -o OUT && kidseg evaluate OUT/{case.name}/segmentation.nii.gz "
+              f"{case}/segmentation.nii.gz", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            rc = main(["predict", str(case), "-o", tmp])
+            if rc == 0:
+                rc = main(["evaluate", f"{tmp}/{case.name}/segmentation.nii.gz", str(case / "segmentation.nii.gz")])
+        return rc
+    import napari
+
+    viewer = napari.Viewer(title="napari-kidseg demo")
+    viewer.open_sample("napari-kidseg", "phantom")
+    viewer.window.add_plugin_dock_widget("napari-kidseg", "Kidney cascade")
+    if args.no_block:
+        return 0
+    napari.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kidseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('napari_kidseg').__version__}")
@@ -65,6 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-thickness", type=float, default=None, help="mm; random per case when omitted")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("predict", help="segment a CT (file, DICOM folder, KiTS case or folder of cases)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="label file, or a folder for many inputs")
+    p.add_argument("--coarse", help="coarse checkpoint (default: the bundled one)")
+    p.add_argument("--refine", help="refine checkpoint (default: the bundled one)")
+    p.add_argument("--alpha", type=float, default=0.4, help="fusion weight of the coarse stage (default 0.4)")
+    p.add_argument("--kidney-threshold", type=float, default=0.5)
+    p.add_argument("--tumor-threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, Jaccard and KiTS composite of predictions against references")
+    p.add_argument("prediction", help="label file or folder")
+    p.add_argument("reference", help="label file or folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    _add_train_parser(sub)
+
+    p = sub.add_parser("demo", help="open napari with the sample CT and the Kidney cascade widget")
+    p.add_argument("--no-block", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

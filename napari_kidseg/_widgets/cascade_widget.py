@@ -1,0 +1,541 @@
+"""The Kidney cascade dock widget: run, compare, tune live, correct, measure, export.
+
+GUI only: every number comes from the core (cascade, review, metrics). Qt is imported through
+qtpy, so PyQt5 (the default) and PyQt6 both work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import KidsegError
+from ..layers import CT_WINDOW, LABEL_COLORS, SOURCE_KEY
+
+LAYER_NAMES = {
+    "coarse": "coarse labels",
+    "refined": "refined labels",
+    "fused": "fused labels (editable)",
+    "rois": "kidney ROIs (refine patches)",
+    "disagreement": "coarse/refined disagreement",
+}
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+
+    progress = Signal(int, int, str)
+
+
+class CascadeWidget(QWidget):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = None
+        self.ct_volume = None
+        self.cascade = None
+        self._cancel = threading.Event()
+        self._worker = None
+        self._fuse_worker = None
+        self._fuse_again = False
+        self._relay = _Relay()
+        self._relay.progress.connect(self._on_progress)
+        self.last_slider_update_ms = None
+
+        outer = QVBoxLayout(self)
+        # ---- input and models
+        box = QGroupBox("Input and models")
+        form = QFormLayout(box)
+        self.ct_combo = QComboBox()
+        form.addRow("CT layer", self.ct_combo)
+        self.coarse_edit, row = self._path_row("bundled coarse model")
+        form.addRow("Coarse model", row)
+        self.refine_edit, row = self._path_row("bundled refine model")
+        form.addRow("Refine model", row)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_label = QLabel("")
+        drow = QHBoxLayout()
+        drow.addWidget(self.device_combo)
+        drow.addWidget(self.device_label)
+        form.addRow("Device", drow)
+        outer.addWidget(box)
+
+        # ---- run
+        rrow = QHBoxLayout()
+        self.run_btn = QPushButton("Run cascade")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        rrow.addWidget(self.run_btn)
+        rrow.addWidget(self.cancel_btn)
+        outer.addLayout(rrow)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%p%")
+        self.status = QLabel("Pick a CT layer and press Run.")
+        self.status.setWordWrap(True)
+        outer.addWidget(self.progress)
+        outer.addWidget(self.status)
+
+        # ---- live fusion
+        box = QGroupBox("Fusion (live)")
+        form = QFormLayout(box)
+        self.alpha = self._slider(form, "alpha (coarse weight)", 0.4)
+        self.kidney_thr = self._slider(form, "kidney threshold", 0.5)
+        self.tumor_thr = self._slider(form, "tumor threshold", 0.5)
+        outer.addWidget(box)
+
+        # ---- corrections
+        box = QGroupBox("Corrections")
+        lay = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.island_ml = QDoubleSpinBox()
+        self.island_ml.setRange(0.0, 500.0)
+        self.island_ml.setValue(5.0)
+        self.island_ml.setSuffix(" mL")
+        self.islands_btn = QPushButton("Remove islands <")
+        row.addWidget(self.islands_btn)
+        row.addWidget(self.island_ml)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        self.largest_btn = QPushButton("Keep largest per kidney")
+        self.holes_btn = QPushButton("Fill holes")
+        row.addWidget(self.largest_btn)
+        row.addWidget(self.holes_btn)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        self.interp_from, self.interp_to = QSpinBox(), QSpinBox()
+        self.interp_btn = QPushButton("Interpolate slices")
+        row.addWidget(self.interp_btn)
+        row.addWidget(self.interp_from)
+        row.addWidget(QLabel("to"))
+        row.addWidget(self.interp_to)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        self.relabel_btn = QPushButton("Kidney <-> tumor at cursor")
+        self.undo_btn, self.redo_btn = QPushButton("Undo"), QPushButton("Redo")
+        row.addWidget(self.relabel_btn)
+        row.addWidget(self.undo_btn)
+        row.addWidget(self.redo_btn)
+        lay.addLayout(row)
+        outer.addWidget(box)
+
+        # ---- review and measurements
+        box = QGroupBox("Review")
+        lay = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.next_disagree_btn = QPushButton("Next disagreement")
+        self.next_uncertain_btn = QPushButton("Next uncertain slice")
+        row.addWidget(self.next_disagree_btn)
+        row.addWidget(self.next_uncertain_btn)
+        lay.addLayout(row)
+        self.measure_label = QLabel("")
+        self.measure_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        lay.addWidget(self.measure_label)
+        outer.addWidget(box)
+
+        # ---- export
+        box = QGroupBox("Export corrections")
+        form = QFormLayout(box)
+        self.export_edit, row = self._path_row("corrections folder", folder=True)
+        form.addRow("Folder", row)
+        self.export_btn = QPushButton("Export case")
+        form.addRow(self.export_btn)
+        outer.addWidget(box)
+        outer.addStretch(1)
+
+        self._review_buttons = [self.islands_btn, self.largest_btn, self.holes_btn, self.interp_btn, self.relabel_btn,
+                                self.undo_btn, self.redo_btn, self.next_disagree_btn, self.next_uncertain_btn,
+                                self.export_btn]
+        self._set_review_enabled(False)
+        self._disagree_pos = self._uncertain_pos = -1
+
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn.clicked.connect(self.cancel)
+        for s in (self.alpha, self.kidney_thr, self.tumor_thr):
+            s.valueChanged.connect(self._on_params_changed)
+        self.islands_btn.clicked.connect(lambda: self._tool(lambda s: s.remove_islands(self.island_ml.value())))
+        self.largest_btn.clicked.connect(lambda: self._tool(lambda s: s.keep_largest_per_kidney()))
+        self.holes_btn.clicked.connect(lambda: self._tool(lambda s: s.fill_holes()))
+        self.interp_btn.clicked.connect(
+            lambda: self._tool(lambda s: s.interpolate_slices(self.interp_from.value(), self.interp_to.value())))
+        self.relabel_btn.clicked.connect(lambda: self._tool(lambda s: s.relabel_region(*self._cursor_voxel())))
+        self.undo_btn.clicked.connect(lambda: self._tool(lambda s: s.undo()))
+        self.redo_btn.clicked.connect(lambda: self._tool(lambda s: s.redo()))
+        self.next_disagree_btn.clicked.connect(lambda: self.goto_doubtful("disagreement"))
+        self.next_uncertain_btn.clicked.connect(lambda: self.goto_doubtful("uncertainty"))
+        self.export_btn.clicked.connect(self.export)
+        self._fuse_timer = QTimer(self)
+        self._fuse_timer.setSingleShot(True)
+        self._fuse_timer.setInterval(150)
+        self._fuse_timer.timeout.connect(self._fuse_whole_volume)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ small builders
+    def _path_row(self, placeholder, folder=False):
+        edit = QLineEdit()
+        edit.setPlaceholderText(placeholder)
+        btn = QPushButton("...")
+        btn.setMaximumWidth(30)
+
+        def browse():
+            if folder:
+                path = QFileDialog.getExistingDirectory(self, placeholder)
+            else:
+                path, _ = QFileDialog.getOpenFileName(self, placeholder, "", "Checkpoints (*.safetensors)")
+            if path:
+                edit.setText(path)
+
+        btn.clicked.connect(browse)
+        row = QHBoxLayout()
+        row.addWidget(edit)
+        row.addWidget(btn)
+        return edit, row
+
+    def _slider(self, form, name, value):
+        s = QSlider(Qt.Horizontal)
+        s.setRange(0, 100)
+        s.setValue(int(round(value * 100)))
+        label = QLabel(f"{value:.2f}")
+        s.valueChanged.connect(lambda v: label.setText(f"{v / 100:.2f}"))
+        row = QHBoxLayout()
+        row.addWidget(s)
+        row.addWidget(label)
+        form.addRow(name, row)
+        return s
+
+    def _notify(self, message: str, error=False):
+        from napari.utils.notifications import show_error, show_info
+
+        self.status.setText(message)
+        (show_error if error else show_info)(message)
+
+    def _set_review_enabled(self, on: bool):
+        for b in self._review_buttons:
+            b.setEnabled(on)
+
+    def _refresh_layers(self, event=None):
+        from napari.layers import Image
+
+        current = self.ct_combo.currentText()
+        self.ct_combo.clear()
+        names = [ly.name for ly in self.viewer.layers if isinstance(ly, Image) and ly.ndim == 3 and not ly.rgb]
+        self.ct_combo.addItems(names)
+        if current in names:
+            self.ct_combo.setCurrentText(current)
+        if self._worker is not None and event is not None and getattr(event, "type", "") == "removed":
+            removed = getattr(event, "value", None)
+            if removed is not None and removed.name == current:
+                self.cancel()
+                self._notify(f"layer {current!r} was deleted: run cancelled", error=True)
+
+    # ------------------------------------------------------------------ run
+    def _ct_from_layer(self):
+        from ..io import check_ct_intensities, volume_in_memory
+
+        name = self.ct_combo.currentText()
+        if not name:
+            raise KidsegError("no 3D image layer to segment: open a CT first (File > Open, or the sample)")
+        layer = self.viewer.layers[name]
+        data = np.asarray(layer.data)
+        if data.ndim != 3 or layer.rgb:
+            raise KidsegError(f"layer {name!r} is not a 3D grayscale CT")
+        check_ct_intensities(data, f"layer {name!r}")
+        source = layer.metadata.get(SOURCE_KEY)
+        if source is not None and source.array.shape == data.shape:
+            source.array = data
+            return source
+        return volume_in_memory(data, tuple(layer.scale), tuple(layer.translate))
+
+    def run(self):
+        from napari.qt.threading import create_worker
+
+        from ..cascade import Cascade
+
+        if self._worker is not None:
+            return
+        try:
+            ct = self._ct_from_layer()
+            if self.cascade is None or self._models_changed():
+                self.cascade = Cascade(self.coarse_edit.text() or None, self.refine_edit.text() or None,
+                                       device=self.device_combo.currentText())
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
+            return
+        self.device_label.setText(f"using {self.cascade.device}")
+        self.ct_volume = ct
+        self._cancel.clear()
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.progress.setValue(0)
+        self.status.setText("running the coarse stage...")
+        cascade, relay, cancel = self.cascade, self._relay, self._cancel
+
+        def job():
+            return cascade.run(ct.array, ct.geometry.spacing, progress=lambda d, t, s: relay.progress.emit(d, t, s),
+                               cancel=cancel.is_set)
+
+        self._worker = create_worker(job)
+        self._worker.returned.connect(self._on_result)
+        self._worker.errored.connect(self._on_error)
+        self._worker.finished.connect(self._on_finished)
+        self._run_started = time.perf_counter()
+        self._worker.start()
+
+    def _models_changed(self):
+        want = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
+        changed = getattr(self, "_models_key", None) != want
+        self._models_key = want
+        return changed
+
+    def cancel(self):
+        self._cancel.set()
+        self.status.setText("cancelling...")
+
+    def _on_progress(self, done, total, stage):
+        self.progress.setMaximum(max(total, 1))
+        self.progress.setValue(done)
+        self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
+
+    def _on_error(self, exc):
+        from ..cascade import Cancelled
+
+        if isinstance(exc, Cancelled):
+            self._notify("run cancelled; the viewer is unchanged")
+        elif isinstance(exc, KidsegError):
+            self._notify(str(exc), error=True)
+        else:
+            self._notify(f"the cascade failed: {type(exc).__name__}: {exc}", error=True)
+
+    def _on_finished(self):
+        self._worker = None
+        self.run_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def _on_result(self, result):
+        from ..review import FusionParams, ReviewSession
+
+        self.session = ReviewSession(result, FusionParams(*self._params()))
+        self._show_result()
+        self._set_review_enabled(True)
+        n = result.shape[0] - 1
+        for sb in (self.interp_from, self.interp_to):
+            sb.setRange(0, n)
+        secs = time.perf_counter() - self._run_started
+        msg = f"done in {secs:.1f} s: {len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches"
+        if result.messages:
+            msg += "; " + "; ".join(result.messages)
+        self._notify(msg)
+        self._update_measurements()
+
+    # ------------------------------------------------------------------ layers
+    def _set_labels_layer(self, key, data, **kwargs):
+        from ..io import Volume
+
+        name = LAYER_NAMES[key]
+        ct = self.ct_volume
+        meta = {SOURCE_KEY: Volume(array=data, geometry=ct.geometry, source=ct.source)}
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = data
+            layer.metadata.update(meta)
+            layer.scale, layer.translate = ct.geometry.spacing, ct.geometry.origin_zyx
+            return layer
+        return self.viewer.add_labels(data, name=name, metadata=meta, **ct.napari_kwargs(), **kwargs)
+
+    def _show_result(self):
+        s = self.session
+        r = s.result
+        p = s.params
+        self._set_labels_layer("coarse", r.coarse_labels(p.kidney_threshold, p.tumor_threshold), opacity=0.5,
+                               visible=False, colormap=dict(LABEL_COLORS))
+        self._set_labels_layer("refined", r.refined_labels(p.kidney_threshold, p.tumor_threshold), opacity=0.5,
+                               visible=False, colormap=dict(LABEL_COLORS))
+        self._set_labels_layer("disagreement", s.disagreement_map(), opacity=0.7, visible=False,
+                               colormap={None: "transparent", 0: "transparent", 1: "magenta"})
+        self._show_rois()
+        layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=dict(LABEL_COLORS))
+        self.fused_layer = layer
+        # the layer must edit the session's array itself, so that edits are seen by the session
+        if layer.data is not s.labels:
+            s.labels = layer.data
+        ct_layer = self.viewer.layers[self.ct_combo.currentText()]
+        ct_layer.contrast_limits = CT_WINDOW
+        self.viewer.layers.selection.active = layer
+
+    def _show_rois(self):
+        r = self.session.result
+        name = LAYER_NAMES["rois"]
+        size = r.patch_px
+        rects = [np.array([[p["z"], p["y0"], p["x0"]], [p["z"], p["y0"], p["x0"] + size],
+                           [p["z"], p["y0"] + size, p["x0"] + size], [p["z"], p["y0"] + size, p["x0"]]], float)
+                 for p in r.patches]
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        if rects:
+            g = self.ct_volume.geometry
+            self.viewer.add_shapes(rects, shape_type="rectangle", name=name, edge_color="cyan", face_color="transparent",
+                                   edge_width=2, scale=g.spacing, translate=g.origin_zyx, visible=False)
+
+    # ------------------------------------------------------------------ live fusion
+    def _params(self):
+        return self.alpha.value() / 100.0, self.kidney_thr.value() / 100.0, self.tumor_thr.value() / 100.0
+
+    def current_slice(self) -> int:
+        return int(self.viewer.dims.current_step[0])
+
+    def _on_params_changed(self, _=None):
+        if self.session is None:
+            return
+        t0 = time.perf_counter()
+        self.session.set_params(*self._params())
+        z = self.current_slice()
+        self.session.refuse_slice(z)  # the slice in view, at once
+        self.fused_layer.refresh()
+        self.last_slider_update_ms = (time.perf_counter() - t0) * 1000.0
+        self._fuse_timer.start()  # the rest of the volume, off the GUI thread, once the slider rests
+
+    def _fuse_whole_volume(self):
+        from napari.qt.threading import create_worker
+
+        if self._fuse_worker is not None:
+            self._fuse_again = True
+            return
+        s = self.session
+        params = s.params
+        result = s.result
+        self._fuse_worker = create_worker(lambda: result.fuse(params.alpha, params.kidney_threshold,
+                                                              params.tumor_threshold))
+
+        def done(fused):
+            self._fuse_worker = None
+            if self.session is not s:
+                return
+            s.apply_fusion(fused)
+            self.fused_layer.refresh()
+            self._refresh_comparison_layers()
+            self._update_measurements()
+            if self._fuse_again:
+                self._fuse_again = False
+                self._fuse_whole_volume()
+
+        self._fuse_worker.returned.connect(done)
+        self._fuse_worker.start()
+
+    def _refresh_comparison_layers(self):
+        s = self.session
+        p = s.params
+        self.viewer.layers[LAYER_NAMES["coarse"]].data = s.result.coarse_labels(p.kidney_threshold, p.tumor_threshold)
+        self.viewer.layers[LAYER_NAMES["refined"]].data = s.result.refined_labels(p.kidney_threshold,
+                                                                                  p.tumor_threshold)
+        self.viewer.layers[LAYER_NAMES["disagreement"]].data = s.disagreement_map()
+
+    # ------------------------------------------------------------------ tools, review, measurements
+    def _tool(self, fn):
+        if self.session is None:
+            return
+        try:
+            out = fn(self.session)
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
+            return
+        self.fused_layer.refresh()
+        self._update_measurements()
+        self.status.setText(f"{out} " if isinstance(out, str) else f"{out} voxel(s) changed")
+
+    def _cursor_voxel(self):
+        world = self.viewer.cursor.position
+        idx = np.round(self.fused_layer.world_to_data(world)).astype(int)
+        idx = np.clip(idx, 0, np.array(self.session.labels.shape) - 1)
+        return tuple(int(i) for i in idx)
+
+    def goto_doubtful(self, by: str):
+        if self.session is None:
+            return
+        order = self.session.doubtful_slices(by)
+        if len(order) == 0:
+            self.status.setText(f"no slice stands out by {by}")
+            return
+        attr = "_disagree_pos" if by == "disagreement" else "_uncertain_pos"
+        pos = (getattr(self, attr) + 1) % len(order)
+        setattr(self, attr, pos)
+        z = int(order[pos])
+        step = list(self.viewer.dims.current_step)
+        step[0] = z
+        self.viewer.dims.current_step = tuple(step)
+        self.status.setText(f"slice {z}: rank {pos + 1} of {len(order)} by {by}")
+
+    def _update_measurements(self):
+        from ..metrics import kits_scores, measurements
+
+        s = self.session
+        sp = s.result.spacing
+        m = measurements(s.labels, sp)
+        lines = [f"{'':<7}{'kidney mL':>10}{'tumor mL':>10}{'tumor mm':>10}"]
+        for side in ("right", "left", "total"):
+            v = m[side]
+            lines.append(f"{side:<7}{v['kidney_ml']:>10.1f}{v['tumor_ml']:>10.1f}{v['tumor_diameter_mm']:>10.0f}")
+        ref = self._reference_layer()
+        if ref is not None:
+            p = s.params
+            lines.append(f"{'vs ' + ref.name[:20]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
+            for name, lab in (("coarse", s.result.coarse_labels(p.kidney_threshold, p.tumor_threshold)),
+                              ("refined", np.where(s.result.patch_coverage(), s.result.refined_labels(
+                                  p.kidney_threshold, p.tumor_threshold), s.result.coarse_labels(
+                                  p.kidney_threshold, p.tumor_threshold))),
+                              ("fused", s.fused), ("corrected", s.labels)):
+                k = kits_scores(lab, np.asarray(ref.data))
+                lines.append(f"{name:<22}{k['kidney_tumor_dice']:>8.3f}{k['tumor_dice']:>8.3f}{k['kits_composite']:>8.3f}")
+        lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
+        self.measure_label.setText("<pre>" + "\n".join(lines) + "</pre>")
+        self.measurements = m
+
+    def _reference_layer(self):
+        from napari.layers import Labels
+
+        ours = set(LAYER_NAMES.values())
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and layer.name not in ours and layer.data.shape == self.session.labels.shape:
+                return layer
+        return None
+
+    def export(self):
+        from ..review import export_correction
+
+        folder = self.export_edit.text().strip()
+        if not folder:
+            self._notify("choose a corrections folder first", error=True)
+            return
+        s = self.session
+        s.sync_edits()
+        try:
+            case = export_correction(
+                Path(folder), self.ct_volume, s.labels,
+                checkpoints={"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
+                params=s.params, hand_edited_voxels=s.hand_edited_voxels)
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
+            return
+        self._notify(f"exported {case}")
+        return case

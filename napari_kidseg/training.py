@@ -1,0 +1,439 @@
+"""Datasets, augmentation, losses, and the train / fine-tune loops.
+
+Data comes in KiTS layout (``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``), from the
+real KiTS19/21/23 download or from ``kidseg phantom``. KiTS21/23 label 3 (cyst) is mapped to 1
+(kidney), KiTS19's convention here: a cyst is part of the kidney, not tumor. Other values are
+refused.
+
+Each case is decoded once into memory-mapped ``.npy`` files in a cache folder, so epochs do not
+gunzip volumes again and worker processes share pages. Coarse samples are whole slices, drawn
+with kidney and tumor slices over-represented; refine samples are the patches that
+:func:`roi.refine_patches` cuts around the reference kidneys, the very function inference uses.
+
+Multi-GPU: ``torchrun --nproc_per_node N -m napari_kidseg.cli train ...`` runs one process per
+GPU with DistributedDataParallel (NCCL on CUDA, gloo on the CPU); rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import io, roi
+from .cascade import context_indices, hu_to_input
+from .errors import KidsegError
+from .models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+
+KITS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1}  # KiTS21/23 cyst -> kidney
+
+
+# ------------------------------------------------------------------------------ data
+def cache_root() -> Path:
+    return Path(os.environ.get("KIDSEG_CACHE", Path.home() / ".cache" / "napari-kidseg")) / "volumes"
+
+
+def find_cases(roots) -> list[Path]:
+    """All KiTS-layout cases with labels under the given roots; a clear error when there are none."""
+    cases = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise KidsegError("no such dataset folder", root)
+        found = [c for c in io.kits_cases(root) if (c / io.KITS_LABELS).exists()]
+        if not found:
+            raise KidsegError(f"no cases in KiTS layout here (expected case_XXXXX/{io.KITS_IMAGE} and "
+                              f"{io.KITS_LABELS})", root)
+        cases.extend(found)
+    return cases
+
+
+def map_kits_labels(labels: np.ndarray, path) -> np.ndarray:
+    values = np.unique(labels)
+    bad = [int(v) for v in values if int(v) not in KITS_LABEL_MAP]
+    if bad:
+        raise KidsegError(f"label values {bad} are not KiTS labels (0 background, 1 kidney, 2 tumor, 3 cyst)", path)
+    if values.max(initial=0) > 2:
+        labels = np.where(labels == 3, 1, labels).astype(np.uint8)
+    return labels
+
+
+@dataclasses.dataclass
+class CachedCase:
+    name: str
+    ct_path: Path  # .npy, int16 HU, canonical (z, y, x)
+    labels_path: Path
+    spacing: tuple
+    shape: tuple
+
+    def arrays(self):
+        return np.load(self.ct_path, mmap_mode="r"), np.load(self.labels_path, mmap_mode="r")
+
+
+def cache_case(case_dir: Path) -> CachedCase:
+    """Decode a case once into memory-mappable .npy files (re-done only when the files change)."""
+    case_dir = Path(case_dir)
+    img, seg = case_dir / io.KITS_IMAGE, case_dir / io.KITS_LABELS
+    stamp = f"{case_dir.resolve()}|{img.stat().st_mtime_ns}|{img.stat().st_size}|{seg.stat().st_mtime_ns}"
+    folder = cache_root() / hashlib.sha1(stamp.encode()).hexdigest()[:16]
+    meta_file = folder / "meta.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+    else:
+        ct, labels = io.read_kits_case(case_dir)
+        lab = map_kits_labels(labels.array, case_dir / io.KITS_LABELS)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, arr in (("ct.npy", ct.array.astype(np.int16)), ("labels.npy", lab)):
+            with io.atomic_path(folder / name, overwrite=True) as tmp:
+                np.save(tmp, arr)
+        meta = {"name": case_dir.name, "spacing": list(ct.geometry.spacing), "shape": list(ct.array.shape)}
+        with io.atomic_path(meta_file, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(meta))
+    return CachedCase(meta["name"], folder / "ct.npy", folder / "labels.npy", tuple(meta["spacing"]),
+                      tuple(meta["shape"]))
+
+
+def reference_patches(case: CachedCase, patch_px: int) -> np.ndarray:
+    """The refine patches inference would cut if the coarse stage were perfect."""
+    _, labels = case.arrays()
+    _, ids = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
+    return roi.refine_patches(ids, case.spacing, patch_px=patch_px)
+
+
+@dataclasses.dataclass
+class Augment:
+    flip: bool = True
+    scale: float = 0.15  # +- relative
+    rotate_deg: float = 12.0
+    hu_shift: float = 40.0
+    hu_scale: float = 0.12
+    noise: float = 0.04  # std of added noise on the [-1, 1] input scale
+
+
+class SegmentationSamples:
+    """Coarse slices or refine patches of cached cases, as (input, target) torch tensors."""
+
+    def __init__(self, cases: list[CachedCase], cfg: ModelConfig, augment: Augment | None, seed: int = 0):
+        self.cases, self.cfg, self.augment = cases, cfg, augment
+        self.items = []  # (case index, z, y0, x0)
+        self.weights = []
+        for ci, case in enumerate(cases):
+            _, labels = case.arrays()
+            if cfg.stage == "coarse":
+                has = np.asarray(labels).reshape(labels.shape[0], -1).max(axis=1)
+                for z in range(case.shape[0]):
+                    self.items.append((ci, z, 0, 0))
+                    self.weights.append({0: 1.0, 1: 4.0, 2: 6.0}[int(has[z])])
+            else:
+                for p in reference_patches(case, cfg.input_size):
+                    self.items.append((ci, int(p["z"]), int(p["y0"]), int(p["x0"])))
+                    self.weights.append(1.0)
+        if not self.items:
+            raise KidsegError("the dataset yields no training samples (no kidneys in any label volume?)")
+        self.weights = np.asarray(self.weights) / np.sum(self.weights)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        import torch
+        import torch.nn.functional as F
+
+        ci, z, y0, x0 = self.items[i]
+        case, cfg, aug = self.cases[ci], self.cfg, self.augment
+        ct, labels = case.arrays()
+        zs = context_indices(z, case.shape[0], cfg.context_slices)[0]
+        size = cfg.input_size
+        if cfg.stage == "coarse":
+            x = torch.from_numpy(np.asarray(ct[zs], np.float32))
+            y = torch.from_numpy(np.asarray(labels[z], np.int64))
+            side = max(x.shape[-2:])
+            pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
+            x = F.pad(x, pad, value=float(io.AIR_HU))
+            y = F.pad(y, pad, value=0)
+            x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=side > size)[0]
+            y = F.interpolate(y[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+        else:
+            if aug is not None:  # the coarse stage never centres a kidney exactly
+                y0 += int(self.rng.integers(-24, 25))
+                x0 += int(self.rng.integers(-24, 25))
+            x = torch.from_numpy(np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, io.AIR_HU) for zc in zs])
+                                 .astype(np.float32))
+            y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z]), y0, x0, size, 0).astype(np.int64))
+        if aug is not None:
+            x, y = self._augment(x, y, aug)
+        x = hu_to_input(x, cfg.hu_window)
+        if aug is not None and aug.noise:
+            x = x + torch.randn_like(x) * float(self.rng.uniform(0, aug.noise))
+        return x, y
+
+    def _augment(self, x, y, aug: Augment):
+        import torch
+        import torch.nn.functional as F
+
+        rng = self.rng
+        if aug.flip and rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        if aug.scale or aug.rotate_deg:
+            s = 1.0 + rng.uniform(-aug.scale, aug.scale)
+            a = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
+            theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, 0.0], [math.sin(a) / s, math.cos(a) / s, 0.0]],
+                                 dtype=torch.float32)[None]
+            grid = F.affine_grid(theta, (1, 1, *x.shape[-2:]), align_corners=False)
+            x = F.grid_sample(x[None] - io.AIR_HU, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)[0] + io.AIR_HU
+            y = F.grid_sample(y[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
+        x = x * (1.0 + rng.uniform(-aug.hu_scale, aug.hu_scale)) + rng.uniform(-aug.hu_shift, aug.hu_shift)
+        return x, y
+
+
+# ------------------------------------------------------------------------------ loss and scores
+def dice_ce_loss(logits, target):
+    """Cross-entropy plus soft Dice of the two KiTS regions (kidney+tumor, tumor)."""
+    import torch
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, target)
+    p = torch.softmax(logits.float(), dim=1)
+    regions = [(p[:, 1] + p[:, 2], (target > 0).float()), (p[:, 2], (target == 2).float())]
+    dice_loss = 0.0
+    for pr, gt in regions:
+        inter = (pr * gt).sum()
+        dice_loss = dice_loss + 1.0 - (2 * inter + 1.0) / (pr.sum() + gt.sum() + 1.0)
+    return ce + dice_loss / len(regions)
+
+
+class DiceCounter:
+    """Voxel-aggregated Dice of kidney+tumor and tumor over many batches."""
+
+    def __init__(self):
+        self.n = np.zeros((2, 3))  # region x (intersection, pred, ref)
+
+    def add(self, pred, target):
+        for r, (p, t) in enumerate(((pred > 0, target > 0), (pred == 2, target == 2))):
+            self.n[r] += [int((p & t).sum()), int(p.sum()), int(t.sum())]
+
+    def scores(self) -> dict:
+        d = [(2 * i / (p + t)) if (p + t) else 1.0 for i, p, t in self.n]
+        return {"kidney_tumor_dice": d[0], "tumor_dice": d[1], "mean_dice": (d[0] + d[1]) / 2}
+
+
+# ------------------------------------------------------------------------------ training loop
+@dataclasses.dataclass
+class TrainSettings:
+    epochs: int = 30
+    steps_per_epoch: int = 200
+    batch_size: int = 16
+    lr: float = 1e-4
+    lr_step_epochs: int = 10  # step decay as in the paper
+    lr_gamma: float = 0.5
+    patience: int = 6  # early stopping on validation Dice
+    val_fraction: float = 0.15
+    val_samples: int = 256
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    max_minutes: float | None = None
+    augment: bool = True
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank() if world > 1 else 0
+    return world, rank
+
+
+def split_cases(cases: list, val_fraction: float, seed: int):
+    """A deterministic train/validation split by case (never by slice: slices of one case are alike)."""
+    if len(cases) < 2:
+        return list(cases), []
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = max(1, int(round(len(cases) * val_fraction)))
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def _plot_curves(log_rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in log_rows]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, [r["train_loss"] for r in log_rows], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    for key in ("kidney_tumor_dice", "tumor_dice"):
+        ax[1].plot(ep, [r.get(f"val_{key}", np.nan) for r in log_rows], label=f"val {key.replace('_', ' ')}")
+    ax[1].set_ylim(0, 1)
+    ax[1].set_xlabel("epoch")
+    ax[1].legend()
+    fig.tight_layout()
+    with __import__("contextlib").suppress(Exception):
+        with io.atomic_path(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[CachedCase], out: Path,
+          settings: TrainSettings, *, init_checkpoint=None, resume=False, encoder_weights=None,
+          progress=None, cancel=None, log=print) -> dict:
+    """Train one stage; writes ``out`` (best on validation), ``out``.last/.state/.jsonl/.png.
+
+    Returns a summary (best validation scores, epochs, seconds).
+    """
+    import torch
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from .models import pick_device
+
+    world, rank = _distributed()
+    device = pick_device(settings.device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    torch.manual_seed(settings.seed + rank)
+    out = Path(out)
+    last, state_file = out.with_suffix(".last.safetensors"), out.with_suffix(".state.pt")
+    log_file, plot_file = out.with_suffix(".log.jsonl"), out.with_suffix(".png")
+
+    if init_checkpoint is not None:
+        model, init_cfg = load_checkpoint(init_checkpoint, stage=cfg.stage)
+        cfg = dataclasses.replace(init_cfg, provenance=cfg.provenance, version=cfg.version)
+    else:
+        model = build_model(cfg, encoder_weights=encoder_weights)
+    start_epoch, best, log_rows = 0, -1.0, []
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=settings.lr_step_epochs, gamma=settings.lr_gamma)
+    if resume:
+        if not (last.exists() and state_file.exists()):
+            raise KidsegError("nothing to resume from (no .last.safetensors and .state.pt beside it)", out)
+        model, cfg = load_checkpoint(last, stage=cfg.stage)
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        opt.load_state_dict(state["optimizer"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=settings.lr_step_epochs, gamma=settings.lr_gamma)
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
+        log(f"resuming {out.name} at epoch {start_epoch} (best validation Dice so far {best:.4f})")
+    model.to(device)
+    is_cuda = device.startswith("cuda")
+    if is_cuda:
+        model.to(memory_format=torch.channels_last)
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
+
+    aug = Augment() if settings.augment else None
+    train_set = SegmentationSamples(train_cases, cfg, aug, seed=settings.seed + 1000 * rank)
+    n_samples = settings.steps_per_epoch * settings.batch_size
+    sampler = WeightedRandomSampler(train_set.weights, n_samples, replacement=True,
+                                    generator=torch.Generator().manual_seed(settings.seed + 7919 * rank))
+    loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, num_workers=settings.workers,
+                        pin_memory=is_cuda, drop_last=True, persistent_workers=settings.workers > 0)
+    val_loader = None
+    if val_cases and rank == 0:
+        val_set = SegmentationSamples(val_cases, cfg, None, seed=settings.seed)
+        idx = np.random.default_rng(settings.seed).choice(
+            len(val_set), size=min(settings.val_samples, len(val_set)), replace=False, p=val_set.weights)
+        val_loader = DataLoader(torch.utils.data.Subset(val_set, sorted(idx.tolist())),
+                                batch_size=settings.batch_size, num_workers=0)
+
+    t_start = time.time()
+    stale = 0
+    total_steps = (settings.epochs - start_epoch) * settings.steps_per_epoch
+    step_done = 0
+    epoch = start_epoch
+    for epoch in range(start_epoch, settings.epochs):
+        ddp_model.train()
+        losses = []
+        for x, y in loader:
+            if cancel is not None and cancel():
+                from .cascade import Cancelled
+
+                raise Cancelled("training cancelled; the last saved checkpoint is kept")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = ddp_model(x)
+            else:
+                logits = ddp_model(x)
+            loss = dice_ce_loss(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step_done += 1
+            if progress and rank == 0:
+                progress(step_done, total_steps, f"epoch {epoch + 1}/{settings.epochs} loss {np.mean(losses[-20:]):.3f}")
+        sched.step()
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.time() - t_start, 1)}
+        if rank == 0:
+            if val_loader is not None:
+                row.update({f"val_{k}": v for k, v in evaluate_samples(model, val_loader, device).items()})
+                score = row["val_mean_dice"]
+            else:
+                score = -row["train_loss"]
+            log_rows.append(row)
+            save_checkpoint(last, model, cfg, overwrite=True)
+            if score > best:
+                best, stale = score, 0
+                save_checkpoint(out, model, cfg, overwrite=True)
+            else:
+                stale += 1
+            with io.atomic_path(state_file, overwrite=True) as tmp:
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                            "best": best, "log": log_rows}, tmp)
+            with io.atomic_path(log_file, overwrite=True) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+            _plot_curves(log_rows, plot_file)
+            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([stale >= settings.patience], dtype=torch.int32)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        else:
+            stop = stale >= settings.patience
+        if stop:
+            log(f"early stop: validation Dice has not improved for {settings.patience} epochs")
+            break
+        if settings.max_minutes and (time.time() - t_start) > settings.max_minutes * 60:
+            log(f"time budget of {settings.max_minutes:g} min reached")
+            break
+    return {"best_score": best, "epochs": epoch + 1, "seconds": time.time() - t_start, "log": log_rows}
+
+
+def evaluate_samples(model, loader, device) -> dict:
+    import torch
+
+    model.eval()
+    counter = DiceCounter()
+    with torch.inference_mode():
+        for x, y in loader:
+            pred = model(x.to(device)).argmax(1).cpu().numpy()
+            counter.add(pred, y.numpy())
+    model.train()
+    return counter.scores()

@@ -1,0 +1,228 @@
+"""Cascade engine: ROI coverage on real KiTS19 labels, fusion arithmetic, checkpoints, CLI, faults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+
+from napari_kidseg import cascade, fusion, io, metrics, models, roi
+from napari_kidseg.errors import KidsegError
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Randomly initialised tiny networks (2.5D, 3 channels), saved as real checkpoints."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for i, stage in enumerate(("coarse", "refine")):
+        torch.manual_seed(i)
+        cfg = models.model_config(stage, "tiny", context_slices=1, input_size=64 if stage == "coarse" else 96)
+        cfg.version = "test"
+        paths[stage] = models.save_checkpoint(folder / f"{stage}.safetensors", models.build_model(cfg), cfg)
+    return paths
+
+
+# ------------------------------------------------------------------ ROI and patches on real labels
+def test_refine_patches_cover_real_kits19_kidneys_and_tumors():
+    """Every 4th real KiTS19 label volume fed as a perfect coarse result (the benchmark runs all 160)."""
+    root = shared_path("kits19-masks")
+    worst, tumor_full, n_tumor_cases = 1.0, 0, 0
+    for case in sorted(root.glob("case_*"))[::4]:
+        vol = io.read_labels(case / "segmentation.nii.gz")
+        labels = vol.array
+        rois, ids = roi.kidney_rois(labels > 0, vol.geometry.spacing)
+        assert len(rois) == 2, f"{case.name}: {len(rois)} kidney ROIs"
+        assert {r.side for r in rois} == {"left", "right"}
+        patches = roi.refine_patches(ids, vol.geometry.spacing)
+        cov = roi.patch_coverage(patches, labels.shape)
+        worst = min(worst, cov[labels > 0].mean())
+        if (labels == 2).any():
+            n_tumor_cases += 1
+            tumor_full += bool(cov[labels == 2].all())
+    assert worst >= 0.995
+    assert tumor_full >= 0.99 * n_tumor_cases
+
+
+def test_wide_kidney_is_tiled_not_cut():
+    """A 300 x 400 px kidney footprint (a big tumor at fine spacing) gets several patches covering it."""
+    ids = np.zeros((3, 512, 512), np.int8)
+    ids[:, 50:350, 60:460] = 1
+    patches = roi.refine_patches(ids, (2.0, 0.5, 0.5), patch_px=256, margin_mm=4)
+    assert len(patches) > 3
+    cov = roi.patch_coverage(patches, ids.shape)
+    assert cov[ids > 0].all()
+
+
+def test_rois_drop_small_regions_and_keep_sides():
+    meta = np.zeros((20, 128, 128), bool)
+    meta[5:15, 60:90, 10:40] = True  # right kidney (low x)
+    meta[5:15, 60:90, 80:110] = True  # left kidney
+    meta[2, 5:7, 5:7] = True  # a speck
+    rois, ids = roi.kidney_rois(meta, (5.0, 1.0, 1.0), min_volume_ml=5)
+    assert [r.side for r in rois] == ["right", "left"]
+    assert ids[2, 5, 5] == 0 and ids[10, 70, 20] == 1 and ids[10, 70, 90] == 2
+    assert rois[0].volume_ml == pytest.approx(10 * 30 * 30 * 5 / 1000, rel=0.15)
+
+
+# ------------------------------------------------------------------ fusion arithmetic
+def test_fusion_against_a_hand_computed_case():
+    coarse_meta = np.array([[[200, 100, 40]]], np.uint8)  # p(kid+tum) 0.78, 0.39, 0.16
+    coarse_tum = np.array([[[150, 20, 0]]], np.uint8)
+    region = fusion.RefinedRegion(0, 0, np.array([[100, 250, 200]], np.uint8), np.array([[20, 200, 10]], np.uint8),
+                                  np.array([[True, True, False]]))
+    labels = fusion.fuse_volume(coarse_meta, coarse_tum, {0: region}, alpha=0.4, kidney_threshold=0.5,
+                                tumor_threshold=0.5)
+    # voxel 0: meta 0.4*200+0.6*100=140 > 127.5 -> kidney; tumor 0.4*150+0.6*20=72 < 127.5 -> kidney (1)
+    # voxel 1: meta 0.4*100+0.6*250=190 -> kidney; tumor 0.4*20+0.6*200=128 > 127.5 -> tumor (2)
+    # voxel 2: not covered -> coarse only: meta 40 -> background
+    assert labels.tolist() == [[[1, 2, 0]]]
+
+
+def test_alpha_one_is_coarse_and_alpha_zero_is_refined_inside_the_rois():
+    rng = np.random.default_rng(0)
+    shape = (4, 40, 50)
+    cm, ct = rng.integers(0, 256, shape).astype(np.uint8), rng.integers(0, 256, shape).astype(np.uint8)
+    refined = {}
+    for z in (1, 2):
+        cov = np.zeros((20, 30), bool)
+        cov[2:18, 3:25] = True
+        refined[z] = fusion.RefinedRegion(5, 10, rng.integers(0, 256, (20, 30)).astype(np.uint8),
+                                          rng.integers(0, 256, (20, 30)).astype(np.uint8), cov)
+    for kt, tt in ((0.5, 0.5), (0.3, 0.7), (0.4, 0.4)):  # 0.4 * 255 = 102 exactly: the edge case
+        coarse = fusion.labels_from_levels(cm, ct, kt, tt)
+        assert np.array_equal(fusion.fuse_volume(cm, ct, refined, 1.0, kt, tt), coarse)
+        alone = fusion.refined_only_labels(shape, refined, kt, tt)
+        fused0 = fusion.fuse_volume(cm, ct, refined, 0.0, kt, tt)
+        for z, r in refined.items():
+            win = fused0[z][r.window]
+            assert np.array_equal(win[r.covered], alone[z][r.window][r.covered])
+            assert np.array_equal(fused0[z][r.window][~r.covered], coarse[z][r.window][~r.covered])
+        # one slice at a time gives the same as the whole volume
+        for z in range(shape[0]):
+            assert np.array_equal(fusion.fuse_slice(cm[z], ct[z], refined.get(z), 0.4, kt, tt),
+                                  fusion.fuse_volume(cm, ct, refined, 0.4, kt, tt)[z])
+
+
+# ------------------------------------------------------------------ metrics
+def test_metrics_by_hand():
+    ref = np.zeros((2, 10, 10), np.uint8)
+    ref[0, :4, :5] = 1  # 20 kidney voxels
+    ref[0, :2, :5] = 2  # 10 of them tumor
+    pred = np.zeros_like(ref)
+    pred[0, :4, :4] = 1  # 16 kidney+tumor voxels inside ref's 20
+    s = metrics.kits_scores(pred, ref)
+    assert s["kidney_tumor_dice"] == pytest.approx(2 * 16 / 36)
+    assert s["kidney_tumor_jaccard"] == pytest.approx(16 / 20)
+    assert s["tumor_dice"] == 0.0
+    assert s["kits_composite"] == pytest.approx((2 * 16 / 36) / 2)
+    empty = metrics.kits_scores(np.zeros_like(ref), np.zeros_like(ref))
+    assert empty["tumor_dice"] == 1.0 and empty["kidney_tumor_jaccard"] == 1.0  # empty vs empty is a match
+    assert metrics.volume_ml(ref > 0, (2.0, 1.0, 0.5)) == pytest.approx(20 * 1.0 / 1000)
+    line = np.zeros((1, 1, 30), bool)
+    line[0, 0, 5:25] = True
+    assert metrics.largest_diameter_mm(line, (1.0, 1.0, 0.7)) == pytest.approx(19 * 0.7)
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoints):
+    model, cfg = models.load_checkpoint(tiny_checkpoints["coarse"], stage="coarse")
+    assert cfg.stage == "coarse" and cfg.in_channels == 3 and cfg.encoder == "resnet18"
+    assert cfg.to_json() == models.read_config(tiny_checkpoints["coarse"]).to_json()
+    with pytest.raises(KidsegError, match="is a coarse checkpoint, but a refine"):
+        models.load_checkpoint(tiny_checkpoints["coarse"], stage="refine")
+    with pytest.raises(KidsegError, match="expects 3 input channels, not 1"):
+        models.load_checkpoint(tiny_checkpoints["coarse"], in_channels=1)
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(tiny_checkpoints["coarse"].read_bytes()[:5000])
+    with pytest.raises(KidsegError, match="corrupt.safetensors"):
+        models.load_checkpoint(bad)
+    cfg4 = models.model_config("coarse", "tiny", classes=4)
+    four = models.save_checkpoint(tmp_path / "four.safetensors", models.build_model(cfg4), cfg4)
+    with pytest.raises(KidsegError, match="4 classes"):
+        models.load_checkpoint(four)
+
+
+# ------------------------------------------------------------------ the cascade
+def test_cascade_runs_and_refuses_nothing_on_odd_sizes(tiny_checkpoints, small_case):
+    cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu", batch_size=4)
+    ct = small_case.ct
+    result = cas.run(ct.array, ct.geometry.spacing)
+    assert result.coarse_meta.shape == ct.array.shape
+    labels = result.fuse()
+    assert labels.shape == ct.array.shape and set(np.unique(labels)) <= {0, 1, 2}
+    # 1 slice and a non-square slice both work
+    one = cas.run(ct.array[10:11, :, :100], ct.geometry.spacing)
+    assert one.fuse().shape == (1, 128, 100)
+
+
+def test_cascade_on_a_volume_without_kidneys_says_so(tiny_checkpoints):
+    cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu")
+    # make the coarse net predict background everywhere by biasing its last layer
+    head = [m for m in cas.coarse.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        head.bias[:] = torch.tensor([50.0, -50.0, -50.0])
+    air = np.full((6, 64, 64), -1000, np.int16)
+    result = cas.run(air, (5.0, 1.0, 1.0))
+    assert result.rois == [] and len(result.patches) == 0
+    assert not result.fuse().any()
+    assert any("no kidney found" in m for m in result.messages)
+
+
+def test_cancel_stops_within_a_batch(tiny_checkpoints, small_case):
+    cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu", batch_size=4)
+    seen = []
+
+    def progress(done, total, stage):
+        seen.append(done)
+
+    with pytest.raises(cascade.Cancelled):
+        cas.run(small_case.ct.array, small_case.ct.geometry.spacing, progress=progress, cancel=lambda: len(seen) >= 2)
+    assert seen == [4, 8]
+
+
+def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(tmp_path, tiny_checkpoints,
+                                                                                small_case_dir):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(small_case_dir), "-o", str(out),
+            "--coarse", str(tiny_checkpoints["coarse"]), "--refine", str(tiny_checkpoints["refine"]),
+            "--device", "cpu", "--save-probabilities"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pred = out / small_case_dir.name / "segmentation.nii.gz"
+    ct = io.read_ct(small_case_dir / "imaging.nii.gz")
+    labels = io.read_labels(pred, like=ct)  # same grid as the CT, or this raises
+    import nibabel as nib
+
+    assert np.array_equal(nib.load(str(pred)).affine, nib.load(str(small_case_dir / "imaging.nii.gz")).affine)
+    assert labels.array.shape == ct.array.shape
+    assert (out / small_case_dir.name / "segmentation_probabilities.npz").exists()
+    # a second run refuses to overwrite, with one line
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    ev = subprocess.run([sys.executable, "-m", "napari_kidseg.cli", "evaluate", str(pred),
+                         str(small_case_dir / "segmentation.nii.gz"), "--json"], capture_output=True, text=True,
+                        cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    import json
+
+    scores = json.loads(ev.stdout)["mean"]
+    expected = metrics.kits_scores(labels.array, io.read_labels(small_case_dir / "segmentation.nii.gz").array)
+    assert scores["kits_composite"] == pytest.approx(expected["kits_composite"])
+
+
+def test_predict_without_installed_weights_says_so(tmp_path, small_case_dir, monkeypatch):
+    monkeypatch.setattr(models, "bundled_checkpoint", lambda stage: None)
+    with pytest.raises(KidsegError, match="no coarse checkpoint is installed"):
+        cascade.Cascade(device="cpu")
+
+
+def test_unavailable_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(KidsegError, match="no CUDA GPU"):
+        models.pick_device("cuda")
