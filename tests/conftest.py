@@ -36,3 +36,20 @@ def small_case_dir(tmp_path_factory, small_case):
     root = tmp_path_factory.mktemp("kits")
     io.write_kits_case(root, "case_00000", small_case.ct, small_case.labels)
     return root / "case_00000"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Randomly initialised tiny networks (2.5D, 3 channels), saved as real checkpoints."""
+    import torch
+
+    from napari_kidseg import models
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for i, stage in enumerate(("coarse", "refine")):
+        torch.manual_seed(i)
+        cfg = models.model_config(stage, "tiny", context_slices=1, input_size=64 if stage == "coarse" else 96)
+        cfg.version = "test"
+        paths[stage] = models.save_checkpoint(folder / f"{stage}.safetensors", models.build_model(cfg), cfg)
+    return paths

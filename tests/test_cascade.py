@@ -14,19 +14,6 @@ from napari_kidseg import cascade, fusion, io, metrics, models, roi
 from napari_kidseg.errors import KidsegError
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """Randomly initialised tiny networks (2.5D, 3 channels), saved as real checkpoints."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for i, stage in enumerate(("coarse", "refine")):
-        torch.manual_seed(i)
-        cfg = models.model_config(stage, "tiny", context_slices=1, input_size=64 if stage == "coarse" else 96)
-        cfg.version = "test"
-        paths[stage] = models.save_checkpoint(folder / f"{stage}.safetensors", models.build_model(cfg), cfg)
-    return paths
-
-
 # ------------------------------------------------------------------ ROI and patches on real labels
 def test_refine_patches_cover_real_kits19_kidneys_and_tumors():
     """Every 4th real KiTS19 label volume fed as a perfect coarse result (the benchmark runs all 160)."""

@@ -271,37 +271,39 @@ class CascadeWidget(QWidget):
     def run(self):
         from napari.qt.threading import create_worker
 
-        from ..cascade import Cascade
-
         if self._worker is not None:
             return
         try:
             ct = self._ct_from_layer()
-            if self.cascade is None or self._models_changed():
-                self.cascade = Cascade(self.coarse_edit.text() or None, self.refine_edit.text() or None,
-                                       device=self.device_combo.currentText())
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return
-        self.device_label.setText(f"using {self.cascade.device}")
         self.ct_volume = ct
         self._cancel.clear()
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         self.progress.setValue(0)
-        self.status.setText("running the coarse stage...")
-        cascade, relay, cancel = self.cascade, self._relay, self._cancel
+        self.status.setText("loading the models...")
+        relay, cancel = self._relay, self._cancel
+        reload = self.cascade is None or self._models_changed()
+        paths = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
+        params = self._params()
 
         def job():
-            return cascade.run(ct.array, ct.geometry.spacing, progress=lambda d, t, s: relay.progress.emit(d, t, s),
-                               cancel=cancel.is_set)
+            # everything slow happens here, off the GUI thread: loading, inference, first fusion
+            from ..cascade import Cascade
+            from ..review import FusionParams, ReviewSession
 
-        self._worker = create_worker(job)
-        self._worker.returned.connect(self._on_result)
-        self._worker.errored.connect(self._on_error)
-        self._worker.finished.connect(self._on_finished)
+            cascade = Cascade(*paths[:2], device=paths[2]) if reload else self.cascade
+            result = cascade.run(ct.array, ct.geometry.spacing, progress=lambda d, t, s: relay.progress.emit(d, t, s),
+                                 cancel=cancel.is_set)
+            session = ReviewSession(result, FusionParams(*params))
+            return cascade, session, self._comparison_layers(session)
+
         self._run_started = time.perf_counter()
-        self._worker.start()
+        self._worker = create_worker(job, _connect={"returned": self._on_result, "errored": self._on_error,
+                                                   "finished": self._on_finished})
+        self._run_started = time.perf_counter()
 
     def _models_changed(self):
         want = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
@@ -333,11 +335,11 @@ class CascadeWidget(QWidget):
         self.run_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
 
-    def _on_result(self, result):
-        from ..review import FusionParams, ReviewSession
-
-        self.session = ReviewSession(result, FusionParams(*self._params()))
-        self._show_result()
+    def _on_result(self, payload):
+        self.cascade, self.session, comparison = payload
+        self.device_label.setText(f"using {self.cascade.device}")
+        result = self.session.result
+        self._show_result(comparison)
         self._set_review_enabled(True)
         n = result.shape[0] - 1
         for sb in (self.interp_from, self.interp_to):
@@ -364,18 +366,29 @@ class CascadeWidget(QWidget):
             return layer
         return self.viewer.add_labels(data, name=name, metadata=meta, **ct.napari_kwargs(), **kwargs)
 
-    def _show_result(self):
+    @staticmethod
+    def _comparison_layers(session) -> dict:
+        """Coarse, refined, disagreement and ROI maps (computed in a worker thread)."""
+        r, p = session.result, session.params
+        rois = np.zeros(r.shape, np.int8)  # each ROI's refine patches, drawn as outlines
+        for pt in r.patches:
+            y0, x0 = max(0, int(pt["y0"])), max(0, int(pt["x0"]))
+            rois[pt["z"], y0 : max(0, pt["y0"] + r.patch_px), x0 : max(0, pt["x0"] + r.patch_px)] = pt["roi"]
+        return {"coarse": r.coarse_labels(p.kidney_threshold, p.tumor_threshold),
+                "refined": r.refined_labels(p.kidney_threshold, p.tumor_threshold),
+                "disagreement": session.disagreement_map(), "rois": rois}
+
+    def _show_result(self, comparison):
         s = self.session
-        r = s.result
-        p = s.params
-        self._set_labels_layer("coarse", r.coarse_labels(p.kidney_threshold, p.tumor_threshold), opacity=0.5,
-                               visible=False, colormap=dict(LABEL_COLORS))
-        self._set_labels_layer("refined", r.refined_labels(p.kidney_threshold, p.tumor_threshold), opacity=0.5,
-                               visible=False, colormap=dict(LABEL_COLORS))
-        self._set_labels_layer("disagreement", s.disagreement_map(), opacity=0.7, visible=False,
+        colors = dict(LABEL_COLORS)
+        self._set_labels_layer("coarse", comparison["coarse"], opacity=0.5, visible=False, colormap=colors)
+        self._set_labels_layer("refined", comparison["refined"], opacity=0.5, visible=False, colormap=colors)
+        self._set_labels_layer("disagreement", comparison["disagreement"], opacity=0.7, visible=False,
                                colormap={None: "transparent", 0: "transparent", 1: "magenta"})
-        self._show_rois()
-        layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=dict(LABEL_COLORS))
+        rois = self._set_labels_layer("rois", comparison["rois"], opacity=0.8, visible=False,
+                                      colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"})
+        rois.contour = 2
+        layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=colors)
         self.fused_layer = layer
         # the layer must edit the session's array itself, so that edits are seen by the session
         if layer.data is not s.labels:
@@ -383,20 +396,6 @@ class CascadeWidget(QWidget):
         ct_layer = self.viewer.layers[self.ct_combo.currentText()]
         ct_layer.contrast_limits = CT_WINDOW
         self.viewer.layers.selection.active = layer
-
-    def _show_rois(self):
-        r = self.session.result
-        name = LAYER_NAMES["rois"]
-        size = r.patch_px
-        rects = [np.array([[p["z"], p["y0"], p["x0"]], [p["z"], p["y0"], p["x0"] + size],
-                           [p["z"], p["y0"] + size, p["x0"] + size], [p["z"], p["y0"] + size, p["x0"]]], float)
-                 for p in r.patches]
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        if rects:
-            g = self.ct_volume.geometry
-            self.viewer.add_shapes(rects, shape_type="rectangle", name=name, edge_color="cyan", face_color="transparent",
-                                   edge_width=2, scale=g.spacing, translate=g.origin_zyx, visible=False)
 
     # ------------------------------------------------------------------ live fusion
     def _params(self):
@@ -425,31 +424,30 @@ class CascadeWidget(QWidget):
         s = self.session
         params = s.params
         result = s.result
-        self._fuse_worker = create_worker(lambda: result.fuse(params.alpha, params.kidney_threshold,
-                                                              params.tumor_threshold))
 
-        def done(fused):
+        def job():
+            fused = result.fuse(params.alpha, params.kidney_threshold, params.tumor_threshold)
+            return fused, self._comparison_layers(s)
+
+        def done(payload):
+            fused, comparison = payload
             self._fuse_worker = None
             if self.session is not s:
                 return
             s.apply_fusion(fused)
             self.fused_layer.refresh()
-            self._refresh_comparison_layers()
+            for key in ("coarse", "refined", "disagreement"):
+                self.viewer.layers[LAYER_NAMES[key]].data = comparison[key]
             self._update_measurements()
             if self._fuse_again:
                 self._fuse_again = False
                 self._fuse_whole_volume()
 
-        self._fuse_worker.returned.connect(done)
-        self._fuse_worker.start()
+        def failed(exc):
+            self._fuse_worker = None
+            self._on_error(exc)
 
-    def _refresh_comparison_layers(self):
-        s = self.session
-        p = s.params
-        self.viewer.layers[LAYER_NAMES["coarse"]].data = s.result.coarse_labels(p.kidney_threshold, p.tumor_threshold)
-        self.viewer.layers[LAYER_NAMES["refined"]].data = s.result.refined_labels(p.kidney_threshold,
-                                                                                  p.tumor_threshold)
-        self.viewer.layers[LAYER_NAMES["disagreement"]].data = s.disagreement_map()
+        self._fuse_worker = create_worker(job, _connect={"returned": done, "errored": failed})
 
     # ------------------------------------------------------------------ tools, review, measurements
     def _tool(self, fn):
@@ -487,29 +485,43 @@ class CascadeWidget(QWidget):
         self.status.setText(f"slice {z}: rank {pos + 1} of {len(order)} by {by}")
 
     def _update_measurements(self):
-        from ..metrics import kits_scores, measurements
+        """Volumes, diameters and (with a reference layer) Dice, computed off the GUI thread."""
+        from napari.qt.threading import create_worker
 
         s = self.session
+        ref = self._reference_layer()
+        labels = s.labels.copy()
+        ref_data, ref_name = (None, None) if ref is None else (np.asarray(ref.data).copy(), ref.name)
+        self._measure_worker = create_worker(self._measurement_text, s, labels, ref_data, ref_name,
+                                             _connect={"returned": self._show_measurements,
+                                                       "errored": self._on_error})
+
+    def _show_measurements(self, payload):
+        text, m = payload
+        self.measure_label.setText(text)
+        self.measurements = m
+
+    @staticmethod
+    def _measurement_text(s, labels, ref, ref_name):
+        from ..metrics import kits_scores, measurements
+
         sp = s.result.spacing
-        m = measurements(s.labels, sp)
+        m = measurements(labels, sp)
         lines = [f"{'':<7}{'kidney mL':>10}{'tumor mL':>10}{'tumor mm':>10}"]
         for side in ("right", "left", "total"):
             v = m[side]
             lines.append(f"{side:<7}{v['kidney_ml']:>10.1f}{v['tumor_ml']:>10.1f}{v['tumor_diameter_mm']:>10.0f}")
-        ref = self._reference_layer()
         if ref is not None:
             p = s.params
-            lines.append(f"{'vs ' + ref.name[:20]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
-            for name, lab in (("coarse", s.result.coarse_labels(p.kidney_threshold, p.tumor_threshold)),
-                              ("refined", np.where(s.result.patch_coverage(), s.result.refined_labels(
-                                  p.kidney_threshold, p.tumor_threshold), s.result.coarse_labels(
-                                  p.kidney_threshold, p.tumor_threshold))),
-                              ("fused", s.fused), ("corrected", s.labels)):
-                k = kits_scores(lab, np.asarray(ref.data))
+            coarse = s.result.coarse_labels(p.kidney_threshold, p.tumor_threshold)
+            refined = np.where(s.result.patch_coverage(), s.result.refined_labels(p.kidney_threshold,
+                                                                                   p.tumor_threshold), coarse)
+            lines.append(f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
+            for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
+                k = kits_scores(lab, ref)
                 lines.append(f"{name:<22}{k['kidney_tumor_dice']:>8.3f}{k['tumor_dice']:>8.3f}{k['kits_composite']:>8.3f}")
         lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
-        self.measure_label.setText("<pre>" + "\n".join(lines) + "</pre>")
-        self.measurements = m
+        return "<pre>" + "\n".join(lines) + "</pre>", m
 
     def _reference_layer(self):
         from napari.layers import Labels
@@ -524,6 +536,9 @@ class CascadeWidget(QWidget):
         from ..review import export_correction
 
         folder = self.export_edit.text().strip()
+        if self.session is None:
+            self._notify("nothing to export yet: run the cascade first", error=True)
+            return None
         if not folder:
             self._notify("choose a corrections folder first", error=True)
             return
