@@ -206,7 +206,9 @@ class ReviewSession:
 def _signed_distance(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return np.full(mask.shape, 1e6)
-    return ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
+    # measured from the boundary between voxels (half a voxel out from the centres), so a shape
+    # interpolated with itself stays the same shape
+    return np.where(mask, 0.5 - ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask) - 0.5)
 
 
 # ------------------------------------------------------------------ export of corrections

@@ -1,0 +1,83 @@
+"""The phantom looks and measures like the real thing, and is deterministic per seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_kidseg import metrics
+from napari_kidseg.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def cases():
+    # 20 seeds at a small matrix: the anatomy is drawn in millimetres, so sizes do not depend on it
+    return [make_phantom(seed, matrix=96, max_slices=48) for seed in range(100, 120)]
+
+
+def test_kidney_volumes_and_positions_are_realistic(cases):
+    per_kidney, with_tumor = [], []
+    for case in cases:
+        lab = case.labels
+        sp = case.ct.geometry.spacing
+        comps, n = ndimage.label(lab > 0)
+        sizes = np.bincount(comps.ravel())[1:] * np.prod(sp) / 1000
+        big = np.argsort(sizes)[::-1][:2] + 1
+        assert n >= 2, case.info
+        cents = ndimage.center_of_mass(lab > 0, comps, big)
+        xs = sorted(c[2] for c in cents)
+        assert xs[0] < lab.shape[2] / 2 < xs[1]  # one kidney each side of the midline
+        assert all(c[1] > lab.shape[1] * 0.45 for c in cents)  # posterior half
+        kidney_only = [metrics.volume_ml((comps == b) & (lab == 1), sp) for b in big]
+        per_kidney.extend(kidney_only)
+        with_tumor.extend(sizes[b - 1] for b in big)
+    per_kidney = np.array(per_kidney)
+    # KiTS19 labels: roughly 120-250 mL per kidney (kidney label, tumor excluded)
+    assert 80 < np.median(per_kidney) < 260
+    assert per_kidney.max() < 400
+    # a large tumor can replace most of a kidney, as in KiTS, but the kidney+tumor region stays whole
+    assert min(with_tumor) > 60 and max(with_tumor) < 1500
+
+
+def test_tumor_sizes_span_small_to_large(cases):
+    diameters = [t["diameter_mm"] for c in cases for t in c.info["tumors"]]
+    counts = [len(c.info["tumors"]) for c in cases]
+    assert min(counts) == 0 and max(counts) >= 2  # sometimes absent, sometimes several
+    assert min(diameters) < 25 and max(diameters) > 60
+    assert all(10 <= d <= 120 for d in diameters)
+    both_sides = [c for c in cases if len({t["side"] for t in c.info["tumors"]}) == 2]
+    assert both_sides, "no case with tumors in both kidneys"
+    kinds = {t["kind"] for c in cases for t in c.info["tumors"]}
+    assert kinds == {"solid", "necrotic", "cystic"}
+
+
+def test_tissue_hu_are_in_ct_ranges(cases):
+    for case in cases:
+        ct, lab = case.ct.array.astype(float), case.labels
+        phase = case.info["phase"]
+        kidney = np.median(ct[ndimage.binary_erosion(lab == 1, iterations=1)])
+        lo, hi = {"noncontrast": (0, 80), "arterial": (60, 320), "venous": (90, 260)}[phase]
+        assert lo < kidney < hi, (phase, kidney)
+        body = ct[ct > -500]
+        fat = body[(body > -160) & (body < -50)]
+        assert fat.size > 0.05 * body.size  # fat is present at fat HU
+        assert np.percentile(ct, 1) < -900  # air outside the body
+        assert ct.max() > 400  # bone
+
+
+def test_same_seed_same_case_and_different_seeds_differ():
+    a = make_phantom(5, matrix=64, max_slices=24)
+    b = make_phantom(5, matrix=64, max_slices=24)
+    c = make_phantom(6, matrix=64, max_slices=24)
+    assert np.array_equal(a.ct.array, b.ct.array) and np.array_equal(a.labels, b.labels)
+    assert a.info == b.info
+    assert a.ct.array.shape != c.ct.array.shape or not np.array_equal(a.ct.array, c.ct.array)
+
+
+def test_spacing_and_layout_vary():
+    infos = [make_phantom(s, matrix=512, max_slices=2, min_slices=1).info for s in range(30, 42)]
+    layouts = {i["disk_layout"] for i in infos}
+    inplane = [i["spacing_zyx_mm"][1] for i in infos]
+    assert len(layouts) >= 3
+    assert 0.5 <= min(inplane) and max(inplane) <= 1.0
