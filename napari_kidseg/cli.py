@@ -206,6 +206,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .models import resolve_checkpoint
+    from .training import finetune
+
+    parent = resolve_checkpoint(args.parent, args.stage)
+    out = Path(args.output) if args.output else Path(args.corrections) / (
+        f"{args.stage}-finetuned-{__import__('time').strftime('%Y%m%d-%H%M%S')}.safetensors")
+    bar = _progress_bar(f"fine-tune {args.stage}")
+    report = finetune(args.corrections, parent, out, stage=args.stage, coarse_checkpoint=args.coarse,
+                      holdout_fraction=args.holdout, n_replay=args.replay_cases, epochs=args.epochs,
+                      steps_per_epoch=args.steps_per_epoch, max_minutes=args.max_minutes, device=args.device,
+                      progress=bar, log=lambda s: print(s, file=sys.stderr))
+    bar.close()
+    b, a = report["before"], report["after"]
+    print(f"{out}: fine-tuned from {parent.name} in {report['seconds'] / 60:.1f} min")
+    print(f"scored on {', '.join(report['scored_on'])}" + ("" if report["held_out"] else " (not held out)"))
+    for k in ("kidney_tumor_dice", "tumor_dice", "kits_composite"):
+        print(f"  {k:<20} before {b[k]:.4f}  after {a[k]:.4f}")
+    return 0
+
+
 def _add_train_parser(sub):
     p = sub.add_parser("train", help="train the coarse or refine network on KiTS-layout data")
     p.add_argument("data", nargs="+", help="dataset folder(s) in KiTS layout")
@@ -230,6 +251,20 @@ def _add_train_parser(sub):
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.last.safetensors and OUTPUT.state.pt")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune the refine (or coarse) model on exported corrections")
+    p.add_argument("corrections", help="corrections folder (KiTS layout + manifest.json, as the widget exports)")
+    p.add_argument("--from", dest="parent", help="checkpoint to start from (default: the bundled one)")
+    p.add_argument("-o", "--output", help="new checkpoint (default: inside the corrections folder)")
+    p.add_argument("--stage", choices=["refine", "coarse"], default="refine")
+    p.add_argument("--coarse", help="coarse checkpoint used to score the cascade (default: bundled)")
+    p.add_argument("--holdout", type=float, default=0.25, help="fraction of corrected cases held out")
+    p.add_argument("--replay-cases", type=int, default=3, help="phantom cases mixed in against forgetting")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps-per-epoch", type=int, default=20)
+    p.add_argument("--max-minutes", type=float, default=4.0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_finetune)
 
 
 # --------------------------------------------------------------------------------------------- demo

@@ -58,7 +58,7 @@ class ModelConfig:
 # a MobileNetV3-small U-Net runs at about 17 slices/s on 2 CPU cores, the SE-ResNeXt50 one at 0.7.
 PAPER = {"encoder": "se_resnext50_32x4d", "encoder_depth": 5, "decoder_channels": (256, 128, 64, 32, 16)}
 SMALL = {"encoder": "tu-mobilenetv3_small_100", "encoder_depth": 5, "decoder_channels": (64, 32, 16, 16, 8)}
-TINY = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": (16, 8, 8)}  # tests only
+TINY = {"encoder": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": (16, 8, 8)}  # tests only
 PRESETS = {"paper": PAPER, "small": SMALL, "tiny": TINY}
 
 

@@ -319,7 +319,7 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
         cfg = dataclasses.replace(init_cfg, provenance=cfg.provenance, version=cfg.version)
     else:
         model = build_model(cfg, encoder_weights=encoder_weights)
-    start_epoch, best, log_rows = 0, -1.0, []
+    start_epoch, best, log_rows = 0, float("-inf"), []
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=settings.lr_step_epochs, gamma=settings.lr_gamma)
     if resume:
@@ -437,3 +437,84 @@ def evaluate_samples(model, loader, device) -> dict:
             counter.add(pred, y.numpy())
     model.train()
     return counter.scores()
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="auto", **fuse_kwargs) -> dict:
+    """Mean KiTS scores of the whole cascade on KiTS-layout cases with reference labels."""
+    from .cascade import Cascade
+    from .metrics import kits_scores
+
+    cascade = Cascade(coarse_checkpoint, refine_checkpoint, device=device)
+    rows = []
+    for case in case_dirs:
+        ct, ref = io.read_kits_case(case)
+        result = cascade.run(ct.array, ct.geometry.spacing)
+        rows.append(kits_scores(result.fuse(**fuse_kwargs), map_kits_labels(ref.array, case)))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def replay_cases(n: int, seed: int) -> list[Path]:
+    """Phantom cases mixed into a fine-tune so the model does not forget (generated once, cached)."""
+    from .phantom import write_phantom_cases
+
+    root = cache_root().parent / "replay" / f"seed{seed}-n{n}"
+    if len(io.kits_cases(root) if root.exists() else []) < n:
+        write_phantom_cases(root, n, seed, overwrite=True, matrix=256, max_slices=80)
+    return io.kits_cases(root)[:n]
+
+
+def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=None, holdout_fraction=0.25,
+             n_replay=3, replay_seed=50_000, epochs=3, steps_per_epoch=20, batch_size=8, lr=5e-5,
+             max_minutes=4.0, device="auto", progress=None, cancel=None, log=print) -> dict:
+    """Fine-tune ``parent`` on exported corrections; writes a child checkpoint ``out``.
+
+    Part of the corrected cases is held out (at least one when there are two or more) and the
+    whole cascade's Dice on them is measured before and after. The parent file is never written.
+    """
+    import datetime
+
+    from .models import file_sha256, read_config
+
+    corrections_dir, parent, out = Path(corrections_dir), Path(parent), Path(out)
+    if out.resolve() == parent.resolve():
+        raise KidsegError("the fine-tuned checkpoint must not replace its parent; choose another -o", out)
+    if out.exists():
+        raise KidsegError("already exists; not overwriting it", out)
+    if not corrections_dir.is_dir():
+        raise KidsegError("no such corrections folder", corrections_dir)
+    cases = [c for c in io.kits_cases(corrections_dir) if (c / io.KITS_LABELS).exists()]
+    if not cases:
+        raise KidsegError("holds no corrected cases (case_XXXXX/imaging.nii.gz + segmentation.nii.gz); "
+                          "export corrections from the widget first", corrections_dir)
+    parent_cfg = read_config(parent)
+    if parent_cfg.stage != stage:
+        raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
+    train_dirs, held = split_cases(cases, holdout_fraction, seed=0) if len(cases) >= 2 else (cases, [])
+    eval_dirs = held or train_dirs
+    if not held:
+        log("only one corrected case: it is trained on and also scored (no held-out case, so the "
+            "before/after figures are on training data)")
+    coarse = coarse_checkpoint if stage == "refine" else parent
+    refine_before = parent if stage == "refine" else None
+    log(f"scoring the parent on {len(eval_dirs)} case(s)...")
+    before = evaluate_cascade(eval_dirs, coarse, refine_before, device=device)
+    replay = replay_cases(n_replay, replay_seed) if n_replay else []
+    cached = [cache_case(c) for c in train_dirs + replay]
+    cfg = dataclasses.replace(parent_cfg)
+    cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+    cfg.provenance = {
+        "parent": str(parent), "parent_sha256": file_sha256(parent), "parent_version": parent_cfg.version,
+        "corrections": str(corrections_dir),
+        "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / io.KITS_LABELS)} for c in train_dirs],
+        "held_out": [c.name for c in held], "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
+        "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr,
+    }
+    settings = TrainSettings(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+                             patience=epochs + 1, workers=0, device=device, max_minutes=max_minutes, val_samples=0)
+    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel,
+                    log=log)
+    after = evaluate_cascade(eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None,
+                             device=device)
+    return {"before": before, "after": after, "held_out": [c.name for c in held],
+            "scored_on": [c.name for c in eval_dirs], "checkpoint": str(out), "seconds": summary["seconds"]}

@@ -118,7 +118,7 @@ def test_metrics_by_hand():
 # ------------------------------------------------------------------ checkpoints
 def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoints):
     model, cfg = models.load_checkpoint(tiny_checkpoints["coarse"], stage="coarse")
-    assert cfg.stage == "coarse" and cfg.in_channels == 3 and cfg.encoder == "resnet18"
+    assert cfg.stage == "coarse" and cfg.in_channels == 3 and cfg.encoder == "tu-resnet10t"
     assert cfg.to_json() == models.read_config(tiny_checkpoints["coarse"]).to_json()
     with pytest.raises(KidsegError, match="is a coarse checkpoint, but a refine"):
         models.load_checkpoint(tiny_checkpoints["coarse"], stage="refine")

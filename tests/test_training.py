@@ -1,0 +1,150 @@
+"""Training and fine-tuning on tiny phantoms with tiny networks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_kidseg import io, models, roi, training
+from napari_kidseg.errors import KidsegError
+from napari_kidseg.phantom import make_phantom, write_phantom_cases
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_phantom_cases(root, 3, seed=500, matrix=64, max_slices=24, n_tumors=1)
+    os.environ["KIDSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return root
+
+
+def test_a_few_training_steps_reduce_the_loss_and_write_a_loadable_checkpoint(tiny_dataset, tmp_path):
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    cfg = models.model_config("coarse", "tiny", input_size=64, context_slices=1)
+    cfg.provenance = {"data": "tiny"}
+    settings = training.TrainSettings(epochs=3, steps_per_epoch=10, batch_size=8, lr=3e-3, workers=0, device="cpu",
+                                      augment=False, patience=10, val_samples=32)
+    out = tmp_path / "coarse.safetensors"
+    summary = training.train(cfg, cases[:2], cases[2:], out, settings, log=lambda s: None)
+    losses = [r["train_loss"] for r in summary["log"]]
+    assert losses[-1] < losses[0] * 0.8, losses
+    model, loaded = models.load_checkpoint(out, stage="coarse")
+    assert loaded.to_json() == models.read_config(out).to_json()
+    assert loaded.provenance == {"data": "tiny"} and loaded.context_slices == 1
+    assert out.with_suffix(".png").exists() and out.with_suffix(".log.jsonl").exists()
+    # resume continues where it stopped
+    settings.epochs = 4
+    summary = training.train(cfg, cases[:2], cases[2:], out, settings, resume=True, log=lambda s: None)
+    assert [r["epoch"] for r in summary["log"]] == [1, 2, 3, 4]
+
+
+def test_training_and_inference_cut_the_same_patches(tiny_dataset):
+    case = training.cache_case(training.find_cases([tiny_dataset])[0])
+    _, labels = case.arrays()
+    _, ids = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
+    expected = roi.refine_patches(ids, case.spacing, patch_px=32)
+    assert np.array_equal(training.reference_patches(case, 32), expected)
+    cfg = models.model_config("refine", "tiny", input_size=32)
+    samples = training.SegmentationSamples([case], cfg, None)
+    assert [(z, y, x) for _, z, y, x in samples.items] == [(int(p["z"]), int(p["y0"]), int(p["x0"])) for p in expected]
+
+
+def test_kits21_cysts_are_mapped_and_bad_labels_refused(tmp_path):
+    lab = np.array([0, 1, 2, 3], np.uint8)
+    assert training.map_kits_labels(lab, "x").tolist() == [0, 1, 2, 1]
+    with pytest.raises(KidsegError, match=r"label values \[7\]"):
+        training.map_kits_labels(np.array([0, 7], np.uint8), tmp_path / "seg.nii.gz")
+
+
+def test_empty_or_malformed_dataset_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KidsegError, match="no cases in KiTS layout"):
+        training.find_cases([tmp_path / "empty"])
+    with pytest.raises(KidsegError, match="no such dataset folder"):
+        training.find_cases([tmp_path / "missing"])
+    # image and label grids that differ
+    case = make_phantom(1, matrix=48, max_slices=12)
+    d = tmp_path / "bad" / "case_00000"
+    io.write_kits_case(tmp_path / "bad", "case_00000", case.ct, None)
+    other = io.volume_in_memory(case.labels[:, :-2], (1, 1, 1))
+    io.write_labels(d / io.KITS_LABELS, other.array, other)
+    with pytest.raises(KidsegError, match="differs from the CT grid"):
+        training.cache_case(d)
+
+
+def test_ddp_with_two_cpu_processes(tiny_dataset, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "napari_kidseg.cli", "train", str(tiny_dataset),
+         "--stage", "coarse", "-o", str(out), "--preset", "tiny", "--input-size", "32", "--epochs", "1",
+         "--steps-per-epoch", "3", "--batch-size", "4", "--workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert models.read_config(out).stage == "coarse"
+
+
+def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_dataset, tiny_checkpoints, tmp_path):
+    from napari_kidseg.review import export_correction
+
+    corrections = tmp_path / "corrections"
+    for c in training.find_cases([tiny_dataset]):
+        ct, labels = io.read_kits_case(c)
+        export_correction(corrections, ct, labels.array)
+    parent = tmp_path / "parent.safetensors"
+    shutil.copy(tiny_checkpoints["refine"], parent)
+    before_sha = models.file_sha256(parent)
+    out = tmp_path / "child.safetensors"
+    report = training.finetune(corrections, parent, out, coarse_checkpoint=tiny_checkpoints["coarse"], n_replay=1,
+                               epochs=1, steps_per_epoch=3, batch_size=4, device="cpu", log=lambda s: None)
+    assert models.file_sha256(parent) == before_sha
+    cfg = models.read_config(out)
+    assert cfg.provenance["parent"] == str(parent) and cfg.provenance["parent_sha256"] == before_sha
+    assert cfg.provenance["parent_version"] == "test" and cfg.version.startswith("test+ft")
+    assert len(cfg.provenance["held_out"]) == 1 and len(cfg.provenance["trained_on"]) == 2
+    assert set(report["before"]) == set(report["after"]) >= {"kidney_tumor_dice", "tumor_dice"}
+    with pytest.raises(KidsegError, match="holds no corrected cases"):
+        (tmp_path / "none").mkdir()
+        training.finetune(tmp_path / "none", parent, tmp_path / "x.safetensors")
+    with pytest.raises(KidsegError, match="must not replace its parent"):
+        training.finetune(corrections, parent, parent)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tiny_checkpoints, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "c.safetensors"
+    shutil.copy(tiny_checkpoints["coarse"], path)
+    before = path.read_bytes()
+    model, cfg = models.load_checkpoint(path)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(KidsegError, match="No space left"):
+        models.save_checkpoint(path, model, cfg, overwrite=True)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_imagenet_weights_without_a_hub_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = models.model_config("coarse", "tiny")
+    with pytest.raises(KidsegError, match="could not fetch imagenet weights"):
+        models.build_model(cfg, encoder_weights="imagenet")
+
+
+def test_cli_train_refuses_to_overwrite(tiny_dataset, tmp_path):
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"keep me")
+    proc = subprocess.run([sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse",
+                           "-o", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and out.read_bytes() == b"keep me"
