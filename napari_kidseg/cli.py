@@ -267,6 +267,15 @@ def _add_train_parser(sub):
     p.set_defaults(func=cmd_finetune)
 
 
+# --------------------------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_benchmark
+
+    rows = run_benchmark(args.sizes, args.coarse, args.refine, args.device, args.preset, args.workdir)
+    print(format_table(rows))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     """napari with the sample CT and the widget; with no display, the same cascade headless."""
@@ -333,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     _add_train_parser(sub)
+
+    p = sub.add_parser("bench", help="speed and memory of the cascade on 512x512xN phantoms (prints a table)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 600])
+    p.add_argument("--coarse")
+    p.add_argument("--refine")
+    p.add_argument("--preset", choices=["paper", "small"], help="time this architecture with random weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workdir", help="keep the phantoms here between runs")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="open napari with the sample CT and the Kidney cascade widget")
     p.add_argument("--no-block", action="store_true", help=argparse.SUPPRESS)
