@@ -274,10 +274,11 @@ class Cascade:
         timings["coarse"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        half = DEFAULT_KIDNEY_THRESHOLD
-        rois, ids = roi.kidney_rois(coarse_meta > int(half * 255), spacing, min_volume_ml=self.min_roi_ml)
-        patches = roi.refine_patches(ids, spacing, patch_px=self.refine_cfg.input_size, margin_mm=self.margin_mm)
-        del ids
+        # ROIs from the coarse kidney+tumor probability at 0.5, whatever the live thresholds
+        rois, roi_map = roi.kidney_rois(coarse_meta, spacing, min_volume_ml=self.min_roi_ml,
+                                        level=int(DEFAULT_KIDNEY_THRESHOLD * 255))
+        patches = roi.refine_patches(roi_map, spacing, patch_px=self.refine_cfg.input_size,
+                                     margin_mm=self.margin_mm)
         timings["roi"] = time.perf_counter() - t0
         messages = []
         if not rois:

@@ -41,45 +41,62 @@ def _component_grid_step(shape_yx) -> int:
     return max(1, int(np.ceil(max(shape_yx) / 128)))
 
 
+@dataclasses.dataclass(frozen=True)
+class RoiMap:
+    """ROI ids (int8, 0 = none) on the component grid: every ``step``-th voxel in-plane."""
+
+    ids: np.ndarray
+    step: int
+    shape: tuple[int, int, int]  # the full grid
+
+    def full(self) -> np.ndarray:
+        """The ids on the full grid (nearest neighbour), for display and tests."""
+        s = self.step
+        if s == 1:
+            return self.ids
+        up = np.repeat(np.repeat(self.ids, s, axis=1), s, axis=2)
+        return np.ascontiguousarray(up[:, : self.shape[1], : self.shape[2]])
+
+
 def kidney_rois(
     meta: np.ndarray,
     spacing_zyx,
     *,
     min_volume_ml: float = 5.0,
     max_rois: int = 2,
-) -> tuple[list[KidneyROI], np.ndarray]:
-    """The kidney ROIs of a boolean kidney+tumor mask, and an int8 map of their ids (0 = none).
+    level: int = 127,
+) -> tuple[list[KidneyROI], RoiMap]:
+    """The kidney ROIs of a kidney+tumor mask (bool, or uint8 probability levels > ``level``).
 
-    The map is on the full grid; ids start at 1, ordered by the patient's side (right first).
+    ROI ids start at 1, ordered by the patient's side (right first). Only every ``step``-th
+    voxel in-plane is looked at, so a 512 x 512 x 600 volume costs a 128 x 128 x 600 labelling.
     """
-    meta = np.asarray(meta, dtype=bool)
+    meta = np.asarray(meta)
     step = _component_grid_step(meta.shape[1:])
-    small = meta[:, ::step, ::step] if step > 1 else meta
+    small = meta[:, ::step, ::step]
+    small = small > level if small.dtype == np.uint8 else small.astype(bool)
+    empty = RoiMap(np.zeros(small.shape, np.int8), step, tuple(meta.shape))
     lab, n = ndimage.label(small)
     if n == 0:
-        return [], np.zeros(meta.shape, np.int8)
+        return [], empty
     counts = np.bincount(lab.ravel())[1:]
     vox_ml = float(np.prod(spacing_zyx)) * step * step / 1000.0
     order = np.argsort(counts)[::-1]
     keep = [int(i) + 1 for i in order[:max_rois] if counts[i] * vox_ml >= min_volume_ml]
     if not keep:
-        return [], np.zeros(meta.shape, np.int8)
+        return [], empty
     coms = ndimage.center_of_mass(small, lab, keep)
     # right kidney (patient's right = low x in LPS) first
     keep_sorted = sorted(zip(keep, coms), key=lambda kc: kc[1][2])
-    ids_small = np.zeros(small.shape, np.int8)
+    lut = np.zeros(n + 1, np.int8)
     for new_id, (old, _) in enumerate(keep_sorted, start=1):
-        ids_small[lab == old] = new_id
-    # back to the full grid: nearest-neighbour upsampling, restricted to the real mask
-    if step > 1:
-        full = np.repeat(np.repeat(ids_small, step, axis=1), step, axis=2)[:, : meta.shape[1], : meta.shape[2]]
-        ids = np.where(meta, full, 0).astype(np.int8)
-    else:
-        ids = ids_small
+        lut[old] = new_id
+    ids = lut[lab]
+    boxes = ndimage.find_objects(ids)
     mid_x = meta.shape[2] / 2.0
     rois = []
-    for new_id, (_, com) in enumerate(keep_sorted, start=1):
-        box = ndimage.find_objects((ids_small == new_id).astype(np.int8))[0]
+    for new_id, (old, com) in enumerate(keep_sorted, start=1):
+        box = boxes[new_id - 1]
         bbox = (box[0], slice(box[1].start * step, min(meta.shape[1], box[1].stop * step)),
                 slice(box[2].start * step, min(meta.shape[2], box[2].stop * step)))
         centroid = (float(com[0]), float(com[1] * step), float(com[2] * step))
@@ -87,9 +104,8 @@ def kidney_rois(
             side = "right" if new_id == 1 else "left"
         else:
             side = "right" if centroid[2] < mid_x else "left"
-        count = counts[keep_sorted[new_id - 1][0] - 1]
-        rois.append(KidneyROI(new_id, side, float(count * vox_ml), bbox, centroid))
-    return rois, ids
+        rois.append(KidneyROI(new_id, side, float(counts[old - 1] * vox_ml), bbox, centroid))
+    return rois, RoiMap(ids, step, tuple(meta.shape))
 
 
 def _tile_starts(lo: int, hi: int, size: int, extent: int) -> list[int]:
@@ -111,7 +127,7 @@ def _tile_starts(lo: int, hi: int, size: int, extent: int) -> list[int]:
 
 
 def refine_patches(
-    roi_ids: np.ndarray,
+    roi_map: RoiMap | np.ndarray,
     spacing_zyx,
     *,
     patch_px: int = 256,
@@ -122,31 +138,36 @@ def refine_patches(
 
     For each ROI, each slice within ``z_margin_mm`` of it gets patches covering the ROI's
     footprint over the neighbouring slices (so the ends of a kidney are not cut off), grown by
-    ``margin_mm`` in-plane; a footprint wider than one patch is tiled.
+    ``margin_mm`` in-plane; a footprint wider than one patch is tiled. On a subsampled
+    :class:`RoiMap` each footprint is widened by the sampling step, so it can only grow.
     """
-    nz, ny, nx = roi_ids.shape
+    if not isinstance(roi_map, RoiMap):
+        roi_map = RoiMap(np.asarray(roi_map), 1, tuple(np.shape(roi_map)))
+    ids, step = roi_map.ids, roi_map.step
+    nz, ny, nx = roi_map.shape
     dz, dy, dx = (float(s) for s in spacing_zyx)
     mz = int(np.ceil(z_margin_mm / dz))
     my, mx = int(np.ceil(margin_mm / dy)), int(np.ceil(margin_mm / dx))
+    sy, sx = ids.shape[1], ids.shape[2]
     out = []
-    for roi in range(1, int(roi_ids.max(initial=0)) + 1):
-        present = roi_ids == roi
+    for roi in range(1, int(ids.max(initial=0)) + 1):
+        present = ids == roi
         rows = present.any(axis=2)  # (z, y)
         cols = present.any(axis=1)  # (z, x)
         zs = np.flatnonzero(rows.any(axis=1))
         if zs.size == 0:
             continue
-        # per-slice extents, then the union over a window of +-mz slices
+        # per-slice extents on the full grid, then the union over a window of +-mz slices
         big = np.iinfo(np.int32).max
-        y_lo = np.where(rows.any(1), rows.argmax(1), big)
-        y_hi = np.where(rows.any(1), ny - rows[:, ::-1].argmax(1), -1)
-        x_lo = np.where(cols.any(1), cols.argmax(1), big)
-        x_hi = np.where(cols.any(1), nx - cols[:, ::-1].argmax(1), -1)
+        y_lo = np.where(rows.any(1), rows.argmax(1) * step, big)
+        y_hi = np.where(rows.any(1), (sy - rows[:, ::-1].argmax(1)) * step, -1)
+        x_lo = np.where(cols.any(1), cols.argmax(1) * step, big)
+        x_hi = np.where(cols.any(1), (sx - cols[:, ::-1].argmax(1)) * step, -1)
         win = 2 * mz + 1
         y_lo = ndimage.minimum_filter1d(y_lo, win, mode="constant", cval=big)
         x_lo = ndimage.minimum_filter1d(x_lo, win, mode="constant", cval=big)
-        y_hi = ndimage.maximum_filter1d(y_hi, win, mode="constant", cval=-1)
-        x_hi = ndimage.maximum_filter1d(x_hi, win, mode="constant", cval=-1)
+        y_hi = np.minimum(ndimage.maximum_filter1d(y_hi, win, mode="constant", cval=-1), ny)
+        x_hi = np.minimum(ndimage.maximum_filter1d(x_hi, win, mode="constant", cval=-1), nx)
         for z in range(max(0, zs[0] - mz), min(nz, zs[-1] + mz + 1)):
             if y_hi[z] < 0:
                 continue

@@ -102,8 +102,8 @@ def cache_case(case_dir: Path) -> CachedCase:
 def reference_patches(case: CachedCase, patch_px: int) -> np.ndarray:
     """The refine patches inference would cut if the coarse stage were perfect."""
     _, labels = case.arrays()
-    _, ids = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
-    return roi.refine_patches(ids, case.spacing, patch_px=patch_px)
+    _, roi_map = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
+    return roi.refine_patches(roi_map, case.spacing, patch_px=patch_px)
 
 
 @dataclasses.dataclass

@@ -22,10 +22,10 @@ def test_refine_patches_cover_real_kits19_kidneys_and_tumors():
     for case in sorted(root.glob("case_*"))[::4]:
         vol = io.read_labels(case / "segmentation.nii.gz")
         labels = vol.array
-        rois, ids = roi.kidney_rois(labels > 0, vol.geometry.spacing)
+        rois, roi_map = roi.kidney_rois(labels > 0, vol.geometry.spacing)
         assert len(rois) == 2, f"{case.name}: {len(rois)} kidney ROIs"
         assert {r.side for r in rois} == {"left", "right"}
-        patches = roi.refine_patches(ids, vol.geometry.spacing)
+        patches = roi.refine_patches(roi_map, vol.geometry.spacing)
         cov = roi.patch_coverage(patches, labels.shape)
         worst = min(worst, cov[labels > 0].mean())
         if (labels == 2).any():
@@ -50,7 +50,8 @@ def test_rois_drop_small_regions_and_keep_sides():
     meta[5:15, 60:90, 10:40] = True  # right kidney (low x)
     meta[5:15, 60:90, 80:110] = True  # left kidney
     meta[2, 5:7, 5:7] = True  # a speck
-    rois, ids = roi.kidney_rois(meta, (5.0, 1.0, 1.0), min_volume_ml=5)
+    rois, roi_map = roi.kidney_rois(meta, (5.0, 1.0, 1.0), min_volume_ml=5)
+    ids = roi_map.full()
     assert [r.side for r in rois] == ["right", "left"]
     assert ids[2, 5, 5] == 0 and ids[10, 70, 20] == 1 and ids[10, 70, 90] == 2
     assert rois[0].volume_ml == pytest.approx(10 * 30 * 30 * 5 / 1000, rel=0.15)

@@ -47,8 +47,8 @@ def test_a_few_training_steps_reduce_the_loss_and_write_a_loadable_checkpoint(ti
 def test_training_and_inference_cut_the_same_patches(tiny_dataset):
     case = training.cache_case(training.find_cases([tiny_dataset])[0])
     _, labels = case.arrays()
-    _, ids = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
-    expected = roi.refine_patches(ids, case.spacing, patch_px=32)
+    _, roi_map = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
+    expected = roi.refine_patches(roi_map, case.spacing, patch_px=32)
     assert np.array_equal(training.reference_patches(case, 32), expected)
     cfg = models.model_config("refine", "tiny", input_size=32)
     samples = training.SegmentationSamples([case], cfg, None)
