@@ -114,6 +114,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     # review navigation moves the slice
     w.next_uncertain_btn.click()
     # export: KiTS layout + manifest, labels on the source grid
+    fused.data[max(0, z - 2) : z + 3, 30:70, 30:70] = 1  # a kidney-sized correction to fine-tune on
     w.export_edit.setText(str(tmp_path / "corrections"))
     case = w.export()
     import json
@@ -132,6 +133,26 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     # a second export never overwrites the first
     case2 = w.export()
     assert case2 != case and (case / "segmentation.nii.gz").exists()
+    # fine-tune on the two exported cases, then switch to the new refine model
+    import napari_kidseg.training as training
+
+    real_finetune = training.finetune
+    monkey = {"kwargs": None}
+
+    def small_finetune(*args, **kwargs):  # the widget's call, with a test-sized schedule
+        monkey["kwargs"] = kwargs
+        return real_finetune(*args, **{**kwargs, "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0})
+
+    training.finetune = small_finetune
+    try:
+        w.finetune_btn.click()
+        qtbot.waitUntil(lambda: w._worker is None, timeout=180_000)
+    finally:
+        training.finetune = real_finetune
+    assert "Dice" in w.finetune_label.text(), w.status.text()
+    assert w.use_new_btn.isEnabled()
+    w.use_new_btn.click()
+    assert w.refine_edit.text().endswith(".safetensors") and "finetuned" in w.refine_edit.text()
 
 
 def test_cancel_leaves_the_viewer_as_it_was(viewer_with_case, tiny_checkpoints, qtbot):

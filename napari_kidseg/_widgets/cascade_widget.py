@@ -160,6 +160,16 @@ class CascadeWidget(QWidget):
         form.addRow("Folder", row)
         self.export_btn = QPushButton("Export case")
         form.addRow(self.export_btn)
+        frow = QHBoxLayout()
+        self.finetune_btn = QPushButton("Fine-tune refine model")
+        self.use_new_btn = QPushButton("Use the new refine model")
+        self.use_new_btn.setEnabled(False)
+        frow.addWidget(self.finetune_btn)
+        frow.addWidget(self.use_new_btn)
+        form.addRow(frow)
+        self.finetune_label = QLabel("")
+        self.finetune_label.setWordWrap(True)
+        form.addRow(self.finetune_label)
         outer.addWidget(box)
         outer.addStretch(1)
 
@@ -184,6 +194,9 @@ class CascadeWidget(QWidget):
         self.next_disagree_btn.clicked.connect(lambda: self.goto_doubtful("disagreement"))
         self.next_uncertain_btn.clicked.connect(lambda: self.goto_doubtful("uncertainty"))
         self.export_btn.clicked.connect(self.export)
+        self.finetune_btn.clicked.connect(self.finetune)
+        self.use_new_btn.clicked.connect(self._use_new_refine)
+        self.new_refine = None
         self._fuse_timer = QTimer(self)
         self._fuse_timer.setSingleShot(True)
         self._fuse_timer.setInterval(150)
@@ -554,3 +567,63 @@ class CascadeWidget(QWidget):
             return
         self._notify(f"exported {case}")
         return case
+
+    # ------------------------------------------------------------------ fine-tuning
+    def finetune(self):
+        """Fine-tune the refine model on the corrections folder, in a worker; cancellable."""
+        from napari.qt.threading import create_worker
+
+        from ..models import resolve_checkpoint
+        from ..training import finetune
+
+        folder = self.export_edit.text().strip()
+        if not folder:
+            self._notify("choose the corrections folder to fine-tune on", error=True)
+            return
+        if self._worker is not None:
+            return
+        try:
+            parent = resolve_checkpoint(self.refine_edit.text() or None, "refine")
+            coarse = resolve_checkpoint(self.coarse_edit.text() or None, "coarse")
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
+            return
+        out = Path(folder) / f"refine-finetuned-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+        self._cancel.clear()
+        relay, cancel = self._relay, self._cancel
+        device = self.device_combo.currentText()
+
+        def job():
+            return finetune(folder, parent, out, coarse_checkpoint=coarse, device=device,
+                            progress=lambda d, t, st: relay.progress.emit(d, t, "fine-tune"), cancel=cancel.is_set,
+                            log=lambda m: None)
+
+        self.run_btn.setEnabled(False)
+        self.finetune_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.status.setText("fine-tuning the refine model...")
+
+        def done(report):
+            b, a = report["before"], report["after"]
+            where = "held-out" if report["held_out"] else "corrected (not held out)"
+            self.finetune_label.setText(
+                f"{Path(report['checkpoint']).name}: on {len(report['scored_on'])} {where} case(s), "
+                f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
+                f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}")
+            self.new_refine = report["checkpoint"]
+            self.use_new_btn.setEnabled(True)
+            self._notify("fine-tuning done")
+
+        def finished():
+            self._worker = None
+            self.run_btn.setEnabled(True)
+            self.finetune_btn.setEnabled(True)
+            self.cancel_btn.setEnabled(False)
+
+        self._worker = create_worker(job, _connect={"returned": done, "errored": self._on_error,
+                                                    "finished": finished})
+
+    def _use_new_refine(self):
+        if self.new_refine:
+            self.refine_edit.setText(self.new_refine)
+            self._notify(f"the refine model is now {Path(self.new_refine).name}; press Run to use it")

@@ -1,0 +1,23 @@
+"""The bundled weights load and segment the sample case (a real Dice, computed here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_kidseg import io, metrics, models
+from napari_kidseg._napari_io import sample_case_dir
+from napari_kidseg.cascade import Cascade
+
+
+def test_bundled_weights_segment_the_sample_case():
+    if models.bundled_checkpoint("coarse") is None or models.bundled_checkpoint("refine") is None:
+        pytest.skip("no bundled weights in this checkout")
+    for stage in ("coarse", "refine"):
+        cfg = models.read_config(models.bundled_checkpoint(stage))
+        assert cfg.stage == stage and cfg.provenance.get("data"), cfg.provenance
+    case = sample_case_dir()
+    ct, ref = io.read_kits_case(case)
+    result = Cascade(device="cpu").run(ct.array, ct.geometry.spacing)
+    assert len(result.rois) == 2
+    fused = metrics.kits_scores(result.fuse(alpha=0.4), ref.array)
+    assert fused["kidney_tumor_dice"] > 0.80, fused
