@@ -454,9 +454,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (and some writers recreate the file): give it the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -151,20 +151,22 @@ def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bi
         arr = vol.array
         assert arr.ndim == 3 and set(np.unique(arr[::4])) <= {0, 1, 2}, path
         # canonical LPS: the two largest kidney+tumor regions lie left and right of the
-        # midline, in the posterior half of the abdomen
-        lab, n = ndimage.label(arr > 0)
-        sizes = ndimage.sum(arr > 0, lab, range(1, n + 1))
+        # midline, in the posterior half of the abdomen (judged on every 4th voxel in-plane,
+        # which keeps the shapes and costs 16x less than the full 512 x 512 grid)
+        small = arr[:, ::4, ::4]
+        lab, n = ndimage.label(small > 0)
+        sizes = np.bincount(lab.ravel())[1:]
         big = np.argsort(sizes)[::-1][:2] + 1
-        cents = ndimage.center_of_mass(arr > 0, lab, big)
-        mid_x = arr.shape[2] / 2
+        cents = [np.argwhere(lab == b).mean(axis=0) for b in big]
+        mid_x = small.shape[2] / 2
         xs = sorted(c[2] for c in cents)
         if len(cents) == 2 and sizes[big[1] - 1] > 0.2 * sizes[big[0] - 1]:
             assert xs[0] < mid_x < xs[1], path
-        assert all(c[1] > arr.shape[1] * 0.4 for c in cents), path
+        assert all(c[1] > small.shape[1] * 0.4 for c in cents), path
         # tumor lies inside or touches kidney (in the largest regions)
-        if (arr == 2).any():
-            tumor_in_big = np.isin(lab, big) & (arr == 2)
-            assert tumor_in_big.sum() > 0.5 * (arr == 2).sum(), path
+        if (small == 2).any():
+            tumor_in_big = np.isin(lab, big) & (small == 2)
+            assert tumor_in_big.sum() > 0.5 * (small == 2).sum(), path
         # write/read round trip is bit-identical, grid included (every 8th case: 20 cases, which
         # cover all slice thicknesses; writing all 160 would take CI minutes for nothing new)
         if paths.index(path) % 8:

@@ -50,6 +50,11 @@ class _Relay(QObject):
 class CascadeWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
+        # torch, timm and triton must be imported on the GUI thread: importing them for the first
+        # time inside a worker thread segfaults (triton's native module) once Qt is running
+        import segmentation_models_pytorch  # noqa: F401
+        import torch  # noqa: F401
+
         self.viewer = napari_viewer
         self.session = None
         self.ct_volume = None
