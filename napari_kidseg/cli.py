@@ -87,11 +87,13 @@ def cmd_predict(args) -> int:
     for _, target in jobs:
         if target.exists() and not args.overwrite:
             raise KidsegError("already exists; not overwriting it (use --overwrite)", target)
-    cascade = Cascade(args.coarse, args.refine, device=args.device, batch_size=args.batch_size)
-    print(f"kidseg: {len(jobs)} volume(s) on {cascade.device}; coarse {cascade.coarse_path.name}, "
-          f"refine {cascade.refine_path.name}", file=sys.stderr)
+    cascade = None
     for src, target in jobs:
         ct = io.read_ct(src, series_uid=args.series)
+        if cascade is None:  # after the first read, so a bad input is the only line printed
+            cascade = Cascade(args.coarse, args.refine, device=args.device, batch_size=args.batch_size)
+            print(f"kidseg: {len(jobs)} volume(s) on {cascade.device}; coarse {cascade.coarse_path.name}, "
+                  f"refine {cascade.refine_path.name}", file=sys.stderr)
         bar = _progress_bar(src.name)
         result = cascade.run(ct.array, ct.geometry.spacing, progress=bar)
         bar.close()

@@ -215,10 +215,12 @@ def test_dicom_folder_with_two_series_picks_the_larger_and_says_so(tmp_path):
 def test_large_nifti_read_holds_about_two_copies(tmp_path):
     """Peak RSS while reading a 512x512x300 int16 .nii.gz stays under 2.5 volumes."""
     path = tmp_path / "big.nii.gz"
-    arr = np.zeros((300, 512, 512), np.int16)
+    arr = np.full((300, 512, 512), -1000, np.int16)
     arr[:, 100:400, 100:400] = 40
-    img = nib.Nifti1Image(arr.T, np.diag([-0.8, -0.8, 1.0, 1.0]))
-    nib.save(img, path)
+    arr[:, 200:300, 200:300] = -100
+    img = sitk.GetImageFromArray(arr)
+    img.SetDirection((-1, 0, 0, 0, 0, 1, 0, -1, 0))  # not the canonical layout: the read must reorient
+    sitk.WriteImage(img, str(path), useCompression=True)
     nbytes = arr.nbytes
     del arr, img
     code = (
@@ -275,7 +277,10 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
-    (tmp_path / "truncated.nii.gz").write_bytes(gzip.compress(b"x" * 5000)[:100])
+    rng = np.random.default_rng(2)
+    ct = rng.integers(-1000, 1000, (30, 30, 10)).astype(np.int16)
+    blob = gzip.compress(nib.Nifti1Image(ct, np.eye(4)).to_bytes())
+    (tmp_path / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
     proc = subprocess.run(
         [sys.executable, "-m", "napari_kidseg.cli", "predict", str(tmp_path / "truncated.nii.gz"), "-o", str(tmp_path / "o")],
         capture_output=True, text=True,
@@ -305,6 +310,7 @@ def test_writes_are_atomic_and_never_overwrite_silently(tmp_path, monkeypatch):
     with pytest.raises(KidsegError, match="No space left"):
         io.write_labels(tmp_path / "new.mha", arr, like)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]  # no partial or temporary file
+    monkeypatch.undo()
     io.write_labels(out, arr + 1, like, overwrite=True)
     assert out.read_bytes() != before
 
