@@ -18,18 +18,25 @@ import time
 from pathlib import Path
 
 
+def make_ct(n: int, workdir: Path) -> None:
+    """The benchmark's 512 x 512 x n phantom, written once (its own process: generating it takes
+    far more memory than segmenting it, and must not count in the pipeline's peak RSS)."""
+    from . import io
+    from .phantom import make_phantom
+
+    case = make_phantom(1234 + n, matrix=512, max_slices=n, min_slices=n, slice_thickness=0.5, n_tumors=1)
+    io.write_volume(Path(workdir) / f"ct{n}.nii.gz", case.ct.array, case.ct)
+
+
 def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: Path) -> dict:
     import numpy as np
 
     from . import io
     from .cascade import Cascade
-    from .phantom import make_phantom
 
     ct_path = workdir / f"ct{n}.nii.gz"
     if not ct_path.exists():
-        case = make_phantom(1234 + n, matrix=512, max_slices=n, min_slices=n, slice_thickness=0.5, n_tumors=1)
-        io.write_volume(ct_path, case.ct.array, case.ct)
-        del case
+        make_ct(n, workdir)
     if preset:  # random weights of a preset architecture: speed only
         from .models import build_model, model_config, save_checkpoint
 
@@ -95,6 +102,9 @@ def run_benchmark(sizes, coarse=None, refine=None, device="auto", preset=None, w
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in sizes:
+        if not (workdir / f"ct{n}.nii.gz").exists():
+            subprocess.run([sys.executable, "-c", f"from napari_kidseg.bench import make_ct; "
+                            f"make_ct({int(n)}, {str(workdir)!r})"], check=True)
         cmd = [sys.executable, "-c",
                "import json,sys; from pathlib import Path; from napari_kidseg.bench import _one_size;"
                f"print('ROW'+json.dumps(_one_size({int(n)}, {coarse!r}, {refine!r}, {device!r}, {preset!r}, "
