@@ -206,6 +206,8 @@ class CascadeWidget(QWidget):
         self._fuse_timer.setSingleShot(True)
         self._fuse_timer.setInterval(150)
         self._fuse_timer.timeout.connect(self._fuse_whole_volume)
+        # closing the viewer destroys this widget: stop any run (the lambda holds only the Event)
+        self.destroyed.connect(lambda *_, cancel=self._cancel: cancel.set())
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
