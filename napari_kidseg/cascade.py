@@ -149,18 +149,19 @@ class Cascade:
                 return t.pin_memory().to(self.device, non_blocking=True)
             return t.to(self.device)
 
-        pending = None
         it = iter(host_batches)
-        nxt = next(it, None)
+        current = next(it, None)
+        current_dev = to_device(current[1]) if current is not None else None
         with torch.inference_mode():
-            while nxt is not None:
+            while current is not None:
                 if cancel is not None and cancel():
                     raise Cancelled(f"cancelled during the {stage} stage")
-                key, arr = nxt
-                pending = to_device(arr)
-                nxt = next(it, None)  # assembled on the host while the device works
-                out = self._forward_with_oom_retry(model, prepare, pending)
-                consume(key, out)
+                key, arr = current
+                out = self._forward_with_oom_retry(model, prepare, current_dev)  # queued on the device
+                # the next batch is assembled on the host and its copy queued while the device computes
+                current = next(it, None)
+                current_dev = to_device(current[1]) if current is not None else None
+                consume(key, out)  # waits for this batch's result
                 done += arr.shape[0]
                 if progress:
                     progress(done, total, stage)

@@ -391,7 +391,8 @@ def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu:
                 arr = arr.astype(np.int16)
         elif arr.dtype != np.float32:
             arr = arr.astype(np.float32)
-    np.maximum(arr, AIR_HU, out=arr) if arr.dtype.kind in "if" else None
+    if arr.dtype.kind in "if":
+        np.maximum(arr, AIR_HU, out=arr)
     vol.array = arr
     if check_hu:
         check_ct_intensities(arr, path)
