@@ -189,3 +189,14 @@ def test_bad_inputs_give_messages_not_crashes(make_napari_viewer, tiny_checkpoin
     w.coarse_edit.setText(str(tiny_checkpoints["coarse"]))
     w.export_edit.setText("")
     assert w.export() is None  # nothing to export yet: no crash
+
+
+def test_deleting_the_ct_layer_during_a_run_cancels_it(viewer_with_case, tiny_checkpoints, qtbot):
+    viewer, *_ = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    w.run_btn.click()
+    viewer.layers.remove("CT")
+    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    assert w.session is None  # nothing was added for a CT that is gone
+    assert LAYER_NAMES["fused"] not in viewer.layers
+    assert w.ct_combo.count() == 0
