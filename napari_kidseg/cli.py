@@ -65,8 +65,9 @@ def _prediction_jobs(src: Path, out: Path):
 
     if not src.exists():
         raise KidsegError("no such file or folder", src)
+    names_a_file = io.volume_format(out) not in (None, "dicom") and not out.is_dir()
     if (src / io.KITS_IMAGE).exists():  # one KiTS case
-        return [(src / io.KITS_IMAGE, out / src.name / io.KITS_LABELS if not io.volume_format(out) else out)]
+        return [(src / io.KITS_IMAGE, out if names_a_file else out / src.name / io.KITS_LABELS)]
     if src.is_dir():
         cases = io.kits_cases(src)
         if cases:
@@ -74,9 +75,8 @@ def _prediction_jobs(src: Path, out: Path):
         files = sorted(p for p in src.iterdir() if p.is_file() and io.volume_format(p) not in (None, "dicom"))
         if files:
             return [(f, out / out_name(f)) for f in files]
-        return [(src, out if io.volume_format(out) not in (None, "dicom") else out / out_name(src))]  # DICOM
-    target = out if io.volume_format(out) not in (None, "dicom") and not out.is_dir() else out / out_name(src)
-    return [(src, target)]
+        return [(src, out if names_a_file else out / out_name(src))]  # a DICOM series
+    return [(src, out if names_a_file else out / out_name(src))]
 
 
 def cmd_predict(args) -> int:

@@ -214,3 +214,14 @@ def test_unavailable_device_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(KidsegError, match="no CUDA GPU"):
         models.pick_device("cuda")
+
+
+def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpoints, small_case_dir):
+    from napari_kidseg.cli import main
+
+    out = tmp_path / "existing"
+    out.mkdir()
+    rc = main(["predict", str(small_case_dir), "-o", str(out), "--coarse", str(tiny_checkpoints["coarse"]),
+               "--refine", str(tiny_checkpoints["refine"]), "--device", "cpu"])
+    assert rc == 0
+    assert (out / small_case_dir.name / "segmentation.nii.gz").exists()
