@@ -63,6 +63,15 @@ def blend(coarse: np.ndarray, refined: np.ndarray, alpha: float) -> np.ndarray:
     return alpha * coarse.astype(np.float32) + (1.0 - alpha) * refined.astype(np.float32)
 
 
+def _fuse_region(labels, coarse_meta, coarse_tumor, region: RefinedRegion, alpha, kidney_threshold,
+                 tumor_threshold) -> None:
+    """Overwrite one slice's labels inside its refine patches with the blended probabilities."""
+    win, cov = region.window, region.covered
+    m = blend(coarse_meta[win][cov], region.meta[cov], alpha)
+    t = blend(coarse_tumor[win][cov], region.tumor[cov], alpha)
+    labels[win][cov] = labels_from_levels(m, t, kidney_threshold, tumor_threshold)
+
+
 def fuse_slice(
     coarse_meta: np.ndarray,
     coarse_tumor: np.ndarray,
@@ -70,20 +79,11 @@ def fuse_slice(
     alpha: float,
     kidney_threshold: float,
     tumor_threshold: float,
-    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels of one slice (2D) from its coarse channels and its refined region, if any."""
     labels = labels_from_levels(coarse_meta, coarse_tumor, kidney_threshold, tumor_threshold)
     if region is not None:
-        win = region.window
-        cov = region.covered
-        m = blend(coarse_meta[win][cov], region.meta[cov], alpha)
-        t = blend(coarse_tumor[win][cov], region.tumor[cov], alpha)
-        sub = labels[win]
-        sub[cov] = labels_from_levels(m, t, kidney_threshold, tumor_threshold)
-    if out is not None:
-        out[...] = labels
-        return out
+        _fuse_region(labels, coarse_meta, coarse_tumor, region, alpha, kidney_threshold, tumor_threshold)
     return labels
 
 
@@ -98,12 +98,7 @@ def fuse_volume(
     """Labels of the whole volume: one vectorised pass for the coarse part, then the patch regions."""
     labels = labels_from_levels(coarse_meta, coarse_tumor, kidney_threshold, tumor_threshold)
     for z, region in refined.items():
-        win = region.window
-        cov = region.covered
-        m = blend(coarse_meta[z][win][cov], region.meta[cov], alpha)
-        t = blend(coarse_tumor[z][win][cov], region.tumor[cov], alpha)
-        sub = labels[z][win]
-        sub[cov] = labels_from_levels(m, t, kidney_threshold, tumor_threshold)
+        _fuse_region(labels[z], coarse_meta[z], coarse_tumor[z], region, alpha, kidney_threshold, tumor_threshold)
     return labels
 
 
