@@ -40,7 +40,7 @@ def _run(w, qtbot):
 
     def tick():  # counts only while the cascade runs (napari's own layer creation comes after)
         now = time.perf_counter()
-        if w.session is first_session:
+        if w.session is first_session and not w._layer_steps:
             gaps.append(now - last[0])
         last[0] = now
 
@@ -200,3 +200,45 @@ def test_deleting_the_ct_layer_during_a_run_cancels_it(viewer_with_case, tiny_ch
     assert w.session is None  # nothing was added for a CT that is gone
     assert LAYER_NAMES["fused"] not in viewer.layers
     assert w.ct_combo.count() == 0
+
+
+def test_closing_the_viewer_during_a_run_stops_it_quietly(viewer_with_case, tiny_checkpoints, qtbot):
+    viewer, *_ = viewer_with_case
+    w = CascadeWidget(viewer)
+    w.coarse_edit.setText(str(tiny_checkpoints["coarse"]))
+    w.refine_edit.setText(str(tiny_checkpoints["refine"]))
+    w.device_combo.setCurrentText("cpu")
+    viewer.window.add_dock_widget(w, name="Kidney cascade")
+    w.run_btn.click()
+    worker = w._worker
+    assert worker is not None
+    viewer.close()  # destroys the docked widget while the worker runs
+    assert w._cancel.is_set() and w._closed.is_set()
+    # the worker thread stops at the next batch; its late signals must not touch deleted Qt
+    # objects (pytest-qt fails the test on any exception raised in a Qt slot)
+    from qtpy.QtCore import QThreadPool
+
+    t0 = time.perf_counter()
+    assert QThreadPool.globalInstance().waitForDone(60_000)
+    qtbot.wait(200)  # deliver whatever the worker emitted on its way out
+    print(f"worker stopped {time.perf_counter() - t0:.2f} s after the viewer closed")
+    assert w.session is None
+
+
+def test_cuda_chosen_without_a_gpu_is_a_message(viewer_with_case, tiny_checkpoints, qtbot, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has one
+    viewer, *_ = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    names = [ly.name for ly in viewer.layers]
+    w.device_combo.setCurrentText("cuda")
+    w.run_btn.click()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    assert "no CUDA GPU is available" in w.status.text()
+    assert [ly.name for ly in viewer.layers] == names and w.session is None
+    assert w.run_btn.isEnabled()
+    w.device_combo.setCurrentText("cpu")  # and the next run on the CPU works
+    w.run_btn.click()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    assert w.session is not None and w.device_label.text() == "using cpu"

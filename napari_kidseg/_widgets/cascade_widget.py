@@ -60,9 +60,12 @@ class CascadeWidget(QWidget):
         self.ct_volume = None
         self.cascade = None
         self._cancel = threading.Event()
+        self._closed = threading.Event()  # set when Qt destroys this widget (viewer closed)
         self._worker = None
         self._fuse_worker = None
         self._fuse_again = False
+        self._layer_steps = []  # result layers still to add, one per event-loop turn
+        self._comparison = None  # coarse/refined/disagreement maps of the latest fusion
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
         self.last_slider_update_ms = None
@@ -206,8 +209,9 @@ class CascadeWidget(QWidget):
         self._fuse_timer.setSingleShot(True)
         self._fuse_timer.setInterval(150)
         self._fuse_timer.timeout.connect(self._fuse_whole_volume)
-        # closing the viewer destroys this widget: stop any run (the lambda holds only the Event)
-        self.destroyed.connect(lambda *_, cancel=self._cancel: cancel.set())
+        # closing the viewer destroys this widget: stop any run, and let the worker's late signals
+        # find a closed widget instead of deleted Qt objects (the lambda holds only the Events)
+        self.destroyed.connect(lambda *_, cancel=self._cancel, closed=self._closed: (closed.set(), cancel.set()))
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
@@ -336,6 +340,8 @@ class CascadeWidget(QWidget):
         self.status.setText("cancelling...")
 
     def _on_progress(self, done, total, stage):
+        if self._closed.is_set():
+            return
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
         self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
@@ -343,6 +349,8 @@ class CascadeWidget(QWidget):
     def _on_error(self, exc):
         from ..cascade import Cancelled
 
+        if self._closed.is_set():
+            return
         if isinstance(exc, Cancelled):
             self._notify("run cancelled; the viewer is unchanged")
         elif isinstance(exc, KidsegError):
@@ -351,15 +359,44 @@ class CascadeWidget(QWidget):
             self._notify(f"the cascade failed: {type(exc).__name__}: {exc}", error=True)
 
     def _on_finished(self):
+        if self._closed.is_set():
+            self._worker = None
+            return
+        if not self._layer_steps:  # else the run ends when its last layer is in (_add_next_layer)
+            self._end_run()
+
+    def _end_run(self):
         self._worker = None
         self.run_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
 
     def _on_result(self, payload):
-        self.cascade, self.session, comparison = payload
-        self.device_label.setText(f"using {self.cascade.device}")
-        result = self.session.result
-        self._show_result(comparison)
+        if self._closed.is_set():
+            return
+        cascade, session, comparison = payload
+        self.device_label.setText(f"using {cascade.device}")
+        self.status.setText("adding the result layers...")
+        # napari builds a labels layer's visuals on the GUI thread (about 0.3-0.6 s each under
+        # software OpenGL): one layer per event-loop turn keeps the viewer responsive in between
+        self._layer_steps = self._result_layer_steps(session, comparison)
+        self._layer_steps.append(lambda: self._result_shown(cascade, session, comparison))
+        QTimer.singleShot(0, self._add_next_layer)
+
+    def _add_next_layer(self):
+        if self._closed.is_set() or not self._layer_steps:
+            return
+        self._layer_steps.pop(0)()
+        if self._layer_steps:
+            QTimer.singleShot(0, self._add_next_layer)
+        else:
+            self._end_run()
+
+    def _result_shown(self, cascade, session, comparison):
+        self.cascade, self.session, self._comparison = cascade, session, comparison
+        result = session.result
+        if self.ct_combo.currentText() in self.viewer.layers:
+            self.viewer.layers[self.ct_combo.currentText()].contrast_limits = CT_WINDOW
+        self.viewer.layers.selection.active = self.fused_layer
         self._set_review_enabled(True)
         n = result.shape[0] - 1
         for sb in (self.interp_from, self.interp_to):
@@ -394,28 +431,39 @@ class CascadeWidget(QWidget):
         for pt in r.patches:
             y0, x0 = max(0, int(pt["y0"])), max(0, int(pt["x0"]))
             rois[pt["z"], y0 : max(0, pt["y0"] + r.patch_px), x0 : max(0, pt["x0"] + r.patch_px)] = pt["roi"]
-        return {"coarse": r.coarse_labels(p.kidney_threshold, p.tumor_threshold),
-                "refined": r.refined_labels(p.kidney_threshold, p.tumor_threshold),
-                "disagreement": session.disagreement_map(), "rois": rois}
+        coarse = r.coarse_labels(p.kidney_threshold, p.tumor_threshold)
+        refined = r.refined_labels(p.kidney_threshold, p.tumor_threshold)
+        return {"coarse": coarse, "refined": refined, "disagreement": session.disagreement_map(), "rois": rois,
+                # what the refine stage alone makes of the volume (coarse outside the patches): scored
+                # against a reference by the measurements, computed here once per fusion
+                "refine_stage": np.where(r.patch_coverage(), refined, coarse)}
 
-    def _show_result(self, comparison):
-        s = self.session
+    def _result_layer_steps(self, s, comparison) -> list:
+        """One callable per result layer, fused (editable, on top) last."""
         colors = dict(LABEL_COLORS)
-        self._set_labels_layer("coarse", comparison["coarse"], opacity=0.5, visible=False, colormap=colors)
-        self._set_labels_layer("refined", comparison["refined"], opacity=0.5, visible=False, colormap=colors)
-        self._set_labels_layer("disagreement", comparison["disagreement"], opacity=0.7, visible=False,
-                               colormap={None: "transparent", 0: "transparent", 1: "magenta"})
-        rois = self._set_labels_layer("rois", comparison["rois"], opacity=0.8, visible=False,
-                                      colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"})
-        rois.contour = 2
-        layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=colors)
-        self.fused_layer = layer
-        # the layer must edit the session's array itself, so that edits are seen by the session
-        if layer.data is not s.labels:
-            s.labels = layer.data
-        ct_layer = self.viewer.layers[self.ct_combo.currentText()]
-        ct_layer.contrast_limits = CT_WINDOW
-        self.viewer.layers.selection.active = layer
+
+        def rois():
+            layer = self._set_labels_layer("rois", comparison["rois"], opacity=0.8, visible=False,
+                                           colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"})
+            layer.contour = 2
+
+        def fused():
+            layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=colors)
+            self.fused_layer = layer
+            # the layer must edit the session's array itself, so that edits are seen by the session
+            if layer.data is not s.labels:
+                s.labels = layer.data
+
+        return [
+            lambda: self._set_labels_layer("coarse", comparison["coarse"], opacity=0.5, visible=False,
+                                           colormap=colors),
+            lambda: self._set_labels_layer("refined", comparison["refined"], opacity=0.5, visible=False,
+                                           colormap=colors),
+            lambda: self._set_labels_layer("disagreement", comparison["disagreement"], opacity=0.7, visible=False,
+                                           colormap={None: "transparent", 0: "transparent", 1: "magenta"}),
+            rois,
+            fused,
+        ]
 
     # ------------------------------------------------------------------ live fusion
     def _params(self):
@@ -456,6 +504,7 @@ class CascadeWidget(QWidget):
                 return
             s.apply_fusion(fused)
             self.fused_layer.refresh()
+            self._comparison = comparison
             for key in ("coarse", "refined", "disagreement"):
                 self.viewer.layers[LAYER_NAMES[key]].data = comparison[key]
             self._update_measurements()
@@ -512,7 +561,7 @@ class CascadeWidget(QWidget):
         ref = self._reference_layer()
         labels = s.labels.copy()
         ref_data, ref_name = (None, None) if ref is None else (np.asarray(ref.data).copy(), ref.name)
-        self._measure_worker = create_worker(self._measurement_text, s, labels, ref_data, ref_name,
+        self._measure_worker = create_worker(self._measurement_text, s, labels, ref_data, ref_name, self._comparison,
                                              _connect={"returned": self._show_measurements,
                                                        "errored": self._on_error})
 
@@ -522,7 +571,7 @@ class CascadeWidget(QWidget):
         self.measurements = m
 
     @staticmethod
-    def _measurement_text(s, labels, ref, ref_name):
+    def _measurement_text(s, labels, ref, ref_name, comparison):
         from ..metrics import kits_scores, measurements
 
         sp = s.result.spacing
@@ -532,10 +581,7 @@ class CascadeWidget(QWidget):
             v = m[side]
             lines.append(f"{side:<7}{v['kidney_ml']:>10.1f}{v['tumor_ml']:>10.1f}{v['tumor_diameter_mm']:>10.0f}")
         if ref is not None:
-            p = s.params
-            coarse = s.result.coarse_labels(p.kidney_threshold, p.tumor_threshold)
-            refined = np.where(s.result.patch_coverage(), s.result.refined_labels(p.kidney_threshold,
-                                                                                   p.tumor_threshold), coarse)
+            coarse, refined = comparison["coarse"], comparison["refine_stage"]
             lines.append(f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
             for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
                 k = kits_scores(lab, ref)
