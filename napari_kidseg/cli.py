@@ -43,6 +43,10 @@ def cmd_phantom(args) -> int:
         raise KidsegError("case folder already exists; not overwriting it (use --overwrite)", existing[0])
     bar = _progress_bar("phantoms")
     kwargs = {"matrix": args.matrix, "max_slices": args.max_slices}
+    if not 0.0 <= args.random_contrast <= 1.0:
+        raise KidsegError(f"--random-contrast is a probability, got {args.random_contrast}")
+    if args.random_contrast:
+        kwargs["random_contrast"] = args.random_contrast
     if args.slice_thickness:
         kwargs["slice_thickness"] = args.slice_thickness
     cases = write_phantom_cases(out, args.cases, args.seed, overwrite=args.overwrite, progress=bar, **kwargs)
@@ -195,13 +199,19 @@ def cmd_train(args) -> int:
         "batch_size": args.batch_size, "lr": args.lr, "napari_kidseg": __version__,
         "encoder_weights": args.encoder_weights, "command": " ".join(sys.argv),
     }
+    if args.init:
+        from .models import file_sha256
+
+        if not Path(args.init).is_file():
+            raise KidsegError("no such checkpoint to start from (--init)", args.init)
+        cfg.provenance["init"] = {"path": str(args.init), "sha256": file_sha256(args.init)}
     settings = TrainSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                              lr=args.lr, patience=args.patience, workers=args.workers, seed=args.seed,
                              device=args.device, max_minutes=args.max_minutes)
     bar = _progress_bar(f"train {args.stage}")
     weights = None if args.encoder_weights in (None, "none") else args.encoder_weights
     summary = train(cfg, train_cached, val_cached, out, settings, resume=args.resume, encoder_weights=weights,
-                    progress=bar, log=lambda s: print(s, file=sys.stderr))
+                    init_checkpoint=args.init, progress=bar, log=lambda s: print(s, file=sys.stderr))
     bar.close()
     print(f"{out}: best validation score {summary['best_score']:.4f} after {summary['epochs']} epoch(s), "
           f"{summary['seconds'] / 60:.1f} min")
@@ -251,6 +261,7 @@ def _add_train_parser(sub):
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--encoder-weights", default="none", help="none, or imagenet (needs the model hub)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.last.safetensors and OUTPUT.state.pt")
+    p.add_argument("--init", help="start from this checkpoint's weights and architecture (e.g. the bundled one)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -319,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=int, default=512, help="in-plane size in voxels (default 512)")
     p.add_argument("--max-slices", type=int, default=600)
     p.add_argument("--slice-thickness", type=float, default=None, help="mm; random per case when omitted")
+    p.add_argument("--random-contrast", type=float, default=0.0,
+                   help="probability of random tissue HU per case (domain randomisation for training)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
 

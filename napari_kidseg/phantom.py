@@ -61,7 +61,13 @@ TISSUE_HU = {
     "contrast": (300, 300, 300),
     "air": (-1000, -1000, -1000),
     "skin": (30, 30, 30),
+    "pancreas": (40, 110, 100),
+    "adrenal": (35, 70, 80),
+    "node": (40, 60, 80),
+    "feces": (20, 20, 20),
 }
+SOFT_TISSUES = ("muscle", "liver", "spleen", "aorta", "ivc", "cortex", "medulla", "tumor", "bowel_wall", "skin",
+                "pancreas", "adrenal", "node", "feces")
 PHASES = ("noncontrast", "arterial", "venous")
 DISK_LAYOUTS = ("IPL", "LPS", "RAS", "LPI", "RAI", "LAS")
 
@@ -178,12 +184,15 @@ def make_phantom(
     phase: str | None = None,
     n_tumors: int | None = None,
     disk_layout: str | None = None,
+    random_contrast: float = 0.0,
 ) -> PhantomCase:
     """One synthetic abdominal CT and its labels, deterministic in ``seed``.
 
     ``matrix`` sets the in-plane size (512 like a real CT; tests use 96-128, which gives a coarser
     spacing over the same field of view); ``max_slices`` bounds the slice count by thickening
-    slices, as a scanner protocol would.
+    slices, as a scanner protocol would. ``random_contrast`` is the probability that every tissue
+    gets an independent random HU instead of its phase's (SynthSeg-style domain randomisation for
+    training: a network then has to recognise a kidney by shape and place, not by brightness).
     """
     rng = np.random.default_rng(seed)
     phase = phase or str(rng.choice(PHASES, p=[0.25, 0.35, 0.40]))
@@ -191,6 +200,15 @@ def make_phantom(
     jitter = {k: v[p_idx] + rng.normal(0, 12 if abs(v[p_idx]) < 500 else 60) for k, v in TISSUE_HU.items()}
     jitter["fat"] = rng.uniform(-125, -80)
     jitter["air"] = rng.uniform(-1010, -960)
+    # what this revision added draws from its own stream, so the old anatomy of a seed stays put
+    rng2 = np.random.default_rng([seed, 2])
+    shuffled = bool(random_contrast and rng2.random() < random_contrast)
+    if shuffled:
+        for k in SOFT_TISSUES:
+            jitter[k] = rng2.uniform(-30, 230)
+        for k in ("fluid", "cyst", "pelvis"):
+            jitter[k] = rng2.uniform(-20, 60)
+        jitter["fat"] = rng2.uniform(-160, -40)
 
     # -------- body habitus and scan range
     fov = rng.uniform(300, 500)
@@ -227,7 +245,7 @@ def make_phantom(
 
     post = body_ap * scale_z.mean()  # posterior body extent
     # -------- spine, paraspinal and psoas muscles, ribs
-    spine_y = 10 + 0.55 * post
+    spine_y = 10 + 0.42 * post  # leaves the paraspinal muscles their 4-6 cm behind the vertebrae
     for side in (-1, 1):
         paint.blob(_Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
     for vz in np.arange(z_lo - 20, z_hi + 30, 32.0):
@@ -271,6 +289,7 @@ def make_phantom(
         content = jitter[str(rng.choice(["air", "fluid", "contrast"], p=[0.45, 0.35, 0.2]))]
         paint.blob(loop, jitter["bowel_wall"])
         paint.blob(loop, content, inside=0.8)
+    _pack_abdomen(rng2, paint, jitter, kid_z=kid_z, z_lo=z_lo, post=post, body_ax=body_ax, spine_y=spine_y)
 
     # -------- kidneys: left (+x) higher; long axis tilted, hilum facing antero-medially
     kidneys = []
@@ -280,13 +299,15 @@ def make_phantom(
         width = rng.uniform(26, 34)
         depth = rng.uniform(21, 27)
         kz = kid_z + (rng.uniform(5, 25) if side > 0 else rng.uniform(-15, 5))
-        kc = np.array([kz, spine_y + rng.uniform(-8, 10), side * rng.uniform(58, 80)])
+        kc = np.array([kz, spine_y + rng.uniform(-8, 10) - 6, side * rng.uniform(58, 80)])
         rot = _rotation(rng, 6)
         tilt = np.deg2rad(rng.uniform(8, 20)) * side
         tz = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, 1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
         blob = _Blob(kc, np.array([length, depth, width]), tz @ rot, rng.normal(size=(3, 3)) * 1.5,
                      rng.uniform(0, 2 * np.pi, 3), 0.05)
         kidneys.append((side, blob))
+        # perirenal fat (inside Gerota's fascia): what separates a kidney from bowel, liver, spleen
+        paint.blob(dataclasses.replace(blob, semi=blob.semi + rng2.uniform(3, 16)), jitter["fat"])
         sl, rho = paint.blob(blob, jitter["cortex"], label=1)
         if sl is None:
             continue
@@ -297,7 +318,7 @@ def make_phantom(
         hu[sl][pyramids] = jitter["medulla"]
         # renal sinus: fat at the hilum (medial), with the pelvis inside it
         hilum = blob.surface_point([0, -0.3, -side])
-        sinus = _Blob.random(rng, blob.center + 0.55 * (hilum - blob.center),
+        sinus = _Blob.random(rng, blob.center + 0.75 * (hilum - blob.center),  # opens at the hilum
                              (length * 0.45, depth * 0.4, width * 0.35), 5, 0.1)
         s_sl, s_rho = sinus.radius_field(grid)
         if s_sl is not None:
@@ -347,6 +368,9 @@ def make_phantom(
         tumors.append({"side": "left" if side > 0 else "right", "diameter_mm": round(diam, 1), "kind": kind,
                        "growth": growth})
 
+    if rng2.random() < 0.6:  # the scanner table under the patient's back
+        _paint_table(rng2, grid, hu, post * float(scale_z.max()) + 10)
+
     # -------- image formation: partial volume (blur), noise, circular reconstruction FOV
     sigma_mm = rng.uniform(0.4, 1.2)
     sigma = [max(0.3, sigma_mm / s) if s < 2.5 * sigma_mm else 0 for s in grid.spacing]
@@ -367,9 +391,67 @@ def make_phantom(
     info = {
         "seed": seed, "phase": phase, "shape_zyx": list(shape), "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
         "disk_layout": layout, "noise_sd_hu": round(noise_sd, 1), "blur_sigma_mm": round(sigma_mm, 2),
-        "fov_padding": padded, "kidneys": info_kidneys, "tumors": tumors, "cysts": cysts,
+        "fov_padding": padded, "random_contrast": shuffled, "kidneys": info_kidneys, "tumors": tumors, "cysts": cysts,
     }
     return PhantomCase(ct=ct, labels=labels, info=info)
+
+
+def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body_ax, spine_y):
+    """What crowds a real abdomen around the kidneys, drawn before them (they are painted over it).
+
+    Small-bowel loops packed in front and beside the kidneys (mostly soft-tissue or fluid
+    content, as on a CT without oral contrast), ascending and descending colon in the flanks, the
+    pancreas and duodenum in front of the kidneys and spine, adrenals above them, lymph nodes,
+    and a few random soft-tissue lumps: the look-alikes a kidney detector must learn to reject.
+    """
+    def soft(name, sd=15):
+        return jitter[name] + rng.normal(0, sd)
+
+    for _ in range(int(rng.integers(25, 60))):
+        c = (rng.uniform(z_lo, kid_z + 50), rng.uniform(-post * 0.75, spine_y - 10),
+             rng.uniform(-0.75, 0.75) * body_ax)
+        r = rng.uniform(7, 16)
+        loop = _Blob.random(rng, c, (r * rng.uniform(1, 3), r, r * rng.uniform(0.8, 2)), 60, 0.2)
+        content = str(rng.choice(["feces", "fluid", "air", "contrast"], p=[0.45, 0.3, 0.17, 0.08]))
+        paint.blob(loop, soft("bowel_wall"))
+        paint.blob(loop, jitter[content] + (rng.normal(0, 10) if content != "air" else 0), inside=0.75)
+    for side in (-1, 1):  # colon: a column of haustra down each flank, stool mottled with gas
+        x = side * body_ax * rng.uniform(0.6, 0.75)
+        y = rng.uniform(-0.1, 0.35) * post
+        for cz in np.arange(z_lo + 20, kid_z + rng.uniform(40, 90), 18.0):
+            r = rng.uniform(14, 24)
+            b = _Blob.random(rng, (cz, y + rng.normal(0, 6), x + rng.normal(0, 6)), (12, r, r), 20, 0.15)
+            paint.blob(b, soft("bowel_wall"))
+            gas = lambda q: np.where(rng.random(q.shape) < 0.3, -900.0, 0.0).astype(np.float32)
+            paint.blob(b, jitter["feces"], inside=0.8, texture=gas)
+    pz = kid_z + rng.uniform(0, 30)  # pancreas: across the spine in front of the left kidney
+    for t in np.linspace(-0.4, 1.0, 6):
+        paint.blob(_Blob.random(rng, (pz + rng.normal(0, 5), spine_y - 45 + 10 * t, t * 60), (14, 10, 16), 15, 0.2),
+                   soft("pancreas"))
+    for t in np.linspace(0, 1, 5):  # duodenum: a C around the pancreatic head, in front of the right kidney
+        paint.blob(_Blob.random(rng, (kid_z - 10 + 40 * t, spine_y - 40 - 10 * np.sin(np.pi * t), -35 - 15 * np.sin(np.pi * t)),
+                                (12, 10, 10), 20, 0.15), soft("bowel_wall"))
+    for side in (-1, 1):  # adrenals: thin limbs above and medial to each kidney
+        paint.blob(_Blob.random(rng, (kid_z + rng.uniform(55, 75), spine_y - 10, side * 40), (12, 14, 3), 30, 0.2),
+                   soft("adrenal"))
+    for _ in range(int(rng.integers(0, 8))):  # para-aortic and mesenteric nodes
+        c = (rng.uniform(z_lo, kid_z + 40), spine_y - rng.uniform(20, 70), rng.uniform(-50, 50))
+        paint.blob(_Blob.random(rng, c, rng.uniform(4, 12, 3), 30, 0.1), soft("node"))
+    for _ in range(int(rng.integers(0, 5))):  # random extra "organs" anywhere (SynthSeg-style)
+        c = (rng.uniform(z_lo, kid_z + 80), rng.uniform(-post * 0.6, spine_y), rng.uniform(-0.7, 0.7) * body_ax)
+        paint.blob(_Blob.random(rng, c, rng.uniform(10, 45, 3), 45, 0.25), rng.uniform(-20, 220))
+
+
+def _paint_table(rng, grid: _Grid, hu: np.ndarray, y_back: float):
+    """A curved table top (and its pad) below the patient, outside the body: every CT has one."""
+    x = grid.axes[2]
+    y0 = y_back + rng.uniform(0, 25)
+    top = y0 + x**2 / rng.uniform(800, 3000)
+    y = grid.axes[1][:, None]
+    pad = (y > top - rng.uniform(0, 8)) & (y < top)
+    board = (y >= top) & (y < top + rng.uniform(2, 6))
+    hu[:, pad & (hu[0] < -500)] = rng.uniform(-150, -50)
+    hu[:, board & (hu[0] < -500)] = rng.uniform(-200, 400)
 
 
 def write_phantom_cases(out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, **kwargs) -> list:

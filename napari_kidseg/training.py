@@ -132,8 +132,11 @@ class SegmentationSamples:
                     self.weights.append({0: 1.0, 1: 4.0, 2: 6.0}[int(has[z])])
             else:
                 for p in reference_patches(case, cfg.input_size):
-                    self.items.append((ci, int(p["z"]), int(p["y0"]), int(p["x0"])))
-                    self.weights.append(1.0)
+                    z, y0, x0 = int(p["z"]), int(p["y0"]), int(p["x0"])
+                    self.items.append((ci, z, y0, x0))
+                    # tumor patches are few and the class is the hard one: draw them 3x as often
+                    has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == 2).any()
+                    self.weights.append(3.0 if has_tumor else 1.0)
         if not self.items:
             raise KidsegError("the dataset yields no training samples (no kidneys in any label volume?)")
         self.weights = np.asarray(self.weights) / np.sum(self.weights)
