@@ -289,6 +289,7 @@ def make_phantom(
         content = jitter[str(rng.choice(["air", "fluid", "contrast"], p=[0.45, 0.35, 0.2]))]
         paint.blob(loop, jitter["bowel_wall"])
         paint.blob(loop, content, inside=0.8)
+    _paint_pelvis(rng2, paint, jitter, kid_z=kid_z, z_lo=z_lo, body_ax=body_ax, spine_y=spine_y)
     _pack_abdomen(rng2, paint, jitter, kid_z=kid_z, z_lo=z_lo, post=post, body_ax=body_ax, spine_y=spine_y)
 
     # -------- kidneys: left (+x) higher; long axis tilted, hilum facing antero-medially
@@ -394,6 +395,32 @@ def make_phantom(
         "fov_padding": padded, "random_contrast": shuffled, "kidneys": info_kidneys, "tumors": tumors, "cysts": cysts,
     }
     return PhantomCase(ct=ct, labels=labels, info=info)
+
+
+def _paint_pelvis(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, body_ax, spine_y):
+    """Iliac wings with the gluteal and iliacus muscles around them, below the iliac crest.
+
+    Large muscles beside bone are what a network trained without them takes for kidneys on the
+    lower slices of a real abdomen-pelvis CT.
+    """
+    crest = kid_z - rng.uniform(95, 135)
+    if crest <= z_lo:
+        return
+    for side in (-1, 1):
+        for z in np.arange(crest, z_lo - 10, -6.0):
+            depth = (crest - z) / 80.0  # the wing widens and turns forward going down
+            # gluteal muscles behind/outside the wing, iliacus in front/inside it
+            paint.blob(_Blob.random(rng, (z, spine_y + 25 - 15 * depth, side * body_ax * rng.uniform(0.5, 0.6)),
+                                    (8, 32 + 10 * depth, 40), 10, 0.1), jitter["muscle"] + rng.normal(0, 4))
+            paint.blob(_Blob.random(rng, (z, spine_y - 20, side * body_ax * 0.45), (8, 18, 22), 10, 0.1),
+                       jitter["muscle"] + rng.normal(0, 4))
+            for t in np.linspace(0, 1, 9):  # the wing: a curved plate from the sacroiliac joint outwards
+                y = spine_y + 15 - t * (45 + 20 * depth)
+                x = side * (35 + t * (body_ax * 0.62 - 35))
+                paint.blob(_Blob.random(rng, (z, y, x), (4, 5 + 2 * (1 - t), 5 + 2 * (1 - t)), 20, 0.0),
+                           jitter["bone_cortex"] * rng.uniform(0.4, 0.9))
+    paint.blob(_Blob.random(rng, (z_lo + 10, spine_y - rng.uniform(80, 110), 0), (35, 30, 40), 10, 0.1),
+               jitter["fluid"])  # bladder
 
 
 def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body_ax, spine_y):
