@@ -148,3 +148,20 @@ def test_cli_train_refuses_to_overwrite(tiny_dataset, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse",
                            "-o", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "already exists" in proc.stderr and out.read_bytes() == b"keep me"
+
+
+def test_cli_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_checkpoints, tmp_path):
+    parent = tiny_checkpoints["coarse"]
+    parent_cfg = models.read_config(parent)
+    out = tmp_path / "continued.safetensors"
+    base = [sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse",
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.run([*base, "-o", str(out), "--init", str(tmp_path / "missing.safetensors")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "missing.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([*base, "-o", str(out), "--init", str(parent)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = models.read_config(out)
+    # the architecture comes from the parent (not the default paper preset), the provenance names it
+    assert cfg.encoder == parent_cfg.encoder and cfg.input_size == parent_cfg.input_size
+    assert cfg.provenance["init"]["sha256"] == models.file_sha256(parent)
