@@ -6,11 +6,15 @@ all come from this generator. Every case is a deterministic function of its seed
 Anatomy (all sizes in millimetres, laid out in the canonical LPS grid of :mod:`io`): body
 outline with skin, subcutaneous fat and an abdominal-wall muscle ring; visceral fat; vertebral
 bodies with cortex, cancellous bone and canal, posterior elements, ribs on the upper slices;
-paraspinal and psoas muscles; liver, spleen, aorta and IVC; bowel loops holding air, fluid or
-oral contrast; two kidneys (cortex, medulla, renal sinus fat, pelvis) tilted as in life, the
-left one higher; 0-3 tumors (solid, necrotic or cystic-appearing; endophytic or exophytic; on
+paraspinal (erector spinae), quadratus lumborum and psoas muscles; iliac wings with gluteal
+and iliacus muscles and the bladder below the iliac crest; liver, spleen, aorta and IVC; a
+crowded abdomen of small-bowel loops and colon (air, fluid, stool or oral contrast), pancreas,
+duodenum, adrenals, lymph nodes and random soft-tissue lumps; two kidneys (cortex, medulla,
+renal sinus fat opening at the hilum, pelvis) in perirenal fat, tilted as in life, the left one
+higher; 0-3 tumors (solid, necrotic or cystic-appearing; endophytic or exophytic; on
 one or both kidneys); simple cysts; then partial volume (blur), noise, and sometimes a circular
-reconstruction field of view padded with -3024 as GE scanners write it.
+reconstruction field of view padded with -3024 as GE scanners write it, and often the
+scanner table. ``random_contrast`` relights a case with random tissue HU (for training).
 
 Labels follow KiTS19: 0 background, 1 kidney, 2 tumor. A simple cyst touching a kidney is part
 of label 1 (KiTS19 had no cyst class; it is not tumor), renal sinus fat is background.
@@ -248,6 +252,13 @@ def make_phantom(
     spine_y = 10 + 0.42 * post  # leaves the paraspinal muscles their 4-6 cm behind the vertebrae
     for side in (-1, 1):
         paint.blob(_Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
+        # erector spinae fill the back to the skin; quadratus lumborum lies behind each kidney
+        paint.blob(_Blob.random(rng2, (0, spine_y + rng2.uniform(32, 42), side * rng2.uniform(32, 42)),
+                                (400, rng2.uniform(25, 35), rng2.uniform(28, 38)), 2, 0.05),
+                   jitter["muscle"] + rng2.normal(0, 4))
+        paint.blob(_Blob.random(rng2, (kid_z - 30, spine_y + rng2.uniform(5, 15), side * rng2.uniform(55, 70)),
+                                (110, rng2.uniform(10, 16), rng2.uniform(16, 24)), 8, 0.1),
+                   jitter["muscle"] + rng2.normal(0, 4))
     for vz in np.arange(z_lo - 20, z_hi + 30, 32.0):
         paint.blob(_Blob.random(rng, (vz, spine_y, 0), (13, 17, 20), 3, 0.0), jitter["bone_cortex"])
         paint.blob(_Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"]
