@@ -242,3 +242,22 @@ def test_cuda_chosen_without_a_gpu_is_a_message(viewer_with_case, tiny_checkpoin
     w.run_btn.click()
     qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
     assert w.session is not None and w.device_label.text() == "using cpu"
+
+
+def test_a_failure_while_adding_layers_is_a_message_and_frees_run(viewer_with_case, tiny_checkpoints, qtbot,
+                                                                    monkeypatch):
+    viewer, *_ = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    real = w._set_labels_layer
+
+    def flaky(key, data, **kw):
+        if key == "rois":
+            raise RuntimeError("simulated failure")
+        return real(key, data, **kw)
+
+    monkeypatch.setattr(w, "_set_labels_layer", flaky)
+    w.run_btn.click()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    assert "could not show the result" in w.status.text() and "simulated failure" in w.status.text()
+    assert w.run_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert w.session is None  # a half-shown result is not taken for a session

@@ -385,7 +385,13 @@ class CascadeWidget(QWidget):
     def _add_next_layer(self):
         if self._closed.is_set() or not self._layer_steps:
             return
-        self._layer_steps.pop(0)()
+        try:
+            self._layer_steps.pop(0)()
+        except Exception as exc:  # e.g. the viewer changed under us: say so, and free the Run button
+            self._layer_steps.clear()
+            self._end_run()
+            self._notify(f"could not show the result: {type(exc).__name__}: {exc}", error=True)
+            return
         if self._layer_steps:
             QTimer.singleShot(0, self._add_next_layer)
         else:
