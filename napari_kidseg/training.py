@@ -114,6 +114,7 @@ class Augment:
     hu_shift: float = 40.0
     hu_scale: float = 0.12
     noise: float = 0.04  # std of added noise on the [-1, 1] input scale
+    clahe: float = 0.0  # probability of contrast-limited adaptive histogram equalisation (off by default)
 
 
 class SegmentationSamples:
@@ -195,7 +196,21 @@ class SegmentationSamples:
                               align_corners=False)[0] + io.AIR_HU
             y = F.grid_sample(y[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
         x = x * (1.0 + rng.uniform(-aug.hu_scale, aug.hu_scale)) + rng.uniform(-aug.hu_shift, aug.hu_shift)
+        if aug.clahe and rng.random() < aug.clahe:
+            x = self._clahe(x, float(rng.uniform(0.005, 0.03)))
         return x, y
+
+    def _clahe(self, x, clip_limit):
+        """CLAHE inside the network's HU window, per channel: local contrast as another scanner
+        or reconstruction kernel might render it. Values outside the window are left alone."""
+        import torch
+        from skimage.exposure import equalize_adapthist
+
+        lo, hi = self.cfg.hu_window
+        w = ((x.clamp(lo, hi) - lo) / (hi - lo)).numpy()
+        eq = np.stack([equalize_adapthist(c, clip_limit=clip_limit) for c in w]).astype(np.float32)
+        inside = (x > lo) & (x < hi)
+        return torch.where(inside, torch.from_numpy(eq) * (hi - lo) + lo, x)
 
 
 # ------------------------------------------------------------------------------ loss and scores
@@ -246,6 +261,7 @@ class TrainSettings:
     device: str = "auto"
     max_minutes: float | None = None
     augment: bool = True
+    clahe: float = 0.0  # see Augment.clahe
 
 
 def _distributed():
@@ -346,7 +362,7 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
 
         ddp_model = DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
 
-    aug = Augment() if settings.augment else None
+    aug = Augment(clahe=settings.clahe) if settings.augment else None
     train_set = SegmentationSamples(train_cases, cfg, aug, seed=settings.seed + 1000 * rank)
     n_samples = settings.steps_per_epoch * settings.batch_size
     sampler = WeightedRandomSampler(train_set.weights, n_samples, replacement=True,

@@ -165,3 +165,20 @@ def test_cli_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_
     # the architecture comes from the parent (not the default paper preset), the provenance names it
     assert cfg.encoder == parent_cfg.encoder and cfg.input_size == parent_cfg.input_size
     assert cfg.provenance["init"]["sha256"] == models.file_sha256(parent)
+
+
+def test_clahe_augmentation_changes_contrast_inside_the_window_only(tiny_dataset):
+    import torch
+
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    cfg = models.model_config("coarse", "tiny", input_size=64, context_slices=1)
+    ds = training.SegmentationSamples(cases, cfg, training.Augment(), seed=0)
+    x = torch.linspace(-400, 600, 3 * 64 * 64).reshape(3, 64, 64)
+    x[:, 20:40, 20:40] += 60  # some structure for CLAHE to work on
+    out = ds._clahe(x.clone(), 0.02)
+    lo, hi = cfg.hu_window
+    inside = (x > lo) & (x < hi)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out[~inside], x[~inside])  # air, fat below and bone above the window untouched
+    assert (out[inside] - x[inside]).abs().max() > 5  # the window's contents were re-mapped
+    assert out[inside].min() >= lo and out[inside].max() <= hi
