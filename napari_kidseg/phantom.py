@@ -390,6 +390,9 @@ def make_phantom(
     noise_sd = rng.uniform(6, 22)
     hu += rng.standard_normal(shape, dtype=np.float32) * noise_sd
     ndimage.gaussian_filter(hu, [0, 0.5, 0.5], output=hu, truncate=2.0)  # correlated, like filtered back-projection
+    # noise on air must not dip below -1024 HU, which io reserves for padding (read as air): a
+    # phantom then reads back bit for bit
+    np.maximum(hu, io.AIR_HU, out=hu)
     padded = bool(rng.random() < 0.3)
     if padded:
         yy = grid.axes[1][:, None] - origin[1] - fov / 2

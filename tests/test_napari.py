@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 
 from napari_kidseg import _napari_io, io
+from napari_kidseg._napari_io import sample_case_dir
 from napari_kidseg.layers import CT_WINDOW
 
 pytestmark = pytest.mark.gui
@@ -73,8 +76,9 @@ def test_sample_data_opens_ct_and_labels_with_scale(make_napari_viewer):
     viewer.open_sample("napari-kidseg", "phantom")
     assert [ly._type_string for ly in viewer.layers] == ["image", "labels"]
     image, labels = viewer.layers
-    assert image.data.shape == (55, 384, 384)
-    assert np.allclose(image.scale, (5.0, 0.8647, 0.8647), atol=1e-3)
+    made = json.loads((sample_case_dir() / "phantom.json").read_text())  # what the generator drew
+    assert list(image.data.shape) == made["shape_zyx"] == [55, 384, 384]
+    assert np.allclose(image.scale, made["spacing_zyx_mm"], atol=1e-3)
     assert np.allclose(labels.scale, image.scale)
     assert (labels.data == 2).any() and (labels.data == 1).any()
 
