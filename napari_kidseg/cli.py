@@ -79,8 +79,7 @@ def _prediction_jobs(src: Path, out: Path):
         files = sorted(p for p in src.iterdir() if p.is_file() and io.volume_format(p) not in (None, "dicom"))
         if files:
             return [(f, out / out_name(f)) for f in files]
-        return [(src, out if names_a_file else out / out_name(src))]  # a DICOM series
-    return [(src, out if names_a_file else out / out_name(src))]
+    return [(src, out if names_a_file else out / out_name(src))]  # one volume file, or a DICOM series
 
 
 def cmd_predict(args) -> int:
@@ -178,6 +177,8 @@ def cmd_train(args) -> int:
     out = Path(args.output)
     if out.exists() and not (args.overwrite or args.resume):
         raise KidsegError("already exists; not overwriting it (use --overwrite, or --resume to continue)", out)
+    if args.init and not Path(args.init).is_file():  # before any case is cached
+        raise KidsegError("no such checkpoint to start from (--init)", args.init)
     cases = find_cases(args.data)
     val_cases = find_cases(args.val) if args.val else None
     if val_cases is None:
@@ -202,8 +203,6 @@ def cmd_train(args) -> int:
     if args.init:
         from .models import file_sha256
 
-        if not Path(args.init).is_file():
-            raise KidsegError("no such checkpoint to start from (--init)", args.init)
         cfg.provenance["init"] = {"path": str(args.init), "sha256": file_sha256(args.init)}
     settings = TrainSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                              lr=args.lr, patience=args.patience, workers=args.workers, seed=args.seed,

@@ -40,9 +40,13 @@ def phantom_scores(cascade, cases):
     return {k: {m: float(np.mean([x[m] for x in v])) for m in v[0]} for k, v in rows.items()}
 
 
-def real_kidney_dice(cascade):
+def read_real_ct():
     ct = io.read_ct(REAL / "ct.nii.gz")
-    ref = io.read_labels(REAL / "kidneys.nii.gz", like=ct)
+    return ct, io.read_labels(REAL / "kidneys.nii.gz", like=ct)
+
+
+def real_kidney_dice(cascade, real):
+    ct, ref = real
     r = cascade.run(ct.array, ct.geometry.spacing)
     return {"coarse": metrics.dice(r.fuse(alpha=1.0) > 0, ref.array > 0),
             "fused": metrics.dice(r.fuse(alpha=0.4) > 0, ref.array > 0)}
@@ -63,13 +67,13 @@ def main():
     cases = io.kits_cases(held)
     cascade = Cascade(args.coarse, args.refine, device="cpu")
     report = {"heldout_phantoms": phantom_scores(cascade, cases), "n_heldout": len(cases)}
-    if REAL.exists():
-        report["real_ct_kidney_dice"] = real_kidney_dice(cascade)
-    if not args.skip_finetune and REAL.exists():
+    real = read_real_ct() if REAL.exists() else None
+    if real:
+        report["real_ct_kidney_dice"] = real_kidney_dice(cascade, real)
+    if not args.skip_finetune and real:
         corr = work / "corrections"
-        ct = io.read_ct(REAL / "ct.nii.gz")
-        ref = io.read_labels(REAL / "kidneys.nii.gz", like=ct)
         if not corr.exists():
+            ct, ref = real
             export_correction(corr, ct, ref.array)
         stamp = int(time.time())
         # the widget's loop fine-tunes the refine model; fine-tuning the coarse one as well is the
@@ -83,7 +87,7 @@ def main():
         report["finetune_refine"] = {
             "minutes": refine_minutes,
             "real_ct_kidney_dice_before": report["real_ct_kidney_dice"]["fused"],
-            "real_ct_kidney_dice_after": real_kidney_dice(after)["fused"],
+            "real_ct_kidney_dice_after": real_kidney_dice(after, real)["fused"],
             "heldout_phantoms_after": phantom_scores(after, cases)["fused"],
             "cascade_scores_on_the_corrected_case": ft,
         }
@@ -94,7 +98,7 @@ def main():
         both = Cascade(coarse_child, refine_child, device="cpu")
         report["finetune_refine_then_coarse"] = {
             "minutes": refine_minutes + coarse_minutes,
-            "real_ct_kidney_dice_after": real_kidney_dice(both)["fused"],
+            "real_ct_kidney_dice_after": real_kidney_dice(both, real)["fused"],
             "heldout_phantoms_after": phantom_scores(both, cases)["fused"],
             "coarse_stage_scores_on_the_corrected_case": ft,
         }
