@@ -49,7 +49,10 @@ def cmd_phantom(args) -> int:
         kwargs["random_contrast"] = args.random_contrast
     if args.slice_thickness:
         kwargs["slice_thickness"] = args.slice_thickness
-    cases = write_phantom_cases(out, args.cases, args.seed, overwrite=args.overwrite, progress=bar, **kwargs)
+    if args.jobs < 1:
+        raise KidsegError(f"--jobs must be 1 or more, got {args.jobs}")
+    cases = write_phantom_cases(out, args.cases, args.seed, overwrite=args.overwrite, progress=bar, jobs=args.jobs,
+                                **kwargs)
     bar.close()
     print(f"wrote {len(cases)} phantom case(s) in KiTS layout under {out} (seeds {args.seed}..{args.seed + args.cases - 1})")
     return 0
@@ -172,7 +175,7 @@ def cmd_train(args) -> int:
 
     from . import __version__
     from .models import model_config
-    from .training import TrainSettings, cache_case, find_cases, split_cases, train
+    from .training import TrainSettings, cache_cases, find_cases, split_cases, train
 
     out = Path(args.output)
     if out.exists() and not (args.overwrite or args.resume):
@@ -184,8 +187,8 @@ def cmd_train(args) -> int:
     if val_cases is None:
         cases, val_cases = split_cases(cases, args.val_fraction, args.seed)
     print(f"kidseg: caching {len(cases) + len(val_cases)} case(s) as memory-mapped arrays", file=sys.stderr)
-    train_cached = [cache_case(c) for c in cases]
-    val_cached = [cache_case(c) for c in val_cases]
+    train_cached = cache_cases(cases, jobs=args.workers)
+    val_cached = cache_cases(val_cases, jobs=args.workers)
     overrides = {}
     if args.context_slices is not None:
         overrides["context_slices"] = args.context_slices
@@ -332,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-thickness", type=float, default=None, help="mm; random per case when omitted")
     p.add_argument("--random-contrast", type=float, default=0.0,
                    help="probability of random tissue HU per case (domain randomisation for training)")
+    p.add_argument("--jobs", type=int, default=1, help="cases made in parallel processes (same cases either way)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
 

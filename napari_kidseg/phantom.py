@@ -495,23 +495,43 @@ def _paint_table(rng, grid: _Grid, hu: np.ndarray, y_back: float):
     hu[:, board & (hu[0] < -500)] = rng.uniform(-200, 400)
 
 
-def write_phantom_cases(out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, **kwargs) -> list:
+def _write_one_phantom(out, i: int, seed: int, overwrite: bool, kwargs: dict):
+    import json
+
+    case = make_phantom(seed + i, **kwargs)
+    case_dir = io.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
+    with io.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({**case.info, "generator_kwargs": kwargs}, indent=1))
+    return case_dir
+
+
+def write_phantom_cases(out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, jobs: int = 1,
+                        **kwargs) -> list:
     """Write ``n_cases`` phantoms in KiTS layout (case_00000, ...) with seeds ``seed, seed+1, ...``.
 
-    Each case folder also gets ``phantom.json`` saying how it was made.
+    Each case folder also gets ``phantom.json`` saying how it was made. ``jobs`` > 1 makes the
+    cases in that many processes; case i is the same phantom either way (its seed is seed+i).
     """
-    import json
     from pathlib import Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i in range(n_cases):
-        case = make_phantom(seed + i, **kwargs)
-        case_dir = io.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
-        with io.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
-            tmp.write_text(json.dumps({**case.info, "generator_kwargs": kwargs}, indent=1))
-        written.append(case_dir)
-        if progress:
-            progress(i + 1, n_cases)
+    if jobs <= 1 or n_cases <= 1:
+        written = []
+        for i in range(n_cases):
+            written.append(_write_one_phantom(out, i, seed, overwrite, kwargs))
+            if progress:
+                progress(i + 1, n_cases)
+        return written
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: the caller may hold threads (napari, torch) that a fork would copy mid-lock
+    with ProcessPoolExecutor(min(jobs, n_cases), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_write_one_phantom, out, i, seed, overwrite, kwargs): i for i in range(n_cases)}
+        written = [None] * n_cases
+        for done, fut in enumerate(as_completed(futures), 1):
+            written[futures[fut]] = fut.result()
+            if progress:
+                progress(done, n_cases)
     return written

@@ -99,6 +99,18 @@ def cache_case(case_dir: Path) -> CachedCase:
                       tuple(meta["shape"]))
 
 
+def cache_cases(case_dirs, jobs: int = 1) -> list[CachedCase]:
+    """:func:`cache_case` for many cases, decoding up to ``jobs`` of them at once (in processes)."""
+    case_dirs = list(case_dirs)
+    if jobs <= 1 or len(case_dirs) <= 1:
+        return [cache_case(c) for c in case_dirs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(jobs, len(case_dirs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(cache_case, case_dirs))
+
+
 def reference_patches(case: CachedCase, patch_px: int) -> np.ndarray:
     """The refine patches inference would cut if the coarse stage were perfect."""
     _, labels = case.arrays()
@@ -145,6 +157,18 @@ class SegmentationSamples:
 
     def __len__(self):
         return len(self.items)
+
+    @staticmethod
+    def reseed_worker(worker_id: int):
+        """DataLoader ``worker_init_fn``: each worker process gets its own augmentation stream.
+
+        Workers start as copies of the dataset, so without this they would all draw the same
+        flips, rotations and HU shifts. torch gives each worker a distinct, seeded initial seed.
+        """
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        info.dataset.rng = np.random.default_rng([torch.initial_seed() % 2**63, worker_id])
 
     def __getitem__(self, i):
         import torch
@@ -363,12 +387,16 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
         ddp_model = DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
 
     aug = Augment(clahe=settings.clahe) if settings.augment else None
-    train_set = SegmentationSamples(train_cases, cfg, aug, seed=settings.seed + 1000 * rank)
+    # a resumed run draws fresh samples and augmentations, not epoch 1's again
+    stream = settings.seed + 1000 * rank + 104_729 * start_epoch
+    torch.manual_seed(stream)  # the workers' torch seeds (noise) derive from this
+    train_set = SegmentationSamples(train_cases, cfg, aug, seed=stream)
     n_samples = settings.steps_per_epoch * settings.batch_size
     sampler = WeightedRandomSampler(train_set.weights, n_samples, replacement=True,
-                                    generator=torch.Generator().manual_seed(settings.seed + 7919 * rank))
+                                    generator=torch.Generator().manual_seed(stream + 7919))
     loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, num_workers=settings.workers,
-                        pin_memory=is_cuda, drop_last=True, persistent_workers=settings.workers > 0)
+                        pin_memory=is_cuda, drop_last=True, persistent_workers=settings.workers > 0,
+                        worker_init_fn=SegmentationSamples.reseed_worker)
     val_loader = None
     if val_cases and rank == 0:
         val_set = SegmentationSamples(val_cases, cfg, None, seed=settings.seed)

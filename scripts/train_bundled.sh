@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces napari_kidseg/weights/{coarse,refine}.safetensors (see weights/README.md).
-# Trained on this project's phantoms only; on 2 CPU cores the two stages ran side by side with
-# one thread each, bounded by --max-minutes. On a GPU raise --max-minutes / --epochs freely.
+# Trained on this project's phantoms only. The two stages train side by side, each bounded by
+# --max-minutes. The defaults are the CPU recipe (2 cores: one thread and no loader workers per
+# stage); scripts/train_bundled_gpu.sh sets the GPU recipe through the same variables.
 # INIT_DIR=folder with coarse/refine.safetensors continues from those weights (the model card
-# says which earlier weights each bundled version started from).
+# says which earlier weights each bundled version started from). RESUME=1 continues an
+# interrupted or time-bounded run in $OUT from its .last/.state files.
 set -euo pipefail
 DATA=${DATA:-runs/bundled-data}
 OUT=${OUT:-runs/bundled}
@@ -13,12 +15,15 @@ LR=${LR:-1e-3}
 [ -d "$DATA/val" ] || scripts/make_bundled_data.sh "$DATA"
 mkdir -p "$OUT"
 TRAIN="$DATA/train-m128 $DATA/train-m256 $DATA/train-m512"
-COMMON="--preset small --input-size 128 --context-slices 1 --epochs 60 --steps-per-epoch 100 --batch-size 16 \
-  --lr $LR --patience 10 --workers 0 --seed 0 --max-minutes $MINUTES --val $DATA/val --overwrite"
+COMMON="--preset small --input-size 128 --context-slices 1 --epochs ${EPOCHS:-60} --steps-per-epoch ${STEPS:-100}
+  --batch-size ${BATCH:-16} --lr $LR --patience ${PATIENCE:-10} --workers ${WORKERS:-0} --seed 0
+  --device ${DEVICE:-auto} --max-minutes $MINUTES --val $DATA/val"
 for stage in coarse refine; do
-  INIT=""
-  [ -n "${INIT_DIR:-}" ] && INIT="--init $INIT_DIR/$stage.safetensors"
-  OMP_NUM_THREADS=1 $KIDSEG train $TRAIN --stage $stage -o "$OUT/$stage.safetensors" $COMMON $INIT \
-    > "$OUT/$stage.log" 2>&1 &
+  START="--overwrite"
+  [ -n "${INIT_DIR:-}" ] && START="--overwrite --init $INIT_DIR/$stage.safetensors"
+  [ -n "${RESUME:-}" ] && START="--resume"
+  OMP_NUM_THREADS=${THREADS:-1} $KIDSEG train $TRAIN --stage $stage -o "$OUT/$stage.safetensors" $COMMON $START \
+    >> "$OUT/$stage.log" 2>&1 &
+  pids+=($!)
 done
-wait
+for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed stage fails the script

@@ -182,3 +182,28 @@ def test_clahe_augmentation_changes_contrast_inside_the_window_only(tiny_dataset
     assert torch.equal(out[~inside], x[~inside])  # air, fat below and bone above the window untouched
     assert (out[inside] - x[inside]).abs().max() > 5  # the window's contents were re-mapped
     assert out[inside].min() >= lo and out[inside].max() <= hi
+
+
+def test_data_loader_workers_draw_different_augmentations(tiny_dataset):
+    import torch
+    from torch.utils.data import DataLoader
+
+    case = training.cache_case(training.find_cases([tiny_dataset])[0])
+    cfg = models.model_config("coarse", "tiny", input_size=32, context_slices=0)
+    aug = training.Augment(noise=0.0)  # noise comes from torch's per-worker seed; the rest from the dataset's rng
+    samples = training.SegmentationSamples([case], cfg, aug, seed=3)
+    loader = DataLoader(samples, batch_size=1, sampler=[5, 5, 5, 5], num_workers=2,
+                        worker_init_fn=training.SegmentationSamples.reseed_worker)
+    xs = [x for x, _ in loader]  # batches alternate between the two workers, all of the same slice
+    assert not torch.equal(xs[0], xs[1]), "both workers drew the same augmentation"
+
+
+def test_parallel_caching_and_phantoms_match_the_serial_ones(tiny_dataset, tmp_path):
+    dirs = training.find_cases([tiny_dataset])
+    assert training.cache_cases(dirs, jobs=2) == [training.cache_case(c) for c in dirs]
+    write_phantom_cases(tmp_path / "serial", 2, seed=77, matrix=48, max_slices=12)
+    write_phantom_cases(tmp_path / "parallel", 2, seed=77, matrix=48, max_slices=12, jobs=2)
+    for name in ("case_00000", "case_00001"):
+        a, la = io.read_kits_case(tmp_path / "serial" / name)
+        b, lb = io.read_kits_case(tmp_path / "parallel" / name)
+        assert np.array_equal(a.array, b.array) and np.array_equal(la.array, lb.array)
