@@ -201,7 +201,8 @@ def cmd_train(args) -> int:
         "train_cases": [c.name for c in cases], "val_cases": [c.name for c in val_cases],
         "seed": args.seed, "preset": args.preset, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "batch_size": args.batch_size, "lr": args.lr, "napari_kidseg": __version__,
-        "encoder_weights": args.encoder_weights, "clahe": args.clahe, "command": " ".join(sys.argv),
+        "encoder_weights": args.encoder_weights, "clahe": args.clahe, "bn_momentum": args.bn_momentum,
+        "command": " ".join(sys.argv),
     }
     if args.init:
         from .models import file_sha256
@@ -209,7 +210,8 @@ def cmd_train(args) -> int:
         cfg.provenance["init"] = {"path": str(args.init), "sha256": file_sha256(args.init)}
     settings = TrainSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                              lr=args.lr, patience=args.patience, workers=args.workers, seed=args.seed,
-                             device=args.device, max_minutes=args.max_minutes, clahe=args.clahe)
+                             device=args.device, max_minutes=args.max_minutes, clahe=args.clahe,
+                             bn_momentum=args.bn_momentum)
     bar = _progress_bar(f"train {args.stage}")
     weights = None if args.encoder_weights in (None, "none") else args.encoder_weights
     summary = train(cfg, train_cached, val_cached, out, settings, resume=args.resume, encoder_weights=weights,
@@ -265,6 +267,8 @@ def _add_train_parser(sub):
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.last.safetensors and OUTPUT.state.pt")
     p.add_argument("--init", help="start from this checkpoint's weights and architecture (e.g. the bundled one)")
     p.add_argument("--clahe", type=float, default=0.0, help="probability of CLAHE augmentation per sample (default 0)")
+    p.add_argument("--bn-momentum", type=float, default=None,
+                   help="BatchNorm running-statistics momentum (default PyTorch's 0.1; lower smooths them)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -286,6 +286,9 @@ class TrainSettings:
     max_minutes: float | None = None
     augment: bool = True
     clahe: float = 0.0  # see Augment.clahe
+    # BatchNorm running-statistics momentum; None keeps PyTorch's 0.1. With random tissue contrasts
+    # a batch's statistics swing, and at 0.1 the last ~10 batches decide what evaluation uses
+    bn_momentum: float | None = None
 
 
 def _distributed():
@@ -376,6 +379,10 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
         sched.load_state_dict(state["scheduler"])
         start_epoch, best, log_rows = state["epoch"] + 1, state["best"], state["log"]
         log(f"resuming {out.name} at epoch {start_epoch} (best validation Dice so far {best:.4f})")
+    if settings.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = settings.bn_momentum
     model.to(device)
     is_cuda = device.startswith("cuda")
     if is_cuda:

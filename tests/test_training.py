@@ -207,3 +207,24 @@ def test_parallel_caching_and_phantoms_match_the_serial_ones(tiny_dataset, tmp_p
         a, la = io.read_kits_case(tmp_path / "serial" / name)
         b, lb = io.read_kits_case(tmp_path / "parallel" / name)
         assert np.array_equal(a.array, b.array) and np.array_equal(la.array, lb.array)
+
+
+def test_bn_momentum_setting_reaches_the_batch_norm_layers(tiny_dataset, tiny_checkpoints, tmp_path):
+    from safetensors.numpy import load_file
+
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    cfg = models.read_config(tiny_checkpoints["coarse"])
+    parent = load_file(tiny_checkpoints["coarse"])
+    running = [k for k in parent if k.endswith("running_mean") or k.endswith("running_var")]
+    assert running, "the tiny network has no batch norm to test"
+
+    def trained_stats(momentum):
+        settings = training.TrainSettings(epochs=1, steps_per_epoch=3, batch_size=4, workers=0, device="cpu",
+                                          augment=False, bn_momentum=momentum, val_samples=0)
+        out = tmp_path / f"m{momentum}.safetensors"
+        training.train(cfg, cases, [], out, settings, init_checkpoint=tiny_checkpoints["coarse"], log=lambda s: None)
+        child = load_file(out)
+        return max(float(np.abs(child[k] - parent[k]).max()) for k in running)
+
+    assert trained_stats(0.0) == 0.0  # momentum 0: evaluation statistics stay the parent's
+    assert trained_stats(0.1) > 0.0
