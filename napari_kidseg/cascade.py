@@ -119,6 +119,9 @@ class Cascade:
             self.refine.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.batch_size = int(batch_size or (64 if self.is_cuda else 8))
+        # cuDNN autotunes every new input shape again (seconds for a whole network), and a run's
+        # last batch is usually short: on CUDA every batch is padded to the full batch size
+        self.fixed_batch_shape = self.is_cuda
         self.min_roi_ml = min_roi_ml
         self.margin_mm = margin_mm
 
@@ -127,6 +130,10 @@ class Cascade:
         """Softmax probabilities of kidney+tumor and tumor, (B, 2, h, w) float32 on the device."""
         import torch
 
+        n = batch.shape[0]
+        if self.fixed_batch_shape and n < self.batch_size:
+            pad = batch[-1:].expand(self.batch_size - n, *batch.shape[1:])
+            return self._forward(model, torch.cat([batch, pad]))[:n]
         if self.is_cuda:
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):

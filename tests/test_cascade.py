@@ -225,3 +225,20 @@ def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpo
                "--refine", str(tiny_checkpoints["refine"]), "--device", "cpu"])
     assert rc == 0
     assert (out / small_case_dir.name / "segmentation.nii.gz").exists()
+
+
+def test_fixed_batch_shape_pads_short_batches_and_changes_no_result(tiny_checkpoints, small_case):
+    # on CUDA every batch is padded to the full size so cuDNN tunes one shape; checked here on the CPU
+    ct = small_case.ct
+    plain = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu", batch_size=16)
+    padded = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu", batch_size=16)
+    assert not plain.fixed_batch_shape  # the CPU default
+    padded.fixed_batch_shape = True
+    seen = []
+    padded.coarse.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    a = plain.run(ct.array, ct.geometry.spacing)
+    b = padded.run(ct.array, ct.geometry.spacing)
+    assert ct.array.shape[0] % 16 and set(seen) == {16}, seen  # the short last batch went in padded
+    # the same probabilities, up to one uint8 level of float rounding between batch shapes
+    for x, y in ((a.coarse_meta, b.coarse_meta), (a.coarse_tumor, b.coarse_tumor)):
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
