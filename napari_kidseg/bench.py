@@ -18,6 +18,14 @@ import time
 from pathlib import Path
 
 
+def ct_file(n: int, workdir) -> Path:
+    """The benchmark CT of n slices in workdir; named by the phantom revision, so a kept
+    workdir never times an old generator's phantom."""
+    from .phantom import GENERATOR_REVISION
+
+    return Path(workdir) / f"ct{n}-rev{GENERATOR_REVISION}.nii.gz"
+
+
 def make_ct(n: int, workdir: Path) -> None:
     """The benchmark's 512 x 512 x n phantom, written once (its own process: generating it takes
     far more memory than segmenting it, and must not count in the pipeline's peak RSS)."""
@@ -25,7 +33,7 @@ def make_ct(n: int, workdir: Path) -> None:
     from .phantom import make_phantom
 
     case = make_phantom(1234 + n, matrix=512, max_slices=n, min_slices=n, slice_thickness=0.5, n_tumors=1)
-    io.write_volume(Path(workdir) / f"ct{n}.nii.gz", case.ct.array, case.ct)
+    io.write_volume(ct_file(n, workdir), case.ct.array, case.ct)
 
 
 def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: Path) -> dict:
@@ -34,7 +42,7 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
     from . import io
     from .cascade import Cascade
 
-    ct_path = workdir / f"ct{n}.nii.gz"
+    ct_path = ct_file(n, workdir)
     if not ct_path.exists():
         make_ct(n, workdir)
     if preset:  # random weights of a preset architecture: speed only
@@ -102,7 +110,7 @@ def run_benchmark(sizes, coarse=None, refine=None, device="auto", preset=None, w
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in sizes:
-        if not (workdir / f"ct{n}.nii.gz").exists():
+        if not ct_file(n, workdir).exists():
             subprocess.run([sys.executable, "-c", f"from napari_kidseg.bench import make_ct; "
                             f"make_ct({int(n)}, {str(workdir)!r})"], check=True)
         cmd = [sys.executable, "-c",

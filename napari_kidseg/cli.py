@@ -198,7 +198,9 @@ def cmd_train(args) -> int:
     cfg.version = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg.provenance = {
         "data": [str(d) for d in args.data], "val": [str(d) for d in (args.val or [])],
-        "train_cases": [c.name for c in cases], "val_cases": [c.name for c in val_cases],
+        # folder/case: case names repeat across dataset folders
+        "train_cases": [f"{c.parent.name}/{c.name}" for c in cases],
+        "val_cases": [f"{c.parent.name}/{c.name}" for c in val_cases],
         "seed": args.seed, "preset": args.preset, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "batch_size": args.batch_size, "lr": args.lr, "napari_kidseg": __version__,
         "encoder_weights": args.encoder_weights, "clahe": args.clahe, "bn_momentum": args.bn_momentum,
@@ -232,7 +234,8 @@ def cmd_finetune(args) -> int:
     bar = _progress_bar(f"fine-tune {args.stage}")
     report = finetune(args.corrections, parent, out, stage=args.stage, coarse_checkpoint=args.coarse,
                       holdout_fraction=args.holdout, n_replay=args.replay_cases, epochs=args.epochs,
-                      steps_per_epoch=args.steps_per_epoch, max_minutes=args.max_minutes, device=args.device,
+                      steps_per_epoch=args.steps_per_epoch, max_minutes=args.max_minutes,
+                      bn_momentum=args.bn_momentum, device=args.device,
                       progress=bar, log=lambda s: print(s, file=sys.stderr))
     bar.close()
     b, a = report["before"], report["after"]
@@ -283,6 +286,8 @@ def _add_train_parser(sub):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps-per-epoch", type=int, default=20)
     p.add_argument("--max-minutes", type=float, default=4.0)
+    p.add_argument("--bn-momentum", type=float, default=0.0,
+                   help="BatchNorm statistics momentum (default 0: keep the parent's statistics)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_finetune)
 

@@ -45,6 +45,10 @@ from scipy import ndimage
 
 from . import io
 
+# Bumped whenever the same seed draws a different phantom. Caches of generated phantoms (the
+# fine-tune replay cases, the benchmark's CTs) are keyed by it, so none outlives a revision.
+GENERATOR_REVISION = 4
+
 TISSUE_HU = {
     # (non-contrast, arterial, venous) typical HU; jittered per case
     "fat": (-100, -100, -100),
@@ -404,6 +408,7 @@ def make_phantom(
     layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
     ct = io.volume_in_memory(ct_arr, grid.spacing, grid.origin, io.direction_from_code(layout))
     info = {
+        "generator_revision": GENERATOR_REVISION,
         "seed": seed, "phase": phase, "shape_zyx": list(shape), "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
         "disk_layout": layout, "noise_sd_hu": round(noise_sd, 1), "blur_sigma_mm": round(sigma_mm, 2),
         "fov_padding": padded, "random_contrast": shuffled, "kidneys": info_kidneys, "tumors": tumors, "cysts": cysts,

@@ -510,9 +510,9 @@ def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="au
 
 def replay_cases(n: int, seed: int) -> list[Path]:
     """Phantom cases mixed into a fine-tune so the model does not forget (generated once, cached)."""
-    from .phantom import write_phantom_cases
+    from .phantom import GENERATOR_REVISION, write_phantom_cases
 
-    root = cache_root().parent / "replay" / f"seed{seed}-n{n}"
+    root = cache_root().parent / "replay" / f"seed{seed}-n{n}-rev{GENERATOR_REVISION}"
     if len(io.kits_cases(root) if root.exists() else []) < n:
         write_phantom_cases(root, n, seed, overwrite=True, matrix=256, max_slices=80)
     return io.kits_cases(root)[:n]
@@ -520,11 +520,13 @@ def replay_cases(n: int, seed: int) -> list[Path]:
 
 def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=None, holdout_fraction=0.25,
              n_replay=3, replay_seed=50_000, epochs=3, steps_per_epoch=20, batch_size=8, lr=5e-5,
-             max_minutes=4.0, device="auto", progress=None, cancel=None, log=print) -> dict:
+             max_minutes=4.0, bn_momentum=0.0, device="auto", progress=None, cancel=None, log=print) -> dict:
     """Fine-tune ``parent`` on exported corrections; writes a child checkpoint ``out``.
 
     Part of the corrected cases is held out (at least one when there are two or more) and the
     whole cascade's Dice on them is measured before and after. The parent file is never written.
+    ``bn_momentum`` 0 keeps the parent's BatchNorm statistics: they come from thousands of
+    batches, and a few cases' batches would otherwise pull them away from everything else.
     """
     import datetime
 
@@ -562,10 +564,11 @@ def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=
         "corrections": str(corrections_dir),
         "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / io.KITS_LABELS)} for c in train_dirs],
         "held_out": [c.name for c in held], "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
-        "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr,
+        "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr, "bn_momentum": bn_momentum,
     }
     settings = TrainSettings(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-                             patience=epochs + 1, workers=0, device=device, max_minutes=max_minutes, val_samples=0)
+                             patience=epochs + 1, workers=0, device=device, max_minutes=max_minutes, val_samples=0,
+                             bn_momentum=bn_momentum)
     summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel,
                     log=log)
     after = evaluate_cascade(eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None,

@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-finetune", action="store_true")
+    ap.add_argument("--bn-momentum", type=float, default=0.0, help="fine-tuning's BatchNorm momentum (as kidseg finetune)")
     args = ap.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="kidseg-eval-"))
     held = work / "heldout"
@@ -81,7 +82,7 @@ def main():
         t0 = time.time()
         refine_child = work / f"refine-ft-{stamp}.safetensors"
         ft = finetune(corr, cascade.refine_path, refine_child, coarse_checkpoint=cascade.coarse_path, device="cpu",
-                      log=lambda s: None)
+                      bn_momentum=args.bn_momentum, log=lambda s: None)
         refine_minutes = (time.time() - t0) / 60
         after = Cascade(cascade.coarse_path, refine_child, device="cpu")
         report["finetune_refine"] = {
@@ -93,7 +94,8 @@ def main():
         }
         t0 = time.time()
         coarse_child = work / f"coarse-ft-{stamp}.safetensors"
-        ft = finetune(corr, cascade.coarse_path, coarse_child, stage="coarse", device="cpu", log=lambda s: None)
+        ft = finetune(corr, cascade.coarse_path, coarse_child, stage="coarse", device="cpu",
+                      bn_momentum=args.bn_momentum, log=lambda s: None)
         coarse_minutes = (time.time() - t0) / 60
         both = Cascade(coarse_child, refine_child, device="cpu")
         report["finetune_refine_then_coarse"] = {
