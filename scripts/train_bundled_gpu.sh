@@ -4,7 +4,8 @@
 #   data: 2.5x the CPU recipe's phantoms, half of them with random tissue contrasts (16 processes)
 #   phase 1: both stages from scratch side by side, lr 1e-3, 4.9 min each
 #   phase 2: from phase 1's last epoch, lr 2.5e-4, BatchNorm momentum 0.01, 5 min each
-# The bundled files are phase 2's last epoch ($OUT/phase2/{coarse,refine}.last.safetensors).
+# The bundled files are phase 2's best epochs on the validation phantoms
+# ($OUT/phase2/{coarse,refine}.safetensors; the model card says how that choice was checked).
 # Training is bounded by minutes, not epochs, so a slower GPU or CPU does fewer epochs.
 set -euo pipefail
 export DATA=${DATA:-runs/bundled-data-gpu}
