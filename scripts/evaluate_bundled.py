@@ -5,7 +5,7 @@
 1. Held-out phantoms (seeds 9000+, never used in training): KiTS scores of coarse alone
    (alpha = 1) and of the fused cascade (alpha = 0.4).
 2. The real CT in ../shared/data/realct/totalseg-abdomen-3mm: kidney Dice (label > 0 against
-   kidneys.nii.gz). Never trained on.
+   kidneys.nii.gz), and where the errors lie (by thirds of the kidneys' extent). Never trained on.
 3. Fine-tuning loop: the real CT with its reference labels as a "corrected case"; fine-tune the
    refine model from the given weights (what the widget's button does), then also the coarse
    model; kidney Dice on the real CT and scores on the held-out phantoms before and after each.
@@ -52,6 +52,27 @@ def real_kidney_dice(cascade, real):
             "fused": metrics.dice(r.fuse(alpha=0.4) > 0, ref.array > 0)}
 
 
+def real_kidney_errors(cascade, real):
+    """Where the fused cascade is right and wrong on the real CT: recall and precision of kidney
+    in the inferior, middle and superior thirds of the kidneys' z range, and false-positive mL
+    below, within and above that range."""
+    ct, ref = real
+    pred = cascade.run(ct.array, ct.geometry.spacing).fuse(alpha=0.4) > 0
+    ref = ref.array > 0
+    ml = float(np.prod(ct.geometry.spacing)) / 1000.0
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    z0, z1 = int(zs.min()), int(zs.max())
+    out = {}
+    for name, zz in zip(("inferior_third", "middle_third", "superior_third"), np.array_split(np.arange(z0, z1 + 1), 3)):
+        hit = int((ref[zz] & pred[zz]).sum())
+        out[name] = {"recall": hit / max(int(ref[zz].sum()), 1), "precision": hit / max(int(pred[zz].sum()), 1)}
+    fp = (pred & ~ref).sum(axis=(1, 2)) * ml
+    out["false_positive_ml"] = {"below": float(fp[:z0].sum()), "within": float(fp[z0:z1 + 1].sum()),
+                                "above": float(fp[z1 + 1:].sum())}
+    out["reference_ml"] = float(ref.sum() * ml)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--coarse")
@@ -71,6 +92,7 @@ def main():
     real = read_real_ct() if REAL.exists() else None
     if real:
         report["real_ct_kidney_dice"] = real_kidney_dice(cascade, real)
+        report["real_ct_kidney_errors"] = real_kidney_errors(cascade, real)
     if not args.skip_finetune and real:
         corr = work / "corrections"
         if not corr.exists():
