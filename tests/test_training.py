@@ -110,6 +110,14 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
     assert cfg.provenance["parent_version"] == "test" and cfg.version.startswith("test+ft")
     assert len(cfg.provenance["held_out"]) == 1 and len(cfg.provenance["trained_on"]) == 2
     assert set(report["before"]) == set(report["after"]) >= {"kidney_tumor_dice", "tumor_dice"}
+    # by default the child keeps the parent's BatchNorm statistics and learns only its weights
+    from safetensors.numpy import load_file
+
+    mother, child = load_file(parent), load_file(out)
+    stats = [k for k in mother if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(np.array_equal(mother[k], child[k]) for k in stats)
+    assert cfg.provenance["bn_momentum"] == 0.0
+    assert any(not np.array_equal(mother[k], child[k]) for k in mother if k.endswith("weight"))
     with pytest.raises(KidsegError, match="holds no corrected cases"):
         (tmp_path / "none").mkdir()
         training.finetune(tmp_path / "none", parent, tmp_path / "x.safetensors")
