@@ -209,6 +209,8 @@ def test_closing_the_viewer_during_a_run_stops_it_quietly(viewer_with_case, tiny
     w.refine_edit.setText(str(tiny_checkpoints["refine"]))
     w.device_combo.setCurrentText("cpu")
     viewer.window.add_dock_widget(w, name="Kidney cascade")
+    said = []
+    w._notify = lambda message, error=False: said.append(message)
     w.run_btn.click()
     worker = w._worker
     assert worker is not None
@@ -223,6 +225,22 @@ def test_closing_the_viewer_during_a_run_stops_it_quietly(viewer_with_case, tiny
     qtbot.wait(200)  # deliver whatever the worker emitted on its way out
     print(f"worker stopped {time.perf_counter() - t0:.2f} s after the viewer closed")
     assert w.session is None
+    assert not any("was deleted" in m for m in said), said  # napari removing its layers is no user act
+
+
+def test_deleting_the_ct_layer_during_a_run_cancels_it_and_says_so(viewer_with_case, tiny_checkpoints, qtbot):
+    viewer, *_ = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    said = []
+    w._notify = lambda message, error=False: said.append(message)
+    ct_name = w.ct_combo.currentText()
+    w.run_btn.click()
+    assert w._worker is not None
+    viewer.layers.remove(ct_name)
+    assert w._cancel.is_set()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    assert f"layer {ct_name!r} was deleted: run cancelled" in said, said
+    assert w.session is None and w.run_btn.isEnabled()
 
 
 def test_cuda_chosen_without_a_gpu_is_a_message(viewer_with_case, tiny_checkpoints, qtbot, monkeypatch):

@@ -272,7 +272,10 @@ class CascadeWidget(QWidget):
             removed = getattr(event, "value", None)
             if removed is not None and removed.name == current:
                 self.cancel()
-                self._notify(f"layer {current!r} was deleted: run cancelled", error=True)
+                # napari also removes every layer when the viewer closes; by the next event-loop
+                # turn a closing viewer has destroyed this widget, and then nobody needs telling
+                closed, message = self._closed, f"layer {current!r} was deleted: run cancelled"
+                QTimer.singleShot(0, lambda: None if closed.is_set() else self._notify(message, error=True))
 
     # ------------------------------------------------------------------ run
     def _ct_from_layer(self):
