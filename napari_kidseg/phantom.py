@@ -47,7 +47,7 @@ from . import io
 
 # Bumped whenever the same seed draws a different phantom. Caches of generated phantoms (the
 # fine-tune replay cases, the benchmark's CTs) are keyed by it, so none outlives a revision.
-GENERATOR_REVISION = 4
+GENERATOR_REVISION = 5
 
 TISSUE_HU = {
     # (non-contrast, arterial, venous) typical HU; jittered per case
@@ -210,6 +210,7 @@ def make_phantom(
     jitter["air"] = rng.uniform(-1010, -960)
     # what this revision added draws from its own stream, so the old anatomy of a seed stays put
     rng2 = np.random.default_rng([seed, 2])
+    rng3 = np.random.default_rng([seed, 3])  # revision 5's draws
     shuffled = bool(random_contrast and rng2.random() < random_contrast)
     if shuffled:
         for k in SOFT_TISSUES:
@@ -292,8 +293,10 @@ def make_phantom(
     liver = _Blob.random(rng, (kid_z + rng.uniform(60, 95), 5, -body_ax * 0.38),
                          (rng.uniform(70, 95), post * 0.62, body_ax * 0.55), 10, 0.12)
     paint.blob(liver, jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32))
+    # a real spleen is 8-13 cm long and up to 8 cm across; revision 5 draws its in-plane size
+    # (it was fixed at 56 x 44 mm, smaller than the spleen next to the left kidney on real CT)
     spleen = _Blob.random(rng, (kid_z + rng.uniform(45, 80), spine_y - 5, body_ax * 0.62),
-                          (rng.uniform(40, 60), 28, 22), 15, 0.12)
+                          (rng.uniform(40, 60), rng3.uniform(26, 42), rng3.uniform(20, 32)), 15, 0.12)
     paint.blob(spleen, jitter["spleen"])
 
     # -------- bowel loops (anterior half): air, fluid or oral contrast inside a wall
@@ -322,8 +325,14 @@ def make_phantom(
         blob = _Blob(kc, np.array([length, depth, width]), tz @ rot, rng.normal(size=(3, 3)) * 1.5,
                      rng.uniform(0, 2 * np.pi, 3), 0.05)
         kidneys.append((side, blob))
-        # perirenal fat (inside Gerota's fascia): what separates a kidney from bowel, liver, spleen
-        paint.blob(dataclasses.replace(blob, semi=blob.semi + rng2.uniform(3, 16)), jitter["fat"])
+        # perirenal fat (inside Gerota's fascia): what separates a kidney from bowel, liver, spleen.
+        # In lean patients it is a line of 1-3 mm, and after blurring at 3 mm pixels a kidney
+        # touches the liver, spleen and muscles with no dark rim: a network must not learn
+        # "kidney = the bright blob inside a fat ring" (revision 5; the old margins stay drawn)
+        fat_margin = rng2.uniform(3, 16)
+        if rng3.random() < 0.4:
+            fat_margin = rng3.uniform(0.5, 3.0)
+        paint.blob(dataclasses.replace(blob, semi=blob.semi + fat_margin), jitter["fat"])
         sl, rho = paint.blob(blob, jitter["cortex"], label=1)
         if sl is None:
             continue
@@ -345,7 +354,8 @@ def make_phantom(
             hu[s_sl][pel] = jitter["pelvis"]
             labels[s_sl][pel] = 1
         info_kidneys.append({"side": "left" if side > 0 else "right", "center_zyx_mm": kc.round(1).tolist(),
-                             "semi_axes_mm": [round(length, 1), round(depth, 1), round(width, 1)]})
+                             "semi_axes_mm": [round(length, 1), round(depth, 1), round(width, 1)],
+                             "perirenal_fat_mm": round(float(fat_margin), 1)})
 
     # -------- simple cysts: water density, sharp wall, part of the kidney label (not tumor)
     cysts = []
