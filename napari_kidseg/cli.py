@@ -204,6 +204,7 @@ def cmd_train(args) -> int:
         "seed": args.seed, "preset": args.preset, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
         "batch_size": args.batch_size, "lr": args.lr, "napari_kidseg": __version__,
         "encoder_weights": args.encoder_weights, "clahe": args.clahe, "bn_momentum": args.bn_momentum,
+        "val_samples": args.val_samples,
         "command": " ".join(sys.argv),
     }
     if args.init:
@@ -213,7 +214,7 @@ def cmd_train(args) -> int:
     settings = TrainSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                              lr=args.lr, patience=args.patience, workers=args.workers, seed=args.seed,
                              device=args.device, max_minutes=args.max_minutes, clahe=args.clahe,
-                             bn_momentum=args.bn_momentum)
+                             bn_momentum=args.bn_momentum, val_samples=args.val_samples)
     bar = _progress_bar(f"train {args.stage}")
     weights = None if args.encoder_weights in (None, "none") else args.encoder_weights
     summary = train(cfg, train_cached, val_cached, out, settings, resume=args.resume, encoder_weights=weights,
@@ -253,6 +254,9 @@ def _add_train_parser(sub):
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--val", nargs="+", help="validation folder(s); default: hold out --val-fraction of the cases")
     p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--val-samples", type=int, default=1024,
+                   help="validation scores every slice (coarse) or patch (refine) of the validation cases, "
+                        "or this many spread evenly over them (default 1024)")
     p.add_argument("--preset", choices=["paper", "small", "tiny"], default="paper",
                    help="paper: SE-ResNeXt50 U-Net; small: MobileNetV3 U-Net (the bundled weights); tiny: tests")
     p.add_argument("--context-slices", type=int, default=None, help="2.5D: neighbouring slices per side as channels")

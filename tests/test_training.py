@@ -236,3 +236,20 @@ def test_bn_momentum_setting_reaches_the_batch_norm_layers(tiny_dataset, tiny_ch
 
     assert trained_stats(0.0) == 0.0  # momentum 0: evaluation statistics stay the parent's
     assert trained_stats(0.1) > 0.0
+
+
+def test_validation_scores_every_slice_unweighted_or_an_even_spread(tiny_dataset):
+    """The epoch score is the validation cases' Dice: slices without kidney (where false
+    positives lie) count as often as they occur, not at the training sampler's low weight."""
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    cfg = models.model_config("coarse", "tiny", input_size=32, context_slices=0)
+    val_set = training.SegmentationSamples(cases, cfg, None)
+    n = len(val_set)
+    assert training.validation_indices(n, 10 * n) == list(range(n))
+    assert training.validation_indices(n, 0) == []
+    idx = training.validation_indices(n, n // 3)
+    assert len(idx) == n // 3 and idx[0] == 0 and idx[-1] == n - 1 and idx == sorted(set(idx))
+    # the spread keeps the share of slices without kidney that the cases have
+    empty = np.array([w == val_set.weights.min() for w in val_set.weights])
+    assert 0.1 < empty.mean() < 0.9
+    assert abs(empty[idx].mean() - empty.mean()) < 0.1
