@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
@@ -82,7 +83,8 @@ def main():
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-finetune", action="store_true")
-    ap.add_argument("--bn-momentum", type=float, default=0.0, help="fine-tuning's BatchNorm momentum (as kidseg finetune)")
+    ap.add_argument("--bn-momentum", type=float, default=inspect.signature(finetune).parameters["bn_momentum"].default,
+                    help="fine-tuning's BatchNorm momentum (default: finetune()'s, as kidseg finetune)")
     args = ap.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="kidseg-eval-"))
     held = work / "heldout"

@@ -253,3 +253,16 @@ def test_validation_scores_every_slice_unweighted_or_an_even_spread(tiny_dataset
     empty = np.array([w == val_set.weights.min() for w in val_set.weights])
     assert 0.1 < empty.mean() < 0.9
     assert abs(empty[idx].mean() - empty.mean()) < 0.1
+
+
+def test_cli_finetune_defaults_are_the_finetune_function_defaults():
+    """The widget calls finetune() and the CLI passes its own defaults: they must not drift apart."""
+    import inspect
+
+    from napari_kidseg.cli import build_parser
+
+    args = build_parser().parse_args(["finetune", "corrections", "--from", "parent.safetensors"])
+    defaults = {k: p.default for k, p in inspect.signature(training.finetune).parameters.items()}
+    pairs = {"stage": "stage", "holdout": "holdout_fraction", "replay_cases": "n_replay", "epochs": "epochs",
+             "steps_per_epoch": "steps_per_epoch", "max_minutes": "max_minutes", "bn_momentum": "bn_momentum"}
+    assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
