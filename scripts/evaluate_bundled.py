@@ -1,6 +1,6 @@
 """The figures of napari_kidseg/weights/README.md: held-out phantoms, the real CT, fine-tuning.
 
-    python scripts/evaluate_bundled.py [--coarse C --refine R] [--skip-finetune] [--out DIR]
+    python scripts/evaluate_bundled.py [--coarse C --refine R] [--skip-finetune] [--out DIR] [--figure PNG]
 
 1. Held-out phantoms (seeds 9000+, never used in training): KiTS scores of coarse alone
    (alpha = 1) and of the fused cascade (alpha = 0.4).
@@ -76,6 +76,45 @@ def real_kidney_errors(result, real):
     return out
 
 
+def real_ct_figure(result, real, path):
+    """Coronal and axial slices of the real CT with the reference kidneys (green), the fused
+    cascade (red) and the coarse probability: where the errors of the report lie."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ct, ref = real
+    a, g = ct.array, ref.array > 0
+    fused, p = result.fuse(alpha=0.4) > 0, result.coarse_meta / 255.0
+    dz, dy, dx = ct.geometry.spacing
+    zs, ys, _ = np.nonzero(g)
+    y = int(np.median(ys))
+    z_hi = int(zs.max())
+    picks = [("coronal", y, None), ("axial", None, int(np.percentile(zs, 50))), ("axial", None, z_hi)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
+    for col, (view, yy, zz) in enumerate(picks):
+        img, gt, fu, pr = ((a[:, yy], g[:, yy], fused[:, yy], p[:, yy]) if view == "coronal"
+                           else (a[zz], g[zz], fused[zz], p[zz]))
+        aspect = dz / dx if view == "coronal" else dy / dx
+        title = f"{view}, y = {yy * dy:.0f} mm" if view == "coronal" else f"axial, z = {zz * dz:.0f} mm"
+        for row, label in enumerate(("fused (red) vs reference (green)", "coarse p(kidney)")):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=-160, vmax=240, origin="lower" if view == "coronal" else "upper",
+                      aspect=aspect)
+            if row == 0:
+                ax.contour(fu, [0.5], colors="red", linewidths=1)
+            else:
+                ax.imshow(np.ma.masked_less(pr, 0.1), cmap="autumn", alpha=0.5, vmin=0, vmax=1, aspect=aspect,
+                          origin="lower" if view == "coronal" else "upper")
+            ax.contour(gt, [0.5], colors="lime", linewidths=1)
+            ax.set_title(f"{title}: {label}", fontsize=9)
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=50)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--coarse")
@@ -83,6 +122,7 @@ def main():
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-finetune", action="store_true")
+    ap.add_argument("--figure", help="write a PNG of the real CT with reference and predicted kidneys here")
     ap.add_argument("--bn-momentum", type=float, default=inspect.signature(finetune).parameters["bn_momentum"].default,
                     help="fine-tuning's BatchNorm momentum (default: finetune()'s, as kidseg finetune)")
     args = ap.parse_args()
@@ -98,6 +138,8 @@ def main():
         result = cascade.run(real[0].array, real[0].geometry.spacing)
         report["real_ct_kidney_dice"] = real_kidney_dice(cascade, real, result)
         report["real_ct_kidney_errors"] = real_kidney_errors(result, real)
+        if args.figure:
+            real_ct_figure(result, real, args.figure)
     if not args.skip_finetune and real:
         corr = work / "corrections"
         if not corr.exists():
