@@ -101,7 +101,7 @@ def cmd_predict(args) -> int:
             print(f"kidseg: {len(jobs)} volume(s) on {cascade.device}; coarse {cascade.coarse_path.name}, "
                   f"refine {cascade.refine_path.name}", file=sys.stderr)
         bar = _progress_bar(src.name)
-        result = cascade.run(ct.array, ct.geometry.spacing, progress=bar)
+        result = cascade.run(ct.array, ct.geometry.spacing, progress=bar, mirror=args.mirror)
         bar.close()
         labels = result.fuse(args.alpha, args.kidney_threshold, args.tumor_threshold)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,25 +147,38 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from . import io
-    from .metrics import kits_scores, measurements
+    from .metrics import detection_by_size, kits_scores, measurements, tumor_detection
 
-    rows = []
+    rows, detections = [], []
     for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
         ref = io.read_labels(r)
         pred = io.read_labels(p, like=ref)
         scores = kits_scores(pred.array, ref.array)
         vols = measurements(pred.array, pred.geometry.spacing)["total"]
-        rows.append({"case": name, **scores, "kidney_ml": vols["kidney_ml"], "tumor_ml": vols["tumor_ml"]})
+        found = tumor_detection(pred.array, ref.array, ref.geometry.spacing)
+        detections.append(found)
+        rows.append({"case": name, **scores, "kidney_ml": vols["kidney_ml"], "tumor_ml": vols["tumor_ml"],
+                     "tumors": found["tumors"], "false_tumors_ml": found["false_tumors_ml"]})
     keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    by_size = detection_by_size(detections)
     if args.json:
-        print(json.dumps({"cases": rows, "mean": mean}, indent=1))
+        print(json.dumps({"cases": rows, "mean": mean, "tumor_detection_by_size": by_size}, indent=1))
         return 0
-    print(f"{'case':<28}" + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys))
+    print(f"{'case':<28}" + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys)
+          + f"{'tumors found':>14}{'false tumors':>14}")
     for r in rows:
-        print(f"{r['case']:<28}" + "".join(f"{r[k]:>22.4f}" for k in keys))
+        found = f"{sum(t['found'] for t in r['tumors'])}/{len(r['tumors'])}"
+        false = f"{len(r['false_tumors_ml'])} ({sum(r['false_tumors_ml']):.1f} mL)"
+        print(f"{r['case']:<28}" + "".join(f"{r[k]:>22.4f}" for k in keys) + f"{found:>14}{false:>14}")
     if len(rows) > 1:
         print(f"{'mean':<28}" + "".join(f"{mean[k]:>22.4f}" for k in keys))
+    if any(row["tumors"] for row in by_size):
+        print("\ntumors by reference volume (found: at least 10% of it predicted as tumor)")
+        for row in by_size:
+            span = f"{row['from_ml']:g}-{row['to_ml']:g} mL" if row["to_ml"] is not None else f">= {row['from_ml']:g} mL"
+            share = f"{row['mean_recall']:.2f}" if row["tumors"] else "-"
+            print(f"  {span:<14}{row['found']:>4} of {row['tumors']:<4} found, mean share predicted {share}")
     return 0
 
 
@@ -362,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumor-threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--mirror", action="store_true",
+                   help="average each slice with its left-right mirror image (twice the network time)")
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
     p.add_argument("--overwrite", action="store_true")

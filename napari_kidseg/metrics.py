@@ -1,4 +1,5 @@
-"""Dice, Jaccard, the KiTS composite, volumes in mL and tumor diameters in mm.
+"""Dice, Jaccard, the KiTS composite, lesion-wise tumor detection, volumes in mL and tumor
+diameters in mm.
 
 KiTS19 scores two regions: kidney+tumor (label > 0) and tumor (label == 2); the composite is the
 mean of their Dice scores. Empty versus empty counts as a perfect match (Dice = Jaccard = 1): a
@@ -74,6 +75,56 @@ def kits_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
     }
     out["kits_composite"] = (out["kidney_tumor_dice"] + out["tumor_dice"]) / 2.0
     return out
+
+
+TUMOR_SIZE_BINS_ML = (5.0, 50.0, 200.0)  # edges: < 5 mL (under about 2 cm), 5-50, 50-200, >= 200
+
+
+def tumor_detection(pred: np.ndarray, ref: np.ndarray, spacing, *, min_recall: float = 0.1) -> dict:
+    """Lesion-wise tumor scores: each reference tumor (a connected region of label 2) with its
+    volume, the share of it that is predicted tumor, and whether it was found (that share at least
+    ``min_recall``); and the predicted tumor regions that touch no reference tumor (false tumors).
+
+    A case's tumor Dice mixes these: a missed 1 mL tumor and a found 400 mL one average to a
+    number that describes neither. Regions are 26-connected, as a reader would see them in 3D.
+    """
+    pred_t, ref_t = np.asarray(pred) == 2, np.asarray(ref) == 2
+    if pred_t.shape != ref_t.shape:
+        from .errors import KidsegError
+
+        raise KidsegError(f"prediction grid {pred_t.shape} differs from the reference grid {ref_t.shape}")
+    ml = float(np.prod(spacing)) / 1000.0
+    full = np.ones((3, 3, 3), bool)
+    ref_lab, n_ref = ndimage.label(ref_t, full)
+    tumors = []
+    if n_ref:
+        sizes = np.bincount(ref_lab.ravel(), minlength=n_ref + 1)
+        hits = np.bincount(ref_lab[pred_t], minlength=n_ref + 1)
+        for i in range(1, n_ref + 1):
+            recall = hits[i] / sizes[i]
+            tumors.append({"volume_ml": float(sizes[i] * ml), "recall": float(recall),
+                           "found": bool(recall >= min_recall)})
+    pred_lab, n_pred = ndimage.label(pred_t, full)
+    false = []
+    if n_pred:
+        touching = np.zeros(n_pred + 1, bool)
+        touching[np.unique(pred_lab[ref_t])] = True
+        sizes = np.bincount(pred_lab.ravel(), minlength=n_pred + 1)
+        false = [float(sizes[i] * ml) for i in range(1, n_pred + 1) if not touching[i]]
+    return {"tumors": tumors, "false_tumors_ml": sorted(false, reverse=True)}
+
+
+def detection_by_size(cases: list[dict], bins_ml=TUMOR_SIZE_BINS_ML) -> list[dict]:
+    """Pool :func:`tumor_detection` results of many cases into rows by reference tumor volume:
+    how many tumors, how many found, and the mean share of each that was predicted (``to_ml`` of
+    the last row is None: no upper bound, and valid JSON)."""
+    edges = (0.0, *bins_ml, float("inf"))
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        ts = [t for c in cases for t in c["tumors"] if lo <= t["volume_ml"] < hi]
+        rows.append({"from_ml": lo, "to_ml": hi if np.isfinite(hi) else None, "tumors": len(ts), "found": sum(t["found"] for t in ts),
+                     "mean_recall": float(np.mean([t["recall"] for t in ts])) if ts else float("nan")})
+    return rows
 
 
 def measurements(labels: np.ndarray, spacing) -> dict:

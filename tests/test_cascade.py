@@ -116,6 +116,28 @@ def test_metrics_by_hand():
     assert metrics.largest_diameter_mm(line, (1.0, 1.0, 0.7)) == pytest.approx(19 * 0.7)
 
 
+def test_tumor_detection_counts_each_tumor_and_each_false_one():
+    spacing = (2.0, 1.0, 1.0)  # 2 mm^3 per voxel: 500 voxels per mL
+    ref = np.zeros((10, 40, 40), np.uint8)
+    ref[1:9, 2:38, 2:38] = 1
+    ref[2:4, 5:10, 5:10] = 2  # tumor A: 50 voxels, 0.1 mL
+    ref[5:9, 20:35, 20:35] = 2  # tumor B: 900 voxels, 1.8 mL
+    pred = ref.copy()
+    pred[2:4, 5:10, 5:10] = 1  # A missed entirely
+    pred[5:9, 20:35, 20:26] = 1  # B: 6 of 15 columns missed, so 60% of it found
+    pred[2, 30:32, 30:32] = 2  # a false tumor of 4 voxels, diagonal-touching nothing in ref's tumors
+    d = metrics.tumor_detection(pred, ref, spacing)
+    a, b = sorted(d["tumors"], key=lambda t: t["volume_ml"])
+    assert a == {"volume_ml": pytest.approx(0.1), "recall": 0.0, "found": False}
+    assert b["volume_ml"] == pytest.approx(1.8) and b["recall"] == pytest.approx(0.6) and b["found"]
+    assert d["false_tumors_ml"] == [pytest.approx(4 * 2 / 1000)]
+    rows = metrics.detection_by_size([d, d], bins_ml=(1.0,))
+    assert [(r["tumors"], r["found"]) for r in rows] == [(2, 0), (2, 2)]
+    assert rows[1]["mean_recall"] == pytest.approx(0.6)
+    none = metrics.tumor_detection(np.zeros_like(ref), np.zeros_like(ref), spacing)
+    assert none == {"tumors": [], "false_tumors_ml": []}
+
+
 # ------------------------------------------------------------------ checkpoints
 def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoints):
     model, cfg = models.load_checkpoint(tiny_checkpoints["coarse"], stage="coarse")
@@ -178,7 +200,7 @@ def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(tm
     out = tmp_path / "out"
     args = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(small_case_dir), "-o", str(out),
             "--coarse", str(tiny_checkpoints["coarse"]), "--refine", str(tiny_checkpoints["refine"]),
-            "--device", "cpu", "--save-probabilities"]
+            "--device", "cpu", "--save-probabilities", "--mirror"]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     pred = out / small_case_dir.name / "segmentation.nii.gz"
@@ -198,9 +220,15 @@ def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(tm
     assert ev.returncode == 0, ev.stderr
     import json
 
-    scores = json.loads(ev.stdout)["mean"]
-    expected = metrics.kits_scores(labels.array, io.read_labels(small_case_dir / "segmentation.nii.gz").array)
-    assert scores["kits_composite"] == pytest.approx(expected["kits_composite"])
+    report = json.loads(ev.stdout)
+    ref = io.read_labels(small_case_dir / "segmentation.nii.gz")
+    expected = metrics.kits_scores(labels.array, ref.array)
+    assert report["mean"]["kits_composite"] == pytest.approx(expected["kits_composite"])
+    found = metrics.tumor_detection(labels.array, ref.array, ref.geometry.spacing)
+    assert report["cases"][0]["tumors"] == found["tumors"] and len(found["tumors"]) >= 1  # the phantom has a tumor
+    assert sum(row["tumors"] for row in report["tumor_detection_by_size"]) == len(found["tumors"])
+    table = subprocess.run(ev.args[:-1], capture_output=True, text=True, cwd=tmp_path)
+    assert table.returncode == 0 and "tumors found" in table.stdout and "tumors by reference volume" in table.stdout
 
 
 def test_predict_without_installed_weights_says_so(tmp_path, small_case_dir, monkeypatch):
@@ -242,3 +270,18 @@ def test_fixed_batch_shape_pads_short_batches_and_changes_no_result(tiny_checkpo
     # the same probabilities, up to one uint8 level of float rounding between batch shapes
     for x, y in ((a.coarse_meta, b.coarse_meta), (a.coarse_tumor, b.coarse_tumor)):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+
+
+def test_mirror_averages_each_input_with_its_mirror_image(tiny_checkpoints, small_case):
+    cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu", batch_size=4)
+    x = torch.randn(3, cas.coarse_cfg.in_channels, 32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain, of_mirror = cas._forward(cas.coarse, x), cas._forward(cas.coarse, x.flip(-1))
+        mirrored = cas._forward(cas.coarse, x, mirror=True)
+        assert torch.allclose(mirrored, 0.5 * (plain + of_mirror.flip(-1)), atol=1e-5)
+        # so the answer for a mirrored CT is the mirror image of the answer (a plain net's is not)
+        assert torch.allclose(cas._forward(cas.coarse, x.flip(-1), mirror=True), mirrored.flip(-1), atol=1e-5)
+        assert not torch.allclose(of_mirror, plain.flip(-1), atol=1e-3)
+    ct = small_case.ct
+    result = cas.run(ct.array, ct.geometry.spacing, mirror=True)
+    assert result.fuse().shape == ct.array.shape and result.refined  # both stages ran mirrored

@@ -279,3 +279,22 @@ def test_a_failure_while_adding_layers_is_a_message_and_frees_run(viewer_with_ca
     assert "could not show the result" in w.status.text() and "simulated failure" in w.status.text()
     assert w.run_btn.isEnabled() and not w.cancel_btn.isEnabled()
     assert w.session is None  # a half-shown result is not taken for a session
+
+
+def test_the_mirror_box_reaches_the_cascade(viewer_with_case, tiny_checkpoints, qtbot, monkeypatch):
+    from napari_kidseg import cascade
+
+    seen, real_run = [], cascade.Cascade.run
+
+    def run(self, *args, **kwargs):
+        seen.append(kwargs.get("mirror"))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cascade.Cascade, "run", run)
+    viewer, *_ = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    assert not w.mirror_check.isChecked()  # off by default
+    w.mirror_check.setChecked(True)
+    w.run_btn.click()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    assert seen == [True] and w.session is not None

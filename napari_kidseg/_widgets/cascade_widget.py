@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -87,6 +88,10 @@ class CascadeWidget(QWidget):
         drow.addWidget(self.device_combo)
         drow.addWidget(self.device_label)
         form.addRow("Device", drow)
+        self.mirror_check = QCheckBox("average with the mirror image (2x time)")
+        self.mirror_check.setToolTip("Runs every slice and patch again mirrored left-right and averages the two "
+                                     "answers. Off by default: on phantoms it was not clearly better.")
+        form.addRow("Mirror", self.mirror_check)
         outer.addWidget(box)
 
         # ---- run
@@ -315,6 +320,7 @@ class CascadeWidget(QWidget):
         reload = self.cascade is None or self._models_changed()
         paths = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
         params = self._params()
+        mirror = self.mirror_check.isChecked()
 
         def job():
             # everything slow happens here, off the GUI thread: loading, inference, first fusion
@@ -323,7 +329,7 @@ class CascadeWidget(QWidget):
 
             cascade = Cascade(*paths[:2], device=paths[2]) if reload else self.cascade
             result = cascade.run(ct.array, ct.geometry.spacing, progress=lambda d, t, s: relay.progress.emit(d, t, s),
-                                 cancel=cancel.is_set)
+                                 cancel=cancel.is_set, mirror=mirror)
             session = ReviewSession(result, FusionParams(*params))
             return cascade, session, self._comparison_layers(session)
 
