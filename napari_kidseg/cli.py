@@ -177,8 +177,8 @@ def cmd_evaluate(args) -> int:
         print("\ntumors by reference volume (found: at least 10% of it predicted as tumor)")
         for row in by_size:
             span = f"{row['from_ml']:g}-{row['to_ml']:g} mL" if row["to_ml"] is not None else f">= {row['from_ml']:g} mL"
-            share = f"{row['mean_recall']:.2f}" if row["tumors"] else "-"
-            print(f"  {span:<14}{row['found']:>4} of {row['tumors']:<4} found, mean share predicted {share}")
+            share = f", mean share predicted {row['mean_recall']:.2f}" if row["tumors"] else ""
+            print(f"  {span:<12}{row['found']} of {row['tumors']} found{share}")
     return 0
 
 
