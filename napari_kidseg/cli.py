@@ -149,19 +149,18 @@ def cmd_evaluate(args) -> int:
     from . import io
     from .metrics import detection_by_size, kits_scores, measurements, tumor_detection
 
-    rows, detections = [], []
+    rows = []
     for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
         ref = io.read_labels(r)
         pred = io.read_labels(p, like=ref)
         scores = kits_scores(pred.array, ref.array)
         vols = measurements(pred.array, pred.geometry.spacing)["total"]
         found = tumor_detection(pred.array, ref.array, ref.geometry.spacing)
-        detections.append(found)
         rows.append({"case": name, **scores, "kidney_ml": vols["kidney_ml"], "tumor_ml": vols["tumor_ml"],
                      "tumors": found["tumors"], "false_tumors_ml": found["false_tumors_ml"]})
     keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    by_size = detection_by_size(detections)
+    by_size = detection_by_size(rows)  # each row carries its case's "tumors"
     if args.json:
         print(json.dumps({"cases": rows, "mean": mean, "tumor_detection_by_size": by_size}, indent=1))
         return 0

@@ -59,12 +59,16 @@ def largest_diameter_mm(mask: np.ndarray, spacing, max_points: int = 4000) -> fl
     return float(pdist(pts).max())
 
 
-def kits_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
-    """Dice and Jaccard of kidney+tumor and of tumor, and the KiTS composite (mean of the Dice)."""
-    if pred.shape != ref.shape:
+def _check_same_grid(pred: np.ndarray, ref: np.ndarray) -> None:
+    if np.shape(pred) != np.shape(ref):
         from .errors import KidsegError
 
-        raise KidsegError(f"prediction grid {pred.shape} differs from the reference grid {ref.shape}")
+        raise KidsegError(f"prediction grid {np.shape(pred)} differs from the reference grid {np.shape(ref)}")
+
+
+def kits_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
+    """Dice and Jaccard of kidney+tumor and of tumor, and the KiTS composite (mean of the Dice)."""
+    _check_same_grid(pred, ref)
     kt_p, kt_r = pred > 0, ref > 0
     t_p, t_r = pred == 2, ref == 2
     out = {
@@ -88,11 +92,8 @@ def tumor_detection(pred: np.ndarray, ref: np.ndarray, spacing, *, min_recall: f
     A case's tumor Dice mixes these: a missed 1 mL tumor and a found 400 mL one average to a
     number that describes neither. Regions are 26-connected, as a reader would see them in 3D.
     """
+    _check_same_grid(pred, ref)
     pred_t, ref_t = np.asarray(pred) == 2, np.asarray(ref) == 2
-    if pred_t.shape != ref_t.shape:
-        from .errors import KidsegError
-
-        raise KidsegError(f"prediction grid {pred_t.shape} differs from the reference grid {ref_t.shape}")
     ml = float(np.prod(spacing)) / 1000.0
     full = np.ones((3, 3, 3), bool)
     ref_lab, n_ref = ndimage.label(ref_t, full)
@@ -122,7 +123,8 @@ def detection_by_size(cases: list[dict], bins_ml=TUMOR_SIZE_BINS_ML) -> list[dic
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         ts = [t for c in cases for t in c["tumors"] if lo <= t["volume_ml"] < hi]
-        rows.append({"from_ml": lo, "to_ml": hi if np.isfinite(hi) else None, "tumors": len(ts), "found": sum(t["found"] for t in ts),
+        rows.append({"from_ml": lo, "to_ml": hi if np.isfinite(hi) else None, "tumors": len(ts),
+                     "found": sum(t["found"] for t in ts),
                      "mean_recall": float(np.mean([t["recall"] for t in ts])) if ts else float("nan")})
     return rows
 

@@ -136,6 +136,9 @@ def test_tumor_detection_counts_each_tumor_and_each_false_one():
     assert rows[1]["mean_recall"] == pytest.approx(0.6)
     none = metrics.tumor_detection(np.zeros_like(ref), np.zeros_like(ref), spacing)
     assert none == {"tumors": [], "false_tumors_ml": []}
+    for score in (metrics.kits_scores, lambda p, r: metrics.tumor_detection(p, r, spacing)):
+        with pytest.raises(KidsegError, match="differs from the reference grid"):
+            score(pred[:5], ref)
 
 
 # ------------------------------------------------------------------ checkpoints
