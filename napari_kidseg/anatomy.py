@@ -1,0 +1,378 @@
+"""The anatomy check: a hard "no" for what cannot be a kidney or a kidney tumor.
+
+The networks see one slice (or one patch) at a time and call anything kidney-shaped and bright
+kidney: on real CT that was the spleen, liver cysts, psoas and vertebrae. This module judges a
+result's regions by where they lie and what they touch, using the CT only to find the spine,
+and never runs a network, so it is a live control like alpha.
+
+1. **The spine frame** (:func:`find_spine`): per slice, the vertebra is the largest bone region
+   (HU > 180, holes filled, so an osteoporotic body inside its cortex counts) within 40 mm of the
+   body's midline; its centre gives the midline ``x`` and its anterior edge the spine's front
+   ``y``. A running median along z removes disc levels and a bright aorta picked by mistake
+   (vessels reach 150-300 HU with contrast, which is why "bone = HU > 200" alone is not enough).
+   No spine in view (a limb, a phantom slab) means the position rules are skipped, with a note.
+2. **Position** (with a spine): every 2D region of kidney+tumor on every slice is scored by a
+   kidney position atlas in the spine frame: (lateral distance from the midline, distance behind
+   the spine's front edge) in mm, a log-density learned from the kidneys of 40 real FLARE 2022
+   label maps (``scripts/derive_anatomy_priors.py``; the aorta's back edge stands for the
+   spine's front edge there). A slice region whose mean log-density is below the lowest that a
+   real kidney slice reached is removed. Judging per slice matters: in 3D a kidney and the
+   spleen or liver are often one connected region.
+3. **One kidney per side**: the 3D regions left are split by side of the midline; per side the
+   region with the largest volume weighted by its atlas fit is the kidney, and other regions are
+   kept only within ``fragment_mm`` of it (the farthest a separate piece of one kidney lay from
+   its main part in the 160 KiTS19 label volumes; a duplex kidney is one organ, so it stays).
+   A region that crosses the midline with kidney on both sides (a horseshoe kidney) is kept as
+   both sides' kidney, with a note.
+4. **Size**: a side's kidney region under ``min_kidney_ml`` or shorter than ``min_length_mm``
+   along any axis is not a kidney (limits: half the smallest kidney+tumor in KiTS19).
+5. **Tumor attachment**: a tumor region (26-connected) that touches no kidney voxel that was
+   kept is removed: a tumor that touches no kidney is not a kidney tumor.
+
+Nothing is removed silently: every removed region is listed (:class:`RemovedRegion`: what, side,
+mL, slice range in mm, why) so the CLI prints it and the widget shows it as a layer whose regions
+can be restored one by one. The check works on the same 128-voxel-wide grid as :mod:`roi` (a
+512 x 512 x 300 result costs a 128 x 128 x 300 labelling) and maps its verdict back to the full
+grid, where only voxels of a removed region's own label are cleared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .fusion import BACKGROUND, KIDNEY, TUMOR
+
+PRIORS_PATH = Path(__file__).with_name("anatomy_priors.json")
+BONE_HU = 180.0  # cancellous bone of a healthy vertebra is 150-300 HU, cortex far above
+SPINE_BAND_MM = 40.0  # the vertebral body lies within 40 mm of the body's midline
+MIN_VERTEBRA_MM2 = 300.0  # 3 cm2: more than a rib or a calcification, less than any lumbar body
+SPINE_MEDIAN_MM = 60.0  # running median along z: two vertebrae and the disc between
+MIN_SPINE_SLICES = 0.3  # the spine must be found on this share of slices, or it is "not in view"
+_STRUCT_2D = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
+                       [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool)
+_STRUCT_3D = np.ones((3, 3, 3), bool)
+
+
+@lru_cache(maxsize=1)
+def priors() -> dict:
+    """The thresholds and the position atlas, derived from real label maps (see the script)."""
+    with open(PRIORS_PATH) as fh:
+        data = json.load(fh)
+    data["atlas_log_density"] = np.asarray(data["atlas_log_density"], np.float32)
+    return data
+
+
+def grid_step(shape_yx) -> int:
+    """The in-plane sampling step: at most 128 voxels across, like :mod:`roi`'s components."""
+    return max(1, int(np.ceil(max(shape_yx) / 128)))
+
+
+# --------------------------------------------------------------------------------------------- spine
+@dataclasses.dataclass(frozen=True)
+class SpineFrame:
+    """The spine's midline ``x`` and front edge ``y`` (mm from the array's first voxel) per slice."""
+
+    x_mm: np.ndarray  # (nz,)
+    front_y_mm: np.ndarray  # (nz,)
+    found_share: float  # share of slices where a vertebra was seen before smoothing
+
+
+def find_spine(ct: np.ndarray, spacing) -> SpineFrame | None:
+    """The spine frame of a CT (canonical ``(z, y, x)`` HU), or None when no spine is in view."""
+    ct = np.asarray(ct)
+    if ct.ndim != 3 or ct.shape[0] == 0:
+        return None
+    s = grid_step(ct.shape[1:])
+    dz, dy, dx = float(spacing[0]), float(spacing[1]) * s, float(spacing[2]) * s
+    small = ct[:, ::s, ::s]
+    nz, ny, nx = small.shape
+    body = small > -500
+    xs = np.arange(nx, dtype=np.float32) * dx
+    body_cols = body.sum(axis=1)  # (z, x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mid = (body_cols * xs).sum(1) / body_cols.sum(1)
+    if not np.isfinite(mid).any():
+        return None
+    mid_x = float(np.nanmedian(mid))
+    band = np.abs(xs - mid_x) < SPINE_BAND_MM
+    bone = (small > BONE_HU) & band[None, None, :]
+    bone = ndimage.binary_fill_holes(bone, structure=_STRUCT_2D)
+    lab, n = ndimage.label(bone, structure=_STRUCT_2D)
+    x_mm = np.full(nz, np.nan)
+    front = np.full(nz, np.nan)
+    if n:
+        areas = np.bincount(lab.ravel())[1:] * dy * dx
+        boxes = ndimage.find_objects(lab)
+        best = np.zeros(nz, np.int64)  # per slice, the largest region's id
+        best_area = np.zeros(nz)
+        for i, box in enumerate(boxes):
+            z = box[0].start
+            if areas[i] >= MIN_VERTEBRA_MM2 and areas[i] > best_area[z]:
+                best[z], best_area[z] = i + 1, areas[i]
+        for z in np.flatnonzero(best):
+            box = boxes[best[z] - 1]
+            region = lab[z, box[1], box[2]] == best[z]
+            yy, xx = np.nonzero(region)
+            front[z] = (yy.min() + box[1].start) * dy
+            x_mm[z] = (xx.mean() + box[2].start) * dx
+    ok = np.isfinite(front)
+    share = float(ok.mean())
+    if share < MIN_SPINE_SLICES:
+        return None
+    x_mm, front = _running_median(x_mm, dz), _running_median(front, dz)
+    return SpineFrame(x_mm, front, share)
+
+
+def _running_median(values: np.ndarray, dz: float) -> np.ndarray:
+    """A nan-aware running median over ``SPINE_MEDIAN_MM`` along z, gaps filled by interpolation."""
+    half = max(1, int(round(SPINE_MEDIAN_MM / 2 / dz)))
+    n = len(values)
+    out = np.full(n, np.nan)
+    for z in range(n):
+        w = values[max(0, z - half) : z + half + 1]
+        if np.isfinite(w).any():
+            out[z] = np.nanmedian(w)
+    ok = np.isfinite(out)
+    idx = np.arange(n)
+    return np.interp(idx, idx[ok], out[ok])
+
+
+# --------------------------------------------------------------------------------------------- verdict
+@dataclasses.dataclass(frozen=True)
+class RemovedRegion:
+    """One region the check removed, with the reason a radiologist reads."""
+
+    id: int
+    label: str  # "kidney" (kidney+tumor) or "tumor"
+    side: str  # "right", "left" or "midline"
+    volume_ml: float
+    z_mm: tuple[float, float]  # first and last slice, mm from the array's first slice
+    reason: str
+
+    def describe(self) -> str:
+        return (f"{self.volume_ml:.1f} mL of {self.label} ({self.side}, slices {self.z_mm[0]:.0f}-{self.z_mm[1]:.0f} mm): "
+                f"{self.reason}")
+
+
+@dataclasses.dataclass
+class AnatomyVerdict:
+    """Which regions of a result are not kidney or kidney tumor, on the check's grid."""
+
+    removed_ids: np.ndarray  # int16 on the check's grid: 0 kept, k = regions[k - 1]
+    step: int
+    shape: tuple[int, int, int]
+    regions: list[RemovedRegion]
+    notes: list[str]
+    restored: set = dataclasses.field(default_factory=set)
+
+    @classmethod
+    def nothing_removed(cls, shape, notes=()) -> AnatomyVerdict:
+        step = grid_step(shape[1:])
+        small = (shape[0], -(-shape[1] // step), -(-shape[2] // step))
+        return cls(np.zeros(small, np.int16), step, tuple(shape), [], list(notes))
+
+    def active_ids(self) -> np.ndarray:
+        """Ids of the regions still removed (not restored by the user)."""
+        return np.array([r.id for r in self.regions if r.id not in self.restored], np.int16)
+
+    def removal_map(self, z: int | None = None) -> np.ndarray:
+        """Region ids on the full grid (whole volume, or slice ``z``), restored regions as 0."""
+        ids = self.removed_ids if z is None else self.removed_ids[z : z + 1]
+        if self.restored:
+            ids = np.where(np.isin(ids, list(self.restored)), 0, ids)
+        s = self.step
+        if s > 1:
+            ids = np.repeat(np.repeat(ids, s, axis=1), s, axis=2)[:, : self.shape[1], : self.shape[2]]
+        return ids if z is None else ids[0]
+
+    def apply(self, labels: np.ndarray, z: int | None = None) -> np.ndarray:
+        """The labels with the removed regions cleared (a new array; ``z``: one slice's labels)."""
+        out = np.array(labels, copy=True)
+        if not len(self.active_ids()):
+            return out
+        ids = self.removal_map(z)
+        lut = np.zeros(len(self.regions) + 1, np.uint8)  # the label each region clears
+        for r in self.regions:
+            lut[r.id] = TUMOR if r.label == "tumor" else 255  # 255: kidney and tumor
+        what = lut[ids]
+        out[(what == 255) & (out != BACKGROUND)] = BACKGROUND
+        out[(what == TUMOR) & (out == TUMOR)] = BACKGROUND
+        return out
+
+    def removed_mask(self, labels: np.ndarray) -> np.ndarray:
+        """Voxels of ``labels`` that :meth:`apply` clears (for the *removed* layer)."""
+        return (self.apply(labels) != labels)
+
+    def region_at(self, zyx) -> RemovedRegion | None:
+        """The removed region at a full-grid voxel (for restore-by-click), or None."""
+        z, y, x = (int(round(v)) for v in zyx)
+        if not (0 <= z < self.shape[0] and 0 <= y < self.shape[1] and 0 <= x < self.shape[2]):
+            return None
+        rid = int(self.removed_ids[z, y // self.step, x // self.step])
+        return next((r for r in self.regions if r.id == rid), None)
+
+    def summary(self, min_ml: float = 1.0) -> list[str]:
+        """What the CLI prints: one line per removed region of ``min_ml`` or more, the smaller
+        ones summed per reason, then the notes."""
+        active = [r for r in self.regions if r.id not in self.restored]
+        lines = [f"anatomy check removed {r.describe()}" for r in active if r.volume_ml >= min_ml]
+        small: dict[str, list[RemovedRegion]] = {}
+        for r in active:
+            if r.volume_ml < min_ml:
+                small.setdefault(r.reason.split(",")[0], []).append(r)
+        for reason, rs in small.items():
+            lines.append(f"anatomy check removed {len(rs)} region(s) under {min_ml:g} mL, "
+                         f"{sum(r.volume_ml for r in rs):.1f} mL in all: {reason}")
+        return lines + list(self.notes)
+
+    def removed_ml(self) -> dict[str, float]:
+        """mL of kidney (kidney+tumor) and of tumor the check removes, for the CLI and the Review box."""
+        out = {"kidney": 0.0, "tumor": 0.0}
+        for r in self.regions:
+            if r.id not in self.restored:
+                out["tumor" if r.label == "tumor" else "kidney"] += r.volume_ml
+        return out
+
+
+def check_anatomy(labels: np.ndarray, spacing, spine: SpineFrame | None, *,
+                  priors_data: dict | None = None) -> AnatomyVerdict:
+    """Judge a result's regions (see the module's docstring); ``spine`` None skips the position rules."""
+    labels = np.asarray(labels)
+    pr = priors_data or priors()
+    s = grid_step(labels.shape[1:])
+    small = labels[:, ::s, ::s]
+    sp = np.array([float(spacing[0]), float(spacing[1]) * s, float(spacing[2]) * s])
+    vox_ml = float(np.prod(sp)) / 1000.0
+    removed = np.zeros(small.shape, np.int16)
+    reasons: list[tuple[str, str]] = []  # (label, reason) per removal id
+    notes: list[str] = []
+    meta = small != BACKGROUND
+    if not meta.any():
+        return AnatomyVerdict(removed, s, tuple(labels.shape), [], notes)
+
+    def remove(mask, label, reason):
+        reasons.append((label, reason))
+        removed[mask & (removed == 0)] = len(reasons)
+
+    xs = np.arange(small.shape[2]) * sp[2]
+    zz, yy, xx = np.nonzero(meta)  # the check looks only at labelled voxels
+    if spine is None:
+        notes.append("no spine in view, so the position of the regions was not checked")
+        mid = np.full(small.shape[0], small.shape[2] * sp[2] / 2.0)
+        logd = None
+    else:
+        mid = spine.x_mm
+        logd = atlas_log_density(zz, yy, xx, sp, spine, pr)
+        # 2. position, slice by slice
+        blobs, nb = ndimage.label(meta, structure=_STRUCT_2D)
+        b = blobs[zz, yy, xx]
+        n_vox = np.bincount(b, minlength=nb + 1)
+        mean_logd = np.bincount(b, weights=logd, minlength=nb + 1) / np.maximum(n_vox, 1)
+        dx = xs[xx] - mid[zz]
+        left_reach, right_reach = np.zeros(nb + 1), np.zeros(nb + 1)
+        np.maximum.at(left_reach, b, dx)
+        np.maximum.at(right_reach, b, -dx)
+        horseshoe = (left_reach >= pr["horseshoe_reach_mm"]) & (right_reach >= pr["horseshoe_reach_mm"])
+        bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe
+        bad[0] = False
+        if bad.any():
+            remove(bad[blobs], "kidney", "not where a kidney lies (position relative to the spine)")
+        if horseshoe[1:].any():
+            notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
+
+    # 3-4. one kidney per side, of a kidney's size
+    regions, n = ndimage.label(meta & (removed == 0), structure=_STRUCT_3D)
+    if n:
+        r = regions[zz, yy, xx]
+        counts = np.bincount(r, minlength=n + 1).astype(float)
+        safe = np.maximum(counts, 1)
+        com_x = np.bincount(r, weights=xs[xx], minlength=n + 1) / safe
+        com_z = np.clip(np.round(np.bincount(r, weights=zz, minlength=n + 1) / safe).astype(int), 0,
+                        small.shape[0] - 1)
+        fit = np.ones(n + 1)
+        if logd is not None:
+            fit = np.minimum(1.0, np.exp(np.bincount(r, weights=logd, minlength=n + 1) / safe
+                                         - pr["typical_log_density"]))
+        score = counts * fit
+        side = np.where(com_x > mid[com_z], "left", "right")  # LPS: +x is the patient's left
+        boxes = ndimage.find_objects(regions)
+        for sd in ("right", "left"):
+            members = [m for m in range(1, n + 1) if side[m] == sd]
+            if not members:
+                continue
+            main = max(members, key=lambda m: score[m])
+            main_box = boxes[main - 1]
+            extent = [(b.stop - b.start) * d for b, d in zip(main_box, sp)]
+            if counts[main] * vox_ml < pr["min_kidney_ml"] or min(extent) < pr["min_length_mm"]:
+                for m in members:  # too small for a kidney: every region of this side goes
+                    remove(regions == m, "kidney", "too small to be a kidney")
+                continue
+            for m in members:
+                if m == main:
+                    continue
+                d = _distance_mm(regions, main, m, boxes, sp)
+                if d > pr["fragment_mm"]:
+                    remove(regions == m, "kidney", f"a second region on the {sd} side, {d:.0f} mm from its kidney")
+
+    # 5. tumor attachment
+    kidney_kept = (small == KIDNEY) & (removed == 0)
+    tumors, nt = ndimage.label((small == TUMOR) & (removed == 0), structure=_STRUCT_3D)
+    if nt:
+        near_kidney = ndimage.binary_dilation(kidney_kept, structure=_STRUCT_3D)
+        touching = np.unique(tumors[near_kidney & (tumors > 0)])
+        lonely = np.setdiff1d(np.arange(1, nt + 1), touching)
+        if len(lonely):
+            lut = np.zeros(nt + 1, bool)
+            lut[lonely] = True
+            remove(lut[tumors], "tumor", "touches no kidney, so it is not a kidney tumor")
+
+    # one reported region per connected group of removed voxels with one reason
+    return _group(removed, reasons, small, sp, mid, s, tuple(labels.shape), notes)
+
+
+def atlas_log_density(zz, yy, xx, sp, spine: SpineFrame, pr) -> np.ndarray:
+    """The kidney atlas's log-density at voxels (index arrays on a grid of spacing ``sp``)."""
+    atlas = pr["atlas_log_density"]
+    b = pr["atlas_bin_mm"]
+    ix = np.floor((np.abs(xx * sp[2] - spine.x_mm[zz]) - pr["atlas_dx_mm"][0]) / b).astype(np.int64)
+    iy = np.floor((yy * sp[1] - spine.front_y_mm[zz] - pr["atlas_dy_mm"][0]) / b).astype(np.int64)
+    inside = (ix >= 0) & (ix < atlas.shape[0]) & (iy >= 0) & (iy < atlas.shape[1])
+    out = np.full(len(ix), atlas.min(), np.float32)
+    out[inside] = atlas[ix[inside], iy[inside]]
+    return out
+
+
+def _distance_mm(regions, a: int, b: int, boxes, sp) -> float:
+    """Shortest distance (mm) from region ``b`` to region ``a``, within their joint bounding box."""
+    box = tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(boxes[a - 1], boxes[b - 1]))
+    sub = regions[box]
+    dist = ndimage.distance_transform_edt(sub != a, sampling=sp)
+    return float(dist[sub == b].min())
+
+
+def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdict:
+    groups = np.zeros(removed.shape, np.int16)
+    regions: list[RemovedRegion] = []
+    vox_ml = float(np.prod(sp)) / 1000.0
+    xs = np.arange(small.shape[2]) * sp[2]
+    for rid, (label, reason) in enumerate(reasons, start=1):
+        lab, n = ndimage.label(removed == rid, structure=_STRUCT_3D)
+        for k, box in enumerate(ndimage.find_objects(lab), start=1):
+            piece = lab[box] == k
+            what = small[box][piece]
+            n_vox = int(np.count_nonzero(what == TUMOR) if label == "tumor" else np.count_nonzero(what))
+            zz, _, xx = np.nonzero(piece)
+            cz = int(round(zz.mean())) + box[0].start
+            dx = float(xs[int(round(xx.mean())) + box[2].start] - mid[cz])
+            side = "midline" if abs(dx) < 15 else ("left" if dx > 0 else "right")
+            new_id = len(regions) + 1
+            groups[box][piece] = new_id
+            regions.append(RemovedRegion(new_id, label, side, round(n_vox * vox_ml, 1),
+                                         (float(box[0].start * sp[0]), float((box[0].stop - 1) * sp[0])), reason))
+    return AnatomyVerdict(groups, step, shape, regions, notes)
