@@ -282,7 +282,17 @@ def check_anatomy(labels: np.ndarray, spacing, spine: SpineFrame | None, *,
         bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe
         bad[0] = False
         if bad.any():
-            remove(bad[blobs], "kidney", "not where a kidney lies (position relative to the spine)")
+            # a kidney touching the liver or spleen on a slice makes one region that fails as a
+            # whole: split failing regions at their narrow joins and judge the parts again
+            bad_mask = bad[blobs]
+            parts = _split_at_necks(bad_mask, sp)
+            p = parts[zz, yy, xx]
+            n_parts = int(parts.max())
+            part_vox = np.bincount(p, minlength=n_parts + 1)
+            part_logd = np.bincount(p, weights=logd, minlength=n_parts + 1) / np.maximum(part_vox, 1)
+            passing = part_logd >= pr["min_slice_log_density"]
+            passing[0] = False
+            remove(bad_mask & ~passing[parts], "kidney", "not where a kidney lies (position relative to the spine)")
         if horseshoe[1:].any():
             notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
 
@@ -333,7 +343,37 @@ def check_anatomy(labels: np.ndarray, spacing, spine: SpineFrame | None, *,
             remove(lut[tumors], "tumor", "touches no kidney, so it is not a kidney tumor")
 
     # one reported region per connected group of removed voxels with one reason
-    return _group(removed, reasons, small, sp, mid, s, tuple(labels.shape), notes)
+    verdict = _group(removed, reasons, small, sp, mid, s, tuple(labels.shape), notes)
+    for r in verdict.regions:  # a transplant or ectopic kidney lies where native ones do not
+        if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and "position" in r.reason:
+            verdict.notes.append(f"a kidney-sized region ({r.volume_ml:.0f} mL, {r.side}) was removed for its "
+                                 "position: if it is a transplant or ectopic kidney, restore it")
+    return verdict
+
+
+NECK_MM = 8.0  # joins narrower than about this are cut: a kidney touches the liver over a few mm
+
+
+def _split_at_necks(mask: np.ndarray, sp) -> np.ndarray:
+    """Slice-by-slice parts of ``mask`` (int32 ids, 0 outside): regions eroded by half a neck
+    width become seeds, and every voxel joins its nearest seed on its own slice; what no seed
+    reaches on its slice (a region too thin to keep one) stays one part per 2D region."""
+    iterations = max(1, int(round(NECK_MM / 2 / min(sp[1], sp[2]))))
+    cores = ndimage.binary_erosion(mask, structure=_STRUCT_2D, iterations=iterations)
+    seeds, n = ndimage.label(cores, structure=_STRUCT_2D)
+    parts = np.zeros(mask.shape, np.int32)
+    if n:
+        # nearest seed: a huge z spacing keeps the search in-plane wherever the slice has a seed
+        _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=(1e6, sp[1], sp[2]), return_indices=True)
+        zz = np.nonzero(mask)[0]
+        same_slice = idx[0][mask] == zz
+        nearest = seeds[idx[0][mask], idx[1][mask], idx[2][mask]]
+        parts[mask] = np.where(same_slice, nearest, 0)
+    lonely = mask & (parts == 0)
+    if lonely.any():
+        extra, _ = ndimage.label(lonely, structure=_STRUCT_2D)
+        parts[lonely] = extra[lonely] + n
+    return parts
 
 
 def atlas_log_density(zz, yy, xx, sp, spine: SpineFrame, pr) -> np.ndarray:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from . import fusion, roi
+from . import anatomy, fusion, roi
 from .errors import KidsegError
 from .io import AIR_HU
 
@@ -50,15 +50,30 @@ class CascadeResult:
     patch_px: int
     timings: dict = dataclasses.field(default_factory=dict)
     messages: list[str] = dataclasses.field(default_factory=list)
+    spine: anatomy.SpineFrame | None = None  # from the CT, for the anatomy check
+    verdict: anatomy.AnatomyVerdict | None = None  # the anatomy check of the last whole-volume fusion
 
     def fuse(self, alpha=DEFAULT_ALPHA, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD,
-             tumor_threshold=DEFAULT_TUMOR_THRESHOLD, z: int | None = None) -> np.ndarray:
-        """Fused labels of the whole volume, or of slice ``z`` only."""
+             tumor_threshold=DEFAULT_TUMOR_THRESHOLD, z: int | None = None, anatomy_check: bool = True) -> np.ndarray:
+        """Fused labels of the whole volume, or of slice ``z`` only.
+
+        ``anatomy_check``: clear the regions :mod:`anatomy` rejects. A whole-volume fusion judges
+        its own labels and keeps the verdict in :attr:`verdict`; a slice reuses the last verdict
+        (a slider move re-fuses the slice in view at once and the volume, with a new verdict,
+        in the background).
+        """
         if z is None:
-            return fusion.fuse_volume(self.coarse_meta, self.coarse_tumor, self.refined, alpha,
-                                      kidney_threshold, tumor_threshold)
-        return fusion.fuse_slice(self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha,
-                                 kidney_threshold, tumor_threshold)
+            labels = fusion.fuse_volume(self.coarse_meta, self.coarse_tumor, self.refined, alpha,
+                                        kidney_threshold, tumor_threshold)
+            if not anatomy_check:
+                return labels
+            self.verdict = anatomy.check_anatomy(labels, self.spacing, self.spine)
+            return self.verdict.apply(labels)
+        labels = fusion.fuse_slice(self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha,
+                                   kidney_threshold, tumor_threshold)
+        if anatomy_check and self.verdict is not None:
+            return self.verdict.apply(labels, z=z)
+        return labels
 
     def coarse_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
         return fusion.labels_from_levels(self.coarse_meta, self.coarse_tumor, kidney_threshold, tumor_threshold)
@@ -297,6 +312,10 @@ class Cascade:
         timings["coarse"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        spine = anatomy.find_spine(ct, spacing)
+        timings["spine"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         # ROIs from the coarse kidney+tumor probability at 0.5, whatever the live thresholds
         rois, roi_map = roi.kidney_rois(coarse_meta, spacing, min_volume_ml=self.min_roi_ml,
                                         level=int(DEFAULT_KIDNEY_THRESHOLD * 255))
@@ -317,7 +336,7 @@ class Cascade:
         if self.is_cuda:
             timings["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return CascadeResult(tuple(ct.shape), tuple(float(s) for s in spacing), coarse_meta, coarse_tumor, refined,
-                             rois, patches, self.refine_cfg.input_size, timings, messages)
+                             rois, patches, self.refine_cfg.input_size, timings, messages, spine)
 
     def _sync(self):
         if self.is_cuda:

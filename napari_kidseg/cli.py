@@ -51,10 +51,23 @@ def cmd_phantom(args) -> int:
         kwargs["slice_thickness"] = args.slice_thickness
     if args.jobs < 1:
         raise KidsegError(f"--jobs must be 1 or more, got {args.jobs}")
+    label_maps = None
+    if args.anatomy:
+        from .labelmap_phantom import find_label_maps, read_label_map, split_label_maps
+
+        train_maps, held_maps = split_label_maps(find_label_maps(args.anatomy))
+        label_maps = {"train": train_maps, "held-out": held_maps, "all": train_maps + held_maps}[args.maps]
+        if not label_maps:
+            raise KidsegError(f"no {args.maps} label maps: the folder holds too few maps for a held-out split",
+                              args.anatomy)
+        for m in label_maps:  # every map checked before any case is drawn: one line for a bad one
+            read_label_map(str(m))
     cases = write_phantom_cases(out, args.cases, args.seed, overwrite=args.overwrite, progress=bar, jobs=args.jobs,
-                                **kwargs)
+                                label_maps=label_maps, **kwargs)
     bar.close()
-    print(f"wrote {len(cases)} phantom case(s) in KiTS layout under {out} (seeds {args.seed}..{args.seed + args.cases - 1})")
+    made = f" around {len(label_maps)} {args.maps} label map(s) from {args.anatomy}" if label_maps else ""
+    print(f"wrote {len(cases)} phantom case(s){made} in KiTS layout under {out} "
+          f"(seeds {args.seed}..{args.seed + args.cases - 1})")
     return 0
 
 
@@ -103,13 +116,17 @@ def cmd_predict(args) -> int:
         bar = _progress_bar(src.name)
         result = cascade.run(ct.array, ct.geometry.spacing, progress=bar, mirror=args.mirror)
         bar.close()
-        labels = result.fuse(args.alpha, args.kidney_threshold, args.tumor_threshold)
+        labels = result.fuse(args.alpha, args.kidney_threshold, args.tumor_threshold,
+                             anatomy_check=not args.no_anatomy_check)
         target.parent.mkdir(parents=True, exist_ok=True)
         io.write_labels(target, labels, ct, overwrite=args.overwrite)
         if args.save_probabilities:
             result.save_probabilities(target.parent / (target.name.split(".")[0] + "_probabilities.npz"),
                                       overwrite=args.overwrite)
-        for msg in result.messages:
+        notes = list(result.messages)
+        if result.verdict is not None and not args.no_anatomy_check:
+            notes += result.verdict.summary()
+        for msg in notes:
             print(f"kidseg: note: {src}: {msg}", file=sys.stderr)
         from .metrics import measurements
 
@@ -147,31 +164,36 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from . import io
-    from .metrics import detection_by_size, kits_scores, measurements, tumor_detection
+    from .metrics import check_label_values, detection_by_size, false_ml, kits_scores, measurements, tumor_detection
 
     rows = []
     for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
         ref = io.read_labels(r)
         pred = io.read_labels(p, like=ref)
+        for vol, path in ((pred, p), (ref, r)):
+            check_label_values(vol.array, path)
         scores = kits_scores(pred.array, ref.array)
         vols = measurements(pred.array, pred.geometry.spacing)["total"]
         found = tumor_detection(pred.array, ref.array, ref.geometry.spacing)
         rows.append({"case": name, **scores, "kidney_ml": vols["kidney_ml"], "tumor_ml": vols["tumor_ml"],
+                     **false_ml(pred.array, ref.array, ref.geometry.spacing),
                      "tumors": found["tumors"], "false_tumors_ml": found["false_tumors_ml"]})
     keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys + ["false_kidney_ml", "false_tumor_ml"]}
     by_size = detection_by_size(rows)  # each row carries its case's "tumors"
     if args.json:
         print(json.dumps({"cases": rows, "mean": mean, "tumor_detection_by_size": by_size}, indent=1))
         return 0
     print(f"{'case':<28}" + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys)
-          + f"{'tumors found':>14}{'false tumors':>14}")
+          + f"{'false kidney mL':>17}{'false tumor mL':>16}{'tumors found':>14}{'false tumors':>14}")
     for r in rows:
         found = f"{sum(t['found'] for t in r['tumors'])}/{len(r['tumors'])}"
         false = f"{len(r['false_tumors_ml'])} ({sum(r['false_tumors_ml']):.1f} mL)"
-        print(f"{r['case']:<28}" + "".join(f"{r[k]:>22.4f}" for k in keys) + f"{found:>14}{false:>14}")
+        print(f"{r['case']:<28}" + "".join(f"{r[k]:>22.4f}" for k in keys)
+              + f"{r['false_kidney_ml']:>17.1f}{r['false_tumor_ml']:>16.1f}{found:>14}{false:>14}")
     if len(rows) > 1:
-        print(f"{'mean':<28}" + "".join(f"{mean[k]:>22.4f}" for k in keys))
+        print(f"{'mean':<28}" + "".join(f"{mean[k]:>22.4f}" for k in keys)
+              + f"{mean['false_kidney_ml']:>17.1f}{mean['false_tumor_ml']:>16.1f}")
     if any(row["tumors"] for row in by_size):
         print("\ntumors by reference volume (found: at least 10% of it predicted as tumor)")
         for row in by_size:
@@ -361,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-contrast", type=float, default=0.0,
                    help="probability of random tissue HU per case (domain randomisation for training)")
     p.add_argument("--jobs", type=int, default=1, help="cases made in parallel processes (same cases either way)")
+    p.add_argument("--anatomy", metavar="DIR",
+                   help="build each case around a real organ label map from DIR (FLARE 2022 labels 0-13)")
+    p.add_argument("--maps", choices=["train", "held-out", "all"], default="train",
+                   help="with --anatomy: the training maps (all but the last 10 of the sorted folder), "
+                        "the 10 held-out ones, or all")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
 
@@ -376,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--mirror", action="store_true",
                    help="average each slice with its left-right mirror image (twice the network time)")
+    p.add_argument("--no-anatomy-check", action="store_true",
+                   help="keep regions that cannot be a kidney or kidney tumor by their position (spine, side), "
+                        "size or attachment; by default they are removed and listed")
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
     p.add_argument("--overwrite", action="store_true")

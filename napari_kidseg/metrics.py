@@ -66,6 +66,34 @@ def _check_same_grid(pred: np.ndarray, ref: np.ndarray) -> None:
         raise KidsegError(f"prediction grid {np.shape(pred)} differs from the reference grid {np.shape(ref)}")
 
 
+LABEL_VALUES = (0, 1, 2)  # KiTS19: background, kidney, tumor
+
+
+def check_label_values(labels: np.ndarray, path=None) -> None:
+    """Refuse labels outside KiTS19's {0, 1, 2}: a KidsegError naming the file and the values."""
+    from .errors import KidsegError
+
+    labels = np.asarray(labels)
+    if labels.dtype == np.uint8:  # a lookup over 256 values instead of a sort of the volume
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    else:
+        present = np.unique(labels)
+    bad = [v for v in present.tolist() if v not in LABEL_VALUES]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5])
+        raise KidsegError(f"holds label(s) {shown}; only 0 (background), 1 (kidney) and 2 (tumor) are understood",
+                          path)
+
+
+def false_ml(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
+    """mL labelled where the reference has none of it: kidney+tumor outside the reference's
+    kidney+tumor (``false_kidney_ml``), and tumor outside the reference's tumor (``false_tumor_ml``)."""
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    _check_same_grid(pred, ref)
+    return {"false_kidney_ml": volume_ml((pred > 0) & (ref == 0), spacing),
+            "false_tumor_ml": volume_ml((pred == 2) & (ref != 2), spacing)}
+
+
 def kits_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
     """Dice and Jaccard of kidney+tumor and of tumor, and the KiTS composite (mean of the Dice)."""
     _check_same_grid(pred, ref)

@@ -30,6 +30,7 @@ class FusionParams:
     alpha: float = DEFAULT_ALPHA
     kidney_threshold: float = DEFAULT_KIDNEY_THRESHOLD
     tumor_threshold: float = DEFAULT_TUMOR_THRESHOLD
+    anatomy_check: bool = True
 
 
 class ReviewSession:
@@ -50,11 +51,12 @@ class ReviewSession:
         self.edited[sl] |= diff
         return int(diff.sum())
 
-    def set_params(self, alpha=None, kidney_threshold=None, tumor_threshold=None):
+    def set_params(self, alpha=None, kidney_threshold=None, tumor_threshold=None, anatomy_check=None):
         p = self.params
         self.params = FusionParams(p.alpha if alpha is None else float(alpha),
                                    p.kidney_threshold if kidney_threshold is None else float(kidney_threshold),
-                                   p.tumor_threshold if tumor_threshold is None else float(tumor_threshold))
+                                   p.tumor_threshold if tumor_threshold is None else float(tumor_threshold),
+                                   p.anatomy_check if anatomy_check is None else bool(anatomy_check))
 
     def refuse_slice(self, z: int) -> np.ndarray:
         """Re-fuse one slice with the current parameters, keeping its hand edits; returns the slice."""
@@ -155,6 +157,30 @@ class ReviewSession:
         new = self.labels.copy()
         new[lab == lab[z, y, x]] = TUMOR if value == KIDNEY else KIDNEY
         return self._apply("kidney <-> tumor", new)
+
+    def removed_by_anatomy(self) -> np.ndarray:
+        """Labels the anatomy check removes at the current parameters (0 elsewhere): the
+        *removed by anatomy check* layer."""
+        p = self.params
+        if not p.anatomy_check:
+            return np.zeros(self.result.shape, np.uint8)
+        raw = self.result.fuse(p.alpha, p.kidney_threshold, p.tumor_threshold, anatomy_check=False)
+        kept = self.result.verdict.apply(raw) if self.result.verdict is not None else raw
+        return np.where(kept != raw, raw, 0).astype(np.uint8)
+
+    def restore_removed_region(self, z: int, y: int, x: int) -> int:
+        """Give back the region the anatomy check removed at this voxel, as a hand edit (so it stays
+        through later fusions; Undo takes it back)."""
+        self.sync_edits()
+        verdict = self.result.verdict
+        region = verdict.region_at((z, y, x)) if verdict is not None and self.params.anatomy_check else None
+        if region is None:
+            raise KidsegError("click on a region outlined in 'removed by anatomy check' to restore it")
+        removed = self.removed_by_anatomy()
+        mask = (verdict.removal_map() == region.id) & (removed > 0)
+        new = self.labels.copy()
+        new[mask] = removed[mask]
+        return self._apply(f"restore {region.volume_ml:.1f} mL removed by the anatomy check", new)
 
     def interpolate_slices(self, z0: int, z1: int) -> int:
         """Fill the slices strictly between z0 and z1 by shape-based interpolation of each label."""

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The phantom data the bundled weights were trained on (seeds never reused for evaluation,
-# which uses seeds 9000+). Mixed matrices give the networks a range of pixel spacings:
-# 128 px (about 3 mm, like the shared real CT) up to 512 px (0.6-1 mm, like KiTS). A share of the
-# training cases get random tissue contrasts (SynthSeg-style), validation keeps the real phases.
+# which uses seeds 9000+). Version 4 adds phantoms built on the 40 training label maps of FLARE
+# 2022 (../shared/data/flare22-labels, maps 0001-0040; 0041-0050 stay held out) and the one real
+# CT that ../shared/data allows for training (realct/totalseg-abdomen-3mm, Apache-2.0).
+# Mixed matrices give the networks a range of pixel spacings: 128 px (about 3 mm, like the
+# shared real CT) up to 512 px (0.6-1 mm, like KiTS). A share of the training cases get random
+# tissue contrasts (SynthSeg-style), validation keeps the real phases.
 # Case counts, the random-contrast share and the parallel processes (JOBS) come from the
 # environment; the defaults are the CPU recipe, scripts/train_bundled_gpu.sh sets the GPU one.
 # A case is the same whatever JOBS is (case i of a folder has seed first_seed + i).
@@ -10,9 +13,20 @@ set -euo pipefail
 OUT=${1:-runs/bundled-data}
 KIDSEG=${KIDSEG:-kidseg}
 JOBS=${JOBS:-1}
+SHARED=${SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 RC="--random-contrast ${RANDOM_CONTRAST:-0.35}"
-$KIDSEG phantom "$OUT/train-m128" --cases "${N128:-14}" --seed 1000 --matrix 128 --max-slices 90 $RC --jobs $JOBS ${OVERWRITE:-} & pids+=($!)
-$KIDSEG phantom "$OUT/train-m256" --cases "${N256:-18}" --seed 2000 --matrix 256 --max-slices 120 $RC --jobs $JOBS ${OVERWRITE:-} & pids+=($!)
-$KIDSEG phantom "$OUT/train-m512" --cases "${N512:-10}" --seed 3000 --matrix 512 --max-slices 100 $RC --jobs $JOBS ${OVERWRITE:-} & pids+=($!)
-$KIDSEG phantom "$OUT/val" --cases 6 --seed 8000 --matrix 256 --max-slices 100 --jobs $JOBS ${OVERWRITE:-} & pids+=($!)
-for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed job fails the script
+ANAT="--anatomy $SHARED/flare22-labels --maps train"
+# procedural phantoms (generator revision 5)
+$KIDSEG phantom "$OUT/train-m128" --cases "${N128:-14}" --seed 1000 --matrix 128 --max-slices 90 $RC --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/train-m256" --cases "${N256:-18}" --seed 2000 --matrix 256 --max-slices 120 $RC --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/train-m512" --cases "${N512:-10}" --seed 3000 --matrix 512 --max-slices 100 $RC --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/val" --cases 6 --seed 8000 --matrix 256 --max-slices 100 --jobs $JOBS ${OVERWRITE:-}
+# phantoms on real anatomy (label-map generator revision 1)
+$KIDSEG phantom "$OUT/anat-m128" --cases "${A128:-16}" --seed 4000 --matrix 128 $ANAT $RC --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/anat-m256" --cases "${A256:-40}" --seed 5000 --matrix 256 $ANAT $RC --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/anat-m512" --cases "${A512:-20}" --seed 6000 --matrix 512 --max-slices 100 $ANAT $RC --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/anat-val" --cases 6 --seed 8100 --matrix 256 $ANAT --jobs $JOBS ${OVERWRITE:-}
+# the real CT, as a KiTS case (links, never a copy of ../shared/data)
+mkdir -p "$OUT/realct/case_00000"
+ln -sf "$SHARED/realct/totalseg-abdomen-3mm/ct.nii.gz" "$OUT/realct/case_00000/imaging.nii.gz"
+ln -sf "$SHARED/realct/totalseg-abdomen-3mm/kidneys.nii.gz" "$OUT/realct/case_00000/segmentation.nii.gz"

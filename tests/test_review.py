@@ -14,6 +14,11 @@ from napari_kidseg.fusion import RefinedRegion
 from napari_kidseg.review import FusionParams, ReviewSession, export_correction
 
 
+# these tests exercise fusion and editing on toy volumes far smaller than a kidney; the
+# anatomy check (tests/test_anatomy.py) would rightly remove such regions
+NO_CHECK = FusionParams(anatomy_check=False)
+
+
 def make_result(meta, tumor=None, refined=None, spacing=(2.0, 1.0, 1.0)):
     tumor = np.zeros_like(meta) if tumor is None else tumor
     return CascadeResult(meta.shape, spacing, meta, tumor, refined or {}, [], np.zeros(0, dtype=[("roi", "i2"),
@@ -23,7 +28,7 @@ def make_result(meta, tumor=None, refined=None, spacing=(2.0, 1.0, 1.0)):
 def test_hand_edits_survive_threshold_changes():
     meta = np.zeros((3, 20, 20), np.uint8)
     meta[:, 5:15, 5:15] = 160  # p = 0.63
-    s = ReviewSession(make_result(meta))
+    s = ReviewSession(make_result(meta), NO_CHECK)
     assert s.labels[1, 10, 10] == 1
     s.labels[1, 0:2, 0:2] = 2  # painted tumor
     s.labels[1, 10, 10] = 0  # erased
@@ -38,7 +43,7 @@ def test_hand_edits_survive_threshold_changes():
 
 def test_tools_on_known_cases_with_undo_redo():
     meta = np.zeros((5, 30, 40), np.uint8)
-    s = ReviewSession(make_result(meta, spacing=(1.0, 1.0, 1.0)))
+    s = ReviewSession(make_result(meta, spacing=(1.0, 1.0, 1.0)), NO_CHECK)
     s.labels[1:4, 5:15, 3:13] = 1  # right kidney, 300 voxels = 0.3 mL
     s.labels[1:4, 5:15, 25:35] = 1  # left kidney
     s.labels[2, 20, 5] = 1  # a speck
@@ -61,7 +66,7 @@ def test_tools_on_known_cases_with_undo_redo():
 
 def test_interpolation_between_two_edited_slices():
     meta = np.zeros((5, 30, 30), np.uint8)
-    s = ReviewSession(make_result(meta))
+    s = ReviewSession(make_result(meta), NO_CHECK)
     s.labels[0, 10:20, 10:20] = 1  # a 10x10 square
     s.labels[4, 12:18, 12:18] = 1  # a 6x6 square
     assert s.interpolate_slices(0, 4) > 0
@@ -80,7 +85,7 @@ def test_doubtful_slices_rank_disagreement():
     cov = np.ones((10, 10), bool)
     refined = {1: RefinedRegion(0, 0, np.full((10, 10), 0, np.uint8), np.zeros((10, 10), np.uint8), cov),
                2: RefinedRegion(0, 0, np.full((10, 10), 200, np.uint8), np.zeros((10, 10), np.uint8), cov)}
-    s = ReviewSession(make_result(meta, refined=refined))
+    s = ReviewSession(make_result(meta, refined=refined), NO_CHECK)
     assert list(s.doubtful_slices("disagreement")) == [2]  # slice 1 agrees (both 0), slice 2 does not
 
 

@@ -39,6 +39,7 @@ LAYER_NAMES = {
     "fused": "fused labels (editable)",
     "rois": "kidney ROIs (refine patches)",
     "disagreement": "coarse/refined disagreement",
+    "removed": "removed by anatomy check",
 }
 
 
@@ -115,6 +116,14 @@ class CascadeWidget(QWidget):
         self.alpha = self._slider(form, "alpha (coarse weight)", 0.4)
         self.kidney_thr = self._slider(form, "kidney threshold", 0.5)
         self.tumor_thr = self._slider(form, "tumor threshold", 0.5)
+        self.anatomy_check = QCheckBox("remove what cannot be kidney or kidney tumor")
+        self.anatomy_check.setChecked(True)
+        self.anatomy_check.setToolTip(
+            "Regions on the wrong side of the spine's front edge or off the kidneys' usual place, a second "
+            "region far from a side's kidney, regions too small for a kidney, and tumor that touches no kidney "
+            "are removed. They are outlined in the 'removed by anatomy check' layer: select that layer and "
+            "click a region to restore it.")
+        form.addRow("Anatomy check", self.anatomy_check)
         outer.addWidget(box)
 
         # ---- corrections
@@ -196,6 +205,7 @@ class CascadeWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         for s in (self.alpha, self.kidney_thr, self.tumor_thr):
             s.valueChanged.connect(self._on_params_changed)
+        self.anatomy_check.toggled.connect(self._on_params_changed)
         self.islands_btn.clicked.connect(lambda: self._tool(lambda s: s.remove_islands(self.island_ml.value())))
         self.largest_btn.clicked.connect(lambda: self._tool(lambda s: s.keep_largest_per_kidney()))
         self.holes_btn.clicked.connect(lambda: self._tool(lambda s: s.fill_holes()))
@@ -449,6 +459,7 @@ class CascadeWidget(QWidget):
         coarse = r.coarse_labels(p.kidney_threshold, p.tumor_threshold)
         refined = r.refined_labels(p.kidney_threshold, p.tumor_threshold)
         return {"coarse": coarse, "refined": refined, "disagreement": session.disagreement_map(), "rois": rois,
+                "removed": session.removed_by_anatomy(),
                 # what the refine stage alone makes of the volume (coarse outside the patches): scored
                 # against a reference by the measurements, computed here once per fusion
                 "refine_stage": np.where(r.patch_coverage(), refined, coarse)}
@@ -461,6 +472,12 @@ class CascadeWidget(QWidget):
             layer = self._set_labels_layer("rois", comparison["rois"], opacity=0.8, visible=False,
                                            colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"})
             layer.contour = 2
+
+        def removed():
+            layer = self._set_labels_layer("removed", comparison["removed"], opacity=0.9, colormap=colors)
+            layer.contour = 1
+            if self._restore_on_click not in layer.mouse_drag_callbacks:
+                layer.mouse_drag_callbacks.append(self._restore_on_click)
 
         def fused():
             layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=colors)
@@ -477,12 +494,23 @@ class CascadeWidget(QWidget):
             lambda: self._set_labels_layer("disagreement", comparison["disagreement"], opacity=0.7, visible=False,
                                            colormap={None: "transparent", 0: "transparent", 1: "magenta"}),
             rois,
+            removed,
             fused,
         ]
 
     # ------------------------------------------------------------------ live fusion
     def _params(self):
-        return self.alpha.value() / 100.0, self.kidney_thr.value() / 100.0, self.tumor_thr.value() / 100.0
+        return (self.alpha.value() / 100.0, self.kidney_thr.value() / 100.0, self.tumor_thr.value() / 100.0,
+                self.anatomy_check.isChecked())
+
+    def _restore_on_click(self, layer, event):
+        """A click on the *removed by anatomy check* layer (when it is the selected layer) restores
+        the region under the cursor."""
+        if event.type != "mouse_press" or self.session is None:
+            return
+        idx = np.round(layer.world_to_data(event.position)).astype(int)
+        self._tool(lambda s: s.restore_removed_region(*(int(i) for i in idx[-3:])))
+        self._fuse_timer.start()  # the removed layer follows
 
     def current_slice(self) -> int:
         return int(self.viewer.dims.current_step[0])
@@ -509,7 +537,8 @@ class CascadeWidget(QWidget):
         result = s.result
 
         def job():
-            fused = result.fuse(params.alpha, params.kidney_threshold, params.tumor_threshold)
+            fused = result.fuse(params.alpha, params.kidney_threshold, params.tumor_threshold,
+                                anatomy_check=params.anatomy_check)
             return fused, self._comparison_layers(s)
 
         def done(payload):
@@ -520,8 +549,9 @@ class CascadeWidget(QWidget):
             s.apply_fusion(fused)
             self.fused_layer.refresh()
             self._comparison = comparison
-            for key in ("coarse", "refined", "disagreement"):
-                self.viewer.layers[LAYER_NAMES[key]].data = comparison[key]
+            for key in ("coarse", "refined", "disagreement", "removed"):
+                if LAYER_NAMES[key] in self.viewer.layers:
+                    self.viewer.layers[LAYER_NAMES[key]].data = comparison[key]
             self._update_measurements()
             if self._fuse_again:
                 self._fuse_again = False
@@ -587,7 +617,7 @@ class CascadeWidget(QWidget):
 
     @staticmethod
     def _measurement_text(s, labels, ref, ref_name, comparison):
-        from ..metrics import kits_scores, measurements
+        from ..metrics import false_ml, kits_scores, measurements
 
         sp = s.result.spacing
         m = measurements(labels, sp)
@@ -597,10 +627,17 @@ class CascadeWidget(QWidget):
             lines.append(f"{side:<7}{v['kidney_ml']:>10.1f}{v['tumor_ml']:>10.1f}{v['tumor_diameter_mm']:>10.0f}")
         if ref is not None:
             coarse, refined = comparison["coarse"], comparison["refine_stage"]
-            lines.append(f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
+            lines.append(f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}{'false kid mL':>13}"
+                         f"{'false tum mL':>13}")
             for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
                 k = kits_scores(lab, ref)
-                lines.append(f"{name:<22}{k['kidney_tumor_dice']:>8.3f}{k['tumor_dice']:>8.3f}{k['kits_composite']:>8.3f}")
+                f = false_ml(lab, ref, sp)
+                lines.append(f"{name:<22}{k['kidney_tumor_dice']:>8.3f}{k['tumor_dice']:>8.3f}{k['kits_composite']:>8.3f}"
+                             f"{f['false_kidney_ml']:>13.1f}{f['false_tumor_ml']:>13.1f}")
+        verdict = s.result.verdict
+        if s.params.anatomy_check and verdict is not None:
+            gone = verdict.removed_ml()
+            lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
         lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
         return "<pre>" + "\n".join(lines) + "</pre>", m
 
