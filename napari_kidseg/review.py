@@ -5,8 +5,17 @@ GUI-free: the napari widget holds one :class:`ReviewSession` and only moves data
 its layers.
 
 Hand edits survive slider moves: every fusion first compares the editable labels with what the
-last fusion produced there; voxels that differ were painted or erased by hand, and are kept in
-an edit mask with their values and re-applied on top of every new fusion.
+last fusion produced there; voxels that differ were painted or erased by hand (or changed by a
+tool), and are kept with the value given to them on top of every new fusion (an erased voxel
+stays erased when a threshold makes the fusion agree for a while). An edited voxel whose label
+later changes back to the fusion's (napari's undo, the session's undo, or painting it back) is
+no longer an edit, so nothing stays frozen after an undo; the count shown and exported is
+exactly the voxels whose label differs from the fusion.
+
+Every correction tool is split in two: ``plan_*`` computes a :class:`Change` (which voxels, old
+and new labels, and what it does in words and mL) without touching the labels, so the widget can
+preview it, compute it in a worker and apply it through napari's own undo history; the
+un-prefixed method applies it at once on the session's undo stack (the CLI, scripts and tests).
 """
 
 from __future__ import annotations
@@ -22,7 +31,35 @@ from scipy import ndimage
 from . import io
 from .cascade import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD, CascadeResult
 from .errors import KidsegError
-from .fusion import KIDNEY, TUMOR
+from .fusion import BACKGROUND, KIDNEY, TUMOR
+
+LABEL_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor"}
+_STRUCT_3D = np.ones((3, 3, 3), bool)
+
+
+@dataclasses.dataclass
+class Change:
+    """A planned correction: flat voxel indices with their old and new labels."""
+
+    name: str
+    idx: np.ndarray  # flat indices into the labels
+    old: np.ndarray
+    new: np.ndarray
+    summary: str = ""
+
+    @property
+    def voxels(self) -> int:
+        return int(self.idx.size)
+
+    def mask(self, shape) -> np.ndarray:
+        """The changed voxels as a boolean volume (for a preview outline)."""
+        m = np.zeros(int(np.prod(shape)), bool)
+        m[self.idx] = True
+        return m.reshape(shape)
+
+    def indices(self, shape) -> tuple[np.ndarray, ...]:
+        """(z, y, x) index arrays, as napari's ``Labels.data_setitem`` takes them."""
+        return np.unravel_index(self.idx, shape)
 
 
 @dataclasses.dataclass
@@ -39,16 +76,22 @@ class ReviewSession:
         self.params = params or FusionParams()
         self.fused = result.fuse(**dataclasses.asdict(self.params))  # what fusion alone gives
         self.labels = self.fused.copy()  # the editable labels (the napari layer's data)
-        self.edited = np.zeros(result.shape, bool)
+        self.edited = np.zeros(result.shape, bool)  # voxels given a value by hand ...
+        self.edit_values = np.zeros(result.shape, np.uint8)  # ... and that value
         self._undo: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self._redo: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
 
     # ------------------------------------------------------------------ live fusion
     def sync_edits(self, z: int | None = None) -> int:
-        """Record voxels of ``labels`` that differ from the last fusion as hand edits; returns how many."""
+        """Bring the edit memory up to date with ``labels``; returns the voxels differing from the fusion."""
         sl = np.s_[:] if z is None else np.s_[z]
-        diff = self.labels[sl] != self.fused[sl]
-        self.edited[sl] |= diff
+        labels, edited, values = self.labels[sl], self.edited[sl], self.edit_values[sl]
+        diff = labels != self.fused[sl]
+        # an edited voxel that no longer holds its value was undone or repainted: it stays an edit
+        # only if it still differs from the fusion
+        edited &= labels == values
+        edited |= diff
+        np.copyto(values, labels, where=diff)
         return int(diff.sum())
 
     def set_params(self, alpha=None, kidney_threshold=None, tumor_threshold=None, anatomy_check=None):
@@ -78,65 +121,81 @@ class ReviewSession:
 
     @property
     def hand_edited_voxels(self) -> int:
-        return int(self.edited.sum())
+        """Voxels whose label differs from the fusion (what the Review box and the export report)."""
+        return self.sync_edits()
 
     # ------------------------------------------------------------------ correction tools (undoable)
-    def _apply(self, name: str, new: np.ndarray):
-        changed = new != self.labels
-        if not changed.any():
+    def _change(self, name: str, new: np.ndarray, summary: str = "") -> Change:
+        idx = np.flatnonzero(new != self.labels)
+        return Change(name, idx, self.labels.ravel()[idx].copy(), new.ravel()[idx].copy(), summary)
+
+    def apply_change(self, change: Change) -> int:
+        """Apply a planned change on the session's own undo stack; returns the voxels changed."""
+        if not change.voxels:
             return 0
-        idx = np.flatnonzero(changed)
-        self._undo.append((name, idx, self.labels.ravel()[idx].copy(), new.ravel()[idx].copy()))
+        self._undo.append(change)
         self._redo.clear()
-        self.labels.ravel()[idx] = new.ravel()[idx]
-        self.edited.ravel()[idx] = True  # a tool's change is a hand correction, kept across fusions
-        return int(idx.size)
+        self.labels.ravel()[change.idx] = change.new
+        return change.voxels
+
+    def _apply(self, name: str, new: np.ndarray) -> int:
+        return self.apply_change(self._change(name, new))
 
     def undo(self) -> str | None:
         if not self._undo:
             return None
-        name, idx, old, new = self._undo.pop()
-        self.labels.ravel()[idx] = old
-        self._redo.append((name, idx, old, new))
-        return name
+        change = self._undo.pop()
+        self.labels.ravel()[change.idx] = change.old
+        self._redo.append(change)
+        return change.name
 
     def redo(self) -> str | None:
         if not self._redo:
             return None
-        name, idx, old, new = self._redo.pop()
-        self.labels.ravel()[idx] = new
-        self._undo.append((name, idx, old, new))
-        return name
+        change = self._redo.pop()
+        self.labels.ravel()[change.idx] = change.new
+        self._undo.append(change)
+        return change.name
+
+    def _ml(self, n_voxels) -> float:
+        return float(n_voxels) * float(np.prod(self.result.spacing)) / 1000.0
+
+    def plan_remove_islands(self, min_ml: float) -> Change:
+        """Drop connected kidney+tumor regions (26-connected) smaller than ``min_ml``."""
+        self.sync_edits()
+        lab, n = ndimage.label(self.labels > 0, structure=_STRUCT_3D)
+        new = self.labels.copy()
+        if n:
+            ml = np.bincount(lab.ravel())[1:] * np.prod(self.result.spacing) / 1000.0
+            small = np.flatnonzero(ml < min_ml) + 1
+            lut = np.zeros(n + 1, bool)
+            lut[small] = True
+            new[lut[lab]] = BACKGROUND
+            summary = f"removes {len(small)} region(s) under {min_ml:g} mL, {ml[small - 1].sum():.1f} mL in all"
+        else:
+            summary = "no region to remove"
+        return self._change(f"remove islands < {min_ml:g} mL", new, summary)
 
     def remove_islands(self, min_ml: float) -> int:
-        """Drop connected kidney+tumor regions smaller than ``min_ml``."""
+        return self.apply_change(self.plan_remove_islands(min_ml))
+
+    def plan_keep_kidneys(self) -> Change:
+        """Keep one kidney per side, chosen by anatomy: the anatomy check's verdict on the current
+        labels (side of the spine, position behind its front edge, the kidney atlas, size), not the
+        largest region; what it removes is listed in the summary."""
+        from . import anatomy
+
         self.sync_edits()
-        lab, n = ndimage.label(self.labels > 0)
-        if n == 0:
-            return 0
-        ml = np.bincount(lab.ravel())[1:] * np.prod(self.result.spacing) / 1000.0
-        small = np.flatnonzero(ml < min_ml) + 1
-        new = self.labels.copy()
-        new[np.isin(lab, small)] = 0
-        return self._apply(f"remove islands < {min_ml:g} mL", new)
+        verdict = anatomy.check_anatomy(self.labels, self.result.spacing, self.result.spine)
+        new = verdict.apply(self.labels)
+        lines = verdict.summary()
+        return self._change("keep kidneys by anatomy", new, "; ".join(lines) if lines else "nothing to remove")
 
     def keep_largest_per_kidney(self) -> int:
-        """Keep the largest kidney+tumor region on each side of the patient."""
-        self.sync_edits()
-        lab, n = ndimage.label(self.labels > 0)
-        if n == 0:
-            return 0
-        sizes = np.bincount(lab.ravel())[1:]
-        cx = np.array([c[2] for c in ndimage.center_of_mass(self.labels > 0, lab, range(1, n + 1))])
-        mid = self.labels.shape[2] / 2
-        keep = []
-        for side in (cx < mid, cx >= mid):
-            if side.any():
-                keep.append(int(np.flatnonzero(side)[np.argmax(sizes[side])]) + 1)
-        new = np.where(np.isin(lab, keep), self.labels, 0).astype(np.uint8)
-        return self._apply("keep largest per kidney", new)
+        """Kept for scripts: now the anatomy-based choice of :meth:`plan_keep_kidneys`."""
+        return self.apply_change(self.plan_keep_kidneys())
 
-    def fill_holes(self) -> int:
+    def plan_fill_holes(self) -> Change:
         """Fill enclosed holes in each slice: inside tumor with tumor, elsewhere with kidney."""
         self.sync_edits()
         new = self.labels.copy()
@@ -145,18 +204,88 @@ class ReviewSession:
                 region = self.labels[z] >= value
                 holes = ndimage.binary_fill_holes(region) & ~region
                 new[z][holes & (new[z] < value)] = value
-        return self._apply("fill holes", new)
+        ch = self._change("fill holes", new)
+        ch.summary = f"fills {self._ml(ch.voxels):.1f} mL of holes"
+        return ch
+
+    def fill_holes(self) -> int:
+        return self.apply_change(self.plan_fill_holes())
+
+    def _connected(self, mask: np.ndarray, z: int, y: int, x: int) -> np.ndarray:
+        """The 26-connected region of ``mask`` holding the voxel, computed in its bounding box."""
+        lab, _ = ndimage.label(mask, structure=_STRUCT_3D)
+        return lab == lab[z, y, x]
+
+    def plan_region_edit(self, z: int, y: int, x: int, action: str) -> Change:
+        """Edit the region under a clicked voxel.
+
+        ``delete``: the connected kidney+tumor region; ``tumor`` / ``kidney``: the connected region
+        of the clicked voxel's own label becomes tumor / kidney (a tumor inside a kidney is its own
+        region, so a click on it never turns the whole kidney into tumor); ``swap``: kidney <-> tumor
+        for that region.
+        """
+        self.sync_edits()
+        z, y, x = (int(v) for v in (z, y, x))
+        if not all(0 <= v < n for v, n in zip((z, y, x), self.labels.shape)):
+            raise KidsegError("the click is outside the volume")
+        value = int(self.labels[z, y, x])
+        if value == BACKGROUND:
+            raise KidsegError(f"no kidney or tumor at slice {z}, row {y}, column {x}: click inside a region")
+        new = self.labels.copy()
+        if action == "delete":
+            region = self._connected(self.labels > 0, z, y, x)
+            new[region] = BACKGROUND
+            what = "kidney+tumor region"
+        else:
+            target = {"tumor": TUMOR, "kidney": KIDNEY, "swap": TUMOR if value == KIDNEY else KIDNEY}[action]
+            region = self._connected(self.labels == value, z, y, x)
+            new[region] = target
+            what = f"{LABEL_NAMES[value]} region -> {LABEL_NAMES[target]}"
+        n = int(region.sum())
+        names = {"delete": "delete region", "tumor": "make tumor", "kidney": "make kidney", "swap": "kidney <-> tumor"}
+        return self._change(names[action], new, f"{what}, {self._ml(n):.1f} mL")
 
     def relabel_region(self, z: int, y: int, x: int) -> int:
         """Swap kidney <-> tumor for the connected region of the voxel's label (3D)."""
-        self.sync_edits()
-        value = int(self.labels[z, y, x])
-        if value not in (KIDNEY, TUMOR):
-            raise KidsegError("click on a kidney or tumor voxel to relabel its region")
-        lab, _ = ndimage.label(self.labels == value)
-        new = self.labels.copy()
-        new[lab == lab[z, y, x]] = TUMOR if value == KIDNEY else KIDNEY
-        return self._apply("kidney <-> tumor", new)
+        return self.apply_change(self.plan_region_edit(z, y, x, "swap"))
+
+    def region_table(self) -> list[dict]:
+        """The connected kidney+tumor regions of the labels: what the widget's table lists.
+
+        One row per 26-connected region, largest first: label(s) it holds, side of the patient
+        (from the spine when one was found, else the image centre), mL, slice range, a voxel to jump
+        to, and whether the anatomy check flagged it.
+        """
+        lab, n = ndimage.label(self.labels > 0, structure=_STRUCT_3D)
+        if not n:
+            return []
+        sp = self.result.spacing
+        counts = np.bincount(lab.ravel())[1:]
+        tumor = np.bincount(lab.ravel(), weights=(self.labels == TUMOR).ravel())[1:]
+        boxes = ndimage.find_objects(lab)
+        spine = self.result.spine
+        verdict = self.result.verdict
+        flagged = np.zeros(n + 1, bool)
+        if verdict is not None and self.params.anatomy_check:
+            removed = self.removed_by_anatomy() > 0
+            near = ndimage.binary_dilation(removed, structure=_STRUCT_3D) & (lab > 0)
+            flagged[np.unique(lab[near])] = True
+        rows = []
+        for i in np.argsort(-counts):
+            box = boxes[i]
+            sub = lab[box] == i + 1
+            zz, yy, xx = np.nonzero(sub)
+            k = len(zz) // 2
+            z, y, x = int(zz[k] + box[0].start), int(yy[k] + box[1].start), int(xx[k] + box[2].start)
+            cx = (xx.mean() + box[2].start) * sp[2]
+            mid = spine.x_mm[int(round(zz.mean() + box[0].start))] if spine is not None else self.labels.shape[2] * sp[2] / 2
+            side = "left" if cx > mid else "right"  # LPS: +x is the patient's left
+            kind = "tumor" if tumor[i] == counts[i] else ("kidney+tumor" if tumor[i] else "kidney")
+            rows.append({"region": int(i + 1), "label": kind, "side": side, "ml": self._ml(counts[i]),
+                         "tumor_ml": self._ml(tumor[i]),
+                         "slices": (int(box[0].start), int(box[0].stop - 1)), "voxel": (z, y, x),
+                         "flagged": bool(flagged[i + 1])})
+        return rows
 
     def removed_by_anatomy(self) -> np.ndarray:
         """Labels the anatomy check removes at the current parameters (0 elsewhere): the
@@ -171,6 +300,9 @@ class ReviewSession:
     def restore_removed_region(self, z: int, y: int, x: int) -> int:
         """Give back the region the anatomy check removed at this voxel, as a hand edit (so it stays
         through later fusions; Undo takes it back)."""
+        return self.apply_change(self.plan_restore_removed_region(z, y, x))
+
+    def plan_restore_removed_region(self, z: int, y: int, x: int) -> Change:
         self.sync_edits()
         verdict = self.result.verdict
         region = verdict.region_at((z, y, x)) if verdict is not None and self.params.anatomy_check else None
@@ -180,15 +312,20 @@ class ReviewSession:
         mask = (verdict.removal_map() == region.id) & (removed > 0)
         new = self.labels.copy()
         new[mask] = removed[mask]
-        return self._apply(f"restore {region.volume_ml:.1f} mL removed by the anatomy check", new)
+        return self._change(f"restore {region.volume_ml:.1f} mL removed by the anatomy check", new,
+                            f"restores {region.describe()}")
 
     def interpolate_slices(self, z0: int, z1: int) -> int:
-        """Fill the slices strictly between z0 and z1 by shape-based interpolation of each label."""
+        return self.apply_change(self.plan_interpolate_slices(z0, z1))
+
+    def plan_interpolate_slices(self, z0: int, z1: int) -> Change:
+        """Replace the slices strictly between z0 and z1 by shape-based interpolation of each label
+        (the widget shows the change as an outline before it is applied)."""
         self.sync_edits()
         z0, z1 = sorted((int(z0), int(z1)))
-        if z1 - z0 < 2:
-            return 0
         new = self.labels.copy()
+        if z1 - z0 < 2:
+            return self._change(f"interpolate slices {z0}-{z1}", new, "nothing between those slices")
         a, b = self.labels[z0], self.labels[z1]
         for value in (KIDNEY, TUMOR):  # tumor last, so it lies on top of kidney
             da, db = _signed_distance(a >= value), _signed_distance(b >= value)
@@ -199,7 +336,9 @@ class ReviewSession:
                     new[z] = np.where(inside, KIDNEY, 0)
                 else:
                     new[z][inside] = TUMOR
-        return self._apply(f"interpolate slices {z0}-{z1}", new)
+        ch = self._change(f"interpolate slices {z0}-{z1}", new)
+        ch.summary = f"changes {self._ml(ch.voxels):.1f} mL on slices {z0 + 1}-{z1 - 1}"
+        return ch
 
     # ------------------------------------------------------------------ navigation
     def doubtful_slices(self, by: str = "disagreement") -> np.ndarray:
@@ -241,13 +380,36 @@ def _signed_distance(mask: np.ndarray) -> np.ndarray:
 MANIFEST = "manifest.json"
 
 
+class ScanAlreadyExported(KidsegError):
+    """The scan is in the corrections folder already: update that case (or export a copy on purpose)."""
+
+    def __init__(self, case_id: str, root):
+        self.case_id = case_id
+        super().__init__(f"this scan is already exported as {case_id}; update that case instead of copying the CT "
+                         "again", root)
+
+
+def scan_sha256(ct: io.Volume) -> str:
+    """A scan's identity: its voxels and spacing, whatever file (or layer) it came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(ct.array).tobytes())
+    h.update(np.asarray(ct.geometry.spacing, np.float64).tobytes())
+    return h.hexdigest()
+
+
 def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str | None = None,
                       checkpoints: dict | None = None, params: FusionParams | None = None,
-                      hand_edited_voxels: int = 0) -> Path:
+                      hand_edited_voxels: int = 0, reviewed_slices=None, update: bool | None = None) -> Path:
     """Write one corrected case in KiTS layout under ``root`` and add it to ``root/manifest.json``.
 
-    Never overwrites an existing case: a new id is taken. Files are written atomically and the
-    manifest last, so a failed export leaves no half-registered case.
+    One case per scan: when the manifest already holds this scan (same voxels and spacing),
+    ``update=None`` raises :class:`ScanAlreadyExported`; ``update=True`` rewrites that case's labels
+    (the CT is not copied again) and its manifest entry; ``update=False`` exports a second copy on
+    purpose. Never overwrites another case. Files are written atomically and the manifest last,
+    so a failed export leaves no half-registered case. ``reviewed_slices``: the slice indices the
+    radiologist touched or confirmed (fine-tuning can train on those alone).
     """
     from .models import file_sha256
 
@@ -258,25 +420,36 @@ def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str |
         raise KidsegError(f"cannot create the corrections folder ({exc.strerror})", root) from None
     manifest_path = root / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cases": []}
-    taken = {c["case"] for c in manifest["cases"]} | {p.name for p in root.glob("case_*")}
-    if case_id is None or case_id in taken:
-        n = 0
-        while f"case_{n:05d}" in taken:
-            n += 1
-        case_id = f"case_{n:05d}"
-    case_dir = io.write_kits_case(root, case_id, ct, labels)
+    scan = scan_sha256(ct)
+    same = [c for c in manifest["cases"] if c.get("scan_sha256") == scan]
+    if same and update is None:
+        raise ScanAlreadyExported(same[-1]["case"], root)
     source = ct.path
     entry = {
-        "case": case_id,
         "source": source,
         "source_sha256": file_sha256(source) if source and Path(source).is_file() else None,
+        "scan_sha256": scan,
         "checkpoints": {k: {"path": str(v), "sha256": file_sha256(v), "version": _ckpt_version(v)}
                         for k, v in (checkpoints or {}).items()},
         "fusion": dataclasses.asdict(params or FusionParams()),
         "hand_edited_voxels": int(hand_edited_voxels),
+        "reviewed_slices": None if reviewed_slices is None else sorted(int(z) for z in reviewed_slices),
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    manifest["cases"].append(entry)
+    if same and update:
+        old = same[-1]
+        case_dir = root / old["case"]
+        io.write_labels(case_dir / io.KITS_LABELS, labels, ct, overwrite=True)
+        old.update(entry, updates=int(old.get("updates", 0)) + 1)
+    else:
+        taken = {c["case"] for c in manifest["cases"]} | {p.name for p in root.glob("case_*")}
+        if case_id is None or case_id in taken:
+            n = 0
+            while f"case_{n:05d}" in taken:
+                n += 1
+            case_id = f"case_{n:05d}"
+        case_dir = io.write_kits_case(root, case_id, ct, labels)
+        manifest["cases"].append({"case": case_id, **entry})
     with io.atomic_path(manifest_path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     return case_dir

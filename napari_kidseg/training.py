@@ -531,6 +531,26 @@ def replay_cases(n: int, seed: int) -> list[Path]:
     return io.kits_cases(root)[:n]
 
 
+def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: float) -> tuple[list, list]:
+    """Train and held-out cases, split by scan: copies of one scan (same ``scan_sha256`` in the
+    manifest) never land on both sides, or the held-out score would be measured on training data."""
+    import json
+
+    manifest = Path(corrections_dir) / "manifest.json"
+    scan_of = {}
+    if manifest.exists():
+        for entry in json.loads(manifest.read_text()).get("cases", []):
+            scan_of[entry.get("case")] = entry.get("scan_sha256") or entry.get("case")
+    groups: dict[str, list[Path]] = {}
+    for c in cases:
+        groups.setdefault(scan_of.get(c.name, c.name), []).append(c)
+    keys = sorted(groups)
+    if len(keys) < 2:
+        return list(cases), []
+    train_keys, held_keys = split_cases(keys, holdout_fraction, seed=0)
+    return ([c for k in train_keys for c in groups[k]], [c for k in held_keys for c in groups[k]])
+
+
 def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=None, holdout_fraction=0.25,
              n_replay=3, replay_seed=50_000, epochs=3, steps_per_epoch=20, batch_size=8, lr=5e-5,
              max_minutes=4.0, bn_momentum=0.0, device="auto", progress=None, cancel=None, log=print) -> dict:
@@ -559,7 +579,7 @@ def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=
     parent_cfg = read_config(parent)
     if parent_cfg.stage != stage:
         raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
-    train_dirs, held = split_cases(cases, holdout_fraction, seed=0) if len(cases) >= 2 else (cases, [])
+    train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
     eval_dirs = held or train_dirs
     if not held:
         log("only one corrected case: it is trained on and also scored (no held-out case, so the "

@@ -26,7 +26,12 @@ $KIDSEG phantom "$OUT/anat-m128" --cases "${A128:-16}" --seed 4000 --matrix 128 
 $KIDSEG phantom "$OUT/anat-m256" --cases "${A256:-40}" --seed 5000 --matrix 256 $ANAT $RC --jobs $JOBS ${OVERWRITE:-}
 $KIDSEG phantom "$OUT/anat-m512" --cases "${A512:-20}" --seed 6000 --matrix 512 --max-slices 100 $ANAT $RC --jobs $JOBS ${OVERWRITE:-}
 $KIDSEG phantom "$OUT/anat-val" --cases 6 --seed 8100 --matrix 256 $ANAT --jobs $JOBS ${OVERWRITE:-}
-# the real CT, as a KiTS case (links, never a copy of ../shared/data)
-mkdir -p "$OUT/realct/case_00000"
-ln -sf "$SHARED/realct/totalseg-abdomen-3mm/ct.nii.gz" "$OUT/realct/case_00000/imaging.nii.gz"
-ln -sf "$SHARED/realct/totalseg-abdomen-3mm/kidneys.nii.gz" "$OUT/realct/case_00000/segmentation.nii.gz"
+# the real CT as KiTS cases (links, never a copy of ../shared/data). REAL_COPIES cases link the
+# same scan: sampling is per slice over all cases, so 4 links make it about 4% of what the coarse
+# network sees (1% with one): often enough not to be forgotten, too rarely to be memorised
+for i in $(seq 0 $(( ${REAL_COPIES:-4} - 1 ))); do
+  case_dir="$OUT/realct/case_$(printf %05d "$i")"
+  mkdir -p "$case_dir"
+  ln -sf "$SHARED/realct/totalseg-abdomen-3mm/ct.nii.gz" "$case_dir/imaging.nii.gz"
+  ln -sf "$SHARED/realct/totalseg-abdomen-3mm/kidneys.nii.gz" "$case_dir/segmentation.nii.gz"
+done

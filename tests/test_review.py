@@ -38,6 +38,11 @@ def test_hand_edits_survive_threshold_changes():
     assert s.labels[1, 6, 6] == 0  # the rest follows the new threshold
     s.apply_fusion(s.result.fuse(0.4, 0.7, 0.5))
     assert s.labels[0, 6, 6] == 0 and (s.labels[1, 0:2, 0:2] == 2).all()
+    # counted: voxels that differ from the fusion; the erased voxel agrees with it at 0.7
+    assert s.hand_edited_voxels == 4
+    s.set_params(kidney_threshold=0.5)
+    s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
+    assert s.labels[1, 10, 10] == 0, "an erased voxel must stay erased when the fusion disagrees again"
     assert s.hand_edited_voxels == 5
 
 
@@ -50,8 +55,6 @@ def test_tools_on_known_cases_with_undo_redo():
     s.labels[2, 22:24, 30:32] = 1  # a second, smaller region on the left
     assert s.remove_islands(0.002) == 1  # the 1-voxel speck (0.001 mL), not the 4-voxel region
     assert s.labels[2, 20, 5] == 0 and s.labels[2, 22, 30] == 1
-    assert s.keep_largest_per_kidney() == 4
-    assert s.labels[2, 22:24, 30:32].sum() == 0 and s.labels[2, 10, 30] == 1
     s.labels[2, 8:12, 6:10] = 0  # a hole inside the right kidney
     s.labels[2, 9, 7] = 2
     assert s.fill_holes() == 15
@@ -95,7 +98,7 @@ def test_export_writes_kits_layout_and_manifest_without_overwriting(tmp_path, sm
     ct = io.read_ct(src)
     root = tmp_path / "corr"
     a = export_correction(root, ct, small_case.labels, params=FusionParams(0.3, 0.5, 0.6), hand_edited_voxels=7)
-    b = export_correction(root, ct, small_case.labels, case_id=a.name)
+    b = export_correction(root, ct, small_case.labels, case_id=a.name, update=False)  # a copy, on purpose
     assert a.name == "case_00000" and b.name == "case_00001"
     man = json.loads((root / "manifest.json").read_text())
     assert [c["case"] for c in man["cases"]] == ["case_00000", "case_00001"]
@@ -110,3 +113,110 @@ def test_export_to_an_unwritable_place_is_a_clear_error(tmp_path, small_case):
     blocker.write_text("x")
     with pytest.raises(KidsegError, match="cannot create the corrections folder"):
         export_correction(blocker / "sub", small_case.ct, small_case.labels)
+
+
+def _anatomy_session(labels):
+    """A session over a 3 mm synthetic abdomen whose spine the check finds (see test_anatomy)."""
+    from test_anatomy import SPACING, synthetic_ct
+
+    from napari_kidseg import anatomy
+
+    zeros = np.zeros(labels.shape, np.uint8)
+    r = make_result(zeros, spacing=SPACING)
+    r.spine = anatomy.find_spine(synthetic_ct(), SPACING)
+    s = ReviewSession(r)
+    s.labels[:] = labels
+    return s
+
+
+def test_keep_kidneys_by_anatomy_keeps_the_kidney_not_the_larger_spleen():
+    """The defect: 'Keep largest per kidney' kept a 119 mL spleen as the left kidney and deleted
+    the real left kidney. Now the choice is the anatomy check's, and it is planned (previewable)."""
+    from test_anatomy import SHAPE, _ellipsoid, kidney
+
+    labels = np.zeros(SHAPE, np.uint8)
+    right = kidney(labels, "right")
+    left = kidney(labels, "left", radii=(10, 7, 6))  # partly found: 50 mL
+    spleen = _ellipsoid(SHAPE, (45, 70, 64 + 40), (12, 14, 12))  # 120 mm left, in front: about 250 mL
+    labels[spleen] = 1
+    s = _anatomy_session(labels)
+    change = s.plan_keep_kidneys()
+    assert "not where a kidney lies" in change.summary or "second region" in change.summary
+    assert change.mask(SHAPE)[spleen].mean() > 0.9 and not change.mask(SHAPE)[right | left].any()
+    assert (s.labels == labels).all(), "planning must not touch the labels"
+    s.apply_change(change)
+    assert (s.labels[left] == 1).all() and not s.labels[spleen].any()
+
+
+def test_undo_leaves_no_frozen_voxels():
+    """The defect: after Keep largest + Undo, 152,818 voxels stayed 'hand-edited' and kept a
+    tumor the fusion no longer had. Undo now gives the voxels back to the fusion."""
+    meta = np.zeros((3, 20, 20), np.uint8)
+    tumor = np.zeros_like(meta)
+    meta[:, 5:15, 5:15] = 200
+    tumor[:, 8:12, 8:12] = 200
+    s = ReviewSession(make_result(meta, tumor), NO_CHECK)
+    assert s.remove_islands(1e6) > 0 and s.hand_edited_voxels == 300
+    s.undo()
+    assert s.hand_edited_voxels == 0
+    s.set_params(tumor_threshold=1.0)
+    s.apply_fusion(s.result.fuse(0.4, 0.5, 1.0, anatomy_check=False))
+    assert not (s.labels == 2).any(), "tumor kept by a stale edit mask"
+    # the same when the labels are changed back by someone else's undo (napari's history)
+    s.labels[1, 5, 5] = 0
+    s.sync_edits()
+    s.labels[1, 5, 5] = 1
+    assert s.hand_edited_voxels == 0
+
+
+def test_region_click_edits_only_the_clicked_region():
+    meta = np.zeros((4, 30, 40), np.uint8)
+    s = ReviewSession(make_result(meta, spacing=(1.0, 1.0, 1.0)), NO_CHECK)
+    s.labels[0:4, 5:25, 3:15] = 1  # a kidney
+    s.labels[1:3, 10:14, 6:10] = 2  # a tumor inside it
+    s.labels[0:2, 5:10, 25:30] = 1  # another region
+    ch = s.plan_region_edit(1, 6, 4, "tumor")  # a click on the kidney part
+    assert "kidney region -> tumor" in ch.summary
+    ch = s.plan_region_edit(2, 11, 7, "kidney")  # a click on the tumor: only the tumor changes
+    assert ch.voxels == 32 and (ch.new == 1).all()
+    s.apply_change(s.plan_region_edit(0, 6, 26, "delete"))
+    assert not s.labels[0:2, 5:10, 25:30].any() and s.labels[1, 6, 4] == 1
+    with pytest.raises(KidsegError, match="click inside a region"):
+        s.plan_region_edit(0, 0, 0, "delete")
+    rows = s.region_table()
+    assert len(rows) == 1 and rows[0]["label"] == "kidney+tumor" and rows[0]["tumor_ml"] == pytest.approx(0.032)
+    assert rows[0]["side"] == "right"  # low x is the patient's right (no spine: the image centre)
+
+
+def test_interpolation_is_planned_before_it_is_applied():
+    meta = np.zeros((5, 30, 30), np.uint8)
+    s = ReviewSession(make_result(meta), NO_CHECK)
+    s.labels[0, 10:20, 10:20] = 1
+    s.labels[4, 12:18, 12:18] = 1
+    before = s.labels.copy()
+    ch = s.plan_interpolate_slices(4, 0)
+    assert (s.labels == before).all() and ch.voxels > 0 and "slices 1-3" in ch.summary
+    assert set(np.unique(np.nonzero(ch.mask(s.labels.shape))[0])) == {1, 2, 3}
+
+
+def test_export_once_per_scan(tmp_path, small_case):
+    """The defect: exporting twice made a second case with another CT copy, and fine-tuning then
+    split one scan into 'train' and 'held-out'. Now the second export is refused or updates."""
+    from napari_kidseg.review import ScanAlreadyExported
+
+    root = tmp_path / "corr"
+    a = export_correction(root, small_case.ct, small_case.labels, hand_edited_voxels=3)
+    ct_mtime = (a / io.KITS_IMAGE).stat().st_mtime_ns
+    with pytest.raises(ScanAlreadyExported) as info:
+        export_correction(root, small_case.ct, small_case.labels)
+    assert info.value.case_id == a.name
+    fixed = small_case.labels.copy()
+    fixed[fixed == 2] = 1
+    b = export_correction(root, small_case.ct, fixed, hand_edited_voxels=9, update=True, reviewed_slices=[3, 1])
+    assert b == a and (a / io.KITS_IMAGE).stat().st_mtime_ns == ct_mtime
+    assert sorted(p.name for p in root.glob("case_*")) == [a.name]
+    man = json.loads((root / "manifest.json").read_text())["cases"]
+    assert len(man) == 1 and man[0]["hand_edited_voxels"] == 9 and man[0]["updates"] == 1
+    assert man[0]["reviewed_slices"] == [1, 3]
+    back = io.read_labels(a / io.KITS_LABELS, like=io.read_ct(a / io.KITS_IMAGE))
+    assert not (back.array == 2).any()

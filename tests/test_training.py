@@ -266,3 +266,23 @@ def test_cli_finetune_defaults_are_the_finetune_function_defaults():
     pairs = {"stage": "stage", "holdout": "holdout_fraction", "replay_cases": "n_replay", "epochs": "epochs",
              "steps_per_epoch": "steps_per_epoch", "max_minutes": "max_minutes", "bn_momentum": "bn_momentum"}
     assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
+
+
+def test_finetune_split_keeps_copies_of_one_scan_together(tmp_path):
+    import json
+
+    from napari_kidseg.training import split_by_scan
+
+    cases = [tmp_path / f"case_{i:05d}" for i in range(4)]
+    scans = ["a", "a", "b", "c"]  # case 0 and 1: two exports of one scan
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"cases": [{"case": c.name, "scan_sha256": s} for c, s in zip(cases, scans)]}))
+    for fraction in (0.25, 0.5, 0.75):
+        train, held = split_by_scan(tmp_path, cases, fraction)
+        assert held and sorted(train + held) == cases
+        assert (cases[0] in held) == (cases[1] in held)
+    one_scan = tmp_path / "one"
+    one_scan.mkdir()
+    (one_scan / "manifest.json").write_text(json.dumps({"cases": [{"case": c.name, "scan_sha256": "a"}
+                                                                  for c in cases[:2]]}))
+    assert split_by_scan(one_scan, cases[:2], 0.5) == (cases[:2], [])
