@@ -16,6 +16,13 @@ from .io import Volume
 CT_WINDOW = (-160.0, 240.0)
 LABEL_NAMES = {0: "background", 1: "kidney", 2: "tumor"}
 LABEL_COLORS = {None: "transparent", 0: "transparent", 1: "#2ca02c", 2: "#ffd700"}
+# a reference (ground truth) opened next to a result gets colours of its own, drawn as outlines
+REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#00e5ff", 2: "#ff00ff"}
+# napari shows a labels layer's features for the label under the cursor: names, not 1 and 2
+LABEL_FEATURES = {"index": list(LABEL_NAMES), "name": list(LABEL_NAMES.values())}
+# window/level presets (name: HU limits): W400/L40, W700/L100, W1800/L400, W1500/L-600
+WINDOW_PRESETS = {"soft tissue": CT_WINDOW, "kidney": (-250.0, 450.0), "bone": (-500.0, 1300.0),
+                  "lung": (-1350.0, 150.0)}
 SOURCE_KEY = "kidseg_source"  # layer.metadata key holding the io.Volume the layer was read from
 
 
@@ -42,6 +49,7 @@ def labels_layer_data(labels: np.ndarray, like: Volume, name: str = "labels", **
             "name": name,
             **like.napari_kwargs(),
             "colormap": dict(LABEL_COLORS),
+            "features": dict(LABEL_FEATURES),
             "metadata": {SOURCE_KEY: source},
             **extra,
         },

@@ -105,9 +105,13 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     fused.data[z, 40:42, 40:42] = 1
     voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000
     w.island_ml.setValue(5 * voxel_ml)
-    w.islands_btn.click()
+    w.islands_btn.click()  # planned in a worker, previewed, then applied
+    qtbot.waitUntil(lambda: w._pending is not None, timeout=30_000)
+    assert LAYER_NAMES["preview"] in viewer.layers and (fused.data[z, 40:42, 40:42] == 1).all()
+    w.apply_btn.click()
+    assert LAYER_NAMES["preview"] not in viewer.layers
     assert not fused.data[z, 40:42, 40:42].any() and (fused.data[z, 10:20, 10:20] == 2).all()
-    w.undo_btn.click()
+    w.undo_btn.click()  # napari's history: the same Undo as for painting
     assert (fused.data[z, 40:42, 40:42] == 1).all()
     w.redo_btn.click()
     assert not fused.data[z, 40:42, 40:42].any()
@@ -125,12 +129,14 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     entry = manifest["cases"][0]
     assert entry["case"] == case.name and entry["hand_edited_voxels"] == s.hand_edited_voxels
     assert entry["checkpoints"]["refine"]["version"] == "test"
-    assert entry["fusion"] == {"alpha": 0.0, "kidney_threshold": 0.9, "tumor_threshold": 0.2}
+    assert entry["fusion"] == {"alpha": 0.0, "kidney_threshold": 0.9, "tumor_threshold": 0.2, "anatomy_check": True}
+    assert z in entry["reviewed_slices"]
     src = nib.load(ct.path)
     out = nib.load(str(case / "segmentation.nii.gz"))
     assert np.array_equal(out.affine, src.affine) and out.shape == src.shape
     assert np.array_equal(io.read_labels(case / "segmentation.nii.gz").array, fused.data)
-    # a second export never overwrites the first
+    # a second export of the same scan asks; a copy on purpose never overwrites the first
+    w.ask_about_export = lambda case_id: "copy"
     case2 = w.export()
     assert case2 != case and (case / "segmentation.nii.gz").exists()
     # fine-tune on the two exported cases, then switch to the new refine model
@@ -298,3 +304,97 @@ def test_the_mirror_box_reaches_the_cascade(viewer_with_case, tiny_checkpoints, 
     w.run_btn.click()
     qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
     assert seen == [True] and w.session is not None
+
+
+class _Click:
+    """What napari passes to a mouse callback, for a click at a world position."""
+
+    type = "mouse_press"
+
+    def __init__(self, position):
+        self.position = position
+
+
+def _world(ct, zyx):
+    return tuple(o + i * d for o, i, d in zip(ct.geometry.origin_zyx, zyx, ct.geometry.spacing))
+
+
+def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
+    """Each defect of the corrections issue, reproduced through the widget."""
+    viewer, ct, ref = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    _run(w, qtbot)
+    s = w.session
+    fused = w.fused_layer
+    # after a run the view is on the kidneys' largest slice, not where it was
+    area = (s.labels > 0).reshape(s.labels.shape[0], -1).sum(1)
+    if area.any():
+        assert viewer.dims.current_step[0] == int(np.argmax(area))
+    # a known state by hand: a kidney with a tumor inside it, and another region
+    fused.data[:] = 0
+    fused.data[10:14, 30:60, 20:50] = 1
+    fused.data[11:13, 40:48, 30:38] = 2
+    fused.data[10:12, 80:90, 80:90] = 1
+    fused.refresh()
+    # the Review box follows painting (debounced), no stale "hand-edited voxels: 0"
+    fused.paint((12, 100, 100), 1, refresh=True)
+    qtbot.waitUntil(lambda: f"hand-edited voxels: {s.hand_edited_voxels}" in w.measure_label.text(),
+                    timeout=30_000)
+    assert s.hand_edited_voxels > 0 and w.region_table.rowCount() >= 2
+    # a click on the tumor in "make kidney" mode changes the tumor only, never the whole kidney
+    w.click_mode.setCurrentText("make kidney")
+    fused.mode = "pan_zoom"
+    w._on_canvas_click(fused, _Click(_world(ct, (12, 44, 34))))
+    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    assert not (fused.data == 2).any() and (fused.data[10:14, 30:60, 20:50] == 1).all()
+    # "swap" on the kidney: that region only; the other region is untouched
+    w.click_mode.setCurrentText("swap kidney/tumor")
+    w._on_canvas_click(fused, _Click(_world(ct, (10, 31, 21))))
+    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    assert (fused.data[10:14, 30:60, 20:50] == 2).all() and (fused.data[10:12, 80:90, 80:90] == 1).all()
+    # a click outside every region is a message, not a change
+    w._on_canvas_click(fused, _Click(_world(ct, (0, 0, 0))))
+    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    assert "click inside a region" in w.status.text()
+    # undo clears the edit memory: nothing stays "hand-edited" after the tools are undone
+    w.undo_btn.click()
+    w.undo_btn.click()
+    fused.data[:] = s.fused  # and painting undone by hand gives the voxels back to the fusion
+    assert s.hand_edited_voxels == 0
+    # a kidney-only reference: tumor scores are n/a, not 1.000; the reference has its own colours
+    kid_only = viewer.layers["reference"]
+    kid_only.data = (np.asarray(kid_only.data) > 0).astype(np.uint8)
+    fused.data[fused.data == 2] = 1
+    w._update_measurements()
+    qtbot.waitUntil(lambda: w._measure_worker is None and "n/a" in w.measure_label.text(), timeout=30_000)
+    assert kid_only.contour == 1
+    # a reference on another grid is named, not silently ignored
+    viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="other grid")
+    viewer.layers.remove("reference")
+    w._update_measurements()
+    qtbot.waitUntil(lambda: w._measure_worker is None and "another grid" in w.measure_label.text(), timeout=30_000)
+    # Run with hand edits asks first: cancel keeps everything as it is, keep carries the edits over
+    fused.data[5, 5:9, 5:9] = 2
+    edited = fused.data.copy()
+    w.ask_about_edits = lambda n: "cancel"
+    w.run_btn.click()
+    assert w._worker is None and np.array_equal(fused.data, edited)
+    w.ask_about_edits = lambda n: "keep"
+    _run(w, qtbot)
+    assert (w.fused_layer.data[5, 5:9, 5:9] == 2).all() and w.session is not s
+    # export once per scan: the second export updates the case instead of copying the CT again
+    w.export_edit.setText(str(tmp_path / "corr"))
+    case = w.export()
+    w.ask_about_export = lambda case_id: "update"
+    assert w.export() == case and len(list((tmp_path / "corr").glob("case_*"))) == 1
+    # reading aids: coronal view head up, window presets, a labels-only 3D view
+    viewer.dims.order = (1, 0, 2)
+    assert viewer.camera.orientation2d[0] == "up"
+    viewer.dims.order = (0, 1, 2)
+    assert viewer.camera.orientation2d[0] == "down"
+    w.window_combo.setCurrentText("bone")
+    assert tuple(viewer.layers["CT"].contrast_limits) == (-500.0, 1300.0)
+    w.view3d_btn.setChecked(True)
+    assert viewer.dims.ndisplay == 3 and not viewer.layers["CT"].visible
+    w.view3d_btn.setChecked(False)
+    assert viewer.dims.ndisplay == 2 and viewer.layers["CT"].visible

@@ -22,16 +22,20 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSlider,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from ..errors import KidsegError
-from ..layers import CT_WINDOW, LABEL_COLORS, SOURCE_KEY
+from ..layers import CT_WINDOW, LABEL_COLORS, LABEL_FEATURES, REFERENCE_COLORS, SOURCE_KEY, WINDOW_PRESETS
 
 LAYER_NAMES = {
     "coarse": "coarse labels",
@@ -40,7 +44,14 @@ LAYER_NAMES = {
     "rois": "kidney ROIs (refine patches)",
     "disagreement": "coarse/refined disagreement",
     "removed": "removed by anatomy check",
+    "preview": "preview (not applied yet)",
 }
+# what a click on the canvas does (the fused layer selected, in pan/zoom mode), and its key
+CLICK_MODES = {"off": "Shift-O", "delete region": "Shift-D", "make tumor": "Shift-T", "make kidney": "Shift-K",
+               "swap kidney/tumor": "Shift-S", "restore removed": "Shift-R"}
+_CLICK_ACTIONS = {"delete region": "delete", "make tumor": "tumor", "make kidney": "kidney",
+                  "swap kidney/tumor": "swap"}
+WINDOW_KEYS = {"soft tissue": "Shift-1", "kidney": "Shift-2", "bone": "Shift-3", "lung": "Shift-4"}
 
 
 class _Relay(QObject):
@@ -72,7 +83,15 @@ class CascadeWidget(QWidget):
         self._relay.progress.connect(self._on_progress)
         self.last_slider_update_ms = None
 
-        outer = QVBoxLayout(self)
+        # everything in a scroll area: the widget stays usable on a laptop screen
+        root = QVBoxLayout(self)
+        root.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        root.addWidget(scroll)
+        outer = QVBoxLayout(inner)
         # ---- input and models
         box = QGroupBox("Input and models")
         form = QFormLayout(box)
@@ -129,37 +148,76 @@ class CascadeWidget(QWidget):
         # ---- corrections
         box = QGroupBox("Corrections")
         lay = QVBoxLayout(box)
+        form = QFormLayout()
+        self.click_mode = QComboBox()
+        self.click_mode.addItems(list(CLICK_MODES))
+        self.click_mode.setToolTip("What a click on a region of the fused labels does (select the fused layer, "
+                                   "pan/zoom mode). Keys: " + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items()))
+        form.addRow("Click on canvas", self.click_mode)
+        lay.addLayout(form)
         row = QHBoxLayout()
         self.island_ml = QDoubleSpinBox()
         self.island_ml.setRange(0.0, 500.0)
         self.island_ml.setValue(5.0)
         self.island_ml.setSuffix(" mL")
+        self.island_ml.setToolTip("Regions smaller than this are removed")
         self.islands_btn = QPushButton("Remove islands <")
+        self.islands_btn.setToolTip("Preview the connected regions under the size at the right, then Apply")
         row.addWidget(self.islands_btn)
         row.addWidget(self.island_ml)
         lay.addLayout(row)
         row = QHBoxLayout()
-        self.largest_btn = QPushButton("Keep largest per kidney")
+        self.largest_btn = QPushButton("Keep kidneys by anatomy")
+        self.largest_btn.setToolTip("One kidney per side, chosen by the anatomy check (side of the spine, position "
+                                    "behind its front edge, size), not the largest region; previews what goes")
         self.holes_btn = QPushButton("Fill holes")
+        self.holes_btn.setToolTip("Fill holes enclosed in a slice: in tumor with tumor, elsewhere with kidney")
         row.addWidget(self.largest_btn)
         row.addWidget(self.holes_btn)
         lay.addLayout(row)
         row = QHBoxLayout()
         self.interp_from, self.interp_to = QSpinBox(), QSpinBox()
-        self.interp_btn = QPushButton("Interpolate slices")
+        self.interp_a_btn, self.interp_b_btn = QPushButton("A = this slice"), QPushButton("B = this slice")
+        for sb, btn in ((self.interp_from, self.interp_a_btn), (self.interp_to, self.interp_b_btn)):
+            sb.setToolTip("slice index (the slider's position)")
+            btn.setToolTip("take the slice in view")
+            btn.clicked.connect(lambda _=False, sb=sb: sb.setValue(self.current_slice()))
+            row.addWidget(btn)
+            row.addWidget(sb)
+        self.interp_btn = QPushButton("Interpolate A-B")
+        self.interp_btn.setToolTip("Preview the slices between A and B redrawn by shape-based interpolation of "
+                                   "A and B, then Apply")
         row.addWidget(self.interp_btn)
-        row.addWidget(self.interp_from)
-        row.addWidget(QLabel("to"))
-        row.addWidget(self.interp_to)
         lay.addLayout(row)
         row = QHBoxLayout()
-        self.relabel_btn = QPushButton("Kidney <-> tumor at cursor")
+        self.preview_label = QLabel("")
+        self.preview_label.setWordWrap(True)
+        self.apply_btn, self.discard_btn = QPushButton("Apply"), QPushButton("Discard preview")
+        self.apply_btn.setToolTip("Apply the previewed change (Undo takes it back)")
+        self.discard_btn.setToolTip("Forget the previewed change")
+        row.addWidget(self.apply_btn)
+        row.addWidget(self.discard_btn)
+        lay.addWidget(self.preview_label)
+        lay.addLayout(row)
+        row = QHBoxLayout()
+        self.reviewed_btn = QPushButton("Slice reviewed")
+        self.reviewed_btn.setToolTip("Mark the slice in view as checked, even without an edit (Shift-V); the "
+                                     "export lists reviewed slices so fine-tuning can train on those alone")
         self.undo_btn, self.redo_btn = QPushButton("Undo"), QPushButton("Redo")
-        row.addWidget(self.relabel_btn)
+        self.undo_btn.setToolTip("Undo the last painting or tool change (one history with napari's own undo)")
+        self.redo_btn.setToolTip("Redo what Undo took back")
+        row.addWidget(self.reviewed_btn)
         row.addWidget(self.undo_btn)
         row.addWidget(self.redo_btn)
         lay.addLayout(row)
+        keys = QLabel("Keys (fused layer selected): " + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items())
+                      + "; Shift-V slice reviewed; " + ", ".join(f"{k} {w}" for w, k in WINDOW_KEYS.items())
+                      + " window; napari's brush, eraser and fill bucket paint by hand.")
+        keys.setWordWrap(True)
+        lay.addWidget(keys)
         outer.addWidget(box)
+        self._pending = None  # the planned Change shown as a preview
+        self._set_preview_enabled(False)
 
         # ---- review and measurements
         box = QGroupBox("Review")
@@ -173,6 +231,27 @@ class CascadeWidget(QWidget):
         self.measure_label = QLabel("")
         self.measure_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         lay.addWidget(self.measure_label)
+        self.region_table = QTableWidget(0, 6)
+        self.region_table.setHorizontalHeaderLabels(["region", "label", "side", "mL", "slices", "anatomy"])
+        self.region_table.setToolTip("Connected regions of the labels, largest first; click a row to go to it")
+        self.region_table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.region_table.setSelectionBehavior(QTableWidget.SelectRows)
+        self.region_table.setMinimumHeight(120)
+        self.region_table.cellClicked.connect(self._goto_region)
+        lay.addWidget(self.region_table)
+        row = QHBoxLayout()
+        self.window_combo = QComboBox()
+        self.window_combo.addItems(list(WINDOW_PRESETS))
+        self.window_combo.setToolTip("CT window/level: " + ", ".join(f"{w} {WINDOW_KEYS[w]}" for w in WINDOW_PRESETS))
+        self.window_combo.currentTextChanged.connect(self.set_window)
+        self.view3d_btn = QPushButton("3D labels")
+        self.view3d_btn.setCheckable(True)
+        self.view3d_btn.setToolTip("A 3D view of the labels with the CT hidden (click again for 2D)")
+        self.view3d_btn.toggled.connect(self._toggle_3d)
+        row.addWidget(QLabel("Window"))
+        row.addWidget(self.window_combo)
+        row.addWidget(self.view3d_btn)
+        lay.addLayout(row)
         outer.addWidget(box)
 
         # ---- export
@@ -195,9 +274,9 @@ class CascadeWidget(QWidget):
         outer.addWidget(box)
         outer.addStretch(1)
 
-        self._review_buttons = [self.islands_btn, self.largest_btn, self.holes_btn, self.interp_btn, self.relabel_btn,
-                                self.undo_btn, self.redo_btn, self.next_disagree_btn, self.next_uncertain_btn,
-                                self.export_btn]
+        self._review_buttons = [self.islands_btn, self.largest_btn, self.holes_btn, self.interp_btn,
+                                self.interp_a_btn, self.interp_b_btn, self.reviewed_btn, self.undo_btn, self.redo_btn,
+                                self.next_disagree_btn, self.next_uncertain_btn, self.export_btn, self.view3d_btn]
         self._set_review_enabled(False)
         self._disagree_pos = self._uncertain_pos = -1
 
@@ -206,20 +285,33 @@ class CascadeWidget(QWidget):
         for s in (self.alpha, self.kidney_thr, self.tumor_thr):
             s.valueChanged.connect(self._on_params_changed)
         self.anatomy_check.toggled.connect(self._on_params_changed)
-        self.islands_btn.clicked.connect(lambda: self._tool(lambda s: s.remove_islands(self.island_ml.value())))
-        self.largest_btn.clicked.connect(lambda: self._tool(lambda s: s.keep_largest_per_kidney()))
-        self.holes_btn.clicked.connect(lambda: self._tool(lambda s: s.fill_holes()))
-        self.interp_btn.clicked.connect(
-            lambda: self._tool(lambda s: s.interpolate_slices(self.interp_from.value(), self.interp_to.value())))
-        self.relabel_btn.clicked.connect(lambda: self._tool(lambda s: s.relabel_region(*self._cursor_voxel())))
-        self.undo_btn.clicked.connect(lambda: self._tool(lambda s: s.undo()))
-        self.redo_btn.clicked.connect(lambda: self._tool(lambda s: s.redo()))
+        # the controls' values are read here, on the GUI thread; the plans run in a worker
+        self.islands_btn.clicked.connect(
+            lambda: self.plan_tool(lambda s, ml=self.island_ml.value(): s.plan_remove_islands(ml)))
+        self.largest_btn.clicked.connect(lambda: self.plan_tool(lambda s: s.plan_keep_kidneys()))
+        self.holes_btn.clicked.connect(lambda: self.plan_tool(lambda s: s.plan_fill_holes()))
+        self.interp_btn.clicked.connect(lambda: self.plan_tool(
+            lambda s, a=self.interp_from.value(), b=self.interp_to.value(): s.plan_interpolate_slices(a, b)))
+        self.apply_btn.clicked.connect(self.apply_pending)
+        self.discard_btn.clicked.connect(self.discard_pending)
+        self.reviewed_btn.clicked.connect(self.mark_slice_reviewed)
+        self.undo_btn.clicked.connect(lambda: self._history("undo"))
+        self.redo_btn.clicked.connect(lambda: self._history("redo"))
         self.next_disagree_btn.clicked.connect(lambda: self.goto_doubtful("disagreement"))
         self.next_uncertain_btn.clicked.connect(lambda: self.goto_doubtful("uncertainty"))
         self.export_btn.clicked.connect(self.export)
         self.finetune_btn.clicked.connect(self.finetune)
         self.use_new_btn.clicked.connect(self._use_new_refine)
         self.new_refine = None
+        self.reviewed_slices: set[int] = set()
+        self._measure_timer = QTimer(self)  # the Review box follows every edit, debounced
+        self._measure_timer.setSingleShot(True)
+        self._measure_timer.setInterval(400)
+        self._measure_timer.timeout.connect(self._update_measurements)
+        self._measure_worker = None
+        self._measure_again = False
+        self._tool_worker = None
+        self.viewer.dims.events.order.connect(self._orient_view)
         self._fuse_timer = QTimer(self)
         self._fuse_timer.setSingleShot(True)
         self._fuse_timer.setInterval(150)
@@ -320,6 +412,18 @@ class CascadeWidget(QWidget):
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return
+        self._carried_edits = None
+        if self.session is not None and self.session.hand_edited_voxels:
+            choice = self.ask_about_edits(self.session.hand_edited_voxels)
+            if choice == "cancel":
+                self.status.setText("run cancelled: your edits are as they were")
+                return
+            if choice == "keep" and self.session.labels.shape == ct.array.shape:
+                s = self.session
+                s.sync_edits()
+                keep = s.edited & (s.labels != s.fused)
+                self._carried_edits = (np.flatnonzero(keep), s.labels.ravel()[keep.ravel()].copy())
+        self.discard_pending()
         self.ct_volume = ct
         self._cancel.clear()
         self.run_btn.setEnabled(False)
@@ -347,6 +451,18 @@ class CascadeWidget(QWidget):
         self._worker = create_worker(job, _connect={"returned": self._on_result, "errored": self._on_error,
                                                    "finished": self._on_finished})
         self._run_started = time.perf_counter()
+
+    def ask_about_edits(self, n_voxels: int) -> str:
+        """Keep, discard or cancel: asked before a run would replace hand-edited labels."""
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Question)
+        box.setWindowTitle("Hand edits")
+        box.setText(f"{n_voxels} voxel(s) were corrected by hand. Running again replaces the labels.")
+        keep = box.addButton("Keep my edits", QMessageBox.AcceptRole)
+        discard = box.addButton("Discard them", QMessageBox.DestructiveRole)
+        box.addButton(QMessageBox.Cancel)
+        box.exec_() if hasattr(box, "exec_") else box.exec()
+        return "keep" if box.clickedButton() is keep else ("discard" if box.clickedButton() is discard else "cancel")
 
     def _models_changed(self):
         want = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
@@ -418,7 +534,19 @@ class CascadeWidget(QWidget):
 
     def _result_shown(self, cascade, session, comparison):
         self.cascade, self.session, self._comparison = cascade, session, comparison
+        self.reviewed_slices = set()
+        carried = getattr(self, "_carried_edits", None)
+        if carried is not None:  # the radiologist chose to keep the edits over the new result
+            idx, values = carried
+            self.fused_layer.data_setitem(np.unravel_index(idx, session.labels.shape), values)
+            session.sync_edits()
+            self._carried_edits = None
         result = session.result
+        z = self._largest_kidney_slice()
+        if z is not None:  # the view goes to the kidneys, not where it happened to be
+            step = list(self.viewer.dims.current_step)
+            step[0] = z
+            self.viewer.dims.current_step = tuple(step)
         if self.ct_combo.currentText() in self.viewer.layers:
             self.viewer.layers[self.ct_combo.currentText()].contrast_limits = CT_WINDOW
         self.viewer.layers.selection.active = self.fused_layer
@@ -433,6 +561,10 @@ class CascadeWidget(QWidget):
         self._notify(msg)
         self._update_measurements()
 
+    def _largest_kidney_slice(self):
+        area = (self.session.labels > 0).reshape(self.session.labels.shape[0], -1).sum(axis=1)
+        return int(np.argmax(area)) if area.any() else None
+
     # ------------------------------------------------------------------ layers
     def _set_labels_layer(self, key, data, **kwargs):
         from ..io import Volume
@@ -446,7 +578,9 @@ class CascadeWidget(QWidget):
             layer.metadata.update(meta)
             layer.scale, layer.translate = ct.geometry.spacing, ct.geometry.origin_zyx
             return layer
-        return self.viewer.add_labels(data, name=name, metadata=meta, **ct.napari_kwargs(), **kwargs)
+        layer = self.viewer.add_labels(data, name=name, metadata=meta, **ct.napari_kwargs(), **kwargs)
+        layer.features = dict(LABEL_FEATURES)  # napari's status bar names the label under the cursor
+        return layer
 
     @staticmethod
     def _comparison_layers(session) -> dict:
@@ -482,6 +616,7 @@ class CascadeWidget(QWidget):
         def fused():
             layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=colors)
             self.fused_layer = layer
+            self._bind_fused_layer(layer)
             # the layer must edit the session's array itself, so that edits are seen by the session
             if layer.data is not s.labels:
                 s.labels = layer.data
@@ -508,9 +643,8 @@ class CascadeWidget(QWidget):
         the region under the cursor."""
         if event.type != "mouse_press" or self.session is None:
             return
-        idx = np.round(layer.world_to_data(event.position)).astype(int)
-        self._tool(lambda s: s.restore_removed_region(*(int(i) for i in idx[-3:])))
-        self._fuse_timer.start()  # the removed layer follows
+        z, y, x = (int(i) for i in np.round(layer.world_to_data(event.position)).astype(int)[-3:])
+        self.plan_tool(lambda s: s.plan_restore_removed_region(z, y, x), apply=True)
 
     def current_slice(self) -> int:
         return int(self.viewer.dims.current_step[0])
@@ -564,23 +698,158 @@ class CascadeWidget(QWidget):
         self._fuse_worker = create_worker(job, _connect={"returned": done, "errored": failed})
 
     # ------------------------------------------------------------------ tools, review, measurements
-    def _tool(self, fn):
+    def _bind_fused_layer(self, layer):
+        """Canvas clicks, keys and edit events of the fused layer (once per layer)."""
+        if layer.metadata.get("kidseg_bound"):
+            return
+        layer.metadata["kidseg_bound"] = True
+        layer.mouse_drag_callbacks.append(self._on_canvas_click)
+        layer.events.paint.connect(self._on_edited)
+        for mode, key in CLICK_MODES.items():
+            layer.bind_key(key, lambda _layer, mode=mode: self.click_mode.setCurrentText(mode), overwrite=True)
+        for name, key in WINDOW_KEYS.items():
+            layer.bind_key(key, lambda _layer, name=name: self.window_combo.setCurrentText(name), overwrite=True)
+        layer.bind_key("Shift-V", lambda _layer: self.mark_slice_reviewed(), overwrite=True)
+
+    def _on_edited(self, event=None):
+        self.reviewed_slices.add(self.current_slice())
+        self._measure_timer.start()
+
+    def _on_canvas_click(self, layer, event):
+        """A click on the fused labels applies the chosen click mode to the region under it."""
+        mode = self.click_mode.currentText()
+        if event.type != "mouse_press" or self.session is None or mode == "off" or layer.mode != "pan_zoom":
+            return
+        idx = np.round(layer.world_to_data(event.position)).astype(int)[-3:]
+        z, y, x = (int(i) for i in idx)
+        if mode == "restore removed":
+            self.plan_tool(lambda s: s.plan_restore_removed_region(z, y, x), apply=True)
+        else:
+            self.plan_tool(lambda s: s.plan_region_edit(z, y, x, _CLICK_ACTIONS[mode]), apply=True)
+
+    def plan_tool(self, plan, apply: bool = False):
+        """Compute a tool's Change in a worker (no GUI stall), then preview it, or apply it at once
+        (``apply``: the click tools, which change only the region clicked)."""
+        from napari.qt.threading import create_worker
+
+        if self.session is None or self._tool_worker is not None:
+            return
+        s = self.session
+        self.status.setText("working...")
+
+        def done(change):
+            self._tool_worker = None
+            if self.session is not s:
+                return
+            if apply:
+                self._apply_change(change)
+            else:
+                self._show_preview(change)
+
+        def failed(exc):
+            self._tool_worker = None
+            self._on_error(exc)
+
+        self._tool_worker = create_worker(plan, s, _connect={"returned": done, "errored": failed})
+
+    def _set_preview_enabled(self, on: bool):
+        self.apply_btn.setEnabled(on)
+        self.discard_btn.setEnabled(on)
+
+    def _show_preview(self, change):
+        self._pending = change
+        shape = self.session.labels.shape
+        if not change.voxels:
+            self.preview_label.setText(f"{change.name}: nothing would change ({change.summary})")
+            self._pending = None
+            self._set_preview_enabled(False)
+            return
+        preview = np.zeros(shape, np.uint8)
+        preview.ravel()[change.idx] = np.where(change.new > 0, change.new, change.old)
+        layer = self._set_labels_layer("preview", preview, opacity=1.0,
+                                       colormap={None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#ff2020"})
+        layer.contour = 1
+        self.viewer.layers.selection.active = self.fused_layer
+        ml = change.voxels * float(np.prod(self.session.result.spacing)) / 1000.0
+        self.preview_label.setText(f"Preview of {change.name}: {change.summary or f'{ml:.1f} mL changes'} "
+                                   "(outlined). Apply or discard.")
+        self.status.setText(f"preview: {change.name}")
+        self._set_preview_enabled(True)
+
+    def apply_pending(self):
+        if self._pending is not None:
+            self._apply_change(self._pending)
+
+    def discard_pending(self):
+        self._pending = None
+        self.preview_label.setText("")
+        self._set_preview_enabled(False)
+        if LAYER_NAMES["preview"] in self.viewer.layers:
+            self.viewer.layers.remove(LAYER_NAMES["preview"])
+
+    def _apply_change(self, change):
+        """Apply a Change through napari's history, so painting and tools share one Undo."""
+        s = self.session
+        self.discard_pending()
+        if not change.voxels:
+            self.status.setText(f"{change.name}: nothing to change ({change.summary})")
+            return
+        if not np.array_equal(s.labels.ravel()[change.idx], change.old):
+            self._notify(f"{change.name}: the labels changed since it was computed; run it again", error=True)
+            return
+        self.fused_layer.data_setitem(change.indices(s.labels.shape), change.new)
+        zs = np.unique(change.indices(s.labels.shape)[0])
+        self.reviewed_slices.update(int(z) for z in zs)
+        self.status.setText(f"{change.name}: {change.summary or f'{change.voxels} voxel(s) changed'}")
+        self._measure_timer.start()
+
+    def _history(self, which: str):
         if self.session is None:
             return
-        try:
-            out = fn(self.session)
-        except KidsegError as exc:
-            self._notify(str(exc), error=True)
-            return
-        self.fused_layer.refresh()
-        self._update_measurements()
-        self.status.setText(f"{out} " if isinstance(out, str) else f"{out} voxel(s) changed")
+        getattr(self.fused_layer, which)()
+        self.status.setText(f"{which} done")
+        self._measure_timer.start()
 
-    def _cursor_voxel(self):
-        world = self.viewer.cursor.position
-        idx = np.round(self.fused_layer.world_to_data(world)).astype(int)
-        idx = np.clip(idx, 0, np.array(self.session.labels.shape) - 1)
-        return tuple(int(i) for i in idx)
+    def mark_slice_reviewed(self):
+        if self.session is None:
+            return
+        z = self.current_slice()
+        self.reviewed_slices.add(z)
+        self.status.setText(f"slice {z} marked reviewed ({len(self.reviewed_slices)} slice(s) reviewed)")
+
+    def _goto_region(self, row, _column=None):
+        rows = getattr(self, "_regions", [])
+        if not 0 <= row < len(rows):
+            return
+        z, y, x = rows[row]["voxel"]
+        step = list(self.viewer.dims.current_step)
+        step[0] = z
+        self.viewer.dims.current_step = tuple(step)
+        sp, origin = self.ct_volume.geometry.spacing, self.ct_volume.geometry.origin_zyx
+        self.viewer.camera.center = (origin[1] + y * sp[1], origin[2] + x * sp[2])
+        r = rows[row]
+        self.status.setText(f"region {r['region']}: {r['label']}, {r['side']}, {r['ml']:.1f} mL, "
+                            f"slices {r['slices'][0]}-{r['slices'][1]}")
+
+    def set_window(self, name: str):
+        ct = self.ct_combo.currentText()
+        if name in WINDOW_PRESETS and ct in self.viewer.layers:
+            self.viewer.layers[ct].contrast_limits = WINDOW_PRESETS[name]
+
+    def _toggle_3d(self, on: bool):
+        ct = self.ct_combo.currentText()
+        if ct in self.viewer.layers:
+            self.viewer.layers[ct].visible = not on  # the CT as a block would hide the labels
+        self.viewer.dims.ndisplay = 3 if on else 2
+
+    def _orient_view(self, event=None):
+        """Coronal and sagittal views with the head up: the vertical screen axis points up when it
+        shows z (superior), down when it shows y (axial: anterior at the top)."""
+        order = self.viewer.dims.order
+        if len(order) >= 2 and self.viewer.dims.ndisplay == 2:
+            vertical = order[-2]
+            horizontal = self.viewer.camera.orientation2d[1]
+            self.viewer.camera.orientation2d = ("up" if vertical == 0 else "down", horizontal)
 
     def goto_doubtful(self, by: str):
         if self.session is None:
@@ -599,24 +868,47 @@ class CascadeWidget(QWidget):
         self.status.setText(f"slice {z}: rank {pos + 1} of {len(order)} by {by}")
 
     def _update_measurements(self):
-        """Volumes, diameters and (with a reference layer) Dice, computed off the GUI thread."""
+        """Volumes, diameters, the region table and (with a reference layer) Dice, in a worker."""
         from napari.qt.threading import create_worker
 
         s = self.session
-        ref = self._reference_layer()
+        if s is None:
+            return
+        if self._measure_worker is not None:
+            self._measure_again = True
+            return
+        ref, problem = self._reference_layer()
         labels = s.labels.copy()
         ref_data, ref_name = (None, None) if ref is None else (np.asarray(ref.data).copy(), ref.name)
+
+        def done(payload):
+            self._measure_worker = None
+            self._show_measurements(payload)
+            if self._measure_again:
+                self._measure_again = False
+                self._update_measurements()
+
+        def failed(exc):
+            self._measure_worker = None
+            self._on_error(exc)
+
         self._measure_worker = create_worker(self._measurement_text, s, labels, ref_data, ref_name, self._comparison,
-                                             _connect={"returned": self._show_measurements,
-                                                       "errored": self._on_error})
+                                             problem, _connect={"returned": done, "errored": failed})
 
     def _show_measurements(self, payload):
-        text, m = payload
+        text, m, regions = payload
         self.measure_label.setText(text)
         self.measurements = m
+        self._regions = regions
+        self.region_table.setRowCount(len(regions))
+        for i, r in enumerate(regions):
+            cells = (str(r["region"]), r["label"], r["side"], f"{r['ml']:.1f}", f"{r['slices'][0]}-{r['slices'][1]}",
+                     "flagged" if r["flagged"] else "")
+            for j, c in enumerate(cells):
+                self.region_table.setItem(i, j, QTableWidgetItem(c))
 
     @staticmethod
-    def _measurement_text(s, labels, ref, ref_name, comparison):
+    def _measurement_text(s, labels, ref, ref_name, comparison, problem=None):
         from ..metrics import false_ml, kits_scores, measurements
 
         sp = s.result.spacing
@@ -625,33 +917,53 @@ class CascadeWidget(QWidget):
         for side in ("right", "left", "total"):
             v = m[side]
             lines.append(f"{side:<7}{v['kidney_ml']:>10.1f}{v['tumor_ml']:>10.1f}{v['tumor_diameter_mm']:>10.0f}")
+        if problem:
+            lines.append(problem)
         if ref is not None:
             coarse, refined = comparison["coarse"], comparison["refine_stage"]
             lines.append(f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}{'false kid mL':>13}"
                          f"{'false tum mL':>13}")
+
+            def score(value, present):  # both empty: nothing to score, not a perfect 1.000
+                return f"{value:>8.3f}" if present else f"{'n/a':>8}"
+
             for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
                 k = kits_scores(lab, ref)
                 f = false_ml(lab, ref, sp)
-                lines.append(f"{name:<22}{k['kidney_tumor_dice']:>8.3f}{k['tumor_dice']:>8.3f}{k['kits_composite']:>8.3f}"
-                             f"{f['false_kidney_ml']:>13.1f}{f['false_tumor_ml']:>13.1f}")
+                has_kid, has_tum = (lab > 0).any() or (ref > 0).any(), (lab == 2).any() or (ref == 2).any()
+                composite = k["kits_composite"] if has_tum else k["kidney_tumor_dice"]
+                lines.append(f"{name:<22}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"
+                             f"{score(composite, has_kid)}{f['false_kidney_ml']:>13.1f}{f['false_tumor_ml']:>13.1f}")
         verdict = s.result.verdict
         if s.params.anatomy_check and verdict is not None:
             gone = verdict.removed_ml()
             lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
         lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
-        return "<pre>" + "\n".join(lines) + "</pre>", m
+        return "<pre>" + "\n".join(lines) + "</pre>", m, s.region_table()
 
     def _reference_layer(self):
+        """The reference labels layer (any labels layer that is not ours), and a line when one is on
+        another grid and cannot be scored. A reference gets its own colours, as outlines."""
         from napari.layers import Labels
 
         ours = set(LAYER_NAMES.values())
+        problem = None
         for layer in self.viewer.layers:
-            if isinstance(layer, Labels) and layer.name not in ours and layer.data.shape == self.session.labels.shape:
-                return layer
-        return None
+            if not isinstance(layer, Labels) or layer.name in ours:
+                continue
+            if layer.data.shape != self.session.labels.shape:
+                problem = (f"reference {layer.name!r} is on another grid ({'x'.join(map(str, layer.data.shape))} "
+                           f"voxels, not {'x'.join(map(str, self.session.labels.shape))}): not scored")
+                continue
+            if not layer.metadata.get("kidseg_reference_colours"):
+                layer.metadata["kidseg_reference_colours"] = True
+                layer.colormap = dict(REFERENCE_COLORS)
+                layer.contour = 1
+            return layer, None
+        return None, problem
 
     def export(self):
-        from ..review import export_correction
+        from ..review import ScanAlreadyExported, export_correction
 
         folder = self.export_edit.text().strip()
         if self.session is None:
@@ -659,19 +971,40 @@ class CascadeWidget(QWidget):
             return None
         if not folder:
             self._notify("choose a corrections folder first", error=True)
-            return
+            return None
         s = self.session
         s.sync_edits()
+        touched = set(int(z) for z in np.flatnonzero(s.edited.reshape(s.edited.shape[0], -1).any(axis=1)))
+        kwargs = dict(checkpoints={"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
+                      params=s.params, hand_edited_voxels=s.hand_edited_voxels,
+                      reviewed_slices=touched | self.reviewed_slices)
         try:
-            case = export_correction(
-                Path(folder), self.ct_volume, s.labels,
-                checkpoints={"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
-                params=s.params, hand_edited_voxels=s.hand_edited_voxels)
+            try:
+                case = export_correction(Path(folder), self.ct_volume, s.labels, **kwargs)
+            except ScanAlreadyExported as exc:
+                choice = self.ask_about_export(exc.case_id)
+                if choice == "cancel":
+                    self.status.setText("export cancelled")
+                    return None
+                case = export_correction(Path(folder), self.ct_volume, s.labels, update=choice == "update",
+                                         **kwargs)
         except KidsegError as exc:
             self._notify(str(exc), error=True)
-            return
+            return None
         self._notify(f"exported {case}")
         return case
+
+    def ask_about_export(self, case_id: str) -> str:
+        """Update, copy or cancel: asked when this scan is already in the corrections folder."""
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Question)
+        box.setWindowTitle("Already exported")
+        box.setText(f"This scan is already exported as {case_id}. Update that case with these labels?")
+        update = box.addButton("Update it", QMessageBox.AcceptRole)
+        copy = box.addButton("Save a second copy", QMessageBox.DestructiveRole)
+        box.addButton(QMessageBox.Cancel)
+        box.exec_() if hasattr(box, "exec_") else box.exec()
+        return "update" if box.clickedButton() is update else ("copy" if box.clickedButton() is copy else "cancel")
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self):
