@@ -260,24 +260,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .models import resolve_checkpoint
-    from .training import finetune
+    from .finetuning import STAGES, finetune_models
 
-    parent = resolve_checkpoint(args.parent, args.stage)
-    out = Path(args.output) if args.output else Path(args.corrections) / (
-        f"{args.stage}-finetuned-{__import__('time').strftime('%Y%m%d-%H%M%S')}.safetensors")
-    bar = _progress_bar(f"fine-tune {args.stage}")
-    report = finetune(args.corrections, parent, out, stage=args.stage, coarse_checkpoint=args.coarse,
-                      holdout_fraction=args.holdout, n_replay=args.replay_cases, epochs=args.epochs,
-                      steps_per_epoch=args.steps_per_epoch, max_minutes=args.max_minutes,
-                      bn_momentum=args.bn_momentum, device=args.device,
-                      progress=bar, log=lambda s: print(s, file=sys.stderr))
+    stages = STAGES if args.stage == "both" else (args.stage,)
+    bar = _progress_bar("fine-tune")
+    report = finetune_models(args.corrections, args.output, stages=stages, coarse=args.coarse, refine=args.refine,
+                             device=args.device, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                             batch_size=args.batch_size, lr=args.lr, n_replay=args.replay_cases,
+                             max_minutes=args.max_minutes, holdout_fraction=args.holdout,
+                             bn_momentum=args.bn_momentum, reviewed_only=not args.all_slices, progress=bar,
+                             log=lambda s: print(s, file=sys.stderr))
     bar.close()
     b, a = report["before"], report["after"]
-    print(f"{out}: fine-tuned from {parent.name} in {report['seconds'] / 60:.1f} min")
+    print(f"{report['folder']}: fine-tuned {' and '.join(stages)} in {report['seconds']['total'] / 60:.1f} min")
     print(f"scored on {', '.join(report['scored_on'])}" + ("" if report["held_out"] else " (not held out)"))
     for k in ("kidney_tumor_dice", "tumor_dice", "kits_composite"):
         print(f"  {k:<20} before {b[k]:.4f}  after {a[k]:.4f}")
+    if report["worse"]:
+        print("kidseg: note: the new models score worse than their parents on these cases; keep the parents "
+              "unless you have a reason", file=sys.stderr)
     return 0
 
 
@@ -313,19 +314,29 @@ def _add_train_parser(sub):
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("finetune", help="fine-tune the refine (or coarse) model on exported corrections")
+    from .finetuning import DEFAULTS
+
+    p = sub.add_parser("finetune", help="fine-tune both models (or one) on exported corrections")
     p.add_argument("corrections", help="corrections folder (KiTS layout + manifest.json, as the widget exports)")
-    p.add_argument("--from", dest="parent", help="checkpoint to start from (default: the bundled one)")
-    p.add_argument("-o", "--output", help="new checkpoint (default: inside the corrections folder)")
-    p.add_argument("--stage", choices=["refine", "coarse"], default="refine")
-    p.add_argument("--coarse", help="coarse checkpoint used to score the cascade (default: bundled)")
-    p.add_argument("--holdout", type=float, default=0.25, help="fraction of corrected cases held out")
-    p.add_argument("--replay-cases", type=int, default=3, help="phantom cases mixed in against forgetting")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps-per-epoch", type=int, default=20)
-    p.add_argument("--max-minutes", type=float, default=4.0)
-    p.add_argument("--bn-momentum", type=float, default=0.0,
+    p.add_argument("-o", "--output", help="folder for the new models (default: CORRECTIONS/models/finetune-<time>)")
+    p.add_argument("--stage", choices=["both", "coarse", "refine"], default="both",
+                   help="both (default): the coarse stage picks the kidney regions, where most errors start")
+    p.add_argument("--coarse", help="coarse parent (default: the newest fine-tuned one in CORRECTIONS/models, "
+                                    "else the bundled one)")
+    p.add_argument("--refine", help="refine parent (default: likewise)")
+    p.add_argument("--holdout", type=float, default=DEFAULTS["holdout_fraction"],
+                   help="fraction of corrected scans held out for the before/after score")
+    p.add_argument("--replay-cases", type=int, default=DEFAULTS["n_replay"],
+                   help="phantom cases mixed in against forgetting")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--steps-per-epoch", type=int, default=DEFAULTS["steps_per_epoch"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--max-minutes", type=float, default=DEFAULTS["max_minutes"], help="per stage")
+    p.add_argument("--bn-momentum", type=float, default=DEFAULTS["bn_momentum"],
                    help="BatchNorm statistics momentum (default 0: keep the parent's statistics)")
+    p.add_argument("--all-slices", action="store_true",
+                   help="train on every slice of each case, not only the slices its export marked reviewed")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_finetune)
 

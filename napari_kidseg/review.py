@@ -401,7 +401,8 @@ def scan_sha256(ct: io.Volume) -> str:
 
 def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str | None = None,
                       checkpoints: dict | None = None, params: FusionParams | None = None,
-                      hand_edited_voxels: int = 0, reviewed_slices=None, update: bool | None = None) -> Path:
+                      hand_edited_voxels: int = 0, reviewed_slices=None, whole_case_reviewed: bool = False,
+                      update: bool | None = None) -> Path:
     """Write one corrected case in KiTS layout under ``root`` and add it to ``root/manifest.json``.
 
     One case per scan: when the manifest already holds this scan (same voxels and spacing),
@@ -409,7 +410,8 @@ def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str |
     (the CT is not copied again) and its manifest entry; ``update=False`` exports a second copy on
     purpose. Never overwrites another case. Files are written atomically and the manifest last,
     so a failed export leaves no half-registered case. ``reviewed_slices``: the slice indices the
-    radiologist touched or confirmed (fine-tuning can train on those alone).
+    radiologist touched or confirmed (fine-tuning trains on those alone unless
+    ``whole_case_reviewed``).
     """
     from .models import file_sha256
 
@@ -434,6 +436,7 @@ def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str |
         "fusion": dataclasses.asdict(params or FusionParams()),
         "hand_edited_voxels": int(hand_edited_voxels),
         "reviewed_slices": None if reviewed_slices is None else sorted(int(z) for z in reviewed_slices),
+        "whole_case_reviewed": bool(whole_case_reviewed),
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if same and update:

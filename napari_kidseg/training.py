@@ -71,6 +71,7 @@ class CachedCase:
     labels_path: Path
     spacing: tuple
     shape: tuple
+    slices: tuple | None = None  # train on these slices only (a partly reviewed correction); None: all
 
     def arrays(self):
         return np.load(self.ct_path, mmap_mode="r"), np.load(self.labels_path, mmap_mode="r")
@@ -138,14 +139,19 @@ class SegmentationSamples:
         self.weights = []
         for ci, case in enumerate(cases):
             _, labels = case.arrays()
+            allowed = None if case.slices is None else set(case.slices)
             if cfg.stage == "coarse":
                 has = np.asarray(labels).reshape(labels.shape[0], -1).max(axis=1)
                 for z in range(case.shape[0]):
+                    if allowed is not None and z not in allowed:
+                        continue
                     self.items.append((ci, z, 0, 0))
                     self.weights.append({0: 1.0, 1: 4.0, 2: 6.0}[int(has[z])])
             else:
                 for p in reference_patches(case, cfg.input_size):
                     z, y0, x0 = int(p["z"]), int(p["y0"]), int(p["x0"])
+                    if allowed is not None and z not in allowed:
+                        continue
                     self.items.append((ci, z, y0, x0))
                     # tumor patches are few and the class is the hard one: draw them 3x as often
                     has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == 2).any()
@@ -531,6 +537,22 @@ def replay_cases(n: int, seed: int) -> list[Path]:
     return io.kits_cases(root)[:n]
 
 
+def reviewed_slices(corrections_dir) -> dict[str, tuple]:
+    """Per corrected case, the slices its export marked reviewed (touched or confirmed); a case
+    exported without that list (or with ``"whole_case_reviewed": true``) is absent: all slices."""
+    import json
+
+    manifest = Path(corrections_dir) / "manifest.json"
+    if not manifest.exists():
+        return {}
+    out = {}
+    for entry in json.loads(manifest.read_text()).get("cases", []):
+        zs = entry.get("reviewed_slices")
+        if zs and not entry.get("whole_case_reviewed"):
+            out[entry["case"]] = tuple(int(z) for z in zs)
+    return out
+
+
 def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: float) -> tuple[list, list]:
     """Train and held-out cases, split by scan: copies of one scan (same ``scan_sha256`` in the
     manifest) never land on both sides, or the held-out score would be measured on training data."""
@@ -553,7 +575,8 @@ def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: fl
 
 def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=None, holdout_fraction=0.25,
              n_replay=3, replay_seed=50_000, epochs=3, steps_per_epoch=20, batch_size=8, lr=5e-5,
-             max_minutes=4.0, bn_momentum=0.0, device="auto", progress=None, cancel=None, log=print) -> dict:
+             max_minutes=4.0, bn_momentum=0.0, device="auto", reviewed_only=True, progress=None, cancel=None,
+             log=print, score=True, chain=None) -> dict:
     """Fine-tune ``parent`` on exported corrections; writes a child checkpoint ``out``.
 
     Part of the corrected cases is held out (at least one when there are two or more) and the
@@ -586,10 +609,14 @@ def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=
             "before/after figures are on training data)")
     coarse = coarse_checkpoint if stage == "refine" else parent
     refine_before = parent if stage == "refine" else None
-    log(f"scoring the parent on {len(eval_dirs)} case(s)...")
-    before = evaluate_cascade(eval_dirs, coarse, refine_before, device=device)
+    before = {}
+    if score:
+        log(f"scoring the parent on {len(eval_dirs)} case(s)...")
+        before = evaluate_cascade(eval_dirs, coarse, refine_before, device=device)
     replay = replay_cases(n_replay, replay_seed) if n_replay else []
-    cached = [cache_case(c) for c in train_dirs + replay]
+    reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
+    cached = [dataclasses.replace(cache_case(c), slices=reviewed.get(c.name)) for c in train_dirs]
+    cached += [cache_case(c) for c in replay]
     cfg = dataclasses.replace(parent_cfg)
     cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
     cfg.provenance = {
@@ -598,13 +625,17 @@ def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=
         "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / io.KITS_LABELS)} for c in train_dirs],
         "held_out": [c.name for c in held], "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
         "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr, "bn_momentum": bn_momentum,
+        "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
+        "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
     }
     settings = TrainSettings(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                              patience=epochs + 1, workers=0, device=device, max_minutes=max_minutes, val_samples=0,
                              bn_momentum=bn_momentum)
     summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel,
                     log=log)
-    after = evaluate_cascade(eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None,
-                             device=device)
+    after = {}
+    if score:
+        after = evaluate_cascade(eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None,
+                                 device=device)
     return {"before": before, "after": after, "held_out": [c.name for c in held],
             "scored_on": [c.name for c in eval_dirs], "checkpoint": str(out), "seconds": summary["seconds"]}

@@ -1,12 +1,20 @@
 """The figures of napari_kidseg/weights/README.md: held-out phantoms, the real CT, fine-tuning.
 
     python scripts/evaluate_bundled.py [--coarse C --refine R] [--skip-finetune] [--out DIR] [--figure PNG]
+    python scripts/evaluate_bundled.py --sets --cases 30 [--coarse C --refine R] [--out DIR]
+
+``--sets`` (version 4): every evaluation set, each scored with the anatomy check on and off:
+procedural phantoms of held-out seeds (9000+), phantoms built on the 10 held-out FLARE maps
+(seeds 9100+), the shared real CT (a training case from version 4 on) and the shared real DICOM
+series (20 upper-abdomen slices with no kidney: everything labelled is false). Per set: mean
+kidney+tumor and tumor Dice, false kidney and false tumor mL, false tumor regions per case,
+tumors 5-50 mL found, and what the anatomy check removed.
 
 1. Held-out phantoms (seeds 9000+, never used in training): KiTS scores of coarse alone
    (alpha = 1) and of the fused cascade (alpha = 0.4), and the fused cascade's lesion-wise tumor
    detection by tumor volume (``--cases 30`` gives that table enough tumors to mean something).
 2. The real CT in ../shared/data/realct/totalseg-abdomen-3mm: kidney Dice (label > 0 against
-   kidneys.nii.gz), and where the errors lie (by thirds of the kidneys' extent). Never trained on.
+   kidneys.nii.gz), and where the errors lie (by thirds of the kidneys' extent).
 3. Fine-tuning loop: the real CT with its reference labels as a "corrected case"; fine-tune the
    refine model from the given weights (what the widget's button does), then also the coarse
    model; kidney Dice on the real CT and scores on the held-out phantoms before and after each.
@@ -121,6 +129,70 @@ def real_ct_figure(result, real, path):
     plt.close(fig)
 
 
+SHARED = REAL.parents[1]
+
+
+def _set_row(pred, ref, spacing, removed_ml=None):
+    d = metrics.tumor_detection(pred, ref, spacing)
+    return {**metrics.kits_scores(pred, ref), **metrics.false_ml(pred, ref, spacing), "detection": d,
+            "removed": removed_ml}
+
+
+def score_sets(cascade, work: Path, n_cases: int) -> dict:
+    """Every evaluation set, with the anatomy check on and off (one network run per case)."""
+    from napari_kidseg.labelmap_phantom import find_label_maps, split_label_maps
+
+    sets = {}
+    proc = work / "heldout-procedural"
+    if not proc.exists():
+        write_phantom_cases(proc, n_cases, 9000, matrix=256, max_slices=100, jobs=2)
+    sets["procedural phantoms (held-out seeds)"] = [(c, None) for c in io.kits_cases(proc)[:n_cases]]
+    anat = work / "heldout-anatomy"
+    if not anat.exists() and (SHARED / "flare22-labels").exists():
+        _, held = split_label_maps(find_label_maps(SHARED / "flare22-labels"))
+        write_phantom_cases(anat, n_cases, 9100, matrix=256, label_maps=held, jobs=2)
+    if anat.exists():
+        sets["phantoms on held-out FLARE maps"] = [(c, None) for c in io.kits_cases(anat)[:n_cases]]
+    if REAL.exists():
+        sets["shared real CT (training case)"] = [(REAL / "ct.nii.gz", REAL / "kidneys.nii.gz")]
+        sets["shared real DICOM series (no kidney)"] = [(REAL / "dicom-series", None)]
+    out = {}
+    for name, items in sets.items():
+        rows = {"on": [], "off": []}
+        for src, ref_path in items:
+            if ref_path is None and Path(src).is_dir() and (Path(src) / io.KITS_IMAGE).exists():
+                ct, ref = io.read_kits_case(src)
+                ref = ref.array
+            else:
+                ct = io.read_ct(src)
+                ref = io.read_labels(ref_path, like=ct).array if ref_path else np.zeros(ct.array.shape, np.uint8)
+            r = cascade.run(ct.array, ct.geometry.spacing)
+            sp = ct.geometry.spacing
+            rows["off"].append(_set_row(r.fuse(alpha=0.4, anatomy_check=False), ref, sp))
+            on = r.fuse(alpha=0.4)
+            rows["on"].append(_set_row(on, ref, sp, r.verdict.removed_ml()))
+        out[name] = {k: _summarise(v) for k, v in rows.items()}
+        out[name]["cases"] = len(items)
+        print(f"{name}: {json.dumps(out[name])}", flush=True)
+    return out
+
+
+def _summarise(rows):
+    mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    tumors = [t for r in rows for t in r["detection"]["tumors"]]
+    mid = [t for t in tumors if 5.0 <= t["volume_ml"] < 50.0]
+    out = {"kidney_tumor_dice": mean("kidney_tumor_dice"), "tumor_dice": mean("tumor_dice"),
+           "false_kidney_ml": mean("false_kidney_ml"), "false_tumor_ml": mean("false_tumor_ml"),
+           "max_false_tumor_ml": float(max(r["false_tumor_ml"] for r in rows)),
+           "false_tumor_regions_per_case": float(np.mean([len(r["detection"]["false_tumors_ml"]) for r in rows])),
+           "tumors_5_50_ml_found": f"{sum(t['found'] for t in mid)}/{len(mid)}",
+           "tumors_found": f"{sum(t['found'] for t in tumors)}/{len(tumors)}"}
+    if rows[0]["removed"] is not None:
+        out["anatomy_removed_kidney_ml"] = float(np.mean([r["removed"]["kidney"] for r in rows]))
+        out["anatomy_removed_tumor_ml"] = float(np.mean([r["removed"]["tumor"] for r in rows]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--coarse")
@@ -130,12 +202,22 @@ def main():
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--mirror", action="store_true", help="run the cascade with mirror averaging (kidseg predict --mirror)")
     ap.add_argument("--figure", help="write a PNG of the real CT with reference and predicted kidneys here")
+    ap.add_argument("--sets", action="store_true", help="score every evaluation set with the anatomy check on/off")
     ap.add_argument("--bn-momentum", type=float, default=inspect.signature(finetune).parameters["bn_momentum"].default,
                     help="fine-tuning's BatchNorm momentum (default: finetune()'s, as kidseg finetune)")
     args = ap.parse_args()
     if args.mirror and not args.skip_finetune:
         ap.error("--mirror scores the cascade only: add --skip-finetune")
     work = Path(args.out or tempfile.mkdtemp(prefix="kidseg-eval-"))
+    if args.sets:
+        cascade = Cascade(args.coarse, args.refine, device="cpu")
+        report = {"coarse": str(cascade.coarse_path), "refine": str(cascade.refine_path),
+                  "sets": score_sets(cascade, work, args.cases)}
+        if args.figure and REAL.exists():
+            real = read_real_ct()
+            real_ct_figure(cascade.run(real[0].array, real[0].geometry.spacing), real, args.figure)
+        print(json.dumps(report, indent=1))
+        return
     held = work / "heldout"
     if not held.exists():
         write_phantom_cases(held, args.cases, 9000, matrix=256, max_slices=100, jobs=2)

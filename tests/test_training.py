@@ -256,16 +256,70 @@ def test_validation_scores_every_slice_unweighted_or_an_even_spread(tiny_dataset
 
 
 def test_cli_finetune_defaults_are_the_finetune_function_defaults():
-    """The widget calls finetune() and the CLI passes its own defaults: they must not drift apart."""
+    """The widget calls finetune_models() and the CLI passes its own defaults: they must not drift apart."""
     import inspect
 
     from napari_kidseg.cli import build_parser
+    from napari_kidseg.finetuning import finetune_models
 
-    args = build_parser().parse_args(["finetune", "corrections", "--from", "parent.safetensors"])
-    defaults = {k: p.default for k, p in inspect.signature(training.finetune).parameters.items()}
-    pairs = {"stage": "stage", "holdout": "holdout_fraction", "replay_cases": "n_replay", "epochs": "epochs",
-             "steps_per_epoch": "steps_per_epoch", "max_minutes": "max_minutes", "bn_momentum": "bn_momentum"}
+    args = build_parser().parse_args(["finetune", "corrections"])
+    assert args.stage == "both"
+    defaults = {k: p.default for k, p in inspect.signature(finetune_models).parameters.items()}
+    pairs = {"holdout": "holdout_fraction", "replay_cases": "n_replay", "epochs": "epochs", "lr": "lr",
+             "steps_per_epoch": "steps_per_epoch", "max_minutes": "max_minutes", "bn_momentum": "bn_momentum",
+             "batch_size": "batch_size"}
     assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
+
+
+def _corrections(tiny_dataset, root, reviewed=False):
+    """The tiny dataset exported as corrections; ``reviewed``: only 3 kidney slices marked reviewed."""
+    from napari_kidseg.review import export_correction
+
+    for c in training.find_cases([tiny_dataset]):
+        ct, labels = io.read_kits_case(c)
+        zs = np.flatnonzero(labels.array.reshape(labels.array.shape[0], -1).any(1))
+        mid = int(zs[len(zs) // 2])
+        export_correction(root, ct, labels.array, reviewed_slices=[mid - 1, mid, mid + 1] if reviewed else None)
+    return root
+
+
+def test_finetune_models_both_stages_chain_and_refuse(tiny_dataset, tiny_checkpoints, tmp_path):
+    from napari_kidseg.finetuning import finetune_models, model_versions
+
+    corrections = _corrections(tiny_dataset, tmp_path / "corr", reviewed=True)
+    small = dict(epochs=1, steps_per_epoch=2, batch_size=2, n_replay=0, device="cpu", log=lambda s: None)
+    first = finetune_models(corrections, coarse=tiny_checkpoints["coarse"], refine=tiny_checkpoints["refine"], **small)
+    folder = Path(first["folder"])
+    assert folder.parent == corrections / "models" and folder.name.startswith("finetune-")
+    names = {p.name for p in folder.iterdir()}
+    assert {"coarse.safetensors", "refine.safetensors", "report.json"} <= names
+    assert not any(n.endswith((".state.pt", ".last.safetensors")) for n in names)
+    assert first["held_out"] and set(first["before"]) == set(first["after"])
+    cfg = models.read_config(folder / "coarse.safetensors")
+    assert cfg.provenance["reviewed_slices_only"] and all(len(v) == 3 for v in
+                                                          cfg.provenance["reviewed_slices_only"].values())
+    # the second fine-tune starts from the first one's children, and its provenance names the chain
+    second = finetune_models(corrections, tmp_path / "second", stages=("refine",), **small)
+    assert second["parents"]["refine"] == str(folder / "refine.safetensors")
+    assert second["parents"]["coarse"] == str(folder / "coarse.safetensors")
+    chain = models.read_config(tmp_path / "second" / "refine.safetensors").provenance["chain"]
+    assert len(chain) == 2 and chain[-1].startswith(f"{folder.name}/refine.safetensors")
+    assert [v["name"] for v in model_versions(corrections)] == ["bundled", folder.name]
+    # refusals, one line each, nothing half-written
+    with pytest.raises(KidsegError, match="not empty"):
+        finetune_models(corrections, folder, **small)
+    with pytest.raises(KidsegError, match="is a refine checkpoint"):
+        finetune_models(corrections, tmp_path / "x", coarse=tiny_checkpoints["refine"], **small)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+    bad = tmp_path / "bad"
+    case = _corrections(tiny_dataset, bad) / "case_00000" / io.KITS_LABELS
+    ct = io.read_ct(case.parent / io.KITS_IMAGE)
+    for arr, msg in ((np.full(ct.array.shape, 7, np.uint8), "label"), (np.zeros(ct.array.shape, np.uint8),
+                                                                       "no kidney or tumor")):
+        io.write_labels(case, arr, ct, overwrite=True)
+        with pytest.raises(KidsegError, match=msg) as info:
+            finetune_models(bad, tmp_path / "y", **small)
+        assert "segmentation.nii.gz" in str(info.value)
 
 
 def test_finetune_split_keeps_copies_of_one_scan_together(tmp_path):

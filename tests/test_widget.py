@@ -145,7 +145,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     real_finetune = training.finetune
     monkey = {"kwargs": None}
 
-    def small_finetune(*args, **kwargs):  # the widget's call, with a test-sized schedule
+    def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized schedule
         monkey["kwargs"] = kwargs
         return real_finetune(*args, **{**kwargs, "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0})
 
@@ -157,8 +157,12 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
         training.finetune = real_finetune
     assert "Dice" in w.finetune_label.text(), w.status.text()
     assert w.use_new_btn.isEnabled()
-    w.use_new_btn.click()
-    assert w.refine_edit.text().endswith(".safetensors") and "finetuned" in w.refine_edit.text()
+    assert w.versions_combo.count() == 2 and w.versions_combo.itemText(0) == "bundled"
+    w.ask_about_edits = lambda n: "discard"
+    w.use_new_btn.click()  # both models switch, and the case runs again with them
+    assert "finetune-" in w.coarse_edit.text() and w.refine_edit.text().endswith("refine.safetensors")
+    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    assert "the new models changed" in w.status.text()
 
 
 def test_cancel_leaves_the_viewer_as_it_was(viewer_with_case, tiny_checkpoints, qtbot):

@@ -259,15 +259,36 @@ class CascadeWidget(QWidget):
         form = QFormLayout(box)
         self.export_edit, row = self._path_row("corrections folder", folder=True)
         form.addRow("Folder", row)
+        self.export_edit.setToolTip("Exported cases (KiTS layout + manifest.json) and fine-tuned models go here")
+        self.whole_case_check = QCheckBox("whole case reviewed")
+        self.whole_case_check.setToolTip("Checked: fine-tuning learns from every slice of this case. Unchecked: only "
+                                         "from the slices you edited or marked reviewed.")
         self.export_btn = QPushButton("Export case")
-        form.addRow(self.export_btn)
+        self.export_btn.setToolTip("Write the CT and the corrected labels into the folder (once per scan: a second "
+                                   "export of the same scan updates its case)")
+        erow = QHBoxLayout()
+        erow.addWidget(self.export_btn)
+        erow.addWidget(self.whole_case_check)
+        form.addRow(erow)
         frow = QHBoxLayout()
-        self.finetune_btn = QPushButton("Fine-tune refine model")
-        self.use_new_btn = QPushButton("Use the new refine model")
+        self.finetune_btn = QPushButton("Fine-tune models")
+        self.finetune_btn.setToolTip("Fine-tune the coarse and refine models on the exported corrections, in the "
+                                     "background (about a minute per stage on 2 CPU cores)")
+        self.refine_only_check = QCheckBox("refine only")
+        self.refine_only_check.setToolTip("Fine-tune the refine model alone (the coarse model picks the kidney "
+                                          "regions, where most errors on a new scanner start)")
+        self.use_new_btn = QPushButton("Use the new models")
+        self.use_new_btn.setToolTip("Switch to the fine-tuned models and run this case again with them")
         self.use_new_btn.setEnabled(False)
         frow.addWidget(self.finetune_btn)
+        frow.addWidget(self.refine_only_check)
         frow.addWidget(self.use_new_btn)
         form.addRow(frow)
+        self.versions_combo = QComboBox()
+        self.versions_combo.setToolTip("The bundled models and every fine-tuned pair in the corrections folder: "
+                                       "pick one to switch back to it (press Run to use it)")
+        self.versions_combo.activated.connect(self._pick_version)
+        form.addRow("Model versions", self.versions_combo)
         self.finetune_label = QLabel("")
         self.finetune_label.setWordWrap(True)
         form.addRow(self.finetune_label)
@@ -301,8 +322,10 @@ class CascadeWidget(QWidget):
         self.next_uncertain_btn.clicked.connect(lambda: self.goto_doubtful("uncertainty"))
         self.export_btn.clicked.connect(self.export)
         self.finetune_btn.clicked.connect(self.finetune)
-        self.use_new_btn.clicked.connect(self._use_new_refine)
-        self.new_refine = None
+        self.use_new_btn.clicked.connect(self.use_new_models)
+        self.export_edit.editingFinished.connect(self._refresh_versions)
+        self.new_models = None
+        self._before_models = None  # labels before 'Use the new models', for the changed-voxel count
         self.reviewed_slices: set[int] = set()
         self._measure_timer = QTimer(self)  # the Review box follows every edit, debounced
         self._measure_timer.setSingleShot(True)
@@ -479,6 +502,11 @@ class CascadeWidget(QWidget):
             return
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
+        if stage.startswith("fine-tune"):
+            elapsed = time.perf_counter() - getattr(self, "_finetune_started", time.perf_counter())
+            left = elapsed / max(done, 1) * (total - done)
+            self.status.setText(f"{stage}: {100 * done / max(total, 1):.0f}%, about {left / 60:.1f} min left")
+            return
         self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
 
     def _on_error(self, exc):
@@ -556,6 +584,12 @@ class CascadeWidget(QWidget):
             sb.setRange(0, n)
         secs = time.perf_counter() - self._run_started
         msg = f"done in {secs:.1f} s: {len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches"
+        before = self._before_models
+        if before is not None and before.shape == session.labels.shape:
+            changed = int((before != session.fused).sum())
+            ml = changed * float(np.prod(result.spacing)) / 1000.0
+            msg += f"; the new models changed {changed} voxel(s), {ml:.1f} mL, of the draft"
+        self._before_models = None
         if result.messages:
             msg += "; " + "; ".join(result.messages)
         self._notify(msg)
@@ -977,7 +1011,8 @@ class CascadeWidget(QWidget):
         touched = set(int(z) for z in np.flatnonzero(s.edited.reshape(s.edited.shape[0], -1).any(axis=1)))
         kwargs = dict(checkpoints={"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
                       params=s.params, hand_edited_voxels=s.hand_edited_voxels,
-                      reviewed_slices=touched | self.reviewed_slices)
+                      reviewed_slices=touched | self.reviewed_slices,
+                      whole_case_reviewed=self.whole_case_check.isChecked())
         try:
             try:
                 case = export_correction(Path(folder), self.ct_volume, s.labels, **kwargs)
@@ -1008,11 +1043,11 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self):
-        """Fine-tune the refine model on the corrections folder, in a worker; cancellable."""
+        """Fine-tune both models (or the refine one) on the corrections folder, in a worker."""
         from napari.qt.threading import create_worker
 
+        from .. import finetuning
         from ..models import resolve_checkpoint
-        from ..training import finetune
 
         folder = self.export_edit.text().strip()
         if not folder:
@@ -1021,36 +1056,45 @@ class CascadeWidget(QWidget):
         if self._worker is not None:
             return
         try:
-            parent = resolve_checkpoint(self.refine_edit.text() or None, "refine")
-            coarse = resolve_checkpoint(self.coarse_edit.text() or None, "coarse")
+            parents = {"coarse": resolve_checkpoint(self.coarse_edit.text() or None, "coarse"),
+                       "refine": resolve_checkpoint(self.refine_edit.text() or None, "refine")}
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return
-        out = Path(folder) / f"refine-finetuned-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+        stages = ("refine",) if self.refine_only_check.isChecked() else finetuning.STAGES
         self._cancel.clear()
         relay, cancel = self._relay, self._cancel
         device = self.device_combo.currentText()
+        self._finetune_started = time.perf_counter()
 
         def job():
-            return finetune(folder, parent, out, coarse_checkpoint=coarse, device=device,
-                            progress=lambda d, t, st: relay.progress.emit(d, t, "fine-tune"), cancel=cancel.is_set,
-                            log=lambda m: None)
+            return finetuning.finetune_models(folder, stages=stages, device=device, **parents,
+                                              progress=lambda d, t, st: relay.progress.emit(d, t, st),
+                                              cancel=cancel.is_set, log=lambda m: None)
 
         self.run_btn.setEnabled(False)
         self.finetune_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
-        self.status.setText("fine-tuning the refine model...")
+        self.status.setText(f"fine-tuning the {' and '.join(stages)} model(s)...")
 
         def done(report):
             b, a = report["before"], report["after"]
             where = "held-out" if report["held_out"] else "corrected (not held out)"
-            self.finetune_label.setText(
-                f"{Path(report['checkpoint']).name}: on {len(report['scored_on'])} {where} case(s), "
-                f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
-                f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}")
-            self.new_refine = report["checkpoint"]
+            text = (f"{Path(report['folder']).name}: on {len(report['scored_on'])} {where} case(s), "
+                    f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
+                    f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}; "
+                    f"{report['seconds']['total'] / 60:.1f} min")
+            self.new_models = report["models"]
+            if report["worse"]:
+                text += (". The new models score WORSE than the ones in use on these cases: keeping the ones in "
+                         "use. 'Use the new models anyway' switches regardless.")
+                self.use_new_btn.setText("Use the new models anyway")
+            else:
+                self.use_new_btn.setText("Use the new models")
+            self.finetune_label.setText(text)
             self.use_new_btn.setEnabled(True)
-            self._notify("fine-tuning done")
+            self._refresh_versions()
+            self._notify("fine-tuning done" + (" (the new models are worse)" if report["worse"] else ""))
 
         def finished():
             self._worker = None
@@ -1061,7 +1105,35 @@ class CascadeWidget(QWidget):
         self._worker = create_worker(job, _connect={"returned": done, "errored": self._on_error,
                                                     "finished": finished})
 
-    def _use_new_refine(self):
-        if self.new_refine:
-            self.refine_edit.setText(self.new_refine)
-            self._notify(f"the refine model is now {Path(self.new_refine).name}; press Run to use it")
+    def use_new_models(self):
+        """Switch to the fine-tuned models and re-run this case, so the difference shows at once
+        (the run asks before replacing hand edits)."""
+        models = getattr(self, "new_models", None)
+        if not models:
+            return
+        self.coarse_edit.setText(models["coarse"])
+        self.refine_edit.setText(models["refine"])
+        self._notify(f"now using {Path(models['coarse']).parent.name}: running this case again")
+        if self.session is not None:
+            self._before_models = self.session.labels.copy()
+            self.run()
+
+    def _refresh_versions(self):
+        from ..finetuning import model_versions
+
+        folder = self.export_edit.text().strip()
+        self.versions_combo.clear()
+        self._versions = model_versions(folder) if folder and Path(folder).is_dir() else []
+        for v in self._versions:
+            after = v.get("after")
+            note = f" (held-out kidney+tumor {after['kidney_tumor_dice']:.3f})" if after else ""
+            self.versions_combo.addItem(v["name"] + (" - worse than its parent" if v["worse"] else "") + note)
+
+    def _pick_version(self, index: int):
+        v = self._versions[index] if 0 <= index < len(getattr(self, "_versions", [])) else None
+        if v is None:
+            return
+        bundled = v["name"] == "bundled"
+        self.coarse_edit.setText("" if bundled else v["coarse"])
+        self.refine_edit.setText("" if bundled else v["refine"])
+        self.status.setText(f"models: {v['name']}; press Run to use them")
