@@ -10,13 +10,22 @@ DEBS   := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-keys
           libfontconfig1 libdbus-1-3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test setup system-deps bench clean
+.PHONY: demo test test-fast lint setup system-deps bench clean
 
 demo: setup
 	$(BIN)/kidseg demo
 
-test: setup
+# the whole suite, lint first (what CI runs)
+test: setup lint
 	xvfb-run -a -s "-screen 0 1600x1200x24" $(BIN)/pytest -q -p no:cacheprovider --durations=15
+
+# the development lane: everything but the tests marked slow (real-volume sweeps, training)
+test-fast: setup
+	xvfb-run -a -s "-screen 0 1600x1200x24" $(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/kidseg bench

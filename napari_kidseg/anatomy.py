@@ -54,8 +54,9 @@ SPINE_BAND_MM = 40.0  # the vertebral body lies within 40 mm of the body's midli
 MIN_VERTEBRA_MM2 = 300.0  # 3 cm2: more than a rib or a calcification, less than any lumbar body
 SPINE_MEDIAN_MM = 60.0  # running median along z: two vertebrae and the disc between
 MIN_SPINE_SLICES = 0.3  # the spine must be found on this share of slices, or it is "not in view"
-_STRUCT_2D = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
-                       [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool)
+_STRUCT_2D = np.array(
+    [[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1], [1, 1, 1]], [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool
+)
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 
 
@@ -156,8 +157,10 @@ class RemovedRegion:
     reason: str
 
     def describe(self) -> str:
-        return (f"{self.volume_ml:.1f} mL of {self.label} ({self.side}, slices {self.z_mm[0]:.0f}-{self.z_mm[1]:.0f} mm): "
-                f"{self.reason}")
+        return (
+            f"{self.volume_ml:.1f} mL of {self.label} ({self.side}, slices {self.z_mm[0]:.0f}-{self.z_mm[1]:.0f} mm): "
+            f"{self.reason}"
+        )
 
 
 @dataclasses.dataclass
@@ -207,7 +210,7 @@ class AnatomyVerdict:
 
     def removed_mask(self, labels: np.ndarray) -> np.ndarray:
         """Voxels of ``labels`` that :meth:`apply` clears (for the *removed* layer)."""
-        return (self.apply(labels) != labels)
+        return self.apply(labels) != labels
 
     def region_at(self, zyx) -> RemovedRegion | None:
         """The removed region at a full-grid voxel (for restore-by-click), or None."""
@@ -227,8 +230,10 @@ class AnatomyVerdict:
             if r.volume_ml < min_ml:
                 small.setdefault(r.reason.split(",")[0], []).append(r)
         for reason, rs in small.items():
-            lines.append(f"anatomy check removed {len(rs)} region(s) under {min_ml:g} mL, "
-                         f"{sum(r.volume_ml for r in rs):.1f} mL in all: {reason}")
+            lines.append(
+                f"anatomy check removed {len(rs)} region(s) under {min_ml:g} mL, "
+                f"{sum(r.volume_ml for r in rs):.1f} mL in all: {reason}"
+            )
         return lines + list(self.notes)
 
     def removed_ml(self) -> dict[str, float]:
@@ -240,8 +245,9 @@ class AnatomyVerdict:
         return out
 
 
-def check_anatomy(labels: np.ndarray, spacing, spine: SpineFrame | None, *,
-                  priors_data: dict | None = None) -> AnatomyVerdict:
+def check_anatomy(
+    labels: np.ndarray, spacing, spine: SpineFrame | None, *, priors_data: dict | None = None
+) -> AnatomyVerdict:
     """Judge a result's regions (see the module's docstring); ``spine`` None skips the position rules."""
     labels = np.asarray(labels)
     pr = priors_data or priors()
@@ -303,12 +309,12 @@ def check_anatomy(labels: np.ndarray, spacing, spine: SpineFrame | None, *,
         counts = np.bincount(r, minlength=n + 1).astype(float)
         safe = np.maximum(counts, 1)
         com_x = np.bincount(r, weights=xs[xx], minlength=n + 1) / safe
-        com_z = np.clip(np.round(np.bincount(r, weights=zz, minlength=n + 1) / safe).astype(int), 0,
-                        small.shape[0] - 1)
+        com_z = np.clip(np.round(np.bincount(r, weights=zz, minlength=n + 1) / safe).astype(int), 0, small.shape[0] - 1)
         fit = np.ones(n + 1)
         if logd is not None:
-            fit = np.minimum(1.0, np.exp(np.bincount(r, weights=logd, minlength=n + 1) / safe
-                                         - pr["typical_log_density"]))
+            fit = np.minimum(
+                1.0, np.exp(np.bincount(r, weights=logd, minlength=n + 1) / safe - pr["typical_log_density"])
+            )
         score = counts * fit
         side = np.where(com_x > mid[com_z], "left", "right")  # LPS: +x is the patient's left
         boxes = ndimage.find_objects(regions)
@@ -346,8 +352,10 @@ def check_anatomy(labels: np.ndarray, spacing, spine: SpineFrame | None, *,
     verdict = _group(removed, reasons, small, sp, mid, s, tuple(labels.shape), notes)
     for r in verdict.regions:  # a transplant or ectopic kidney lies where native ones do not
         if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and "position" in r.reason:
-            verdict.notes.append(f"a kidney-sized region ({r.volume_ml:.0f} mL, {r.side}) was removed for its "
-                                 "position: if it is a transplant or ectopic kidney, restore it")
+            verdict.notes.append(
+                f"a kidney-sized region ({r.volume_ml:.0f} mL, {r.side}) was removed for its "
+                "position: if it is a transplant or ectopic kidney, restore it"
+            )
     return verdict
 
 
@@ -413,6 +421,14 @@ def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdi
             side = "midline" if abs(dx) < 15 else ("left" if dx > 0 else "right")
             new_id = len(regions) + 1
             groups[box][piece] = new_id
-            regions.append(RemovedRegion(new_id, label, side, round(n_vox * vox_ml, 1),
-                                         (float(box[0].start * sp[0]), float((box[0].stop - 1) * sp[0])), reason))
+            regions.append(
+                RemovedRegion(
+                    new_id,
+                    label,
+                    side,
+                    round(n_vox * vox_ml, 1),
+                    (float(box[0].start * sp[0]), float((box[0].stop - 1) * sp[0])),
+                    reason,
+                )
+            )
     return AnatomyVerdict(groups, step, shape, regions, notes)

@@ -2,7 +2,8 @@
 
 For each size, a 512 x 512 x N phantom is written as .nii.gz and pushed through the whole
 pipeline in a fresh process (so peak RSS belongs to that size alone): read, coarse, ROI, refine,
-fusion, write; then the latency of ``fuse`` for one slice and for the whole volume. Prints a
+fusion, the anatomy check (finding the spine and judging the regions, with its share of the
+cascade's time), write; then the latency of ``fuse`` for one slice and for the whole volume. Prints a
 table; nothing here asserts a target, the figures are for people to read.
 """
 
@@ -68,10 +69,19 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
     row.update({k: result.timings[k] for k in ("coarse", "roi", "refine")})
     row["patches"] = len(result.patches)
     row["coarse_slices_per_s"] = n / result.timings["coarse"]
-    row["refine_patches_per_s"] = len(result.patches) / result.timings["refine"] if len(result.patches) else float("nan")
+    row["refine_patches_per_s"] = (
+        len(result.patches) / result.timings["refine"] if len(result.patches) else float("nan")
+    )
     t0 = time.perf_counter()
-    labels = result.fuse()
+    labels = result.fuse(anatomy_check=False)
     row["fusion_s"] = time.perf_counter() - t0
+    from .anatomy import check_anatomy
+
+    t0 = time.perf_counter()  # the anatomy check: the spine (found during the run) and the verdict
+    result.verdict = check_anatomy(labels, result.spacing, result.spine)
+    labels = result.verdict.apply(labels)
+    row["anatomy_s"] = time.perf_counter() - t0 + result.timings["spine"]
+    row["anatomy_pct"] = 100.0 * row["anatomy_s"] / (row["cascade_s"] + row["fusion_s"])
     zs = sorted(result.refined) or [n // 2]
     t0 = time.perf_counter()
     for z in zs[:: max(1, len(zs) // 20)][:20]:
@@ -80,7 +90,9 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
     t0 = time.perf_counter()
     io.write_labels(workdir / f"labels{n}.nii.gz", labels, ct, overwrite=True)
     row["write_s"] = time.perf_counter() - t0
-    row["end_to_end_s"] = row["read_s"] + row["cascade_s"] + row["fusion_s"] + row["write_s"]
+    row["end_to_end_s"] = (
+        row["read_s"] + row["cascade_s"] + row["fusion_s"] + row["anatomy_s"] - result.timings["spine"] + row["write_s"]
+    )
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["rss_beyond_models_mb"] = row["peak_rss_mb"] - base_rss
     row["peak_gpu_mb"] = result.timings.get("peak_gpu_mb", 0.0)
@@ -88,13 +100,26 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
     return row
 
 
-COLUMNS = [("slices", "N", "{:d}"), ("device", "dev", "{}"), ("read_s", "read s", "{:.2f}"),
-           ("coarse", "coarse s", "{:.2f}"), ("roi", "ROI s", "{:.2f}"), ("refine", "refine s", "{:.2f}"),
-           ("fusion_s", "fusion s", "{:.2f}"), ("write_s", "write s", "{:.2f}"),
-           ("end_to_end_s", "total s", "{:.1f}"), ("coarse_slices_per_s", "coarse sl/s", "{:.1f}"),
-           ("patches", "patches", "{:d}"), ("refine_patches_per_s", "refine p/s", "{:.1f}"),
-           ("fuse_slice_ms", "fuse 1 sl ms", "{:.1f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
-           ("rss_beyond_models_mb", "RSS-models MB", "{:.0f}"), ("peak_gpu_mb", "GPU MB", "{:.0f}")]
+COLUMNS = [
+    ("slices", "N", "{:d}"),
+    ("device", "dev", "{}"),
+    ("read_s", "read s", "{:.2f}"),
+    ("coarse", "coarse s", "{:.2f}"),
+    ("roi", "ROI s", "{:.2f}"),
+    ("refine", "refine s", "{:.2f}"),
+    ("fusion_s", "fusion s", "{:.2f}"),
+    ("anatomy_s", "anatomy s", "{:.2f}"),
+    ("anatomy_pct", "anat %", "{:.1f}"),
+    ("write_s", "write s", "{:.2f}"),
+    ("end_to_end_s", "total s", "{:.1f}"),
+    ("coarse_slices_per_s", "coarse sl/s", "{:.1f}"),
+    ("patches", "patches", "{:d}"),
+    ("refine_patches_per_s", "refine p/s", "{:.1f}"),
+    ("fuse_slice_ms", "fuse 1 sl ms", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("rss_beyond_models_mb", "RSS-models MB", "{:.0f}"),
+    ("peak_gpu_mb", "GPU MB", "{:.0f}"),
+]
 
 
 def format_table(rows) -> str:
@@ -111,12 +136,17 @@ def run_benchmark(sizes, coarse=None, refine=None, device="auto", preset=None, w
     rows = []
     for n in sizes:
         if not ct_file(n, workdir).exists():
-            subprocess.run([sys.executable, "-c", f"from napari_kidseg.bench import make_ct; "
-                            f"make_ct({int(n)}, {str(workdir)!r})"], check=True)
-        cmd = [sys.executable, "-c",
-               "import json,sys; from pathlib import Path; from napari_kidseg.bench import _one_size;"
-               f"print('ROW'+json.dumps(_one_size({int(n)}, {coarse!r}, {refine!r}, {device!r}, {preset!r}, "
-               f"Path({str(workdir)!r}))))"]
+            subprocess.run(
+                [sys.executable, "-c", f"from napari_kidseg.bench import make_ct; make_ct({int(n)}, {str(workdir)!r})"],
+                check=True,
+            )
+        cmd = [
+            sys.executable,
+            "-c",
+            "import json,sys; from pathlib import Path; from napari_kidseg.bench import _one_size;"
+            f"print('ROW'+json.dumps(_one_size({int(n)}, {coarse!r}, {refine!r}, {device!r}, {preset!r}, "
+            f"Path({str(workdir)!r}))))",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW")), None)
         if line is None:

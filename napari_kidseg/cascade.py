@@ -53,8 +53,14 @@ class CascadeResult:
     spine: anatomy.SpineFrame | None = None  # from the CT, for the anatomy check
     verdict: anatomy.AnatomyVerdict | None = None  # the anatomy check of the last whole-volume fusion
 
-    def fuse(self, alpha=DEFAULT_ALPHA, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD,
-             tumor_threshold=DEFAULT_TUMOR_THRESHOLD, z: int | None = None, anatomy_check: bool = True) -> np.ndarray:
+    def fuse(
+        self,
+        alpha=DEFAULT_ALPHA,
+        kidney_threshold=DEFAULT_KIDNEY_THRESHOLD,
+        tumor_threshold=DEFAULT_TUMOR_THRESHOLD,
+        z: int | None = None,
+        anatomy_check: bool = True,
+    ) -> np.ndarray:
         """Fused labels of the whole volume, or of slice ``z`` only.
 
         ``anatomy_check``: clear the regions :mod:`anatomy` rejects. A whole-volume fusion judges
@@ -63,14 +69,16 @@ class CascadeResult:
         in the background).
         """
         if z is None:
-            labels = fusion.fuse_volume(self.coarse_meta, self.coarse_tumor, self.refined, alpha,
-                                        kidney_threshold, tumor_threshold)
+            labels = fusion.fuse_volume(
+                self.coarse_meta, self.coarse_tumor, self.refined, alpha, kidney_threshold, tumor_threshold
+            )
             if not anatomy_check:
                 return labels
             self.verdict = anatomy.check_anatomy(labels, self.spacing, self.spine)
             return self.verdict.apply(labels)
-        labels = fusion.fuse_slice(self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha,
-                                   kidney_threshold, tumor_threshold)
+        labels = fusion.fuse_slice(
+            self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha, kidney_threshold, tumor_threshold
+        )
         if anatomy_check and self.verdict is not None:
             return self.verdict.apply(labels, z=z)
         return labels
@@ -90,7 +98,9 @@ class CascadeResult:
 
         zs = np.array(sorted(self.refined), dtype=np.int32)
         payload = {
-            "coarse_meta": self.coarse_meta, "coarse_tumor": self.coarse_tumor, "spacing": np.asarray(self.spacing),
+            "coarse_meta": self.coarse_meta,
+            "coarse_tumor": self.coarse_tumor,
+            "spacing": np.asarray(self.spacing),
             "refined_z": zs,
             "refined_origin": np.array([[self.refined[z].y0, self.refined[z].x0] for z in zs], np.int32).reshape(-1, 2),
         }
@@ -117,8 +127,16 @@ def context_indices(z: np.ndarray | int, n_slices: int, k: int) -> np.ndarray:
 class Cascade:
     """Loaded coarse and refine networks on a device, ready to segment CT volumes."""
 
-    def __init__(self, coarse_checkpoint=None, refine_checkpoint=None, *, device="auto", batch_size=None,
-                 min_roi_ml: float = 5.0, margin_mm: float = 12.0):
+    def __init__(
+        self,
+        coarse_checkpoint=None,
+        refine_checkpoint=None,
+        *,
+        device="auto",
+        batch_size=None,
+        min_roi_ml: float = 5.0,
+        margin_mm: float = 12.0,
+    ):
         import torch
 
         from .models import load_checkpoint, pick_device, resolve_checkpoint
@@ -166,8 +184,18 @@ class Cascade:
         p = torch.softmax(logits.float(), dim=1)
         return torch.stack([p[:, 1] + p[:, 2], p[:, 2]], dim=1)
 
-    def _run_batches(self, host_batches: Iterator[tuple[object, np.ndarray]], consume: Callable, model, prepare,
-                     total: int, stage: str, progress, cancel, mirror=False):
+    def _run_batches(
+        self,
+        host_batches: Iterator[tuple[object, np.ndarray]],
+        consume: Callable,
+        model,
+        prepare,
+        total: int,
+        stage: str,
+        progress,
+        cancel,
+        mirror=False,
+    ):
         """Feed host batches to the device, one copy ahead of compute; OOM halves the batch."""
         import torch
 
@@ -232,8 +260,7 @@ class Cascade:
         def prepare(t):
             x = hu_to_input(t.float(), cfg.hu_window)
             x = F.pad(x, pad, value=-1.0)
-            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                 antialias=side > size)
+            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
         def consume(zs, p):
             p = F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[:, :, :ny, :nx]
@@ -244,8 +271,9 @@ class Cascade:
         self._run_batches(batches(), consume, self.coarse, prepare, nz, "coarse", progress, cancel, mirror)
         return meta, tumor
 
-    def _refine(self, ct: np.ndarray, patches: np.ndarray, progress, cancel,
-                mirror=False) -> dict[int, fusion.RefinedRegion]:
+    def _refine(
+        self, ct: np.ndarray, patches: np.ndarray, progress, cancel, mirror=False
+    ) -> dict[int, fusion.RefinedRegion]:
         import torch
 
         cfg = self.refine_cfg
@@ -283,8 +311,7 @@ class Cascade:
                 sums[:, ys - y0 : ye - y0, xs - x0 : xe - x0] += levels[j, :, ys - py : ye - py, xs - px : xe - px]
                 count[ys - y0 : ye - y0, xs - x0 : xe - x0] += 1
 
-        self._run_batches(batches(), consume, self.refine, prepare, len(patches), "refine", progress, cancel,
-                          mirror)
+        self._run_batches(batches(), consume, self.refine, prepare, len(patches), "refine", progress, cancel, mirror)
         refined = {}
         for z, (y0, x0, sums, count) in acc.items():
             covered = count > 0
@@ -317,15 +344,17 @@ class Cascade:
 
         t0 = time.perf_counter()
         # ROIs from the coarse kidney+tumor probability at 0.5, whatever the live thresholds
-        rois, roi_map = roi.kidney_rois(coarse_meta, spacing, min_volume_ml=self.min_roi_ml,
-                                        level=int(DEFAULT_KIDNEY_THRESHOLD * 255))
-        patches = roi.refine_patches(roi_map, spacing, patch_px=self.refine_cfg.input_size,
-                                     margin_mm=self.margin_mm)
+        rois, roi_map = roi.kidney_rois(
+            coarse_meta, spacing, min_volume_ml=self.min_roi_ml, level=int(DEFAULT_KIDNEY_THRESHOLD * 255)
+        )
+        patches = roi.refine_patches(roi_map, spacing, patch_px=self.refine_cfg.input_size, margin_mm=self.margin_mm)
         timings["roi"] = time.perf_counter() - t0
         messages = []
         if not rois:
-            messages.append(f"no kidney found: the coarse stage found no kidney or tumor region of "
-                            f"{self.min_roi_ml:g} mL or more, so nothing was refined")
+            messages.append(
+                f"no kidney found: the coarse stage found no kidney or tumor region of "
+                f"{self.min_roi_ml:g} mL or more, so nothing was refined"
+            )
 
         t0 = time.perf_counter()
         refined = self._refine(ct, patches, progress, cancel, mirror) if len(patches) else {}
@@ -335,8 +364,19 @@ class Cascade:
         timings["refine_patches"] = len(patches)
         if self.is_cuda:
             timings["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        return CascadeResult(tuple(ct.shape), tuple(float(s) for s in spacing), coarse_meta, coarse_tumor, refined,
-                             rois, patches, self.refine_cfg.input_size, timings, messages, spine)
+        return CascadeResult(
+            tuple(ct.shape),
+            tuple(float(s) for s in spacing),
+            coarse_meta,
+            coarse_tumor,
+            refined,
+            rois,
+            patches,
+            self.refine_cfg.input_size,
+            timings,
+            messages,
+            spine,
+        )
 
     def _sync(self):
         if self.is_cuda:

@@ -58,16 +58,27 @@ def cmd_phantom(args) -> int:
         train_maps, held_maps = split_label_maps(find_label_maps(args.anatomy))
         label_maps = {"train": train_maps, "held-out": held_maps, "all": train_maps + held_maps}[args.maps]
         if not label_maps:
-            raise KidsegError(f"no {args.maps} label maps: the folder holds too few maps for a held-out split",
-                              args.anatomy)
+            raise KidsegError(
+                f"no {args.maps} label maps: the folder holds too few maps for a held-out split", args.anatomy
+            )
         for m in label_maps:  # every map checked before any case is drawn: one line for a bad one
             read_label_map(str(m))
-    cases = write_phantom_cases(out, args.cases, args.seed, overwrite=args.overwrite, progress=bar, jobs=args.jobs,
-                                label_maps=label_maps, **kwargs)
+    cases = write_phantom_cases(
+        out,
+        args.cases,
+        args.seed,
+        overwrite=args.overwrite,
+        progress=bar,
+        jobs=args.jobs,
+        label_maps=label_maps,
+        **kwargs,
+    )
     bar.close()
     made = f" around {len(label_maps)} {args.maps} label map(s) from {args.anatomy}" if label_maps else ""
-    print(f"wrote {len(cases)} phantom case(s){made} in KiTS layout under {out} "
-          f"(seeds {args.seed}..{args.seed + args.cases - 1})")
+    print(
+        f"wrote {len(cases)} phantom case(s){made} in KiTS layout under {out} "
+        f"(seeds {args.seed}..{args.seed + args.cases - 1})"
+    )
     return 0
 
 
@@ -111,18 +122,23 @@ def cmd_predict(args) -> int:
         ct = io.read_ct(src, series_uid=args.series)
         if cascade is None:  # after the first read, so a bad input is the only line printed
             cascade = Cascade(args.coarse, args.refine, device=args.device, batch_size=args.batch_size)
-            print(f"kidseg: {len(jobs)} volume(s) on {cascade.device}; coarse {cascade.coarse_path.name}, "
-                  f"refine {cascade.refine_path.name}", file=sys.stderr)
+            print(
+                f"kidseg: {len(jobs)} volume(s) on {cascade.device}; coarse {cascade.coarse_path.name}, "
+                f"refine {cascade.refine_path.name}",
+                file=sys.stderr,
+            )
         bar = _progress_bar(src.name)
         result = cascade.run(ct.array, ct.geometry.spacing, progress=bar, mirror=args.mirror)
         bar.close()
-        labels = result.fuse(args.alpha, args.kidney_threshold, args.tumor_threshold,
-                             anatomy_check=not args.no_anatomy_check)
+        labels = result.fuse(
+            args.alpha, args.kidney_threshold, args.tumor_threshold, anatomy_check=not args.no_anatomy_check
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         io.write_labels(target, labels, ct, overwrite=args.overwrite)
         if args.save_probabilities:
-            result.save_probabilities(target.parent / (target.name.split(".")[0] + "_probabilities.npz"),
-                                      overwrite=args.overwrite)
+            result.save_probabilities(
+                target.parent / (target.name.split(".")[0] + "_probabilities.npz"), overwrite=args.overwrite
+            )
         notes = list(result.messages)
         if result.verdict is not None and not args.no_anatomy_check:
             notes += result.verdict.summary()
@@ -131,9 +147,11 @@ def cmd_predict(args) -> int:
         from .metrics import measurements
 
         m = measurements(labels, ct.geometry.spacing)
-        print(f"{target}: kidney {m['total']['kidney_ml']:.1f} mL, tumor {m['total']['tumor_ml']:.1f} mL "
-              f"(largest tumor {m['total']['tumor_diameter_mm']:.0f} mm); "
-              f"{len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches")
+        print(
+            f"{target}: kidney {m['total']['kidney_ml']:.1f} mL, tumor {m['total']['tumor_ml']:.1f} mL "
+            f"(largest tumor {m['total']['tumor_diameter_mm']:.0f} mm); "
+            f"{len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches"
+        )
     return 0
 
 
@@ -175,29 +193,48 @@ def cmd_evaluate(args) -> int:
         scores = kits_scores(pred.array, ref.array)
         vols = measurements(pred.array, pred.geometry.spacing)["total"]
         found = tumor_detection(pred.array, ref.array, ref.geometry.spacing)
-        rows.append({"case": name, **scores, "kidney_ml": vols["kidney_ml"], "tumor_ml": vols["tumor_ml"],
-                     **false_ml(pred.array, ref.array, ref.geometry.spacing),
-                     "tumors": found["tumors"], "false_tumors_ml": found["false_tumors_ml"]})
+        rows.append(
+            {
+                "case": name,
+                **scores,
+                "kidney_ml": vols["kidney_ml"],
+                "tumor_ml": vols["tumor_ml"],
+                **false_ml(pred.array, ref.array, ref.geometry.spacing),
+                "tumors": found["tumors"],
+                "false_tumors_ml": found["false_tumors_ml"],
+            }
+        )
     keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys + ["false_kidney_ml", "false_tumor_ml"]}
     by_size = detection_by_size(rows)  # each row carries its case's "tumors"
     if args.json:
         print(json.dumps({"cases": rows, "mean": mean, "tumor_detection_by_size": by_size}, indent=1))
         return 0
-    print(f"{'case':<28}" + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys)
-          + f"{'false kidney mL':>17}{'false tumor mL':>16}{'tumors found':>14}{'false tumors':>14}")
+    print(
+        f"{'case':<28}"
+        + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys)
+        + f"{'false kidney mL':>17}{'false tumor mL':>16}{'tumors found':>14}{'false tumors':>14}"
+    )
     for r in rows:
         found = f"{sum(t['found'] for t in r['tumors'])}/{len(r['tumors'])}"
         false = f"{len(r['false_tumors_ml'])} ({sum(r['false_tumors_ml']):.1f} mL)"
-        print(f"{r['case']:<28}" + "".join(f"{r[k]:>22.4f}" for k in keys)
-              + f"{r['false_kidney_ml']:>17.1f}{r['false_tumor_ml']:>16.1f}{found:>14}{false:>14}")
+        print(
+            f"{r['case']:<28}"
+            + "".join(f"{r[k]:>22.4f}" for k in keys)
+            + f"{r['false_kidney_ml']:>17.1f}{r['false_tumor_ml']:>16.1f}{found:>14}{false:>14}"
+        )
     if len(rows) > 1:
-        print(f"{'mean':<28}" + "".join(f"{mean[k]:>22.4f}" for k in keys)
-              + f"{mean['false_kidney_ml']:>17.1f}{mean['false_tumor_ml']:>16.1f}")
+        print(
+            f"{'mean':<28}"
+            + "".join(f"{mean[k]:>22.4f}" for k in keys)
+            + f"{mean['false_kidney_ml']:>17.1f}{mean['false_tumor_ml']:>16.1f}"
+        )
     if any(row["tumors"] for row in by_size):
         print("\ntumors by reference volume (found: at least 10% of it predicted as tumor)")
         for row in by_size:
-            span = f"{row['from_ml']:g}-{row['to_ml']:g} mL" if row["to_ml"] is not None else f">= {row['from_ml']:g} mL"
+            span = (
+                f"{row['from_ml']:g}-{row['to_ml']:g} mL" if row["to_ml"] is not None else f">= {row['from_ml']:g} mL"
+            )
             share = f", mean share predicted {row['mean_recall']:.2f}" if row["tumors"] else ""
             print(f"  {span:<12}{row['found']} of {row['tumors']} found{share}")
     return 0
@@ -231,13 +268,21 @@ def cmd_train(args) -> int:
     cfg = model_config(args.stage, args.preset, **overrides)
     cfg.version = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg.provenance = {
-        "data": [str(d) for d in args.data], "val": [str(d) for d in (args.val or [])],
+        "data": [str(d) for d in args.data],
+        "val": [str(d) for d in (args.val or [])],
         # folder/case: case names repeat across dataset folders
         "train_cases": [f"{c.parent.name}/{c.name}" for c in cases],
         "val_cases": [f"{c.parent.name}/{c.name}" for c in val_cases],
-        "seed": args.seed, "preset": args.preset, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
-        "batch_size": args.batch_size, "lr": args.lr, "napari_kidseg": __version__,
-        "encoder_weights": args.encoder_weights, "clahe": args.clahe, "bn_momentum": args.bn_momentum,
+        "seed": args.seed,
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "napari_kidseg": __version__,
+        "encoder_weights": args.encoder_weights,
+        "clahe": args.clahe,
+        "bn_momentum": args.bn_momentum,
         "val_samples": args.val_samples,
         "command": " ".join(sys.argv),
     }
@@ -245,17 +290,39 @@ def cmd_train(args) -> int:
         from .models import file_sha256
 
         cfg.provenance["init"] = {"path": str(args.init), "sha256": file_sha256(args.init)}
-    settings = TrainSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                             lr=args.lr, patience=args.patience, workers=args.workers, seed=args.seed,
-                             device=args.device, max_minutes=args.max_minutes, clahe=args.clahe,
-                             bn_momentum=args.bn_momentum, val_samples=args.val_samples)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        workers=args.workers,
+        seed=args.seed,
+        device=args.device,
+        max_minutes=args.max_minutes,
+        clahe=args.clahe,
+        bn_momentum=args.bn_momentum,
+        val_samples=args.val_samples,
+    )
     bar = _progress_bar(f"train {args.stage}")
     weights = None if args.encoder_weights in (None, "none") else args.encoder_weights
-    summary = train(cfg, train_cached, val_cached, out, settings, resume=args.resume, encoder_weights=weights,
-                    init_checkpoint=args.init, progress=bar, log=lambda s: print(s, file=sys.stderr))
+    summary = train(
+        cfg,
+        train_cached,
+        val_cached,
+        out,
+        settings,
+        resume=args.resume,
+        encoder_weights=weights,
+        init_checkpoint=args.init,
+        progress=bar,
+        log=lambda s: print(s, file=sys.stderr),
+    )
     bar.close()
-    print(f"{out}: best validation score {summary['best_score']:.4f} after {summary['epochs']} epoch(s), "
-          f"{summary['seconds'] / 60:.1f} min")
+    print(
+        f"{out}: best validation score {summary['best_score']:.4f} after {summary['epochs']} epoch(s), "
+        f"{summary['seconds'] / 60:.1f} min"
+    )
     return 0
 
 
@@ -264,12 +331,25 @@ def cmd_finetune(args) -> int:
 
     stages = STAGES if args.stage == "both" else (args.stage,)
     bar = _progress_bar("fine-tune")
-    report = finetune_models(args.corrections, args.output, stages=stages, coarse=args.coarse, refine=args.refine,
-                             device=args.device, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                             batch_size=args.batch_size, lr=args.lr, n_replay=args.replay_cases,
-                             max_minutes=args.max_minutes, holdout_fraction=args.holdout,
-                             bn_momentum=args.bn_momentum, reviewed_only=not args.all_slices, progress=bar,
-                             log=lambda s: print(s, file=sys.stderr))
+    report = finetune_models(
+        args.corrections,
+        args.output,
+        stages=stages,
+        coarse=args.coarse,
+        refine=args.refine,
+        device=args.device,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_replay=args.replay_cases,
+        max_minutes=args.max_minutes,
+        holdout_fraction=args.holdout,
+        bn_momentum=args.bn_momentum,
+        reviewed_only=not args.all_slices,
+        progress=bar,
+        log=lambda s: print(s, file=sys.stderr),
+    )
     bar.close()
     b, a = report["before"], report["after"]
     print(f"{report['folder']}: fine-tuned {' and '.join(stages)} in {report['seconds']['total'] / 60:.1f} min")
@@ -277,8 +357,11 @@ def cmd_finetune(args) -> int:
     for k in ("kidney_tumor_dice", "tumor_dice", "kits_composite"):
         print(f"  {k:<20} before {b[k]:.4f}  after {a[k]:.4f}")
     if report["worse"]:
-        print("kidseg: note: the new models score worse than their parents on these cases; keep the parents "
-              "unless you have a reason", file=sys.stderr)
+        print(
+            "kidseg: note: the new models score worse than their parents on these cases; keep the parents "
+            "unless you have a reason",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -289,11 +372,19 @@ def _add_train_parser(sub):
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--val", nargs="+", help="validation folder(s); default: hold out --val-fraction of the cases")
     p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--val-samples", type=int, default=1024,
-                   help="validation scores every slice (coarse) or patch (refine) of the validation cases, "
-                        "or this many spread evenly over them (default 1024)")
-    p.add_argument("--preset", choices=["paper", "small", "tiny"], default="paper",
-                   help="paper: SE-ResNeXt50 U-Net; small: MobileNetV3 U-Net (the bundled weights); tiny: tests")
+    p.add_argument(
+        "--val-samples",
+        type=int,
+        default=1024,
+        help="validation scores every slice (coarse) or patch (refine) of the validation cases, "
+        "or this many spread evenly over them (default 1024)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["paper", "small", "tiny"],
+        default="paper",
+        help="paper: SE-ResNeXt50 U-Net; small: MobileNetV3 U-Net (the bundled weights); tiny: tests",
+    )
     p.add_argument("--context-slices", type=int, default=None, help="2.5D: neighbouring slices per side as channels")
     p.add_argument("--input-size", type=int, default=None, help="coarse slice size / refine patch size (px)")
     p.add_argument("--epochs", type=int, default=30)
@@ -309,8 +400,12 @@ def _add_train_parser(sub):
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.last.safetensors and OUTPUT.state.pt")
     p.add_argument("--init", help="start from this checkpoint's weights and architecture (e.g. the bundled one)")
     p.add_argument("--clahe", type=float, default=0.0, help="probability of CLAHE augmentation per sample (default 0)")
-    p.add_argument("--bn-momentum", type=float, default=None,
-                   help="BatchNorm running-statistics momentum (default PyTorch's 0.1; lower smooths them)")
+    p.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        help="BatchNorm running-statistics momentum (default PyTorch's 0.1; lower smooths them)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -319,24 +414,42 @@ def _add_train_parser(sub):
     p = sub.add_parser("finetune", help="fine-tune both models (or one) on exported corrections")
     p.add_argument("corrections", help="corrections folder (KiTS layout + manifest.json, as the widget exports)")
     p.add_argument("-o", "--output", help="folder for the new models (default: CORRECTIONS/models/finetune-<time>)")
-    p.add_argument("--stage", choices=["both", "coarse", "refine"], default="both",
-                   help="both (default): the coarse stage picks the kidney regions, where most errors start")
-    p.add_argument("--coarse", help="coarse parent (default: the newest fine-tuned one in CORRECTIONS/models, "
-                                    "else the bundled one)")
+    p.add_argument(
+        "--stage",
+        choices=["both", "coarse", "refine"],
+        default="both",
+        help="both (default): the coarse stage picks the kidney regions, where most errors start",
+    )
+    p.add_argument(
+        "--coarse",
+        help="coarse parent (default: the newest fine-tuned one in CORRECTIONS/models, else the bundled one)",
+    )
     p.add_argument("--refine", help="refine parent (default: likewise)")
-    p.add_argument("--holdout", type=float, default=DEFAULTS["holdout_fraction"],
-                   help="fraction of corrected scans held out for the before/after score")
-    p.add_argument("--replay-cases", type=int, default=DEFAULTS["n_replay"],
-                   help="phantom cases mixed in against forgetting")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULTS["holdout_fraction"],
+        help="fraction of corrected scans held out for the before/after score",
+    )
+    p.add_argument(
+        "--replay-cases", type=int, default=DEFAULTS["n_replay"], help="phantom cases mixed in against forgetting"
+    )
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     p.add_argument("--steps-per-epoch", type=int, default=DEFAULTS["steps_per_epoch"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--max-minutes", type=float, default=DEFAULTS["max_minutes"], help="per stage")
-    p.add_argument("--bn-momentum", type=float, default=DEFAULTS["bn_momentum"],
-                   help="BatchNorm statistics momentum (default 0: keep the parent's statistics)")
-    p.add_argument("--all-slices", action="store_true",
-                   help="train on every slice of each case, not only the slices its export marked reviewed")
+    p.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=DEFAULTS["bn_momentum"],
+        help="BatchNorm statistics momentum (default 0: keep the parent's statistics)",
+    )
+    p.add_argument(
+        "--all-slices",
+        action="store_true",
+        help="train on every slice of each case, not only the slices its export marked reviewed",
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_finetune)
 
@@ -359,10 +472,13 @@ def cmd_demo(args) -> int:
         from ._napari_io import sample_case_dir
 
         case = sample_case_dir()
-        print("kidseg: no display here, so napari cannot open. Run it on a desktop, or under a virtual "
-              "display with `xvfb-run -a kidseg demo`. Running the same cascade headless instead:\n"
-              f"  kidseg predict {case} -o OUT && kidseg evaluate OUT/{case.name}/segmentation.nii.gz "
-              f"{case}/segmentation.nii.gz", file=sys.stderr)
+        print(
+            "kidseg: no display here, so napari cannot open. Run it on a desktop, or under a virtual "
+            "display with `xvfb-run -a kidseg demo`. Running the same cascade headless instead:\n"
+            f"  kidseg predict {case} -o OUT && kidseg evaluate OUT/{case.name}/segmentation.nii.gz "
+            f"{case}/segmentation.nii.gz",
+            file=sys.stderr,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             rc = main(["predict", str(case), "-o", tmp])
             if rc == 0:
@@ -391,14 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=int, default=512, help="in-plane size in voxels (default 512)")
     p.add_argument("--max-slices", type=int, default=600)
     p.add_argument("--slice-thickness", type=float, default=None, help="mm; random per case when omitted")
-    p.add_argument("--random-contrast", type=float, default=0.0,
-                   help="probability of random tissue HU per case (domain randomisation for training)")
+    p.add_argument(
+        "--random-contrast",
+        type=float,
+        default=0.0,
+        help="probability of random tissue HU per case (domain randomisation for training)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="cases made in parallel processes (same cases either way)")
-    p.add_argument("--anatomy", metavar="DIR",
-                   help="build each case around a real organ label map from DIR (FLARE 2022 labels 0-13)")
-    p.add_argument("--maps", choices=["train", "held-out", "all"], default="train",
-                   help="with --anatomy: the training maps (all but the last 10 of the sorted folder), "
-                        "the 10 held-out ones, or all")
+    p.add_argument(
+        "--anatomy",
+        metavar="DIR",
+        help="build each case around a real organ label map from DIR (FLARE 2022 labels 0-13)",
+    )
+    p.add_argument(
+        "--maps",
+        choices=["train", "held-out", "all"],
+        default="train",
+        help="with --anatomy: the training maps (all but the last 10 of the sorted folder), "
+        "the 10 held-out ones, or all",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
 
@@ -412,11 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumor-threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--mirror", action="store_true",
-                   help="average each slice with its left-right mirror image (twice the network time)")
-    p.add_argument("--no-anatomy-check", action="store_true",
-                   help="keep regions that cannot be a kidney or kidney tumor by their position (spine, side), "
-                        "size or attachment; by default they are removed and listed")
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="average each slice with its left-right mirror image (twice the network time)",
+    )
+    p.add_argument(
+        "--no-anatomy-check",
+        action="store_true",
+        help="keep regions that cannot be a kidney or kidney tumor by their position (spine, side), "
+        "size or attachment; by default they are removed and listed",
+    )
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
     p.add_argument("--overwrite", action="store_true")
@@ -446,8 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_warning(message, category, filename, lineno, line=None):
-    return f"kidseg: note: {message}\n" if issubclass(category, KidsegWarning) else \
-        warnings.formatwarning(message, category, filename, lineno, line)
+    return (
+        f"kidseg: note: {message}\n"
+        if issubclass(category, KidsegWarning)
+        else warnings.formatwarning(message, category, filename, lineno, line)
+    )
 
 
 def main(argv=None) -> int:

@@ -28,8 +28,16 @@ from .metrics import check_label_values
 
 STAGES = ("coarse", "refine")
 MODELS_FOLDER = "models"
-DEFAULTS = {"epochs": 10, "steps_per_epoch": 50, "batch_size": 8, "lr": 5e-5, "n_replay": 3, "max_minutes": 2.5,
-            "holdout_fraction": 0.25, "bn_momentum": 0.0}
+DEFAULTS = {
+    "epochs": 10,
+    "steps_per_epoch": 50,
+    "batch_size": 8,
+    "lr": 5e-5,
+    "n_replay": 3,
+    "max_minutes": 2.5,
+    "holdout_fraction": 0.25,
+    "bn_momentum": 0.0,
+}
 
 
 def check_corrections(corrections_dir) -> list[Path]:
@@ -39,18 +47,23 @@ def check_corrections(corrections_dir) -> list[Path]:
         raise KidsegError("no such corrections folder", root)
     cases = [c for c in io.kits_cases(root) if (c / io.KITS_LABELS).exists()]
     if not cases:
-        raise KidsegError("holds no corrected case (case_XXXXX/imaging.nii.gz + segmentation.nii.gz): export "
-                          "corrections from the widget first", root)
+        raise KidsegError(
+            "holds no corrected case (case_XXXXX/imaging.nii.gz + segmentation.nii.gz): export "
+            "corrections from the widget first",
+            root,
+        )
     for case in cases:
         ct = io.read_ct(case / io.KITS_IMAGE)
         labels = io.read_labels(case / io.KITS_LABELS)
         if labels.array.shape != ct.array.shape:
-            raise KidsegError(f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}",
-                              case / io.KITS_LABELS)
+            raise KidsegError(
+                f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}", case / io.KITS_LABELS
+            )
         check_label_values(labels.array, case / io.KITS_LABELS)
         if not labels.array.any():
-            raise KidsegError("holds no kidney or tumor voxel: nothing to learn from (remove the case)",
-                              case / io.KITS_LABELS)
+            raise KidsegError(
+                "holds no kidney or tumor voxel: nothing to learn from (remove the case)", case / io.KITS_LABELS
+            )
     return cases
 
 
@@ -79,12 +92,27 @@ def _chain(path: Path) -> list[str]:
     return list(prov.get("chain", [])) + [f"{path.parent.name}/{path.name} ({cfg.version})"]
 
 
-def finetune_models(corrections_dir, out_dir=None, *, stages=STAGES, coarse=None, refine=None, device="auto",
-                    epochs=DEFAULTS["epochs"], steps_per_epoch=DEFAULTS["steps_per_epoch"],
-                    batch_size=DEFAULTS["batch_size"], lr=DEFAULTS["lr"], n_replay=DEFAULTS["n_replay"],
-                    max_minutes=DEFAULTS["max_minutes"], holdout_fraction=DEFAULTS["holdout_fraction"],
-                    bn_momentum=DEFAULTS["bn_momentum"], reviewed_only=True, progress=None, cancel=None,
-                    log=print) -> dict:
+def finetune_models(
+    corrections_dir,
+    out_dir=None,
+    *,
+    stages=STAGES,
+    coarse=None,
+    refine=None,
+    device="auto",
+    epochs=DEFAULTS["epochs"],
+    steps_per_epoch=DEFAULTS["steps_per_epoch"],
+    batch_size=DEFAULTS["batch_size"],
+    lr=DEFAULTS["lr"],
+    n_replay=DEFAULTS["n_replay"],
+    max_minutes=DEFAULTS["max_minutes"],
+    holdout_fraction=DEFAULTS["holdout_fraction"],
+    bn_momentum=DEFAULTS["bn_momentum"],
+    reviewed_only=True,
+    progress=None,
+    cancel=None,
+    log=print,
+) -> dict:
     """Fine-tune ``stages`` on the corrections; writes ``out_dir/<stage>.safetensors`` and ``report.json``."""
     import time
 
@@ -97,8 +125,10 @@ def finetune_models(corrections_dir, out_dir=None, *, stages=STAGES, coarse=None
         raise KidsegError(f"stages must be among {STAGES}, got {stages}")
     cases = check_corrections(corrections_dir)
     children = latest_children(corrections_dir)
-    parents = {"coarse": resolve_checkpoint(coarse or children.get("coarse"), "coarse"),
-               "refine": resolve_checkpoint(refine or children.get("refine"), "refine")}
+    parents = {
+        "coarse": resolve_checkpoint(coarse or children.get("coarse"), "coarse"),
+        "refine": resolve_checkpoint(refine or children.get("refine"), "refine"),
+    }
     for stage, path in parents.items():
         got = read_config(path).stage
         if got != stage:
@@ -110,8 +140,9 @@ def finetune_models(corrections_dir, out_dir=None, *, stages=STAGES, coarse=None
     need = sum(parents[s].stat().st_size for s in stages) * 4 + 50 * 2**20  # children, .last, state
     free = shutil.disk_usage(out_dir).free
     if free < need:
-        raise KidsegError(f"needs about {need / 2**20:.0f} MB free for the new models, has {free / 2**20:.0f} MB",
-                          out_dir)
+        raise KidsegError(
+            f"needs about {need / 2**20:.0f} MB free for the new models, has {free / 2**20:.0f} MB", out_dir
+        )
     train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
     eval_dirs = held or train_dirs
     t_start = time.time()
@@ -123,29 +154,61 @@ def finetune_models(corrections_dir, out_dir=None, *, stages=STAGES, coarse=None
         t0 = time.time()
         out = out_dir / f"{stage}.safetensors"
 
-        def stage_progress(done, total, what=None, k=k):
+        def stage_progress(done, total, what=None, k=k, stage=stage):
             if progress:
                 progress(k * 1000 + int(1000 * done / max(total, 1)), 1000 * len(stages), f"fine-tune {stage}")
 
         log(f"fine-tuning the {stage} model from {parents[stage].name}")
-        finetune(corrections_dir, parents[stage], out, stage=stage, coarse_checkpoint=new["coarse"],
-                 holdout_fraction=holdout_fraction, n_replay=n_replay, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                 batch_size=batch_size, lr=lr, max_minutes=max_minutes, bn_momentum=bn_momentum, device=device,
-                 reviewed_only=reviewed_only, progress=stage_progress, cancel=cancel, log=log, score=False,
-                 chain=_chain(parents[stage]))
+        finetune(
+            corrections_dir,
+            parents[stage],
+            out,
+            stage=stage,
+            coarse_checkpoint=new["coarse"],
+            holdout_fraction=holdout_fraction,
+            n_replay=n_replay,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            lr=lr,
+            max_minutes=max_minutes,
+            bn_momentum=bn_momentum,
+            device=device,
+            reviewed_only=reviewed_only,
+            progress=stage_progress,
+            cancel=cancel,
+            log=log,
+            score=False,
+            chain=_chain(parents[stage]),
+        )
         new[stage] = out
         seconds[stage] = time.time() - t0
         for leftover in (out.with_suffix(".last.safetensors"), out.with_suffix(".state.pt")):
             leftover.unlink(missing_ok=True)  # resume files of a finished run: 3x the model's size
     after = evaluate_cascade(eval_dirs, new["coarse"], new["refine"], device=device)
     worse = bool(after and before and after["kidney_tumor_dice"] < before["kidney_tumor_dice"] - 0.005)
-    report = {"before": before, "after": after, "worse": worse, "held_out": [c.name for c in held],
-              "scored_on": [c.name for c in eval_dirs], "trained_on": [c.name for c in train_dirs],
-              "stages": list(stages), "parents": {k: str(v) for k, v in parents.items()},
-              "models": {k: str(v) for k, v in new.items()}, "folder": str(out_dir),
-              "seconds": {**seconds, "total": time.time() - t_start},
-              "settings": {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
-                           "n_replay": n_replay, "bn_momentum": bn_momentum, "reviewed_only": reviewed_only}}
+    report = {
+        "before": before,
+        "after": after,
+        "worse": worse,
+        "held_out": [c.name for c in held],
+        "scored_on": [c.name for c in eval_dirs],
+        "trained_on": [c.name for c in train_dirs],
+        "stages": list(stages),
+        "parents": {k: str(v) for k, v in parents.items()},
+        "models": {k: str(v) for k, v in new.items()},
+        "folder": str(out_dir),
+        "seconds": {**seconds, "total": time.time() - t_start},
+        "settings": {
+            "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "batch_size": batch_size,
+            "lr": lr,
+            "n_replay": n_replay,
+            "bn_momentum": bn_momentum,
+            "reviewed_only": reviewed_only,
+        },
+    }
     with io.atomic_path(out_dir / "report.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return report
@@ -156,16 +219,28 @@ def model_versions(corrections_dir) -> list[dict]:
     their held-out before/after scores: the widget's list of versions to switch back to."""
     from .models import bundled_checkpoint
 
-    rows = [{"name": "bundled", "coarse": str(bundled_checkpoint("coarse")), "refine": str(bundled_checkpoint("refine")),
-             "after": None, "worse": False}]
+    rows = [
+        {
+            "name": "bundled",
+            "coarse": str(bundled_checkpoint("coarse")),
+            "refine": str(bundled_checkpoint("refine")),
+            "after": None,
+            "worse": False,
+        }
+    ]
     folder = Path(corrections_dir) / MODELS_FOLDER
     for run in sorted(folder.glob("finetune-*")) if folder.is_dir() else []:
         report = run / "report.json"
         if not report.exists():
             continue
         r = json.loads(report.read_text())
-        rows.append({"name": run.name, **{s: r["models"][s] for s in STAGES}, "after": r.get("after"),
-                     "before": r.get("before"), "worse": r.get("worse", False)})
+        rows.append(
+            {
+                "name": run.name,
+                **{s: r["models"][s] for s in STAGES},
+                "after": r.get("after"),
+                "before": r.get("before"),
+                "worse": r.get("worse", False),
+            }
+        )
     return rows
-
-

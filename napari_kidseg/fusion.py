@@ -63,8 +63,9 @@ def blend(coarse: np.ndarray, refined: np.ndarray, alpha: float) -> np.ndarray:
     return alpha * coarse.astype(np.float32) + (1.0 - alpha) * refined.astype(np.float32)
 
 
-def _fuse_region(labels, coarse_meta, coarse_tumor, region: RefinedRegion, alpha, kidney_threshold,
-                 tumor_threshold) -> None:
+def _fuse_region(
+    labels, coarse_meta, coarse_tumor, region: RefinedRegion, alpha, kidney_threshold, tumor_threshold
+) -> None:
     """Overwrite one slice's labels inside its refine patches with the blended probabilities."""
     win, cov = region.window, region.covered
     m = blend(coarse_meta[win][cov], region.meta[cov], alpha)
@@ -107,6 +108,7 @@ def refined_only_labels(shape, refined: dict[int, RefinedRegion], kidney_thresho
     labels = np.zeros(shape, np.uint8)
     for z, region in refined.items():
         sub = labels[z][region.window]
-        sub[region.covered] = labels_from_levels(region.meta, region.tumor, kidney_threshold,
-                                                        tumor_threshold)[region.covered]
+        sub[region.covered] = labels_from_levels(region.meta, region.tumor, kidney_threshold, tumor_threshold)[
+            region.covered
+        ]
     return labels

@@ -220,8 +220,16 @@ def volume_format(path: str | os.PathLike) -> str | None:
     if p.is_dir():
         return "dicom"
     name = p.name.lower()
-    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".nrrd", "nrrd"), (".nhdr", "nrrd"),
-                        (".mha", "mha"), (".mhd", "mhd"), (".dcm", "dicom"), (".ima", "dicom")):
+    for suffix, fmt in (
+        (".nii.gz", "nifti"),
+        (".nii", "nifti"),
+        (".nrrd", "nrrd"),
+        (".nhdr", "nrrd"),
+        (".mha", "mha"),
+        (".mhd", "mhd"),
+        (".dcm", "dicom"),
+        (".ima", "dicom"),
+    ):
         if name.endswith(suffix):
             return fmt
     return None
@@ -372,9 +380,7 @@ def check_ct_intensities(array: np.ndarray, path: str | os.PathLike | None = Non
         raise KidsegError(f"intensities span only {lo:g}..{hi:g}; this is not a CT in HU", path)
     if lo >= -200:
         hint = " (an 8-bit image?)" if hi <= 255 else " (stored values without the rescale to HU, or not a CT?)"
-        raise KidsegError(
-            f"intensities {lo:g}..{hi:g} have no air or fat; not a CT in Hounsfield units{hint}", path
-        )
+        raise KidsegError(f"intensities {lo:g}..{hi:g} have no air or fat; not a CT in Hounsfield units{hint}", path)
 
 
 def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu: bool = True) -> Volume:
@@ -385,8 +391,9 @@ def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu:
         raise KidsegError(f"voxel type {arr.dtype} is not a CT intensity", path)
     if arr.dtype.itemsize > 2 or not np.issubdtype(arr.dtype, np.signedinteger):
         # int32/float HU -> int16 when exact, halves memory; float CTs with fractions stay float32
-        if np.issubdtype(arr.dtype, np.integer) or np.array_equal(arr[:: max(1, arr.shape[0] // 8)],
-                                                                   np.round(arr[:: max(1, arr.shape[0] // 8)])):
+        if np.issubdtype(arr.dtype, np.integer) or np.array_equal(
+            arr[:: max(1, arr.shape[0] // 8)], np.round(arr[:: max(1, arr.shape[0] // 8)])
+        ):
             if arr.min() >= -32768 and arr.max() <= 32767:
                 arr = arr.astype(np.int16)
         elif arr.dtype != np.float32:
@@ -406,9 +413,8 @@ def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
     """
     vol = read_volume(path)
     arr = vol.array
-    if arr.dtype.kind == "f":
-        if not np.array_equal(arr, np.round(arr)):
-            raise KidsegError("label volume holds fractional values", path)
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        raise KidsegError("label volume holds fractional values", path)
     if arr.min() < 0 or arr.max() > 255:
         raise KidsegError(f"label values {arr.min()}..{arr.max()} are outside 0..255", path)
     vol.array = arr.astype(np.uint8, copy=False)
@@ -421,8 +427,11 @@ def check_same_grid(ct: Volume, labels: Volume, path=None) -> None:
     if ct.array.shape != labels.array.shape:
         raise KidsegError(f"label grid {labels.array.shape} differs from the CT grid {ct.array.shape}", path)
     a, b = ct.geometry, labels.geometry
-    if not (np.allclose(a.spacing, b.spacing, atol=1e-3) and np.allclose(a.origin_zyx, b.origin_zyx, atol=1e-2)
-            and np.allclose(a.direction, b.direction, atol=1e-4)):
+    if not (
+        np.allclose(a.spacing, b.spacing, atol=1e-3)
+        and np.allclose(a.origin_zyx, b.origin_zyx, atol=1e-2)
+        and np.allclose(a.direction, b.direction, atol=1e-4)
+    ):
         raise KidsegError(
             f"label geometry (spacing {tuple(round(s, 3) for s in b.spacing)}, origin "
             f"{tuple(round(o, 1) for o in b.origin_zyx)}) differs from the CT's "
@@ -449,8 +458,14 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
         raise KidsegError("folder does not exist", path.parent)
     if not os.access(path.parent, os.W_OK):
         raise KidsegError("folder is not writable", path.parent)
-    suffix = next((s for s in (*VOLUME_SUFFIXES, ".json", ".safetensors", ".csv", ".png", ".pt")
-                   if path.name.lower().endswith(s)), path.suffix)
+    suffix = next(
+        (
+            s
+            for s in (*VOLUME_SUFFIXES, ".json", ".safetensors", ".csv", ".png", ".pt")
+            if path.name.lower().endswith(s)
+        ),
+        path.suffix,
+    )
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)

@@ -44,9 +44,21 @@ from .phantom import PHASES, TISSUE_HU, PhantomCase, _Blob, _Grid, _paint_table
 # Bumped whenever the same map and seed draw a different case (caches are keyed by it).
 LABELMAP_GENERATOR_REVISION = 1
 
-FLARE_LABELS = {1: "liver", 2: "right_kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "ivc",
-                7: "right_adrenal", 8: "left_adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach",
-                12: "duodenum", 13: "left_kidney"}
+FLARE_LABELS = {
+    1: "liver",
+    2: "right_kidney",
+    3: "spleen",
+    4: "pancreas",
+    5: "aorta",
+    6: "ivc",
+    7: "right_adrenal",
+    8: "left_adrenal",
+    9: "gallbladder",
+    10: "esophagus",
+    11: "stomach",
+    12: "duodenum",
+    13: "left_kidney",
+}
 KIDNEY_LABELS = (2, 13)
 HELD_OUT_MAPS = 10  # the last 10 maps of a sorted folder (FLARE22_Tr_0041-0050) are never trained on
 
@@ -65,9 +77,28 @@ _EXTRA_HU = {
     "bone_lytic": (40, 40, 40),
     "bone_sclerotic": (900, 900, 900),
 }
-RANDOMISED = ("muscle", "liver", "spleen", "aorta", "ivc", "cortex", "medulla", "tumor", "bowel_wall", "skin",
-              "pancreas", "adrenal", "feces", "gallbladder", "stomach_wall", "esophagus", "liver_lesion_hypo",
-              "liver_lesion_hyper", "spleen_lesion", "adrenal_nodule")
+RANDOMISED = (
+    "muscle",
+    "liver",
+    "spleen",
+    "aorta",
+    "ivc",
+    "cortex",
+    "medulla",
+    "tumor",
+    "bowel_wall",
+    "skin",
+    "pancreas",
+    "adrenal",
+    "feces",
+    "gallbladder",
+    "stomach_wall",
+    "esophagus",
+    "liver_lesion_hypo",
+    "liver_lesion_hyper",
+    "spleen_lesion",
+    "adrenal_nodule",
+)
 
 
 def find_label_maps(folder) -> list[Path]:
@@ -95,9 +126,8 @@ def read_label_map(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     arr = np.asarray(vol.array)
     if arr.ndim != 3:
         raise KidsegError(f"a label map must be 3D, this one has shape {arr.shape}", path)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.mod(arr, 1) == 0):
-            raise KidsegError("a label map must hold whole numbers", path)
+    if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.mod(arr, 1) == 0):
+        raise KidsegError("a label map must hold whole numbers", path)
     values = np.unique(arr)
     unknown = [int(v) for v in values if int(v) not in FLARE_LABELS and int(v) != 0]
     if unknown:
@@ -204,10 +234,18 @@ def _jitter(rng, phase_idx, random_contrast):
     return hu, shuffled
 
 
-def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices: int = 600,
-                          slice_thickness: float | None = None, phase: str | None = None,
-                          n_tumors: int | None = None, random_contrast: float = 0.0,
-                          disk_layout: str | None = None) -> PhantomCase:
+def make_labelmap_phantom(
+    label_map,
+    seed: int,
+    *,
+    matrix: int = 512,
+    max_slices: int = 600,
+    slice_thickness: float | None = None,
+    phase: str | None = None,
+    n_tumors: int | None = None,
+    random_contrast: float = 0.0,
+    disk_layout: str | None = None,
+) -> PhantomCase:
     """One synthetic CT around a real organ label map (a path, or ``(array, spacing)``)."""
     if isinstance(label_map, (str, Path)):
         src, src_spacing = read_label_map(str(label_map))
@@ -221,8 +259,14 @@ def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices
     organs, spacing = _resample(src, src_spacing, rng, matrix, slice_thickness, max_slices)
     nz, ny, nx = organs.shape
     dz, dy, dx = spacing
-    c = _Canvas(np.full(organs.shape, jit["air"], np.float32), np.zeros(organs.shape, np.uint8), organs, spacing,
-                (np.arange(ny, dtype=np.float32) * dy)[None, :, None], (np.arange(nx, dtype=np.float32) * dx)[None, None, :])
+    c = _Canvas(
+        np.full(organs.shape, jit["air"], np.float32),
+        np.zeros(organs.shape, np.uint8),
+        organs,
+        spacing,
+        (np.arange(ny, dtype=np.float32) * dy)[None, :, None],
+        (np.arange(nx, dtype=np.float32) * dx)[None, None, :],
+    )
     mid, front = _frame(organs, spacing)
     z_mm = np.arange(nz) * dz
     kid_z = np.flatnonzero(np.isin(organs, KIDNEY_LABELS).any(axis=(1, 2)))
@@ -266,8 +310,9 @@ def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices
     for side in (-1, 1):
         muscles |= c.ellipse(0, nz, front + body_ry * 0.7, mid + side * (body_rx + ps_r * 0.8), ps_r, ps_r * 1.15)
         ql = np.where(z_mm < kid_top - 0.3 * (kid_top - kid_bot), rng.uniform(8, 14), 0.01)
-        muscles |= c.ellipse(0, nz, front + 2 * body_ry + rng.uniform(0, 10), mid + side * (body_rx + rng.uniform(38, 55)),
-                             ql, ql * 1.6)
+        muscles |= c.ellipse(
+            0, nz, front + 2 * body_ry + rng.uniform(0, 10), mid + side * (body_rx + rng.uniform(38, 55)), ql, ql * 1.6
+        )
         er_ry, er_rx = rng.uniform(20, 30), rng.uniform(24, 34)
         muscles |= c.ellipse(0, nz, canal_cy + er_ry * 0.9, mid + side * (er_rx * 0.9 + 5), er_ry, er_rx)
     structures[muscles & (structures == 0)] = 5
@@ -279,8 +324,14 @@ def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices
     cols = inside.any(axis=1)
     y_front = np.where(rows.any(1), rows.argmax(1) * dy, np.nan)
     y_back = np.where(rows.any(1), (ny - rows[:, ::-1].argmax(1)) * dy, np.nan)
-    x_half = np.where(cols.any(1), np.maximum(np.abs(np.where(cols.any(1), cols.argmax(1), 0) * dx - mid),
-                                              np.abs((nx - cols[:, ::-1].argmax(1)) * dx - mid)), np.nan)
+    x_half = np.where(
+        cols.any(1),
+        np.maximum(
+            np.abs(np.where(cols.any(1), cols.argmax(1), 0) * dx - mid),
+            np.abs((nx - cols[:, ::-1].argmax(1)) * dx - mid),
+        ),
+        np.nan,
+    )
     idx = np.arange(nz)
     ok = np.isfinite(y_front)
     y_front, y_back, x_half = (np.interp(idx, idx[ok], v[ok]) for v in (y_front, y_back, x_half))
@@ -305,12 +356,12 @@ def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices
     scale_r = np.minimum(bry, brx)[:, None, None]
 
     def shell(t_mm):
-        return rbp < (np.clip(1.0 - t_mm / scale_r, 0, 1) ** p).astype(np.float32)
+        return (np.clip(1.0 - t_mm / scale_r, 0, 1) ** p).astype(np.float32)
 
     body = rbp < 1.0
-    subcut = shell(2.5)
-    wall_out = shell(2.5 + fat_sc)
-    wall_in = shell(2.5 + fat_sc + wall)
+    subcut = rbp < shell(2.5)
+    wall_out = rbp < shell(2.5 + fat_sc)
+    wall_in = rbp < shell(2.5 + fat_sc + wall)
     del rbp
     hu = c.hu
     hu[body] = jit["skin"]
@@ -344,9 +395,19 @@ def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices
 
     # -------- organs with textures
     texture = _smooth_noise(rng, organs.shape, spacing, 6.0)
-    for lab, name, sd in ((1, "liver", 6), (3, "spleen", 5), (4, "pancreas", 12), (5, "aorta", 4), (6, "ivc", 6),
-                          (7, "adrenal", 6), (8, "adrenal", 6), (9, "gallbladder", 3), (10, "esophagus", 6),
-                          (11, "stomach_wall", 8), (12, "bowel_wall", 8)):
+    for lab, name, sd in (
+        (1, "liver", 6),
+        (3, "spleen", 5),
+        (4, "pancreas", 12),
+        (5, "aorta", 4),
+        (6, "ivc", 6),
+        (7, "adrenal", 6),
+        (8, "adrenal", 6),
+        (9, "gallbladder", 3),
+        (10, "esophagus", 6),
+        (11, "stomach_wall", 8),
+        (12, "bowel_wall", 8),
+    ):
         m = organs == lab
         if m.any():
             hu[m] = jit[name] + sd * texture[m]
@@ -379,11 +440,23 @@ def make_labelmap_phantom(label_map, seed: int, *, matrix: int = 512, max_slices
 
     layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
     ct = io.volume_in_memory(ct_arr, spacing, origin, io.direction_from_code(layout))
-    info = {"generator": "labelmap", "labelmap_generator_revision": LABELMAP_GENERATOR_REVISION,
-            "label_map": map_name, "seed": seed, "phase": phase, "shape_zyx": list(ct_arr.shape),
-            "spacing_zyx_mm": [round(s, 4) for s in spacing], "disk_layout": layout,
-            "noise_sd_hu": round(noise_sd, 1), "blur_sigma_mm": round(sigma_mm, 2), "random_contrast": shuffled,
-            "tumors": tumors, "cysts": cysts["cysts"], "hard_negatives": negatives, "notes": notes}
+    info = {
+        "generator": "labelmap",
+        "labelmap_generator_revision": LABELMAP_GENERATOR_REVISION,
+        "label_map": map_name,
+        "seed": seed,
+        "phase": phase,
+        "shape_zyx": list(ct_arr.shape),
+        "spacing_zyx_mm": [round(s, 4) for s in spacing],
+        "disk_layout": layout,
+        "noise_sd_hu": round(noise_sd, 1),
+        "blur_sigma_mm": round(sigma_mm, 2),
+        "random_contrast": shuffled,
+        "tumors": tumors,
+        "cysts": cysts["cysts"],
+        "hard_negatives": negatives,
+        "notes": notes,
+    }
     return PhantomCase(ct=ct, labels=c.labels, info=info)
 
 
@@ -391,8 +464,11 @@ def _smooth_noise(rng, shape, spacing, sigma_mm, step=4):
     """Unit-variance smooth noise, made on a coarse grid and enlarged (cheap for 512 x 512)."""
     small_shape = (shape[0], -(-shape[1] // step), -(-shape[2] // step))
     n = rng.standard_normal(small_shape).astype(np.float32)
-    sig = [max(0.5, sigma_mm / spacing[0]), max(0.5, sigma_mm / (spacing[1] * step)),
-           max(0.5, sigma_mm / (spacing[2] * step))]
+    sig = [
+        max(0.5, sigma_mm / spacing[0]),
+        max(0.5, sigma_mm / (spacing[1] * step)),
+        max(0.5, sigma_mm / (spacing[2] * step)),
+    ]
     ndimage.gaussian_filter(n, sig, output=n)
     n /= max(float(n.std()), 1e-6)
     # blocks, then a box filter of one block's width: a piecewise-linear enlargement at a fraction
@@ -479,10 +555,15 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
     """Liver and splenic cysts and lesions, adrenal nodules, vertebral lesions: all background."""
     drawn = []
     sp = np.array(c.spacing)
-    plans = [(1, "liver_cyst", 0.45, (4, 45)), (1, "liver_lesion_hypo", 0.35, (6, 40)),
-             (1, "liver_lesion_hyper", 0.2, (5, 25)), (3, "spleen_lesion", 0.25, (5, 25)),
-             (3, "liver_cyst", 0.15, (5, 30)), (7, "adrenal_nodule", 0.2, (8, 25)),
-             (8, "adrenal_nodule", 0.2, (8, 25))]
+    plans = [
+        (1, "liver_cyst", 0.45, (4, 45)),
+        (1, "liver_lesion_hypo", 0.35, (6, 40)),
+        (1, "liver_lesion_hyper", 0.2, (5, 25)),
+        (3, "spleen_lesion", 0.25, (5, 25)),
+        (3, "liver_cyst", 0.15, (5, 30)),
+        (7, "adrenal_nodule", 0.2, (8, 25)),
+        (8, "adrenal_nodule", 0.2, (8, 25)),
+    ]
     for organ, kind, prob, (r0, r1) in plans:
         for _ in range(int(rng.integers(1, 4)) if rng.random() < prob else 0):
             m = organs == organ
@@ -566,6 +647,7 @@ def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tum
             core = inside & (rho < (0.6 if kind == "necrotic" else 0.88))
             c.hu[sl][core] = jit["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
         c.labels[sl][inside] = 2
-        out["tumors"].append({"side": "right" if lab == 2 else "left", "diameter_mm": round(diam, 1), "kind": kind,
-                              "growth": growth})
+        out["tumors"].append(
+            {"side": "right" if lab == 2 else "left", "diameter_mm": round(diam, 1), "kind": kind, "growth": growth}
+        )
     return out

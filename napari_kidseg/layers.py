@@ -21,8 +21,12 @@ REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#00e5ff", 2: "#ff
 # napari shows a labels layer's features for the label under the cursor: names, not 1 and 2
 LABEL_FEATURES = {"index": list(LABEL_NAMES), "name": list(LABEL_NAMES.values())}
 # window/level presets (name: HU limits): W400/L40, W700/L100, W1800/L400, W1500/L-600
-WINDOW_PRESETS = {"soft tissue": CT_WINDOW, "kidney": (-250.0, 450.0), "bone": (-500.0, 1300.0),
-                  "lung": (-1350.0, 150.0)}
+WINDOW_PRESETS = {
+    "soft tissue": CT_WINDOW,
+    "kidney": (-250.0, 450.0),
+    "bone": (-500.0, 1300.0),
+    "lung": (-1350.0, 150.0),
+}
 SOURCE_KEY = "kidseg_source"  # layer.metadata key holding the io.Volume the layer was read from
 
 

@@ -81,8 +81,7 @@ def check_label_values(labels: np.ndarray, path=None) -> None:
     bad = [v for v in present.tolist() if v not in LABEL_VALUES]
     if bad:
         shown = ", ".join(f"{v:g}" for v in bad[:5])
-        raise KidsegError(f"holds label(s) {shown}; only 0 (background), 1 (kidney) and 2 (tumor) are understood",
-                          path)
+        raise KidsegError(f"holds label(s) {shown}; only 0 (background), 1 (kidney) and 2 (tumor) are understood", path)
 
 
 def false_ml(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
@@ -90,8 +89,10 @@ def false_ml(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     kidney+tumor (``false_kidney_ml``), and tumor outside the reference's tumor (``false_tumor_ml``)."""
     pred, ref = np.asarray(pred), np.asarray(ref)
     _check_same_grid(pred, ref)
-    return {"false_kidney_ml": volume_ml((pred > 0) & (ref == 0), spacing),
-            "false_tumor_ml": volume_ml((pred == 2) & (ref != 2), spacing)}
+    return {
+        "false_kidney_ml": volume_ml((pred > 0) & (ref == 0), spacing),
+        "false_tumor_ml": volume_ml((pred == 2) & (ref != 2), spacing),
+    }
 
 
 def kits_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
@@ -131,8 +132,9 @@ def tumor_detection(pred: np.ndarray, ref: np.ndarray, spacing, *, min_recall: f
         hits = np.bincount(ref_lab[pred_t], minlength=n_ref + 1)
         for i in range(1, n_ref + 1):
             recall = hits[i] / sizes[i]
-            tumors.append({"volume_ml": float(sizes[i] * ml), "recall": float(recall),
-                           "found": bool(recall >= min_recall)})
+            tumors.append(
+                {"volume_ml": float(sizes[i] * ml), "recall": float(recall), "found": bool(recall >= min_recall)}
+            )
     pred_lab, n_pred = ndimage.label(pred_t, full)
     false = []
     if n_pred:
@@ -151,9 +153,15 @@ def detection_by_size(cases: list[dict], bins_ml=TUMOR_SIZE_BINS_ML) -> list[dic
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         ts = [t for c in cases for t in c["tumors"] if lo <= t["volume_ml"] < hi]
-        rows.append({"from_ml": lo, "to_ml": hi if np.isfinite(hi) else None, "tumors": len(ts),
-                     "found": sum(t["found"] for t in ts),
-                     "mean_recall": float(np.mean([t["recall"] for t in ts])) if ts else float("nan")})
+        rows.append(
+            {
+                "from_ml": lo,
+                "to_ml": hi if np.isfinite(hi) else None,
+                "tumors": len(ts),
+                "found": sum(t["found"] for t in ts),
+                "mean_recall": float(np.mean([t["recall"] for t in ts])) if ts else float("nan"),
+            }
+        )
     return rows
 
 

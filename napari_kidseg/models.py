@@ -127,8 +127,9 @@ def read_config(path) -> ModelConfig:
         raise KidsegError(f"checkpoint configuration is unreadable ({exc})", path) from None
 
 
-def load_checkpoint(path, *, stage: str | None = None, device="cpu", in_channels: int | None = None,
-                    classes: int | None = None):
+def load_checkpoint(
+    path, *, stage: str | None = None, device="cpu", in_channels: int | None = None, classes: int | None = None
+):
     """(model in eval mode on ``device``, config). Refuses a checkpoint of the wrong stage or shape."""
     import torch
     from safetensors.torch import load_file
@@ -142,8 +143,9 @@ def load_checkpoint(path, *, stage: str | None = None, device="cpu", in_channels
     if classes is not None and cfg.classes != classes:
         raise KidsegError(f"predicts {cfg.classes} classes, not {classes}", path)
     if cfg.classes != len(CLASSES):
-        raise KidsegError(f"predicts {cfg.classes} classes; the cascade needs {len(CLASSES)} "
-                          "(background, kidney, tumor)", path)
+        raise KidsegError(
+            f"predicts {cfg.classes} classes; the cascade needs {len(CLASSES)} (background, kidney, tumor)", path
+        )
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:

@@ -74,8 +74,22 @@ TISSUE_HU = {
     "node": (40, 60, 80),
     "feces": (20, 20, 20),
 }
-SOFT_TISSUES = ("muscle", "liver", "spleen", "aorta", "ivc", "cortex", "medulla", "tumor", "bowel_wall", "skin",
-                "pancreas", "adrenal", "node", "feces")
+SOFT_TISSUES = (
+    "muscle",
+    "liver",
+    "spleen",
+    "aorta",
+    "ivc",
+    "cortex",
+    "medulla",
+    "tumor",
+    "bowel_wall",
+    "skin",
+    "pancreas",
+    "adrenal",
+    "node",
+    "feces",
+)
 PHASES = ("noncontrast", "arterial", "venous")
 DISK_LAYOUTS = ("IPL", "LPS", "RAS", "LPI", "RAI", "LAS")
 
@@ -135,8 +149,14 @@ class _Blob:
 
     @classmethod
     def random(cls, rng, center, semi, max_deg=10.0, amp=0.08):
-        return cls(np.asarray(center, float), np.asarray(semi, float), _rotation(rng, max_deg),
-                   rng.normal(size=(3, 3)) * 2.0, rng.uniform(0, 2 * np.pi, 3), amp)
+        return cls(
+            np.asarray(center, float),
+            np.asarray(semi, float),
+            _rotation(rng, max_deg),
+            rng.normal(size=(3, 3)) * 2.0,
+            rng.uniform(0, 2 * np.pi, 3),
+            amp,
+        )
 
     def radius_field(self, grid: _Grid, margin=1.3):
         """(slices, rho): rho < 1 inside; None if the blob misses the grid."""
@@ -150,8 +170,9 @@ class _Blob:
         rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
         if self.amp:
             inv = 1.0 / np.maximum(rho, 1e-6)
-            bump = sum(np.cos((w[0] * u[0] + w[1] * u[1] + w[2] * u[2]) * inv + p)
-                       for w, p in zip(self.waves, self.phases))
+            bump = sum(
+                np.cos((w[0] * u[0] + w[1] * u[1] + w[2] * u[2]) * inv + p) for w, p in zip(self.waves, self.phases)
+            )
             rho = rho / (1.0 + self.amp * bump / len(self.phases))
         return sl, rho
 
@@ -258,24 +279,40 @@ def make_phantom(
     for side in (-1, 1):
         paint.blob(_Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
         # erector spinae fill the back to the skin; quadratus lumborum lies behind each kidney
-        paint.blob(_Blob.random(rng2, (0, spine_y + rng2.uniform(32, 42), side * rng2.uniform(32, 42)),
-                                (400, rng2.uniform(25, 35), rng2.uniform(28, 38)), 2, 0.05),
-                   jitter["muscle"] + rng2.normal(0, 4))
-        paint.blob(_Blob.random(rng2, (kid_z - 30, spine_y + rng2.uniform(5, 15), side * rng2.uniform(55, 70)),
-                                (110, rng2.uniform(10, 16), rng2.uniform(16, 24)), 8, 0.1),
-                   jitter["muscle"] + rng2.normal(0, 4))
+        paint.blob(
+            _Blob.random(
+                rng2,
+                (0, spine_y + rng2.uniform(32, 42), side * rng2.uniform(32, 42)),
+                (400, rng2.uniform(25, 35), rng2.uniform(28, 38)),
+                2,
+                0.05,
+            ),
+            jitter["muscle"] + rng2.normal(0, 4),
+        )
+        paint.blob(
+            _Blob.random(
+                rng2,
+                (kid_z - 30, spine_y + rng2.uniform(5, 15), side * rng2.uniform(55, 70)),
+                (110, rng2.uniform(10, 16), rng2.uniform(16, 24)),
+                8,
+                0.1,
+            ),
+            jitter["muscle"] + rng2.normal(0, 4),
+        )
     for vz in np.arange(z_lo - 20, z_hi + 30, 32.0):
         paint.blob(_Blob.random(rng, (vz, spine_y, 0), (13, 17, 20), 3, 0.0), jitter["bone_cortex"])
-        paint.blob(_Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"]
-                   + rng.normal(0, 30))
+        paint.blob(
+            _Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"] + rng.normal(0, 30)
+        )
         paint.blob(_Blob.random(rng, (vz, spine_y + 32, 0), (10, 14, 10), 3, 0.0), jitter["bone_cortex"])
         paint.blob(_Blob.random(rng, (vz, spine_y + 24, 0), (16, 6, 7), 0, 0.0), jitter["fluid"])
     for side in (-1, 1):
         # psoas: thin at the top, thicker towards the pelvis
         for k, pz in enumerate(np.arange(kid_z - 40, z_lo - 80, -40.0)):
             r = 8 + 5 * k
-            paint.blob(_Blob.random(rng, (pz, spine_y - 5, side * (28 + r)), (30, r, r * 1.1), 5, 0.1),
-                       jitter["muscle"])
+            paint.blob(
+                _Blob.random(rng, (pz, spine_y - 5, side * (28 + r)), (30, r, r * 1.1), 5, 0.1), jitter["muscle"]
+            )
     for rz in np.arange(kid_z + 30, z_hi + 30, rng.uniform(22, 30)):
         for side in (-1, 1):
             for ang in np.linspace(0.15, 1.25, 4):
@@ -290,13 +327,23 @@ def make_phantom(
         paint.blob(_Blob.random(rng, (vz, spine_y - 28, -26), (20, 11, 15), 2, 0.05), jitter["ivc"])
 
     # -------- liver (patient's right, -x), spleen (left, posterior), both upper abdomen
-    liver = _Blob.random(rng, (kid_z + rng.uniform(60, 95), 5, -body_ax * 0.38),
-                         (rng.uniform(70, 95), post * 0.62, body_ax * 0.55), 10, 0.12)
+    liver = _Blob.random(
+        rng,
+        (kid_z + rng.uniform(60, 95), 5, -body_ax * 0.38),
+        (rng.uniform(70, 95), post * 0.62, body_ax * 0.55),
+        10,
+        0.12,
+    )
     paint.blob(liver, jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32))
     # a real spleen is 8-13 cm long and up to 8 cm across; revision 5 draws its in-plane size
     # (it was fixed at 56 x 44 mm, smaller than the spleen next to the left kidney on real CT)
-    spleen = _Blob.random(rng, (kid_z + rng.uniform(45, 80), spine_y - 5, body_ax * 0.62),
-                          (rng.uniform(40, 60), rng3.uniform(26, 42), rng3.uniform(20, 32)), 15, 0.12)
+    spleen = _Blob.random(
+        rng,
+        (kid_z + rng.uniform(45, 80), spine_y - 5, body_ax * 0.62),
+        (rng.uniform(40, 60), rng3.uniform(26, 42), rng3.uniform(20, 32)),
+        15,
+        0.12,
+    )
     paint.blob(spleen, jitter["spleen"])
 
     # -------- bowel loops (anterior half): air, fluid or oral contrast inside a wall
@@ -322,8 +369,14 @@ def make_phantom(
         rot = _rotation(rng, 6)
         tilt = np.deg2rad(rng.uniform(8, 20)) * side
         tz = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, 1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
-        blob = _Blob(kc, np.array([length, depth, width]), tz @ rot, rng.normal(size=(3, 3)) * 1.5,
-                     rng.uniform(0, 2 * np.pi, 3), 0.05)
+        blob = _Blob(
+            kc,
+            np.array([length, depth, width]),
+            tz @ rot,
+            rng.normal(size=(3, 3)) * 1.5,
+            rng.uniform(0, 2 * np.pi, 3),
+            0.05,
+        )
         kidneys.append((side, blob))
         # perirenal fat (inside Gerota's fascia): what separates a kidney from bowel, liver, spleen.
         # In lean patients it is a line of 1-3 mm, and after blurring at 3 mm pixels a kidney
@@ -343,8 +396,13 @@ def make_phantom(
         hu[sl][pyramids] = jitter["medulla"]
         # renal sinus: fat at the hilum (medial), with the pelvis inside it
         hilum = blob.surface_point([0, -0.3, -side])
-        sinus = _Blob.random(rng, blob.center + 0.75 * (hilum - blob.center),  # opens at the hilum
-                             (length * 0.45, depth * 0.4, width * 0.35), 5, 0.1)
+        sinus = _Blob.random(
+            rng,
+            blob.center + 0.75 * (hilum - blob.center),  # opens at the hilum
+            (length * 0.45, depth * 0.4, width * 0.35),
+            5,
+            0.1,
+        )
         s_sl, s_rho = sinus.radius_field(grid)
         if s_sl is not None:
             m = (s_rho < 1) & paint.allowed[s_sl]
@@ -353,9 +411,14 @@ def make_phantom(
             pel = s_rho < 0.45
             hu[s_sl][pel] = jitter["pelvis"]
             labels[s_sl][pel] = 1
-        info_kidneys.append({"side": "left" if side > 0 else "right", "center_zyx_mm": kc.round(1).tolist(),
-                             "semi_axes_mm": [round(length, 1), round(depth, 1), round(width, 1)],
-                             "perirenal_fat_mm": round(float(fat_margin), 1)})
+        info_kidneys.append(
+            {
+                "side": "left" if side > 0 else "right",
+                "center_zyx_mm": kc.round(1).tolist(),
+                "semi_axes_mm": [round(length, 1), round(depth, 1), round(width, 1)],
+                "perirenal_fat_mm": round(float(fat_margin), 1),
+            }
+        )
 
     # -------- simple cysts: water density, sharp wall, part of the kidney label (not tumor)
     cysts = []
@@ -386,13 +449,13 @@ def make_phantom(
         c = surf + out * depth if growth != "endophytic" else surf + out * min(depth, -0.3 * r)
         tb = _Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
         base = jitter["tumor"] + rng.normal(0, 20)
-        sl, rho = paint.blob(tb, base, label=2,
-                             texture=lambda q: rng.normal(0, 14, q.shape).astype(np.float32))
+        sl, rho = paint.blob(tb, base, label=2, texture=lambda q: rng.normal(0, 14, q.shape).astype(np.float32))
         if sl is not None and kind != "solid":
             core = rho < (0.6 if kind == "necrotic" else 0.88)
             hu[sl][core] = jitter["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
-        tumors.append({"side": "left" if side > 0 else "right", "diameter_mm": round(diam, 1), "kind": kind,
-                       "growth": growth})
+        tumors.append(
+            {"side": "left" if side > 0 else "right", "diameter_mm": round(diam, 1), "kind": kind, "growth": growth}
+        )
 
     if rng2.random() < 0.6:  # the scanner table under the patient's back
         _paint_table(rng2, grid, hu, post * float(scale_z.max()) + 10)
@@ -419,9 +482,18 @@ def make_phantom(
     ct = io.volume_in_memory(ct_arr, grid.spacing, grid.origin, io.direction_from_code(layout))
     info = {
         "generator_revision": GENERATOR_REVISION,
-        "seed": seed, "phase": phase, "shape_zyx": list(shape), "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
-        "disk_layout": layout, "noise_sd_hu": round(noise_sd, 1), "blur_sigma_mm": round(sigma_mm, 2),
-        "fov_padding": padded, "random_contrast": shuffled, "kidneys": info_kidneys, "tumors": tumors, "cysts": cysts,
+        "seed": seed,
+        "phase": phase,
+        "shape_zyx": list(shape),
+        "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
+        "disk_layout": layout,
+        "noise_sd_hu": round(noise_sd, 1),
+        "blur_sigma_mm": round(sigma_mm, 2),
+        "fov_padding": padded,
+        "random_contrast": shuffled,
+        "kidneys": info_kidneys,
+        "tumors": tumors,
+        "cysts": cysts,
     }
     return PhantomCase(ct=ct, labels=labels, info=info)
 
@@ -439,17 +511,30 @@ def _paint_pelvis(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, body_ax, s
         for z in np.arange(crest, z_lo - 10, -6.0):
             depth = (crest - z) / 80.0  # the wing widens and turns forward going down
             # gluteal muscles behind/outside the wing, iliacus in front/inside it
-            paint.blob(_Blob.random(rng, (z, spine_y + 25 - 15 * depth, side * body_ax * rng.uniform(0.5, 0.6)),
-                                    (8, 32 + 10 * depth, 40), 10, 0.1), jitter["muscle"] + rng.normal(0, 4))
-            paint.blob(_Blob.random(rng, (z, spine_y - 20, side * body_ax * 0.45), (8, 18, 22), 10, 0.1),
-                       jitter["muscle"] + rng.normal(0, 4))
+            paint.blob(
+                _Blob.random(
+                    rng,
+                    (z, spine_y + 25 - 15 * depth, side * body_ax * rng.uniform(0.5, 0.6)),
+                    (8, 32 + 10 * depth, 40),
+                    10,
+                    0.1,
+                ),
+                jitter["muscle"] + rng.normal(0, 4),
+            )
+            paint.blob(
+                _Blob.random(rng, (z, spine_y - 20, side * body_ax * 0.45), (8, 18, 22), 10, 0.1),
+                jitter["muscle"] + rng.normal(0, 4),
+            )
             for t in np.linspace(0, 1, 9):  # the wing: a curved plate from the sacroiliac joint outwards
                 y = spine_y + 15 - t * (45 + 20 * depth)
                 x = side * (35 + t * (body_ax * 0.62 - 35))
-                paint.blob(_Blob.random(rng, (z, y, x), (4, 5 + 2 * (1 - t), 5 + 2 * (1 - t)), 20, 0.0),
-                           jitter["bone_cortex"] * rng.uniform(0.4, 0.9))
-    paint.blob(_Blob.random(rng, (z_lo + 10, spine_y - rng.uniform(80, 110), 0), (35, 30, 40), 10, 0.1),
-               jitter["fluid"])  # bladder
+                paint.blob(
+                    _Blob.random(rng, (z, y, x), (4, 5 + 2 * (1 - t), 5 + 2 * (1 - t)), 20, 0.0),
+                    jitter["bone_cortex"] * rng.uniform(0.4, 0.9),
+                )
+    paint.blob(
+        _Blob.random(rng, (z_lo + 10, spine_y - rng.uniform(80, 110), 0), (35, 30, 40), 10, 0.1), jitter["fluid"]
+    )  # bladder
 
 
 def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body_ax, spine_y):
@@ -460,12 +545,12 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
     pancreas and duodenum in front of the kidneys and spine, adrenals above them, lymph nodes,
     and a few random soft-tissue lumps: the look-alikes a kidney detector must learn to reject.
     """
+
     def soft(name, sd=15):
         return jitter[name] + rng.normal(0, sd)
 
     for _ in range(int(rng.integers(25, 60))):
-        c = (rng.uniform(z_lo, kid_z + 50), rng.uniform(-post * 0.75, spine_y - 10),
-             rng.uniform(-0.75, 0.75) * body_ax)
+        c = (rng.uniform(z_lo, kid_z + 50), rng.uniform(-post * 0.75, spine_y - 10), rng.uniform(-0.75, 0.75) * body_ax)
         r = rng.uniform(7, 16)
         loop = _Blob.random(rng, c, (r * rng.uniform(1, 3), r, r * rng.uniform(0.8, 2)), 60, 0.2)
         content = str(rng.choice(["feces", "fluid", "air", "contrast"], p=[0.45, 0.3, 0.17, 0.08]))
@@ -482,14 +567,26 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
             paint.blob(b, jitter["feces"], inside=0.8, texture=gas)
     pz = kid_z + rng.uniform(0, 30)  # pancreas: across the spine in front of the left kidney
     for t in np.linspace(-0.4, 1.0, 6):
-        paint.blob(_Blob.random(rng, (pz + rng.normal(0, 5), spine_y - 45 + 10 * t, t * 60), (14, 10, 16), 15, 0.2),
-                   soft("pancreas"))
+        paint.blob(
+            _Blob.random(rng, (pz + rng.normal(0, 5), spine_y - 45 + 10 * t, t * 60), (14, 10, 16), 15, 0.2),
+            soft("pancreas"),
+        )
     for t in np.linspace(0, 1, 5):  # duodenum: a C around the pancreatic head, in front of the right kidney
-        paint.blob(_Blob.random(rng, (kid_z - 10 + 40 * t, spine_y - 40 - 10 * np.sin(np.pi * t), -35 - 15 * np.sin(np.pi * t)),
-                                (12, 10, 10), 20, 0.15), soft("bowel_wall"))
+        paint.blob(
+            _Blob.random(
+                rng,
+                (kid_z - 10 + 40 * t, spine_y - 40 - 10 * np.sin(np.pi * t), -35 - 15 * np.sin(np.pi * t)),
+                (12, 10, 10),
+                20,
+                0.15,
+            ),
+            soft("bowel_wall"),
+        )
     for side in (-1, 1):  # adrenals: thin limbs above and medial to each kidney
-        paint.blob(_Blob.random(rng, (kid_z + rng.uniform(55, 75), spine_y - 10, side * 40), (12, 14, 3), 30, 0.2),
-                   soft("adrenal"))
+        paint.blob(
+            _Blob.random(rng, (kid_z + rng.uniform(55, 75), spine_y - 10, side * 40), (12, 14, 3), 30, 0.2),
+            soft("adrenal"),
+        )
     for _ in range(int(rng.integers(0, 8))):  # para-aortic and mesenteric nodes
         c = (rng.uniform(z_lo, kid_z + 40), spine_y - rng.uniform(20, 70), rng.uniform(-50, 50))
         paint.blob(_Blob.random(rng, c, rng.uniform(4, 12, 3), 30, 0.1), soft("node"))
@@ -525,8 +622,9 @@ def _write_one_phantom(out, i: int, seed: int, overwrite: bool, kwargs: dict, la
     return case_dir
 
 
-def write_phantom_cases(out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, jobs: int = 1,
-                        label_maps=None, **kwargs) -> list:
+def write_phantom_cases(
+    out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, jobs: int = 1, label_maps=None, **kwargs
+) -> list:
     """Write ``n_cases`` phantoms in KiTS layout (case_00000, ...) with seeds ``seed, seed+1, ...``.
 
     Each case folder also gets ``phantom.json`` saying how it was made. ``jobs`` > 1 makes the
@@ -555,8 +653,7 @@ def write_phantom_cases(out_dir, n_cases: int, seed: int, *, overwrite=False, pr
 
     # spawn, not fork: the caller may hold threads (napari, torch) that a fork would copy mid-lock
     with ProcessPoolExecutor(min(jobs, n_cases), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_write_one_phantom, out, i, seed, overwrite, kwargs, maps[i]): i
-                   for i in range(n_cases)}
+        futures = {pool.submit(_write_one_phantom, out, i, seed, overwrite, kwargs, maps[i]): i for i in range(n_cases)}
         written = [None] * n_cases
         for done, fut in enumerate(as_completed(futures), 1):
             written[futures[fut]] = fut.result()

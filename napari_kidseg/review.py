@@ -96,10 +96,12 @@ class ReviewSession:
 
     def set_params(self, alpha=None, kidney_threshold=None, tumor_threshold=None, anatomy_check=None):
         p = self.params
-        self.params = FusionParams(p.alpha if alpha is None else float(alpha),
-                                   p.kidney_threshold if kidney_threshold is None else float(kidney_threshold),
-                                   p.tumor_threshold if tumor_threshold is None else float(tumor_threshold),
-                                   p.anatomy_check if anatomy_check is None else bool(anatomy_check))
+        self.params = FusionParams(
+            p.alpha if alpha is None else float(alpha),
+            p.kidney_threshold if kidney_threshold is None else float(kidney_threshold),
+            p.tumor_threshold if tumor_threshold is None else float(tumor_threshold),
+            p.anatomy_check if anatomy_check is None else bool(anatomy_check),
+        )
 
     def refuse_slice(self, z: int) -> np.ndarray:
         """Re-fuse one slice with the current parameters, keeping its hand edits; returns the slice."""
@@ -278,13 +280,25 @@ class ReviewSession:
             k = len(zz) // 2
             z, y, x = int(zz[k] + box[0].start), int(yy[k] + box[1].start), int(xx[k] + box[2].start)
             cx = (xx.mean() + box[2].start) * sp[2]
-            mid = spine.x_mm[int(round(zz.mean() + box[0].start))] if spine is not None else self.labels.shape[2] * sp[2] / 2
+            mid = (
+                spine.x_mm[int(round(zz.mean() + box[0].start))]
+                if spine is not None
+                else self.labels.shape[2] * sp[2] / 2
+            )
             side = "left" if cx > mid else "right"  # LPS: +x is the patient's left
             kind = "tumor" if tumor[i] == counts[i] else ("kidney+tumor" if tumor[i] else "kidney")
-            rows.append({"region": int(i + 1), "label": kind, "side": side, "ml": self._ml(counts[i]),
-                         "tumor_ml": self._ml(tumor[i]),
-                         "slices": (int(box[0].start), int(box[0].stop - 1)), "voxel": (z, y, x),
-                         "flagged": bool(flagged[i + 1])})
+            rows.append(
+                {
+                    "region": int(i + 1),
+                    "label": kind,
+                    "side": side,
+                    "ml": self._ml(counts[i]),
+                    "tumor_ml": self._ml(tumor[i]),
+                    "slices": (int(box[0].start), int(box[0].stop - 1)),
+                    "voxel": (z, y, x),
+                    "flagged": bool(flagged[i + 1]),
+                }
+            )
         return rows
 
     def removed_by_anatomy(self) -> np.ndarray:
@@ -312,8 +326,9 @@ class ReviewSession:
         mask = (verdict.removal_map() == region.id) & (removed > 0)
         new = self.labels.copy()
         new[mask] = removed[mask]
-        return self._change(f"restore {region.volume_ml:.1f} mL removed by the anatomy check", new,
-                            f"restores {region.describe()}")
+        return self._change(
+            f"restore {region.volume_ml:.1f} mL removed by the anatomy check", new, f"restores {region.describe()}"
+        )
 
     def interpolate_slices(self, z0: int, z1: int) -> int:
         return self.apply_change(self.plan_interpolate_slices(z0, z1))
@@ -385,8 +400,9 @@ class ScanAlreadyExported(KidsegError):
 
     def __init__(self, case_id: str, root):
         self.case_id = case_id
-        super().__init__(f"this scan is already exported as {case_id}; update that case instead of copying the CT "
-                         "again", root)
+        super().__init__(
+            f"this scan is already exported as {case_id}; update that case instead of copying the CT again", root
+        )
 
 
 def scan_sha256(ct: io.Volume) -> str:
@@ -399,10 +415,19 @@ def scan_sha256(ct: io.Volume) -> str:
     return h.hexdigest()
 
 
-def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str | None = None,
-                      checkpoints: dict | None = None, params: FusionParams | None = None,
-                      hand_edited_voxels: int = 0, reviewed_slices=None, whole_case_reviewed: bool = False,
-                      update: bool | None = None) -> Path:
+def export_correction(
+    root,
+    ct: io.Volume,
+    labels: np.ndarray,
+    *,
+    case_id: str | None = None,
+    checkpoints: dict | None = None,
+    params: FusionParams | None = None,
+    hand_edited_voxels: int = 0,
+    reviewed_slices=None,
+    whole_case_reviewed: bool = False,
+    update: bool | None = None,
+) -> Path:
     """Write one corrected case in KiTS layout under ``root`` and add it to ``root/manifest.json``.
 
     One case per scan: when the manifest already holds this scan (same voxels and spacing),
@@ -431,8 +456,10 @@ def export_correction(root, ct: io.Volume, labels: np.ndarray, *, case_id: str |
         "source": source,
         "source_sha256": file_sha256(source) if source and Path(source).is_file() else None,
         "scan_sha256": scan,
-        "checkpoints": {k: {"path": str(v), "sha256": file_sha256(v), "version": _ckpt_version(v)}
-                        for k, v in (checkpoints or {}).items()},
+        "checkpoints": {
+            k: {"path": str(v), "sha256": file_sha256(v), "version": _ckpt_version(v)}
+            for k, v in (checkpoints or {}).items()
+        },
         "fusion": dataclasses.asdict(params or FusionParams()),
         "hand_edited_voxels": int(hand_edited_voxels),
         "reviewed_slices": None if reviewed_slices is None else sorted(int(z) for z in reviewed_slices),

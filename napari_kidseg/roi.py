@@ -97,8 +97,11 @@ def kidney_rois(
     rois = []
     for new_id, (old, com) in enumerate(keep_sorted, start=1):
         box = boxes[new_id - 1]
-        bbox = (box[0], slice(box[1].start * step, min(meta.shape[1], box[1].stop * step)),
-                slice(box[2].start * step, min(meta.shape[2], box[2].stop * step)))
+        bbox = (
+            box[0],
+            slice(box[1].start * step, min(meta.shape[1], box[1].stop * step)),
+            slice(box[2].start * step, min(meta.shape[2], box[2].stop * step)),
+        )
         centroid = (float(com[0]), float(com[1] * step), float(com[2] * step))
         if len(keep_sorted) == 2:
             side = "right" if new_id == 1 else "left"

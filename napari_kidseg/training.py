@@ -48,8 +48,9 @@ def find_cases(roots) -> list[Path]:
             raise KidsegError("no such dataset folder", root)
         found = [c for c in io.kits_cases(root) if (c / io.KITS_LABELS).exists()]
         if not found:
-            raise KidsegError(f"no cases in KiTS layout here (expected case_XXXXX/{io.KITS_IMAGE} and "
-                              f"{io.KITS_LABELS})", root)
+            raise KidsegError(
+                f"no cases in KiTS layout here (expected case_XXXXX/{io.KITS_IMAGE} and {io.KITS_LABELS})", root
+            )
         cases.extend(found)
     return cases
 
@@ -96,8 +97,9 @@ def cache_case(case_dir: Path) -> CachedCase:
         meta = {"name": case_dir.name, "spacing": list(ct.geometry.spacing), "shape": list(ct.array.shape)}
         with io.atomic_path(meta_file, overwrite=True) as tmp:
             tmp.write_text(json.dumps(meta))
-    return CachedCase(meta["name"], folder / "ct.npy", folder / "labels.npy", tuple(meta["spacing"]),
-                      tuple(meta["shape"]))
+    return CachedCase(
+        meta["name"], folder / "ct.npy", folder / "labels.npy", tuple(meta["spacing"]), tuple(meta["shape"])
+    )
 
 
 def cache_cases(case_dirs, jobs: int = 1) -> list[CachedCase]:
@@ -192,15 +194,17 @@ class SegmentationSamples:
             pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
             x = F.pad(x, pad, value=float(io.AIR_HU))
             y = F.pad(y, pad, value=0)
-            x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=side > size)[0]
+            x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)[
+                0
+            ]
             y = F.interpolate(y[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
         else:
             if aug is not None:  # the coarse stage never centres a kidney exactly
                 y0 += int(self.rng.integers(-24, 25))
                 x0 += int(self.rng.integers(-24, 25))
-            x = torch.from_numpy(np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, io.AIR_HU) for zc in zs])
-                                 .astype(np.float32))
+            x = torch.from_numpy(
+                np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, io.AIR_HU) for zc in zs]).astype(np.float32)
+            )
             y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z]), y0, x0, size, 0).astype(np.int64))
         if aug is not None:
             x, y = self._augment(x, y, aug)
@@ -219,11 +223,14 @@ class SegmentationSamples:
         if aug.scale or aug.rotate_deg:
             s = 1.0 + rng.uniform(-aug.scale, aug.scale)
             a = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
-            theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, 0.0], [math.sin(a) / s, math.cos(a) / s, 0.0]],
-                                 dtype=torch.float32)[None]
+            theta = torch.tensor(
+                [[math.cos(a) / s, -math.sin(a) / s, 0.0], [math.sin(a) / s, math.cos(a) / s, 0.0]], dtype=torch.float32
+            )[None]
             grid = F.affine_grid(theta, (1, 1, *x.shape[-2:]), align_corners=False)
-            x = F.grid_sample(x[None] - io.AIR_HU, grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False)[0] + io.AIR_HU
+            x = (
+                F.grid_sample(x[None] - io.AIR_HU, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+                + io.AIR_HU
+            )
             y = F.grid_sample(y[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
         x = x * (1.0 + rng.uniform(-aug.hu_scale, aug.hu_scale)) + rng.uniform(-aug.hu_shift, aug.hu_shift)
         if aug.clahe and rng.random() < aug.clahe:
@@ -344,9 +351,20 @@ def _plot_curves(log_rows: list[dict], path: Path):
     plt.close(fig)
 
 
-def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[CachedCase], out: Path,
-          settings: TrainSettings, *, init_checkpoint=None, resume=False, encoder_weights=None,
-          progress=None, cancel=None, log=print) -> dict:
+def train(
+    cfg: ModelConfig,
+    train_cases: list[CachedCase],
+    val_cases: list[CachedCase],
+    out: Path,
+    settings: TrainSettings,
+    *,
+    init_checkpoint=None,
+    resume=False,
+    encoder_weights=None,
+    progress=None,
+    cancel=None,
+    log=print,
+) -> dict:
     """Train one stage; writes ``out`` (best on validation), ``out``.last/.state/.jsonl/.png.
 
     Returns a summary (best validation scores, epochs, seconds).
@@ -405,16 +423,27 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
     torch.manual_seed(stream)  # the workers' torch seeds (noise) derive from this
     train_set = SegmentationSamples(train_cases, cfg, aug, seed=stream)
     n_samples = settings.steps_per_epoch * settings.batch_size
-    sampler = WeightedRandomSampler(train_set.weights, n_samples, replacement=True,
-                                    generator=torch.Generator().manual_seed(stream + 7919))
-    loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, num_workers=settings.workers,
-                        pin_memory=is_cuda, drop_last=True, persistent_workers=settings.workers > 0,
-                        worker_init_fn=SegmentationSamples.reseed_worker)
+    sampler = WeightedRandomSampler(
+        train_set.weights, n_samples, replacement=True, generator=torch.Generator().manual_seed(stream + 7919)
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=settings.workers,
+        pin_memory=is_cuda,
+        drop_last=True,
+        persistent_workers=settings.workers > 0,
+        worker_init_fn=SegmentationSamples.reseed_worker,
+    )
     val_loader = None
     if val_cases and rank == 0:
         val_set = SegmentationSamples(val_cases, cfg, None, seed=settings.seed)
-        val_loader = DataLoader(torch.utils.data.Subset(val_set, validation_indices(len(val_set), settings.val_samples)),
-                                batch_size=settings.batch_size, num_workers=0)
+        val_loader = DataLoader(
+            torch.utils.data.Subset(val_set, validation_indices(len(val_set), settings.val_samples)),
+            batch_size=settings.batch_size,
+            num_workers=0,
+        )
 
     t_start = time.time()
     stale = 0
@@ -443,10 +472,16 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
             losses.append(float(loss.detach()))
             step_done += 1
             if progress and rank == 0:
-                progress(step_done, total_steps, f"epoch {epoch + 1}/{settings.epochs} loss {np.mean(losses[-20:]):.3f}")
+                progress(
+                    step_done, total_steps, f"epoch {epoch + 1}/{settings.epochs} loss {np.mean(losses[-20:]):.3f}"
+                )
         sched.step()
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
-               "seconds": round(time.time() - t_start, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": round(time.time() - t_start, 1),
+        }
         if rank == 0:
             if val_loader is not None:
                 row.update({f"val_{k}": v for k, v in evaluate_samples(model, val_loader, device).items()})
@@ -461,8 +496,16 @@ def train(cfg: ModelConfig, train_cases: list[CachedCase], val_cases: list[Cache
             else:
                 stale += 1
             with io.atomic_path(state_file, overwrite=True) as tmp:
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                            "best": best, "log": log_rows}, tmp)
+                torch.save(
+                    {
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "log": log_rows,
+                    },
+                    tmp,
+                )
             with io.atomic_path(log_file, overwrite=True) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             _plot_curves(log_rows, plot_file)
@@ -573,10 +616,30 @@ def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: fl
     return ([c for k in train_keys for c in groups[k]], [c for k in held_keys for c in groups[k]])
 
 
-def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=None, holdout_fraction=0.25,
-             n_replay=3, replay_seed=50_000, epochs=3, steps_per_epoch=20, batch_size=8, lr=5e-5,
-             max_minutes=4.0, bn_momentum=0.0, device="auto", reviewed_only=True, progress=None, cancel=None,
-             log=print, score=True, chain=None) -> dict:
+def finetune(
+    corrections_dir,
+    parent,
+    out,
+    *,
+    stage="refine",
+    coarse_checkpoint=None,
+    holdout_fraction=0.25,
+    n_replay=3,
+    replay_seed=50_000,
+    epochs=3,
+    steps_per_epoch=20,
+    batch_size=8,
+    lr=5e-5,
+    max_minutes=4.0,
+    bn_momentum=0.0,
+    device="auto",
+    reviewed_only=True,
+    progress=None,
+    cancel=None,
+    log=print,
+    score=True,
+    chain=None,
+) -> dict:
     """Fine-tune ``parent`` on exported corrections; writes a child checkpoint ``out``.
 
     Part of the corrected cases is held out (at least one when there are two or more) and the
@@ -597,16 +660,21 @@ def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=
         raise KidsegError("no such corrections folder", corrections_dir)
     cases = [c for c in io.kits_cases(corrections_dir) if (c / io.KITS_LABELS).exists()]
     if not cases:
-        raise KidsegError("holds no corrected cases (case_XXXXX/imaging.nii.gz + segmentation.nii.gz); "
-                          "export corrections from the widget first", corrections_dir)
+        raise KidsegError(
+            "holds no corrected cases (case_XXXXX/imaging.nii.gz + segmentation.nii.gz); "
+            "export corrections from the widget first",
+            corrections_dir,
+        )
     parent_cfg = read_config(parent)
     if parent_cfg.stage != stage:
         raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
     train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
     eval_dirs = held or train_dirs
     if not held:
-        log("only one corrected case: it is trained on and also scored (no held-out case, so the "
-            "before/after figures are on training data)")
+        log(
+            "only one corrected case: it is trained on and also scored (no held-out case, so the "
+            "before/after figures are on training data)"
+        )
     coarse = coarse_checkpoint if stage == "refine" else parent
     refine_before = parent if stage == "refine" else None
     before = {}
@@ -620,22 +688,43 @@ def finetune(corrections_dir, parent, out, *, stage="refine", coarse_checkpoint=
     cfg = dataclasses.replace(parent_cfg)
     cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
     cfg.provenance = {
-        "parent": str(parent), "parent_sha256": file_sha256(parent), "parent_version": parent_cfg.version,
+        "parent": str(parent),
+        "parent_sha256": file_sha256(parent),
+        "parent_version": parent_cfg.version,
         "corrections": str(corrections_dir),
         "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / io.KITS_LABELS)} for c in train_dirs],
-        "held_out": [c.name for c in held], "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
-        "epochs": epochs, "steps_per_epoch": steps_per_epoch, "lr": lr, "bn_momentum": bn_momentum,
+        "held_out": [c.name for c in held],
+        "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "lr": lr,
+        "bn_momentum": bn_momentum,
         "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
         "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
     }
-    settings = TrainSettings(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-                             patience=epochs + 1, workers=0, device=device, max_minutes=max_minutes, val_samples=0,
-                             bn_momentum=bn_momentum)
-    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel,
-                    log=log)
+    settings = TrainSettings(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        lr=lr,
+        patience=epochs + 1,
+        workers=0,
+        device=device,
+        max_minutes=max_minutes,
+        val_samples=0,
+        bn_momentum=bn_momentum,
+    )
+    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log)
     after = {}
     if score:
-        after = evaluate_cascade(eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None,
-                                 device=device)
-    return {"before": before, "after": after, "held_out": [c.name for c in held],
-            "scored_on": [c.name for c in eval_dirs], "checkpoint": str(out), "seconds": summary["seconds"]}
+        after = evaluate_cascade(
+            eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None, device=device
+        )
+    return {
+        "before": before,
+        "after": after,
+        "held_out": [c.name for c in held],
+        "scored_on": [c.name for c in eval_dirs],
+        "checkpoint": str(out),
+        "seconds": summary["seconds"],
+    }

@@ -34,8 +34,15 @@ from napari_kidseg import anatomy, io  # noqa: E402
 
 BIN_MM = 4.0
 DX_MM, DY_MM = (0.0, 200.0), (-120.0, 120.0)
-FLARE_ORGANS = {"liver": (1,), "spleen": (3,), "pancreas": (4,), "adrenal": (7, 8), "gallbladder": (9,),
-                "stomach": (11,), "duodenum": (12,)}
+FLARE_ORGANS = {
+    "liver": (1,),
+    "spleen": (3,),
+    "pancreas": (4,),
+    "adrenal": (7, 8),
+    "gallbladder": (9,),
+    "stomach": (11,),
+    "duodenum": (12,),
+}
 FLARE_KIDNEYS = (2, 13)
 N_TRAIN_MAPS = 40
 
@@ -118,10 +125,15 @@ def kits_limits(kits_root: Path) -> dict:
                 frags += [float(dist[lab == i + 1].min()) for i in members if i != main]
         print(f"  {Path(f).parent.name}: sides {len(vols)}", end="\r", flush=True)
     print()
-    return {"min_kidney_ml": round(0.5 * float(min(vols)), 1), "min_length_mm": round(0.5 * min(lengths), 1),
-            "fragment_mm": round(max(10.0, 1.5 * max(frags, default=0.0)), 1),
-            "kits_smallest_kidney_ml": round(float(min(vols)), 1), "kits_shortest_extent_mm": round(min(lengths), 1),
-            "kits_farthest_fragment_mm": round(max(frags, default=0.0), 1), "kits_sides": len(vols)}
+    return {
+        "min_kidney_ml": round(0.5 * float(min(vols)), 1),
+        "min_length_mm": round(0.5 * min(lengths), 1),
+        "fragment_mm": round(max(10.0, 1.5 * max(frags, default=0.0)), 1),
+        "kits_smallest_kidney_ml": round(float(min(vols)), 1),
+        "kits_shortest_extent_mm": round(min(lengths), 1),
+        "kits_farthest_fragment_mm": round(max(frags, default=0.0), 1),
+        "kits_sides": len(vols),
+    }
 
 
 def main(argv=None) -> int:
@@ -137,8 +149,12 @@ def main(argv=None) -> int:
     maps = [read_flare(f) for f in files]
     train, held = maps[:N_TRAIN_MAPS], maps[N_TRAIN_MAPS:]
     log_density = atlas_from(train)
-    pr = {"atlas_bin_mm": BIN_MM, "atlas_dx_mm": list(DX_MM), "atlas_dy_mm": list(DY_MM),
-          "atlas_log_density": log_density}
+    pr = {
+        "atlas_bin_mm": BIN_MM,
+        "atlas_dx_mm": list(DX_MM),
+        "atlas_dy_mm": list(DY_MM),
+        "atlas_log_density": log_density,
+    }
     kid = [slice_scores(lab, sp, FLARE_KIDNEYS, pr) for lab, sp in train]
     kid_slices = np.concatenate([k[0] for k in kid])
     whole = []
@@ -153,8 +169,10 @@ def main(argv=None) -> int:
     pr["min_slice_log_density"] = round(float(kid_slices.min()) - 1.0, 3)
     pr["typical_log_density"] = round(float(np.median(whole)), 3)
     pr["horseshoe_reach_mm"] = 40.0
-    print(f"kidney slice regions (40 maps): {len(kid_slices)}, mean log-density min {kid_slices.min():.2f}, "
-          f"1% {np.percentile(kid_slices, 1):.2f}, median {np.median(kid_slices):.2f}")
+    print(
+        f"kidney slice regions (40 maps): {len(kid_slices)}, mean log-density min {kid_slices.min():.2f}, "
+        f"1% {np.percentile(kid_slices, 1):.2f}, median {np.median(kid_slices):.2f}"
+    )
     print(f"held-out maps ({len(held)}): share of slice regions (and of their mL) the position rule removes")
     for name, organ in [("kidney", FLARE_KIDNEYS)] + list(FLARE_ORGANS.items()):
         scores = [slice_scores(lab, sp, organ, pr) for lab, sp in held]
@@ -165,8 +183,10 @@ def main(argv=None) -> int:
     print("KiTS19 limits")
     pr.update(kits_limits(data / "kits19-masks"))
     pr["atlas_log_density"] = np.round(log_density, 3).tolist()
-    pr["source"] = ("derived by scripts/derive_anatomy_priors.py from FLARE 2022 label maps 0001-0040 "
-                    "(research use, Ma et al.) and the 160 KiTS19 label volumes (CC BY-NC-SA 4.0, Heller et al.)")
+    pr["source"] = (
+        "derived by scripts/derive_anatomy_priors.py from FLARE 2022 label maps 0001-0040 "
+        "(research use, Ma et al.) and the 160 KiTS19 label volumes (CC BY-NC-SA 4.0, Heller et al.)"
+    )
     with io.atomic_path(args.output, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps({k: pr[k] for k in sorted(pr)}, indent=None, separators=(",", ":")))
     print({k: v for k, v in pr.items() if k != "atlas_log_density"})

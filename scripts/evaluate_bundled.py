@@ -65,8 +65,10 @@ def real_kidney_dice(cascade, real, result=None):
     already made on it, so the networks do not run twice)."""
     ct, ref = real
     r = result or cascade.run(ct.array, ct.geometry.spacing)
-    return {"coarse": metrics.dice(r.fuse(alpha=1.0) > 0, ref.array > 0),
-            "fused": metrics.dice(r.fuse(alpha=0.4) > 0, ref.array > 0)}
+    return {
+        "coarse": metrics.dice(r.fuse(alpha=1.0) > 0, ref.array > 0),
+        "fused": metrics.dice(r.fuse(alpha=0.4) > 0, ref.array > 0),
+    }
 
 
 def real_kidney_errors(result, real):
@@ -84,8 +86,11 @@ def real_kidney_errors(result, real):
         hit = int((ref[zz] & pred[zz]).sum())
         out[name] = {"recall": hit / max(int(ref[zz].sum()), 1), "precision": hit / max(int(pred[zz].sum()), 1)}
     fp = (pred & ~ref).sum(axis=(1, 2)) * ml
-    out["false_positive_ml"] = {"below": float(fp[:z0].sum()), "within": float(fp[z0:z1 + 1].sum()),
-                                "above": float(fp[z1 + 1:].sum())}
+    out["false_positive_ml"] = {
+        "below": float(fp[:z0].sum()),
+        "within": float(fp[z0 : z1 + 1].sum()),
+        "above": float(fp[z1 + 1 :].sum()),
+    }
     out["reference_ml"] = float(ref.sum() * ml)
     return out
 
@@ -108,19 +113,28 @@ def real_ct_figure(result, real, path):
     picks = [("coronal", y, None), ("axial", None, int(np.percentile(zs, 50))), ("axial", None, z_hi)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
     for col, (view, yy, zz) in enumerate(picks):
-        img, gt, fu, pr = ((a[:, yy], g[:, yy], fused[:, yy], p[:, yy]) if view == "coronal"
-                           else (a[zz], g[zz], fused[zz], p[zz]))
+        img, gt, fu, pr = (
+            (a[:, yy], g[:, yy], fused[:, yy], p[:, yy]) if view == "coronal" else (a[zz], g[zz], fused[zz], p[zz])
+        )
         aspect = dz / dx if view == "coronal" else dy / dx
         title = f"{view}, y = {yy * dy:.0f} mm" if view == "coronal" else f"axial, z = {zz * dz:.0f} mm"
         for row, label in enumerate(("fused (red) vs reference (green)", "coarse p(kidney)")):
             ax = axes[row, col]
-            ax.imshow(img, cmap="gray", vmin=-160, vmax=240, origin="lower" if view == "coronal" else "upper",
-                      aspect=aspect)
+            ax.imshow(
+                img, cmap="gray", vmin=-160, vmax=240, origin="lower" if view == "coronal" else "upper", aspect=aspect
+            )
             if row == 0:
                 ax.contour(fu, [0.5], colors="red", linewidths=1)
             else:
-                ax.imshow(np.ma.masked_less(pr, 0.1), cmap="autumn", alpha=0.5, vmin=0, vmax=1, aspect=aspect,
-                          origin="lower" if view == "coronal" else "upper")
+                ax.imshow(
+                    np.ma.masked_less(pr, 0.1),
+                    cmap="autumn",
+                    alpha=0.5,
+                    vmin=0,
+                    vmax=1,
+                    aspect=aspect,
+                    origin="lower" if view == "coronal" else "upper",
+                )
             ax.contour(gt, [0.5], colors="lime", linewidths=1)
             ax.set_title(f"{title}: {label}", fontsize=9)
             ax.set_axis_off()
@@ -134,8 +148,12 @@ SHARED = REAL.parents[1]
 
 def _set_row(pred, ref, spacing, removed_ml=None):
     d = metrics.tumor_detection(pred, ref, spacing)
-    return {**metrics.kits_scores(pred, ref), **metrics.false_ml(pred, ref, spacing), "detection": d,
-            "removed": removed_ml}
+    return {
+        **metrics.kits_scores(pred, ref),
+        **metrics.false_ml(pred, ref, spacing),
+        "detection": d,
+        "removed": removed_ml,
+    }
 
 
 def score_sets(cascade, work: Path, n_cases: int) -> dict:
@@ -181,12 +199,16 @@ def _summarise(rows):
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     tumors = [t for r in rows for t in r["detection"]["tumors"]]
     mid = [t for t in tumors if 5.0 <= t["volume_ml"] < 50.0]
-    out = {"kidney_tumor_dice": mean("kidney_tumor_dice"), "tumor_dice": mean("tumor_dice"),
-           "false_kidney_ml": mean("false_kidney_ml"), "false_tumor_ml": mean("false_tumor_ml"),
-           "max_false_tumor_ml": float(max(r["false_tumor_ml"] for r in rows)),
-           "false_tumor_regions_per_case": float(np.mean([len(r["detection"]["false_tumors_ml"]) for r in rows])),
-           "tumors_5_50_ml_found": f"{sum(t['found'] for t in mid)}/{len(mid)}",
-           "tumors_found": f"{sum(t['found'] for t in tumors)}/{len(tumors)}"}
+    out = {
+        "kidney_tumor_dice": mean("kidney_tumor_dice"),
+        "tumor_dice": mean("tumor_dice"),
+        "false_kidney_ml": mean("false_kidney_ml"),
+        "false_tumor_ml": mean("false_tumor_ml"),
+        "max_false_tumor_ml": float(max(r["false_tumor_ml"] for r in rows)),
+        "false_tumor_regions_per_case": float(np.mean([len(r["detection"]["false_tumors_ml"]) for r in rows])),
+        "tumors_5_50_ml_found": f"{sum(t['found'] for t in mid)}/{len(mid)}",
+        "tumors_found": f"{sum(t['found'] for t in tumors)}/{len(tumors)}",
+    }
     if rows[0]["removed"] is not None:
         out["anatomy_removed_kidney_ml"] = float(np.mean([r["removed"]["kidney"] for r in rows]))
         out["anatomy_removed_tumor_ml"] = float(np.mean([r["removed"]["tumor"] for r in rows]))
@@ -200,19 +222,28 @@ def main():
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-finetune", action="store_true")
-    ap.add_argument("--mirror", action="store_true", help="run the cascade with mirror averaging (kidseg predict --mirror)")
+    ap.add_argument(
+        "--mirror", action="store_true", help="run the cascade with mirror averaging (kidseg predict --mirror)"
+    )
     ap.add_argument("--figure", help="write a PNG of the real CT with reference and predicted kidneys here")
     ap.add_argument("--sets", action="store_true", help="score every evaluation set with the anatomy check on/off")
-    ap.add_argument("--bn-momentum", type=float, default=inspect.signature(finetune).parameters["bn_momentum"].default,
-                    help="fine-tuning's BatchNorm momentum (default: finetune()'s, as kidseg finetune)")
+    ap.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=inspect.signature(finetune).parameters["bn_momentum"].default,
+        help="fine-tuning's BatchNorm momentum (default: finetune()'s, as kidseg finetune)",
+    )
     args = ap.parse_args()
     if args.mirror and not args.skip_finetune:
         ap.error("--mirror scores the cascade only: add --skip-finetune")
     work = Path(args.out or tempfile.mkdtemp(prefix="kidseg-eval-"))
     if args.sets:
         cascade = Cascade(args.coarse, args.refine, device="cpu")
-        report = {"coarse": str(cascade.coarse_path), "refine": str(cascade.refine_path),
-                  "sets": score_sets(cascade, work, args.cases)}
+        report = {
+            "coarse": str(cascade.coarse_path),
+            "refine": str(cascade.refine_path),
+            "sets": score_sets(cascade, work, args.cases),
+        }
         if args.figure and REAL.exists():
             real = read_real_ct()
             real_ct_figure(cascade.run(real[0].array, real[0].geometry.spacing), real, args.figure)
@@ -224,11 +255,16 @@ def main():
     cases = io.kits_cases(held)
     cascade = Cascade(args.coarse, args.refine, device="cpu")
     detections = []
-    report = {"heldout_phantoms": phantom_scores(cascade, cases, detections, args.mirror), "n_heldout": len(cases),
-              "mirror": args.mirror}
+    report = {
+        "heldout_phantoms": phantom_scores(cascade, cases, detections, args.mirror),
+        "n_heldout": len(cases),
+        "mirror": args.mirror,
+    }
     report["heldout_tumor_detection_by_size"] = metrics.detection_by_size(detections)
-    report["heldout_false_tumors"] = {"count": sum(len(d["false_tumors_ml"]) for d in detections),
-                                      "ml": sum(sum(d["false_tumors_ml"]) for d in detections)}
+    report["heldout_false_tumors"] = {
+        "count": sum(len(d["false_tumors_ml"]) for d in detections),
+        "ml": sum(sum(d["false_tumors_ml"]) for d in detections),
+    }
     real = read_real_ct() if REAL.exists() else None
     if real:
         result = cascade.run(real[0].array, real[0].geometry.spacing, mirror=args.mirror)
@@ -246,8 +282,15 @@ def main():
         # CLI's `kidseg finetune --stage coarse`: both are measured
         t0 = time.time()
         refine_child = work / f"refine-ft-{stamp}.safetensors"
-        ft = finetune(corr, cascade.refine_path, refine_child, coarse_checkpoint=cascade.coarse_path, device="cpu",
-                      bn_momentum=args.bn_momentum, log=lambda s: None)
+        ft = finetune(
+            corr,
+            cascade.refine_path,
+            refine_child,
+            coarse_checkpoint=cascade.coarse_path,
+            device="cpu",
+            bn_momentum=args.bn_momentum,
+            log=lambda s: None,
+        )
         refine_minutes = (time.time() - t0) / 60
         after = Cascade(cascade.coarse_path, refine_child, device="cpu")
         report["finetune_refine"] = {
@@ -259,8 +302,15 @@ def main():
         }
         t0 = time.time()
         coarse_child = work / f"coarse-ft-{stamp}.safetensors"
-        ft = finetune(corr, cascade.coarse_path, coarse_child, stage="coarse", device="cpu",
-                      bn_momentum=args.bn_momentum, log=lambda s: None)
+        ft = finetune(
+            corr,
+            cascade.coarse_path,
+            coarse_child,
+            stage="coarse",
+            device="cpu",
+            bn_momentum=args.bn_momentum,
+            log=lambda s: None,
+        )
         coarse_minutes = (time.time() - t0) / 60
         both = Cascade(coarse_child, refine_child, device="cpu")
         report["finetune_refine_then_coarse"] = {

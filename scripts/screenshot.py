@@ -1,6 +1,6 @@
 """Makes docs/widget.png: napari with the sample case, the widget docked, after a run.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py
+xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py
 """
 
 import sys
@@ -24,8 +24,11 @@ while widget._worker is not None and time.time() - t0 < 600:
     QApplication.processEvents()
     time.sleep(0.05)
 fused = viewer.layers["fused labels (editable)"]
-z = int(np.argmax((fused.data == 2).sum(axis=(1, 2)))) if (fused.data == 2).any() else \
-    int(np.argmax((fused.data > 0).sum(axis=(1, 2))))
+z = (
+    int(np.argmax((fused.data == 2).sum(axis=(1, 2))))
+    if (fused.data == 2).any()
+    else int(np.argmax((fused.data > 0).sum(axis=(1, 2))))
+)
 viewer.dims.current_step = (z, *viewer.dims.current_step[1:])
 viewer.layers["kidney ROIs (refine patches)"].visible = True
 for layer in viewer.layers:
@@ -35,7 +38,7 @@ for _ in range(40):
     QApplication.processEvents()
     time.sleep(0.05)
 shot = viewer.screenshot(canvas_only=False, flash=False)
-from imageio.v3 import imwrite
+from imageio.v3 import imwrite  # noqa: E402 (imported once the picture exists: napari brings it)
 
 out.parent.mkdir(parents=True, exist_ok=True)
 imwrite(out, shot)

@@ -60,7 +60,7 @@ def test_kidneys_kept_false_regions_removed_and_listed():
     assert not out[liver].any() and not out[vertebra].any()
     text = "\n".join(v.summary())
     assert "not where a kidney lies" in text
-    assert v.removed_ml()["kidney"] == pytest.approx(3 ** 3 / 1000 * (liver | vertebra).sum(), rel=0.15)
+    assert v.removed_ml()["kidney"] == pytest.approx(3**3 / 1000 * (liver | vertebra).sum(), rel=0.15)
     # the slice path gives what the volume path gives
     for z in (30, 45):
         assert np.array_equal(v.apply(labels[z], z=z), out[z])

@@ -61,10 +61,16 @@ def test_rois_drop_small_regions_and_keep_sides():
 def test_fusion_against_a_hand_computed_case():
     coarse_meta = np.array([[[200, 100, 40]]], np.uint8)  # p(kid+tum) 0.78, 0.39, 0.16
     coarse_tum = np.array([[[150, 20, 0]]], np.uint8)
-    region = fusion.RefinedRegion(0, 0, np.array([[100, 250, 200]], np.uint8), np.array([[20, 200, 10]], np.uint8),
-                                  np.array([[True, True, False]]))
-    labels = fusion.fuse_volume(coarse_meta, coarse_tum, {0: region}, alpha=0.4, kidney_threshold=0.5,
-                                tumor_threshold=0.5)
+    region = fusion.RefinedRegion(
+        0,
+        0,
+        np.array([[100, 250, 200]], np.uint8),
+        np.array([[20, 200, 10]], np.uint8),
+        np.array([[True, True, False]]),
+    )
+    labels = fusion.fuse_volume(
+        coarse_meta, coarse_tum, {0: region}, alpha=0.4, kidney_threshold=0.5, tumor_threshold=0.5
+    )
     # voxel 0: meta 0.4*200+0.6*100=140 > 127.5 -> kidney; tumor 0.4*150+0.6*20=72 < 127.5 -> kidney (1)
     # voxel 1: meta 0.4*100+0.6*250=190 -> kidney; tumor 0.4*20+0.6*200=128 > 127.5 -> tumor (2)
     # voxel 2: not covered -> coarse only: meta 40 -> background
@@ -79,8 +85,9 @@ def test_alpha_one_is_coarse_and_alpha_zero_is_refined_inside_the_rois():
     for z in (1, 2):
         cov = np.zeros((20, 30), bool)
         cov[2:18, 3:25] = True
-        refined[z] = fusion.RefinedRegion(5, 10, rng.integers(0, 256, (20, 30)).astype(np.uint8),
-                                          rng.integers(0, 256, (20, 30)).astype(np.uint8), cov)
+        refined[z] = fusion.RefinedRegion(
+            5, 10, rng.integers(0, 256, (20, 30)).astype(np.uint8), rng.integers(0, 256, (20, 30)).astype(np.uint8), cov
+        )
     for kt, tt in ((0.5, 0.5), (0.3, 0.7), (0.4, 0.4)):  # 0.4 * 255 = 102 exactly: the edge case
         coarse = fusion.labels_from_levels(cm, ct, kt, tt)
         assert np.array_equal(fusion.fuse_volume(cm, ct, refined, 1.0, kt, tt), coarse)
@@ -92,8 +99,10 @@ def test_alpha_one_is_coarse_and_alpha_zero_is_refined_inside_the_rois():
             assert np.array_equal(fused0[z][r.window][~r.covered], coarse[z][r.window][~r.covered])
         # one slice at a time gives the same as the whole volume
         for z in range(shape[0]):
-            assert np.array_equal(fusion.fuse_slice(cm[z], ct[z], refined.get(z), 0.4, kt, tt),
-                                  fusion.fuse_volume(cm, ct, refined, 0.4, kt, tt)[z])
+            assert np.array_equal(
+                fusion.fuse_slice(cm[z], ct[z], refined.get(z), 0.4, kt, tt),
+                fusion.fuse_volume(cm, ct, refined, 0.4, kt, tt)[z],
+            )
 
 
 # ------------------------------------------------------------------ metrics
@@ -198,12 +207,27 @@ def test_cancel_stops_within_a_batch(tiny_checkpoints, small_case):
     assert seen == [4, 8]
 
 
-def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(tmp_path, tiny_checkpoints,
-                                                                                small_case_dir):
+def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(
+    tmp_path, tiny_checkpoints, small_case_dir
+):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(small_case_dir), "-o", str(out),
-            "--coarse", str(tiny_checkpoints["coarse"]), "--refine", str(tiny_checkpoints["refine"]),
-            "--device", "cpu", "--save-probabilities", "--mirror"]
+    args = [
+        sys.executable,
+        "-m",
+        "napari_kidseg.cli",
+        "predict",
+        str(small_case_dir),
+        "-o",
+        str(out),
+        "--coarse",
+        str(tiny_checkpoints["coarse"]),
+        "--refine",
+        str(tiny_checkpoints["refine"]),
+        "--device",
+        "cpu",
+        "--save-probabilities",
+        "--mirror",
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     pred = out / small_case_dir.name / "segmentation.nii.gz"
@@ -217,9 +241,20 @@ def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(tm
     # a second run refuses to overwrite, with one line
     again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    ev = subprocess.run([sys.executable, "-m", "napari_kidseg.cli", "evaluate", str(pred),
-                         str(small_case_dir / "segmentation.nii.gz"), "--json"], capture_output=True, text=True,
-                        cwd=tmp_path)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_kidseg.cli",
+            "evaluate",
+            str(pred),
+            str(small_case_dir / "segmentation.nii.gz"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert ev.returncode == 0, ev.stderr
     import json
 
@@ -252,8 +287,20 @@ def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpo
 
     out = tmp_path / "existing"
     out.mkdir()
-    rc = main(["predict", str(small_case_dir), "-o", str(out), "--coarse", str(tiny_checkpoints["coarse"]),
-               "--refine", str(tiny_checkpoints["refine"]), "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            str(small_case_dir),
+            "-o",
+            str(out),
+            "--coarse",
+            str(tiny_checkpoints["coarse"]),
+            "--refine",
+            str(tiny_checkpoints["refine"]),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert (out / small_case_dir.name / "segmentation.nii.gz").exists()
 

@@ -13,11 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import shared_path
 
 from napari_kidseg import io
 from napari_kidseg.errors import KidsegError, KidsegWarning
-
-from conftest import shared_path
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -31,7 +30,8 @@ def index_to_lps_by_other_reader(path) -> np.ndarray:
     name = str(path).lower()
     if name.endswith((".nii", ".nii.gz")):
         return LPS_FROM_RAS @ nib.load(str(path)).affine
-    raw = open(path, "rb").read(4096).decode("latin-1")
+    with open(path, "rb") as fh:
+        raw = fh.read(4096).decode("latin-1")
     aff = np.eye(4)
     if name.endswith(".nrrd"):
         assert "left-posterior-superior" in raw
@@ -282,8 +282,17 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
     blob = gzip.compress(nib.Nifti1Image(ct, np.eye(4)).to_bytes())
     (tmp_path / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
     proc = subprocess.run(
-        [sys.executable, "-m", "napari_kidseg.cli", "predict", str(tmp_path / "truncated.nii.gz"), "-o", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "napari_kidseg.cli",
+            "predict",
+            str(tmp_path / "truncated.nii.gz"),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

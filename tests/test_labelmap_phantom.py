@@ -13,8 +13,10 @@ from napari_kidseg.labelmap_phantom import find_label_maps, make_labelmap_phanto
 
 
 def _ellipsoid(shape, spacing, centre_mm, radii_mm):
-    z, y, x = (np.arange(n)[s] * d for n, d, s in zip(shape, spacing, (np.s_[:, None, None], np.s_[None, :, None],
-                                                                         np.s_[None, None, :])))
+    z, y, x = (
+        np.arange(n)[s] * d
+        for n, d, s in zip(shape, spacing, (np.s_[:, None, None], np.s_[None, :, None], np.s_[None, None, :]))
+    )
     return sum(((g - c) / r) ** 2 for g, c, r in zip((z, y, x), centre_mm, radii_mm)) < 1.0
 
 
@@ -33,8 +35,9 @@ def toy_map(shape=(40, 160, 160), spacing=(2.5, 2.0, 2.0)):
 
 def test_toy_map_phantom_geometry_labels_and_hu():
     organs, spacing = toy_map()
-    case = make_labelmap_phantom((organs, spacing), seed=3, matrix=96, phase="venous", n_tumors=1,
-                                 slice_thickness=2.5, disk_layout="LPS")
+    case = make_labelmap_phantom(
+        (organs, spacing), seed=3, matrix=96, phase="venous", n_tumors=1, slice_thickness=2.5, disk_layout="LPS"
+    )
     ct, labels = case.ct.array, case.labels
     assert ct.shape == labels.shape and ct.shape[1:] == (96, 96)
     assert case.ct.geometry.spacing == pytest.approx(tuple(case.info["spacing_zyx_mm"]), rel=1e-3)
@@ -82,9 +85,10 @@ def test_bad_label_maps_get_one_line(tmp_path):
     organs, spacing = toy_map()
     bad = organs.copy()
     bad[0, 0, 0] = 42
-    for name, arr, msg in (("unknown.nii.gz", bad, "unknown label"),
-                           ("nokidney.nii.gz", np.where(np.isin(organs, (2, 13)), 0, organs).astype(np.uint8),
-                            "no kidney")):
+    for name, arr, msg in (
+        ("unknown.nii.gz", bad, "unknown label"),
+        ("nokidney.nii.gz", np.where(np.isin(organs, (2, 13)), 0, organs).astype(np.uint8), "no kidney"),
+    ):
         p = tmp_path / name
         io.write_volume(p, arr, io.volume_in_memory(arr, spacing))
         with pytest.raises(KidsegError, match=msg) as info:

@@ -101,3 +101,23 @@ def test_screenshot_of_a_real_window_shows_ct_and_labels(make_napari_viewer, tmp
     kidney_green = (rgb[..., 1] > 120) & (rgb[..., 0] < 100) & (rgb[..., 2] < 100)
     assert greys.sum() > 10_000, "no CT grey levels on screen"
     assert kidney_green.sum() > 200, "no kidney label colour on screen"
+
+
+def test_the_source_tree_does_not_shadow_the_manifest():
+    """Started from the checkout (its folder first on sys.path), napari imports the source tree's
+    napari_kidseg: the manifest must be found there too, and the version is single-sourced."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import napari_kidseg
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import napari_kidseg, npe2; pm = npe2.PluginManager.instance(); pm.discover(); "
+        "print(napari_kidseg.__file__); print(pm.get_manifest('napari-kidseg').name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert str(root / "napari_kidseg") in out and out.strip().endswith("napari-kidseg")
+    assert version("napari-kidseg") == napari_kidseg.__version__

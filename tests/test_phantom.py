@@ -80,7 +80,7 @@ def test_spacing_and_layout_vary():
     layouts = {i["disk_layout"] for i in infos}
     inplane = [i["spacing_zyx_mm"][1] for i in infos]
     assert len(layouts) >= 3
-    assert 0.5 <= min(inplane) and max(inplane) <= 1.0
+    assert min(inplane) >= 0.5 and max(inplane) <= 1.0
 
 
 def test_kidneys_lie_in_perirenal_fat_thick_or_thin_among_look_alikes(cases):

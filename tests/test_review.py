@@ -13,7 +13,6 @@ from napari_kidseg.errors import KidsegError
 from napari_kidseg.fusion import RefinedRegion
 from napari_kidseg.review import FusionParams, ReviewSession, export_correction
 
-
 # these tests exercise fusion and editing on toy volumes far smaller than a kidney; the
 # anatomy check (tests/test_anatomy.py) would rightly remove such regions
 NO_CHECK = FusionParams(anatomy_check=False)
@@ -21,8 +20,16 @@ NO_CHECK = FusionParams(anatomy_check=False)
 
 def make_result(meta, tumor=None, refined=None, spacing=(2.0, 1.0, 1.0)):
     tumor = np.zeros_like(meta) if tumor is None else tumor
-    return CascadeResult(meta.shape, spacing, meta, tumor, refined or {}, [], np.zeros(0, dtype=[("roi", "i2"),
-                         ("z", "i4"), ("y0", "i4"), ("x0", "i4")]), 16)
+    return CascadeResult(
+        meta.shape,
+        spacing,
+        meta,
+        tumor,
+        refined or {},
+        [],
+        np.zeros(0, dtype=[("roi", "i2"), ("z", "i4"), ("y0", "i4"), ("x0", "i4")]),
+        16,
+    )
 
 
 def test_hand_edits_survive_threshold_changes():
@@ -86,8 +93,10 @@ def test_interpolation_between_two_edited_slices():
 def test_doubtful_slices_rank_disagreement():
     meta = np.zeros((4, 20, 20), np.uint8)
     cov = np.ones((10, 10), bool)
-    refined = {1: RefinedRegion(0, 0, np.full((10, 10), 0, np.uint8), np.zeros((10, 10), np.uint8), cov),
-               2: RefinedRegion(0, 0, np.full((10, 10), 200, np.uint8), np.zeros((10, 10), np.uint8), cov)}
+    refined = {
+        1: RefinedRegion(0, 0, np.full((10, 10), 0, np.uint8), np.zeros((10, 10), np.uint8), cov),
+        2: RefinedRegion(0, 0, np.full((10, 10), 200, np.uint8), np.zeros((10, 10), np.uint8), cov),
+    }
     s = ReviewSession(make_result(meta, refined=refined), NO_CHECK)
     assert list(s.doubtful_slices("disagreement")) == [2]  # slice 1 agrees (both 0), slice 2 does not
 

@@ -28,8 +28,17 @@ def test_a_few_training_steps_reduce_the_loss_and_write_a_loadable_checkpoint(ti
     cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
     cfg = models.model_config("coarse", "tiny", input_size=64, context_slices=1)
     cfg.provenance = {"data": "tiny"}
-    settings = training.TrainSettings(epochs=3, steps_per_epoch=10, batch_size=8, lr=3e-3, workers=0, device="cpu",
-                                      augment=False, patience=10, val_samples=32)
+    settings = training.TrainSettings(
+        epochs=3,
+        steps_per_epoch=10,
+        batch_size=8,
+        lr=3e-3,
+        workers=0,
+        device="cpu",
+        augment=False,
+        patience=10,
+        val_samples=32,
+    )
     out = tmp_path / "coarse.safetensors"
     summary = training.train(cfg, cases[:2], cases[2:], out, settings, log=lambda s: None)
     losses = [r["train_loss"] for r in summary["log"]]
@@ -83,10 +92,40 @@ def test_ddp_with_two_cpu_processes(tiny_dataset, tmp_path):
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "napari_kidseg.cli", "train", str(tiny_dataset),
-         "--stage", "coarse", "-o", str(out), "--preset", "tiny", "--input-size", "32", "--epochs", "1",
-         "--steps-per-epoch", "3", "--batch-size", "4", "--workers", "0", "--device", "cpu"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "napari_kidseg.cli",
+            "train",
+            str(tiny_dataset),
+            "--stage",
+            "coarse",
+            "-o",
+            str(out),
+            "--preset",
+            "tiny",
+            "--input-size",
+            "32",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "3",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert models.read_config(out).stage == "coarse"
 
@@ -102,8 +141,18 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
     shutil.copy(tiny_checkpoints["refine"], parent)
     before_sha = models.file_sha256(parent)
     out = tmp_path / "child.safetensors"
-    report = training.finetune(corrections, parent, out, coarse_checkpoint=tiny_checkpoints["coarse"], n_replay=1,
-                               epochs=1, steps_per_epoch=3, batch_size=4, device="cpu", log=lambda s: None)
+    report = training.finetune(
+        corrections,
+        parent,
+        out,
+        coarse_checkpoint=tiny_checkpoints["coarse"],
+        n_replay=1,
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=4,
+        device="cpu",
+        log=lambda s: None,
+    )
     assert models.file_sha256(parent) == before_sha
     cfg = models.read_config(out)
     assert cfg.provenance["parent"] == str(parent) and cfg.provenance["parent_sha256"] == before_sha
@@ -153,8 +202,12 @@ def test_imagenet_weights_without_a_hub_is_a_clear_error(monkeypatch):
 def test_cli_train_refuses_to_overwrite(tiny_dataset, tmp_path):
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"keep me")
-    proc = subprocess.run([sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse",
-                           "-o", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "already exists" in proc.stderr and out.read_bytes() == b"keep me"
 
 
@@ -162,10 +215,31 @@ def test_cli_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_
     parent = tiny_checkpoints["coarse"]
     parent_cfg = models.read_config(parent)
     out = tmp_path / "continued.safetensors"
-    base = [sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse",
-            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
-    proc = subprocess.run([*base, "-o", str(out), "--init", str(tmp_path / "missing.safetensors")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    base = [
+        sys.executable,
+        "-m",
+        "napari_kidseg.cli",
+        "train",
+        str(tiny_dataset),
+        "--stage",
+        "coarse",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        [*base, "-o", str(out), "--init", str(tmp_path / "missing.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "missing.safetensors" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([*base, "-o", str(out), "--init", str(parent)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -200,8 +274,13 @@ def test_data_loader_workers_draw_different_augmentations(tiny_dataset):
     cfg = models.model_config("coarse", "tiny", input_size=32, context_slices=0)
     aug = training.Augment(noise=0.0)  # noise comes from torch's per-worker seed; the rest from the dataset's rng
     samples = training.SegmentationSamples([case], cfg, aug, seed=3)
-    loader = DataLoader(samples, batch_size=1, sampler=[5, 5, 5, 5], num_workers=2,
-                        worker_init_fn=training.SegmentationSamples.reseed_worker)
+    loader = DataLoader(
+        samples,
+        batch_size=1,
+        sampler=[5, 5, 5, 5],
+        num_workers=2,
+        worker_init_fn=training.SegmentationSamples.reseed_worker,
+    )
     xs = [x for x, _ in loader]  # batches alternate between the two workers, all of the same slice
     assert not torch.equal(xs[0], xs[1]), "both workers drew the same augmentation"
 
@@ -227,8 +306,16 @@ def test_bn_momentum_setting_reaches_the_batch_norm_layers(tiny_dataset, tiny_ch
     assert running, "the tiny network has no batch norm to test"
 
     def trained_stats(momentum):
-        settings = training.TrainSettings(epochs=1, steps_per_epoch=3, batch_size=4, workers=0, device="cpu",
-                                          augment=False, bn_momentum=momentum, val_samples=0)
+        settings = training.TrainSettings(
+            epochs=1,
+            steps_per_epoch=3,
+            batch_size=4,
+            workers=0,
+            device="cpu",
+            augment=False,
+            bn_momentum=momentum,
+            val_samples=0,
+        )
         out = tmp_path / f"m{momentum}.safetensors"
         training.train(cfg, cases, [], out, settings, init_checkpoint=tiny_checkpoints["coarse"], log=lambda s: None)
         child = load_file(out)
@@ -265,9 +352,16 @@ def test_cli_finetune_defaults_are_the_finetune_function_defaults():
     args = build_parser().parse_args(["finetune", "corrections"])
     assert args.stage == "both"
     defaults = {k: p.default for k, p in inspect.signature(finetune_models).parameters.items()}
-    pairs = {"holdout": "holdout_fraction", "replay_cases": "n_replay", "epochs": "epochs", "lr": "lr",
-             "steps_per_epoch": "steps_per_epoch", "max_minutes": "max_minutes", "bn_momentum": "bn_momentum",
-             "batch_size": "batch_size"}
+    pairs = {
+        "holdout": "holdout_fraction",
+        "replay_cases": "n_replay",
+        "epochs": "epochs",
+        "lr": "lr",
+        "steps_per_epoch": "steps_per_epoch",
+        "max_minutes": "max_minutes",
+        "bn_momentum": "bn_momentum",
+        "batch_size": "batch_size",
+    }
     assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
 
 
@@ -287,7 +381,7 @@ def test_finetune_models_both_stages_chain_and_refuse(tiny_dataset, tiny_checkpo
     from napari_kidseg.finetuning import finetune_models, model_versions
 
     corrections = _corrections(tiny_dataset, tmp_path / "corr", reviewed=True)
-    small = dict(epochs=1, steps_per_epoch=2, batch_size=2, n_replay=0, device="cpu", log=lambda s: None)
+    small = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0, "device": "cpu", "log": lambda s: None}
     first = finetune_models(corrections, coarse=tiny_checkpoints["coarse"], refine=tiny_checkpoints["refine"], **small)
     folder = Path(first["folder"])
     assert folder.parent == corrections / "models" and folder.name.startswith("finetune-")
@@ -296,8 +390,9 @@ def test_finetune_models_both_stages_chain_and_refuse(tiny_dataset, tiny_checkpo
     assert not any(n.endswith((".state.pt", ".last.safetensors")) for n in names)
     assert first["held_out"] and set(first["before"]) == set(first["after"])
     cfg = models.read_config(folder / "coarse.safetensors")
-    assert cfg.provenance["reviewed_slices_only"] and all(len(v) == 3 for v in
-                                                          cfg.provenance["reviewed_slices_only"].values())
+    assert cfg.provenance["reviewed_slices_only"] and all(
+        len(v) == 3 for v in cfg.provenance["reviewed_slices_only"].values()
+    )
     # the second fine-tune starts from the first one's children, and its provenance names the chain
     second = finetune_models(corrections, tmp_path / "second", stages=("refine",), **small)
     assert second["parents"]["refine"] == str(folder / "refine.safetensors")
@@ -314,8 +409,10 @@ def test_finetune_models_both_stages_chain_and_refuse(tiny_dataset, tiny_checkpo
     bad = tmp_path / "bad"
     case = _corrections(tiny_dataset, bad) / "case_00000" / io.KITS_LABELS
     ct = io.read_ct(case.parent / io.KITS_IMAGE)
-    for arr, msg in ((np.full(ct.array.shape, 7, np.uint8), "label"), (np.zeros(ct.array.shape, np.uint8),
-                                                                       "no kidney or tumor")):
+    for arr, msg in (
+        (np.full(ct.array.shape, 7, np.uint8), "label"),
+        (np.zeros(ct.array.shape, np.uint8), "no kidney or tumor"),
+    ):
         io.write_labels(case, arr, ct, overwrite=True)
         with pytest.raises(KidsegError, match=msg) as info:
             finetune_models(bad, tmp_path / "y", **small)
@@ -329,14 +426,16 @@ def test_finetune_split_keeps_copies_of_one_scan_together(tmp_path):
 
     cases = [tmp_path / f"case_{i:05d}" for i in range(4)]
     scans = ["a", "a", "b", "c"]  # case 0 and 1: two exports of one scan
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"cases": [{"case": c.name, "scan_sha256": s} for c, s in zip(cases, scans)]}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"cases": [{"case": c.name, "scan_sha256": s} for c, s in zip(cases, scans)]})
+    )
     for fraction in (0.25, 0.5, 0.75):
         train, held = split_by_scan(tmp_path, cases, fraction)
         assert held and sorted(train + held) == cases
         assert (cases[0] in held) == (cases[1] in held)
     one_scan = tmp_path / "one"
     one_scan.mkdir()
-    (one_scan / "manifest.json").write_text(json.dumps({"cases": [{"case": c.name, "scan_sha256": "a"}
-                                                                  for c in cases[:2]]}))
+    (one_scan / "manifest.json").write_text(
+        json.dumps({"cases": [{"case": c.name, "scan_sha256": "a"} for c in cases[:2]]})
+    )
     assert split_by_scan(one_scan, cases[:2], 0.5) == (cases[:2], [])

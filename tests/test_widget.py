@@ -272,8 +272,9 @@ def test_cuda_chosen_without_a_gpu_is_a_message(viewer_with_case, tiny_checkpoin
     assert w.session is not None and w.device_label.text() == "using cpu"
 
 
-def test_a_failure_while_adding_layers_is_a_message_and_frees_run(viewer_with_case, tiny_checkpoints, qtbot,
-                                                                    monkeypatch):
+def test_a_failure_while_adding_layers_is_a_message_and_frees_run(
+    viewer_with_case, tiny_checkpoints, qtbot, monkeypatch
+):
     viewer, *_ = viewer_with_case
     w = _widget(viewer, tiny_checkpoints, qtbot)
     real = w._set_labels_layer
@@ -342,8 +343,7 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     fused.refresh()
     # the Review box follows painting (debounced), no stale "hand-edited voxels: 0"
     fused.paint((12, 100, 100), 1, refresh=True)
-    qtbot.waitUntil(lambda: f"hand-edited voxels: {s.hand_edited_voxels}" in w.measure_label.text(),
-                    timeout=30_000)
+    qtbot.waitUntil(lambda: f"hand-edited voxels: {s.hand_edited_voxels}" in w.measure_label.text(), timeout=30_000)
     assert s.hand_edited_voxels > 0 and w.region_table.rowCount() >= 2
     # a click on the tumor in "make kidney" mode changes the tumor only, never the whole kidney
     w.click_mode.setCurrentText("make kidney")

@@ -47,10 +47,20 @@ LAYER_NAMES = {
     "preview": "preview (not applied yet)",
 }
 # what a click on the canvas does (the fused layer selected, in pan/zoom mode), and its key
-CLICK_MODES = {"off": "Shift-O", "delete region": "Shift-D", "make tumor": "Shift-T", "make kidney": "Shift-K",
-               "swap kidney/tumor": "Shift-S", "restore removed": "Shift-R"}
-_CLICK_ACTIONS = {"delete region": "delete", "make tumor": "tumor", "make kidney": "kidney",
-                  "swap kidney/tumor": "swap"}
+CLICK_MODES = {
+    "off": "Shift-O",
+    "delete region": "Shift-D",
+    "make tumor": "Shift-T",
+    "make kidney": "Shift-K",
+    "swap kidney/tumor": "Shift-S",
+    "restore removed": "Shift-R",
+}
+_CLICK_ACTIONS = {
+    "delete region": "delete",
+    "make tumor": "tumor",
+    "make kidney": "kidney",
+    "swap kidney/tumor": "swap",
+}
 WINDOW_KEYS = {"soft tissue": "Shift-1", "kidney": "Shift-2", "bone": "Shift-3", "lung": "Shift-4"}
 
 
@@ -109,8 +119,10 @@ class CascadeWidget(QWidget):
         drow.addWidget(self.device_label)
         form.addRow("Device", drow)
         self.mirror_check = QCheckBox("average with the mirror image (2x time)")
-        self.mirror_check.setToolTip("Runs every slice and patch again mirrored left-right and averages the two "
-                                     "answers. Off by default: on phantoms it was not clearly better.")
+        self.mirror_check.setToolTip(
+            "Runs every slice and patch again mirrored left-right and averages the two "
+            "answers. Off by default: on phantoms it was not clearly better."
+        )
         form.addRow("Mirror", self.mirror_check)
         outer.addWidget(box)
 
@@ -141,7 +153,8 @@ class CascadeWidget(QWidget):
             "Regions on the wrong side of the spine's front edge or off the kidneys' usual place, a second "
             "region far from a side's kidney, regions too small for a kidney, and tumor that touches no kidney "
             "are removed. They are outlined in the 'removed by anatomy check' layer: select that layer and "
-            "click a region to restore it.")
+            "click a region to restore it."
+        )
         form.addRow("Anatomy check", self.anatomy_check)
         outer.addWidget(box)
 
@@ -151,8 +164,10 @@ class CascadeWidget(QWidget):
         form = QFormLayout()
         self.click_mode = QComboBox()
         self.click_mode.addItems(list(CLICK_MODES))
-        self.click_mode.setToolTip("What a click on a region of the fused labels does (select the fused layer, "
-                                   "pan/zoom mode). Keys: " + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items()))
+        self.click_mode.setToolTip(
+            "What a click on a region of the fused labels does (select the fused layer, "
+            "pan/zoom mode). Keys: " + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items())
+        )
         form.addRow("Click on canvas", self.click_mode)
         lay.addLayout(form)
         row = QHBoxLayout()
@@ -168,8 +183,10 @@ class CascadeWidget(QWidget):
         lay.addLayout(row)
         row = QHBoxLayout()
         self.largest_btn = QPushButton("Keep kidneys by anatomy")
-        self.largest_btn.setToolTip("One kidney per side, chosen by the anatomy check (side of the spine, position "
-                                    "behind its front edge, size), not the largest region; previews what goes")
+        self.largest_btn.setToolTip(
+            "One kidney per side, chosen by the anatomy check (side of the spine, position "
+            "behind its front edge, size), not the largest region; previews what goes"
+        )
         self.holes_btn = QPushButton("Fill holes")
         self.holes_btn.setToolTip("Fill holes enclosed in a slice: in tumor with tumor, elsewhere with kidney")
         row.addWidget(self.largest_btn)
@@ -185,8 +202,9 @@ class CascadeWidget(QWidget):
             row.addWidget(btn)
             row.addWidget(sb)
         self.interp_btn = QPushButton("Interpolate A-B")
-        self.interp_btn.setToolTip("Preview the slices between A and B redrawn by shape-based interpolation of "
-                                   "A and B, then Apply")
+        self.interp_btn.setToolTip(
+            "Preview the slices between A and B redrawn by shape-based interpolation of A and B, then Apply"
+        )
         row.addWidget(self.interp_btn)
         lay.addLayout(row)
         row = QHBoxLayout()
@@ -201,8 +219,10 @@ class CascadeWidget(QWidget):
         lay.addLayout(row)
         row = QHBoxLayout()
         self.reviewed_btn = QPushButton("Slice reviewed")
-        self.reviewed_btn.setToolTip("Mark the slice in view as checked, even without an edit (Shift-V); the "
-                                     "export lists reviewed slices so fine-tuning can train on those alone")
+        self.reviewed_btn.setToolTip(
+            "Mark the slice in view as checked, even without an edit (Shift-V); the "
+            "export lists reviewed slices so fine-tuning can train on those alone"
+        )
         self.undo_btn, self.redo_btn = QPushButton("Undo"), QPushButton("Redo")
         self.undo_btn.setToolTip("Undo the last painting or tool change (one history with napari's own undo)")
         self.redo_btn.setToolTip("Redo what Undo took back")
@@ -210,9 +230,13 @@ class CascadeWidget(QWidget):
         row.addWidget(self.undo_btn)
         row.addWidget(self.redo_btn)
         lay.addLayout(row)
-        keys = QLabel("Keys (fused layer selected): " + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items())
-                      + "; Shift-V slice reviewed; " + ", ".join(f"{k} {w}" for w, k in WINDOW_KEYS.items())
-                      + " window; napari's brush, eraser and fill bucket paint by hand.")
+        keys = QLabel(
+            "Keys (fused layer selected): "
+            + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items())
+            + "; Shift-V slice reviewed; "
+            + ", ".join(f"{k} {w}" for w, k in WINDOW_KEYS.items())
+            + " window; napari's brush, eraser and fill bucket paint by hand."
+        )
         keys.setWordWrap(True)
         lay.addWidget(keys)
         outer.addWidget(box)
@@ -261,22 +285,30 @@ class CascadeWidget(QWidget):
         form.addRow("Folder", row)
         self.export_edit.setToolTip("Exported cases (KiTS layout + manifest.json) and fine-tuned models go here")
         self.whole_case_check = QCheckBox("whole case reviewed")
-        self.whole_case_check.setToolTip("Checked: fine-tuning learns from every slice of this case. Unchecked: only "
-                                         "from the slices you edited or marked reviewed.")
+        self.whole_case_check.setToolTip(
+            "Checked: fine-tuning learns from every slice of this case. Unchecked: only "
+            "from the slices you edited or marked reviewed."
+        )
         self.export_btn = QPushButton("Export case")
-        self.export_btn.setToolTip("Write the CT and the corrected labels into the folder (once per scan: a second "
-                                   "export of the same scan updates its case)")
+        self.export_btn.setToolTip(
+            "Write the CT and the corrected labels into the folder (once per scan: a second "
+            "export of the same scan updates its case)"
+        )
         erow = QHBoxLayout()
         erow.addWidget(self.export_btn)
         erow.addWidget(self.whole_case_check)
         form.addRow(erow)
         frow = QHBoxLayout()
         self.finetune_btn = QPushButton("Fine-tune models")
-        self.finetune_btn.setToolTip("Fine-tune the coarse and refine models on the exported corrections, in the "
-                                     "background (about a minute per stage on 2 CPU cores)")
+        self.finetune_btn.setToolTip(
+            "Fine-tune the coarse and refine models on the exported corrections, in the "
+            "background (about a minute per stage on 2 CPU cores)"
+        )
         self.refine_only_check = QCheckBox("refine only")
-        self.refine_only_check.setToolTip("Fine-tune the refine model alone (the coarse model picks the kidney "
-                                          "regions, where most errors on a new scanner start)")
+        self.refine_only_check.setToolTip(
+            "Fine-tune the refine model alone (the coarse model picks the kidney "
+            "regions, where most errors on a new scanner start)"
+        )
         self.use_new_btn = QPushButton("Use the new models")
         self.use_new_btn.setToolTip("Switch to the fine-tuned models and run this case again with them")
         self.use_new_btn.setEnabled(False)
@@ -285,8 +317,10 @@ class CascadeWidget(QWidget):
         frow.addWidget(self.use_new_btn)
         form.addRow(frow)
         self.versions_combo = QComboBox()
-        self.versions_combo.setToolTip("The bundled models and every fine-tuned pair in the corrections folder: "
-                                       "pick one to switch back to it (press Run to use it)")
+        self.versions_combo.setToolTip(
+            "The bundled models and every fine-tuned pair in the corrections folder: "
+            "pick one to switch back to it (press Run to use it)"
+        )
         self.versions_combo.activated.connect(self._pick_version)
         form.addRow("Model versions", self.versions_combo)
         self.finetune_label = QLabel("")
@@ -295,9 +329,21 @@ class CascadeWidget(QWidget):
         outer.addWidget(box)
         outer.addStretch(1)
 
-        self._review_buttons = [self.islands_btn, self.largest_btn, self.holes_btn, self.interp_btn,
-                                self.interp_a_btn, self.interp_b_btn, self.reviewed_btn, self.undo_btn, self.redo_btn,
-                                self.next_disagree_btn, self.next_uncertain_btn, self.export_btn, self.view3d_btn]
+        self._review_buttons = [
+            self.islands_btn,
+            self.largest_btn,
+            self.holes_btn,
+            self.interp_btn,
+            self.interp_a_btn,
+            self.interp_b_btn,
+            self.reviewed_btn,
+            self.undo_btn,
+            self.redo_btn,
+            self.next_disagree_btn,
+            self.next_uncertain_btn,
+            self.export_btn,
+            self.view3d_btn,
+        ]
         self._set_review_enabled(False)
         self._disagree_pos = self._uncertain_pos = -1
 
@@ -308,11 +354,15 @@ class CascadeWidget(QWidget):
         self.anatomy_check.toggled.connect(self._on_params_changed)
         # the controls' values are read here, on the GUI thread; the plans run in a worker
         self.islands_btn.clicked.connect(
-            lambda: self.plan_tool(lambda s, ml=self.island_ml.value(): s.plan_remove_islands(ml)))
+            lambda: self.plan_tool(lambda s, ml=self.island_ml.value(): s.plan_remove_islands(ml))
+        )
         self.largest_btn.clicked.connect(lambda: self.plan_tool(lambda s: s.plan_keep_kidneys()))
         self.holes_btn.clicked.connect(lambda: self.plan_tool(lambda s: s.plan_fill_holes()))
-        self.interp_btn.clicked.connect(lambda: self.plan_tool(
-            lambda s, a=self.interp_from.value(), b=self.interp_to.value(): s.plan_interpolate_slices(a, b)))
+        self.interp_btn.clicked.connect(
+            lambda: self.plan_tool(
+                lambda s, a=self.interp_from.value(), b=self.interp_to.value(): s.plan_interpolate_slices(a, b)
+            )
+        )
         self.apply_btn.clicked.connect(self.apply_pending)
         self.discard_btn.clicked.connect(self.discard_pending)
         self.reviewed_btn.clicked.connect(self.mark_slice_reviewed)
@@ -465,14 +515,20 @@ class CascadeWidget(QWidget):
             from ..review import FusionParams, ReviewSession
 
             cascade = Cascade(*paths[:2], device=paths[2]) if reload else self.cascade
-            result = cascade.run(ct.array, ct.geometry.spacing, progress=lambda d, t, s: relay.progress.emit(d, t, s),
-                                 cancel=cancel.is_set, mirror=mirror)
+            result = cascade.run(
+                ct.array,
+                ct.geometry.spacing,
+                progress=lambda d, t, s: relay.progress.emit(d, t, s),
+                cancel=cancel.is_set,
+                mirror=mirror,
+            )
             session = ReviewSession(result, FusionParams(*params))
             return cascade, session, self._comparison_layers(session)
 
         self._run_started = time.perf_counter()
-        self._worker = create_worker(job, _connect={"returned": self._on_result, "errored": self._on_error,
-                                                   "finished": self._on_finished})
+        self._worker = create_worker(
+            job, _connect={"returned": self._on_result, "errored": self._on_error, "finished": self._on_finished}
+        )
         self._run_started = time.perf_counter()
 
     def ask_about_edits(self, n_voxels: int) -> str:
@@ -626,19 +682,29 @@ class CascadeWidget(QWidget):
             rois[pt["z"], y0 : max(0, pt["y0"] + r.patch_px), x0 : max(0, pt["x0"] + r.patch_px)] = pt["roi"]
         coarse = r.coarse_labels(p.kidney_threshold, p.tumor_threshold)
         refined = r.refined_labels(p.kidney_threshold, p.tumor_threshold)
-        return {"coarse": coarse, "refined": refined, "disagreement": session.disagreement_map(), "rois": rois,
-                "removed": session.removed_by_anatomy(),
-                # what the refine stage alone makes of the volume (coarse outside the patches): scored
-                # against a reference by the measurements, computed here once per fusion
-                "refine_stage": np.where(r.patch_coverage(), refined, coarse)}
+        return {
+            "coarse": coarse,
+            "refined": refined,
+            "disagreement": session.disagreement_map(),
+            "rois": rois,
+            "removed": session.removed_by_anatomy(),
+            # what the refine stage alone makes of the volume (coarse outside the patches): scored
+            # against a reference by the measurements, computed here once per fusion
+            "refine_stage": np.where(r.patch_coverage(), refined, coarse),
+        }
 
     def _result_layer_steps(self, s, comparison) -> list:
         """One callable per result layer, fused (editable, on top) last."""
         colors = dict(LABEL_COLORS)
 
         def rois():
-            layer = self._set_labels_layer("rois", comparison["rois"], opacity=0.8, visible=False,
-                                           colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"})
+            layer = self._set_labels_layer(
+                "rois",
+                comparison["rois"],
+                opacity=0.8,
+                visible=False,
+                colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"},
+            )
             layer.contour = 2
 
         def removed():
@@ -656,12 +722,17 @@ class CascadeWidget(QWidget):
                 s.labels = layer.data
 
         return [
-            lambda: self._set_labels_layer("coarse", comparison["coarse"], opacity=0.5, visible=False,
-                                           colormap=colors),
-            lambda: self._set_labels_layer("refined", comparison["refined"], opacity=0.5, visible=False,
-                                           colormap=colors),
-            lambda: self._set_labels_layer("disagreement", comparison["disagreement"], opacity=0.7, visible=False,
-                                           colormap={None: "transparent", 0: "transparent", 1: "magenta"}),
+            lambda: self._set_labels_layer("coarse", comparison["coarse"], opacity=0.5, visible=False, colormap=colors),
+            lambda: self._set_labels_layer(
+                "refined", comparison["refined"], opacity=0.5, visible=False, colormap=colors
+            ),
+            lambda: self._set_labels_layer(
+                "disagreement",
+                comparison["disagreement"],
+                opacity=0.7,
+                visible=False,
+                colormap={None: "transparent", 0: "transparent", 1: "magenta"},
+            ),
             rois,
             removed,
             fused,
@@ -669,8 +740,12 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ live fusion
     def _params(self):
-        return (self.alpha.value() / 100.0, self.kidney_thr.value() / 100.0, self.tumor_thr.value() / 100.0,
-                self.anatomy_check.isChecked())
+        return (
+            self.alpha.value() / 100.0,
+            self.kidney_thr.value() / 100.0,
+            self.tumor_thr.value() / 100.0,
+            self.anatomy_check.isChecked(),
+        )
 
     def _restore_on_click(self, layer, event):
         """A click on the *removed by anatomy check* layer (when it is the selected layer) restores
@@ -705,8 +780,9 @@ class CascadeWidget(QWidget):
         result = s.result
 
         def job():
-            fused = result.fuse(params.alpha, params.kidney_threshold, params.tumor_threshold,
-                                anatomy_check=params.anatomy_check)
+            fused = result.fuse(
+                params.alpha, params.kidney_threshold, params.tumor_threshold, anatomy_check=params.anatomy_check
+            )
             return fused, self._comparison_layers(s)
 
         def done(payload):
@@ -800,13 +876,18 @@ class CascadeWidget(QWidget):
             return
         preview = np.zeros(shape, np.uint8)
         preview.ravel()[change.idx] = np.where(change.new > 0, change.new, change.old)
-        layer = self._set_labels_layer("preview", preview, opacity=1.0,
-                                       colormap={None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#ff2020"})
+        layer = self._set_labels_layer(
+            "preview",
+            preview,
+            opacity=1.0,
+            colormap={None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#ff2020"},
+        )
         layer.contour = 1
         self.viewer.layers.selection.active = self.fused_layer
         ml = change.voxels * float(np.prod(self.session.result.spacing)) / 1000.0
-        self.preview_label.setText(f"Preview of {change.name}: {change.summary or f'{ml:.1f} mL changes'} "
-                                   "(outlined). Apply or discard.")
+        self.preview_label.setText(
+            f"Preview of {change.name}: {change.summary or f'{ml:.1f} mL changes'} (outlined). Apply or discard."
+        )
         self.status.setText(f"preview: {change.name}")
         self._set_preview_enabled(True)
 
@@ -862,8 +943,10 @@ class CascadeWidget(QWidget):
         sp, origin = self.ct_volume.geometry.spacing, self.ct_volume.geometry.origin_zyx
         self.viewer.camera.center = (origin[1] + y * sp[1], origin[2] + x * sp[2])
         r = rows[row]
-        self.status.setText(f"region {r['region']}: {r['label']}, {r['side']}, {r['ml']:.1f} mL, "
-                            f"slices {r['slices'][0]}-{r['slices'][1]}")
+        self.status.setText(
+            f"region {r['region']}: {r['label']}, {r['side']}, {r['ml']:.1f} mL, "
+            f"slices {r['slices'][0]}-{r['slices'][1]}"
+        )
 
     def set_window(self, name: str):
         ct = self.ct_combo.currentText()
@@ -926,8 +1009,16 @@ class CascadeWidget(QWidget):
             self._measure_worker = None
             self._on_error(exc)
 
-        self._measure_worker = create_worker(self._measurement_text, s, labels, ref_data, ref_name, self._comparison,
-                                             problem, _connect={"returned": done, "errored": failed})
+        self._measure_worker = create_worker(
+            self._measurement_text,
+            s,
+            labels,
+            ref_data,
+            ref_name,
+            self._comparison,
+            problem,
+            _connect={"returned": done, "errored": failed},
+        )
 
     def _show_measurements(self, payload):
         text, m, regions = payload
@@ -936,8 +1027,14 @@ class CascadeWidget(QWidget):
         self._regions = regions
         self.region_table.setRowCount(len(regions))
         for i, r in enumerate(regions):
-            cells = (str(r["region"]), r["label"], r["side"], f"{r['ml']:.1f}", f"{r['slices'][0]}-{r['slices'][1]}",
-                     "flagged" if r["flagged"] else "")
+            cells = (
+                str(r["region"]),
+                r["label"],
+                r["side"],
+                f"{r['ml']:.1f}",
+                f"{r['slices'][0]}-{r['slices'][1]}",
+                "flagged" if r["flagged"] else "",
+            )
             for j, c in enumerate(cells):
                 self.region_table.setItem(i, j, QTableWidgetItem(c))
 
@@ -955,8 +1052,10 @@ class CascadeWidget(QWidget):
             lines.append(problem)
         if ref is not None:
             coarse, refined = comparison["coarse"], comparison["refine_stage"]
-            lines.append(f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}{'false kid mL':>13}"
-                         f"{'false tum mL':>13}")
+            lines.append(
+                f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}{'false kid mL':>13}"
+                f"{'false tum mL':>13}"
+            )
 
             def score(value, present):  # both empty: nothing to score, not a perfect 1.000
                 return f"{value:>8.3f}" if present else f"{'n/a':>8}"
@@ -966,8 +1065,10 @@ class CascadeWidget(QWidget):
                 f = false_ml(lab, ref, sp)
                 has_kid, has_tum = (lab > 0).any() or (ref > 0).any(), (lab == 2).any() or (ref == 2).any()
                 composite = k["kits_composite"] if has_tum else k["kidney_tumor_dice"]
-                lines.append(f"{name:<22}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"
-                             f"{score(composite, has_kid)}{f['false_kidney_ml']:>13.1f}{f['false_tumor_ml']:>13.1f}")
+                lines.append(
+                    f"{name:<22}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"
+                    f"{score(composite, has_kid)}{f['false_kidney_ml']:>13.1f}{f['false_tumor_ml']:>13.1f}"
+                )
         verdict = s.result.verdict
         if s.params.anatomy_check and verdict is not None:
             gone = verdict.removed_ml()
@@ -986,8 +1087,10 @@ class CascadeWidget(QWidget):
             if not isinstance(layer, Labels) or layer.name in ours:
                 continue
             if layer.data.shape != self.session.labels.shape:
-                problem = (f"reference {layer.name!r} is on another grid ({'x'.join(map(str, layer.data.shape))} "
-                           f"voxels, not {'x'.join(map(str, self.session.labels.shape))}): not scored")
+                problem = (
+                    f"reference {layer.name!r} is on another grid ({'x'.join(map(str, layer.data.shape))} "
+                    f"voxels, not {'x'.join(map(str, self.session.labels.shape))}): not scored"
+                )
                 continue
             if not layer.metadata.get("kidseg_reference_colours"):
                 layer.metadata["kidseg_reference_colours"] = True
@@ -1008,11 +1111,14 @@ class CascadeWidget(QWidget):
             return None
         s = self.session
         s.sync_edits()
-        touched = set(int(z) for z in np.flatnonzero(s.edited.reshape(s.edited.shape[0], -1).any(axis=1)))
-        kwargs = dict(checkpoints={"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
-                      params=s.params, hand_edited_voxels=s.hand_edited_voxels,
-                      reviewed_slices=touched | self.reviewed_slices,
-                      whole_case_reviewed=self.whole_case_check.isChecked())
+        touched = {int(z) for z in np.flatnonzero(s.edited.reshape(s.edited.shape[0], -1).any(axis=1))}
+        kwargs = {
+            "checkpoints": {"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
+            "params": s.params,
+            "hand_edited_voxels": s.hand_edited_voxels,
+            "reviewed_slices": touched | self.reviewed_slices,
+            "whole_case_reviewed": self.whole_case_check.isChecked(),
+        }
         try:
             try:
                 case = export_correction(Path(folder), self.ct_volume, s.labels, **kwargs)
@@ -1021,8 +1127,7 @@ class CascadeWidget(QWidget):
                 if choice == "cancel":
                     self.status.setText("export cancelled")
                     return None
-                case = export_correction(Path(folder), self.ct_volume, s.labels, update=choice == "update",
-                                         **kwargs)
+                case = export_correction(Path(folder), self.ct_volume, s.labels, update=choice == "update", **kwargs)
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return None
@@ -1056,8 +1161,10 @@ class CascadeWidget(QWidget):
         if self._worker is not None:
             return
         try:
-            parents = {"coarse": resolve_checkpoint(self.coarse_edit.text() or None, "coarse"),
-                       "refine": resolve_checkpoint(self.refine_edit.text() or None, "refine")}
+            parents = {
+                "coarse": resolve_checkpoint(self.coarse_edit.text() or None, "coarse"),
+                "refine": resolve_checkpoint(self.refine_edit.text() or None, "refine"),
+            }
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return
@@ -1068,9 +1175,15 @@ class CascadeWidget(QWidget):
         self._finetune_started = time.perf_counter()
 
         def job():
-            return finetuning.finetune_models(folder, stages=stages, device=device, **parents,
-                                              progress=lambda d, t, st: relay.progress.emit(d, t, st),
-                                              cancel=cancel.is_set, log=lambda m: None)
+            return finetuning.finetune_models(
+                folder,
+                stages=stages,
+                device=device,
+                **parents,
+                progress=lambda d, t, st: relay.progress.emit(d, t, st),
+                cancel=cancel.is_set,
+                log=lambda m: None,
+            )
 
         self.run_btn.setEnabled(False)
         self.finetune_btn.setEnabled(False)
@@ -1080,14 +1193,18 @@ class CascadeWidget(QWidget):
         def done(report):
             b, a = report["before"], report["after"]
             where = "held-out" if report["held_out"] else "corrected (not held out)"
-            text = (f"{Path(report['folder']).name}: on {len(report['scored_on'])} {where} case(s), "
-                    f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
-                    f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}; "
-                    f"{report['seconds']['total'] / 60:.1f} min")
+            text = (
+                f"{Path(report['folder']).name}: on {len(report['scored_on'])} {where} case(s), "
+                f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
+                f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}; "
+                f"{report['seconds']['total'] / 60:.1f} min"
+            )
             self.new_models = report["models"]
             if report["worse"]:
-                text += (". The new models score WORSE than the ones in use on these cases: keeping the ones in "
-                         "use. 'Use the new models anyway' switches regardless.")
+                text += (
+                    ". The new models score WORSE than the ones in use on these cases: keeping the ones in "
+                    "use. 'Use the new models anyway' switches regardless."
+                )
                 self.use_new_btn.setText("Use the new models anyway")
             else:
                 self.use_new_btn.setText("Use the new models")
@@ -1102,8 +1219,7 @@ class CascadeWidget(QWidget):
             self.finetune_btn.setEnabled(True)
             self.cancel_btn.setEnabled(False)
 
-        self._worker = create_worker(job, _connect={"returned": done, "errored": self._on_error,
-                                                    "finished": finished})
+        self._worker = create_worker(job, _connect={"returned": done, "errored": self._on_error, "finished": finished})
 
     def use_new_models(self):
         """Switch to the fine-tuned models and re-run this case, so the difference shows at once
