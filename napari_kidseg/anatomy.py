@@ -284,7 +284,11 @@ def check_anatomy(
         left_reach, right_reach = np.zeros(nb + 1), np.zeros(nb + 1)
         np.maximum.at(left_reach, b, dx)
         np.maximum.at(right_reach, b, -dx)
-        horseshoe = (left_reach >= pr["horseshoe_reach_mm"]) & (right_reach >= pr["horseshoe_reach_mm"])
+        # a horseshoe joins two kidneys across the spine; a region reaching beyond where any
+        # kidney lies (the atlas's lateral extent) is not one, however it crosses
+        far = _atlas_lateral_extent_mm(pr)
+        near = pr["horseshoe_reach_mm"]
+        horseshoe = (left_reach >= near) & (right_reach >= near) & (left_reach <= far) & (right_reach <= far)
         bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe
         bad[0] = False
         if bad.any():
@@ -357,6 +361,12 @@ def check_anatomy(
                 "position: if it is a transplant or ectopic kidney, restore it"
             )
     return verdict
+
+
+def _atlas_lateral_extent_mm(pr) -> float:
+    """The farthest lateral distance from the midline at which the atlas still places a kidney."""
+    plausible = (pr["atlas_log_density"] >= pr["min_slice_log_density"]).any(axis=1)
+    return float(pr["atlas_dx_mm"][0] + (np.flatnonzero(plausible).max() + 1) * pr["atlas_bin_mm"])
 
 
 NECK_MM = 8.0  # joins narrower than about this are cut: a kidney touches the liver over a few mm

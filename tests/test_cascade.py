@@ -335,3 +335,64 @@ def test_mirror_averages_each_input_with_its_mirror_image(tiny_checkpoints, smal
     ct = small_case.ct
     result = cas.run(ct.array, ct.geometry.spacing, mirror=True)
     assert result.fuse().shape == ct.array.shape and result.refined  # both stages ran mirrored
+
+
+def test_evaluate_refuses_labels_outside_kits_and_reports_false_ml(tmp_path, small_case_dir, capsys):
+    from napari_kidseg.cli import main
+
+    ct = io.read_ct(small_case_dir / "imaging.nii.gz")
+    ref = io.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
+    bad = ref.array.copy()
+    bad[0, 0, 0] = 7
+    io.write_labels(tmp_path / "seven.nii.gz", bad, ct)
+    assert main(["evaluate", str(tmp_path / "seven.nii.gz"), str(small_case_dir / "segmentation.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seven.nii.gz" in err and "label(s) 7" in err and len(err.splitlines()) == 1
+    extra = ref.array.copy()
+    extra[0, :4, :5] = 2  # 20 voxels of tumor where the reference has none
+    io.write_labels(tmp_path / "extra.nii.gz", extra, ct)
+    assert (
+        main(["evaluate", str(tmp_path / "extra.nii.gz"), str(small_case_dir / "segmentation.nii.gz"), "--json"]) == 0
+    )
+    import json
+
+    row = json.loads(capsys.readouterr().out)["cases"][0]
+    voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000.0
+    new_fp = int(((extra > 0) & (ref.array == 0)).sum())
+    assert row["false_kidney_ml"] == pytest.approx(new_fp * voxel_ml)
+    assert row["false_tumor_ml"] == pytest.approx(int(((extra == 2) & (ref.array != 2)).sum()) * voxel_ml)
+
+
+def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoints, small_case_dir, capsys, monkeypatch):
+    """Nothing is removed silently: kidseg predict lists the check's removals, and
+    --no-anatomy-check keeps them."""
+    from napari_kidseg.cli import main
+
+    real_fuse = cascade.CascadeResult.fuse
+
+    def fuse_with_a_false_tumor(self, *a, **kw):  # only a tumor far from any kidney, whatever the tiny nets say
+        self.coarse_meta[:] = 0
+        self.coarse_tumor[:] = 0
+        self.refined = {}
+        self.coarse_meta[:, :4, :4] = 255
+        self.coarse_tumor[:, :4, :4] = 255
+        return real_fuse(self, *a, **kw)
+
+    monkeypatch.setattr(cascade.CascadeResult, "fuse", fuse_with_a_false_tumor)
+    common = [
+        str(small_case_dir),
+        "--coarse",
+        str(tiny_checkpoints["coarse"]),
+        "--refine",
+        str(tiny_checkpoints["refine"]),
+        "--device",
+        "cpu",
+    ]
+    assert main(["predict", *common, "-o", str(tmp_path / "on.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "anatomy check removed" in err
+    assert main(["predict", *common, "-o", str(tmp_path / "off.nii.gz"), "--no-anatomy-check"]) == 0
+    assert "anatomy check removed" not in capsys.readouterr().err
+    on = io.read_labels(tmp_path / "on.nii.gz").array
+    off = io.read_labels(tmp_path / "off.nii.gz").array
+    assert (off[:, :4, :4] > 0).all() and not on[:, :4, :4].any()
