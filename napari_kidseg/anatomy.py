@@ -5,11 +5,12 @@ kidney: on real CT that was the spleen, liver cysts, psoas and vertebrae. This m
 result's regions by where they lie and what they touch, using the CT only to find the spine,
 and never runs a network, so it is a live control like alpha.
 
-1. **The spine frame** (:func:`find_spine`): per slice, the vertebra is the largest bone region
-   (HU > 180, holes filled, so an osteoporotic body inside its cortex counts) within 40 mm of the
-   body's midline; its centre gives the midline ``x`` and its anterior edge the spine's front
-   ``y``. A running median along z removes disc levels and a bright aorta picked by mistake
-   (vessels reach 150-300 HU with contrast, which is why "bone = HU > 200" alone is not enough).
+1. **The spine frame** (:func:`find_spine`): per slice, the vertebra is the most posterior
+   compact bone region (HU > 180, holes filled, so an osteoporotic body inside its cortex counts;
+   at least 3 cm2 and 15 mm across both ways) within 40 mm of the body's midline; its centre
+   gives the midline ``x`` and its anterior edge the spine's front ``y``. Contrast-filled aorta
+   and bowel (150-300 HU, which is why "bone = HU > 200" alone is not enough) lie in front of it;
+   the table is a thin plate. A running median along z removes disc levels.
    No spine in view (a limb, a phantom slab) means the position rules are skipped, with a note.
 2. **Position** (with a spine): every 2D region of kidney+tumor on every slice is scored by a
    kidney position atlas in the spine frame: (lateral distance from the midline, distance behind
@@ -52,6 +53,7 @@ PRIORS_PATH = Path(__file__).with_name("anatomy_priors.json")
 BONE_HU = 180.0  # cancellous bone of a healthy vertebra is 150-300 HU, cortex far above
 SPINE_BAND_MM = 40.0  # the vertebral body lies within 40 mm of the body's midline
 MIN_VERTEBRA_MM2 = 300.0  # 3 cm2: more than a rib or a calcification, less than any lumbar body
+MIN_VERTEBRA_EXTENT_MM = 15.0  # a vertebral body is 30-50 mm across; a table top is under 10 mm thick
 SPINE_MEDIAN_MM = 60.0  # running median along z: two vertebrae and the disc between
 MIN_SPINE_SLICES = 0.3  # the spine must be found on this share of slices, or it is "not in view"
 _STRUCT_2D = np.array(
@@ -110,12 +112,16 @@ def find_spine(ct: np.ndarray, spacing) -> SpineFrame | None:
     if n:
         areas = np.bincount(lab.ravel())[1:] * dy * dx
         boxes = ndimage.find_objects(lab)
-        best = np.zeros(nz, np.int64)  # per slice, the largest region's id
-        best_area = np.zeros(nz)
+        best = np.zeros(nz, np.int64)  # per slice, the most posterior vertebra-like region
+        best_y = np.full(nz, -np.inf)
+        centre_y = ndimage.center_of_mass(bone, lab, range(1, n + 1))
         for i, box in enumerate(boxes):
             z = box[0].start
-            if areas[i] >= MIN_VERTEBRA_MM2 and areas[i] > best_area[z]:
-                best[z], best_area[z] = i + 1, areas[i]
+            h, w = (box[1].stop - box[1].start) * dy, (box[2].stop - box[2].start) * dx
+            # a vertebra is compact and thick; the table is a thin plate, the spinous process a
+            # thin bar; contrast-filled bowel and the aorta lie in front of the spine
+            if areas[i] >= MIN_VERTEBRA_MM2 and min(h, w) >= MIN_VERTEBRA_EXTENT_MM and centre_y[i][1] > best_y[z]:
+                best[z], best_y[z] = i + 1, centre_y[i][1]
         for z in np.flatnonzero(best):
             box = boxes[best[z] - 1]
             region = lab[z, box[1], box[2]] == best[z]
@@ -302,7 +308,17 @@ def check_anatomy(
             part_logd = np.bincount(p, weights=logd, minlength=n_parts + 1) / np.maximum(part_vox, 1)
             passing = part_logd >= pr["min_slice_log_density"]
             passing[0] = False
-            remove(bad_mask & ~passing[parts], "kidney", "not where a kidney lies (position relative to the spine)")
+            failed = bad_mask & ~passing[parts]
+            # slice verdicts vote per 3D part: a region is kept or removed whole, so a kidney is
+            # not cut into slabs at its poles and a false region does not fall into fragments
+            parts3d = _split_at_necks_3d(meta, sp)
+            q = parts3d[zz, yy, xx]
+            n3 = int(parts3d.max())
+            votes = np.bincount(q, weights=failed[zz, yy, xx], minlength=n3 + 1)
+            share = votes / np.maximum(np.bincount(q, minlength=n3 + 1), 1)
+            gone = share >= 0.5
+            gone[0] = False
+            remove(gone[parts3d], "kidney", "not where a kidney lies (position relative to the spine)")
         if horseshoe[1:].any():
             notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
 
@@ -394,6 +410,29 @@ def _split_at_necks(mask: np.ndarray, sp) -> np.ndarray:
     return parts
 
 
+def _split_at_necks_3d(mask: np.ndarray, sp) -> np.ndarray:
+    """3D parts of ``mask`` (int32 ids): voxels deeper than half a neck width are seeds, every
+    voxel joins its nearest seed; what no seed reaches within its own connected region keeps an
+    id of its own."""
+    depth = ndimage.distance_transform_edt(mask, sampling=sp)
+    seeds, n = ndimage.label(depth > NECK_MM / 2, structure=_STRUCT_3D)
+    parts = np.zeros(mask.shape, np.int32)
+    if n:
+        _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=sp, return_indices=True)
+        parts[mask] = seeds[idx[0][mask], idx[1][mask], idx[2][mask]]
+        # a voxel may not join a seed of another connected region
+        regions, _ = ndimage.label(mask, structure=_STRUCT_3D)
+        seed_region = np.zeros(n + 1, np.int64)
+        seed_region[seeds[seeds > 0]] = regions[seeds > 0]
+        stray = mask & (seed_region[parts] != regions)
+        parts[stray] = 0
+    lonely = mask & (parts == 0)
+    if lonely.any():
+        extra, _ = ndimage.label(lonely, structure=_STRUCT_3D)
+        parts[lonely] = extra[lonely] + n
+    return parts
+
+
 def atlas_log_density(zz, yy, xx, sp, spine: SpineFrame, pr) -> np.ndarray:
     """The kidney atlas's log-density at voxels (index arrays on a grid of spacing ``sp``)."""
     atlas = pr["atlas_log_density"]
@@ -441,4 +480,11 @@ def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdi
                     reason,
                 )
             )
+    if step > 1 and regions:
+        # the grid sees every step-th voxel: a removed region's full-resolution edge falls on
+        # grid points that read as background. Grow removed ids one grid voxel into background
+        # (never into a kept region), so no rim of a removed region is left behind in fragments
+        grown = ndimage.grey_dilation(groups, size=(1, 3, 3))
+        edge = (groups == 0) & (small == BACKGROUND) & (grown > 0)
+        groups[edge] = grown[edge]
     return AnatomyVerdict(groups, step, shape, regions, notes)
