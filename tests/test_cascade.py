@@ -15,6 +15,7 @@ from napari_kidseg.errors import KidsegError
 
 
 # ------------------------------------------------------------------ ROI and patches on real labels
+@pytest.mark.slow
 def test_refine_patches_cover_real_kits19_kidneys_and_tumors():
     """Every 4th real KiTS19 label volume fed as a perfect coarse result (the benchmark runs all 160)."""
     root = shared_path("kits19-masks")

@@ -140,6 +140,7 @@ def _kits_cases():
     return sorted(p / "segmentation.nii.gz" for p in root.glob("case_*"))
 
 
+@pytest.mark.slow
 def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bit_identically(tmp_path):
     from scipy import ndimage
 

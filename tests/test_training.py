@@ -87,6 +87,7 @@ def test_empty_or_malformed_dataset_folders_are_clear_errors(tmp_path):
         training.cache_case(d)
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_dataset, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "ddp.safetensors"

@@ -35,6 +35,19 @@ def _widget(viewer, ckpts, qtbot):
     return w
 
 
+def _settle(w, qtbot):
+    """Let the widget's debounced workers finish before the viewer closes under them."""
+    qtbot.wait(500)
+    qtbot.waitUntil(lambda: not w._measure_timer.isActive() and not w._fuse_timer.isActive(), timeout=30_000)
+    qtbot.waitUntil(
+        lambda: w._measure_worker is None and w._tool_worker is None and w._fuse_worker is None and w._worker is None,
+        timeout=60_000,
+    )
+    from qtpy.QtCore import QThreadPool
+
+    assert QThreadPool.globalInstance().waitForDone(60_000)
+
+
 def _run(w, qtbot):
     gaps, last = [], [time.perf_counter()]
 
@@ -79,8 +92,16 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     assert fused.data is s.labels
     z = int(np.argmax((s.labels > 0).sum(axis=(1, 2)))) if s.labels.any() else ct.array.shape[0] // 2
     viewer.dims.current_step = (z, *viewer.dims.current_step[1:])
-    # paint a block by hand, then move every slider: the painted voxels stay
-    fused.data[z, 10:20, 10:20] = 2
+    # paint a block by hand, then move every slider: the painted voxels stay (the anatomy check,
+    # off here, would remove most of what the random tiny networks label)
+    w.anatomy_check.setChecked(False)
+    qtbot.waitUntil(lambda: w._fuse_worker is None and not w._fuse_timer.isActive(), timeout=30_000)
+    # a value per voxel that differs from the fusion now and after the slider moves below, so
+    # that it is a hand edit throughout (a voxel painted with the fusion's own value is not one)
+    now = fused.data[z, 10:20, 10:20].astype(int)
+    later = s.result.fuse(0.0, 0.9, 0.2, anatomy_check=False)[z, 10:20, 10:20].astype(int)
+    painted = np.where(now != later, 3 - now - later, (now + 1) % 3).astype(np.uint8)
+    fused.data[z, 10:20, 10:20] = painted
     before = fused.data[z].copy()
     w.kidney_thr.setValue(90)
     assert w.last_slider_update_ms is not None and w.last_slider_update_ms < 200
@@ -89,10 +110,10 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     qtbot.waitUntil(lambda: w._fuse_worker is None, timeout=30_000)
     qtbot.wait(300)
     qtbot.waitUntil(lambda: w._fuse_worker is None and not w._fuse_timer.isActive(), timeout=30_000)
-    assert (fused.data[z, 10:20, 10:20] == 2).all()
+    assert (fused.data[z, 10:20, 10:20] == painted).all()
     assert not np.array_equal(fused.data[z], before)  # the thresholds did change the rest
     assert s.hand_edited_voxels >= 100
-    expected = s.result.fuse(0.0, 0.9, 0.2)
+    expected = s.result.fuse(0.0, 0.9, 0.2, anatomy_check=False)
     untouched = ~s.edited
     assert np.array_equal(fused.data[untouched], expected[untouched])
 
@@ -129,7 +150,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     entry = manifest["cases"][0]
     assert entry["case"] == case.name and entry["hand_edited_voxels"] == s.hand_edited_voxels
     assert entry["checkpoints"]["refine"]["version"] == "test"
-    assert entry["fusion"] == {"alpha": 0.0, "kidney_threshold": 0.9, "tumor_threshold": 0.2, "anatomy_check": True}
+    assert entry["fusion"] == {"alpha": 0.0, "kidney_threshold": 0.9, "tumor_threshold": 0.2, "anatomy_check": False}
     assert z in entry["reviewed_slices"]
     src = nib.load(ct.path)
     out = nib.load(str(case / "segmentation.nii.gz"))
@@ -163,6 +184,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     assert "finetune-" in w.coarse_edit.text() and w.refine_edit.text().endswith("refine.safetensors")
     qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
     assert "the new models changed" in w.status.text()
+    _settle(w, qtbot)
 
 
 def test_cancel_leaves_the_viewer_as_it_was(viewer_with_case, tiny_checkpoints, qtbot):
@@ -402,3 +424,4 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     assert viewer.dims.ndisplay == 3 and not viewer.layers["CT"].visible
     w.view3d_btn.setChecked(False)
     assert viewer.dims.ndisplay == 2 and viewer.layers["CT"].visible
+    _settle(w, qtbot)

@@ -106,12 +106,14 @@ class CascadeWidget(QWidget):
         box = QGroupBox("Input and models")
         form = QFormLayout(box)
         self.ct_combo = QComboBox()
+        self.ct_combo.setToolTip("The 3D image layer to segment (a CT in HU)")
         form.addRow("CT layer", self.ct_combo)
         self.coarse_edit, row = self._path_row("bundled coarse model")
         form.addRow("Coarse model", row)
         self.refine_edit, row = self._path_row("bundled refine model")
         form.addRow("Refine model", row)
         self.device_combo = QComboBox()
+        self.device_combo.setToolTip("Where the networks run: auto takes a GPU when there is one")
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.device_label = QLabel("")
         drow = QHBoxLayout()
@@ -129,7 +131,9 @@ class CascadeWidget(QWidget):
         # ---- run
         rrow = QHBoxLayout()
         self.run_btn = QPushButton("Run cascade")
+        self.run_btn.setToolTip("Coarse stage, kidney ROIs, refine stage and fusion, in the background")
         self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("Stop the run (or fine-tune) within one batch; the viewer stays as it was")
         self.cancel_btn.setEnabled(False)
         rrow.addWidget(self.run_btn)
         rrow.addWidget(self.cancel_btn)
@@ -248,7 +252,11 @@ class CascadeWidget(QWidget):
         lay = QVBoxLayout(box)
         row = QHBoxLayout()
         self.next_disagree_btn = QPushButton("Next disagreement")
+        self.next_disagree_btn.setToolTip(
+            "Go to the slice where the coarse and refined labels differ most (then the next)"
+        )
         self.next_uncertain_btn = QPushButton("Next uncertain slice")
+        self.next_uncertain_btn.setToolTip("Go to the slice with the most voxels of kidney probability 0.2-0.8")
         row.addWidget(self.next_disagree_btn)
         row.addWidget(self.next_uncertain_btn)
         lay.addLayout(row)
@@ -400,6 +408,7 @@ class CascadeWidget(QWidget):
     def _path_row(self, placeholder, folder=False):
         edit = QLineEdit()
         edit.setPlaceholderText(placeholder)
+        edit.setToolTip(f"{placeholder}: type a path or browse with ...")
         btn = QPushButton("...")
         btn.setMaximumWidth(30)
 
@@ -422,6 +431,9 @@ class CascadeWidget(QWidget):
         s.setRange(0, 100)
         s.setValue(int(round(value * 100)))
         label = QLabel(f"{value:.2f}")
+        s.setToolTip(
+            f"{name}: moves re-fuse the slice in view at once, the volume in the background; never reruns a network"
+        )
         s.valueChanged.connect(lambda v: label.setText(f"{v / 100:.2f}"))
         row = QHBoxLayout()
         row.addWidget(s)
@@ -842,14 +854,14 @@ class CascadeWidget(QWidget):
         (``apply``: the click tools, which change only the region clicked)."""
         from napari.qt.threading import create_worker
 
-        if self.session is None or self._tool_worker is not None:
+        if self.session is None or self._tool_worker is not None or self._closed.is_set():
             return
         s = self.session
         self.status.setText("working...")
 
         def done(change):
             self._tool_worker = None
-            if self.session is not s:
+            if self.session is not s or self._closed.is_set():
                 return
             if apply:
                 self._apply_change(change)
@@ -989,7 +1001,7 @@ class CascadeWidget(QWidget):
         from napari.qt.threading import create_worker
 
         s = self.session
-        if s is None:
+        if s is None or self._closed.is_set():
             return
         if self._measure_worker is not None:
             self._measure_again = True
@@ -1000,6 +1012,8 @@ class CascadeWidget(QWidget):
 
         def done(payload):
             self._measure_worker = None
+            if self._closed.is_set():
+                return
             self._show_measurements(payload)
             if self._measure_again:
                 self._measure_again = False
