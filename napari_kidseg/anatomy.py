@@ -103,8 +103,17 @@ def find_spine(ct: np.ndarray, spacing) -> SpineFrame | None:
     if not np.isfinite(mid).any():
         return None
     mid_x = float(np.nanmedian(mid))
-    band = np.abs(xs - mid_x) < SPINE_BAND_MM
-    bone = (small > BONE_HU) & band[None, None, :]
+    band = np.flatnonzero(np.abs(xs - mid_x) < SPINE_BAND_MM)
+    if not len(band):
+        return None
+    x0 = int(band[0])
+    # only the band's columns are looked at (a third of a slice at most), one column of margin
+    # so a vertebra cut by the band's edge is not a region touching the border
+    cols = slice(max(0, x0 - 1), min(nx, int(band[-1]) + 2))
+    x0 = cols.start
+    bone = small[:, :, cols] > BONE_HU
+    bone[:, :, 0] = False
+    bone[:, :, -1] = False
     bone = ndimage.binary_fill_holes(bone, structure=_STRUCT_2D)
     lab, n = ndimage.label(bone, structure=_STRUCT_2D)
     x_mm = np.full(nz, np.nan)
@@ -127,7 +136,7 @@ def find_spine(ct: np.ndarray, spacing) -> SpineFrame | None:
             region = lab[z, box[1], box[2]] == best[z]
             yy, xx = np.nonzero(region)
             front[z] = (yy.min() + box[1].start) * dy
-            x_mm[z] = (xx.mean() + box[2].start) * dx
+            x_mm[z] = (xx.mean() + box[2].start + x0) * dx
     ok = np.isfinite(front)
     share = float(ok.mean())
     if share < MIN_SPINE_SLICES:
@@ -258,29 +267,38 @@ def check_anatomy(
     labels = np.asarray(labels)
     pr = priors_data or priors()
     s = grid_step(labels.shape[1:])
-    small = labels[:, ::s, ::s]
+    grid = labels[:, ::s, ::s]
     sp = np.array([float(spacing[0]), float(spacing[1]) * s, float(spacing[2]) * s])
     vox_ml = float(np.prod(sp)) / 1000.0
-    removed = np.zeros(small.shape, np.int16)
     reasons: list[tuple[str, str]] = []  # (label, reason) per removal id
     notes: list[str] = []
+    boxes = ndimage.find_objects((grid != BACKGROUND).astype(np.uint8))
+    if not boxes:
+        return AnatomyVerdict(np.zeros(grid.shape, np.int16), s, tuple(labels.shape), [], notes)
+    # everything below looks at the labelled voxels' bounding box (plus room for the dilations):
+    # the kidneys are a few percent of a scan. (oz, oy, ox) is the box's corner on the grid
+    crop = tuple(slice(max(0, b.start - m), min(n, b.stop + m)) for b, n, m in zip(boxes[0], grid.shape, (2, 3, 3)))
+    oz, oy, ox = (c.start for c in crop)
+    small = np.ascontiguousarray(grid[crop])
+    removed = np.zeros(small.shape, np.int16)
     meta = small != BACKGROUND
-    if not meta.any():
-        return AnatomyVerdict(removed, s, tuple(labels.shape), [], notes)
 
     def remove(mask, label, reason):
         reasons.append((label, reason))
         removed[mask & (removed == 0)] = len(reasons)
 
-    xs = np.arange(small.shape[2]) * sp[2]
+    xs = (np.arange(small.shape[2]) + ox) * sp[2]
     zz, yy, xx = np.nonzero(meta)  # the check looks only at labelled voxels
+    mid = None
     if spine is None:
         notes.append("no spine in view, so the position of the regions was not checked")
-        mid = np.full(small.shape[0], small.shape[2] * sp[2] / 2.0)
+        mid_full = np.full(grid.shape[0], grid.shape[2] * sp[2] / 2.0)
         logd = None
+        mid = mid_full[oz : oz + small.shape[0]]
     else:
-        mid = spine.x_mm
-        logd = atlas_log_density(zz, yy, xx, sp, spine, pr)
+        mid_full = spine.x_mm
+        mid = mid_full[oz : oz + small.shape[0]]
+        logd = atlas_log_density(zz + oz, yy + oy, xx + ox, sp, spine, pr)
         # 2. position, slice by slice
         blobs, nb = ndimage.label(meta, structure=_STRUCT_2D)
         b = blobs[zz, yy, xx]
@@ -371,7 +389,9 @@ def check_anatomy(
             remove(lut[tumors], "tumor", "touches no kidney, so it is not a kidney tumor")
 
     # one reported region per connected group of removed voxels with one reason
-    verdict = _group(removed, reasons, small, sp, mid, s, tuple(labels.shape), notes)
+    removed_full = np.zeros(grid.shape, np.int16)
+    removed_full[crop] = removed
+    verdict = _group(removed_full, reasons, grid, sp, mid_full, s, tuple(labels.shape), notes)
     for r in verdict.regions:  # a transplant or ectopic kidney lies where native ones do not
         if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and "position" in r.reason:
             verdict.notes.append(
@@ -390,6 +410,24 @@ def _atlas_lateral_extent_mm(pr) -> float:
 NECK_MM = 8.0  # joins narrower than about this are cut: a kidney touches the liver over a few mm
 
 
+def _cropped(fn):
+    """Run a per-mask function on the mask's bounding box only (plus a margin), pasting the
+    int32 result back: the kidneys are a few percent of a scan's voxels."""
+
+    def wrapper(mask: np.ndarray, sp) -> np.ndarray:
+        out = np.zeros(mask.shape, np.int32)
+        boxes = ndimage.find_objects(mask.astype(np.uint8))
+        if not boxes:
+            return out
+        box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(boxes[0], mask.shape))
+        out[box] = fn(np.ascontiguousarray(mask[box]), sp)
+        return out
+
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_cropped
 def _split_at_necks(mask: np.ndarray, sp) -> np.ndarray:
     """Slice-by-slice parts of ``mask`` (int32 ids, 0 outside): regions eroded by half a neck
     width become seeds, and every voxel joins its nearest seed on its own slice; what no seed
@@ -412,6 +450,7 @@ def _split_at_necks(mask: np.ndarray, sp) -> np.ndarray:
     return parts
 
 
+@_cropped
 def _split_at_necks_3d(mask: np.ndarray, sp) -> np.ndarray:
     """3D parts of ``mask`` (int32 ids): voxels deeper than half a neck width are seeds, every
     voxel joins its nearest seed; what no seed reaches within its own connected region keeps an
@@ -460,10 +499,15 @@ def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdi
     regions: list[RemovedRegion] = []
     vox_ml = float(np.prod(sp)) / 1000.0
     xs = np.arange(small.shape[2]) * sp[2]
+    outer = ndimage.find_objects(removed)  # each reason's bounding box: label there, not everywhere
     for rid, (label, reason) in enumerate(reasons, start=1):
-        lab, n = ndimage.label(removed == rid, structure=_STRUCT_3D)
-        for k, box in enumerate(ndimage.find_objects(lab), start=1):
-            piece = lab[box] == k
+        if rid > len(outer) or outer[rid - 1] is None:
+            continue
+        ob = outer[rid - 1]
+        lab, n = ndimage.label(removed[ob] == rid, structure=_STRUCT_3D)
+        for k, inner in enumerate(ndimage.find_objects(lab), start=1):
+            box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(ob, inner))
+            piece = lab[inner] == k
             what = small[box][piece]
             n_vox = int(np.count_nonzero(what == TUMOR) if label == "tumor" else np.count_nonzero(what))
             zz, _, xx = np.nonzero(piece)
