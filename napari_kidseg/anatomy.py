@@ -188,6 +188,7 @@ class AnatomyVerdict:
     regions: list[RemovedRegion]
     notes: list[str]
     restored: set = dataclasses.field(default_factory=set)
+    _boxes: list | None = dataclasses.field(default=None, repr=False)  # each region's box on the grid
 
     @classmethod
     def nothing_removed(cls, shape, notes=()) -> AnatomyVerdict:
@@ -210,17 +211,38 @@ class AnatomyVerdict:
         return ids if z is None else ids[0]
 
     def apply(self, labels: np.ndarray, z: int | None = None) -> np.ndarray:
-        """The labels with the removed regions cleared (a new array; ``z``: one slice's labels)."""
+        """The labels with the removed regions cleared (a new array; ``z``: one slice's labels).
+
+        Only each removed region's own bounding box is touched, so a slider move or a 600-slice
+        volume costs what the removed regions cover, not the whole grid.
+        """
         out = np.array(labels, copy=True)
-        if not len(self.active_ids()):
+        active = [r for r in self.regions if r.id not in self.restored]
+        if not active:
             return out
-        ids = self.removal_map(z)
-        lut = np.zeros(len(self.regions) + 1, np.uint8)  # the label each region clears
-        for r in self.regions:
-            lut[r.id] = TUMOR if r.label == "tumor" else 255  # 255: kidney and tumor
-        what = lut[ids]
-        out[(what == 255) & (out != BACKGROUND)] = BACKGROUND
-        out[(what == TUMOR) & (out == TUMOR)] = BACKGROUND
+        vol = out if z is None else out[None]
+        z0 = 0 if z is None else int(z)
+        if self._boxes is None:
+            self._boxes = ndimage.find_objects(self.removed_ids)
+        s = self.step
+        for r in active:
+            box = self._boxes[r.id - 1] if r.id <= len(self._boxes) else None
+            if box is None:
+                continue
+            zs = box[0] if z is None else slice(max(box[0].start, z0), min(box[0].stop, z0 + 1))
+            if zs.start >= zs.stop:
+                continue
+            mine = self.removed_ids[zs, box[1], box[2]] == r.id
+            if s > 1:
+                mine = np.repeat(np.repeat(mine, s, axis=1), s, axis=2)
+            y0, x0 = box[1].start * s, box[2].start * s
+            y1, x1 = min(self.shape[1], y0 + mine.shape[1]), min(self.shape[2], x0 + mine.shape[2])
+            mine = mine[:, : y1 - y0, : x1 - x0]
+            target = vol[zs.start - z0 : zs.stop - z0, y0:y1, x0:x1]
+            if r.label == "tumor":
+                target[mine & (target == TUMOR)] = BACKGROUND
+            else:
+                target[mine & (target != BACKGROUND)] = BACKGROUND
         return out
 
     def removed_mask(self, labels: np.ndarray) -> np.ndarray:
