@@ -321,11 +321,15 @@ def check_anatomy(
         mid_full = spine.x_mm
         mid = mid_full[oz : oz + small.shape[0]]
         logd = atlas_log_density(zz + oz, yy + oy, xx + ox, sp, spine, pr)
-        # 2. position, slice by slice
+        # 2. position, slice by slice. Only kidney-labelled voxels vote: a tumor may grow far
+        # out of its kidney (a 10 cm exophytic one pulls a region's centre off the kidney's
+        # place), while the parenchyma stays in the retroperitoneum. Tumor with no kidney on it
+        # is left to the attachment rule (5).
+        kid = (small[zz, yy, xx] == KIDNEY).astype(np.float64)
         blobs, nb = ndimage.label(meta, structure=_STRUCT_2D)
         b = blobs[zz, yy, xx]
-        n_vox = np.bincount(b, minlength=nb + 1)
-        mean_logd = np.bincount(b, weights=logd, minlength=nb + 1) / np.maximum(n_vox, 1)
+        n_kid = np.bincount(b, weights=kid, minlength=nb + 1)
+        mean_logd = np.bincount(b, weights=logd * kid, minlength=nb + 1) / np.maximum(n_kid, 1)
         dx = xs[xx] - mid[zz]
         left_reach, right_reach = np.zeros(nb + 1), np.zeros(nb + 1)
         np.maximum.at(left_reach, b, dx)
@@ -335,7 +339,7 @@ def check_anatomy(
         far = _atlas_lateral_extent_mm(pr)
         near = pr["horseshoe_reach_mm"]
         horseshoe = (left_reach >= near) & (right_reach >= near) & (left_reach <= far) & (right_reach <= far)
-        bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe
+        bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe & (n_kid > 0)
         bad[0] = False
         if bad.any():
             # a kidney touching the liver or spleen on a slice makes one region that fails as a
@@ -344,18 +348,19 @@ def check_anatomy(
             parts = _split_at_necks(bad_mask, sp)
             p = parts[zz, yy, xx]
             n_parts = int(parts.max())
-            part_vox = np.bincount(p, minlength=n_parts + 1)
-            part_logd = np.bincount(p, weights=logd, minlength=n_parts + 1) / np.maximum(part_vox, 1)
-            passing = part_logd >= pr["min_slice_log_density"]
+            part_kid = np.bincount(p, weights=kid, minlength=n_parts + 1)
+            part_logd = np.bincount(p, weights=logd * kid, minlength=n_parts + 1) / np.maximum(part_kid, 1)
+            passing = (part_logd >= pr["min_slice_log_density"]) | (part_kid == 0)
             passing[0] = False
             failed = bad_mask & ~passing[parts]
-            # slice verdicts vote per 3D part: a region is kept or removed whole, so a kidney is
-            # not cut into slabs at its poles and a false region does not fall into fragments
+            # slice verdicts vote per 3D part, by their kidney voxels: a region is kept or removed
+            # whole, so a kidney is not cut into slabs at its poles and a false region does not
+            # fall into fragments
             parts3d = _split_at_necks_3d(meta, sp)
             q = parts3d[zz, yy, xx]
             n3 = int(parts3d.max())
-            votes = np.bincount(q, weights=failed[zz, yy, xx], minlength=n3 + 1)
-            share = votes / np.maximum(np.bincount(q, minlength=n3 + 1), 1)
+            votes = np.bincount(q, weights=failed[zz, yy, xx] * kid, minlength=n3 + 1)
+            share = votes / np.maximum(np.bincount(q, weights=kid, minlength=n3 + 1), 1)
             gone = share >= 0.5
             gone[0] = False
             remove(gone[parts3d], "kidney", "not where a kidney lies (position relative to the spine)")

@@ -170,3 +170,15 @@ def test_held_out_flare_kidneys_kept():
         assert out[kid].mean() > 0.9, path.name
         liver_left.append(out[organs == 1].mean())
     print(f"liver offered as kidney: share kept per map {np.round(liver_left, 2).tolist()}")
+
+
+def test_a_large_exophytic_tumor_does_not_take_its_kidney_away():
+    """The sample case's defect: a 10 cm exophytic tumor pulled its kidney+tumor region off the
+    kidneys' place and the whole region was removed. Only kidney voxels vote on position."""
+    labels = np.zeros(SHAPE, np.uint8)
+    k = kidney(labels, "right")
+    tumor = _ellipsoid(SHAPE, (30, FRONT_Y - 14, MID_X - 22 - 16), (16, 16, 16))  # 10 cm, forward and out
+    labels[tumor] = 2
+    v = anatomy.check_anatomy(labels, SPACING, anatomy.find_spine(synthetic_ct(), SPACING))
+    out = v.apply(labels)
+    assert (out[k & ~tumor] == 1).all() and (out[tumor] == 2).all(), v.summary()

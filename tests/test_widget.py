@@ -130,7 +130,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     qtbot.waitUntil(lambda: w._pending is not None, timeout=30_000)
     assert LAYER_NAMES["preview"] in viewer.layers and (fused.data[z, 40:42, 40:42] == 1).all()
     w.apply_btn.click()
-    assert LAYER_NAMES["preview"] not in viewer.layers
+    assert not viewer.layers[LAYER_NAMES["preview"]].visible
     assert not fused.data[z, 40:42, 40:42].any() and (fused.data[z, 10:20, 10:20] == 2).all()
     w.undo_btn.click()  # napari's history: the same Undo as for painting
     assert (fused.data[z, 40:42, 40:42] == 1).all()
