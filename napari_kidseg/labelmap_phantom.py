@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from . import io
 from .errors import KidsegError
-from .phantom import PHASES, TISSUE_HU, PhantomCase, _Blob, _Grid, _paint_table
+from .phantom import PHASES, SOFT_TISSUES, TISSUE_HU, PhantomCase, _Blob, _Grid, _paint_table
 
 # Bumped whenever the same map and seed draw a different case (caches are keyed by it).
 LABELMAP_GENERATOR_REVISION = 1
@@ -77,20 +77,9 @@ _EXTRA_HU = {
     "bone_lytic": (40, 40, 40),
     "bone_sclerotic": (900, 900, 900),
 }
+# SynthSeg-style random contrast: the procedural phantom's soft tissues and these
 RANDOMISED = (
-    "muscle",
-    "liver",
-    "spleen",
-    "aorta",
-    "ivc",
-    "cortex",
-    "medulla",
-    "tumor",
-    "bowel_wall",
-    "skin",
-    "pancreas",
-    "adrenal",
-    "feces",
+    *(t for t in SOFT_TISSUES if t != "node"),
     "gallbladder",
     "stomach_wall",
     "esophagus",
@@ -98,7 +87,7 @@ RANDOMISED = (
     "liver_lesion_hyper",
     "spleen_lesion",
     "adrenal_nodule",
-)
+)  # (no lymph nodes here)
 
 
 def find_label_maps(folder) -> list[Path]:

@@ -543,17 +543,28 @@ class CascadeWidget(QWidget):
         )
         self._run_started = time.perf_counter()
 
-    def ask_about_edits(self, n_voxels: int) -> str:
-        """Keep, discard or cancel: asked before a run would replace hand-edited labels."""
+    def _ask(self, title: str, text: str, accept: tuple[str, str], destructive: tuple[str, str]) -> str:
+        """A question with two answers and Cancel; returns the chosen answer's key, or "cancel"."""
         box = QMessageBox(self)
         box.setIcon(QMessageBox.Question)
-        box.setWindowTitle("Hand edits")
-        box.setText(f"{n_voxels} voxel(s) were corrected by hand. Running again replaces the labels.")
-        keep = box.addButton("Keep my edits", QMessageBox.AcceptRole)
-        discard = box.addButton("Discard them", QMessageBox.DestructiveRole)
+        box.setWindowTitle(title)
+        box.setText(text)
+        buttons = {
+            box.addButton(accept[1], QMessageBox.AcceptRole): accept[0],
+            box.addButton(destructive[1], QMessageBox.DestructiveRole): destructive[0],
+        }
         box.addButton(QMessageBox.Cancel)
         box.exec_() if hasattr(box, "exec_") else box.exec()
-        return "keep" if box.clickedButton() is keep else ("discard" if box.clickedButton() is discard else "cancel")
+        return buttons.get(box.clickedButton(), "cancel")
+
+    def ask_about_edits(self, n_voxels: int) -> str:
+        """Keep, discard or cancel: asked before a run would replace hand-edited labels."""
+        return self._ask(
+            "Hand edits",
+            f"{n_voxels} voxel(s) were corrected by hand. Running again replaces the labels.",
+            ("keep", "Keep my edits"),
+            ("discard", "Discard them"),
+        )
 
     def _models_changed(self):
         want = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
@@ -1153,15 +1164,12 @@ class CascadeWidget(QWidget):
 
     def ask_about_export(self, case_id: str) -> str:
         """Update, copy or cancel: asked when this scan is already in the corrections folder."""
-        box = QMessageBox(self)
-        box.setIcon(QMessageBox.Question)
-        box.setWindowTitle("Already exported")
-        box.setText(f"This scan is already exported as {case_id}. Update that case with these labels?")
-        update = box.addButton("Update it", QMessageBox.AcceptRole)
-        copy = box.addButton("Save a second copy", QMessageBox.DestructiveRole)
-        box.addButton(QMessageBox.Cancel)
-        box.exec_() if hasattr(box, "exec_") else box.exec()
-        return "update" if box.clickedButton() is update else ("copy" if box.clickedButton() is copy else "cancel")
+        return self._ask(
+            "Already exported",
+            f"This scan is already exported as {case_id}. Update that case with these labels?",
+            ("update", "Update it"),
+            ("copy", "Save a second copy"),
+        )
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self):
