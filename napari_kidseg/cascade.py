@@ -24,16 +24,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from . import anatomy, fusion, roi
-from .errors import KidsegError
+from .errors import Cancelled, KidsegError  # noqa: F401 (Cancelled: cascade.Cancelled stays importable)
 from .io import AIR_HU
 
 DEFAULT_ALPHA = 0.4  # best in the paper
 DEFAULT_KIDNEY_THRESHOLD = 0.5
 DEFAULT_TUMOR_THRESHOLD = 0.5
-
-
-class Cancelled(Exception):
-    """The user cancelled a run; nothing was written."""
 
 
 @dataclasses.dataclass

@@ -20,5 +20,10 @@ class KidsegError(Exception):
         super().__init__(" ".join(text.split()))  # one line, whatever the caller wrote
 
 
+class Cancelled(Exception):
+    """The user cancelled a run, a training or a fine-tune; nothing was written. Raised by the
+    cascade and by training, so it lives here, below both."""
+
+
 class KidsegWarning(UserWarning):
     """Something the user should know that does not stop the work (e.g. which DICOM series was picked)."""

@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 BACKGROUND, KIDNEY, TUMOR = 0, 1, 2
+LABEL_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor"}  # KiTS19's labels, named once
 
 
 @dataclasses.dataclass

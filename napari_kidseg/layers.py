@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fusion import LABEL_NAMES
 from .io import Volume
 
 # Soft-tissue window (W400/L40): fixed limits, so that scanner padding or metal in a volume
 # cannot stretch the display the way min/max contrast limits would.
 CT_WINDOW = (-160.0, 240.0)
-LABEL_NAMES = {0: "background", 1: "kidney", 2: "tumor"}
 LABEL_COLORS = {None: "transparent", 0: "transparent", 1: "#2ca02c", 2: "#ffd700"}
 # a reference (ground truth) opened next to a result gets colours of its own, drawn as outlines
 REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#00e5ff", 2: "#ff00ff"}

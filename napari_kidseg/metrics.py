@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .fusion import LABEL_NAMES
+
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
@@ -66,7 +68,7 @@ def _check_same_grid(pred: np.ndarray, ref: np.ndarray) -> None:
         raise KidsegError(f"prediction grid {np.shape(pred)} differs from the reference grid {np.shape(ref)}")
 
 
-LABEL_VALUES = (0, 1, 2)  # KiTS19: background, kidney, tumor
+LABEL_VALUES = tuple(LABEL_NAMES)  # KiTS19: background, kidney, tumor
 
 
 def check_label_values(labels: np.ndarray, path=None) -> None:

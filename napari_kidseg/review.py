@@ -31,9 +31,8 @@ from scipy import ndimage
 from . import io
 from .cascade import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD, CascadeResult
 from .errors import KidsegError
-from .fusion import BACKGROUND, KIDNEY, TUMOR
+from .fusion import BACKGROUND, KIDNEY, LABEL_NAMES, TUMOR
 
-LABEL_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor"}
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 
 

@@ -455,7 +455,7 @@ def train(
         losses = []
         for x, y in loader:
             if cancel is not None and cancel():
-                from .cascade import Cancelled
+                from .errors import Cancelled
 
                 raise Cancelled("training cancelled; the last saved checkpoint is kept")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

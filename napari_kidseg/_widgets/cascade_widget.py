@@ -589,7 +589,7 @@ class CascadeWidget(QWidget):
         self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
 
     def _on_error(self, exc):
-        from ..cascade import Cancelled
+        from ..errors import Cancelled
 
         if self._closed.is_set():
             return
