@@ -39,7 +39,17 @@ from scipy import ndimage
 
 from . import io
 from .errors import KidsegError
-from .phantom import PHASES, SOFT_TISSUES, TISSUE_HU, PhantomCase, _Blob, _Grid, _paint_table
+from .phantom import (
+    PHASES,
+    SOFT_TISSUES,
+    TISSUE_HU,
+    PhantomCase,
+    _Blob,
+    _Grid,
+    _paint_table,
+    phase_hu,
+    randomise_contrast,
+)
 
 # Bumped whenever the same map and seed draw a different case (caches are keyed by it).
 LABELMAP_GENERATOR_REVISION = 1
@@ -209,18 +219,9 @@ class _Canvas:
 
 
 def _jitter(rng, phase_idx, random_contrast):
-    table = {**TISSUE_HU, **_EXTRA_HU}
-    hu = {k: v[phase_idx] + rng.normal(0, 12 if abs(v[phase_idx]) < 500 else 60) for k, v in table.items()}
-    hu["fat"] = rng.uniform(-125, -80)
-    hu["air"] = rng.uniform(-1010, -960)
-    shuffled = bool(random_contrast and rng.random() < random_contrast)
-    if shuffled:
-        for k in RANDOMISED:
-            hu[k] = rng.uniform(-30, 230)
-        for k in ("fluid", "cyst", "pelvis", "gallbladder", "liver_cyst"):
-            hu[k] = rng.uniform(-20, 60)
-        hu["fat"] = rng.uniform(-160, -40)
-    return hu, shuffled
+    hu = phase_hu(rng, {**TISSUE_HU, **_EXTRA_HU}, phase_idx)
+    fluids = ("fluid", "cyst", "pelvis", "gallbladder", "liver_cyst")
+    return hu, randomise_contrast(rng, hu, random_contrast, RANDOMISED, fluids)
 
 
 def make_labelmap_phantom(

@@ -203,6 +203,27 @@ class _Painter:
         return sl, rho
 
 
+def phase_hu(rng, table: dict, phase_idx: int) -> dict:
+    """Each tissue's HU in one contrast phase, jittered for this case (fat and air drawn anew)."""
+    hu = {k: v[phase_idx] + rng.normal(0, 12 if abs(v[phase_idx]) < 500 else 60) for k, v in table.items()}
+    hu["fat"] = rng.uniform(-125, -80)
+    hu["air"] = rng.uniform(-1010, -960)
+    return hu
+
+
+def randomise_contrast(rng, hu: dict, probability: float, soft_tissues, fluids) -> bool:
+    """With ``probability``, give every soft tissue, fluid and fat an independent random HU
+    (SynthSeg-style), in place; returns whether it did."""
+    shuffled = bool(probability and rng.random() < probability)
+    if shuffled:
+        for k in soft_tissues:
+            hu[k] = rng.uniform(-30, 230)
+        for k in fluids:
+            hu[k] = rng.uniform(-20, 60)
+        hu["fat"] = rng.uniform(-160, -40)
+    return shuffled
+
+
 def make_phantom(
     seed: int,
     *,
@@ -226,19 +247,11 @@ def make_phantom(
     rng = np.random.default_rng(seed)
     phase = phase or str(rng.choice(PHASES, p=[0.25, 0.35, 0.40]))
     p_idx = PHASES.index(phase)
-    jitter = {k: v[p_idx] + rng.normal(0, 12 if abs(v[p_idx]) < 500 else 60) for k, v in TISSUE_HU.items()}
-    jitter["fat"] = rng.uniform(-125, -80)
-    jitter["air"] = rng.uniform(-1010, -960)
+    jitter = phase_hu(rng, TISSUE_HU, p_idx)
     # what this revision added draws from its own stream, so the old anatomy of a seed stays put
     rng2 = np.random.default_rng([seed, 2])
     rng3 = np.random.default_rng([seed, 3])  # revision 5's draws
-    shuffled = bool(random_contrast and rng2.random() < random_contrast)
-    if shuffled:
-        for k in SOFT_TISSUES:
-            jitter[k] = rng2.uniform(-30, 230)
-        for k in ("fluid", "cyst", "pelvis"):
-            jitter[k] = rng2.uniform(-20, 60)
-        jitter["fat"] = rng2.uniform(-160, -40)
+    shuffled = randomise_contrast(rng2, jitter, random_contrast, SOFT_TISSUES, ("fluid", "cyst", "pelvis"))
 
     # -------- body habitus and scan range
     fov = rng.uniform(300, 500)
