@@ -48,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from .fusion import BACKGROUND, KIDNEY, TUMOR
+from .roi import component_grid_step
 
 PRIORS_PATH = Path(__file__).with_name("anatomy_priors.json")
 BONE_HU = 180.0  # cancellous bone of a healthy vertebra is 150-300 HU, cortex far above
@@ -60,6 +61,7 @@ _STRUCT_2D = np.array(
     [[[0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1], [1, 1, 1]], [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool
 )
 _STRUCT_3D = np.ones((3, 3, 3), bool)
+REASON_POSITION = "not where a kidney lies (position relative to the spine)"
 
 
 @lru_cache(maxsize=1)
@@ -71,9 +73,8 @@ def priors() -> dict:
     return data
 
 
-def grid_step(shape_yx) -> int:
-    """The in-plane sampling step: at most 128 voxels across, like :mod:`roi`'s components."""
-    return max(1, int(np.ceil(max(shape_yx) / 128)))
+# the in-plane sampling step: at most 128 voxels across, the grid of roi's components
+grid_step = component_grid_step
 
 
 # --------------------------------------------------------------------------------------------- spine
@@ -106,10 +107,9 @@ def find_spine(ct: np.ndarray, spacing) -> SpineFrame | None:
     band = np.flatnonzero(np.abs(xs - mid_x) < SPINE_BAND_MM)
     if not len(band):
         return None
-    x0 = int(band[0])
     # only the band's columns are looked at (a third of a slice at most), one column of margin
     # so a vertebra cut by the band's edge is not a region touching the border
-    cols = slice(max(0, x0 - 1), min(nx, int(band[-1]) + 2))
+    cols = slice(max(0, int(band[0]) - 1), min(nx, int(band[-1]) + 2))
     x0 = cols.start
     bone = small[:, :, cols] > BONE_HU
     bone[:, :, 0] = False
@@ -190,15 +190,9 @@ class AnatomyVerdict:
     restored: set = dataclasses.field(default_factory=set)
     _boxes: list | None = dataclasses.field(default=None, repr=False)  # each region's box on the grid
 
-    @classmethod
-    def nothing_removed(cls, shape, notes=()) -> AnatomyVerdict:
-        step = grid_step(shape[1:])
-        small = (shape[0], -(-shape[1] // step), -(-shape[2] // step))
-        return cls(np.zeros(small, np.int16), step, tuple(shape), [], list(notes))
-
-    def active_ids(self) -> np.ndarray:
-        """Ids of the regions still removed (not restored by the user)."""
-        return np.array([r.id for r in self.regions if r.id not in self.restored], np.int16)
+    def active_regions(self) -> list[RemovedRegion]:
+        """The regions still removed (not restored by the user)."""
+        return [r for r in self.regions if r.id not in self.restored]
 
     def removal_map(self, z: int | None = None) -> np.ndarray:
         """Region ids on the full grid (whole volume, or slice ``z``), restored regions as 0."""
@@ -217,7 +211,7 @@ class AnatomyVerdict:
         volume costs what the removed regions cover, not the whole grid.
         """
         out = np.array(labels, copy=True)
-        active = [r for r in self.regions if r.id not in self.restored]
+        active = self.active_regions()
         if not active:
             return out
         vol = out if z is None else out[None]
@@ -260,7 +254,7 @@ class AnatomyVerdict:
     def summary(self, min_ml: float = 1.0) -> list[str]:
         """What the CLI prints: one line per removed region of ``min_ml`` or more, the smaller
         ones summed per reason, then the notes."""
-        active = [r for r in self.regions if r.id not in self.restored]
+        active = self.active_regions()
         lines = [f"anatomy check removed {r.describe()}" for r in active if r.volume_ml >= min_ml]
         small: dict[str, list[RemovedRegion]] = {}
         for r in active:
@@ -276,9 +270,8 @@ class AnatomyVerdict:
     def removed_ml(self) -> dict[str, float]:
         """mL of kidney (kidney+tumor) and of tumor the check removes, for the CLI and the Review box."""
         out = {"kidney": 0.0, "tumor": 0.0}
-        for r in self.regions:
-            if r.id not in self.restored:
-                out["tumor" if r.label == "tumor" else "kidney"] += r.volume_ml
+        for r in self.active_regions():
+            out["tumor" if r.label == "tumor" else "kidney"] += r.volume_ml
         return out
 
 
@@ -311,15 +304,13 @@ def check_anatomy(
 
     xs = (np.arange(small.shape[2]) + ox) * sp[2]
     zz, yy, xx = np.nonzero(meta)  # the check looks only at labelled voxels
-    mid = None
+    # the midline per slice: the spine's, or the image centre when no spine is in view
+    mid_full = np.full(grid.shape[0], grid.shape[2] * sp[2] / 2.0) if spine is None else spine.x_mm
+    mid = mid_full[oz : oz + small.shape[0]]
+    logd = None
     if spine is None:
         notes.append("no spine in view, so the position of the regions was not checked")
-        mid_full = np.full(grid.shape[0], grid.shape[2] * sp[2] / 2.0)
-        logd = None
-        mid = mid_full[oz : oz + small.shape[0]]
     else:
-        mid_full = spine.x_mm
-        mid = mid_full[oz : oz + small.shape[0]]
         logd = atlas_log_density(zz + oz, yy + oy, xx + ox, sp, spine, pr)
         # 2. position, slice by slice. Only kidney-labelled voxels vote: a tumor may grow far
         # out of its kidney (a 10 cm exophytic one pulls a region's centre off the kidney's
@@ -363,7 +354,7 @@ def check_anatomy(
             share = votes / np.maximum(np.bincount(q, weights=kid, minlength=n3 + 1), 1)
             gone = share >= 0.5
             gone[0] = False
-            remove(gone[parts3d], "kidney", "not where a kidney lies (position relative to the spine)")
+            remove(gone[parts3d], "kidney", REASON_POSITION)
         if horseshoe[1:].any():
             notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
 
@@ -420,7 +411,7 @@ def check_anatomy(
     removed_full[crop] = removed
     verdict = _group(removed_full, reasons, grid, sp, mid_full, s, tuple(labels.shape), notes)
     for r in verdict.regions:  # a transplant or ectopic kidney lies where native ones do not
-        if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and "position" in r.reason:
+        if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and r.reason == REASON_POSITION:
             verdict.notes.append(
                 f"a kidney-sized region ({r.volume_ml:.0f} mL, {r.side}) was removed for its "
                 "position: if it is a transplant or ectopic kidney, restore it"
@@ -470,11 +461,7 @@ def _split_at_necks(mask: np.ndarray, sp) -> np.ndarray:
         same_slice = idx[0][mask] == zz
         nearest = seeds[idx[0][mask], idx[1][mask], idx[2][mask]]
         parts[mask] = np.where(same_slice, nearest, 0)
-    lonely = mask & (parts == 0)
-    if lonely.any():
-        extra, _ = ndimage.label(lonely, structure=_STRUCT_2D)
-        parts[lonely] = extra[lonely] + n
-    return parts
+    return _number_the_rest(mask, parts, n, _STRUCT_2D)
 
 
 @_cropped
@@ -494,9 +481,15 @@ def _split_at_necks_3d(mask: np.ndarray, sp) -> np.ndarray:
         seed_region[seeds[seeds > 0]] = regions[seeds > 0]
         stray = mask & (seed_region[parts] != regions)
         parts[stray] = 0
+    return _number_the_rest(mask, parts, n, _STRUCT_3D)
+
+
+def _number_the_rest(mask, parts, n, structure) -> np.ndarray:
+    """Give the voxels of ``mask`` that no seed took (``parts`` 0) ids of their own, one per
+    connected piece, after the ``n`` seeds' ids."""
     lonely = mask & (parts == 0)
     if lonely.any():
-        extra, _ = ndimage.label(lonely, structure=_STRUCT_3D)
+        extra, _ = ndimage.label(lonely, structure=structure)
         parts[lonely] = extra[lonely] + n
     return parts
 

@@ -65,19 +65,37 @@ class CascadeResult:
         in the background).
         """
         if z is None:
-            labels = fusion.fuse_volume(
-                self.coarse_meta, self.coarse_tumor, self.refined, alpha, kidney_threshold, tumor_threshold
-            )
-            if not anatomy_check:
-                return labels
-            self.verdict = anatomy.check_anatomy(labels, self.spacing, self.spine)
-            return self.verdict.apply(labels)
+            return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check)[1]
         labels = fusion.fuse_slice(
             self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha, kidney_threshold, tumor_threshold
         )
         if anatomy_check and self.verdict is not None:
             return self.verdict.apply(labels, z=z)
         return labels
+
+    def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check):
+        """(labels before the anatomy check, labels after it) of the whole volume."""
+        raw = fusion.fuse_volume(
+            self.coarse_meta, self.coarse_tumor, self.refined, alpha, kidney_threshold, tumor_threshold
+        )
+        if not anatomy_check:
+            return raw, raw
+        self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine)
+        return raw, self.verdict.apply(raw)
+
+    def fuse_and_removed(
+        self,
+        alpha=DEFAULT_ALPHA,
+        kidney_threshold=DEFAULT_KIDNEY_THRESHOLD,
+        tumor_threshold=DEFAULT_TUMOR_THRESHOLD,
+        anatomy_check: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole-volume fusion and the labels the anatomy check took out of it (0 elsewhere;
+        None without the check): one fusion serves the result and the *removed* layer."""
+        raw, labels = self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check)
+        if not anatomy_check:
+            return labels, None
+        return labels, np.where(labels != raw, raw, 0).astype(np.uint8)
 
     def coarse_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
         return fusion.labels_from_levels(self.coarse_meta, self.coarse_tumor, kidney_threshold, tumor_threshold)

@@ -73,12 +73,13 @@ class ReviewSession:
     def __init__(self, result: CascadeResult, params: FusionParams | None = None):
         self.result = result
         self.params = params or FusionParams()
-        self.fused = result.fuse(**dataclasses.asdict(self.params))  # what fusion alone gives
+        # what fusion alone gives, and what the anatomy check took out of it
+        self.fused, self.removed = result.fuse_and_removed(**dataclasses.asdict(self.params))
         self.labels = self.fused.copy()  # the editable labels (the napari layer's data)
         self.edited = np.zeros(result.shape, bool)  # voxels given a value by hand ...
         self.edit_values = np.zeros(result.shape, np.uint8)  # ... and that value
-        self._undo: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._redo: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._undo: list[Change] = []
+        self._redo: list[Change] = []
 
     # ------------------------------------------------------------------ live fusion
     def sync_edits(self, z: int | None = None) -> int:
@@ -111,13 +112,15 @@ class ReviewSession:
         self.labels[z] = np.where(keep, self.labels[z], new)
         return self.labels[z]
 
-    def apply_fusion(self, fused: np.ndarray) -> None:
-        """Swap in a whole-volume fusion (computed elsewhere, e.g. in a worker thread), keeping edits.
+    def apply_fusion(self, fused: np.ndarray, removed: np.ndarray | None = None) -> None:
+        """Swap in a whole-volume fusion (computed elsewhere, e.g. in a worker thread), keeping edits;
+        ``removed``: what the anatomy check took out of it (:meth:`CascadeResult.fuse_and_removed`).
 
         Edits made while that fusion was computed are found here, against the previous fusion.
         """
         self.sync_edits()
         self.fused = fused
+        self.removed = removed
         np.copyto(self.labels, fused, where=~self.edited)
 
     @property
@@ -138,9 +141,6 @@ class ReviewSession:
         self._redo.clear()
         self.labels.ravel()[change.idx] = change.new
         return change.voxels
-
-    def _apply(self, name: str, new: np.ndarray) -> int:
-        return self.apply_change(self._change(name, new))
 
     def undo(self) -> str | None:
         if not self._undo:
@@ -192,10 +192,6 @@ class ReviewSession:
         lines = verdict.summary()
         return self._change("keep kidneys by anatomy", new, "; ".join(lines) if lines else "nothing to remove")
 
-    def keep_largest_per_kidney(self) -> int:
-        """Kept for scripts: now the anatomy-based choice of :meth:`plan_keep_kidneys`."""
-        return self.apply_change(self.plan_keep_kidneys())
-
     def plan_fill_holes(self) -> Change:
         """Fill enclosed holes in each slice: inside tumor with tumor, elsewhere with kidney."""
         self.sync_edits()
@@ -213,7 +209,7 @@ class ReviewSession:
         return self.apply_change(self.plan_fill_holes())
 
     def _connected(self, mask: np.ndarray, z: int, y: int, x: int) -> np.ndarray:
-        """The 26-connected region of ``mask`` holding the voxel, computed in its bounding box."""
+        """The 26-connected region of ``mask`` holding the voxel."""
         lab, _ = ndimage.label(mask, structure=_STRUCT_3D)
         return lab == lab[z, y, x]
 
@@ -268,7 +264,7 @@ class ReviewSession:
         verdict = self.result.verdict
         flagged = np.zeros(n + 1, bool)
         if verdict is not None and self.params.anatomy_check:
-            removed = self.removed_by_anatomy() > 0
+            removed = self.removed_by_anatomy() > 0  # of the last whole-volume fusion: no fusion here
             near = ndimage.binary_dilation(removed, structure=_STRUCT_3D) & (lab > 0)
             flagged[np.unique(lab[near])] = True
         rows = []
@@ -301,14 +297,11 @@ class ReviewSession:
         return rows
 
     def removed_by_anatomy(self) -> np.ndarray:
-        """Labels the anatomy check removes at the current parameters (0 elsewhere): the
+        """Labels the anatomy check removed from the last whole-volume fusion (0 elsewhere): the
         *removed by anatomy check* layer."""
-        p = self.params
-        if not p.anatomy_check:
+        if not self.params.anatomy_check or self.removed is None:
             return np.zeros(self.result.shape, np.uint8)
-        raw = self.result.fuse(p.alpha, p.kidney_threshold, p.tumor_threshold, anatomy_check=False)
-        kept = self.result.verdict.apply(raw) if self.result.verdict is not None else raw
-        return np.where(kept != raw, raw, 0).astype(np.uint8)
+        return self.removed
 
     def restore_removed_region(self, z: int, y: int, x: int) -> int:
         """Give back the region the anatomy check removed at this voxel, as a hand edit (so it stays

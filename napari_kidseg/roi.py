@@ -35,7 +35,7 @@ class KidneyROI:
     centroid_zyx: tuple[float, float, float]
 
 
-def _component_grid_step(shape_yx) -> int:
+def component_grid_step(shape_yx) -> int:
     """Connected components are found on a grid at most 128 voxels wide: 16x fewer voxels on a
     512 x 512 CT, and a kidney is still hundreds of voxels there."""
     return max(1, int(np.ceil(max(shape_yx) / 128)))
@@ -72,7 +72,7 @@ def kidney_rois(
     voxel in-plane is looked at, so a 512 x 512 x 600 volume costs a 128 x 128 x 600 labelling.
     """
     meta = np.asarray(meta)
-    step = _component_grid_step(meta.shape[1:])
+    step = component_grid_step(meta.shape[1:])
     small = meta[:, ::step, ::step]
     small = small > level if small.dtype == np.uint8 else small.astype(bool)
     empty = RoiMap(np.zeros(small.shape, np.int8), step, tuple(meta.shape))

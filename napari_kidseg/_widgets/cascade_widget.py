@@ -696,7 +696,7 @@ class CascadeWidget(QWidget):
         return layer
 
     @staticmethod
-    def _comparison_layers(session) -> dict:
+    def _comparison_layers(session, removed=None) -> dict:
         """Coarse, refined, disagreement and ROI maps (computed in a worker thread)."""
         r, p = session.result, session.params
         rois = np.zeros(r.shape, np.int8)  # each ROI's refine patches, drawn as outlines
@@ -710,7 +710,8 @@ class CascadeWidget(QWidget):
             "refined": refined,
             "disagreement": session.disagreement_map(),
             "rois": rois,
-            "removed": session.removed_by_anatomy(),
+            # what the anatomy check took out: of the fusion just made, or the session's last
+            "removed": session.removed_by_anatomy() if removed is None else removed,
             # what the refine stage alone makes of the volume (coarse outside the patches): scored
             # against a reference by the measurements, computed here once per fusion
             "refine_stage": np.where(r.patch_coverage(), refined, coarse),
@@ -803,17 +804,17 @@ class CascadeWidget(QWidget):
         result = s.result
 
         def job():
-            fused = result.fuse(
+            fused, removed = result.fuse_and_removed(
                 params.alpha, params.kidney_threshold, params.tumor_threshold, anatomy_check=params.anatomy_check
             )
-            return fused, self._comparison_layers(s)
+            return fused, removed, self._comparison_layers(s, removed)
 
         def done(payload):
-            fused, comparison = payload
+            fused, removed, comparison = payload
             self._fuse_worker = None
             if self.session is not s:
                 return
-            s.apply_fusion(fused)
+            s.apply_fusion(fused, removed)
             self.fused_layer.refresh()
             self._comparison = comparison
             for key in ("coarse", "refined", "disagreement", "removed"):
