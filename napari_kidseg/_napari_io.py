@@ -65,6 +65,11 @@ def _read_layers(p: Path) -> list:
         if labels is not None:
             layers.append(labels_layer_data(labels.array, ct, name=f"{p.name} reference"))
         return layers
+    from .dicom_seg import is_dicom_seg
+
+    if is_dicom_seg(p):  # a DICOM SEG: labels, on its CT's grid when that series lies beside it
+        vol = io.read_labels(p)
+        return [labels_layer_data(vol.array, vol, name=_stem(p))]
     vol = io.read_volume(p)
     if _looks_like_labels(vol):
         vol.array = vol.array.astype(np.uint8)

@@ -1,4 +1,4 @@
-"""The ``kidseg`` command: phantom, predict, evaluate, train, finetune, bench, demo.
+"""The ``kidseg`` command: phantom, predict, evaluate, report, export-seg, train, finetune, bench, demo.
 
 Every subcommand calls the GUI-free core. A user mistake prints one line, ``kidseg: error: ...``
 naming the file and the problem, and exits with status 2; no traceback.
@@ -114,9 +114,11 @@ def cmd_predict(args) -> int:
     from .cascade import Cascade
 
     jobs = _prediction_jobs(Path(args.input), Path(args.output))
-    for _, target in jobs:
+    report_csv = _batch_report_path(Path(args.output), jobs) if args.report else None
+    for target in [t for _, t in jobs] + ([report_csv] if report_csv else []):
         if target.exists() and not args.overwrite:
             raise KidsegError("already exists; not overwriting it (use --overwrite)", target)
+    report_rows = []
     cascade = None
     for src, target in jobs:
         ct = io.read_ct(src, series_uid=args.series)
@@ -152,7 +154,31 @@ def cmd_predict(args) -> int:
             f"(largest tumor {m['total']['tumor_diameter_mm']:.0f} mm); "
             f"{len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches"
         )
+        if report_csv:
+            from .report import describe_case, summary_row
+
+            provenance = {
+                "coarse": cascade.coarse_path.name,
+                "refine": cascade.refine_path.name,
+                "alpha": args.alpha,
+                "kidney_threshold": args.kidney_threshold,
+                "tumor_threshold": args.tumor_threshold,
+            }
+            report = describe_case(labels, ct.geometry.spacing, ct=ct.array, provenance=provenance)
+            report_rows.append(summary_row(report, str(src)))
+    if report_csv:
+        from .report import rows_to_csv
+
+        with io.atomic_path(report_csv, overwrite=args.overwrite) as tmp:
+            tmp.write_text(rows_to_csv(report_rows))
+        print(f"kidseg: wrote {report_csv} ({len(report_rows)} case(s))", file=sys.stderr)
     return 0
+
+
+def _batch_report_path(output: Path, jobs) -> Path:
+    if len(jobs) == 1 and jobs[0][1] == output:  # one output file named by the user
+        return _default_report_dir(output).with_suffix(".csv")
+    return output / "report.csv"
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -454,6 +480,44 @@ def _add_train_parser(sub):
     p.set_defaults(func=cmd_finetune)
 
 
+# --------------------------------------------------------------------------------------------- report
+def cmd_report(args) -> int:
+    from . import io
+    from .report import describe_case, report_text, write_report
+
+    ct = io.read_ct(args.ct, series_uid=args.series)
+    labels = io.read_labels(args.labels, like=ct)
+    out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
+    report = describe_case(labels.array, ct.geometry.spacing, ct=ct.array, provenance={"labels": str(args.labels)})
+    written = write_report(
+        report, out, ct=ct.array, labels=labels.array, spacing=ct.geometry.spacing, overwrite=args.overwrite
+    )
+    print(report_text(report))
+    print(f"kidseg: wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _default_report_dir(labels: Path) -> Path:
+    from . import io
+
+    name = labels.name
+    for suffix in io.VOLUME_SUFFIXES + io.DICOM_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return labels.parent / f"{name}_report"
+
+
+def cmd_export_seg(args) -> int:
+    from . import io
+    from .dicom_seg import write_dicom_seg
+
+    ct = io.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
+    labels = io.read_labels(args.labels, like=ct)
+    out = write_dicom_seg(args.dicom_dir, labels.array, args.output, series_uid=args.series, overwrite=args.overwrite)
+    print(f"kidseg: wrote {out} (DICOM SEG referencing {args.dicom_dir})", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
     from .bench import format_table, run_benchmark
@@ -552,8 +616,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also measure each case (volumes, tumor descriptors) into one CSV row per case: "
+        "report.csv in the output folder, or LABELS_report.csv beside a single output file",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="kidney and tumor descriptors of a case: report.json, .csv, .png, .pdf")
+    p.add_argument("ct", help="the CT (file, DICOM folder or KiTS imaging.nii.gz)")
+    p.add_argument("labels", help="its labels (0 background, 1 kidney, 2 tumor), a label file or a DICOM SEG")
+    p.add_argument("-o", "--output", help="folder for the report (default: LABELS_report beside the labels)")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export-seg", help="write labels as a DICOM SEG referencing the CT's DICOM series")
+    p.add_argument("dicom_dir", help="the CT's DICOM series (a folder)")
+    p.add_argument("labels", help="labels on that CT's grid")
+    p.add_argument("-o", "--output", required=True, help="the SEG file to write (.dcm)")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_seg)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard and KiTS composite of predictions against references")
     p.add_argument("prediction", help="label file or folder")

@@ -255,7 +255,7 @@ def _check_gzip_complete(path: Path) -> None:
         raise KidsegError("truncated file (the gzip stream ends early)", path)
 
 
-def _dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str], str]:
+def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str], str]:
     import SimpleITK as sitk
 
     ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
@@ -293,7 +293,7 @@ def _read_sitk(path: Path, series_uid: str | None = None):
     uid = None
     try:
         if path.is_dir():
-            files, uid = _dicom_series_files(path, series_uid)
+            files, uid = dicom_series_files(path, series_uid)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             image = reader.Execute()
@@ -326,6 +326,11 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
     """
     path = Path(path)
     image, fmt, uid = _read_sitk(path, series_uid)
+    return volume_from_image(image, path, fmt, uid)
+
+
+def volume_from_image(image, path: Path, fmt: str, series_uid: str | None = None) -> Volume:
+    """A SimpleITK image as a canonical :class:`Volume` whose source says how to write it back."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise KidsegError(
             f"has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector image); "
@@ -362,7 +367,7 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
         axes=axes,
         flips=flips,
         nifti_header=_nifti_header_bytes(path) if fmt == "nifti" else None,
-        dicom_series_uid=uid,
+        dicom_series_uid=series_uid,
     )
     return Volume(array=array, geometry=geometry, source=source)
 
@@ -409,8 +414,16 @@ def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu:
 def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
     """Read a label volume (0 background, 1 kidney, 2 tumor, ...) as uint8.
 
-    With ``like``, the labels must lie on the same grid as that CT (same shape and geometry).
+    With ``like``, the labels must lie on the same grid as that CT (same shape and geometry). A
+    DICOM Segmentation file is read by :mod:`dicom_seg` (onto ``like``'s grid when given).
     """
+    from .dicom_seg import is_dicom_seg, read_dicom_seg
+
+    if is_dicom_seg(path):
+        vol = read_dicom_seg(path, like=like)
+        if like is not None:
+            check_same_grid(like, vol, path)
+        return vol
     vol = read_volume(path)
     arr = vol.array
     if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
