@@ -49,8 +49,9 @@ def is_dicom_seg(path) -> bool:
     return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID
 
 
-def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = True) -> list:
-    """The datasets of one CT series in the order the volume reader stacks them.
+def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = True) -> tuple[list, str]:
+    """The datasets of one CT series in the order the volume reader stacks them, and the series'
+    id as the volume reader names it.
 
     A folder holding several series needs ``series_uid``; a series with a missing slice (a gap
     well above the usual slice distance) is refused: a SEG on it would misplace every slice above.
@@ -64,7 +65,7 @@ def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = 
     ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if len(ids) > 1 and series_uid is None:
         raise KidsegError(f"holds {len(ids)} DICOM series; pick one with --series UID ({', '.join(ids)})", folder)
-    files, _ = io.dicom_series_files(folder, series_uid)
+    files, reader_uid = io.dicom_series_files(folder, series_uid)
     datasets = [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in files]
     for ds in datasets:
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
@@ -81,7 +82,7 @@ def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = 
             f"has no {' or '.join(missing)} (anonymised without them), so a DICOM SEG cannot reference it", folder
         )
     check_series_complete(datasets, folder)
-    return datasets
+    return datasets, reader_uid
 
 
 def check_series_complete(datasets: list, folder) -> None:
@@ -116,11 +117,12 @@ def write_dicom_seg(
     series_uid: str | None = None,
     models: dict | None = None,
     overwrite: bool = False,
+    ct: io.Volume | None = None,
 ) -> Path:
     """Write ``labels`` (canonical, on the grid of the CT read from ``dicom_dir``) as a DICOM SEG.
 
     ``models``: {"coarse": "name (version)", "refine": ...}, written into the algorithm
-    identification of each segment.
+    identification of each segment. ``ct``: that series already read (saves reading it again).
     """
     import highdicom as hd
 
@@ -130,9 +132,9 @@ def write_dicom_seg(
     if out.exists() and not overwrite:
         raise KidsegError("already exists; not overwriting it (use --overwrite)", out)
     # the series first: one series (or the one named), complete, identifiable; then its volume
-    datasets = series_datasets(dicom_dir, series_uid, pixels=False)
-    series_uid = str(datasets[0].SeriesInstanceUID)
-    ct = io.read_ct(dicom_dir, series_uid=series_uid, check_hu=False)
+    datasets, series_uid = series_datasets(dicom_dir, series_uid, pixels=False)
+    if ct is None or ct.source is None or ct.source.dicom_series_uid != series_uid:
+        ct = io.read_ct(dicom_dir, series_uid=series_uid, check_hu=False)
     labels = np.asarray(labels)
     if labels.shape != ct.array.shape:
         raise KidsegError(f"labels of shape {labels.shape} do not match the CT series' {ct.array.shape}", dicom_dir)

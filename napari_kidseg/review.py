@@ -472,9 +472,31 @@ def export_correction(
             case_id = f"case_{n:05d}"
         case_dir = io.write_kits_case(root, case_id, ct, labels)
         manifest["cases"].append({"case": case_id, **entry})
+        old = manifest["cases"][-1]
+    if ct.source is not None and ct.source.format == "dicom" and Path(ct.source.path).is_dir():
+        old.update(_export_dicom_seg(case_dir, ct, labels, entry["checkpoints"]))
     with io.atomic_path(manifest_path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     return case_dir
+
+
+DICOM_SEG_NAME = "segmentation.seg.dcm"
+
+
+def _export_dicom_seg(case_dir: Path, ct: io.Volume, labels: np.ndarray, checkpoints: dict) -> dict:
+    """A CT read from a DICOM series gets its labels as a DICOM SEG too (for PACS); a series that
+    cannot carry one (anonymised without UIDs, a missing slice) gets the reason in the manifest."""
+    from .dicom_seg import write_dicom_seg
+
+    models = {k: f"{Path(v['path']).name} ({v['version']})" for k, v in checkpoints.items()}
+    try:
+        write_dicom_seg(
+            ct.source.path, labels, case_dir / DICOM_SEG_NAME, series_uid=ct.source.dicom_series_uid,
+            models=models, overwrite=True, ct=ct,
+        )  # fmt: skip
+    except KidsegError as exc:
+        return {"dicom_seg": None, "dicom_seg_note": str(exc)}
+    return {"dicom_seg": DICOM_SEG_NAME, "dicom_seg_note": None}
 
 
 def _ckpt_version(path) -> str:

@@ -44,7 +44,7 @@ def test_round_trip_on_a_real_series_is_voxel_exact_and_valid(tmp_path, real_ser
     assert np.array_equal(io.read_labels(out, like=ct).array, labels)
     from napari_kidseg._napari_io import read_layers
 
-    (data, meta, kind), = read_layers(str(out))
+    ((data, meta, kind),) = read_layers(str(out))
     assert kind == "labels" and np.array_equal(data, labels)
 
     import pydicom
@@ -54,9 +54,10 @@ def test_round_trip_on_a_real_series_is_voxel_exact_and_valid(tmp_path, real_ser
     assert ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "64033007"  # SNOMED kidney
     algo = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "napari-kidseg cascade" and "c (v4)" in str(algo.AlgorithmParameters)
-    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(
-        next(real_series.glob("*.dcm"))
-    ).SeriesInstanceUID
+    assert (
+        ds.ReferencedSeriesSequence[0].SeriesInstanceUID
+        == pydicom.dcmread(next(real_series.glob("*.dcm"))).SeriesInstanceUID
+    )
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (Debian dicom3tools) is not installed; `make setup` installs it")
     check = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
@@ -130,3 +131,21 @@ def test_cli_export_seg_and_report_on_it(tmp_path, real_series, capsys):
     assert main(["report", str(real_series), str(seg), "-o", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "Tumor 1" in out and (tmp_path / "rep" / "report.pdf").exists()
+
+
+def test_export_of_a_dicom_case_writes_a_seg_or_says_why_not(tmp_path, real_series):
+    import json
+
+    from napari_kidseg.review import DICOM_SEG_NAME, export_correction
+
+    ct = io.read_ct(real_series)
+    labels = _labels_for(ct)
+    case = export_correction(tmp_path / "corr", ct, labels)
+    assert np.array_equal(read_dicom_seg(case / DICOM_SEG_NAME, like=ct).array, labels)
+    entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][0]
+    assert entry["dicom_seg"] == DICOM_SEG_NAME and entry["dicom_seg_note"] is None
+    anon = io.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
+    case = export_correction(tmp_path / "corr", anon, np.zeros(anon.array.shape, np.uint8) + 1)
+    entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][1]
+    assert not (case / DICOM_SEG_NAME).exists() and "has no StudyInstanceUID" in entry["dicom_seg_note"]
+    assert (case / io.KITS_LABELS).exists()  # the KiTS export itself went through

@@ -27,7 +27,7 @@ def _grid(shape=SHAPE, spacing=SPACING):
 
 def _ellipsoid(centre, radii, shape=SHAPE, spacing=SPACING):
     z, y, x = _grid(shape, spacing)
-    return ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 <= 1
+    return sum(((a - c) / r) ** 2 for a, c, r in zip((z, y, x), centre, radii)) <= 1
 
 
 def _sphere(centre, r, shape=SHAPE, spacing=SPACING):

@@ -425,3 +425,34 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     w.view3d_btn.setChecked(False)
     assert viewer.dims.ndisplay == 2 and viewer.layers["CT"].visible
     _settle(w, qtbot)
+
+
+def test_report_box_measures_the_corrected_labels(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
+    from qtpy.QtWidgets import QApplication
+
+    viewer, ct, ref = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    assert not w.report_panel.make_btn.isEnabled()  # nothing to report before a run
+    _run(w, qtbot)
+    fused = viewer.layers[LAYER_NAMES["fused"]]
+    fused.data[:] = ref.array  # the radiologist's correction: the reference labels, by hand
+    w.report_panel.make_btn.click()
+    qtbot.waitUntil(lambda: w.report_panel.report is not None, timeout=60_000)
+    report = w.report_panel.report
+    from scipy import ndimage
+
+    n_ref_tumors = ndimage.label(ref.array == 2, structure=np.ones((3, 3, 3)))[1]
+    assert len(report["tumors"]) == n_ref_tumors >= 1
+    tumor_ml = float((ref.array == 2).sum()) * ct.geometry.voxel_volume_ml
+    assert sum(t["volume_ml"] for t in report["tumors"]) == pytest.approx(tumor_ml, rel=1e-3)
+    assert report["provenance"]["hand_edited_voxels"] > 0 and "alpha" in report["provenance"]
+    text = w.report_panel.text.toPlainText()
+    assert text.startswith("Kidney segmentation report") and "Tumor 1" in text
+    w.report_panel.copy_btn.click()
+    assert QApplication.clipboard().text() == text
+    written = w.report_panel.save(tmp_path)
+    assert [p.name for p in written] == ["report.json", "report.csv", "report.png", "report.pdf"]
+    before = (tmp_path / "report.json").read_bytes()
+    assert w.report_panel.save(tmp_path) is None  # a second save is refused with a message ...
+    assert "already exists" in w.status.text() and (tmp_path / "report.json").read_bytes() == before  # ... intact
+    _settle(w, qtbot)

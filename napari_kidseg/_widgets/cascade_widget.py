@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import KidsegError
 from ..layers import CT_WINDOW, LABEL_COLORS, LABEL_FEATURES, REFERENCE_COLORS, SOURCE_KEY, WINDOW_PRESETS
+from .report_panel import ReportPanel
 
 LAYER_NAMES = {
     "coarse": "coarse labels",
@@ -285,6 +286,8 @@ class CascadeWidget(QWidget):
         row.addWidget(self.view3d_btn)
         lay.addLayout(row)
         outer.addWidget(box)
+        self.report_panel = ReportPanel(self._report_case, self._notify)
+        outer.addWidget(self.report_panel)
 
         # ---- export
         box = QGroupBox("Export corrections")
@@ -351,6 +354,7 @@ class CascadeWidget(QWidget):
             self.next_uncertain_btn,
             self.export_btn,
             self.view3d_btn,
+            self.report_panel.make_btn,
         ]
         self._set_review_enabled(False)
         self._disagree_pos = self._uncertain_pos = -1
@@ -1128,8 +1132,25 @@ class CascadeWidget(QWidget):
             return layer, None
         return None, problem
 
+    def _report_case(self):
+        """What the Report box measures: the CT, the labels as corrected now, and what made them."""
+        import dataclasses
+
+        from ..models import read_config
+
+        s = self.session
+        if s is None:
+            return None
+        s.sync_edits()
+        provenance = {
+            stage: f"{path.name} ({read_config(path).version})"
+            for stage, path in (("coarse", self.cascade.coarse_path), ("refine", self.cascade.refine_path))
+        }
+        provenance.update(dataclasses.asdict(s.params), hand_edited_voxels=int(s.hand_edited_voxels))
+        return self.ct_volume, s.labels.copy(), provenance
+
     def export(self):
-        from ..review import ScanAlreadyExported, export_correction
+        from ..review import DICOM_SEG_NAME, ScanAlreadyExported, export_correction
 
         folder = self.export_edit.text().strip()
         if self.session is None:
@@ -1160,7 +1181,19 @@ class CascadeWidget(QWidget):
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return None
-        self._notify(f"exported {case}")
+        note = ""
+        src = self.ct_volume.source
+        if src is not None and src.format == "dicom" and Path(src.path).is_dir():
+            seg = case / DICOM_SEG_NAME
+            if seg.exists():
+                note = f" and a DICOM SEG ({seg.name})"
+            else:
+                import json
+
+                cases = json.loads((Path(folder) / "manifest.json").read_text())["cases"]
+                why = next((c.get("dicom_seg_note") for c in cases if c["case"] == case.name), None)
+                note = f"; no DICOM SEG: {why}"
+        self._notify(f"exported {case}{note}")
         return case
 
     def ask_about_export(self, case_id: str) -> str:
