@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import volumes
 from .errors import KidsegError, KidsegWarning
 from .layers import SOURCE_KEY, ct_layer_data, labels_layer_data
 
 
 def _is_kits_case(path: Path) -> bool:
-    return path.is_dir() and (path / io.KITS_IMAGE).exists()
+    return path.is_dir() and (path / volumes.KITS_IMAGE).exists()
 
 
-def _looks_like_labels(vol: io.Volume) -> bool:
+def _looks_like_labels(vol: volumes.Volume) -> bool:
     """Integer volumes with a handful of small non-negative values are label maps, not CTs."""
     arr = vol.array
     if arr.dtype.kind not in "iub":
@@ -37,7 +37,7 @@ def get_reader(path):
             return None
         path = path[0]
     p = Path(os.fspath(path))
-    if _is_kits_case(p) or io.volume_format(p) is not None:
+    if _is_kits_case(p) or volumes.volume_format(p) is not None:
         return read_layers
     return None
 
@@ -60,7 +60,7 @@ def read_layers(path):
 
 def _read_layers(p: Path) -> list:
     if _is_kits_case(p):
-        ct, labels = io.read_kits_case(p)
+        ct, labels = volumes.read_kits_case(p)
         layers = [ct_layer_data(ct, name=f"{p.name} CT")]
         if labels is not None:
             layers.append(labels_layer_data(labels.array, ct, name=f"{p.name} reference"))
@@ -68,19 +68,19 @@ def _read_layers(p: Path) -> list:
     from .dicom_seg import is_dicom_seg
 
     if is_dicom_seg(p):  # a DICOM SEG: labels, on its CT's grid when that series lies beside it
-        vol = io.read_labels(p)
+        vol = volumes.read_labels(p)
         return [labels_layer_data(vol.array, vol, name=_stem(p))]
-    vol = io.read_volume(p)
+    vol = volumes.read_volume(p)
     if _looks_like_labels(vol):
         vol.array = vol.array.astype(np.uint8)
         return [labels_layer_data(vol.array, vol, name=_stem(p))]
-    vol = io.read_ct(p)
+    vol = volumes.read_ct(p)
     return [ct_layer_data(vol, name=_stem(p))]
 
 
 def _stem(p: Path) -> str:
     name = p.name
-    for suffix in io.VOLUME_SUFFIXES:
+    for suffix in volumes.VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -96,9 +96,9 @@ def write_labels(path: str, data, attributes: dict) -> list[str]:
         # a layer made in napari: its scale and translate are the only geometry there is
         scale = attributes.get("scale", (1.0, 1.0, 1.0))
         translate = attributes.get("translate", (0.0, 0.0, 0.0))
-        source = io.volume_in_memory(labels, scale, translate)
+        source = volumes.volume_in_memory(labels, scale, translate)
     # napari's File > Save has already asked the user before replacing a file
-    out = io.write_labels(path, labels, source, overwrite=True)
+    out = volumes.write_labels(path, labels, source, overwrite=True)
     return [str(out)]
 
 
@@ -106,7 +106,7 @@ def sample_case_dir() -> Path:
     """The bundled phantom case (installed inside the package; the repository's copy otherwise)."""
     here = Path(__file__).parent
     for root in (here / "sample_data", here.parent / "sample_data"):
-        if (root / "case_00000" / io.KITS_IMAGE).exists():
+        if (root / "case_00000" / volumes.KITS_IMAGE).exists():
             return root / "case_00000"
     raise KidsegError("the sample case is not installed", here / "sample_data")
 

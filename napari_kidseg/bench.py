@@ -30,17 +30,17 @@ def ct_file(n: int, workdir) -> Path:
 def make_ct(n: int, workdir: Path) -> None:
     """The benchmark's 512 x 512 x n phantom, written once (its own process: generating it takes
     far more memory than segmenting it, and must not count in the pipeline's peak RSS)."""
-    from . import io
+    from . import volumes
     from .phantom import make_phantom
 
     case = make_phantom(1234 + n, matrix=512, max_slices=n, min_slices=n, slice_thickness=0.5, n_tumors=1)
-    io.write_volume(ct_file(n, workdir), case.ct.array, case.ct)
+    volumes.write_volume(ct_file(n, workdir), case.ct.array, case.ct)
 
 
 def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: Path) -> dict:
     import numpy as np
 
-    from . import io
+    from . import volumes
     from .cascade import Cascade
 
     ct_path = ct_file(n, workdir)
@@ -59,7 +59,7 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = {"slices": n, "device": cascade.device}
     t0 = time.perf_counter()
-    ct = io.read_ct(ct_path)
+    ct = volumes.read_ct(ct_path)
     row["read_s"] = time.perf_counter() - t0
     if cascade.is_cuda:  # warm-up: cudnn autotuning is not part of a run
         cascade.run(ct.array[: min(n, 64)], ct.geometry.spacing)
@@ -88,7 +88,7 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
         result.fuse(z=z)
     row["fuse_slice_ms"] = (time.perf_counter() - t0) / min(20, len(zs[:: max(1, len(zs) // 20)])) * 1000
     t0 = time.perf_counter()
-    io.write_labels(workdir / f"labels{n}.nii.gz", labels, ct, overwrite=True)
+    volumes.write_labels(workdir / f"labels{n}.nii.gz", labels, ct, overwrite=True)
     row["write_s"] = time.perf_counter() - t0
     row["end_to_end_s"] = (
         row["read_s"] + row["cascade_s"] + row["fusion_s"] + row["anatomy_s"] - result.timings["spine"] + row["write_s"]

@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from . import anatomy, fusion, roi
-from .errors import Cancelled, KidsegError  # noqa: F401 (Cancelled: cascade.Cancelled stays importable)
-from .io import AIR_HU
+from .errors import Cancelled, KidsegError
+from .preprocessing import context_indices, hu_to_input
+from .volumes import AIR_HU
 
 DEFAULT_ALPHA = 0.4  # best in the paper
 DEFAULT_KIDNEY_THRESHOLD = 0.5
@@ -108,7 +109,7 @@ class CascadeResult:
 
     def save_probabilities(self, path, *, overwrite=False):
         """The coarse channels and the refined regions as one compressed .npz (atomic)."""
-        from .io import atomic_path
+        from .files import atomic_path
 
         zs = np.array(sorted(self.refined), dtype=np.int32)
         payload = {
@@ -124,18 +125,6 @@ class CascadeResult:
         with atomic_path(path, overwrite=overwrite) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **payload)
-
-
-def hu_to_input(x, window):
-    """Clip HU to the window and scale to [-1, 1] (torch tensors; the training code uses it too)."""
-    lo, hi = float(window[0]), float(window[1])
-    return (x.clamp(lo, hi) - (lo + hi) / 2.0) * (2.0 / (hi - lo))
-
-
-def context_indices(z: np.ndarray | int, n_slices: int, k: int) -> np.ndarray:
-    """Slice indices [z-k .. z+k], clamped at the volume's ends: the 2.5D channels of slice z."""
-    z = np.atleast_1d(np.asarray(z))
-    return np.clip(z[:, None] + np.arange(-k, k + 1)[None, :], 0, n_slices - 1)
 
 
 class Cascade:

@@ -85,32 +85,32 @@ def cmd_phantom(args) -> int:
 # --------------------------------------------------------------------------------------------- predict
 def _prediction_jobs(src: Path, out: Path):
     """(input, output path) pairs: one volume, a KiTS case, a KiTS root, or a folder of volumes."""
-    from . import io
+    from . import files, volumes
 
     def out_name(p: Path) -> str:
-        fmt = io.volume_format(p)
+        fmt = volumes.volume_format(p)
         if fmt in (None, "dicom"):
             return f"{p.name}_labels.nii.gz"
-        suffix = next(s for s in io.VOLUME_SUFFIXES if p.name.lower().endswith(s))
+        suffix = next(s for s in volumes.VOLUME_SUFFIXES if p.name.lower().endswith(s))
         return p.name[: -len(suffix)] + "_labels" + suffix
 
     if not src.exists():
         raise KidsegError("no such file or folder", src)
-    names_a_file = io.volume_format(out) not in (None, "dicom") and not out.is_dir()
-    if (src / io.KITS_IMAGE).exists():  # one KiTS case
-        return [(src / io.KITS_IMAGE, out if names_a_file else out / src.name / io.KITS_LABELS)]
+    names_a_file = volumes.volume_format(out) not in (None, "dicom") and not out.is_dir()
+    if (src / volumes.KITS_IMAGE).exists():  # one KiTS case
+        return [(src / volumes.KITS_IMAGE, out if names_a_file else out / src.name / volumes.KITS_LABELS)]
     if src.is_dir():
-        cases = io.kits_cases(src)
+        cases = volumes.kits_cases(src)
         if cases:
-            return [(c / io.KITS_IMAGE, out / c.name / io.KITS_LABELS) for c in cases]
-        files = sorted(p for p in src.iterdir() if p.is_file() and io.volume_format(p) not in (None, "dicom"))
+            return [(c / volumes.KITS_IMAGE, out / c.name / volumes.KITS_LABELS) for c in cases]
+        files = sorted(p for p in src.iterdir() if p.is_file() and volumes.volume_format(p) not in (None, "dicom"))
         if files:
             return [(f, out / out_name(f)) for f in files]
     return [(src, out if names_a_file else out / out_name(src))]  # one volume file, or a DICOM series
 
 
 def cmd_predict(args) -> int:
-    from . import io
+    from . import files, volumes
     from .cascade import Cascade
 
     jobs = _prediction_jobs(Path(args.input), Path(args.output))
@@ -121,7 +121,7 @@ def cmd_predict(args) -> int:
     report_rows = []
     cascade = None
     for src, target in jobs:
-        ct = io.read_ct(src, series_uid=args.series)
+        ct = volumes.read_ct(src, series_uid=args.series)
         if cascade is None:  # after the first read, so a bad input is the only line printed
             cascade = Cascade(args.coarse, args.refine, device=args.device, batch_size=args.batch_size)
             print(
@@ -136,7 +136,7 @@ def cmd_predict(args) -> int:
             args.alpha, args.kidney_threshold, args.tumor_threshold, anatomy_check=not args.no_anatomy_check
         )
         target.parent.mkdir(parents=True, exist_ok=True)
-        io.write_labels(target, labels, ct, overwrite=args.overwrite)
+        volumes.write_labels(target, labels, ct, overwrite=args.overwrite)
         if args.save_probabilities:
             result.save_probabilities(
                 target.parent / (target.name.split(".")[0] + "_probabilities.npz"), overwrite=args.overwrite
@@ -169,7 +169,7 @@ def cmd_predict(args) -> int:
     if report_csv:
         from .report import rows_to_csv
 
-        with io.atomic_path(report_csv, overwrite=args.overwrite) as tmp:
+        with files.atomic_path(report_csv, overwrite=args.overwrite) as tmp:
             tmp.write_text(rows_to_csv(report_rows))
         print(f"kidseg: wrote {report_csv} ({len(report_rows)} case(s))", file=sys.stderr)
     return 0
@@ -183,19 +183,19 @@ def _batch_report_path(output: Path, jobs) -> Path:
 
 # --------------------------------------------------------------------------------------------- evaluate
 def _paired_volumes(pred: Path, ref: Path):
-    from . import io
+    from . import volumes
 
-    if pred.is_file() or io.volume_format(pred) not in (None, "dicom"):
+    if pred.is_file() or volumes.volume_format(pred) not in (None, "dicom"):
         return [(pred.name, pred, ref)]
     if not pred.is_dir():
         raise KidsegError("no such file or folder", pred)
     if not ref.is_dir():
         raise KidsegError("is a file, but the predictions are a folder; give a folder of references", ref)
     pairs = []
-    for case in sorted(p for p in pred.iterdir() if p.is_dir() and (p / io.KITS_LABELS).exists()):
-        pairs.append((case.name, case / io.KITS_LABELS, ref / case.name / io.KITS_LABELS))
+    for case in sorted(p for p in pred.iterdir() if p.is_dir() and (p / volumes.KITS_LABELS).exists()):
+        pairs.append((case.name, case / volumes.KITS_LABELS, ref / case.name / volumes.KITS_LABELS))
     if not pairs:
-        for f in sorted(p for p in pred.iterdir() if io.volume_format(p) not in (None, "dicom")):
+        for f in sorted(p for p in pred.iterdir() if volumes.volume_format(p) not in (None, "dicom")):
             pairs.append((f.name, f, ref / f.name))
     if not pairs:
         raise KidsegError("no predictions found (KiTS case folders or label files)", pred)
@@ -207,13 +207,13 @@ def cmd_evaluate(args) -> int:
 
     import numpy as np
 
-    from . import io
+    from . import volumes
     from .metrics import check_label_values, detection_by_size, false_ml, kits_scores, measurements, tumor_detection
 
     rows = []
     for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
-        ref = io.read_labels(r)
-        pred = io.read_labels(p, like=ref)
+        ref = volumes.read_labels(r)
+        pred = volumes.read_labels(p, like=ref)
         for vol, path in ((pred, p), (ref, r)):
             check_label_values(vol.array, path)
         scores = kits_scores(pred.array, ref.array)
@@ -482,11 +482,11 @@ def _add_train_parser(sub):
 
 # --------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
-    from . import io
+    from . import volumes
     from .report import describe_case, report_text, write_report
 
-    ct = io.read_ct(args.ct, series_uid=args.series)
-    labels = io.read_labels(args.labels, like=ct)
+    ct = volumes.read_ct(args.ct, series_uid=args.series)
+    labels = volumes.read_labels(args.labels, like=ct)
     out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
     report = describe_case(labels.array, ct.geometry.spacing, ct=ct.array, provenance={"labels": str(args.labels)})
     written = write_report(
@@ -498,21 +498,21 @@ def cmd_report(args) -> int:
 
 
 def _default_report_dir(labels: Path) -> Path:
-    from . import io
+    from . import volumes
 
     name = labels.name
-    for suffix in io.VOLUME_SUFFIXES + io.DICOM_SUFFIXES:
+    for suffix in volumes.VOLUME_SUFFIXES + volumes.DICOM_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return labels.parent / f"{name}_report"
 
 
 def cmd_export_seg(args) -> int:
-    from . import io
+    from . import volumes
     from .dicom_seg import write_dicom_seg
 
-    ct = io.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
-    labels = io.read_labels(args.labels, like=ct)
+    ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
+    labels = volumes.read_labels(args.labels, like=ct)
     out = write_dicom_seg(args.dicom_dir, labels.array, args.output, series_uid=args.series, overwrite=args.overwrite)
     print(f"kidseg: wrote {out} (DICOM SEG referencing {args.dicom_dir})", file=sys.stderr)
     return 0

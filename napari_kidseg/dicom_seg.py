@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, io
+from . import __version__, files, geometry, volumes
 from .errors import KidsegError
 from .fusion import KIDNEY, TUMOR
 
@@ -65,7 +65,7 @@ def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = 
     ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if len(ids) > 1 and series_uid is None:
         raise KidsegError(f"holds {len(ids)} DICOM series; pick one with --series UID ({', '.join(ids)})", folder)
-    files, reader_uid = io.dicom_series_files(folder, series_uid)
+    files, reader_uid = volumes.dicom_series_files(folder, series_uid)
     datasets = [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in files]
     for ds in datasets:
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
@@ -117,7 +117,7 @@ def write_dicom_seg(
     series_uid: str | None = None,
     models: dict | None = None,
     overwrite: bool = False,
-    ct: io.Volume | None = None,
+    ct: volumes.Volume | None = None,
 ) -> Path:
     """Write ``labels`` (canonical, on the grid of the CT read from ``dicom_dir``) as a DICOM SEG.
 
@@ -134,7 +134,7 @@ def write_dicom_seg(
     # the series first: one series (or the one named), complete, identifiable; then its volume
     datasets, series_uid = series_datasets(dicom_dir, series_uid, pixels=False)
     if ct is None or ct.source is None or ct.source.dicom_series_uid != series_uid:
-        ct = io.read_ct(dicom_dir, series_uid=series_uid, check_hu=False)
+        ct = volumes.read_ct(dicom_dir, series_uid=series_uid, check_hu=False)
     labels = np.asarray(labels)
     if labels.shape != ct.array.shape:
         raise KidsegError(f"labels of shape {labels.shape} do not match the CT series' {ct.array.shape}", dicom_dir)
@@ -165,7 +165,7 @@ def write_dicom_seg(
         warnings.filterwarnings("ignore", message=".*intended person name.*", category=UserWarning)
         seg = _segmentation(hd, datasets, disk, segments, ref)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(out, overwrite=overwrite) as tmp:
+    with files.atomic_path(out, overwrite=overwrite) as tmp:
         seg.save_as(tmp)
     return out
 
@@ -197,7 +197,7 @@ def _ai_code():
     return codes.DCM.ArtificialIntelligence
 
 
-def read_dicom_seg(path, like: io.Volume | None = None) -> io.Volume:
+def read_dicom_seg(path, like: volumes.Volume | None = None) -> volumes.Volume:
     """A SEG's segments as one KiTS label volume (kidney 1, tumor 2) on the grid of ``like`` (the
     CT of the referenced series; frames matched by SOP instance), or on the SEG's own grid."""
     import highdicom as hd
@@ -214,7 +214,7 @@ def read_dicom_seg(path, like: io.Volume | None = None) -> io.Volume:
         return _on_ct_grid(seg, numbers, like, path)
     vol = seg.get_volume(combine_segments=True, relabel=False, segment_numbers=list(numbers))
     image = vol.to_simpleitk()
-    labels = io.volume_from_image(image, path, "dicom-seg")
+    labels = volumes.volume_from_image(image, path, "dicom-seg")
     labels.array = _kits_values(labels.array, numbers)
     return labels
 
@@ -241,7 +241,7 @@ def _kits_values(array: np.ndarray, numbers: dict[int, int]) -> np.ndarray:
     return lut[array.astype(np.intp)]
 
 
-def _referenced_ct(seg, path) -> io.Volume | None:
+def _referenced_ct(seg, path) -> volumes.Volume | None:
     """The CT series the SEG references, when it lies in the SEG's folder or the one above."""
     import SimpleITK as sitk
 
@@ -256,19 +256,19 @@ def _referenced_ct(seg, path) -> io.Volume | None:
             candidates = [folder] + [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
             for d in candidates:
                 if uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)):
-                    return io.read_ct(d, series_uid=uid, check_hu=False)
+                    return volumes.read_ct(d, series_uid=uid, check_hu=False)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return None
 
 
-def _on_ct_grid(seg, numbers, like: io.Volume, path) -> io.Volume:
+def _on_ct_grid(seg, numbers, like: volumes.Volume, path) -> volumes.Volume:
     import pydicom
 
     if like.source is None or like.source.format != "dicom":
         raise KidsegError("a DICOM SEG is placed on the DICOM series it references; this CT is not one", path)
     folder = Path(like.source.path)
-    files, _ = io.dicom_series_files(folder, like.source.dicom_series_uid)
+    files, _ = volumes.dicom_series_files(folder, like.source.dicom_series_uid)
     uids = [
         str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for f in files
     ]
@@ -278,5 +278,5 @@ def _on_ct_grid(seg, numbers, like: io.Volume, path) -> io.Volume:
     if not referenced & set(uids):
         raise KidsegError(f"references another series than the CT in {folder}", path)
     disk = seg.get_pixels_by_source_instance(uids, segment_numbers=list(numbers), combine_segments=True, relabel=False)
-    canonical = io.reorient(np.ascontiguousarray(disk), like.source.axes, like.source.flips)
-    return io.Volume(array=_kits_values(canonical, numbers), geometry=like.geometry, source=like.source)
+    canonical = geometry.reorient(np.ascontiguousarray(disk), like.source.axes, like.source.flips)
+    return volumes.Volume(array=_kits_values(canonical, numbers), geometry=like.geometry, source=like.source)

@@ -3,7 +3,8 @@
 ``finetune_models`` checks the corrections folder, picks the parents (given, or the newest
 children in ``CORRECTIONS/models/``, or the bundled models), fine-tunes the coarse stage (which
 picks the kidney regions, where most real-CT errors start) and the refine stage with
-:func:`training.finetune`, and writes both children into a new dated folder
+:func:`finetune_stage` (the training loop of :mod:`training`, on the corrected cases' reviewed
+slices plus replayed phantoms), and writes both children into a new dated folder
 ``CORRECTIONS/models/finetune-YYYYmmdd-HHMMSS/`` with a ``report.json``: the chain of
 parents, the held-out before/after scores of the whole cascade, and the time. A child that
 scores worse than its parent on the held-out corrected cases is reported as worse
@@ -17,12 +18,15 @@ is still to be done (see the model card).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
 from pathlib import Path
 
-from . import io
+import numpy as np
+
+from . import files, volumes
 from .errors import KidsegError
 from .metrics import check_label_values
 
@@ -45,7 +49,7 @@ def check_corrections(corrections_dir) -> list[Path]:
     root = Path(corrections_dir)
     if not root.is_dir():
         raise KidsegError("no such corrections folder", root)
-    cases = [c for c in io.kits_cases(root) if (c / io.KITS_LABELS).exists()]
+    cases = [c for c in volumes.kits_cases(root) if (c / volumes.KITS_LABELS).exists()]
     if not cases:
         raise KidsegError(
             "holds no corrected case (case_XXXXX/imaging.nii.gz + segmentation.nii.gz): export "
@@ -53,16 +57,17 @@ def check_corrections(corrections_dir) -> list[Path]:
             root,
         )
     for case in cases:
-        ct = io.read_ct(case / io.KITS_IMAGE)
-        labels = io.read_labels(case / io.KITS_LABELS)
+        ct = volumes.read_ct(case / volumes.KITS_IMAGE)
+        labels = volumes.read_labels(case / volumes.KITS_LABELS)
         if labels.array.shape != ct.array.shape:
             raise KidsegError(
-                f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}", case / io.KITS_LABELS
+                f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}",
+                case / volumes.KITS_LABELS,
             )
-        check_label_values(labels.array, case / io.KITS_LABELS)
+        check_label_values(labels.array, case / volumes.KITS_LABELS)
         if not labels.array.any():
             raise KidsegError(
-                "holds no kidney or tumor voxel: nothing to learn from (remove the case)", case / io.KITS_LABELS
+                "holds no kidney or tumor voxel: nothing to learn from (remove the case)", case / volumes.KITS_LABELS
             )
     return cases
 
@@ -117,7 +122,6 @@ def finetune_models(
     import time
 
     from .models import read_config, resolve_checkpoint
-    from .training import evaluate_cascade, finetune, split_by_scan
 
     corrections_dir = Path(corrections_dir)
     stages = tuple(stages)
@@ -159,11 +163,12 @@ def finetune_models(
                 progress(k * 1000 + int(1000 * done / max(total, 1)), 1000 * len(stages), f"fine-tune {stage}")
 
         log(f"fine-tuning the {stage} model from {parents[stage].name}")
-        finetune(
+        finetune_stage(
             corrections_dir,
             parents[stage],
             out,
             stage=stage,
+            cases=cases,
             coarse_checkpoint=new["coarse"],
             holdout_fraction=holdout_fraction,
             n_replay=n_replay,
@@ -209,7 +214,7 @@ def finetune_models(
             "reviewed_only": reviewed_only,
         },
     }
-    with io.atomic_path(out_dir / "report.json", overwrite=True) as tmp:
+    with files.atomic_path(out_dir / "report.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return report
 
@@ -244,3 +249,172 @@ def model_versions(corrections_dir) -> list[dict]:
             }
         )
     return rows
+
+
+# ------------------------------------------------------------------------------ one stage
+def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="auto", **fuse_kwargs) -> dict:
+    """Mean KiTS scores of the whole cascade on KiTS-layout cases with reference labels."""
+    from .cascade import Cascade
+    from .metrics import kits_scores
+    from .training import map_kits_labels
+
+    cascade = Cascade(coarse_checkpoint, refine_checkpoint, device=device)
+    rows = []
+    for case in case_dirs:
+        ct, ref = volumes.read_kits_case(case)
+        result = cascade.run(ct.array, ct.geometry.spacing)
+        rows.append(kits_scores(result.fuse(**fuse_kwargs), map_kits_labels(ref.array, case)))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def replay_cases(n: int, seed: int) -> list[Path]:
+    """Phantom cases mixed into a fine-tune so the model does not forget (generated once, cached)."""
+    from .phantom import GENERATOR_REVISION, write_phantom_cases
+    from .training import cache_root
+
+    root = cache_root().parent / "replay" / f"seed{seed}-n{n}-rev{GENERATOR_REVISION}"
+    if len(volumes.kits_cases(root) if root.exists() else []) < n:
+        write_phantom_cases(root, n, seed, overwrite=True, matrix=256, max_slices=80)
+    return volumes.kits_cases(root)[:n]
+
+
+def reviewed_slices(corrections_dir) -> dict[str, tuple]:
+    """Per corrected case, the slices its export marked reviewed (touched or confirmed); a case
+    exported without that list (or with ``"whole_case_reviewed": true``) is absent: all slices."""
+    manifest = Path(corrections_dir) / "manifest.json"
+    if not manifest.exists():
+        return {}
+    out = {}
+    for entry in json.loads(manifest.read_text()).get("cases", []):
+        zs = entry.get("reviewed_slices")
+        if zs and not entry.get("whole_case_reviewed"):
+            out[entry["case"]] = tuple(int(z) for z in zs)
+    return out
+
+
+def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: float) -> tuple[list, list]:
+    """Train and held-out cases, split by scan: copies of one scan (same ``scan_sha256`` in the
+    manifest) never land on both sides, or the held-out score would be measured on training data."""
+    from .training import split_cases
+
+    manifest = Path(corrections_dir) / "manifest.json"
+    scan_of = {}
+    if manifest.exists():
+        for entry in json.loads(manifest.read_text()).get("cases", []):
+            scan_of[entry.get("case")] = entry.get("scan_sha256") or entry.get("case")
+    groups: dict[str, list[Path]] = {}
+    for c in cases:
+        groups.setdefault(scan_of.get(c.name, c.name), []).append(c)
+    keys = sorted(groups)
+    if len(keys) < 2:
+        return list(cases), []
+    train_keys, held_keys = split_cases(keys, holdout_fraction, seed=0)
+    return ([c for k in train_keys for c in groups[k]], [c for k in held_keys for c in groups[k]])
+
+
+def finetune_stage(
+    corrections_dir,
+    parent,
+    out,
+    *,
+    stage="refine",
+    cases=None,
+    coarse_checkpoint=None,
+    holdout_fraction=0.25,
+    n_replay=3,
+    replay_seed=50_000,
+    epochs=3,
+    steps_per_epoch=20,
+    batch_size=8,
+    lr=5e-5,
+    max_minutes=4.0,
+    bn_momentum=0.0,
+    device="auto",
+    reviewed_only=True,
+    progress=None,
+    cancel=None,
+    log=print,
+    score=True,
+    chain=None,
+) -> dict:
+    """Fine-tune one stage's ``parent`` on exported corrections; writes a child checkpoint ``out``.
+
+    ``cases``: the corrected cases, already checked (:func:`check_corrections` runs otherwise).
+
+    Part of the corrected cases is held out (at least one when there are two or more) and the
+    whole cascade's Dice on them is measured before and after. The parent file is never written.
+    ``bn_momentum`` 0 keeps the parent's BatchNorm statistics: they come from thousands of
+    batches, and a few cases' batches would otherwise pull them away from everything else.
+    """
+    from .models import file_sha256, read_config
+    from .training import TrainSettings, cache_case, train
+
+    corrections_dir, parent, out = Path(corrections_dir), Path(parent), Path(out)
+    if out.resolve() == parent.resolve():
+        raise KidsegError("the fine-tuned checkpoint must not replace its parent; choose another -o", out)
+    if out.exists():
+        raise KidsegError("already exists; not overwriting it", out)
+    cases = check_corrections(corrections_dir) if cases is None else cases
+    parent_cfg = read_config(parent)
+    if parent_cfg.stage != stage:
+        raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
+    train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
+    eval_dirs = held or train_dirs
+    if not held:
+        log(
+            "only one corrected case: it is trained on and also scored (no held-out case, so the "
+            "before/after figures are on training data)"
+        )
+    coarse = coarse_checkpoint if stage == "refine" else parent
+    refine_before = parent if stage == "refine" else None
+    before = {}
+    if score:
+        log(f"scoring the parent on {len(eval_dirs)} case(s)...")
+        before = evaluate_cascade(eval_dirs, coarse, refine_before, device=device)
+    replay = replay_cases(n_replay, replay_seed) if n_replay else []
+    reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
+    cached = [dataclasses.replace(cache_case(c), slices=reviewed.get(c.name)) for c in train_dirs]
+    cached += [cache_case(c) for c in replay]
+    cfg = dataclasses.replace(parent_cfg)
+    cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+    cfg.provenance = {
+        "parent": str(parent),
+        "parent_sha256": file_sha256(parent),
+        "parent_version": parent_cfg.version,
+        "corrections": str(corrections_dir),
+        "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / volumes.KITS_LABELS)} for c in train_dirs],
+        "held_out": [c.name for c in held],
+        "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "lr": lr,
+        "bn_momentum": bn_momentum,
+        "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
+        "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
+    }
+    settings = TrainSettings(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        lr=lr,
+        patience=epochs + 1,
+        workers=0,
+        device=device,
+        max_minutes=max_minutes,
+        val_samples=0,
+        bn_momentum=bn_momentum,
+    )
+    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log)
+    after = {}
+    if score:
+        after = evaluate_cascade(
+            eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None, device=device
+        )
+    return {
+        "before": before,
+        "after": after,
+        "held_out": [c.name for c in held],
+        "scored_on": [c.name for c in eval_dirs],
+        "checkpoint": str(out),
+        "seconds": summary["seconds"],
+    }

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import io
+from . import geometry, volumes
 from .errors import KidsegError
 from .phantom import (
     PHASES,
@@ -105,7 +105,7 @@ def find_label_maps(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise KidsegError("not a folder of label maps (--anatomy)", folder)
-    maps = sorted(p for p in folder.iterdir() if p.is_file() and io.volume_format(p) not in (None, "dicom"))
+    maps = sorted(p for p in folder.iterdir() if p.is_file() and volumes.volume_format(p) not in (None, "dicom"))
     if not maps:
         raise KidsegError("no label maps (.nii.gz, .nrrd, .mha) in this folder (--anatomy)", folder)
     return maps
@@ -121,7 +121,7 @@ def split_label_maps(maps: list[Path]) -> tuple[list[Path], list[Path]]:
 @lru_cache(maxsize=4)
 def read_label_map(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A FLARE-style organ map in the canonical orientation, checked; cached per process."""
-    vol = io.read_volume(path)
+    vol = volumes.read_volume(path)
     arr = np.asarray(vol.array)
     if arr.ndim != 3:
         raise KidsegError(f"a label map must be 3D, this one has shape {arr.shape}", path)
@@ -442,13 +442,13 @@ def make_labelmap_phantom(
     ndimage.gaussian_filter(hu, sigma, output=hu, truncate=3.0)
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * noise_sd
     ndimage.gaussian_filter(hu, [0, 0.5, 0.5], output=hu, truncate=2.0)
-    np.maximum(hu, io.AIR_HU, out=hu)
+    np.maximum(hu, volumes.AIR_HU, out=hu)
     ct_arr = np.clip(np.round(hu), -3024, 3071).astype(np.int16)
     origin = (0.0, -matrix * dy / 2, -matrix * dx / 2)
     from .phantom import DISK_LAYOUTS
 
     layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
-    ct = io.volume_in_memory(ct_arr, spacing, origin, io.direction_from_code(layout))
+    ct = volumes.volume_in_memory(ct_arr, spacing, origin, geometry.direction_from_code(layout))
     info = {
         "generator": "labelmap",
         "labelmap_generator_revision": LABELMAP_GENERATOR_REVISION,

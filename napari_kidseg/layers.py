@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .fusion import LABEL_NAMES
-from .io import Volume
+from .volumes import Volume
 
 # Soft-tissue window (W400/L40): fixed limits, so that scanner padding or metal in a volume
 # cannot stretch the display the way min/max contrast limits would.
@@ -27,7 +27,7 @@ WINDOW_PRESETS = {
     "bone": (-500.0, 1300.0),
     "lung": (-1350.0, 150.0),
 }
-SOURCE_KEY = "kidseg_source"  # layer.metadata key holding the io.Volume the layer was read from
+SOURCE_KEY = "kidseg_source"  # layer.metadata key holding the volumes.Volume the layer was read from
 
 
 def ct_layer_data(ct: Volume, name: str = "CT") -> tuple:

@@ -98,7 +98,7 @@ def save_checkpoint(path, model, cfg: ModelConfig, *, overwrite: bool = False) -
     """Write weights + config as one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    from .io import atomic_path
+    from .files import atomic_path
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"kidseg_config": cfg.to_json(), "kidseg_format": str(FORMAT_VERSION)}

@@ -3,7 +3,7 @@
 No CT dataset can be downloaded here, so the sample data, the tests and the bundled weights
 all come from this generator. Every case is a deterministic function of its seed.
 
-Anatomy (all sizes in millimetres, laid out in the canonical LPS grid of :mod:`io`): body
+Anatomy (all sizes in millimetres, laid out in the canonical LPS grid of :mod:`geometry`): body
 outline with skin, subcutaneous fat and an abdominal-wall muscle ring; visceral fat; vertebral
 bodies with cortex, cancellous bone and canal, posterior elements, ribs on the upper slices;
 paraspinal (erector spinae), quadratus lumborum and psoas muscles; iliac wings with gluteal
@@ -43,7 +43,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from . import io
+from . import files, geometry, volumes
 
 # Bumped whenever the same seed draws a different phantom. Caches of generated phantoms (the
 # fine-tune replay cases, the benchmark's CTs) are keyed by it, so none outlives a revision.
@@ -96,7 +96,7 @@ DISK_LAYOUTS = ("IPL", "LPS", "RAS", "LPI", "RAI", "LAS")
 
 @dataclasses.dataclass
 class PhantomCase:
-    ct: io.Volume  # int16 HU, canonical orientation, with a source layout for writing
+    ct: volumes.Volume  # int16 HU, canonical orientation, with a source layout for writing
     labels: np.ndarray  # uint8, 0/1/2
     info: dict  # what was drawn: phase, spacing, tumors, cysts...
 
@@ -480,9 +480,9 @@ def make_phantom(
     noise_sd = rng.uniform(6, 22)
     hu += rng.standard_normal(shape, dtype=np.float32) * noise_sd
     ndimage.gaussian_filter(hu, [0, 0.5, 0.5], output=hu, truncate=2.0)  # correlated, like filtered back-projection
-    # noise on air must not dip below -1024 HU, which io reserves for padding (read as air): a
+    # noise on air must not dip below -1024 HU, which volumes reserves for padding (read as air): a
     # phantom then reads back bit for bit
-    np.maximum(hu, io.AIR_HU, out=hu)
+    np.maximum(hu, volumes.AIR_HU, out=hu)
     padded = bool(rng.random() < 0.3)
     if padded:
         yy = grid.axes[1][:, None] - origin[1] - fov / 2
@@ -492,7 +492,7 @@ def make_phantom(
     del hu, rb
 
     layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
-    ct = io.volume_in_memory(ct_arr, grid.spacing, grid.origin, io.direction_from_code(layout))
+    ct = volumes.volume_in_memory(ct_arr, grid.spacing, grid.origin, geometry.direction_from_code(layout))
     info = {
         "generator_revision": GENERATOR_REVISION,
         "seed": seed,
@@ -629,8 +629,8 @@ def _write_one_phantom(out, i: int, seed: int, overwrite: bool, kwargs: dict, la
         from .labelmap_phantom import make_labelmap_phantom
 
         case = make_labelmap_phantom(label_map, seed + i, **kwargs)
-    case_dir = io.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
-    with io.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
+    case_dir = volumes.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
+    with files.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps({**case.info, "generator_kwargs": kwargs}, indent=1))
     return case_dir
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import io
+from . import files, volumes
 from .cascade import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD, CascadeResult
 from .errors import KidsegError
 from .fusion import BACKGROUND, KIDNEY, LABEL_NAMES, TUMOR
@@ -397,7 +397,7 @@ class ScanAlreadyExported(KidsegError):
         )
 
 
-def scan_sha256(ct: io.Volume) -> str:
+def scan_sha256(ct: volumes.Volume) -> str:
     """A scan's identity: its voxels and spacing, whatever file (or layer) it came from."""
     import hashlib
 
@@ -409,7 +409,7 @@ def scan_sha256(ct: io.Volume) -> str:
 
 def export_correction(
     root,
-    ct: io.Volume,
+    ct: volumes.Volume,
     labels: np.ndarray,
     *,
     case_id: str | None = None,
@@ -461,7 +461,7 @@ def export_correction(
     if same and update:
         old = same[-1]
         case_dir = root / old["case"]
-        io.write_labels(case_dir / io.KITS_LABELS, labels, ct, overwrite=True)
+        volumes.write_labels(case_dir / volumes.KITS_LABELS, labels, ct, overwrite=True)
         old.update(entry, updates=int(old.get("updates", 0)) + 1)
     else:
         taken = {c["case"] for c in manifest["cases"]} | {p.name for p in root.glob("case_*")}
@@ -470,12 +470,12 @@ def export_correction(
             while f"case_{n:05d}" in taken:
                 n += 1
             case_id = f"case_{n:05d}"
-        case_dir = io.write_kits_case(root, case_id, ct, labels)
+        case_dir = volumes.write_kits_case(root, case_id, ct, labels)
         manifest["cases"].append({"case": case_id, **entry})
         old = manifest["cases"][-1]
     if ct.source is not None and ct.source.format == "dicom" and Path(ct.source.path).is_dir():
         old.update(_export_dicom_seg(case_dir, ct, labels, entry["checkpoints"]))
-    with io.atomic_path(manifest_path, overwrite=True) as tmp:
+    with files.atomic_path(manifest_path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     return case_dir
 
@@ -483,7 +483,7 @@ def export_correction(
 DICOM_SEG_NAME = "segmentation.seg.dcm"
 
 
-def _export_dicom_seg(case_dir: Path, ct: io.Volume, labels: np.ndarray, checkpoints: dict) -> dict:
+def _export_dicom_seg(case_dir: Path, ct: volumes.Volume, labels: np.ndarray, checkpoints: dict) -> dict:
     """A CT read from a DICOM series gets its labels as a DICOM SEG too (for PACS); a series that
     cannot carry one (anonymised without UIDs, a missing slice) gets the reason in the manifest."""
     from .dicom_seg import write_dicom_seg

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, roi
-from .cascade import context_indices, hu_to_input
+from . import files, roi, volumes
 from .errors import KidsegError
 from .models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from .preprocessing import context_indices, hu_to_input
 
 KITS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1}  # KiTS21/23 cyst -> kidney
 
@@ -46,10 +46,11 @@ def find_cases(roots) -> list[Path]:
         root = Path(root)
         if not root.exists():
             raise KidsegError("no such dataset folder", root)
-        found = [c for c in io.kits_cases(root) if (c / io.KITS_LABELS).exists()]
+        found = [c for c in volumes.kits_cases(root) if (c / volumes.KITS_LABELS).exists()]
         if not found:
             raise KidsegError(
-                f"no cases in KiTS layout here (expected case_XXXXX/{io.KITS_IMAGE} and {io.KITS_LABELS})", root
+                f"no cases in KiTS layout here (expected case_XXXXX/{volumes.KITS_IMAGE} and {volumes.KITS_LABELS})",
+                root,
             )
         cases.extend(found)
     return cases
@@ -81,21 +82,21 @@ class CachedCase:
 def cache_case(case_dir: Path) -> CachedCase:
     """Decode a case once into memory-mappable .npy files (re-done only when the files change)."""
     case_dir = Path(case_dir)
-    img, seg = case_dir / io.KITS_IMAGE, case_dir / io.KITS_LABELS
+    img, seg = case_dir / volumes.KITS_IMAGE, case_dir / volumes.KITS_LABELS
     stamp = f"{case_dir.resolve()}|{img.stat().st_mtime_ns}|{img.stat().st_size}|{seg.stat().st_mtime_ns}"
     folder = cache_root() / hashlib.sha1(stamp.encode()).hexdigest()[:16]
     meta_file = folder / "meta.json"
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
     else:
-        ct, labels = io.read_kits_case(case_dir)
-        lab = map_kits_labels(labels.array, case_dir / io.KITS_LABELS)
+        ct, labels = volumes.read_kits_case(case_dir)
+        lab = map_kits_labels(labels.array, case_dir / volumes.KITS_LABELS)
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in (("ct.npy", ct.array.astype(np.int16)), ("labels.npy", lab)):
-            with io.atomic_path(folder / name, overwrite=True) as tmp:
+            with files.atomic_path(folder / name, overwrite=True) as tmp:
                 np.save(tmp, arr)
         meta = {"name": case_dir.name, "spacing": list(ct.geometry.spacing), "shape": list(ct.array.shape)}
-        with io.atomic_path(meta_file, overwrite=True) as tmp:
+        with files.atomic_path(meta_file, overwrite=True) as tmp:
             tmp.write_text(json.dumps(meta))
     return CachedCase(
         meta["name"], folder / "ct.npy", folder / "labels.npy", tuple(meta["spacing"]), tuple(meta["shape"])
@@ -192,7 +193,7 @@ class SegmentationSamples:
             y = torch.from_numpy(np.asarray(labels[z], np.int64))
             side = max(x.shape[-2:])
             pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
-            x = F.pad(x, pad, value=float(io.AIR_HU))
+            x = F.pad(x, pad, value=float(volumes.AIR_HU))
             y = F.pad(y, pad, value=0)
             x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)[
                 0
@@ -203,7 +204,9 @@ class SegmentationSamples:
                 y0 += int(self.rng.integers(-24, 25))
                 x0 += int(self.rng.integers(-24, 25))
             x = torch.from_numpy(
-                np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, io.AIR_HU) for zc in zs]).astype(np.float32)
+                np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, volumes.AIR_HU) for zc in zs]).astype(
+                    np.float32
+                )
             )
             y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z]), y0, x0, size, 0).astype(np.int64))
         if aug is not None:
@@ -228,8 +231,10 @@ class SegmentationSamples:
             )[None]
             grid = F.affine_grid(theta, (1, 1, *x.shape[-2:]), align_corners=False)
             x = (
-                F.grid_sample(x[None] - io.AIR_HU, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-                + io.AIR_HU
+                F.grid_sample(
+                    x[None] - volumes.AIR_HU, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+                )[0]
+                + volumes.AIR_HU
             )
             y = F.grid_sample(y[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
         x = x * (1.0 + rng.uniform(-aug.hu_scale, aug.hu_scale)) + rng.uniform(-aug.hu_shift, aug.hu_shift)
@@ -346,7 +351,7 @@ def _plot_curves(log_rows: list[dict], path: Path):
     ax[1].legend()
     fig.tight_layout()
     with __import__("contextlib").suppress(Exception):
-        with io.atomic_path(path, overwrite=True) as tmp:
+        with files.atomic_path(path, overwrite=True) as tmp:
             fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
@@ -495,7 +500,7 @@ def train(
                 save_checkpoint(out, model, cfg, overwrite=True)
             else:
                 stale += 1
-            with io.atomic_path(state_file, overwrite=True) as tmp:
+            with files.atomic_path(state_file, overwrite=True) as tmp:
                 torch.save(
                     {
                         "optimizer": opt.state_dict(),
@@ -506,7 +511,7 @@ def train(
                     },
                     tmp,
                 )
-            with io.atomic_path(log_file, overwrite=True) as tmp:
+            with files.atomic_path(log_file, overwrite=True) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             _plot_curves(log_rows, plot_file)
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -553,178 +558,3 @@ def evaluate_samples(model, loader, device) -> dict:
             counter.add(pred, y.numpy())
     model.train()
     return counter.scores()
-
-
-# ------------------------------------------------------------------------------ fine-tuning
-def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="auto", **fuse_kwargs) -> dict:
-    """Mean KiTS scores of the whole cascade on KiTS-layout cases with reference labels."""
-    from .cascade import Cascade
-    from .metrics import kits_scores
-
-    cascade = Cascade(coarse_checkpoint, refine_checkpoint, device=device)
-    rows = []
-    for case in case_dirs:
-        ct, ref = io.read_kits_case(case)
-        result = cascade.run(ct.array, ct.geometry.spacing)
-        rows.append(kits_scores(result.fuse(**fuse_kwargs), map_kits_labels(ref.array, case)))
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
-
-
-def replay_cases(n: int, seed: int) -> list[Path]:
-    """Phantom cases mixed into a fine-tune so the model does not forget (generated once, cached)."""
-    from .phantom import GENERATOR_REVISION, write_phantom_cases
-
-    root = cache_root().parent / "replay" / f"seed{seed}-n{n}-rev{GENERATOR_REVISION}"
-    if len(io.kits_cases(root) if root.exists() else []) < n:
-        write_phantom_cases(root, n, seed, overwrite=True, matrix=256, max_slices=80)
-    return io.kits_cases(root)[:n]
-
-
-def reviewed_slices(corrections_dir) -> dict[str, tuple]:
-    """Per corrected case, the slices its export marked reviewed (touched or confirmed); a case
-    exported without that list (or with ``"whole_case_reviewed": true``) is absent: all slices."""
-    import json
-
-    manifest = Path(corrections_dir) / "manifest.json"
-    if not manifest.exists():
-        return {}
-    out = {}
-    for entry in json.loads(manifest.read_text()).get("cases", []):
-        zs = entry.get("reviewed_slices")
-        if zs and not entry.get("whole_case_reviewed"):
-            out[entry["case"]] = tuple(int(z) for z in zs)
-    return out
-
-
-def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: float) -> tuple[list, list]:
-    """Train and held-out cases, split by scan: copies of one scan (same ``scan_sha256`` in the
-    manifest) never land on both sides, or the held-out score would be measured on training data."""
-    import json
-
-    manifest = Path(corrections_dir) / "manifest.json"
-    scan_of = {}
-    if manifest.exists():
-        for entry in json.loads(manifest.read_text()).get("cases", []):
-            scan_of[entry.get("case")] = entry.get("scan_sha256") or entry.get("case")
-    groups: dict[str, list[Path]] = {}
-    for c in cases:
-        groups.setdefault(scan_of.get(c.name, c.name), []).append(c)
-    keys = sorted(groups)
-    if len(keys) < 2:
-        return list(cases), []
-    train_keys, held_keys = split_cases(keys, holdout_fraction, seed=0)
-    return ([c for k in train_keys for c in groups[k]], [c for k in held_keys for c in groups[k]])
-
-
-def finetune(
-    corrections_dir,
-    parent,
-    out,
-    *,
-    stage="refine",
-    coarse_checkpoint=None,
-    holdout_fraction=0.25,
-    n_replay=3,
-    replay_seed=50_000,
-    epochs=3,
-    steps_per_epoch=20,
-    batch_size=8,
-    lr=5e-5,
-    max_minutes=4.0,
-    bn_momentum=0.0,
-    device="auto",
-    reviewed_only=True,
-    progress=None,
-    cancel=None,
-    log=print,
-    score=True,
-    chain=None,
-) -> dict:
-    """Fine-tune ``parent`` on exported corrections; writes a child checkpoint ``out``.
-
-    Part of the corrected cases is held out (at least one when there are two or more) and the
-    whole cascade's Dice on them is measured before and after. The parent file is never written.
-    ``bn_momentum`` 0 keeps the parent's BatchNorm statistics: they come from thousands of
-    batches, and a few cases' batches would otherwise pull them away from everything else.
-    """
-    import datetime
-
-    from .models import file_sha256, read_config
-
-    corrections_dir, parent, out = Path(corrections_dir), Path(parent), Path(out)
-    if out.resolve() == parent.resolve():
-        raise KidsegError("the fine-tuned checkpoint must not replace its parent; choose another -o", out)
-    if out.exists():
-        raise KidsegError("already exists; not overwriting it", out)
-    if not corrections_dir.is_dir():
-        raise KidsegError("no such corrections folder", corrections_dir)
-    cases = [c for c in io.kits_cases(corrections_dir) if (c / io.KITS_LABELS).exists()]
-    if not cases:
-        raise KidsegError(
-            "holds no corrected cases (case_XXXXX/imaging.nii.gz + segmentation.nii.gz); "
-            "export corrections from the widget first",
-            corrections_dir,
-        )
-    parent_cfg = read_config(parent)
-    if parent_cfg.stage != stage:
-        raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
-    train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
-    eval_dirs = held or train_dirs
-    if not held:
-        log(
-            "only one corrected case: it is trained on and also scored (no held-out case, so the "
-            "before/after figures are on training data)"
-        )
-    coarse = coarse_checkpoint if stage == "refine" else parent
-    refine_before = parent if stage == "refine" else None
-    before = {}
-    if score:
-        log(f"scoring the parent on {len(eval_dirs)} case(s)...")
-        before = evaluate_cascade(eval_dirs, coarse, refine_before, device=device)
-    replay = replay_cases(n_replay, replay_seed) if n_replay else []
-    reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
-    cached = [dataclasses.replace(cache_case(c), slices=reviewed.get(c.name)) for c in train_dirs]
-    cached += [cache_case(c) for c in replay]
-    cfg = dataclasses.replace(parent_cfg)
-    cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
-    cfg.provenance = {
-        "parent": str(parent),
-        "parent_sha256": file_sha256(parent),
-        "parent_version": parent_cfg.version,
-        "corrections": str(corrections_dir),
-        "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / io.KITS_LABELS)} for c in train_dirs],
-        "held_out": [c.name for c in held],
-        "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "lr": lr,
-        "bn_momentum": bn_momentum,
-        "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
-        "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
-    }
-    settings = TrainSettings(
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size,
-        lr=lr,
-        patience=epochs + 1,
-        workers=0,
-        device=device,
-        max_minutes=max_minutes,
-        val_samples=0,
-        bn_momentum=bn_momentum,
-    )
-    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log)
-    after = {}
-    if score:
-        after = evaluate_cascade(
-            eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None, device=device
-        )
-    return {
-        "before": before,
-        "after": after,
-        "held_out": [c.name for c in held],
-        "scored_on": [c.name for c in eval_dirs],
-        "checkpoint": str(out),
-        "seconds": summary["seconds"],
-    }

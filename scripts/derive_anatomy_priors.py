@@ -30,7 +30,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_kidseg import anatomy, io  # noqa: E402
+from napari_kidseg import anatomy, volumes  # noqa: E402
 
 BIN_MM = 4.0
 DX_MM, DY_MM = (0.0, 200.0), (-120.0, 120.0)
@@ -64,7 +64,7 @@ def flare_frame(labels: np.ndarray, spacing) -> anatomy.SpineFrame:
 
 
 def read_flare(path):
-    vol = io.read_labels(path)
+    vol = volumes.read_labels(path)
     return vol.array, np.asarray(vol.geometry.spacing, float)
 
 
@@ -102,7 +102,7 @@ def slice_scores(labels, sp, organs, pr):
 def kits_limits(kits_root: Path) -> dict:
     vols, lengths, frags = [], [], []
     for f in sorted(glob.glob(str(kits_root / "case_*" / "segmentation.nii.gz"))):
-        v = io.read_labels(f)
+        v = volumes.read_labels(f)
         a, sp = v.array, np.asarray(v.geometry.spacing, float)
         s = anatomy.grid_step(a.shape[1:])
         small = a[:, ::s, ::s] > 0
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         "derived by scripts/derive_anatomy_priors.py from FLARE 2022 label maps 0001-0040 "
         "(research use, Ma et al.) and the 160 KiTS19 label volumes (CC BY-NC-SA 4.0, Heller et al.)"
     )
-    with io.atomic_path(args.output, overwrite=True) as tmp:
+    with files.atomic_path(args.output, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps({k: pr[k] for k in sorted(pr)}, indent=None, separators=(",", ":")))
     print({k: v for k, v in pr.items() if k != "atlas_log_density"})
     print(f"wrote {args.output}")

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_kidseg import io, metrics
+from napari_kidseg import metrics, volumes
 from napari_kidseg.cascade import Cascade
+from napari_kidseg.finetuning import finetune_stage
 from napari_kidseg.phantom import write_phantom_cases
 from napari_kidseg.review import export_correction
-from napari_kidseg.training import finetune
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct" / "totalseg-abdomen-3mm"
 
@@ -45,7 +45,7 @@ def phantom_scores(cascade, cases, detections=None, mirror=False):
     each case's lesion-wise tumor detection (fused) is appended to it."""
     rows = {"coarse": [], "fused": []}
     for c in cases:
-        ct, ref = io.read_kits_case(c)
+        ct, ref = volumes.read_kits_case(c)
         r = cascade.run(ct.array, ct.geometry.spacing, mirror=mirror)
         fused = r.fuse(alpha=0.4)
         rows["coarse"].append(metrics.kits_scores(r.fuse(alpha=1.0), ref.array))
@@ -56,8 +56,8 @@ def phantom_scores(cascade, cases, detections=None, mirror=False):
 
 
 def read_real_ct():
-    ct = io.read_ct(REAL / "ct.nii.gz")
-    return ct, io.read_labels(REAL / "kidneys.nii.gz", like=ct)
+    ct = volumes.read_ct(REAL / "ct.nii.gz")
+    return ct, volumes.read_labels(REAL / "kidneys.nii.gz", like=ct)
 
 
 def real_kidney_dice(cascade, real, result=None):
@@ -164,13 +164,13 @@ def score_sets(cascade, work: Path, n_cases: int) -> dict:
     proc = work / "heldout-procedural"
     if not proc.exists():
         write_phantom_cases(proc, n_cases, 9000, matrix=256, max_slices=100, jobs=2)
-    sets["procedural phantoms (held-out seeds)"] = [(c, None) for c in io.kits_cases(proc)[:n_cases]]
+    sets["procedural phantoms (held-out seeds)"] = [(c, None) for c in volumes.kits_cases(proc)[:n_cases]]
     anat = work / "heldout-anatomy"
     if not anat.exists() and (SHARED / "flare22-labels").exists():
         _, held = split_label_maps(find_label_maps(SHARED / "flare22-labels"))
         write_phantom_cases(anat, n_cases, 9100, matrix=256, label_maps=held, jobs=2)
     if anat.exists():
-        sets["phantoms on held-out FLARE maps"] = [(c, None) for c in io.kits_cases(anat)[:n_cases]]
+        sets["phantoms on held-out FLARE maps"] = [(c, None) for c in volumes.kits_cases(anat)[:n_cases]]
     if REAL.exists():
         sets["shared real CT (training case)"] = [(REAL / "ct.nii.gz", REAL / "kidneys.nii.gz")]
         sets["shared real DICOM series (no kidney)"] = [(REAL / "dicom-series", None)]
@@ -178,12 +178,12 @@ def score_sets(cascade, work: Path, n_cases: int) -> dict:
     for name, items in sets.items():
         rows = {"on": [], "off": []}
         for src, ref_path in items:
-            if ref_path is None and Path(src).is_dir() and (Path(src) / io.KITS_IMAGE).exists():
-                ct, ref = io.read_kits_case(src)
+            if ref_path is None and Path(src).is_dir() and (Path(src) / volumes.KITS_IMAGE).exists():
+                ct, ref = volumes.read_kits_case(src)
                 ref = ref.array
             else:
-                ct = io.read_ct(src)
-                ref = io.read_labels(ref_path, like=ct).array if ref_path else np.zeros(ct.array.shape, np.uint8)
+                ct = volumes.read_ct(src)
+                ref = volumes.read_labels(ref_path, like=ct).array if ref_path else np.zeros(ct.array.shape, np.uint8)
             r = cascade.run(ct.array, ct.geometry.spacing)
             sp = ct.geometry.spacing
             rows["off"].append(_set_row(r.fuse(alpha=0.4, anatomy_check=False), ref, sp))
@@ -230,8 +230,8 @@ def main():
     ap.add_argument(
         "--bn-momentum",
         type=float,
-        default=inspect.signature(finetune).parameters["bn_momentum"].default,
-        help="fine-tuning's BatchNorm momentum (default: finetune()'s, as kidseg finetune)",
+        default=inspect.signature(finetune_stage).parameters["bn_momentum"].default,
+        help="fine-tuning's BatchNorm momentum (default: finetune_stage()'s, as kidseg finetune)",
     )
     args = ap.parse_args()
     if args.mirror and not args.skip_finetune:
@@ -252,7 +252,7 @@ def main():
     held = work / "heldout"
     if not held.exists():
         write_phantom_cases(held, args.cases, 9000, matrix=256, max_slices=100, jobs=2)
-    cases = io.kits_cases(held)
+    cases = volumes.kits_cases(held)
     cascade = Cascade(args.coarse, args.refine, device="cpu")
     detections = []
     report = {
@@ -282,7 +282,7 @@ def main():
         # CLI's `kidseg finetune --stage coarse`: both are measured
         t0 = time.time()
         refine_child = work / f"refine-ft-{stamp}.safetensors"
-        ft = finetune(
+        ft = finetune_stage(
             corr,
             cascade.refine_path,
             refine_child,
@@ -302,7 +302,7 @@ def main():
         }
         t0 = time.time()
         coarse_child = work / f"coarse-ft-{stamp}.safetensors"
-        ft = finetune(
+        ft = finetune_stage(
             corr,
             cascade.coarse_path,
             coarse_child,

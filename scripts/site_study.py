@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_kidseg import io, metrics
+from napari_kidseg import files, metrics, volumes
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.finetuning import DEFAULTS, finetune_models
 from napari_kidseg.labelmap_phantom import find_label_maps, split_label_maps
@@ -46,7 +46,7 @@ SITES = {
 
 
 def case_scores(cascade: Cascade, case: Path) -> dict:
-    ct, ref = io.read_kits_case(case)
+    ct, ref = volumes.read_kits_case(case)
     fused = cascade.run(ct.array, ct.geometry.spacing).fuse()
     s = metrics.kits_scores(fused, ref.array)
     s["false_tumor_ml"] = metrics.false_ml(fused, ref.array, ct.geometry.spacing)["false_tumor_ml"]
@@ -55,14 +55,18 @@ def case_scores(cascade: Cascade, case: Path) -> dict:
 
 def real_ct_dice(cascade: Cascade) -> float:
     real = SHARED / "realct" / "totalseg-abdomen-3mm"
-    ct = io.read_ct(real / "ct.nii.gz")
-    ref = io.read_labels(real / "kidneys.nii.gz", like=ct)
+    ct = volumes.read_ct(real / "ct.nii.gz")
+    ref = volumes.read_labels(real / "kidneys.nii.gz", like=ct)
     return float(metrics.dice(cascade.run(ct.array, ct.geometry.spacing).fuse() > 0, ref.array > 0))
 
 
 def score_set(coarse, refine, cases) -> dict:
     cascade = Cascade(coarse, refine)
-    return {c.name: case_scores(cascade, c) for c in cases} | {"realct": {"kidney_dice": real_ct_dice(cascade)}}
+    return {key(c): case_scores(cascade, c) for c in cases} | {"realct": {"kidney_dice": real_ct_dice(cascade)}}
+
+
+def key(case: Path) -> str:
+    return f"{case.parent.name}/{case.name}"  # site and other-site cases share names (case_00000...)
 
 
 def mean(rows, key):
@@ -92,11 +96,11 @@ def main():
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     def save():
-        with io.atomic_path(results_path, overwrite=True) as tmp:
+        with files.atomic_path(results_path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(results, indent=1))
 
     site_dir = out / "cases"
-    if len(io.kits_cases(site_dir) if site_dir.exists() else []) < args.site_cases:
+    if len(volumes.kits_cases(site_dir) if site_dir.exists() else []) < args.site_cases:
         _, held_maps = split_label_maps(find_label_maps(SHARED / "flare22-labels"))
         t0 = time.time()
         write_phantom_cases(
@@ -109,8 +113,8 @@ def main():
             **SITES[args.site],
         )
         print(f"site cases written in {time.time() - t0:.0f} s", flush=True)
-    site_cases = io.kits_cases(site_dir)[: args.site_cases]
-    other_cases = io.kits_cases(Path(args.other))[: args.n_other]
+    site_cases = volumes.kits_cases(site_dir)[: args.site_cases]
+    other_cases = volumes.kits_cases(Path(args.other))[: args.n_other]
     if "before" not in results:
         t0 = time.time()
         coarse, refine = bundled_checkpoint("coarse"), bundled_checkpoint("refine")
@@ -126,11 +130,11 @@ def main():
             name, {"settings": {k: str(v) for k, v in settings.items()}}
         )
         for case in folds:
-            if case.name in runs:
+            if key(case) in runs:
                 continue
             corr = out / "corrections" / f"{name}-{case.name}"
             (corr / "case_00000").mkdir(parents=True, exist_ok=True)
-            for f in (io.KITS_IMAGE, io.KITS_LABELS):
+            for f in (volumes.KITS_IMAGE, volumes.KITS_LABELS):
                 link = corr / "case_00000" / f
                 if not link.exists():
                     os.symlink((case / f).resolve(), link)
@@ -141,7 +145,7 @@ def main():
             models = report["models"]
             others = [c for c in site_cases if c != case] + other_cases
             scores = score_set(models["coarse"], models["refine"], others)
-            runs[case.name] = {"seconds": report["seconds"], "wall_s": seconds, "scores": scores}
+            runs[key(case)] = {"seconds": report["seconds"], "wall_s": seconds, "scores": scores}
             save()
             print(f"{name} trained on {case.name}: {seconds:.0f} s", flush=True)
     print_table(results, site_cases, other_cases)
@@ -149,8 +153,8 @@ def main():
 
 def print_table(results, site_cases, other_cases):
     before = results["before"]
-    other_names = [c.name for c in other_cases]
-    site_names = [c.name for c in site_cases]
+    other_names = [key(c) for c in other_cases]
+    site_names = [key(c) for c in site_cases]
     print(
         "| setting | same site kidney+tumor Dice | same site tumor Dice | other sites kidney+tumor Dice | "
         "real CT kidney Dice | fine-tune s (both stages) |"

@@ -31,10 +31,10 @@ def small_case():
 
 @pytest.fixture(scope="session")
 def small_case_dir(tmp_path_factory, small_case):
-    from napari_kidseg import io
+    from napari_kidseg import volumes
 
     root = tmp_path_factory.mktemp("kits")
-    io.write_kits_case(root, "case_00000", small_case.ct, small_case.labels)
+    volumes.write_kits_case(root, "case_00000", small_case.ct, small_case.labels)
     return root / "case_00000"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import anatomy, io
+from napari_kidseg import anatomy, volumes
 
 SPACING = (3.0, 3.0, 3.0)
 SHAPE = (60, 128, 128)
@@ -136,7 +136,7 @@ def test_no_kits19_kidney_or_tumor_voxel_is_removed():
     assert len(files) == 160
     removed = {}
     for f in files:
-        vol = io.read_labels(f)
+        vol = volumes.read_labels(f)
         v = anatomy.check_anatomy(vol.array, vol.geometry.spacing, None)
         if v.regions:
             gone = v.removed_mask(vol.array)

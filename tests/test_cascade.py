@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import shared_path
 
-from napari_kidseg import cascade, fusion, io, metrics, models, roi
+from napari_kidseg import cascade, fusion, metrics, models, roi, volumes
 from napari_kidseg.errors import KidsegError
 
 
@@ -21,7 +21,7 @@ def test_refine_patches_cover_real_kits19_kidneys_and_tumors():
     root = shared_path("kits19-masks")
     worst, tumor_full, n_tumor_cases = 1.0, 0, 0
     for case in sorted(root.glob("case_*"))[::4]:
-        vol = io.read_labels(case / "segmentation.nii.gz")
+        vol = volumes.read_labels(case / "segmentation.nii.gz")
         labels = vol.array
         rois, roi_map = roi.kidney_rois(labels > 0, vol.geometry.spacing)
         assert len(rois) == 2, f"{case.name}: {len(rois)} kidney ROIs"
@@ -232,8 +232,8 @@ def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     pred = out / small_case_dir.name / "segmentation.nii.gz"
-    ct = io.read_ct(small_case_dir / "imaging.nii.gz")
-    labels = io.read_labels(pred, like=ct)  # same grid as the CT, or this raises
+    ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
+    labels = volumes.read_labels(pred, like=ct)  # same grid as the CT, or this raises
     import nibabel as nib
 
     assert np.array_equal(nib.load(str(pred)).affine, nib.load(str(small_case_dir / "imaging.nii.gz")).affine)
@@ -260,7 +260,7 @@ def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(
     import json
 
     report = json.loads(ev.stdout)
-    ref = io.read_labels(small_case_dir / "segmentation.nii.gz")
+    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz")
     expected = metrics.kits_scores(labels.array, ref.array)
     assert report["mean"]["kits_composite"] == pytest.approx(expected["kits_composite"])
     found = metrics.tumor_detection(labels.array, ref.array, ref.geometry.spacing)
@@ -341,17 +341,17 @@ def test_mirror_averages_each_input_with_its_mirror_image(tiny_checkpoints, smal
 def test_evaluate_refuses_labels_outside_kits_and_reports_false_ml(tmp_path, small_case_dir, capsys):
     from napari_kidseg.cli import main
 
-    ct = io.read_ct(small_case_dir / "imaging.nii.gz")
-    ref = io.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
+    ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
+    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
     bad = ref.array.copy()
     bad[0, 0, 0] = 7
-    io.write_labels(tmp_path / "seven.nii.gz", bad, ct)
+    volumes.write_labels(tmp_path / "seven.nii.gz", bad, ct)
     assert main(["evaluate", str(tmp_path / "seven.nii.gz"), str(small_case_dir / "segmentation.nii.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert "seven.nii.gz" in err and "label(s) 7" in err and len(err.splitlines()) == 1
     extra = ref.array.copy()
     extra[0, :4, :5] = 2  # 20 voxels of tumor where the reference has none
-    io.write_labels(tmp_path / "extra.nii.gz", extra, ct)
+    volumes.write_labels(tmp_path / "extra.nii.gz", extra, ct)
     assert (
         main(["evaluate", str(tmp_path / "extra.nii.gz"), str(small_case_dir / "segmentation.nii.gz"), "--json"]) == 0
     )
@@ -394,6 +394,6 @@ def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoint
     assert "anatomy check removed" in err
     assert main(["predict", *common, "-o", str(tmp_path / "off.nii.gz"), "--no-anatomy-check"]) == 0
     assert "anatomy check removed" not in capsys.readouterr().err
-    on = io.read_labels(tmp_path / "on.nii.gz").array
-    off = io.read_labels(tmp_path / "off.nii.gz").array
+    on = volumes.read_labels(tmp_path / "on.nii.gz").array
+    off = volumes.read_labels(tmp_path / "off.nii.gz").array
     assert (off[:, :4, :4] > 0).all() and not on[:, :4, :4].any()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import io
+from napari_kidseg import volumes
 from napari_kidseg.cli import main
 from napari_kidseg.dicom_seg import is_dicom_seg, read_dicom_seg, write_dicom_seg
 from napari_kidseg.errors import KidsegError
@@ -30,7 +30,7 @@ def real_series():
 
 
 def test_round_trip_on_a_real_series_is_voxel_exact_and_valid(tmp_path, real_series):
-    ct = io.read_ct(real_series)
+    ct = volumes.read_ct(real_series)
     labels = _labels_for(ct)
     out = write_dicom_seg(real_series, labels, tmp_path / "kidneys.dcm", models={"coarse": "c (v4)"})
     assert is_dicom_seg(out) and not is_dicom_seg(next(real_series.glob("*.dcm")))
@@ -41,7 +41,7 @@ def test_round_trip_on_a_real_series_is_voxel_exact_and_valid(tmp_path, real_ser
     assert np.allclose(own_grid.geometry.spacing, ct.geometry.spacing, atol=1e-3)
     assert np.allclose(own_grid.geometry.origin_zyx, ct.geometry.origin_zyx, atol=1e-3)
     # read_labels knows a SEG file too, and the napari reader opens it as a labels layer
-    assert np.array_equal(io.read_labels(out, like=ct).array, labels)
+    assert np.array_equal(volumes.read_labels(out, like=ct).array, labels)
     from napari_kidseg._napari_io import read_layers
 
     ((data, meta, kind),) = read_layers(str(out))
@@ -87,7 +87,7 @@ def _series_copy(src, dst, drop=None, n=6):
 
 
 def test_bad_input_is_refused_in_one_line(tmp_path, real_series, capsys):
-    ct = io.read_ct(real_series)
+    ct = volumes.read_ct(real_series)
     labels = _labels_for(ct)
     # a series with a missing slice
     gap = _series_copy(real_series, tmp_path / "gap", drop=3)
@@ -108,8 +108,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path, real_series, capsys):
     assert (tmp_path / "exists.dcm").read_bytes() == b"x"
     # a NIfTI CT: the CLI says a SEG needs the DICOM series, in one line
     nifti = tmp_path / "ct.nii.gz"
-    io.write_volume(nifti, ct.array, ct)
-    io.write_labels(tmp_path / "labels.nii.gz", labels, ct)
+    volumes.write_volume(nifti, ct.array, ct)
+    volumes.write_labels(tmp_path / "labels.nii.gz", labels, ct)
     assert main(["export-seg", str(nifti), str(tmp_path / "labels.nii.gz"), "-o", str(tmp_path / "n.dcm")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"kidseg: error: {nifti}: DICOM SEG needs the CT's DICOM series (a folder of .dcm files)"]
@@ -117,15 +117,15 @@ def test_bad_input_is_refused_in_one_line(tmp_path, real_series, capsys):
 
 def test_anonymised_series_without_uids_is_refused(tmp_path):
     series = shared_path("realct", "totalseg-abdomen-3mm", "dicom-series")
-    ct = io.read_ct(series)
+    ct = volumes.read_ct(series)
     with pytest.raises(KidsegError, match="has no StudyInstanceUID or SeriesInstanceUID"):
         write_dicom_seg(series, np.zeros(ct.array.shape, np.uint8), tmp_path / "s.dcm")
     assert not (tmp_path / "s.dcm").exists()
 
 
 def test_cli_export_seg_and_report_on_it(tmp_path, real_series, capsys):
-    ct = io.read_ct(real_series)
-    io.write_labels(tmp_path / "labels.nii.gz", _labels_for(ct), ct)
+    ct = volumes.read_ct(real_series)
+    volumes.write_labels(tmp_path / "labels.nii.gz", _labels_for(ct), ct)
     seg = tmp_path / "seg.dcm"
     assert main(["export-seg", str(real_series), str(tmp_path / "labels.nii.gz"), "-o", str(seg)]) == 0
     assert main(["report", str(real_series), str(seg), "-o", str(tmp_path / "rep")]) == 0
@@ -138,14 +138,14 @@ def test_export_of_a_dicom_case_writes_a_seg_or_says_why_not(tmp_path, real_seri
 
     from napari_kidseg.review import DICOM_SEG_NAME, export_correction
 
-    ct = io.read_ct(real_series)
+    ct = volumes.read_ct(real_series)
     labels = _labels_for(ct)
     case = export_correction(tmp_path / "corr", ct, labels)
     assert np.array_equal(read_dicom_seg(case / DICOM_SEG_NAME, like=ct).array, labels)
     entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][0]
     assert entry["dicom_seg"] == DICOM_SEG_NAME and entry["dicom_seg_note"] is None
-    anon = io.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
+    anon = volumes.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
     case = export_correction(tmp_path / "corr", anon, np.zeros(anon.array.shape, np.uint8) + 1)
     entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][1]
     assert not (case / DICOM_SEG_NAME).exists() and "has no StudyInstanceUID" in entry["dicom_seg_note"]
-    assert (case / io.KITS_LABELS).exists()  # the KiTS export itself went through
+    assert (case / volumes.KITS_LABELS).exists()  # the KiTS export itself went through

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import io
+from napari_kidseg import volumes
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.labelmap_phantom import find_label_maps, make_labelmap_phantom, read_label_map, split_label_maps
 
@@ -90,7 +90,7 @@ def test_bad_label_maps_get_one_line(tmp_path):
         ("nokidney.nii.gz", np.where(np.isin(organs, (2, 13)), 0, organs).astype(np.uint8), "no kidney"),
     ):
         p = tmp_path / name
-        io.write_volume(p, arr, io.volume_in_memory(arr, spacing))
+        volumes.write_volume(p, arr, volumes.volume_in_memory(arr, spacing))
         with pytest.raises(KidsegError, match=msg) as info:
             read_label_map(str(p))
         assert "\n" not in str(info.value) and name in str(info.value)

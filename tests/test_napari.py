@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_kidseg import _napari_io, io
+from napari_kidseg import _napari_io, volumes
 from napari_kidseg._napari_io import sample_case_dir
 from napari_kidseg.layers import CT_WINDOW
 
@@ -31,8 +31,8 @@ def test_installed_manifest_declares_every_contribution():
 
 def test_reader_opens_ct_and_kits_case_with_physical_scale(make_napari_viewer, small_case_dir):
     viewer = make_napari_viewer()
-    ct = io.read_ct(small_case_dir / io.KITS_IMAGE)
-    layers = viewer.open(str(small_case_dir / io.KITS_IMAGE), plugin="napari-kidseg")
+    ct = volumes.read_ct(small_case_dir / volumes.KITS_IMAGE)
+    layers = viewer.open(str(small_case_dir / volumes.KITS_IMAGE), plugin="napari-kidseg")
     assert len(layers) == 1 and layers[0]._type_string == "image"
     assert np.allclose(layers[0].scale, ct.geometry.spacing)
     assert np.allclose(layers[0].translate, ct.geometry.origin_zyx)
@@ -64,10 +64,10 @@ def test_writer_saves_labels_on_the_source_grid(make_napari_viewer, small_case_d
     out = tmp_path / "saved.nii.gz"
     written = labels_layer.save(str(out), plugin="napari-kidseg")
     assert written == [str(out)]
-    src = nib.load(str(small_case_dir / io.KITS_IMAGE))
+    src = nib.load(str(small_case_dir / volumes.KITS_IMAGE))
     back = nib.load(str(out))
     assert back.shape == src.shape and np.array_equal(back.affine, src.affine)
-    ref = nib.load(str(small_case_dir / io.KITS_LABELS))
+    ref = nib.load(str(small_case_dir / volumes.KITS_LABELS))
     assert np.array_equal(np.asarray(back.dataobj), np.asarray(ref.dataobj))
 
 

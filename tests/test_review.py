@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_kidseg import io
+from napari_kidseg import volumes
 from napari_kidseg.cascade import CascadeResult
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.fusion import RefinedRegion
@@ -103,8 +103,8 @@ def test_doubtful_slices_rank_disagreement():
 
 def test_export_writes_kits_layout_and_manifest_without_overwriting(tmp_path, small_case):
     src = tmp_path / "ct.nii.gz"
-    io.write_volume(src, small_case.ct.array, small_case.ct)
-    ct = io.read_ct(src)
+    volumes.write_volume(src, small_case.ct.array, small_case.ct)
+    ct = volumes.read_ct(src)
     root = tmp_path / "corr"
     a = export_correction(root, ct, small_case.labels, params=FusionParams(0.3, 0.5, 0.6), hand_edited_voxels=7)
     b = export_correction(root, ct, small_case.labels, case_id=a.name, update=False)  # a copy, on purpose
@@ -113,7 +113,7 @@ def test_export_writes_kits_layout_and_manifest_without_overwriting(tmp_path, sm
     assert [c["case"] for c in man["cases"]] == ["case_00000", "case_00001"]
     assert man["cases"][0]["hand_edited_voxels"] == 7 and man["cases"][0]["source_sha256"]
     assert man["cases"][0]["fusion"]["alpha"] == 0.3
-    back = io.read_labels(a / io.KITS_LABELS, like=io.read_ct(a / io.KITS_IMAGE))
+    back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert np.array_equal(back.array, small_case.labels)
 
 
@@ -215,17 +215,17 @@ def test_export_once_per_scan(tmp_path, small_case):
 
     root = tmp_path / "corr"
     a = export_correction(root, small_case.ct, small_case.labels, hand_edited_voxels=3)
-    ct_mtime = (a / io.KITS_IMAGE).stat().st_mtime_ns
+    ct_mtime = (a / volumes.KITS_IMAGE).stat().st_mtime_ns
     with pytest.raises(ScanAlreadyExported) as info:
         export_correction(root, small_case.ct, small_case.labels)
     assert info.value.case_id == a.name
     fixed = small_case.labels.copy()
     fixed[fixed == 2] = 1
     b = export_correction(root, small_case.ct, fixed, hand_edited_voxels=9, update=True, reviewed_slices=[3, 1])
-    assert b == a and (a / io.KITS_IMAGE).stat().st_mtime_ns == ct_mtime
+    assert b == a and (a / volumes.KITS_IMAGE).stat().st_mtime_ns == ct_mtime
     assert sorted(p.name for p in root.glob("case_*")) == [a.name]
     man = json.loads((root / "manifest.json").read_text())["cases"]
     assert len(man) == 1 and man[0]["hand_edited_voxels"] == 9 and man[0]["updates"] == 1
     assert man[0]["reviewed_slices"] == [1, 3]
-    back = io.read_labels(a / io.KITS_LABELS, like=io.read_ct(a / io.KITS_IMAGE))
+    back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert not (back.array == 2).any()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_kidseg import io
+from napari_kidseg import volumes
 from napari_kidseg._widgets.cascade_widget import LAYER_NAMES, CascadeWidget
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def viewer_with_case(make_napari_viewer, small_case_dir):
     viewer = make_napari_viewer()
-    ct, ref = io.read_kits_case(small_case_dir)
+    ct, ref = volumes.read_kits_case(small_case_dir)
     data, kwargs, _ = ct_layer_data(ct, name="CT")
     viewer.add_image(data, **kwargs)
     data, kwargs, _ = labels_layer_data(ref.array, ct, name="reference")
@@ -155,27 +155,27 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     src = nib.load(ct.path)
     out = nib.load(str(case / "segmentation.nii.gz"))
     assert np.array_equal(out.affine, src.affine) and out.shape == src.shape
-    assert np.array_equal(io.read_labels(case / "segmentation.nii.gz").array, fused.data)
+    assert np.array_equal(volumes.read_labels(case / "segmentation.nii.gz").array, fused.data)
     # a second export of the same scan asks; a copy on purpose never overwrites the first
     w.ask_about_export = lambda case_id: "copy"
     case2 = w.export()
     assert case2 != case and (case / "segmentation.nii.gz").exists()
     # fine-tune on the two exported cases, then switch to the new refine model
-    import napari_kidseg.training as training
+    import napari_kidseg.finetuning as finetuning
 
-    real_finetune = training.finetune
+    real_finetune = finetuning.finetune_stage
     monkey = {"kwargs": None}
 
     def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized schedule
         monkey["kwargs"] = kwargs
         return real_finetune(*args, **{**kwargs, "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0})
 
-    training.finetune = small_finetune
+    finetuning.finetune_stage = small_finetune
     try:
         w.finetune_btn.click()
         qtbot.waitUntil(lambda: w._worker is None, timeout=180_000)
     finally:
-        training.finetune = real_finetune
+        finetuning.finetune_stage = real_finetune
     assert "Dice" in w.finetune_label.text(), w.status.text()
     assert w.use_new_btn.isEnabled()
     assert w.versions_combo.count() == 2 and w.versions_combo.itemText(0) == "bundled"

@@ -475,7 +475,7 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ run
     def _ct_from_layer(self):
-        from ..io import check_ct_intensities, volume_in_memory
+        from ..volumes import check_ct_intensities, volume_in_memory
 
         name = self.ct_combo.currentText()
         if not name:
@@ -684,7 +684,7 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _set_labels_layer(self, key, data, **kwargs):
-        from ..io import Volume
+        from ..volumes import Volume
 
         name = LAYER_NAMES[key]
         ct = self.ct_volume

@@ -25,9 +25,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import io as _stdio
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KidsegError, KidsegWarning
+from .files import atomic_path
+from .geometry import Geometry, SourceInfo, canonical_geometry, orientation_ops, reorient
 
 # Below -1024 HU nothing is physical: such values are scanner padding outside the field of view
 # (GE writes -3024, some vendors -2048). They are read as air so that a window or a percentile
@@ -46,63 +48,6 @@ DICOM_SUFFIXES = (".dcm", ".ima")
 KITS_IMAGE = "imaging.nii.gz"
 KITS_LABELS = "segmentation.nii.gz"
 CASE_RE = re.compile(r"^case_\d{5}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Where the canonical array sits in the world (LPS, millimetres).
-
-    ``spacing`` and ``origin_zyx`` are in array order ``(z, y, x)``, which is what napari's
-    ``scale`` and ``translate`` want; ``direction`` is the 3x3 ITK direction (columns: the world
-    direction of index axes x, y, z), the identity for any acquisition that is not oblique.
-    """
-
-    spacing: tuple[float, float, float]
-    origin_zyx: tuple[float, float, float]
-    direction: tuple[tuple[float, ...], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
-
-    @property
-    def is_oblique(self) -> bool:
-        return not np.allclose(np.asarray(self.direction), np.eye(3), atol=1e-3)
-
-    def world_of_index(self, index_zyx) -> np.ndarray:
-        """LPS world coordinates (x, y, z) in mm of voxel indices given in array order."""
-        idx = np.asarray(index_zyx, dtype=float)[..., ::-1]
-        sp = np.asarray(self.spacing, dtype=float)[::-1]
-        origin = np.asarray(self.origin_zyx, dtype=float)[::-1]
-        return origin + (idx * sp) @ np.asarray(self.direction, dtype=float).T
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceInfo:
-    """How the file on disk was laid out, so that labels can be written back onto it exactly.
-
-    ``axes`` and ``flips`` take the on-disk numpy array (SimpleITK order, ``[k, j, i]``) to the
-    canonical one: ``canonical = flip(transpose(disk, axes), flips)``.
-    """
-
-    path: str
-    format: str  # nifti, nrrd, mha, mhd, dicom
-    disk_shape: tuple[int, int, int]  # numpy order [k, j, i]
-    disk_spacing: tuple[float, float, float]  # ITK order (i, j, k)
-    disk_origin: tuple[float, float, float]  # LPS (x, y, z)
-    disk_direction: tuple[float, ...]  # ITK flat 3x3, row major
-    axes: tuple[int, int, int]
-    flips: tuple[bool, bool, bool]
-    nifti_header: bytes | None = None  # raw NIfTI-1 header of the source, for exact label writes
-    dicom_series_uid: str | None = None
-
-    def to_disk(self, canonical: np.ndarray) -> np.ndarray:
-        """The inverse of the reorientation: a canonical array laid out as the source file."""
-        arr = np.array(canonical, order="C", copy=True)
-        for axis, flip in enumerate(self.flips):
-            if flip:
-                _flip_in_place(arr, axis)
-        return reorient(arr, np.argsort(self.axes), (False, False, False))
 
 
 @dataclasses.dataclass
@@ -120,93 +65,6 @@ class Volume:
     def napari_kwargs(self) -> dict:
         """``scale`` and ``translate`` for a napari layer (world axes S, P, L in mm)."""
         return {"scale": tuple(self.geometry.spacing), "translate": tuple(self.geometry.origin_zyx)}
-
-
-# --------------------------------------------------------------------------------------------
-# Orientation arithmetic
-# --------------------------------------------------------------------------------------------
-
-
-def orientation_ops(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """Axis permutation and flips that take a disk array with ITK ``direction`` to canonical LPS.
-
-    Each index axis is matched to the world axis it points along most (largest cosine first, so
-    an oblique acquisition still gets a valid permutation).
-    """
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
-    world_of_axis = {}
-    for flat in np.argsort(-np.abs(d), axis=None):
-        w, a = divmod(int(flat), 3)
-        if a not in world_of_axis and w not in world_of_axis.values():
-            world_of_axis[a] = w
-    axis_of_world = {w: a for a, w in world_of_axis.items()}
-    # canonical numpy axis n holds world axis 2-n (z=S first); disk numpy axis of index axis a is 2-a
-    axes = tuple(2 - axis_of_world[2 - n] for n in range(3))
-    flips = tuple(bool(d[2 - n, axis_of_world[2 - n]] < 0) for n in range(3))
-    return axes, flips  # type: ignore[return-value]
-
-
-def _flip_in_place(arr: np.ndarray, axis: int) -> None:
-    """Reverse one axis of a C-contiguous array without a second full copy."""
-    if axis == 0:
-        n = arr.shape[0]
-        for i in range(n // 2):
-            tmp = arr[i].copy()
-            arr[i] = arr[n - 1 - i]
-            arr[n - 1 - i] = tmp
-    else:
-        for i in range(arr.shape[0]):
-            arr[i] = np.flip(arr[i], axis=axis - 1).copy()
-
-
-def reorient(array: np.ndarray, axes, flips) -> np.ndarray:
-    """``flip(transpose(array, axes), flips)`` as a new C-contiguous array, with one full copy.
-
-    numpy's copy of a transposed 3D view walks memory with huge strides (30 s for a 512x512x600
-    volume here); torch's blocked permute copy does the same in about 2 s.
-    """
-    axes = tuple(int(a) for a in axes)
-    if axes == (0, 1, 2):
-        out = np.array(array, order="C", copy=True)
-    else:
-        import torch
-
-        src = np.ascontiguousarray(array)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only ITK buffer: torch only reads it
-                out = torch.from_numpy(src).permute(*axes).contiguous().numpy()
-        except TypeError:  # a dtype torch lacks
-            out = np.ascontiguousarray(np.transpose(src, axes))
-    for axis, flip in enumerate(flips):
-        if flip:
-            _flip_in_place(out, axis)
-    return out
-
-
-def _canonical_geometry(spacing, origin, direction, disk_shape, axes, flips) -> Geometry:
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
-    sp = np.asarray(spacing, dtype=float)
-    # disk numpy axis m is ITK index axis 2-m
-    itk_axis_of_canon = [2 - axes[n] for n in range(3)]  # canonical numpy axis n -> ITK index axis
-    first = np.zeros(3)
-    for n in range(3):
-        if flips[n]:
-            a = itk_axis_of_canon[n]
-            first[a] = disk_shape[2 - a] - 1
-    origin_lps = np.asarray(origin, dtype=float) + d @ (first * sp)
-    new_dir = np.zeros((3, 3))
-    new_sp = np.zeros(3)
-    for n in range(3):
-        a = itk_axis_of_canon[n]
-        w = 2 - n  # canonical numpy axis n is world axis w
-        new_dir[:, w] = d[:, a] * (-1.0 if flips[n] else 1.0)
-        new_sp[w] = sp[a]
-    return Geometry(
-        spacing=tuple(float(s) for s in new_sp[::-1]),
-        origin_zyx=tuple(float(o) for o in origin_lps[::-1]),
-        direction=tuple(tuple(float(v) for v in row) for row in new_dir),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +214,7 @@ def volume_from_image(image, path: Path, fmt: str, series_uid: str | None = None
     array = reorient(disk, axes, flips)  # the one copy; ITK's buffer is freed below
     disk_shape = tuple(int(s) for s in disk.shape)
     del disk, image
-    geometry = _canonical_geometry(spacing, origin, direction, disk_shape, axes, flips)
+    geometry = canonical_geometry(spacing, origin, direction, disk_shape, axes, flips)
     source = SourceInfo(
         path=str(path),
         format=fmt,
@@ -458,46 +316,6 @@ def check_same_grid(ct: Volume, labels: Volume, path=None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
-    """Yield a temporary path beside ``path`` that is renamed onto it only if the block succeeds.
-
-    The temporary name keeps the real suffix because ITK picks the format from it.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise KidsegError("already exists; not overwriting it (use --overwrite to replace it)", path)
-    if not path.parent.exists():
-        raise KidsegError("folder does not exist", path.parent)
-    if not os.access(path.parent, os.W_OK):
-        raise KidsegError("folder is not writable", path.parent)
-    suffix = next(
-        (
-            s
-            for s in (*VOLUME_SUFFIXES, ".json", ".safetensors", ".csv", ".png", ".pt")
-            if path.name.lower().endswith(s)
-        ),
-        path.suffix,
-    )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield Path(tmp)
-        # mkstemp makes 0600 (and some writers recreate the file): give it the usual permissions
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise KidsegError(f"could not write ({exc.strerror or exc})", path) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _sitk_image_on_disk_grid(array_disk: np.ndarray, source: SourceInfo):
     import SimpleITK as sitk
 
@@ -512,7 +330,7 @@ def _nifti_image_like(array_disk_itk: np.ndarray, source: SourceInfo):
     """A nibabel image with the source's header (qform, sform, codes, units) and new voxels."""
     import nibabel as nib
 
-    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(source.nifti_header))
+    hdr = nib.Nifti1Header.from_fileobj(_stdio.BytesIO(source.nifti_header))
     hdr = hdr.copy()
     hdr.set_data_dtype(array_disk_itk.dtype)
     hdr["scl_slope"] = np.nan  # labels and HU are stored as they are, with no scaling
@@ -614,22 +432,6 @@ def volume_in_memory(array: np.ndarray, spacing_zyx, origin_zyx=(0.0, 0.0, 0.0),
     vol = Volume(array=array, geometry=Geometry(tuple(map(float, spacing_zyx)), tuple(map(float, origin_zyx))))
     vol.source = _source_for_canonical(vol, disk_direction)
     return vol
-
-
-# Disk layouts by orientation code (the world direction each index axis i, j, k points to, ITK
-# letters: L/R, P/A, S/I). "IPL" is KiTS19's layout.
-_LETTER = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
-
-
-def direction_from_code(code: str) -> np.ndarray:
-    """ITK direction matrix for an orientation code such as 'LPS', 'RAS' or 'IPL'."""
-    d = np.zeros((3, 3))
-    for axis, letter in enumerate(code.upper()):
-        w, s = _LETTER[letter]
-        d[w, axis] = s
-    if sorted(_LETTER[c][0] for c in code.upper()) != [0, 1, 2]:
-        raise ValueError(f"bad orientation code {code!r}")
-    return d
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import shared_path
 
-from napari_kidseg import io
+from napari_kidseg import geometry, volumes
 from napari_kidseg.errors import KidsegError, KidsegWarning
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -72,10 +72,10 @@ def write_source_ct(tmp_path, fmt_suffix: str, layout: str):
     """A CT-like volume written in ``fmt_suffix`` with the on-disk ``layout``, and read back."""
     rng = np.random.default_rng(0)
     arr = rng.integers(-1000, 400, size=(18, 40, 44)).astype(np.int16)
-    mem = io.volume_in_memory(arr, (2.5, 0.8, 0.7), (-40.0, 12.5, -30.25), io.direction_from_code(layout))
+    mem = volumes.volume_in_memory(arr, (2.5, 0.8, 0.7), (-40.0, 12.5, -30.25), geometry.direction_from_code(layout))
     path = tmp_path / f"ct{fmt_suffix}"
-    io.write_volume(path, arr, mem)
-    return io.read_ct(path), arr, mem
+    volumes.write_volume(path, arr, mem)
+    return volumes.read_ct(path), arr, mem
 
 
 @pytest.mark.parametrize("src_suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
@@ -94,12 +94,12 @@ def test_label_round_trip_keeps_world_position_and_header(tmp_path, src_suffix, 
     src_aff = index_to_lps_by_other_reader(tmp_path / f"ct{src_suffix}")
     for out_suffix in (".nii.gz", ".nrrd", ".mha"):
         out = tmp_path / f"labels{out_suffix}"
-        io.write_labels(out, marker, ct)
+        volumes.write_labels(out, marker, ct)
         assert np.allclose(marker_world_by_other_reader(out), expected, atol=1e-3)
         # same grid as the source file: shape on disk and index->world map
         assert np.allclose(index_to_lps_by_other_reader(out), src_aff, atol=1e-4)
         assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(tmp_path / f"ct{src_suffix}")).GetSize()
-        assert np.array_equal(io.read_labels(out, like=ct).array, marker)
+        assert np.array_equal(volumes.read_labels(out, like=ct).array, marker)
 
 
 def test_nifti_labels_keep_the_source_header(tmp_path):
@@ -112,9 +112,9 @@ def test_nifti_labels_keep_the_source_header(tmp_path):
     img.set_sform(aff, code=2)
     src = tmp_path / "ct.nii.gz"
     nib.save(img, src)
-    ct = io.read_ct(src)
+    ct = volumes.read_ct(src)
     out = tmp_path / "labels.nii.gz"
-    io.write_labels(out, (ct.array > 0).astype(np.uint8), ct)
+    volumes.write_labels(out, (ct.array > 0).astype(np.uint8), ct)
     a, b = nib.load(src), nib.load(out)
     assert np.array_equal(a.header.get_sform(), b.header.get_sform())
     assert np.array_equal(a.header.get_qform(), b.header.get_qform())
@@ -126,7 +126,7 @@ def test_nifti_labels_keep_the_source_header(tmp_path):
 
 def test_simpleitk_and_nibabel_agree_on_world_coordinates_of_real_kits_labels():
     path = shared_path("kits19-masks", "case_00003", "segmentation.nii.gz")
-    vol = io.read_labels(path)
+    vol = volumes.read_labels(path)
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
     for value in (1, 2):
@@ -148,7 +148,7 @@ def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bi
     assert len(paths) == 160
     out = tmp_path / "labels.nii"  # uncompressed: the gzip step is tested elsewhere
     for path in paths:
-        vol = io.read_labels(path)
+        vol = volumes.read_labels(path)
         arr = vol.array
         assert arr.ndim == 3 and set(np.unique(arr[::4])) <= {0, 1, 2}, path
         # canonical LPS: the two largest kidney+tumor regions lie left and right of the
@@ -172,19 +172,19 @@ def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bi
         # cover all slice thicknesses; writing all 160 would take CI minutes for nothing new)
         if paths.index(path) % 8:
             continue
-        io.write_labels(out, arr, vol, overwrite=True)
-        back = io.read_labels(out, like=vol)
+        volumes.write_labels(out, arr, vol, overwrite=True)
+        back = volumes.read_labels(out, like=vol)
         assert np.array_equal(back.array, arr), path
         assert np.array_equal(nib.load(str(out)).affine, nib.load(str(path)).affine), path
 
 
 def test_real_dicom_series_reads_in_hu():
-    vol = io.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
+    vol = volumes.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
     assert vol.array.shape == (20, 512, 512)
     assert vol.source.format == "dicom" and vol.source.dicom_series_uid is not None
     assert np.allclose(vol.geometry.spacing, (2.0, 0.9765625, 0.9765625), atol=1e-4)
     arr = vol.array
-    assert arr.min() == io.AIR_HU  # air outside the body
+    assert arr.min() == volumes.AIR_HU  # air outside the body
     body = arr[arr > -500]
     assert -150 < np.median(body) < 100  # soft tissue median in HU
     fat = ((body > -150) & (body < -50)).mean()
@@ -195,9 +195,9 @@ def test_dicom_padding_is_read_as_air_and_labels_fit_the_grid():
     folder = shared_path("realct", "dcmqi-liver-3slice")
     raw = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "01.dcm")))
     assert raw.min() <= -2000  # the file itself holds GE's -3024 padding
-    vol = io.read_ct(folder)
-    assert vol.array.min() == io.AIR_HU
-    liver = io.read_labels(folder / "liver_seg.nrrd", like=vol)
+    vol = volumes.read_ct(folder)
+    assert vol.array.min() == volumes.AIR_HU
+    liver = volumes.read_labels(folder / "liver_seg.nrrd", like=vol)
     assert 40 < np.median(vol.array[liver.array > 0]) < 200  # contrast-enhanced liver in HU
 
 
@@ -207,10 +207,10 @@ def test_dicom_folder_with_two_series_picks_the_larger_and_says_so(tmp_path):
     for f in list(a.iterdir()) + [p for p in b.iterdir() if p.suffix == ".dcm"]:
         shutil.copy(f, tmp_path / f"{f.parent.name}_{f.name}")
     with pytest.warns(KidsegWarning, match=r"2 DICOM series; using .* \(20 slices\)"):
-        vol = io.read_ct(tmp_path)
+        vol = volumes.read_ct(tmp_path)
     assert vol.array.shape[0] == 20
     other = [u for u in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(tmp_path)) if u != vol.source.dicom_series_uid]
-    assert io.read_ct(tmp_path, series_uid=other[0]).array.shape[0] == 3
+    assert volumes.read_ct(tmp_path, series_uid=other[0]).array.shape[0] == 3
 
 
 def test_large_nifti_read_holds_about_two_copies(tmp_path):
@@ -225,9 +225,9 @@ def test_large_nifti_read_holds_about_two_copies(tmp_path):
     nbytes = arr.nbytes
     del arr, img
     code = (
-        "import resource,sys; import numpy, SimpleITK, nibabel; from napari_kidseg import io;"
+        "import resource,sys; import numpy, SimpleITK, nibabel; from napari_kidseg import volumes;"
         "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"v=io.read_ct(r'{path}');"
+        f"v=volumes.read_ct(r'{path}');"
         "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, v.array.shape)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -271,10 +271,10 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     for name, problem in cases.items():
         with pytest.raises(KidsegError) as err:
-            io.read_ct(tmp_path / name)
+            volumes.read_ct(tmp_path / name)
         msg = str(err.value)
         assert str(tmp_path / name) in msg and problem in msg and "\n" not in msg, msg
-    assert io.read_ct(good).array.shape == (8, 20, 20)
+    assert volumes.read_ct(good).array.shape == (8, 20, 20)
 
 
 def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
@@ -303,12 +303,12 @@ def test_cli_reports_bad_input_in_one_line_without_traceback(tmp_path):
 
 def test_writes_are_atomic_and_never_overwrite_silently(tmp_path, monkeypatch):
     arr = np.zeros((4, 5, 6), np.uint8)
-    like = io.volume_in_memory(arr, (1, 1, 1))
+    like = volumes.volume_in_memory(arr, (1, 1, 1))
     out = tmp_path / "labels.nii.gz"
-    io.write_labels(out, arr, like)
+    volumes.write_labels(out, arr, like)
     before = out.read_bytes()
     with pytest.raises(KidsegError, match="already exists"):
-        io.write_labels(out, arr + 1, like)
+        volumes.write_labels(out, arr + 1, like)
     assert out.read_bytes() == before
 
     def half_write_then_fail(image, path, *a, **k):
@@ -318,38 +318,38 @@ def test_writes_are_atomic_and_never_overwrite_silently(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sitk, "WriteImage", half_write_then_fail)
     with pytest.raises(KidsegError, match="No space left"):
-        io.write_labels(tmp_path / "new.mha", arr, like)
+        volumes.write_labels(tmp_path / "new.mha", arr, like)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]  # no partial or temporary file
     monkeypatch.undo()
-    io.write_labels(out, arr + 1, like, overwrite=True)
+    volumes.write_labels(out, arr + 1, like, overwrite=True)
     assert out.read_bytes() != before
 
 
 def test_kits_case_round_trip(tmp_path, small_case):
-    case = io.write_kits_case(tmp_path, "case_00007", small_case.ct, small_case.labels)
-    assert io.kits_cases(tmp_path) == [case]
-    ct, labels = io.read_kits_case(case)
+    case = volumes.write_kits_case(tmp_path, "case_00007", small_case.ct, small_case.labels)
+    assert volumes.kits_cases(tmp_path) == [case]
+    ct, labels = volumes.read_kits_case(case)
     assert np.array_equal(ct.array, small_case.ct.array)
     assert np.array_equal(labels.array, small_case.labels)
-    assert nib.aff2axcodes(nib.load(str(case / io.KITS_IMAGE)).affine) == ("I", "P", "L")
+    assert nib.aff2axcodes(nib.load(str(case / volumes.KITS_IMAGE)).affine) == ("I", "P", "L")
     with pytest.raises(KidsegError, match="already exists"):
-        io.write_kits_case(tmp_path, "case_00007", small_case.ct, small_case.labels)
+        volumes.write_kits_case(tmp_path, "case_00007", small_case.ct, small_case.labels)
 
 
 def test_labels_on_a_different_grid_are_refused(tmp_path, small_case):
-    case = io.write_kits_case(tmp_path, "case_00000", small_case.ct, small_case.labels)
-    ct = io.read_ct(case / io.KITS_IMAGE)
-    other = io.volume_in_memory(small_case.labels[:, :-1], (1, 1, 1))
-    io.write_labels(tmp_path / "bad.nii.gz", other.array, other)
+    case = volumes.write_kits_case(tmp_path, "case_00000", small_case.ct, small_case.labels)
+    ct = volumes.read_ct(case / volumes.KITS_IMAGE)
+    other = volumes.volume_in_memory(small_case.labels[:, :-1], (1, 1, 1))
+    volumes.write_labels(tmp_path / "bad.nii.gz", other.array, other)
     with pytest.raises(KidsegError, match="differs from the CT grid"):
-        io.read_labels(tmp_path / "bad.nii.gz", like=ct)
+        volumes.read_labels(tmp_path / "bad.nii.gz", like=ct)
 
 
 def test_single_slice_ct_reads(tmp_path):
     arr = np.full((1, 32, 32), -1000, np.int16)
     arr[0, 8:24, 8:24] = 40
-    vol = io.volume_in_memory(arr, (5, 0.8, 0.8))
-    io.write_volume(tmp_path / "one.nrrd", arr, vol)
+    vol = volumes.volume_in_memory(arr, (5, 0.8, 0.8))
+    volumes.write_volume(tmp_path / "one.nrrd", arr, vol)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert io.read_ct(tmp_path / "one.nrrd").array.shape == (1, 32, 32)
+        assert volumes.read_ct(tmp_path / "one.nrrd").array.shape == (1, 32, 32)

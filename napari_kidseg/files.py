@@ -1,0 +1,50 @@
+"""File helpers shared by every writer: atomic replacement, never a silent overwrite."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import KidsegError
+
+# the temporary name keeps the real suffix (ITK picks the format from it): these are the ones
+# with more than one dot or that a writer looks at
+_KEPT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".json", ".safetensors", ".csv", ".png", ".pt")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a temporary path beside ``path`` that is renamed onto it only if the block succeeds.
+
+    The temporary name keeps the real suffix because ITK picks the format from it.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise KidsegError("already exists; not overwriting it (use --overwrite to replace it)", path)
+    if not path.parent.exists():
+        raise KidsegError("folder does not exist", path.parent)
+    if not os.access(path.parent, os.W_OK):
+        raise KidsegError("folder is not writable", path.parent)
+    suffix = next(
+        (s for s in _KEPT_SUFFIXES if path.name.lower().endswith(s)),
+        path.suffix,
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield Path(tmp)
+        # mkstemp makes 0600 (and some writers recreate the file): give it the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise KidsegError(f"could not write ({exc.strerror or exc})", path) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
