@@ -36,12 +36,14 @@ CONFIGS = {
     "refine-only": {"stages": ("refine",)},
     "20x50": {"epochs": 20},
     "no-replay": {"n_replay": 0},
+    "gentle": {"lr": 2e-5, "n_replay": 8},
+    "5x50-replay8": {"epochs": 5, "n_replay": 8},
 }
 SITES = {
     # a portal-venous protocol at 3 mm with the phase's own HU (a site like the training data)
-    "venous-3mm": {"phase": "venous", "slice_thickness": 3.0, "random_contrast": 0.0, "site": 1},
+    "venous-3mm": {"phase": "venous", "slice_thickness": 3.0, "random_contrast": 0.0, "site": 1, "n_tumors": 1},
     # an unusual one: 5 mm arterial slices whose tissue contrasts were drawn at random once
-    "odd-5mm": {"phase": "arterial", "slice_thickness": 5.0, "random_contrast": 1.0, "site": 2},
+    "odd-5mm": {"phase": "arterial", "slice_thickness": 5.0, "random_contrast": 1.0, "site": 2, "n_tumors": 1},
 }
 
 

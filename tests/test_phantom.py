@@ -127,3 +127,29 @@ def test_random_contrast_changes_tissue_hu_not_anatomy():
     k_plain = np.median(plain.ct.array[plain.labels == 1])
     k_shuf = np.median(shuffled.ct.array[shuffled.labels == 1])
     assert abs(k_plain - k_shuf) > 20, (k_plain, k_shuf)
+
+
+# Golden checksums of three phantoms (CT voxels, labels, the info dict and the geometry), taken
+# before make_phantom was cut into named sections: any change in the order or the values of its
+# random draws changes them. A change that means to alter phantoms raises GENERATOR_REVISION and
+# records new checksums here. (Computed with this project's numpy/scipy; an upgrade that changed
+# numpy's generators or scipy's filters would show here first.)
+GOLDEN = [
+    (3, {"matrix": 96, "max_slices": 40}, "ceedb0ccb61587cb"),
+    (11, {"matrix": 96, "max_slices": 40, "n_tumors": 2, "random_contrast": 1.0}, "414498b510ca9c54"),
+    (27, {"matrix": 128, "max_slices": 60, "disk_layout": "LPS"}, "58c0115e21665eeb"),
+]
+
+
+@pytest.mark.parametrize("seed, kwargs, digest", GOLDEN)
+def test_phantoms_match_their_golden_checksums(seed, kwargs, digest):
+    import hashlib
+    import json
+
+    case = make_phantom(seed, **kwargs)
+    h = hashlib.sha256()
+    h.update(case.ct.array.tobytes())
+    h.update(case.labels.tobytes())
+    h.update(json.dumps(case.info, sort_keys=True).encode())
+    h.update(repr(case.ct.geometry).encode())
+    assert h.hexdigest()[:16] == digest
