@@ -243,20 +243,79 @@ def make_phantom(
     slices, as a scanner protocol would. ``random_contrast`` is the probability that every tissue
     gets an independent random HU instead of its phase's (SynthSeg-style domain randomisation for
     training: a network then has to recognise a kidney by shape and place, not by brightness).
+
+    The sections below draw in this order, each from its stream; reordering them (or their draws)
+    changes every phantom of every seed, which the golden-checksum tests catch.
     """
     rng = np.random.default_rng(seed)
     phase = phase or str(rng.choice(PHASES, p=[0.25, 0.35, 0.40]))
-    p_idx = PHASES.index(phase)
-    jitter = phase_hu(rng, TISSUE_HU, p_idx)
-    # what this revision added draws from its own stream, so the old anatomy of a seed stays put
+    jitter = phase_hu(rng, TISSUE_HU, PHASES.index(phase))
+    # what later revisions added draws from their own streams, so the old anatomy of a seed stays put
     rng2 = np.random.default_rng([seed, 2])
     rng3 = np.random.default_rng([seed, 3])  # revision 5's draws
     shuffled = randomise_contrast(rng2, jitter, random_contrast, SOFT_TISSUES, ("fluid", "cyst", "pelvis"))
 
-    # -------- body habitus and scan range
+    scan, fat_sc = _scan_frame(rng, jitter, matrix, max_slices, min_slices, slice_thickness)
+    _paint_body_wall(rng, scan, fat_sc)
+    _paint_spine_and_muscles(rng, rng2, scan)
+    _paint_great_vessels(rng, scan)
+    _paint_liver_and_spleen(rng, rng3, scan)
+    _paint_bowel_loops(rng, scan)
+    kw = {"kid_z": scan.kid_z, "z_lo": scan.z_lo, "body_ax": scan.body_ax, "spine_y": scan.spine_y}
+    _paint_pelvis(rng2, scan.paint, jitter, **kw)
+    _pack_abdomen(rng2, scan.paint, jitter, post=scan.post, **kw)
+    kidneys, info_kidneys = _paint_kidneys(rng, rng2, rng3, scan)
+    cysts = _paint_cysts(rng, scan, kidneys)
+    tumors = _paint_tumors(rng, scan, kidneys, n_tumors)
+    if rng2.random() < 0.6:  # the scanner table under the patient's back
+        _paint_table(rng2, scan.grid, scan.hu, scan.post * float(scan.scale_z.max()) + 10)
+    ct_arr, look = _form_image(rng, scan)
+
+    layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
+    grid = scan.grid
+    ct = volumes.volume_in_memory(ct_arr, grid.spacing, grid.origin, geometry.direction_from_code(layout))
+    info = {
+        "generator_revision": GENERATOR_REVISION,
+        "seed": seed,
+        "phase": phase,
+        "shape_zyx": list(grid.shape),
+        "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
+        "disk_layout": layout,
+        **look,
+        "random_contrast": shuffled,
+        "kidneys": info_kidneys,
+        "tumors": tumors,
+        "cysts": cysts,
+    }
+    return PhantomCase(ct=ct, labels=scan.labels, info=info)
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What every section of :func:`make_phantom` draws into, and the body frame it draws around
+    (mm; x to the patient's left, y posterior, z superior, the kidneys' level at z = 0)."""
+
+    grid: _Grid
+    hu: np.ndarray
+    labels: np.ndarray
+    paint: _Painter
+    jitter: dict
+    fov: float
+    body_ax: float  # left-right semi-axis of the body
+    body_ap: float
+    kid_z: float
+    z_lo: float
+    z_hi: float
+    scale_z: np.ndarray | None = None  # the body outline's wobble along z
+    post: float = 0.0  # posterior body extent
+    spine_y: float = 0.0
+
+
+def _scan_frame(rng, jitter, matrix, max_slices, min_slices, slice_thickness) -> tuple[_Scan, float]:
+    """Body habitus and scan range: field of view, body size, slices; an empty (air) volume."""
     fov = rng.uniform(300, 500)
     sxy = fov / matrix
-    body_ax = rng.uniform(115, min(185, 0.49 * fov + 25))  # left-right semi-axis
+    body_ax = rng.uniform(115, min(185, 0.49 * fov + 25))
     body_ap = body_ax * rng.uniform(0.62, 0.85)
     fat_sc = rng.uniform(6, 35)
     kid_z = 0.0
@@ -271,24 +330,31 @@ def make_phantom(
     grid = _Grid(shape, (dz, sxy, sxy), origin)
     hu = np.full(shape, jitter["air"], np.float32)
     labels = np.zeros(shape, np.uint8)
-    paint = _Painter(grid, hu, labels)
+    scan = _Scan(grid, hu, labels, _Painter(grid, hu, labels), jitter, fov, body_ax, body_ap, kid_z, z_lo, z_hi)
+    return scan, fat_sc
 
-    # -------- body wall: an elliptic cylinder, wobbling along z
+
+def _paint_body_wall(rng, scan: _Scan, fat_sc: float):
+    """Skin, subcutaneous fat, muscle wall and visceral fat: an elliptic cylinder wobbling along z."""
+    grid, hu, jitter, shape = scan.grid, scan.hu, scan.jitter, scan.grid.shape
     z, y, x = grid.coords((slice(None),) * 3)
-    scale_z = 1 + 0.06 * np.sin((z - z_lo) / 90.0 + rng.uniform(0, 6))
-    rb = np.sqrt((x / (body_ax * scale_z)) ** 2 + ((y - 10) / (body_ap * scale_z)) ** 2)
+    scan.scale_z = 1 + 0.06 * np.sin((z - scan.z_lo) / 90.0 + rng.uniform(0, 6))
+    rb = np.sqrt((x / (scan.body_ax * scan.scale_z)) ** 2 + ((y - 10) / (scan.body_ap * scan.scale_z)) ** 2)
     hu[np.broadcast_to(rb < 1.0, shape)] = jitter["skin"]
-    inner = 1 - 2.5 / body_ap
+    inner = 1 - 2.5 / scan.body_ap
     hu[np.broadcast_to(rb < inner, shape)] = jitter["fat"]
-    wall_out = inner - fat_sc / body_ap
-    wall_in = wall_out - rng.uniform(8, 16) / body_ap
+    wall_out = inner - fat_sc / scan.body_ap
+    wall_in = wall_out - rng.uniform(8, 16) / scan.body_ap
     hu[np.broadcast_to(rb < wall_out, shape)] = jitter["muscle"]
     hu[np.broadcast_to(rb < wall_in, shape)] = jitter["fat"]  # visceral fat
-    paint.allowed = np.broadcast_to(rb < inner, shape)
+    scan.paint.allowed = np.broadcast_to(rb < inner, shape)
+    scan.post = scan.body_ap * scan.scale_z.mean()
+    scan.spine_y = 10 + 0.42 * scan.post  # leaves the paraspinal muscles their 4-6 cm behind the vertebrae
 
-    post = body_ap * scale_z.mean()  # posterior body extent
-    # -------- spine, paraspinal and psoas muscles, ribs
-    spine_y = 10 + 0.42 * post  # leaves the paraspinal muscles their 4-6 cm behind the vertebrae
+
+def _paint_spine_and_muscles(rng, rng2, scan: _Scan):
+    """Paraspinal, quadratus lumborum and psoas muscles, vertebrae, ribs."""
+    paint, jitter, spine_y, kid_z = scan.paint, scan.jitter, scan.spine_y, scan.kid_z
     for side in (-1, 1):
         paint.blob(_Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
         # erector spinae fill the back to the skin; quadratus lumborum lies behind each kidney
@@ -312,7 +378,7 @@ def make_phantom(
             ),
             jitter["muscle"] + rng2.normal(0, 4),
         )
-    for vz in np.arange(z_lo - 20, z_hi + 30, 32.0):
+    for vz in np.arange(scan.z_lo - 20, scan.z_hi + 30, 32.0):
         paint.blob(_Blob.random(rng, (vz, spine_y, 0), (13, 17, 20), 3, 0.0), jitter["bone_cortex"])
         paint.blob(
             _Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"] + rng.normal(0, 30)
@@ -321,64 +387,79 @@ def make_phantom(
         paint.blob(_Blob.random(rng, (vz, spine_y + 24, 0), (16, 6, 7), 0, 0.0), jitter["fluid"])
     for side in (-1, 1):
         # psoas: thin at the top, thicker towards the pelvis
-        for k, pz in enumerate(np.arange(kid_z - 40, z_lo - 80, -40.0)):
+        for k, pz in enumerate(np.arange(kid_z - 40, scan.z_lo - 80, -40.0)):
             r = 8 + 5 * k
             paint.blob(
                 _Blob.random(rng, (pz, spine_y - 5, side * (28 + r)), (30, r, r * 1.1), 5, 0.1), jitter["muscle"]
             )
-    for rz in np.arange(kid_z + 30, z_hi + 30, rng.uniform(22, 30)):
+    for rz in np.arange(kid_z + 30, scan.z_hi + 30, rng.uniform(22, 30)):
         for side in (-1, 1):
             for ang in np.linspace(0.15, 1.25, 4):
-                ry = 10 + np.cos(ang) * post * 0.85
-                rx = side * np.sin(ang) * body_ax * 0.92
+                ry = 10 + np.cos(ang) * scan.post * 0.85
+                rx = side * np.sin(ang) * scan.body_ax * 0.92
                 paint.blob(_Blob.random(rng, (rz - 10 * ang, ry, rx), (5, 5, 9), 20, 0.0), jitter["bone_cortex"])
 
-    # -------- great vessels
-    aorta_r = rng.uniform(9, 14)
-    for vz in np.arange(z_lo - 20, z_hi + 30, 25.0):
-        paint.blob(_Blob.random(rng, (vz, spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02), jitter["aorta"])
-        paint.blob(_Blob.random(rng, (vz, spine_y - 28, -26), (20, 11, 15), 2, 0.05), jitter["ivc"])
 
-    # -------- liver (patient's right, -x), spleen (left, posterior), both upper abdomen
+def _paint_great_vessels(rng, scan: _Scan):
+    """Aorta (left of the midline) and inferior vena cava (right), in front of the spine."""
+    aorta_r = rng.uniform(9, 14)
+    for vz in np.arange(scan.z_lo - 20, scan.z_hi + 30, 25.0):
+        scan.paint.blob(
+            _Blob.random(rng, (vz, scan.spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02), scan.jitter["aorta"]
+        )
+        scan.paint.blob(_Blob.random(rng, (vz, scan.spine_y - 28, -26), (20, 11, 15), 2, 0.05), scan.jitter["ivc"])
+
+
+def _paint_liver_and_spleen(rng, rng3, scan: _Scan):
+    """Liver (patient's right, -x) and spleen (left, posterior), both in the upper abdomen."""
     liver = _Blob.random(
         rng,
-        (kid_z + rng.uniform(60, 95), 5, -body_ax * 0.38),
-        (rng.uniform(70, 95), post * 0.62, body_ax * 0.55),
+        (scan.kid_z + rng.uniform(60, 95), 5, -scan.body_ax * 0.38),
+        (rng.uniform(70, 95), scan.post * 0.62, scan.body_ax * 0.55),
         10,
         0.12,
     )
-    paint.blob(liver, jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32))
+    scan.paint.blob(liver, scan.jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32))
     # a real spleen is 8-13 cm long and up to 8 cm across; revision 5 draws its in-plane size
     # (it was fixed at 56 x 44 mm, smaller than the spleen next to the left kidney on real CT)
     spleen = _Blob.random(
         rng,
-        (kid_z + rng.uniform(45, 80), spine_y - 5, body_ax * 0.62),
+        (scan.kid_z + rng.uniform(45, 80), scan.spine_y - 5, scan.body_ax * 0.62),
         (rng.uniform(40, 60), rng3.uniform(26, 42), rng3.uniform(20, 32)),
         15,
         0.12,
     )
-    paint.blob(spleen, jitter["spleen"])
+    scan.paint.blob(spleen, scan.jitter["spleen"])
 
-    # -------- bowel loops (anterior half): air, fluid or oral contrast inside a wall
+
+def _paint_bowel_loops(rng, scan: _Scan):
+    """Bowel loops in the anterior half: air, fluid or oral contrast inside a wall."""
+    jitter, post = scan.jitter, scan.post
     for _ in range(int(rng.integers(8, 20))):
-        c = (rng.uniform(z_lo, kid_z + 40), rng.uniform(-post * 0.7, post * 0.1), rng.uniform(-0.6, 0.6) * body_ax)
+        c = (
+            rng.uniform(scan.z_lo, scan.kid_z + 40),
+            rng.uniform(-post * 0.7, post * 0.1),
+            rng.uniform(-0.6, 0.6) * scan.body_ax,
+        )
         r = rng.uniform(10, 22)
         loop = _Blob.random(rng, c, (r * rng.uniform(1, 2.5), r, r * rng.uniform(0.8, 1.6)), 40, 0.15)
         content = jitter[str(rng.choice(["air", "fluid", "contrast"], p=[0.45, 0.35, 0.2]))]
-        paint.blob(loop, jitter["bowel_wall"])
-        paint.blob(loop, content, inside=0.8)
-    _paint_pelvis(rng2, paint, jitter, kid_z=kid_z, z_lo=z_lo, body_ax=body_ax, spine_y=spine_y)
-    _pack_abdomen(rng2, paint, jitter, kid_z=kid_z, z_lo=z_lo, post=post, body_ax=body_ax, spine_y=spine_y)
+        scan.paint.blob(loop, jitter["bowel_wall"])
+        scan.paint.blob(loop, content, inside=0.8)
 
-    # -------- kidneys: left (+x) higher; long axis tilted, hilum facing antero-medially
+
+def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
+    """Both kidneys, labelled 1: the left (+x) higher, long axis tilted, hilum facing
+    antero-medially; cortex, medullary pyramids, perirenal fat, renal sinus fat and pelvis."""
+    grid, hu, labels, paint, jitter = scan.grid, scan.hu, scan.labels, scan.paint, scan.jitter
     kidneys = []
     info_kidneys = []
     for side in (-1, 1):
         length = rng.uniform(48, 66)
         width = rng.uniform(26, 34)
         depth = rng.uniform(21, 27)
-        kz = kid_z + (rng.uniform(5, 25) if side > 0 else rng.uniform(-15, 5))
-        kc = np.array([kz, spine_y + rng.uniform(-8, 10) - 6, side * rng.uniform(58, 80)])
+        kz = scan.kid_z + (rng.uniform(5, 25) if side > 0 else rng.uniform(-15, 5))
+        kc = np.array([kz, scan.spine_y + rng.uniform(-8, 10) - 6, side * rng.uniform(58, 80)])
         rot = _rotation(rng, 6)
         tilt = np.deg2rad(rng.uniform(8, 20)) * side
         tz = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, 1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
@@ -432,8 +513,11 @@ def make_phantom(
                 "perirenal_fat_mm": round(float(fat_margin), 1),
             }
         )
+    return kidneys, info_kidneys
 
-    # -------- simple cysts: water density, sharp wall, part of the kidney label (not tumor)
+
+def _paint_cysts(rng, scan: _Scan, kidneys) -> list[dict]:
+    """Simple cysts: water density, sharp wall, part of the kidney label (not tumor)."""
     cysts = []
     for _ in range(int(rng.choice([0, 0, 1, 1, 2]))):
         side, kb = kidneys[int(rng.integers(2))]
@@ -441,10 +525,14 @@ def make_phantom(
         c = kb.surface_point(d)
         r = rng.uniform(5, 25)
         cyst = _Blob.random(rng, kb.center + 0.85 * (c - kb.center), (r, r, r), 0, 0.02)
-        paint.blob(cyst, jitter["cyst"], label=1)
+        scan.paint.blob(cyst, scan.jitter["cyst"], label=1)
         cysts.append({"side": "left" if side > 0 else "right", "diameter_mm": round(2 * r, 1)})
+    return cysts
 
-    # -------- tumors
+
+def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None) -> list[dict]:
+    """Tumors, labelled 2: 1-12 cm, solid, necrotic or cystic, exophytic, endophytic or mixed."""
+    jitter = scan.jitter
     if n_tumors is None:
         n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))
     tumors = []
@@ -462,53 +550,39 @@ def make_phantom(
         c = surf + out * depth if growth != "endophytic" else surf + out * min(depth, -0.3 * r)
         tb = _Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
         base = jitter["tumor"] + rng.normal(0, 20)
-        sl, rho = paint.blob(tb, base, label=2, texture=lambda q: rng.normal(0, 14, q.shape).astype(np.float32))
+        sl, rho = scan.paint.blob(tb, base, label=2, texture=lambda q: rng.normal(0, 14, q.shape).astype(np.float32))
         if sl is not None and kind != "solid":
             core = rho < (0.6 if kind == "necrotic" else 0.88)
-            hu[sl][core] = jitter["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
+            scan.hu[sl][core] = jitter["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
         tumors.append(
             {"side": "left" if side > 0 else "right", "diameter_mm": round(diam, 1), "kind": kind, "growth": growth}
         )
+    return tumors
 
-    if rng2.random() < 0.6:  # the scanner table under the patient's back
-        _paint_table(rng2, grid, hu, post * float(scale_z.max()) + 10)
 
-    # -------- image formation: partial volume (blur), noise, circular reconstruction FOV
+def _form_image(rng, scan: _Scan) -> tuple[np.ndarray, dict]:
+    """Image formation: partial volume (blur), correlated noise, a circular reconstruction field of
+    view (padding outside it); the int16 CT and how it looks."""
+    grid, hu = scan.grid, scan.hu
     sigma_mm = rng.uniform(0.4, 1.2)
     sigma = [max(0.3, sigma_mm / s) if s < 2.5 * sigma_mm else 0 for s in grid.spacing]
     ndimage.gaussian_filter(hu, sigma, output=hu, truncate=3.0)
     noise_sd = rng.uniform(6, 22)
-    hu += rng.standard_normal(shape, dtype=np.float32) * noise_sd
+    hu += rng.standard_normal(grid.shape, dtype=np.float32) * noise_sd
     ndimage.gaussian_filter(hu, [0, 0.5, 0.5], output=hu, truncate=2.0)  # correlated, like filtered back-projection
     # noise on air must not dip below -1024 HU, which volumes reserves for padding (read as air): a
     # phantom then reads back bit for bit
     np.maximum(hu, volumes.AIR_HU, out=hu)
     padded = bool(rng.random() < 0.3)
     if padded:
+        origin, fov = grid.origin, scan.fov
         yy = grid.axes[1][:, None] - origin[1] - fov / 2
         xx = grid.axes[2][None, :] - origin[2] - fov / 2
         hu[:, (yy**2 + xx**2) > (fov / 2 * 0.98) ** 2] = -3024
     ct_arr = np.clip(np.round(hu), -3024, 3071).astype(np.int16)
-    del hu, rb
-
-    layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
-    ct = volumes.volume_in_memory(ct_arr, grid.spacing, grid.origin, geometry.direction_from_code(layout))
-    info = {
-        "generator_revision": GENERATOR_REVISION,
-        "seed": seed,
-        "phase": phase,
-        "shape_zyx": list(shape),
-        "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
-        "disk_layout": layout,
-        "noise_sd_hu": round(noise_sd, 1),
-        "blur_sigma_mm": round(sigma_mm, 2),
-        "fov_padding": padded,
-        "random_contrast": shuffled,
-        "kidneys": info_kidneys,
-        "tumors": tumors,
-        "cysts": cysts,
-    }
-    return PhantomCase(ct=ct, labels=labels, info=info)
+    scan.hu = None  # the float volume is not needed any more
+    look = {"noise_sd_hu": round(noise_sd, 1), "blur_sigma_mm": round(sigma_mm, 2), "fov_padding": padded}
+    return ct_arr, look
 
 
 def _paint_pelvis(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, body_ax, spine_y):
