@@ -38,6 +38,18 @@ def small_case_dir(tmp_path_factory, small_case):
     return root / "case_00000"
 
 
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Three 64 x 64 phantoms with a tumor each (training and fine-tuning tests), and a cache of
+    their own so cached volumes never leak between test modules."""
+    from napari_kidseg.phantom import write_phantom_cases
+
+    root = tmp_path_factory.mktemp("data")
+    write_phantom_cases(root, 3, seed=500, matrix=64, max_slices=24, n_tumors=1)
+    os.environ["KIDSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Randomly initialised tiny networks (2.5D, 3 channels), saved as real checkpoints."""

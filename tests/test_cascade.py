@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -208,68 +205,6 @@ def test_cancel_stops_within_a_batch(tiny_checkpoints, small_case):
     assert seen == [4, 8]
 
 
-def test_predict_cli_writes_labels_in_source_geometry_and_evaluate_reads_them(
-    tmp_path, tiny_checkpoints, small_case_dir
-):
-    out = tmp_path / "out"
-    args = [
-        sys.executable,
-        "-m",
-        "napari_kidseg.cli",
-        "predict",
-        str(small_case_dir),
-        "-o",
-        str(out),
-        "--coarse",
-        str(tiny_checkpoints["coarse"]),
-        "--refine",
-        str(tiny_checkpoints["refine"]),
-        "--device",
-        "cpu",
-        "--save-probabilities",
-        "--mirror",
-    ]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    pred = out / small_case_dir.name / "segmentation.nii.gz"
-    ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
-    labels = volumes.read_labels(pred, like=ct)  # same grid as the CT, or this raises
-    import nibabel as nib
-
-    assert np.array_equal(nib.load(str(pred)).affine, nib.load(str(small_case_dir / "imaging.nii.gz")).affine)
-    assert labels.array.shape == ct.array.shape
-    assert (out / small_case_dir.name / "segmentation_probabilities.npz").exists()
-    # a second run refuses to overwrite, with one line
-    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    ev = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "napari_kidseg.cli",
-            "evaluate",
-            str(pred),
-            str(small_case_dir / "segmentation.nii.gz"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert ev.returncode == 0, ev.stderr
-    import json
-
-    report = json.loads(ev.stdout)
-    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz")
-    expected = metrics.kits_scores(labels.array, ref.array)
-    assert report["mean"]["kits_composite"] == pytest.approx(expected["kits_composite"])
-    found = metrics.tumor_detection(labels.array, ref.array, ref.geometry.spacing)
-    assert report["cases"][0]["tumors"] == found["tumors"] and len(found["tumors"]) >= 1  # the phantom has a tumor
-    assert sum(row["tumors"] for row in report["tumor_detection_by_size"]) == len(found["tumors"])
-    table = subprocess.run(ev.args[:-1], capture_output=True, text=True, cwd=tmp_path)
-    assert table.returncode == 0 and "tumors found" in table.stdout and "tumors by reference volume" in table.stdout
-
-
 def test_predict_without_installed_weights_says_so(tmp_path, small_case_dir, monkeypatch):
     monkeypatch.setattr(models, "bundled_checkpoint", lambda stage: None)
     with pytest.raises(KidsegError, match="no coarse checkpoint is installed"):
@@ -281,29 +216,6 @@ def test_unavailable_device_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(KidsegError, match="no CUDA GPU"):
         models.pick_device("cuda")
-
-
-def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpoints, small_case_dir):
-    from napari_kidseg.cli import main
-
-    out = tmp_path / "existing"
-    out.mkdir()
-    rc = main(
-        [
-            "predict",
-            str(small_case_dir),
-            "-o",
-            str(out),
-            "--coarse",
-            str(tiny_checkpoints["coarse"]),
-            "--refine",
-            str(tiny_checkpoints["refine"]),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
-    assert (out / small_case_dir.name / "segmentation.nii.gz").exists()
 
 
 def test_fixed_batch_shape_pads_short_batches_and_changes_no_result(tiny_checkpoints, small_case):
@@ -336,64 +248,3 @@ def test_mirror_averages_each_input_with_its_mirror_image(tiny_checkpoints, smal
     ct = small_case.ct
     result = cas.run(ct.array, ct.geometry.spacing, mirror=True)
     assert result.fuse().shape == ct.array.shape and result.refined  # both stages ran mirrored
-
-
-def test_evaluate_refuses_labels_outside_kits_and_reports_false_ml(tmp_path, small_case_dir, capsys):
-    from napari_kidseg.cli import main
-
-    ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
-    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
-    bad = ref.array.copy()
-    bad[0, 0, 0] = 7
-    volumes.write_labels(tmp_path / "seven.nii.gz", bad, ct)
-    assert main(["evaluate", str(tmp_path / "seven.nii.gz"), str(small_case_dir / "segmentation.nii.gz")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "seven.nii.gz" in err and "label(s) 7" in err and len(err.splitlines()) == 1
-    extra = ref.array.copy()
-    extra[0, :4, :5] = 2  # 20 voxels of tumor where the reference has none
-    volumes.write_labels(tmp_path / "extra.nii.gz", extra, ct)
-    assert (
-        main(["evaluate", str(tmp_path / "extra.nii.gz"), str(small_case_dir / "segmentation.nii.gz"), "--json"]) == 0
-    )
-    import json
-
-    row = json.loads(capsys.readouterr().out)["cases"][0]
-    voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000.0
-    new_fp = int(((extra > 0) & (ref.array == 0)).sum())
-    assert row["false_kidney_ml"] == pytest.approx(new_fp * voxel_ml)
-    assert row["false_tumor_ml"] == pytest.approx(int(((extra == 2) & (ref.array != 2)).sum()) * voxel_ml)
-
-
-def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoints, small_case_dir, capsys, monkeypatch):
-    """Nothing is removed silently: kidseg predict lists the check's removals, and
-    --no-anatomy-check keeps them."""
-    from napari_kidseg.cli import main
-
-    real_fuse = cascade.CascadeResult.fuse
-
-    def fuse_with_a_false_tumor(self, *a, **kw):  # only a tumor far from any kidney, whatever the tiny nets say
-        self.coarse_meta[:] = 0
-        self.coarse_tumor[:] = 0
-        self.refined = {}
-        self.coarse_meta[:, :4, :4] = 255
-        self.coarse_tumor[:, :4, :4] = 255
-        return real_fuse(self, *a, **kw)
-
-    monkeypatch.setattr(cascade.CascadeResult, "fuse", fuse_with_a_false_tumor)
-    common = [
-        str(small_case_dir),
-        "--coarse",
-        str(tiny_checkpoints["coarse"]),
-        "--refine",
-        str(tiny_checkpoints["refine"]),
-        "--device",
-        "cpu",
-    ]
-    assert main(["predict", *common, "-o", str(tmp_path / "on.nii.gz")]) == 0
-    err = capsys.readouterr().err
-    assert "anatomy check removed" in err
-    assert main(["predict", *common, "-o", str(tmp_path / "off.nii.gz"), "--no-anatomy-check"]) == 0
-    assert "anatomy check removed" not in capsys.readouterr().err
-    on = volumes.read_labels(tmp_path / "on.nii.gz").array
-    off = volumes.read_labels(tmp_path / "off.nii.gz").array
-    assert (off[:, :4, :4] > 0).all() and not on[:, :4, :4].any()

@@ -123,16 +123,6 @@ def test_anonymised_series_without_uids_is_refused(tmp_path):
     assert not (tmp_path / "s.dcm").exists()
 
 
-def test_cli_export_seg_and_report_on_it(tmp_path, real_series, capsys):
-    ct = volumes.read_ct(real_series)
-    volumes.write_labels(tmp_path / "labels.nii.gz", _labels_for(ct), ct)
-    seg = tmp_path / "seg.dcm"
-    assert main(["export-seg", str(real_series), str(tmp_path / "labels.nii.gz"), "-o", str(seg)]) == 0
-    assert main(["report", str(real_series), str(seg), "-o", str(tmp_path / "rep")]) == 0
-    out = capsys.readouterr().out
-    assert "Tumor 1" in out and (tmp_path / "rep" / "report.pdf").exists()
-
-
 def test_export_of_a_dicom_case_writes_a_seg_or_says_why_not(tmp_path, real_series):
     import json
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,15 +11,6 @@ import pytest
 
 from napari_kidseg import finetuning, models, training, volumes
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.phantom import write_phantom_cases
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_phantom_cases(root, 3, seed=500, matrix=64, max_slices=24, n_tumors=1)
-    os.environ["KIDSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return root
 
 
 def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_dataset, tiny_checkpoints, tmp_path):
@@ -65,29 +55,6 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
         finetuning.finetune_stage(tmp_path / "none", parent, tmp_path / "x.safetensors")
     with pytest.raises(KidsegError, match="must not replace its parent"):
         finetuning.finetune_stage(corrections, parent, parent)
-
-
-def test_cli_finetune_defaults_are_the_finetune_function_defaults():
-    """The widget calls finetune_models() and the CLI passes its own defaults: they must not drift apart."""
-    import inspect
-
-    from napari_kidseg.cli import build_parser
-    from napari_kidseg.finetuning import finetune_models
-
-    args = build_parser().parse_args(["finetune", "corrections"])
-    assert args.stage == "both"
-    defaults = {k: p.default for k, p in inspect.signature(finetune_models).parameters.items()}
-    pairs = {
-        "holdout": "holdout_fraction",
-        "replay_cases": "n_replay",
-        "epochs": "epochs",
-        "lr": "lr",
-        "steps_per_epoch": "steps_per_epoch",
-        "max_minutes": "max_minutes",
-        "bn_momentum": "bn_momentum",
-        "batch_size": "batch_size",
-    }
-    assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
 
 
 def _corrections(tiny_dataset, root, reviewed=False):

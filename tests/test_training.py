@@ -16,14 +16,6 @@ from napari_kidseg.errors import KidsegError
 from napari_kidseg.phantom import make_phantom, write_phantom_cases
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_phantom_cases(root, 3, seed=500, matrix=64, max_slices=24, n_tumors=1)
-    os.environ["KIDSEG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return root
-
-
 def test_a_few_training_steps_reduce_the_loss_and_write_a_loadable_checkpoint(tiny_dataset, tmp_path):
     cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
     cfg = models.model_config("coarse", "tiny", input_size=64, context_slices=1)
@@ -154,56 +146,6 @@ def test_imagenet_weights_without_a_hub_is_a_clear_error(monkeypatch):
     cfg = models.model_config("coarse", "tiny")
     with pytest.raises(KidsegError, match="could not fetch imagenet weights"):
         models.build_model(cfg, encoder_weights="imagenet")
-
-
-def test_cli_train_refuses_to_overwrite(tiny_dataset, tmp_path):
-    out = tmp_path / "x.safetensors"
-    out.write_bytes(b"keep me")
-    proc = subprocess.run(
-        [sys.executable, "-m", "napari_kidseg.cli", "train", str(tiny_dataset), "--stage", "coarse", "-o", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2 and "already exists" in proc.stderr and out.read_bytes() == b"keep me"
-
-
-def test_cli_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_checkpoints, tmp_path):
-    parent = tiny_checkpoints["coarse"]
-    parent_cfg = models.read_config(parent)
-    out = tmp_path / "continued.safetensors"
-    base = [
-        sys.executable,
-        "-m",
-        "napari_kidseg.cli",
-        "train",
-        str(tiny_dataset),
-        "--stage",
-        "coarse",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.run(
-        [*base, "-o", str(out), "--init", str(tmp_path / "missing.safetensors")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2 and "missing.safetensors" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([*base, "-o", str(out), "--init", str(parent)], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cfg = models.read_config(out)
-    # the architecture comes from the parent (not the default paper preset), the provenance names it
-    assert cfg.encoder == parent_cfg.encoder and cfg.input_size == parent_cfg.input_size
-    assert cfg.provenance["init"]["sha256"] == models.file_sha256(parent)
 
 
 def test_clahe_augmentation_changes_contrast_inside_the_window_only(tiny_dataset):

@@ -1,0 +1,244 @@
+"""The kidseg command, in-process (one end-to-end subprocess test): predict, evaluate, report,
+export-seg, train, finetune; bad input is one line and nothing is overwritten."""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import shared_path
+
+from napari_kidseg import cascade, metrics, models, volumes
+from napari_kidseg.cli import build_parser, main
+
+
+def _tiny(ckpts) -> list[str]:
+    return ["--coarse", str(ckpts["coarse"]), "--refine", str(ckpts["refine"]), "--device", "cpu"]
+
+
+def _seg_labels(ct):
+    labels = np.zeros(ct.array.shape, np.uint8)
+    labels[:, 200:300, 100:220] = 1
+    labels[1, 230:260, 130:170] = 2
+    return labels
+
+
+def test_predict_end_to_end_in_a_subprocess_then_evaluate(tmp_path, tiny_checkpoints, small_case_dir, capsys):
+    """The one subprocess test: ``python -m napari_kidseg.cli`` as a user runs it."""
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "napari_kidseg.cli",
+        "predict",
+        str(small_case_dir),
+        "-o",
+        str(out),
+        "--coarse",
+        str(tiny_checkpoints["coarse"]),
+        "--refine",
+        str(tiny_checkpoints["refine"]),
+        "--device",
+        "cpu",
+        "--save-probabilities",
+        "--mirror",
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pred = out / small_case_dir.name / "segmentation.nii.gz"
+    ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
+    labels = volumes.read_labels(pred, like=ct)  # same grid as the CT, or this raises
+    assert np.array_equal(nib.load(str(pred)).affine, nib.load(str(small_case_dir / "imaging.nii.gz")).affine)
+    assert labels.array.shape == ct.array.shape
+    assert (out / small_case_dir.name / "segmentation_probabilities.npz").exists()
+    # the rest in-process (no torch import per call): a second run refuses to overwrite, in one line
+    capsys.readouterr()
+    assert main(args[3:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]
+    ev = ["evaluate", str(pred), str(small_case_dir / "segmentation.nii.gz")]
+    assert main([*ev, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz")
+    expected = metrics.kits_scores(labels.array, ref.array)
+    assert report["mean"]["kits_composite"] == pytest.approx(expected["kits_composite"])
+    found = metrics.tumor_detection(labels.array, ref.array, ref.geometry.spacing)
+    assert report["cases"][0]["tumors"] == found["tumors"] and len(found["tumors"]) >= 1  # the phantom has a tumor
+    assert sum(row["tumors"] for row in report["tumor_detection_by_size"]) == len(found["tumors"])
+    assert main(ev) == 0
+    table = capsys.readouterr().out
+    assert "tumors found" in table and "tumors by reference volume" in table
+
+
+def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpoints, small_case_dir):
+    out = tmp_path / "existing"
+    out.mkdir()
+    rc = main(
+        [
+            "predict",
+            str(small_case_dir),
+            "-o",
+            str(out),
+            "--coarse",
+            str(tiny_checkpoints["coarse"]),
+            "--refine",
+            str(tiny_checkpoints["refine"]),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    assert (out / small_case_dir.name / "segmentation.nii.gz").exists()
+
+
+def test_evaluate_refuses_labels_outside_kits_and_reports_false_ml(tmp_path, small_case_dir, capsys):
+    ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
+    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
+    bad = ref.array.copy()
+    bad[0, 0, 0] = 7
+    volumes.write_labels(tmp_path / "seven.nii.gz", bad, ct)
+    assert main(["evaluate", str(tmp_path / "seven.nii.gz"), str(small_case_dir / "segmentation.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seven.nii.gz" in err and "label(s) 7" in err and len(err.splitlines()) == 1
+    extra = ref.array.copy()
+    extra[0, :4, :5] = 2  # 20 voxels of tumor where the reference has none
+    volumes.write_labels(tmp_path / "extra.nii.gz", extra, ct)
+    assert (
+        main(["evaluate", str(tmp_path / "extra.nii.gz"), str(small_case_dir / "segmentation.nii.gz"), "--json"]) == 0
+    )
+    row = json.loads(capsys.readouterr().out)["cases"][0]
+    voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000.0
+    new_fp = int(((extra > 0) & (ref.array == 0)).sum())
+    assert row["false_kidney_ml"] == pytest.approx(new_fp * voxel_ml)
+    assert row["false_tumor_ml"] == pytest.approx(int(((extra == 2) & (ref.array != 2)).sum()) * voxel_ml)
+
+
+def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoints, small_case_dir, capsys, monkeypatch):
+    """Nothing is removed silently: kidseg predict lists the check's removals, and
+    --no-anatomy-check keeps them."""
+    real_fuse = cascade.CascadeResult.fuse
+
+    def fuse_with_a_false_tumor(self, *a, **kw):  # only a tumor far from any kidney, whatever the tiny nets say
+        self.coarse_meta[:] = 0
+        self.coarse_tumor[:] = 0
+        self.refined = {}
+        self.coarse_meta[:, :4, :4] = 255
+        self.coarse_tumor[:, :4, :4] = 255
+        return real_fuse(self, *a, **kw)
+
+    monkeypatch.setattr(cascade.CascadeResult, "fuse", fuse_with_a_false_tumor)
+    common = [
+        str(small_case_dir),
+        "--coarse",
+        str(tiny_checkpoints["coarse"]),
+        "--refine",
+        str(tiny_checkpoints["refine"]),
+        "--device",
+        "cpu",
+    ]
+    assert main(["predict", *common, "-o", str(tmp_path / "on.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "anatomy check removed" in err
+    assert main(["predict", *common, "-o", str(tmp_path / "off.nii.gz"), "--no-anatomy-check"]) == 0
+    assert "anatomy check removed" not in capsys.readouterr().err
+    on = volumes.read_labels(tmp_path / "on.nii.gz").array
+    off = volumes.read_labels(tmp_path / "off.nii.gz").array
+    assert (off[:, :4, :4] > 0).all() and not on[:, :4, :4].any()
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    ct = rng.integers(-1000, 1000, (30, 30, 10)).astype(np.int16)
+    blob = gzip.compress(nib.Nifti1Image(ct, np.eye(4)).to_bytes())
+    (tmp_path / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
+    assert main(["predict", str(tmp_path / "truncated.nii.gz"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kidseg: error:") and "truncated.nii.gz" in lines[0], err
+
+
+def test_train_refuses_to_overwrite(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["train", str(tiny_dataset), "--stage", "coarse", "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+
+
+def test_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_checkpoints, tmp_path, capsys):
+    parent = tiny_checkpoints["coarse"]
+    parent_cfg = models.read_config(parent)
+    out = tmp_path / "continued.safetensors"
+    base = [
+        "train",
+        str(tiny_dataset),
+        "--stage",
+        "coarse",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "-o", str(out), "--init", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.safetensors" in err[0]
+    assert main([*base, "-o", str(out), "--init", str(parent)]) == 0
+    cfg = models.read_config(out)
+    # the architecture comes from the parent (not the default paper preset), the provenance names it
+    assert cfg.encoder == parent_cfg.encoder and cfg.input_size == parent_cfg.input_size
+    assert cfg.provenance["init"]["sha256"] == models.file_sha256(parent)
+
+
+def test_finetune_defaults_are_the_finetune_function_defaults():
+    """The widget calls finetune_models() and the CLI passes its own defaults: they must not drift apart."""
+    from napari_kidseg.finetuning import finetune_models
+
+    args = build_parser().parse_args(["finetune", "corrections"])
+    assert args.stage == "both"
+    defaults = {k: p.default for k, p in inspect.signature(finetune_models).parameters.items()}
+    pairs = {
+        "holdout": "holdout_fraction",
+        "replay_cases": "n_replay",
+        "epochs": "epochs",
+        "lr": "lr",
+        "steps_per_epoch": "steps_per_epoch",
+        "max_minutes": "max_minutes",
+        "bn_momentum": "bn_momentum",
+        "batch_size": "batch_size",
+    }
+    assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
+
+
+def test_export_seg_and_report_on_it(tmp_path, capsys):
+    real_series = shared_path("realct", "dcmqi-liver-3slice")
+    ct = volumes.read_ct(real_series)
+    volumes.write_labels(tmp_path / "labels.nii.gz", _seg_labels(ct), ct)
+    seg = tmp_path / "seg.dcm"
+    assert main(["export-seg", str(real_series), str(tmp_path / "labels.nii.gz"), "-o", str(seg)]) == 0
+    assert main(["report", str(real_series), str(seg), "-o", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "Tumor 1" in out and (tmp_path / "rep" / "report.pdf").exists()
+
+
+def test_predict_report_writes_one_row_per_case(tmp_path, tiny_checkpoints, small_case_dir, capsys):
+    out = tmp_path / "pred"
+    assert main(["predict", str(small_case_dir.parent), "-o", str(out), "--report", *_tiny(tiny_checkpoints)]) == 0
+    rows = (out / "report.csv").read_text().splitlines()
+    assert rows[0].startswith("case,right_kidney_ml") and len(rows) == 2 and small_case_dir.name in rows[1]
+    labels = volumes.read_labels(out / small_case_dir.name / volumes.KITS_LABELS)
+    kidney_ml = float((labels.array == 1).sum()) * labels.geometry.voxel_volume_ml
+    right, left = float(rows[1].split(",")[1]), float(rows[1].split(",")[3])
+    assert right + left == pytest.approx(kidney_ml, abs=0.02)
+    assert main(["predict", str(small_case_dir.parent), "-o", str(out), "--report", *_tiny(tiny_checkpoints)]) == 2
+    assert "already exists" in capsys.readouterr().err
