@@ -32,23 +32,8 @@ def _seg_labels(ct):
 def test_predict_end_to_end_in_a_subprocess_then_evaluate(tmp_path, tiny_checkpoints, small_case_dir, capsys):
     """The one subprocess test: ``python -m napari_kidseg.cli`` as a user runs it."""
     out = tmp_path / "out"
-    args = [
-        sys.executable,
-        "-m",
-        "napari_kidseg.cli",
-        "predict",
-        str(small_case_dir),
-        "-o",
-        str(out),
-        "--coarse",
-        str(tiny_checkpoints["coarse"]),
-        "--refine",
-        str(tiny_checkpoints["refine"]),
-        "--device",
-        "cpu",
-        "--save-probabilities",
-        "--mirror",
-    ]
+    args = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(small_case_dir), "-o", str(out)]
+    args += [*_tiny(tiny_checkpoints), "--save-probabilities", "--mirror"]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     pred = out / small_case_dir.name / "segmentation.nii.gz"
@@ -79,21 +64,7 @@ def test_predict_end_to_end_in_a_subprocess_then_evaluate(tmp_path, tiny_checkpo
 def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpoints, small_case_dir):
     out = tmp_path / "existing"
     out.mkdir()
-    rc = main(
-        [
-            "predict",
-            str(small_case_dir),
-            "-o",
-            str(out),
-            "--coarse",
-            str(tiny_checkpoints["coarse"]),
-            "--refine",
-            str(tiny_checkpoints["refine"]),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    assert main(["predict", str(small_case_dir), "-o", str(out), *_tiny(tiny_checkpoints)]) == 0
     assert (out / small_case_dir.name / "segmentation.nii.gz").exists()
 
 
@@ -133,15 +104,7 @@ def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoint
         return real_fuse(self, *a, **kw)
 
     monkeypatch.setattr(cascade.CascadeResult, "fuse", fuse_with_a_false_tumor)
-    common = [
-        str(small_case_dir),
-        "--coarse",
-        str(tiny_checkpoints["coarse"]),
-        "--refine",
-        str(tiny_checkpoints["refine"]),
-        "--device",
-        "cpu",
-    ]
+    common = [str(small_case_dir), *_tiny(tiny_checkpoints)]
     assert main(["predict", *common, "-o", str(tmp_path / "on.nii.gz")]) == 0
     err = capsys.readouterr().err
     assert "anatomy check removed" in err
