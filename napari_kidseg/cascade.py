@@ -25,12 +25,9 @@ import numpy as np
 
 from . import anatomy, fusion, roi
 from .errors import Cancelled, KidsegError
+from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 from .preprocessing import context_indices, hu_to_input
 from .volumes import AIR_HU
-
-DEFAULT_ALPHA = 0.4  # best in the paper
-DEFAULT_KIDNEY_THRESHOLD = 0.5
-DEFAULT_TUMOR_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass

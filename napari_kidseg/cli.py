@@ -13,24 +13,28 @@ import warnings
 from pathlib import Path
 
 from .errors import KidsegError, KidsegWarning
+from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 
 
-def _progress_bar(desc: str):
-    """A tqdm bar driven by the core's ``progress(done, total)`` callbacks."""
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar driven by the core's ``progress(done, total, stage)`` callbacks."""
 
-    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    def __init__(self, desc: str):
+        from tqdm import tqdm
 
-    def update(done, total, stage=None):
-        if bar.total != total:
-            bar.reset(total=total)
+        self.desc = desc
+        self.bar = tqdm(desc=desc, unit="step", dynamic_ncols=True, disable=None)
+
+    def __call__(self, done, total, stage=None):
+        if self.bar.total != total:
+            self.bar.reset(total=total)
         if stage:
-            bar.set_description(f"{desc}: {stage}")
-        bar.n = done
-        bar.refresh()
+            self.bar.set_description(f"{self.desc}: {stage}")
+        self.bar.n = done
+        self.bar.refresh()
 
-    update.close = bar.close  # type: ignore[attr-defined]
-    return update
+    def close(self):
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------- phantom
@@ -41,7 +45,7 @@ def cmd_phantom(args) -> int:
     existing = [out / f"case_{i:05d}" for i in range(args.cases) if (out / f"case_{i:05d}").exists()]
     if existing and not args.overwrite:
         raise KidsegError("case folder already exists; not overwriting it (use --overwrite)", existing[0])
-    bar = _progress_bar("phantoms")
+    bar = _ProgressBar("phantoms")
     kwargs = {"matrix": args.matrix, "max_slices": args.max_slices}
     if not 0.0 <= args.random_contrast <= 1.0:
         raise KidsegError(f"--random-contrast is a probability, got {args.random_contrast}")
@@ -129,7 +133,7 @@ def cmd_predict(args) -> int:
                 f"refine {cascade.refine_path.name}",
                 file=sys.stderr,
             )
-        bar = _progress_bar(src.name)
+        bar = _ProgressBar(src.name)
         result = cascade.run(ct.array, ct.geometry.spacing, progress=bar, mirror=args.mirror)
         bar.close()
         labels = result.fuse(
@@ -330,7 +334,7 @@ def cmd_train(args) -> int:
         bn_momentum=args.bn_momentum,
         val_samples=args.val_samples,
     )
-    bar = _progress_bar(f"train {args.stage}")
+    bar = _ProgressBar(f"train {args.stage}")
     weights = None if args.encoder_weights in (None, "none") else args.encoder_weights
     summary = train(
         cfg,
@@ -356,7 +360,7 @@ def cmd_finetune(args) -> int:
     from .finetuning import STAGES, finetune_models
 
     stages = STAGES if args.stage == "both" else (args.stage,)
-    bar = _progress_bar("fine-tune")
+    bar = _ProgressBar("fine-tune")
     report = finetune_models(
         args.corrections,
         args.output,
@@ -598,9 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="label file, or a folder for many inputs")
     p.add_argument("--coarse", help="coarse checkpoint (default: the bundled one)")
     p.add_argument("--refine", help="refine checkpoint (default: the bundled one)")
-    p.add_argument("--alpha", type=float, default=0.4, help="fusion weight of the coarse stage (default 0.4)")
-    p.add_argument("--kidney-threshold", type=float, default=0.5)
-    p.add_argument("--tumor-threshold", type=float, default=0.5)
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"fusion weight of the coarse stage (default {DEFAULT_ALPHA})",
+    )
+    p.add_argument("--kidney-threshold", type=float, default=DEFAULT_KIDNEY_THRESHOLD)
+    p.add_argument("--tumor-threshold", type=float, default=DEFAULT_TUMOR_THRESHOLD)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,8 @@ DEFAULTS = {
     "holdout_fraction": 0.25,
     "bn_momentum": 0.0,
 }
+
+_log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
 
 def check_corrections(corrections_dir) -> list[Path]:
@@ -116,9 +119,10 @@ def finetune_models(
     reviewed_only=True,
     progress=None,
     cancel=None,
-    log=print,
+    log=None,
 ) -> dict:
     """Fine-tune ``stages`` on the corrections; writes ``out_dir/<stage>.safetensors`` and ``report.json``."""
+    log = log or _log.info
     import time
 
     from .models import read_config, resolve_checkpoint
@@ -333,7 +337,7 @@ def finetune_stage(
     reviewed_only=True,
     progress=None,
     cancel=None,
-    log=print,
+    log=None,
     score=True,
     chain=None,
 ) -> dict:
@@ -346,6 +350,7 @@ def finetune_stage(
     ``bn_momentum`` 0 keeps the parent's BatchNorm statistics: they come from thousands of
     batches, and a few cases' batches would otherwise pull them away from everything else.
     """
+    log = log or _log.info
     from .models import file_sha256, read_config
     from .training import TrainSettings, cache_case, train
 

@@ -19,6 +19,9 @@ import numpy as np
 
 BACKGROUND, KIDNEY, TUMOR = 0, 1, 2
 LABEL_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor"}  # KiTS19's labels, named once
+DEFAULT_ALPHA = 0.4  # the coarse stage's weight; best in the paper
+DEFAULT_KIDNEY_THRESHOLD = 0.5
+DEFAULT_TUMOR_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass

@@ -85,9 +85,9 @@ def orientation_ops(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[
             world_of_axis[a] = w
     axis_of_world = {w: a for a, w in world_of_axis.items()}
     # canonical numpy axis n holds world axis 2-n (z=S first); disk numpy axis of index axis a is 2-a
-    axes = tuple(2 - axis_of_world[2 - n] for n in range(3))
-    flips = tuple(bool(d[2 - n, axis_of_world[2 - n]] < 0) for n in range(3))
-    return axes, flips  # type: ignore[return-value]
+    a0, a1, a2 = (2 - axis_of_world[2 - n] for n in range(3))
+    f0, f1, f2 = (bool(d[2 - n, axis_of_world[2 - n]] < 0) for n in range(3))
+    return (a0, a1, a2), (f0, f1, f2)
 
 
 def _flip_in_place(arr: np.ndarray, axis: int) -> None:
@@ -167,3 +167,9 @@ def direction_from_code(code: str) -> np.ndarray:
     if sorted(_LETTER[c][0] for c in code.upper()) != [0, 1, 2]:
         raise ValueError(f"bad orientation code {code!r}")
     return d
+
+
+def triple(values) -> tuple[float, float, float]:
+    """Three numbers as a tuple of floats (spacings, origins: what SourceInfo and Geometry hold)."""
+    a, b, c = (float(v) for v in values)
+    return a, b, c

@@ -29,9 +29,17 @@ import numpy as np
 from scipy import ndimage
 
 from . import files, volumes
-from .cascade import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD, CascadeResult
+from .cascade import CascadeResult
 from .errors import KidsegError
-from .fusion import BACKGROUND, KIDNEY, LABEL_NAMES, TUMOR
+from .fusion import (
+    BACKGROUND,
+    DEFAULT_ALPHA,
+    DEFAULT_KIDNEY_THRESHOLD,
+    DEFAULT_TUMOR_THRESHOLD,
+    KIDNEY,
+    LABEL_NAMES,
+    TUMOR,
+)
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 

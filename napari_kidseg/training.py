@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -32,6 +33,8 @@ from .models import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from .preprocessing import context_indices, hu_to_input
 
 KITS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1}  # KiTS21/23 cyst -> kidney
+
+_log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
 
 # ------------------------------------------------------------------------------ data
@@ -368,12 +371,13 @@ def train(
     encoder_weights=None,
     progress=None,
     cancel=None,
-    log=print,
+    log=None,
 ) -> dict:
     """Train one stage; writes ``out`` (best on validation), ``out``.last/.state/.jsonl/.png.
 
     Returns a summary (best validation scores, epochs, seconds).
     """
+    log = log or _log.info
     import torch
     from torch.utils.data import DataLoader, WeightedRandomSampler
 

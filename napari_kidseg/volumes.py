@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import KidsegError, KidsegWarning
 from .files import atomic_path
-from .geometry import Geometry, SourceInfo, canonical_geometry, orientation_ops, reorient
+from .geometry import Geometry, SourceInfo, canonical_geometry, orientation_ops, reorient, triple
 
 # Below -1024 HU nothing is physical: such values are scanner padding outside the field of view
 # (GE writes -3024, some vendors -2048). They are read as air so that a window or a percentile
@@ -212,15 +212,16 @@ def volume_from_image(image, path: Path, fmt: str, series_uid: str | None = None
     disk = sitk.GetArrayViewFromImage(image)
     axes, flips = orientation_ops(np.reshape(direction, (3, 3)))
     array = reorient(disk, axes, flips)  # the one copy; ITK's buffer is freed below
-    disk_shape = tuple(int(s) for s in disk.shape)
+    k, j, i = (int(s) for s in disk.shape)
+    disk_shape = (k, j, i)
     del disk, image
     geometry = canonical_geometry(spacing, origin, direction, disk_shape, axes, flips)
     source = SourceInfo(
         path=str(path),
         format=fmt,
-        disk_shape=disk_shape,  # type: ignore[arg-type]
-        disk_spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
-        disk_origin=tuple(float(o) for o in origin),  # type: ignore[arg-type]
+        disk_shape=disk_shape,
+        disk_spacing=triple(spacing),
+        disk_origin=triple(origin),
         disk_direction=tuple(float(v) for v in direction),
         axes=axes,
         flips=flips,
@@ -403,7 +404,8 @@ def _source_for_canonical(vol: Volume, disk_direction=None) -> SourceInfo:
     d_disk = canon_dir if disk_direction is None else canon_dir @ np.asarray(disk_direction, dtype=float)
     axes, flips = orientation_ops(d_disk)
     canon_shape = vol.array.shape
-    disk_shape = tuple(canon_shape[a] for a in np.argsort(axes))  # shape of transpose(canon, argsort(axes))
+    k, j, i = (int(canon_shape[a]) for a in np.argsort(axes))  # shape of transpose(canon, argsort(axes))
+    disk_shape = (k, j, i)
     # spacing of disk index axis a (ITK order) = spacing of the canonical axis it maps to
     canon_sp_itk = np.asarray(g.spacing, dtype=float)[::-1]
     sp_disk = np.zeros(3)
@@ -418,9 +420,9 @@ def _source_for_canonical(vol: Volume, disk_direction=None) -> SourceInfo:
     return SourceInfo(
         path="<memory>",
         format="memory",
-        disk_shape=disk_shape,  # type: ignore[arg-type]
-        disk_spacing=tuple(float(s) for s in sp_disk),  # type: ignore[arg-type]
-        disk_origin=tuple(float(o) for o in origin_lps),  # type: ignore[arg-type]
+        disk_shape=disk_shape,
+        disk_spacing=triple(sp_disk),
+        disk_origin=triple(origin_lps),
         disk_direction=tuple(float(v) for v in d_disk.reshape(-1)),
         axes=axes,
         flips=flips,

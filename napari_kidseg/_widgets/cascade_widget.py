@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import KidsegError
+from ..fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 from ..layers import CT_WINDOW, LABEL_COLORS, LABEL_FEATURES, REFERENCE_COLORS, SOURCE_KEY, WINDOW_PRESETS
 from .report_panel import ReportPanel
 
@@ -93,6 +94,13 @@ class CascadeWidget(QWidget):
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
         self.last_slider_update_ms = None
+        self.fused_layer = None  # the editable fused labels layer, once a run has shown it
+        self.measurements = None  # the Review box's latest volumes and diameters
+        self._regions = []  # the region table's rows
+        self._versions = []  # the model versions combo's rows
+        self._models_key = None  # which models the loaded cascade holds
+        self._carried_edits = None  # hand edits carried into a re-run with other models
+        self._run_started = self._finetune_started = 0.0  # for the time-left estimates
 
         # everything in a scroll area: the widget stays usable on a laptop screen
         root = QVBoxLayout(self)
@@ -149,9 +157,9 @@ class CascadeWidget(QWidget):
         # ---- live fusion
         box = QGroupBox("Fusion (live)")
         form = QFormLayout(box)
-        self.alpha = self._slider(form, "alpha (coarse weight)", 0.4)
-        self.kidney_thr = self._slider(form, "kidney threshold", 0.5)
-        self.tumor_thr = self._slider(form, "tumor threshold", 0.5)
+        self.alpha = self._slider(form, "alpha (coarse weight)", DEFAULT_ALPHA)
+        self.kidney_thr = self._slider(form, "kidney threshold", DEFAULT_KIDNEY_THRESHOLD)
+        self.tumor_thr = self._slider(form, "tumor threshold", DEFAULT_TUMOR_THRESHOLD)
         self.anatomy_check = QCheckBox("remove what cannot be kidney or kidney tumor")
         self.anatomy_check.setChecked(True)
         self.anatomy_check.setToolTip(
@@ -572,7 +580,7 @@ class CascadeWidget(QWidget):
 
     def _models_changed(self):
         want = (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
-        changed = getattr(self, "_models_key", None) != want
+        changed = self._models_key != want
         self._models_key = want
         return changed
 
@@ -586,7 +594,7 @@ class CascadeWidget(QWidget):
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
         if stage.startswith("fine-tune"):
-            elapsed = time.perf_counter() - getattr(self, "_finetune_started", time.perf_counter())
+            elapsed = time.perf_counter() - self._finetune_started
             left = elapsed / max(done, 1) * (total - done)
             self.status.setText(f"{stage}: {100 * done / max(total, 1):.0f}%, about {left / 60:.1f} min left")
             return
@@ -646,7 +654,7 @@ class CascadeWidget(QWidget):
     def _result_shown(self, cascade, session, comparison):
         self.cascade, self.session, self._comparison = cascade, session, comparison
         self.reviewed_slices = set()
-        carried = getattr(self, "_carried_edits", None)
+        carried = self._carried_edits
         if carried is not None:  # the radiologist chose to keep the edits over the new result
             idx, values = carried
             self.fused_layer.data_setitem(np.unravel_index(idx, session.labels.shape), values)
@@ -964,7 +972,7 @@ class CascadeWidget(QWidget):
         self.status.setText(f"slice {z} marked reviewed ({len(self.reviewed_slices)} slice(s) reviewed)")
 
     def _goto_region(self, row, _column=None):
-        rows = getattr(self, "_regions", [])
+        rows = self._regions
         if not 0 <= row < len(rows):
             return
         z, y, x = rows[row]["voxel"]
@@ -1283,7 +1291,7 @@ class CascadeWidget(QWidget):
     def use_new_models(self):
         """Switch to the fine-tuned models and re-run this case, so the difference shows at once
         (the run asks before replacing hand edits)."""
-        models = getattr(self, "new_models", None)
+        models = self.new_models
         if not models:
             return
         self.coarse_edit.setText(models["coarse"])
@@ -1305,7 +1313,7 @@ class CascadeWidget(QWidget):
             self.versions_combo.addItem(v["name"] + (" - worse than its parent" if v["worse"] else "") + note)
 
     def _pick_version(self, index: int):
-        v = self._versions[index] if 0 <= index < len(getattr(self, "_versions", [])) else None
+        v = self._versions[index] if 0 <= index < len(self._versions) else None
         if v is None:
             return
         bundled = v["name"] == "bundled"
