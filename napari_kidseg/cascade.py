@@ -29,6 +29,8 @@ from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRES
 from .preprocessing import context_indices, hu_to_input
 from .volumes import AIR_HU
 
+PROBABILITIES_FORMAT = 2  # what save_probabilities writes; 1 had no ROIs, patches or spine
+
 
 @dataclasses.dataclass
 class CascadeResult:
@@ -104,24 +106,80 @@ class CascadeResult:
     def patch_coverage(self) -> np.ndarray:
         return roi.patch_coverage(self.patches, self.shape, self.patch_px)
 
-    def save_probabilities(self, path, *, overwrite=False):
-        """The coarse channels and the refined regions as one compressed .npz (atomic)."""
+    def save_probabilities(self, path, *, overwrite=False, note: dict | None = None):
+        """Everything fusion needs, as one compressed .npz written atomically: the coarse channels,
+        the refined regions, the ROIs and patches, the spine frame and the run's messages, so that
+        :meth:`load_probabilities` gives back a result whose fusion (any alpha and thresholds, the
+        anatomy check) is the same. ``note``: what to remember with it (the models, the source)."""
+        import json
+
         from .files import atomic_path
 
         zs = np.array(sorted(self.refined), dtype=np.int32)
+        rois = [
+            {**dataclasses.asdict(r), "bbox": [[b.start, b.stop] for b in r.bbox]} for r in self.rois
+        ]  # fmt: skip
         payload = {
+            "format": np.int32(PROBABILITIES_FORMAT),
+            "shape": np.asarray(self.shape, np.int64),
             "coarse_meta": self.coarse_meta,
             "coarse_tumor": self.coarse_tumor,
             "spacing": np.asarray(self.spacing),
             "refined_z": zs,
             "refined_origin": np.array([[self.refined[z].y0, self.refined[z].x0] for z in zs], np.int32).reshape(-1, 2),
+            "patches": self.patches,
+            "patch_px": np.int32(self.patch_px),
+            "json": np.array(json.dumps({"rois": rois, "messages": self.messages, "note": note or {}})),
         }
+        if self.spine is not None:
+            payload["spine"] = np.stack([self.spine.x_mm, self.spine.front_y_mm])
+            payload["spine_share"] = np.float64(self.spine.found_share)
         for z in zs:
             r = self.refined[z]
             payload[f"refined_{z}"] = np.stack([r.meta, r.tumor, r.covered.astype(np.uint8)])
         with atomic_path(path, overwrite=overwrite) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **payload)
+
+    @classmethod
+    def load_probabilities(cls, path) -> tuple[CascadeResult, dict]:
+        """A result saved by :meth:`save_probabilities`, and the note saved with it."""
+        import json
+
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "format" not in f or int(f["format"]) != PROBABILITIES_FORMAT:
+                    raise KidsegError("was saved by another version of napari-kidseg; run the cascade again", path)
+                extra = json.loads(str(f["json"]))
+                refined = {}
+                for z, (y0, x0) in zip(f["refined_z"].tolist(), f["refined_origin"].tolist()):
+                    meta, tumor, covered = f[f"refined_{z}"]
+                    refined[int(z)] = fusion.RefinedRegion(int(y0), int(x0), meta, tumor, covered.astype(bool))
+                spine = None
+                if "spine" in f:
+                    spine = anatomy.SpineFrame(f["spine"][0], f["spine"][1], float(f["spine_share"]))
+                rois = [
+                    roi.KidneyROI(**{**r, "bbox": tuple(slice(a, b) for a, b in r["bbox"]),
+                                     "centroid_zyx": tuple(r["centroid_zyx"])})
+                    for r in extra["rois"]
+                ]  # fmt: skip
+                shape = tuple(int(v) for v in f["shape"])
+                result = cls(
+                    (shape[0], shape[1], shape[2]),
+                    tuple(float(v) for v in f["spacing"]),
+                    f["coarse_meta"],
+                    f["coarse_tumor"],
+                    refined,
+                    rois,
+                    f["patches"],
+                    int(f["patch_px"]),
+                    {},
+                    list(extra["messages"]),
+                    spine,
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise KidsegError(f"is not a readable saved cascade result ({exc})", path) from None
+        return result, extra.get("note", {})
 
 
 class Cascade:

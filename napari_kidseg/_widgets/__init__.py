@@ -10,5 +10,6 @@ if "torch" not in sys.modules and "triton" not in sys.modules:
     sys.modules["triton"] = None
 
 from .cascade_widget import CascadeWidget  # noqa: E402
+from .worklist_widget import WorklistWidget  # noqa: E402
 
-__all__ = ["CascadeWidget"]
+__all__ = ["CascadeWidget", "WorklistWidget"]

@@ -101,6 +101,7 @@ class CascadeWidget(QWidget):
         self._models_key = None  # which models the loaded cascade holds
         self._carried_edits = None  # hand edits carried into a re-run with other models
         self._run_started = self._finetune_started = 0.0  # for the time-left estimates
+        self._restore_reviewed = set()  # reviewed slices of a result shown by show_prepared
 
         # everything in a scroll area: the widget stays usable on a laptop screen
         root = QVBoxLayout(self)
@@ -555,6 +556,32 @@ class CascadeWidget(QWidget):
         )
         self._run_started = time.perf_counter()
 
+    # ------------------------------------------------------------------ a result made elsewhere
+    def prepare_result(self, result, labels=None):
+        """Off the GUI thread: the review session of a result made elsewhere (a worklist's draft),
+        with the labels as corrected so far, and its comparison maps. Pass both to
+        :meth:`show_prepared` on the GUI thread."""
+        from ..review import FusionParams, ReviewSession
+
+        session = ReviewSession(result, FusionParams(*self._params()))
+        if labels is not None and labels.shape == session.labels.shape:
+            session.labels[...] = labels
+            session.sync_edits()
+        return session, self._comparison_layers(session)
+
+    def show_prepared(self, ct_volume, cascade, session, comparison, reviewed=()):
+        """Show a prepared result as if this widget had run it: the same layers, review tools and
+        export. The CT must already be a layer (selected in the CT box)."""
+        if self._worker is not None:
+            raise KidsegError("the widget is busy (a run is going): wait for it or cancel it")
+        self.discard_pending()
+        self.ct_volume = ct_volume
+        self._carried_edits = None
+        self._restore_reviewed = set(reviewed)
+        self._run_started = time.perf_counter()
+        self._worker = "showing"  # blocks Run until the layers are in
+        self._on_result((cascade, session, comparison))
+
     def _ask(self, title: str, text: str, accept: tuple[str, str], destructive: tuple[str, str]) -> str:
         """A question with two answers and Cancel; returns the chosen answer's key, or "cancel"."""
         box = QMessageBox(self)
@@ -653,7 +680,7 @@ class CascadeWidget(QWidget):
 
     def _result_shown(self, cascade, session, comparison):
         self.cascade, self.session, self._comparison = cascade, session, comparison
-        self.reviewed_slices = set()
+        self.reviewed_slices, self._restore_reviewed = set(self._restore_reviewed), set()
         carried = self._carried_edits
         if carried is not None:  # the radiologist chose to keep the edits over the new result
             idx, values = carried

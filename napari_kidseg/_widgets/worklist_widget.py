@@ -1,0 +1,462 @@
+"""The Case worklist dock widget: a folder of cases reviewed one after another.
+
+GUI only: the state, drafts, autosaves and exports are :mod:`napari_kidseg.worklist`'s. A case
+opens in the Kidney cascade widget (docked beside it, or given), its draft shown at once when it
+was made ahead; the next cases are drafted in the background at low priority while this one is
+reviewed. Edits are autosaved two seconds after the last one (and on every case switch); a
+second napari opening the same worklist gets it read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import KidsegError
+
+COLUMNS = (
+    ("case", "case"),
+    ("status", "status"),
+    ("right_kidney_ml", "kidney R mL"),
+    ("left_kidney_ml", "kidney L mL"),
+    ("tumor_ml", "tumor mL"),
+    ("largest_tumor_mm", "largest tumor mm"),
+    ("minutes", "minutes"),
+    ("reviewer", "reviewer"),
+    ("models", "models"),
+)
+KEYS = {
+    "next case": "Shift-N",
+    "previous case": "Shift-B",
+    "mark reviewed": "Shift-E",
+    "next disagreement": "Shift-G",
+    "next uncertain slice": "Shift-U",
+}
+AUTOSAVE_AFTER_EDIT_MS = 2000
+AUTOSAVE_EVERY_MS = 30_000
+CT_LAYER_PREFIX = "worklist: "
+
+
+class WorklistWidget(QWidget):
+    def __init__(self, napari_viewer, cascade_widget=None):
+        super().__init__()
+        self.viewer = napari_viewer
+        self._cascade_widget = cascade_widget
+        self.worklist = None
+        self.current = None  # index of the case open for review
+        self._case_started = 0.0
+        self._seconds_before = 0.0
+        self._dirty = False
+        self._opening = None  # the worker opening a case
+        self._drafting = None  # the drafts-ahead worker
+        self._draft_cancel = threading.Event()
+        self._cascade = None  # the Cascade that drafts (and made the shown draft)
+        self._cascade_lock = threading.Lock()
+        self.last_open_seconds = None  # from Next to the draft on screen (benchmarks read it)
+
+        lay = QVBoxLayout(self)
+        form = QFormLayout()
+        row = QHBoxLayout()
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("a folder of CTs, KiTS cases or DICOM series")
+        browse = QPushButton("...")
+        browse.clicked.connect(self._browse)
+        self.open_btn = QPushButton("Open")
+        self.open_btn.clicked.connect(lambda: self.open_folder(self.folder_edit.text().strip()))
+        for w in (self.folder_edit, browse, self.open_btn):
+            row.addWidget(w)
+        form.addRow("Folder", row)
+        self.state_edit = QLineEdit()
+        self.state_edit.setPlaceholderText("beside the cases (a read-only folder: your cache)")
+        form.addRow("State folder", self.state_edit)
+        self.reviewer_edit = QLineEdit()
+        self.reviewer_edit.setPlaceholderText("your name (default: the OS user)")
+        form.addRow("Reviewer", self.reviewer_edit)
+        self.ahead_spin = QSpinBox()
+        self.ahead_spin.setRange(0, 10)
+        self.ahead_spin.setValue(2)
+        self.ahead_spin.setToolTip("How many of the next cases to draft in the background while you review")
+        form.addRow("Drafts ahead", self.ahead_spin)
+        lay.addLayout(form)
+        self.note = QLabel("")
+        self.note.setWordWrap(True)
+        lay.addWidget(self.note)
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels([h for _, h in COLUMNS])
+        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.setSelectionBehavior(QTableWidget.SelectRows)
+        self.table.cellDoubleClicked.connect(lambda r, _c: self.open_case(r))
+        self.table.setToolTip("Double-click a case to open it")
+        self.table.setMinimumHeight(180)
+        lay.addWidget(self.table)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v of %m reviewed")
+        lay.addWidget(self.progress)
+        row = QHBoxLayout()
+        self.prev_btn = QPushButton("Previous")
+        self.next_btn = QPushButton("Next")
+        self.reviewed_btn = QPushButton("Mark reviewed")
+        self.reviewed_btn.setToolTip("Export this case (KiTS layout, DICOM SEG for DICOM) and open the next one")
+        self.redraft_btn = QPushButton("Redraft")
+        self.redraft_btn.setToolTip("Draft this case again with the models in the Kidney cascade widget")
+        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn):
+            row.addWidget(b)
+        lay.addLayout(row)
+        self.prev_btn.clicked.connect(self.previous_case)
+        self.next_btn.clicked.connect(self.next_case)
+        self.reviewed_btn.clicked.connect(self.mark_reviewed)
+        self.redraft_btn.clicked.connect(self.redraft)
+        keys = QLabel(
+            "Keys: "
+            + ", ".join(f"{k} {what}" for what, k in KEYS.items())
+            + "; napari's labels keys paint (brush, eraser, fill) and Ctrl-Z undoes."
+        )
+        keys.setWordWrap(True)
+        lay.addWidget(keys)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        self._set_enabled(False)
+
+        self._autosave_timer = QTimer(self)  # after the last edit
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.setInterval(AUTOSAVE_AFTER_EDIT_MS)
+        self._autosave_timer.timeout.connect(self.autosave)
+        self._periodic = QTimer(self)  # and every 30 s while a case is open
+        self._periodic.setInterval(AUTOSAVE_EVERY_MS)
+        self._periodic.timeout.connect(self.autosave)
+        self._bind_keys()
+        # closing napari destroys this widget: stop drafting, give the lock back (no Qt objects used)
+        cancel = self._draft_cancel
+        holder = self._holder = {"worklist": None}
+        self.destroyed.connect(lambda *_: (cancel.set(), holder["worklist"] and holder["worklist"].close()))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def cascade_widget(self):
+        if self._cascade_widget is None:
+            _, self._cascade_widget = self.viewer.window.add_plugin_dock_widget("napari-kidseg", "Kidney cascade")
+        return self._cascade_widget
+
+    def _notify(self, message: str, error=False):
+        from napari.utils.notifications import show_error, show_info
+
+        self.status.setText(message)
+        (show_error if error else show_info)(message)
+
+    def _set_enabled(self, on: bool):
+        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn):
+            b.setEnabled(on)
+
+    def _browse(self):
+        folder = QFileDialog.getExistingDirectory(self, "Worklist folder")
+        if folder:
+            self.folder_edit.setText(folder)
+            self.open_folder(folder)
+
+    def _bind_keys(self):
+        actions = {
+            "next case": self.next_case,
+            "previous case": self.previous_case,
+            "mark reviewed": self.mark_reviewed,
+            "next disagreement": lambda: self.cascade_widget.goto_doubtful("disagreement"),
+            "next uncertain slice": lambda: self.cascade_widget.goto_doubtful("uncertainty"),
+        }
+        for what, key in KEYS.items():
+            self.viewer.bind_key(key, lambda _viewer, f=actions[what]: f(), overwrite=True)
+
+    def _get_cascade(self):
+        """The drafting cascade, with the models and device the Kidney cascade widget names."""
+        from ..cascade import Cascade
+
+        cw = self.cascade_widget
+        paths = (cw.coarse_edit.text() or None, cw.refine_edit.text() or None, cw.device_combo.currentText())
+        with self._cascade_lock:
+            c = self._cascade
+            if (
+                c is None
+                or (paths[0] and str(c.coarse_path) != paths[0])
+                or (paths[1] and str(c.refine_path) != paths[1])
+            ):
+                self._cascade = c = Cascade(paths[0], paths[1], device=paths[2])
+            return c
+
+    # ------------------------------------------------------------------ the folder
+    def open_folder(self, folder: str, state_dir: str | None = None):
+        from ..worklist import Worklist
+
+        if not folder:
+            self._notify("choose a folder of cases first", error=True)
+            return None
+        self.close_worklist()
+        try:
+            wl = Worklist(
+                folder, state_dir or self.state_edit.text().strip() or None, self.reviewer_edit.text() or None
+            )
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
+            return None
+        self.worklist = self._holder["worklist"] = wl
+        self.folder_edit.setText(str(wl.folder))
+        if not self.reviewer_edit.text():
+            self.reviewer_edit.setText(wl.reviewer)
+        self.note.setText("\n".join(wl.notes))
+        self._refresh_table()
+        self._set_enabled(True)
+        self.reviewed_btn.setEnabled(not wl.read_only)
+        start = wl.current if wl.current is not None else wl.next_todo()
+        if start is not None:
+            self.open_case(start)
+        else:
+            self._notify(f"all {len(wl.rows)} cases are reviewed or failed")
+        return wl
+
+    def close_worklist(self):
+        self.autosave()
+        self._draft_cancel.set()
+        self._periodic.stop()
+        if self.worklist is not None:
+            self.worklist.close()
+        self.worklist = self._holder["worklist"] = None
+        self.current = None
+
+    def _refresh_table(self):
+        wl = self.worklist
+        if wl is None:
+            return
+        self.table.setRowCount(len(wl.rows))
+        for i, r in enumerate(wl.rows):
+            tumor = None if r.right_tumor_ml is None else (r.right_tumor_ml or 0) + (r.left_tumor_ml or 0)
+            values = {
+                "case": r.case + (f"  {r.description}" if r.description else ""),
+                "status": r.status + (f": {r.reason}" if r.reason else "") + (" *" if i == self.current else ""),
+                "right_kidney_ml": r.right_kidney_ml,
+                "left_kidney_ml": r.left_kidney_ml,
+                "tumor_ml": tumor,
+                "largest_tumor_mm": r.largest_tumor_mm,
+                "minutes": round(r.seconds / 60.0, 1),
+                "reviewer": r.reviewer,
+                "models": r.models,
+            }
+            for c, (key, _) in enumerate(COLUMNS):
+                v = values[key]
+                self.table.setItem(
+                    i, c, QTableWidgetItem("" if v is None else f"{v:g}" if isinstance(v, float) else str(v))
+                )
+        self.progress.setMaximum(len(wl.rows))
+        self.progress.setValue(wl.reviewed)
+
+    # ------------------------------------------------------------------ cases
+    def _elapsed(self) -> float:
+        return self._seconds_before + (time.perf_counter() - self._case_started if self.current is not None else 0.0)
+
+    def autosave(self):
+        """Save the open case's labels and reviewed slices (atomic); a failure keeps the edits in
+        memory and says why."""
+        self._autosave_timer.stop()
+        wl, cw = self.worklist, self._cascade_widget
+        if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
+            return False
+        row = wl.rows[self.current]
+        try:
+            cw.session.sync_edits()
+            wl.save_edits(row, cw.session.labels, cw.reviewed_slices, self._elapsed())
+        except KidsegError as exc:
+            self._notify(f"autosave failed, your edits are still here: {exc}", error=True)
+            return False
+        self._dirty = False
+        self._refresh_table()
+        return True
+
+    def _on_edit(self, event=None):
+        self._dirty = True
+        self._autosave_timer.start()
+
+    def open_case(self, index: int):
+        """Open a case: its draft at once when it was made ahead (else drafted now), with the edits
+        autosaved before; then draft the next cases in the background."""
+        from napari.qt.threading import create_worker
+
+        wl = self.worklist
+        if wl is None or not 0 <= index < len(wl.rows) or self._opening is not None:
+            return
+        if self.cascade_widget._worker is not None:
+            self._notify("the Kidney cascade widget is busy: wait for its run to end", error=True)
+            return
+        self.autosave()
+        t0 = time.perf_counter()
+        row = wl.rows[index]
+        self.status.setText(f"opening {row.case}...")
+        cw = self.cascade_widget
+
+        def job():
+            ct = wl.read_ct(row)
+            cached = wl.load_draft(row)
+            cascade = self._get_cascade()
+            if cached is None:
+                result = wl.draft(row, cascade, ct=ct)
+                if result is None:
+                    raise KidsegError(f"could not draft {row.case}: {row.reason}")
+            else:
+                result = cached[0]
+            edits = wl.load_edits(row)
+            labels, reviewed = edits if edits else (None, set())
+            session, comparison = cw.prepare_result(result, labels)
+            return ct, cascade, session, comparison, reviewed
+
+        def done(payload):
+            self._opening = None
+            self._show_case(index, payload, t0)
+
+        def failed(exc):
+            self._opening = None
+            self._refresh_table()
+            self._notify(str(exc) if isinstance(exc, KidsegError) else f"could not open the case: {exc!r}", error=True)
+
+        self._opening = create_worker(job, _connect={"returned": done, "errored": failed})
+
+    def _show_case(self, index, payload, t0):
+        from ..layers import ct_layer_data
+
+        ct, cascade, session, comparison, reviewed = payload
+        wl, cw = self.worklist, self.cascade_widget
+        if wl is None:
+            return
+        row = wl.rows[index]
+        for layer in [ly for ly in self.viewer.layers if ly.name.startswith(CT_LAYER_PREFIX)]:
+            self.viewer.layers.remove(layer)
+        data, kwargs, _ = ct_layer_data(ct, name=CT_LAYER_PREFIX + row.case)
+        self.viewer.add_image(data, **kwargs)
+        cw.ct_combo.setCurrentText(CT_LAYER_PREFIX + row.case)
+        cw.show_prepared(ct, cascade, session, comparison, reviewed)
+        self.current = wl.current = index
+        self._seconds_before = row.seconds
+        self._case_started = time.perf_counter()
+        if row.status in ("new", "drafted"):
+            row.status = "in review"
+        row.reviewer = row.reviewer or self.reviewer_edit.text() or wl.reviewer
+        wl.save()
+        self._refresh_table()
+        self.table.selectRow(index)
+        self._periodic.start()
+        QTimer.singleShot(0, lambda: self._watch_edits(t0, row.case))
+        self._draft_ahead()
+
+    def _watch_edits(self, t0, case):
+        """After the layers are in: edits mark the case dirty; the time to the draft on screen."""
+        cw = self.cascade_widget
+        if cw._worker is not None:  # layers still being added, one per event-loop turn
+            QTimer.singleShot(20, lambda: self._watch_edits(t0, case))
+            return
+        self.last_open_seconds = time.perf_counter() - t0
+        if cw.fused_layer is not None:
+            cw.fused_layer.events.data.connect(self._on_edit)
+            cw.fused_layer.events.paint.connect(self._on_edit)
+        self.status.setText(f"{case}: on screen in {self.last_open_seconds:.1f} s")
+
+    def _draft_ahead(self):
+        """Draft the next few cases not drafted yet, in the background, at low priority."""
+        from napari.qt.threading import create_worker
+
+        from ..worklist import draft_all
+
+        wl = self.worklist
+        n = self.ahead_spin.value()
+        if wl is None or n <= 0 or self._drafting is not None or wl.read_only:
+            return
+        order, i = [], self.current
+        while len(order) < n and i is not None:
+            i = wl.next_todo(i)
+            if i is None or i == self.current or i in order:
+                break
+            order.append(i)
+        if not order:
+            return
+        self._draft_cancel = cancel = threading.Event()
+        self._holder["cancel"] = cancel
+
+        def job():
+            # this thread only (Linux): the case in review keeps the CPU's attention
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+            return draft_all(wl, self._get_cascade(), order=order, cancel=cancel.is_set)
+
+        def finished(*_):
+            self._drafting = None
+            self._refresh_table()
+
+        self._drafting = create_worker(job, _connect={"finished": finished, "errored": lambda exc: None})
+
+    def next_case(self):
+        wl = self.worklist
+        if wl is None:
+            return
+        i = wl.next_todo(self.current if self.current is not None else -1)
+        if i is None:
+            self._notify(f"all {len(wl.rows)} cases are reviewed (or failed): the worklist is done")
+            return
+        self.open_case(i)
+
+    def previous_case(self):
+        if self.worklist is not None and self.current:
+            self.open_case(self.current - 1)
+
+    def mark_reviewed(self):
+        """Export the case (KiTS layout + manifest, DICOM SEG for DICOM CTs) and open the next one."""
+        wl, cw = self.worklist, self.cascade_widget
+        if wl is None or self.current is None or cw.session is None:
+            return None
+        folder = cw.export_edit.text().strip()
+        if not folder:
+            folder = str(wl.state_dir / "export")
+            cw.export_edit.setText(folder)
+        s = cw.session
+        s.sync_edits()
+        row = wl.rows[self.current]
+        try:
+            case_dir = wl.mark_reviewed(
+                row,
+                cw.ct_volume,
+                s.labels,
+                folder,
+                seconds=self._elapsed(),
+                checkpoints={"coarse": cw.cascade.coarse_path, "refine": cw.cascade.refine_path},
+                params=s.params,
+                hand_edited_voxels=s.hand_edited_voxels,
+            )
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
+            return None
+        self.autosave()
+        self._refresh_table()
+        self._notify(f"{row.case} reviewed and exported to {case_dir}")
+        self.next_case()
+        return case_dir
+
+    def redraft(self):
+        """Draft the open case again with the models now in the Kidney cascade widget."""
+        wl = self.worklist
+        if wl is None or self.current is None:
+            return
+        wl.drop_draft(wl.rows[self.current])
+        self.open_case(self.current)

@@ -1,0 +1,439 @@
+"""A worklist: a folder of cases reviewed one after another, drafts made ahead, nothing lost.
+
+GUI-free: the Case worklist widget, ``kidseg review`` and ``kidseg draft`` all call this.
+
+- :func:`find_cases` lists a folder's cases recursively: KiTS case folders, CT volume files
+  (NIfTI, NRRD, MHA/MHD; label files are skipped) and DICOM series (one row per series, with its
+  description and date).
+- :class:`Worklist` keeps the state of the series in a state folder (beside the cases, or
+  elsewhere when the case folder is read-only): ``state.json`` (one row per case: status, volumes,
+  time spent, reviewer, models), ``drafts/`` (each case's cascade result, so alpha and the
+  thresholds stay live on a draft), ``edits/`` (the labels as corrected so far and the slices
+  reviewed) and ``worklist.csv`` for the study's records. Every file is written atomically: a
+  crash leaves the previous version, never half a file. A lock file stops a second napari from
+  writing the same worklist: it opens the worklist read-only and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import files, volumes
+from .errors import KidsegError
+
+_log = logging.getLogger(__name__)
+
+STATE_FOLDER = ".kidseg-worklist"
+STATUSES = ("new", "drafted", "in review", "reviewed", "failed")
+TODO = ("new", "drafted", "in review")
+LABEL_FILE_HINTS = ("segmentation", "_labels", "label", "mask", "_seg")
+
+
+@dataclasses.dataclass
+class CaseRow:
+    """One case of the worklist, as the table shows it and state.json keeps it."""
+
+    case: str  # its path relative to the worklist folder (plus the series uid for a DICOM series)
+    source: str  # absolute path: the CT file, the DICOM folder, or the KiTS case folder
+    kind: str  # "kits", "volume" or "dicom"
+    series_uid: str | None = None
+    description: str = ""
+    status: str = "new"
+    reason: str = ""  # why it failed
+    right_kidney_ml: float | None = None
+    left_kidney_ml: float | None = None
+    right_tumor_ml: float | None = None
+    left_tumor_ml: float | None = None
+    largest_tumor_mm: float | None = None
+    seconds: float = 0.0  # time spent reviewing it
+    reviewer: str = ""
+    models: str = ""  # the models that made its draft
+
+    @property
+    def ct_path(self) -> Path:
+        return Path(self.source) / volumes.KITS_IMAGE if self.kind == "kits" else Path(self.source)
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe id for the case's draft and edit files."""
+        digest = hashlib.sha1(self.case.encode()).hexdigest()[:10]
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.case)[-60:]
+        return f"{stem}-{digest}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding cases
+# ----------------------------------------------------------------------------------------------
+
+
+def _looks_like_labels(path: Path) -> bool:
+    name = path.name.lower()
+    return any(h in name for h in LABEL_FILE_HINTS)
+
+
+def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
+    import pydicom
+    import SimpleITK as sitk
+
+    rows = []
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        for uid in ids:
+            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+            if not names:
+                continue
+            try:
+                ds = pydicom.dcmread(names[0], stop_before_pixels=True)
+                if str(getattr(ds, "SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4":
+                    continue  # a DICOM SEG is not a case
+                desc = " ".join(str(getattr(ds, t, "") or "") for t in ("SeriesDescription", "SeriesDate")).strip()
+            except Exception:  # unreadable header: the row still lists it, reading the CT will say why
+                desc = ""
+            rel = folder.relative_to(root).as_posix() or "."
+            case = rel if len(ids) == 1 else f"{rel} [{uid[-12:]}]"
+            rows.append(CaseRow(case, str(folder), "dicom", uid, f"{desc} ({len(names)} slices)".strip()))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    return rows
+
+
+def find_cases(folder, state_dir=None) -> list[CaseRow]:
+    """The cases under a folder, sorted by path; one line naming the folder when there are none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise KidsegError("no such folder", root)
+    skip = {Path(state_dir).resolve()} if state_dir else set()
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() not in skip)
+        if (d / volumes.KITS_IMAGE).exists():
+            rows.append(CaseRow(d.relative_to(root).as_posix(), str(d), "kits"))
+            dirnames[:] = []
+            continue
+        if any(f.lower().endswith(volumes.DICOM_SUFFIXES) for f in filenames):
+            rows.extend(_dicom_rows(d, root))
+        for f in sorted(filenames):
+            p = d / f
+            fmt = volumes.volume_format(p)
+            if fmt not in (None, "dicom") and not _looks_like_labels(p):
+                rows.append(CaseRow(p.relative_to(root).as_posix(), str(p), "volume"))
+    if not rows:
+        raise KidsegError(
+            "holds no CT: no KiTS case folder, CT volume file (.nii.gz, .nrrd, .mha, .mhd) or DICOM series", root
+        )
+    return sorted(rows, key=lambda r: r.case)
+
+
+# ----------------------------------------------------------------------------------------------
+# The worklist and its state
+# ----------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def default_state_dir(folder) -> Path:
+    """Beside the cases; for a read-only folder, a folder of the user's cache named after it."""
+    root = Path(folder).resolve()
+    if os.access(root, os.W_OK):
+        return root / STATE_FOLDER
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    base = Path(os.environ.get("KIDSEG_CACHE", Path.home() / ".cache" / "napari-kidseg"))
+    return base / "worklists" / f"{root.name}-{digest}"
+
+
+class Worklist:
+    """A folder's cases and their review state; see the module's description."""
+
+    def __init__(self, folder, state_dir=None, reviewer: str | None = None):
+        self.folder = Path(folder).resolve()
+        self.notes: list[str] = []
+        self.state_dir = Path(state_dir).resolve() if state_dir else default_state_dir(self.folder)
+        if not state_dir and not str(self.state_dir).startswith(str(self.folder)):
+            self.notes.append(f"{self.folder} is read-only: the worklist's state is kept in {self.state_dir}")
+        self.rows = find_cases(self.folder, self.state_dir)
+        self.reviewer = reviewer or _os_user()
+        try:
+            for sub in ("", "drafts", "edits"):
+                (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KidsegError(f"cannot create the worklist's state folder ({exc.strerror})", self.state_dir) from None
+        self.read_only = not self._lock()
+        self.current: int | None = None  # the case open for review, kept in state.json to resume at
+        self._load_state()
+        self.save()
+
+    # ------------------------------------------------------------ lock
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "lock"
+
+    def _lock(self) -> bool:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "user": _os_user(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.lock_path.read_text())
+                except (OSError, ValueError):
+                    other = {}
+                same_host = other.get("host") == me["host"]
+                if same_host and isinstance(other.get("pid"), int) and not _pid_alive(other["pid"]):
+                    self.lock_path.unlink(missing_ok=True)  # a crashed napari's lock: take it over
+                    continue
+                who = f"{other.get('user', 'someone')} (pid {other.get('pid', '?')} on {other.get('host', '?')})"
+                self.notes.append(f"another napari has this worklist open, {who}: opened read-only")
+                return False
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return True
+        return False
+
+    def close(self):
+        """Save and give the lock back (only the worklist that holds it)."""
+        if not self.read_only:
+            self.save()
+            self.lock_path.unlink(missing_ok=True)
+            self.read_only = True
+
+    # ------------------------------------------------------------ state
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def csv_path(self) -> Path:
+        return self.state_dir / "worklist.csv"
+
+    def _load_state(self):
+        saved, current_case = {}, None
+        if self.state_path.exists():
+            try:
+                state = json.loads(self.state_path.read_text())
+                saved = {r["case"]: r for r in state.get("rows", [])}
+                current_case = state.get("current")
+            except (OSError, ValueError, KeyError):
+                self.notes.append(f"{self.state_path} was unreadable: the worklist starts afresh")
+        fields = {f.name for f in dataclasses.fields(CaseRow)}
+        for row in self.rows:
+            old = saved.pop(row.case, None)
+            if old:
+                for k, v in old.items():
+                    if k in fields and k not in ("case", "source", "kind", "series_uid"):
+                        setattr(row, k, v)
+            if row.status == "failed" and row.reason.startswith("deleted"):
+                row.status, row.reason = "new", ""  # it is back
+        for old in saved.values():  # listed before, gone from the folder now
+            row = CaseRow(**{k: v for k, v in old.items() if k in fields})
+            row.status, row.reason = "failed", "deleted from the folder"
+            self.rows.append(row)
+        self.rows.sort(key=lambda r: r.case)
+        cases = [r.case for r in self.rows]
+        self.current = cases.index(current_case) if current_case in cases else None
+
+    def save(self):
+        """state.json and worklist.csv, atomically; a full disk is one clear error, the old files stay."""
+        if self.read_only:
+            return
+        from .report import rows_to_csv
+
+        current = None if self.current is None else self.rows[self.current].case
+        state = {"folder": str(self.folder), "current": current, "rows": [dataclasses.asdict(r) for r in self.rows]}
+        with files.atomic_path(self.state_path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(state, indent=1))
+        table = [
+            {k: v for k, v in dataclasses.asdict(r).items() if k not in ("source", "series_uid")} for r in self.rows
+        ]
+        with files.atomic_path(self.csv_path, overwrite=True) as tmp:
+            tmp.write_text(rows_to_csv(table))
+
+    def index_of(self, case: str) -> int:
+        return next(i for i, r in enumerate(self.rows) if r.case == case)
+
+    def next_todo(self, after: int = -1) -> int | None:
+        """The next case not yet reviewed (and not failed) after index ``after``, wrapping around."""
+        n = len(self.rows)
+        for k in range(1, n + 1):
+            i = (after + k) % n
+            if self.rows[i].status in TODO:
+                return i
+        return None
+
+    @property
+    def reviewed(self) -> int:
+        return sum(r.status == "reviewed" for r in self.rows)
+
+    # ------------------------------------------------------------ reading, drafts, edits
+    def read_ct(self, row: CaseRow) -> volumes.Volume:
+        """The case's CT; a case that cannot be read is marked failed with the reason (and re-raised)."""
+        if not Path(row.source).exists():
+            row.status, row.reason = "failed", "deleted from the folder"
+            self.save()
+            raise KidsegError("was deleted from the worklist folder", row.source)
+        try:
+            return volumes.read_ct(row.ct_path, series_uid=row.series_uid)
+        except KidsegError as exc:
+            row.status, row.reason = "failed", str(exc).split(": ", 1)[-1]
+            self.save()
+            raise
+
+    def draft_path(self, row: CaseRow) -> Path:
+        return self.state_dir / "drafts" / f"{row.key}.npz"
+
+    def edits_path(self, row: CaseRow) -> Path:
+        return self.state_dir / "edits" / f"{row.key}.npz"
+
+    def has_draft(self, row: CaseRow) -> bool:
+        return self.draft_path(row).exists()
+
+    def draft(self, row: CaseRow, cascade, *, ct=None, cancel=None, progress=None):
+        """Run the cascade on one case and keep its result in the draft cache (atomically: a
+        cancelled or failed draft leaves no file). Returns the result, or None when it failed."""
+        from .errors import Cancelled
+        from .metrics import measurements
+
+        try:
+            ct = ct if ct is not None else self.read_ct(row)
+            result = cascade.run(ct.array, ct.geometry.spacing, cancel=cancel, progress=progress)
+        except Cancelled:
+            return None
+        except KidsegError as exc:
+            row.status, row.reason = "failed", str(exc).split(": ", 1)[-1]
+            self.save()
+            return None
+        models = f"{cascade.coarse_path.name} + {cascade.refine_path.name}"
+        if not self.read_only:
+            result.save_probabilities(self.draft_path(row), overwrite=True, note={"models": models})
+        row.models = models
+        if row.status in ("new", "failed"):
+            row.status, row.reason = "drafted", ""
+        self._measure(row, measurements(result.fuse(), result.spacing))
+        self.save()
+        return result
+
+    def load_draft(self, row: CaseRow):
+        """The case's cached draft ``(result, note)``, or None (none yet, or unreadable: it is dropped)."""
+        from .cascade import CascadeResult
+
+        path = self.draft_path(row)
+        if not path.exists():
+            return None
+        try:
+            return CascadeResult.load_probabilities(path)
+        except KidsegError as exc:
+            _log.warning("%s", exc)
+            path.unlink(missing_ok=True)
+            return None
+
+    def drop_draft(self, row: CaseRow):
+        """Forget a draft (to redraft it with other models)."""
+        if not self.read_only:
+            self.draft_path(row).unlink(missing_ok=True)
+            if row.status == "drafted":
+                row.status = "new"
+            self.save()
+
+    def save_edits(self, row: CaseRow, labels: np.ndarray, reviewed_slices=(), seconds: float = 0.0):
+        """Autosave: the labels as corrected so far and the slices reviewed (atomic)."""
+        if self.read_only:
+            return
+        from .metrics import measurements
+
+        with files.atomic_path(self.edits_path(row), overwrite=True) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, labels=labels, reviewed=np.array(sorted(reviewed_slices), np.int32))
+        row.seconds = float(seconds)
+        if row.status != "reviewed":
+            row.status = "in review"
+        spacing = None
+        draft = self.load_draft(row)
+        if draft is not None:
+            spacing = draft[0].spacing
+        if spacing is not None:
+            self._measure(row, measurements(labels, spacing))
+        row.reviewer = row.reviewer or self.reviewer
+        self.save()
+
+    def load_edits(self, row: CaseRow):
+        """The autosaved ``(labels, reviewed slices)`` of a case, or None."""
+        path = self.edits_path(row)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["labels"], {int(z) for z in f["reviewed"]}
+        except (OSError, ValueError, KeyError) as exc:
+            _log.warning("%s: unreadable autosave (%s)", path, exc)
+            return None
+
+    def mark_reviewed(self, row: CaseRow, ct, labels, export_dir, *, seconds=None, **export_kwargs) -> Path:
+        """Export the case (KiTS layout + manifest; DICOM SEG for a DICOM CT) and mark it reviewed."""
+        from .metrics import measurements
+        from .review import export_correction
+
+        if self.read_only:
+            raise KidsegError("is open read-only in this napari (another one holds it)", self.state_dir)
+        case_dir = export_correction(
+            Path(export_dir), ct, labels, whole_case_reviewed=True, update=True, **export_kwargs
+        )
+        row.status, row.reason = "reviewed", ""
+        row.reviewer = row.reviewer or self.reviewer
+        if seconds is not None:
+            row.seconds = float(seconds)
+        self._measure(row, measurements(labels, ct.geometry.spacing))
+        self.save()
+        return case_dir
+
+    @staticmethod
+    def _measure(row: CaseRow, m: dict):
+        row.right_kidney_ml = round(m["right"]["kidney_ml"], 1)
+        row.left_kidney_ml = round(m["left"]["kidney_ml"], 1)
+        row.right_tumor_ml = round(m["right"]["tumor_ml"], 1)
+        row.left_tumor_ml = round(m["left"]["tumor_ml"], 1)
+        row.largest_tumor_mm = round(m["total"]["tumor_diameter_mm"], 1)
+
+
+def draft_all(worklist: Worklist, cascade, *, order=None, cancel=None, progress=None, redraft=False) -> int:
+    """Draft every case not drafted yet (or all, with ``redraft``) in ``order`` (indices); returns
+    how many were drafted. What ``kidseg draft`` runs (on a GPU machine overnight, say) and what the
+    widget's drafts-ahead worker runs for the next few cases."""
+    done = 0
+    for i in order if order is not None else range(len(worklist.rows)):
+        if cancel is not None and cancel():
+            break
+        row = worklist.rows[i]
+        if row.status in ("reviewed", "failed") or (worklist.has_draft(row) and not redraft):
+            continue
+        if worklist.draft(row, cascade, cancel=cancel) is not None:
+            done += 1
+        if progress:
+            progress(done, len(worklist.rows), row.case)
+    return done
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment
+        return ""
