@@ -1,4 +1,4 @@
-"""The ``kidseg`` command: phantom, predict, evaluate, report, export-seg, train, finetune, bench, demo.
+"""The ``kidseg`` command: phantom, predict, evaluate, report, export-seg, review, draft, train, finetune, bench, demo.
 
 Every subcommand calls the GUI-free core. A user mistake prints one line, ``kidseg: error: ...``
 naming the file and the problem, and exits with status 2; no traceback.
@@ -522,6 +522,55 @@ def cmd_export_seg(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- worklist
+def cmd_draft(args) -> int:
+    """Draft a whole worklist in batch (a GPU machine overnight, say) into its draft cache."""
+    from .cascade import Cascade
+    from .worklist import Worklist, draft_all
+
+    wl = Worklist(args.folder, args.state)
+    try:
+        for note in wl.notes:
+            print(f"kidseg: note: {note}", file=sys.stderr)
+        if wl.read_only:
+            raise KidsegError("is open in another napari; drafts would not be kept", wl.state_dir)
+        cascade = Cascade(args.coarse, args.refine, device=args.device)
+        bar = _ProgressBar("drafts")
+        n = draft_all(wl, cascade, progress=lambda d, t, case: bar(d, t, case), redraft=args.redraft)
+        bar.close()
+        failed = [r for r in wl.rows if r.status == "failed"]
+        print(f"kidseg: {n} case(s) drafted into {wl.state_dir / 'drafts'}; {len(failed)} failed")
+        for r in failed:
+            print(f"kidseg: failed: {r.case}: {r.reason}", file=sys.stderr)
+    finally:
+        wl.close()
+    return 0
+
+
+def cmd_review(args) -> int:
+    """napari with the Case worklist and the Kidney cascade widgets on a folder."""
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and sys.platform.startswith("linux"):
+        raise KidsegError("no display here, so napari cannot open; run `xvfb-run -a kidseg review ...` or a desktop")
+    from .worklist import find_cases
+
+    find_cases(args.folder)  # a folder with no CT is one line here, before napari opens
+    import napari
+
+    viewer = napari.Viewer(title="napari-kidseg worklist")
+    _, cascade_widget = viewer.window.add_plugin_dock_widget("napari-kidseg", "Kidney cascade")
+    _, worklist_widget = viewer.window.add_plugin_dock_widget("napari-kidseg", "Case worklist", tabify=True)
+    if args.coarse:
+        cascade_widget.coarse_edit.setText(args.coarse)
+    if args.refine:
+        cascade_widget.refine_edit.setText(args.refine)
+    if args.state:
+        worklist_widget.state_edit.setText(args.state)
+    worklist_widget.open_folder(args.folder)
+    if not args.no_block:
+        napari.run()
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
     from .bench import format_table, run_benchmark
@@ -655,6 +704,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="label file or folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("review", help="open napari with the Case worklist on a folder of cases")
+    p.add_argument("folder", help="KiTS case folders, CT files or DICOM series (searched recursively)")
+    p.add_argument("--state", help="where the worklist's state goes (default: beside the cases)")
+    p.add_argument("--coarse")
+    p.add_argument("--refine")
+    p.add_argument("--no-block", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("draft", help="draft every case of a worklist folder into its draft cache (batch)")
+    p.add_argument("folder")
+    p.add_argument("--state", help="the worklist's state folder (default: beside the cases)")
+    p.add_argument("--coarse")
+    p.add_argument("--refine")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--redraft", action="store_true", help="draft again the cases drafted already")
+    p.set_defaults(func=cmd_draft)
 
     _add_train_parser(sub)
 

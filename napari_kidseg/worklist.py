@@ -16,6 +16,7 @@ GUI-free: the Case worklist widget, ``kidseg review`` and ``kidseg draft`` all c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -179,6 +180,9 @@ class Worklist:
         except OSError as exc:
             raise KidsegError(f"cannot create the worklist's state folder ({exc.strerror})", self.state_dir) from None
         self.read_only = not self._lock()
+        if not self.read_only:  # temporary files of a drafting process killed mid-write
+            for junk in (self.state_dir / "drafts").glob(".*.tmp*"):
+                junk.unlink(missing_ok=True)
         self.current: int | None = None  # the case open for review, kept in state.json to resume at
         self._load_state()
         self.save()
@@ -311,7 +315,6 @@ class Worklist:
         """Run the cascade on one case and keep its result in the draft cache (atomically: a
         cancelled or failed draft leaves no file). Returns the result, or None when it failed."""
         from .errors import Cancelled
-        from .metrics import measurements
 
         try:
             ct = ct if ct is not None else self.read_ct(row)
@@ -319,18 +322,23 @@ class Worklist:
         except Cancelled:
             return None
         except KidsegError as exc:
-            row.status, row.reason = "failed", str(exc).split(": ", 1)[-1]
-            self.save()
+            self.record_draft(row, {"error": str(exc)})
             return None
-        models = f"{cascade.coarse_path.name} + {cascade.refine_path.name}"
-        if not self.read_only:
-            result.save_probabilities(self.draft_path(row), overwrite=True, note={"models": models})
-        row.models = models
-        if row.status in ("new", "failed"):
-            row.status, row.reason = "drafted", ""
-        self._measure(row, measurements(result.fuse(), result.spacing))
-        self.save()
+        info = _keep_draft(result, cascade, None if self.read_only else self.draft_path(row))
+        self.record_draft(row, info)
         return result
+
+    def record_draft(self, row: CaseRow, info: dict):
+        """Note a draft made here or by :func:`draft_case` in another process: its models and
+        volumes, or why it failed."""
+        if "error" in info:
+            row.status, row.reason = "failed", info["error"].split(": ", 1)[-1]
+        else:
+            row.models = info["models"]
+            if row.status in ("new", "failed"):
+                row.status, row.reason = "drafted", ""
+            self._measure(row, info["measurements"])
+        self.save()
 
     def load_draft(self, row: CaseRow):
         """The case's cached draft ``(result, note)``, or None (none yet, or unreadable: it is dropped)."""
@@ -355,23 +363,17 @@ class Worklist:
             self.save()
 
     def save_edits(self, row: CaseRow, labels: np.ndarray, reviewed_slices=(), seconds: float = 0.0):
-        """Autosave: the labels as corrected so far and the slices reviewed (atomic)."""
+        """Autosave: the labels as corrected so far and the slices reviewed (atomic). The volumes in
+        the table are measured when a case is drafted and when it is marked reviewed, not here:
+        an autosave has to be quick."""
         if self.read_only:
             return
-        from .metrics import measurements
-
         with files.atomic_path(self.edits_path(row), overwrite=True) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, labels=labels, reviewed=np.array(sorted(reviewed_slices), np.int32))
         row.seconds = float(seconds)
         if row.status != "reviewed":
             row.status = "in review"
-        spacing = None
-        draft = self.load_draft(row)
-        if draft is not None:
-            spacing = draft[0].spacing
-        if spacing is not None:
-            self._measure(row, measurements(labels, spacing))
         row.reviewer = row.reviewer or self.reviewer
         self.save()
 
@@ -412,6 +414,42 @@ class Worklist:
         row.right_tumor_ml = round(m["right"]["tumor_ml"], 1)
         row.left_tumor_ml = round(m["left"]["tumor_ml"], 1)
         row.largest_tumor_mm = round(m["total"]["tumor_diameter_mm"], 1)
+
+
+def _keep_draft(result, cascade, path) -> dict:
+    from .metrics import measurements
+
+    models = f"{cascade.coarse_path.name} + {cascade.refine_path.name}"
+    if path is not None:
+        result.save_probabilities(path, overwrite=True, note={"models": models})
+    return {"models": models, "measurements": measurements(result.fuse(), result.spacing)}
+
+
+_PROCESS_CASCADES: dict = {}  # a drafting process keeps its loaded models between cases
+
+
+def drafting_process_init():
+    """A drafting process runs at low priority: the radiologist's napari comes first."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
+
+
+def draft_case(ct_path, series_uid, draft_path, coarse=None, refine=None, device="auto") -> dict:
+    """Draft one case in this process and keep it at ``draft_path`` (atomically); returns what
+    :meth:`Worklist.record_draft` takes. Run in a separate process by the widget (drafts ahead),
+    so that no long call of the drafting holds the GUI process's interpreter lock."""
+    from .cascade import Cascade
+
+    try:
+        key = (coarse, refine, device)
+        if key not in _PROCESS_CASCADES:
+            _PROCESS_CASCADES[key] = Cascade(coarse, refine, device=device)
+        cascade = _PROCESS_CASCADES[key]
+        ct = volumes.read_ct(ct_path, series_uid=series_uid)
+        result = cascade.run(ct.array, ct.geometry.spacing)
+        return _keep_draft(result, cascade, Path(draft_path))
+    except KidsegError as exc:
+        return {"error": str(exc)}
 
 
 def draft_all(worklist: Worklist, cascade, *, order=None, cancel=None, progress=None, redraft=False) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 
@@ -205,3 +206,22 @@ def test_predict_report_writes_one_row_per_case(tmp_path, tiny_checkpoints, smal
     assert right + left == pytest.approx(kidney_ml, abs=0.02)
     assert main(["predict", str(small_case_dir.parent), "-o", str(out), "--report", *_tiny(tiny_checkpoints)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_draft_fills_the_worklist_cache_and_a_folder_without_ct_is_one_line(
+    tmp_path, tiny_checkpoints, small_case_dir, capsys
+):
+    from napari_kidseg.worklist import Worklist
+
+    folder = tmp_path / "list"
+    shutil.copytree(small_case_dir, folder / "case_00000")
+    shutil.copytree(small_case_dir, folder / "case_00001")
+    assert main(["draft", str(folder), *_tiny(tiny_checkpoints)]) == 0
+    assert "2 case(s) drafted" in capsys.readouterr().out
+    wl = Worklist(folder)
+    assert [r.status for r in wl.rows] == ["drafted", "drafted"] and all(wl.has_draft(r) for r in wl.rows)
+    wl.close()
+    (tmp_path / "empty").mkdir()
+    assert main(["draft", str(tmp_path / "empty"), *_tiny(tiny_checkpoints)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no CT" in err[0]

@@ -10,7 +10,6 @@ second napari opening the same worklist gets it read-only.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 
@@ -31,6 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import KidsegError
+from ..worklist import draft_case
 
 COLUMNS = (
     ("case", "case"),
@@ -66,8 +66,9 @@ class WorklistWidget(QWidget):
         self._seconds_before = 0.0
         self._dirty = False
         self._opening = None  # the worker opening a case
-        self._drafting = None  # the drafts-ahead worker
-        self._draft_cancel = threading.Event()
+        self._drafting = None  # {case: future} of the drafts being made ahead, or None
+        self._pool = None  # the drafting process
+        self._starting_pool = False
         self._cascade = None  # the Cascade that drafts (and made the shown draft)
         self._cascade_lock = threading.Lock()
         self.last_open_seconds = None  # from Next to the draft on screen (benchmarks read it)
@@ -145,13 +146,21 @@ class WorklistWidget(QWidget):
         self._periodic = QTimer(self)  # and every 30 s while a case is open
         self._periodic.setInterval(AUTOSAVE_EVERY_MS)
         self._periodic.timeout.connect(self.autosave)
+        self._poll = QTimer(self)  # takes in the drafts the drafting process finishes
+        self._poll.setInterval(200)
+        self._poll.timeout.connect(self._poll_drafts)
         self._bind_keys()
-        # closing napari destroys this widget: stop drafting, give the lock back (no Qt objects used)
-        cancel = self._draft_cancel
-        holder = self._holder = {"worklist": None}
-        self.destroyed.connect(lambda *_: (cancel.set(), holder["worklist"] and holder["worklist"].close()))
+        # closing napari destroys this widget: end the drafting process and give the lock back
+        # (through this dict: the lambda must not touch Qt objects that are being destroyed)
+        holder = self._holder = {"worklist": None, "pool": None}
+        self.destroyed.connect(lambda *_: (_stop_pool(holder), holder["worklist"] and holder["worklist"].close()))
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def drafting(self) -> bool:
+        """Whether drafts are being made ahead (or the drafting process is starting)."""
+        return self._starting_pool or bool(self._drafting)
+
     @property
     def cascade_widget(self):
         if self._cascade_widget is None:
@@ -233,7 +242,7 @@ class WorklistWidget(QWidget):
 
     def close_worklist(self):
         self.autosave()
-        self._draft_cancel.set()
+        self.stop_drafting()
         self._periodic.stop()
         if self.worklist is not None:
             self.worklist.close()
@@ -270,17 +279,23 @@ class WorklistWidget(QWidget):
     def _elapsed(self) -> float:
         return self._seconds_before + (time.perf_counter() - self._case_started if self.current is not None else 0.0)
 
+    def _edits_to_save(self):
+        """``(row, labels copy, reviewed slices, seconds)`` of the open case, or None."""
+        wl, cw = self.worklist, self._cascade_widget
+        if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
+            return None
+        cw.session.sync_edits()
+        return wl.rows[self.current], cw.session.labels.copy(), set(cw.reviewed_slices), self._elapsed()
+
     def autosave(self):
         """Save the open case's labels and reviewed slices (atomic); a failure keeps the edits in
         memory and says why."""
         self._autosave_timer.stop()
-        wl, cw = self.worklist, self._cascade_widget
-        if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
+        what = self._edits_to_save()
+        if what is None:
             return False
-        row = wl.rows[self.current]
         try:
-            cw.session.sync_edits()
-            wl.save_edits(row, cw.session.labels, cw.reviewed_slices, self._elapsed())
+            self.worklist.save_edits(*what)
         except KidsegError as exc:
             self._notify(f"autosave failed, your edits are still here: {exc}", error=True)
             return False
@@ -303,14 +318,24 @@ class WorklistWidget(QWidget):
         if self.cascade_widget._worker is not None:
             self._notify("the Kidney cascade widget is busy: wait for its run to end", error=True)
             return
-        self.autosave()
         t0 = time.perf_counter()
+        leaving = self._edits_to_save()  # the case being left: saved in the job, off the GUI thread
+        self._autosave_timer.stop()
         row = wl.rows[index]
         self.status.setText(f"opening {row.case}...")
         cw = self.cascade_widget
+        pending = (self._drafting or {}).get(row.case)  # the drafting process may be making it now
 
         def job():
+            if leaving is not None:
+                try:
+                    wl.save_edits(*leaving)
+                except KidsegError as exc:  # the session is not replaced: the edits stay open here
+                    raise KidsegError(f"{leaving[0].case} stays open, its edits could not be saved: {exc}") from None
             ct = wl.read_ct(row)
+            if pending is not None:
+                with contextlib.suppress(Exception):  # it failed or was cancelled: drafted below
+                    pending.result(timeout=600)
             cached = wl.load_draft(row)
             cascade = self._get_cascade()
             if cached is None:
@@ -360,7 +385,6 @@ class WorklistWidget(QWidget):
         self.table.selectRow(index)
         self._periodic.start()
         QTimer.singleShot(0, lambda: self._watch_edits(t0, row.case))
-        self._draft_ahead()
 
     def _watch_edits(self, t0, case):
         """After the layers are in: edits mark the case dirty; the time to the draft on screen."""
@@ -373,39 +397,107 @@ class WorklistWidget(QWidget):
             cw.fused_layer.events.data.connect(self._on_edit)
             cw.fused_layer.events.paint.connect(self._on_edit)
         self.status.setText(f"{case}: on screen in {self.last_open_seconds:.1f} s")
+        self._draft_ahead()  # now, not while napari builds the layers on the GUI thread
 
     def _draft_ahead(self):
-        """Draft the next few cases not drafted yet, in the background, at low priority."""
-        from napari.qt.threading import create_worker
-
-        from ..worklist import draft_all
-
+        """Draft the next few cases not drafted yet, in a separate low-priority process (its long
+        numpy calls cannot hold this process's interpreter lock, so the viewer keeps turning)."""
         wl = self.worklist
         n = self.ahead_spin.value()
-        if wl is None or n <= 0 or self._drafting is not None or wl.read_only:
+        if wl is None or n <= 0 or self._drafting or wl.read_only:
             return
         order, i = [], self.current
         while len(order) < n and i is not None:
             i = wl.next_todo(i)
             if i is None or i == self.current or i in order:
                 break
-            order.append(i)
+            if not wl.has_draft(wl.rows[i]):
+                order.append(i)
+            elif len(order) + 1 >= n:
+                break
         if not order:
             return
-        self._draft_cancel = cancel = threading.Event()
-        self._holder["cancel"] = cancel
+        if self._pool is None:  # start the process from a worker thread, then come back here
+            self._start_pool()
+            return
+        cw = self.cascade_widget
+        models = (cw.coarse_edit.text() or None, cw.refine_edit.text() or None, cw.device_combo.currentText())
+        pool = self._pool
+        self._drafting = {}
+        for i in order:
+            row = wl.rows[i]
+            fut = pool.submit(draft_case, str(row.ct_path), row.series_uid, str(wl.draft_path(row)), *models)
+            self._drafting[row.case] = fut
+        self._poll.start()
+
+    def _start_pool(self):
+        """The drafting process, started off the GUI thread (starting it there stalled the viewer
+        for about 0.4 s); its first no-op task returns once it runs."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from napari.qt.threading import create_worker
+
+        from ..worklist import drafting_process_init
+
+        if self._starting_pool:
+            return
+        self._starting_pool = True
 
         def job():
-            # this thread only (Linux): the case in review keeps the CPU's attention
-            with contextlib.suppress(AttributeError, OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
-            return draft_all(wl, self._get_cascade(), order=order, cancel=cancel.is_set)
+            # spawn, not fork: this process holds Qt and torch threads a fork would copy mid-lock
+            ctx = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=drafting_process_init)
+            pool.submit(int).result(timeout=300)
+            return pool
 
-        def finished(*_):
+        def done(pool):
+            self._starting_pool = False
+            if self.worklist is None:  # closed meanwhile
+                _stop_pool({"pool": pool})
+                return
+            self._pool = self._holder["pool"] = pool
+            self._draft_ahead()
+
+        def failed(exc):
+            self._starting_pool = False
+            self.status.setText(f"no drafting process ({exc!r}): cases are drafted when opened")
+
+        create_worker(job, _connect={"returned": done, "errored": failed})
+
+    def _poll_drafts(self):
+        """Take in the drafts the drafting process finished (the state is written here, by the
+        napari that holds the worklist's lock)."""
+        wl = self.worklist
+        if not self._drafting:
+            self._poll.stop()
             self._drafting = None
-            self._refresh_table()
+            return
+        for case, fut in list(self._drafting.items()):
+            if not fut.done():
+                continue
+            del self._drafting[case]
+            if wl is None or fut.cancelled():
+                continue
+            try:
+                info = fut.result()
+            except Exception as exc:  # the drafting process died: the case is drafted on opening instead
+                info = None
+                self.status.setText(f"drafting {case} in the background failed ({exc!r}); it is drafted when opened")
+            if info is not None and case in [r.case for r in wl.rows]:
+                wl.record_draft(wl.rows[wl.index_of(case)], info)
+                self._refresh_table()
+        if not self._drafting:
+            self._poll.stop()
+            self._drafting = None
 
-        self._drafting = create_worker(job, _connect={"finished": finished, "errored": lambda exc: None})
+    def stop_drafting(self):
+        """Cancel queued drafts and end the drafting process (a draft half-written is never kept:
+        its file is renamed into place only when complete)."""
+        self._poll.stop()
+        self._drafting = None
+        _stop_pool(self._holder)
+        self._pool = None
 
     def next_case(self):
         wl = self.worklist
@@ -460,3 +552,15 @@ class WorklistWidget(QWidget):
             return
         wl.drop_draft(wl.rows[self.current])
         self.open_case(self.current)
+
+
+def _stop_pool(holder: dict):
+    pool = holder.get("pool")
+    holder["pool"] = None
+    if pool is None:
+        return
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:  # a draft under way is not waited for: the viewer is closing
+        with contextlib.suppress(Exception):
+            proc.terminate()

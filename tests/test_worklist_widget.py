@@ -1,0 +1,123 @@
+"""The Case worklist widget in a real napari viewer (pytest-qt, Xvfb): three small phantom cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_kidseg import volumes
+from napari_kidseg._widgets.cascade_widget import LAYER_NAMES, CascadeWidget
+from napari_kidseg._widgets.worklist_widget import CT_LAYER_PREFIX, WorklistWidget
+from napari_kidseg.phantom import make_phantom
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def cases(tmp_path):
+    root = tmp_path / "cases"
+    for i in range(3):
+        case = make_phantom(60 + i, matrix=64, max_slices=16, n_tumors=1)
+        volumes.write_kits_case(root, f"case_{i:05d}", case.ct, case.labels)
+    return root
+
+
+def _widgets(make_napari_viewer, qtbot, ckpts):
+    viewer = make_napari_viewer()
+    cw = CascadeWidget(viewer)
+    qtbot.addWidget(cw)
+    cw.coarse_edit.setText(str(ckpts["coarse"]))
+    cw.refine_edit.setText(str(ckpts["refine"]))
+    cw.device_combo.setCurrentText("cpu")
+    wl = WorklistWidget(viewer, cascade_widget=cw)
+    qtbot.addWidget(wl)
+    return viewer, cw, wl
+
+
+def _shown(wl, cw, qtbot, case):
+    qtbot.waitUntil(
+        lambda: wl._opening is None and cw._worker is None and wl.current is not None
+        and wl.worklist.rows[wl.current].case == case and wl.last_open_seconds is not None,
+        timeout=60_000,
+    )  # fmt: skip
+
+
+def _quiet(wl, cw, qtbot):
+    qtbot.waitUntil(lambda: not wl.drafting and wl._opening is None and cw._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: cw._measure_worker is None and cw._fuse_worker is None, timeout=30_000)
+
+
+def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
+    make_napari_viewer, qtbot, tiny_checkpoints, cases, tmp_path
+):
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    assert wl.table.rowCount() == 3 and viewer.layers[CT_LAYER_PREFIX + "case_00000"]
+    assert LAYER_NAMES["fused"] in viewer.layers and cw.session is not None
+    # drafts ahead: the next two cases get their drafts in the background
+    qtbot.waitUntil(lambda: wl._pool is not None and not wl.drafting, timeout=120_000)
+    rows = wl.worklist.rows
+    assert all(wl.worklist.has_draft(r) for r in rows) and rows[1].status == "drafted"
+    # an edit is autosaved
+    fused = viewer.layers[LAYER_NAMES["fused"]]
+    fused.data[3, :4, :4] = 2
+    cw.reviewed_slices.add(3)
+    assert wl.autosave()
+    edited = fused.data.copy()
+    # Next: the drafted case is on screen at once (no cascade run)
+    wl.next_btn.click()
+    _shown(wl, cw, qtbot, "case_00001")
+    print(f"next case on screen in {wl.last_open_seconds * 1000:.0f} ms")
+    assert wl.worklist.rows[0].status == "in review"
+    _quiet(wl, cw, qtbot)
+    # close the worklist (as closing napari does) and reopen: the same case, every edit back
+    wl.previous_case()
+    _shown(wl, cw, qtbot, "case_00000")
+    assert np.array_equal(viewer.layers[LAYER_NAMES["fused"]].data, edited) and 3 in cw.reviewed_slices
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()
+    state = json.loads((cases / ".kidseg-worklist" / "state.json").read_text())
+    assert state["current"] == "case_00000"
+    assert not (cases / ".kidseg-worklist" / "lock").exists()
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    assert np.array_equal(viewer.layers[LAYER_NAMES["fused"]].data, edited)
+    # a second napari on the same folder gets it read-only and cannot mark reviewed
+    viewer2, cw2, wl2 = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl2.open_folder(str(cases))
+    assert wl2.worklist.read_only and "read-only" in wl2.note.text() and not wl2.reviewed_btn.isEnabled()
+    _shown(wl2, cw2, qtbot, "case_00000")
+    _quiet(wl2, cw2, qtbot)
+    wl2.close_worklist()
+    # mark reviewed: exported (KiTS layout), counted, and the next case opens
+    cw.export_edit.setText(str(tmp_path / "export"))
+    case_dir = wl.mark_reviewed()
+    assert np.array_equal(volumes.read_labels(case_dir / volumes.KITS_LABELS).array, edited)
+    assert wl.progress.value() == 1 and wl.worklist.rows[0].status == "reviewed"
+    _shown(wl, cw, qtbot, "case_00001")
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()
+
+
+def test_a_broken_case_says_failed_and_the_list_goes_on(make_napari_viewer, qtbot, tiny_checkpoints, cases):
+    blob = (cases / "case_00000" / volumes.KITS_IMAGE).read_bytes()
+    (cases / "case_00000" / volumes.KITS_IMAGE).write_bytes(blob[: len(blob) // 2])
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl.open_folder(str(cases))
+    qtbot.waitUntil(lambda: wl._opening is None, timeout=60_000)
+    assert wl.worklist.rows[0].status == "failed" and "truncated" in wl.table.item(0, 1).text()
+    assert "truncated" in wl.status.text()
+    wl.next_case()
+    _shown(wl, cw, qtbot, "case_00001")
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()
+
+
+def test_a_folder_without_ct_is_one_message(make_napari_viewer, qtbot, tiny_checkpoints, tmp_path):
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    (tmp_path / "nothing").mkdir()
+    assert wl.open_folder(str(tmp_path / "nothing")) is None
+    assert "holds no CT" in wl.status.text() and wl.worklist is None
