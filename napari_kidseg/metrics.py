@@ -35,12 +35,26 @@ def volume_ml(mask: np.ndarray, spacing) -> float:
     return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
 
-def largest_diameter_mm(mask: np.ndarray, spacing, max_points: int = 4000) -> float:
-    """Largest distance between two voxel centres of the largest connected region, in mm.
+def farthest_pair(points_mm: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The largest distance between two of the points and the pair; exact (on their convex hull)."""
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import cdist
 
-    Exact on the region's surface voxels (the farthest pair always lies on the surface); very
-    large surfaces are subsampled evenly, which can underestimate by at most about a voxel.
-    """
+    pts = np.asarray(points_mm, float)
+    if len(pts) < 2:
+        return 0.0, pts[0] if len(pts) else np.zeros(pts.shape[1]), pts[0] if len(pts) else np.zeros(pts.shape[1])
+    try:
+        pts_hull = pts[ConvexHull(pts).vertices]
+    except (QhullError, ValueError):  # flat or collinear point sets: every point is a candidate
+        pts_hull = pts if len(pts) <= 3000 else pts[np.linspace(0, len(pts) - 1, 3000).astype(int)]
+    d = cdist(pts_hull, pts_hull)
+    i, j = np.unravel_index(int(np.argmax(d)), d.shape)
+    return float(d[i, j]), pts_hull[i], pts_hull[j]
+
+
+def largest_diameter_mm(mask: np.ndarray, spacing) -> float:
+    """Largest distance between two voxel centres of the largest connected region, in mm (exact:
+    the farthest pair lies on the region's surface and on the convex hull of that surface)."""
     mask = np.asarray(mask, bool)
     if not mask.any():
         return 0.0
@@ -51,14 +65,7 @@ def largest_diameter_mm(mask: np.ndarray, spacing, max_points: int = 4000) -> fl
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     sub = mask[box]
     surface = sub & ~ndimage.binary_erosion(sub)
-    pts = np.argwhere(surface).astype(np.float64) * np.asarray(spacing, np.float64)
-    if len(pts) > max_points:
-        pts = pts[np.linspace(0, len(pts) - 1, max_points).astype(int)]
-    if len(pts) == 1:
-        return 0.0
-    from scipy.spatial.distance import pdist
-
-    return float(pdist(pts).max())
+    return farthest_pair(np.argwhere(surface) * np.asarray(spacing, np.float64))[0]
 
 
 def _check_same_grid(pred: np.ndarray, ref: np.ndarray) -> None:

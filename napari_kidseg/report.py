@@ -37,7 +37,7 @@ from scipy import ndimage
 from . import __version__
 from .errors import KidsegError
 from .fusion import KIDNEY, TUMOR
-from .metrics import check_label_values
+from .metrics import check_label_values, farthest_pair
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 SINUS_FAT_HU = (-200.0, -30.0)
@@ -52,23 +52,6 @@ METHOD_NOTE = "computed from the segmentation, not read by a radiologist"
 # ----------------------------------------------------------------------------------------------
 # Geometry of point sets
 # ----------------------------------------------------------------------------------------------
-
-
-def farthest_pair(points_mm: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """The largest distance between two of the points and the pair; exact (on their convex hull)."""
-    from scipy.spatial import ConvexHull, QhullError
-    from scipy.spatial.distance import cdist
-
-    pts = np.asarray(points_mm, float)
-    if len(pts) < 2:
-        return 0.0, pts[0] if len(pts) else np.zeros(pts.shape[1]), pts[0] if len(pts) else np.zeros(pts.shape[1])
-    try:
-        pts_hull = pts[ConvexHull(pts).vertices]
-    except (QhullError, ValueError):  # flat or collinear point sets: every point is a candidate
-        pts_hull = pts if len(pts) <= 3000 else pts[np.linspace(0, len(pts) - 1, 3000).astype(int)]
-    d = cdist(pts_hull, pts_hull)
-    i, j = np.unravel_index(int(np.argmax(d)), d.shape)
-    return float(d[i, j]), pts_hull[i], pts_hull[j]
 
 
 def _surface_points(mask: np.ndarray) -> np.ndarray:

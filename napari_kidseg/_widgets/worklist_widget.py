@@ -72,6 +72,7 @@ class WorklistWidget(QWidget):
         self._cascade = None  # the Cascade that drafts (and made the shown draft)
         self._cascade_lock = threading.Lock()
         self.last_open_seconds = None  # from Next to the draft on screen (benchmarks read it)
+        self.last_open_times = {}  # and when each step of that ended (s after Next)
 
         lay = QVBoxLayout(self)
         form = QFormLayout()
@@ -327,12 +328,15 @@ class WorklistWidget(QWidget):
         pending = (self._drafting or {}).get(row.case)  # the drafting process may be making it now
 
         def job():
+            times = {"queued": time.perf_counter() - t0}
             if leaving is not None:
                 try:
                     wl.save_edits(*leaving)
                 except KidsegError as exc:  # the session is not replaced: the edits stay open here
                     raise KidsegError(f"{leaving[0].case} stays open, its edits could not be saved: {exc}") from None
+            times["autosave"] = time.perf_counter() - t0
             ct = wl.read_ct(row)
+            times["read CT"] = time.perf_counter() - t0
             if pending is not None:
                 with contextlib.suppress(Exception):  # it failed or was cancelled: drafted below
                     pending.result(timeout=600)
@@ -346,7 +350,10 @@ class WorklistWidget(QWidget):
                 result = cached[0]
             edits = wl.load_edits(row)
             labels, reviewed = edits if edits else (None, set())
+            times["draft and edits read"] = time.perf_counter() - t0
             session, comparison = cw.prepare_result(result, labels)
+            times["fused"] = time.perf_counter() - t0
+            self.last_open_times = times
             return ct, cascade, session, comparison, reviewed
 
         def done(payload):
@@ -364,14 +371,26 @@ class WorklistWidget(QWidget):
         from ..layers import ct_layer_data
 
         ct, cascade, session, comparison, reviewed = payload
+        self.last_open_times["job returned"] = time.perf_counter() - t0
         wl, cw = self.worklist, self.cascade_widget
         if wl is None:
             return
         row = wl.rows[index]
-        for layer in [ly for ly in self.viewer.layers if ly.name.startswith(CT_LAYER_PREFIX)]:
-            self.viewer.layers.remove(layer)
         data, kwargs, _ = ct_layer_data(ct, name=CT_LAYER_PREFIX + row.case)
-        self.viewer.add_image(data, **kwargs)
+        old = [ly for ly in self.viewer.layers if ly.name.startswith(CT_LAYER_PREFIX)]
+        if old and old[0].ndim == 3:
+            # the case's CT goes into the layer of the one before: napari keeps its canvas node
+            # (a new image layer costs the GUI thread a few hundred ms to build)
+            layer = old[0]
+            layer.data = data
+            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+            layer.metadata = kwargs["metadata"]
+            layer.contrast_limits = kwargs["contrast_limits"]
+            layer.name = kwargs["name"]
+            for extra in old[1:]:
+                self.viewer.layers.remove(extra)
+        else:
+            self.viewer.add_image(data, **kwargs)
         cw.ct_combo.setCurrentText(CT_LAYER_PREFIX + row.case)
         cw.show_prepared(ct, cascade, session, comparison, reviewed)
         self.current = wl.current = index
