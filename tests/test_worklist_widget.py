@@ -71,6 +71,8 @@ def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
     wl.next_btn.click()
     _shown(wl, cw, qtbot, "case_00001")
     print(f"next case on screen in {wl.last_open_seconds * 1000:.0f} ms")
+    assert cw.ct_combo.currentText() == CT_LAYER_PREFIX + "case_00001"  # the CT box names the case shown
+    assert [ly.name for ly in viewer.layers if ly.name.startswith(CT_LAYER_PREFIX)] == [CT_LAYER_PREFIX + "case_00001"]
     assert wl.worklist.rows[0].status == "in review"
     _quiet(wl, cw, qtbot)
     # close the worklist (as closing napari does) and reopen: the same case, every edit back

@@ -391,6 +391,7 @@ class WorklistWidget(QWidget):
                 self.viewer.layers.remove(extra)
         else:
             self.viewer.add_image(data, **kwargs)
+        cw._refresh_layers()  # a renamed layer: the CT box lists layers by name
         cw.ct_combo.setCurrentText(CT_LAYER_PREFIX + row.case)
         cw.show_prepared(ct, cascade, session, comparison, reviewed)
         self.current = wl.current = index
