@@ -40,6 +40,7 @@ from .fusion import (
     LABEL_NAMES,
     TUMOR,
 )
+from .metrics import bounding_box
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 
@@ -261,18 +262,20 @@ class ReviewSession:
         (from the spine when one was found, else the image centre), mL, slice range, a voxel to jump
         to, and whether the anatomy check flagged it.
         """
-        lab, n = ndimage.label(self.labels > 0, structure=_STRUCT_3D)
-        if not n:
+        crop = bounding_box(self.labels > 0, pad=1)  # all below on the labelled voxels' box
+        if crop is None:
             return []
+        lab, n = ndimage.label(self.labels[crop] > 0, structure=_STRUCT_3D)
+        oz, oy, ox = (c.start for c in crop)
         sp = self.result.spacing
         counts = np.bincount(lab.ravel())[1:]
-        tumor = np.bincount(lab.ravel(), weights=(self.labels == TUMOR).ravel())[1:]
+        tumor = np.bincount(lab.ravel(), weights=(self.labels[crop] == TUMOR).ravel())[1:]
         boxes = ndimage.find_objects(lab)
         spine = self.result.spine
         verdict = self.result.verdict
         flagged = np.zeros(n + 1, bool)
         if verdict is not None and self.params.anatomy_check:
-            removed = self.removed_by_anatomy() > 0  # of the last whole-volume fusion: no fusion here
+            removed = self.removed_by_anatomy()[crop] > 0  # of the last whole-volume fusion: no fusion here
             near = ndimage.binary_dilation(removed, structure=_STRUCT_3D) & (lab > 0)
             flagged[np.unique(lab[near])] = True
         rows = []
@@ -280,14 +283,11 @@ class ReviewSession:
             box = boxes[i]
             sub = lab[box] == i + 1
             zz, yy, xx = np.nonzero(sub)
+            zz, yy, xx = zz + box[0].start + oz, yy + box[1].start + oy, xx + box[2].start + ox  # whole volume
             k = len(zz) // 2
-            z, y, x = int(zz[k] + box[0].start), int(yy[k] + box[1].start), int(xx[k] + box[2].start)
-            cx = (xx.mean() + box[2].start) * sp[2]
-            mid = (
-                spine.x_mm[int(round(zz.mean() + box[0].start))]
-                if spine is not None
-                else self.labels.shape[2] * sp[2] / 2
-            )
+            z, y, x = int(zz[k]), int(yy[k]), int(xx[k])
+            cx = xx.mean() * sp[2]
+            mid = spine.x_mm[int(round(zz.mean()))] if spine is not None else self.labels.shape[2] * sp[2] / 2
             side = "left" if cx > mid else "right"  # LPS: +x is the patient's left
             kind = "tumor" if tumor[i] == counts[i] else ("kidney+tumor" if tumor[i] else "kidney")
             rows.append(
@@ -297,7 +297,7 @@ class ReviewSession:
                     "side": side,
                     "ml": self._ml(counts[i]),
                     "tumor_ml": self._ml(tumor[i]),
-                    "slices": (int(box[0].start), int(box[0].stop - 1)),
+                    "slices": (int(box[0].start + oz), int(box[0].stop - 1 + oz)),
                     "voxel": (z, y, x),
                     "flagged": bool(flagged[i + 1]),
                 }
