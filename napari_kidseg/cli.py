@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import KidsegError, KidsegWarning
 from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from .models import PRESET_NOTES
 
 
 class _ProgressBar:
@@ -411,9 +412,9 @@ def _add_train_parser(sub):
     )
     p.add_argument(
         "--preset",
-        choices=["paper", "small", "tiny"],
+        choices=list(PRESET_NOTES),
         default="paper",
-        help="paper: SE-ResNeXt50 U-Net; small: MobileNetV3 U-Net (the bundled weights); tiny: tests",
+        help="; ".join(f"{k}: {v}" for k, v in PRESET_NOTES.items()),
     )
     p.add_argument("--context-slices", type=int, default=None, help="2.5D: neighbouring slices per side as channels")
     p.add_argument("--input-size", type=int, default=None, help="coarse slice size / refine patch size (px)")
@@ -728,7 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 600])
     p.add_argument("--coarse")
     p.add_argument("--refine")
-    p.add_argument("--preset", choices=["paper", "small"], help="time this architecture with random weights")
+    p.add_argument(
+        "--preset",
+        choices=[k for k in PRESET_NOTES if "tiny" not in k],
+        help="time this architecture with random weights",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", help="keep the phantoms here between runs")
     p.set_defaults(func=cmd_bench)

@@ -59,7 +59,29 @@ class ModelConfig:
 PAPER = {"encoder": "se_resnext50_32x4d", "encoder_depth": 5, "decoder_channels": (256, 128, 64, 32, 16)}
 SMALL = {"encoder": "tu-mobilenetv3_small_100", "encoder_depth": 5, "decoder_channels": (64, 32, 16, 16, 8)}
 TINY = {"encoder": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": (16, 8, 8)}  # tests only
-PRESETS = {"paper": PAPER, "small": SMALL, "tiny": TINY}
+# the ResNet34 U-Net of 2D KiTS21 systems (kidney 0.961, tumor 0.811 there)
+RESNET34 = {"encoder": "resnet34", "encoder_depth": 5, "decoder_channels": (256, 128, 64, 32, 16)}
+# a feature-pyramid refine stage after the paper's SE-ResNeXt coarse stage (KiTS19 Dice 0.739 there);
+# for an FPN, decoder_channels are (pyramid channels, segmentation channels)
+FPN_REFINE = {"arch": "FPN", "encoder": "resnet50", "encoder_depth": 5, "decoder_channels": (256, 128)}
+# a preset is one architecture for both stages, or one per stage
+PRESETS = {
+    "paper": PAPER,
+    "small": SMALL,
+    "tiny": TINY,
+    "resnet34": RESNET34,
+    "fpn": {"coarse": PAPER, "refine": FPN_REFINE},
+    "tiny-fpn": {"coarse": TINY, "refine": {**FPN_REFINE, "encoder": "tu-resnet10t", "decoder_channels": (32, 32)}},
+}  # fmt: skip
+PRESET_NOTES = {  # what --preset's help says of each
+    "paper": "SE-ResNeXt50 U-Net (both stages)",
+    "small": "MobileNetV3 U-Net (the bundled weights)",
+    "resnet34": "ResNet34 U-Net (both stages)",
+    "fpn": "SE-ResNeXt50 U-Net coarse stage, ResNet50 FPN refine stage",
+    "tiny": "tests only",
+    "tiny-fpn": "tests only",
+}
+assert set(PRESET_NOTES) == set(PRESETS)
 
 
 def model_config(stage: str, preset: str = "paper", **overrides) -> ModelConfig:
@@ -67,7 +89,8 @@ def model_config(stage: str, preset: str = "paper", **overrides) -> ModelConfig:
         raise KidsegError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
     if preset not in PRESETS:
         raise KidsegError(f"unknown architecture preset {preset!r} (expected one of {', '.join(PRESETS)})")
-    return ModelConfig(stage=stage, **{**PRESETS[preset], **overrides})
+    arch = PRESETS[preset].get(stage, PRESETS[preset])
+    return ModelConfig(stage=stage, **{"provenance": {"preset": preset}, **arch, **overrides})
 
 
 def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
@@ -82,7 +105,7 @@ def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
             in_channels=cfg.in_channels,
             classes=cfg.classes,
             encoder_depth=cfg.encoder_depth,
-            decoder_channels=tuple(cfg.decoder_channels),
+            **_decoder_kwargs(cfg),
         )
     except (OSError, ConnectionError, RuntimeError) as exc:
         if encoder_weights:
@@ -92,6 +115,15 @@ def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
                 "train with --encoder-weights none"
             ) from None
         raise
+
+
+def _decoder_kwargs(cfg: ModelConfig) -> dict:
+    """The decoder's widths in the words of its architecture."""
+    if cfg.arch == "FPN":
+        pyramid, segmentation = cfg.decoder_channels
+        # (smp's FPN merges its pyramid at 1/4 scale and upsamples by 4; GroupNorm wants multiples of 32)
+        return {"decoder_pyramid_channels": pyramid, "decoder_segmentation_channels": segmentation}
+    return {"decoder_channels": tuple(cfg.decoder_channels)}
 
 
 def save_checkpoint(path, model, cfg: ModelConfig, *, overwrite: bool = False) -> Path:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
+# triton's LLVM next to Mesa's in one process segfaults (see napari_kidseg/_widgets/__init__.py);
+# the suite mixes napari viewers and training in one process in any order, and never needs triton
+sys.modules.setdefault("triton", None)
 os.environ.setdefault("KIDSEG_NUM_THREADS", "2")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +60,39 @@ def test_imagenet_weights_without_a_hub_is_a_clear_error(monkeypatch):
     cfg = models.model_config("coarse", "tiny")
     with pytest.raises(KidsegError, match="could not fetch imagenet weights"):
         models.build_model(cfg, encoder_weights="imagenet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["paper", "small", "resnet34", "fpn"])
+def test_every_preset_trains_saves_loads_and_runs_the_cascade(preset, tiny_dataset, tmp_path, small_case):
+    """A few steps of each stage at a tiny input size, then the whole cascade with the children."""
+    from napari_kidseg import training
+    from napari_kidseg.cascade import Cascade
+
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    settings = training.TrainSettings(
+        epochs=1, steps_per_epoch=2, batch_size=2, lr=1e-4, workers=0, device="cpu", augment=False, val_samples=4
+    )
+    ckpts = {}
+    for stage in ("coarse", "refine"):
+        cfg = models.model_config(stage, preset, input_size=64, context_slices=1)
+        ckpts[stage] = tmp_path / f"{stage}.safetensors"
+        training.train(cfg, cases[:2], cases[2:], ckpts[stage], settings, log=lambda s: None)
+        loaded = models.read_config(ckpts[stage])
+        assert loaded.provenance["preset"] == preset and loaded.arch == cfg.arch and loaded.encoder == cfg.encoder
+    if preset == "fpn":  # the refine stage is a feature pyramid, the coarse one the paper's U-Net
+        assert models.read_config(ckpts["refine"]).arch == "FPN" and models.read_config(ckpts["coarse"]).arch == "Unet"
+    result = Cascade(ckpts["coarse"], ckpts["refine"], device="cpu").run(
+        small_case.ct.array, small_case.ct.geometry.spacing
+    )
+    labels = result.fuse(anatomy_check=False)
+    assert labels.shape == small_case.ct.array.shape and set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_presets_mix_between_stages_and_unknown_ones_are_refused():
+    coarse = models.model_config("coarse", "resnet34")
+    refine = models.model_config("refine", "fpn")
+    assert (coarse.encoder, coarse.arch, refine.encoder, refine.arch) == ("resnet34", "Unet", "resnet50", "FPN")
+    assert models.model_config("coarse", "fpn").encoder == models.PAPER["encoder"]
+    with pytest.raises(KidsegError, match="unknown architecture preset 'unet3d'"):
+        models.model_config("coarse", "unet3d")

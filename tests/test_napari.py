@@ -22,7 +22,7 @@ def test_installed_manifest_declares_every_contribution():
     pm.discover()
     mf = pm.get_manifest("napari-kidseg")
     c = mf.contributions
-    assert [w.display_name for w in c.widgets] == ["Kidney cascade"]
+    assert [w.display_name for w in c.widgets] == ["Kidney cascade", "Case worklist"]
     assert c.readers and c.writers and [s.key for s in c.sample_data] == ["phantom"]
     assert ".nii.gz" in c.writers[0].filename_extensions
     # the manifest napari reads is the one installed inside the package
