@@ -48,6 +48,8 @@ def cmd_phantom(args) -> int:
         raise KidsegError("case folder already exists; not overwriting it (use --overwrite)", existing[0])
     bar = _ProgressBar("phantoms")
     kwargs = {"matrix": args.matrix, "max_slices": args.max_slices}
+    if args.labels != "kits19":
+        kwargs["labels"] = args.labels
     if not 0.0 <= args.random_contrast <= 1.0:
         raise KidsegError(f"--random-contrast is a probability, got {args.random_contrast}")
     if args.random_contrast:
@@ -213,15 +215,28 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from . import volumes
-    from .metrics import check_label_values, detection_by_size, false_ml, kits_scores, measurements, tumor_detection
+    from .fusion import CYST
+    from .metrics import (
+        check_label_values,
+        detection_by_size,
+        false_ml,
+        kits21_scores,
+        kits_scores,
+        measurements,
+        tumor_detection,
+    )
 
     rows = []
+    cysts = False  # KiTS21/23 labels (3 = cyst) anywhere: the hierarchical Dice is reported too
     for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
         ref = volumes.read_labels(r)
         pred = volumes.read_labels(p, like=ref)
         for vol, path in ((pred, p), (ref, r)):
-            check_label_values(vol.array, path)
+            check_label_values(vol.array, path, cysts=True)
+        case_cysts = bool((ref.array == CYST).any() or (pred.array == CYST).any())
+        cysts |= case_cysts
         scores = kits_scores(pred.array, ref.array)
+        scores.update(kits21_scores(pred.array, ref.array))
         vols = measurements(pred.array, pred.geometry.spacing)["total"]
         found = tumor_detection(pred.array, ref.array, ref.geometry.spacing)
         rows.append(
@@ -236,6 +251,8 @@ def cmd_evaluate(args) -> int:
             }
         )
     keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
+    if cysts:
+        keys += ["kidney_masses_dice", "masses_dice", "kits21_mean_dice"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys + ["false_kidney_ml", "false_tumor_ml"]}
     by_size = detection_by_size(rows)  # each row carries its case's "tumors"
     if args.json:
@@ -243,7 +260,7 @@ def cmd_evaluate(args) -> int:
         return 0
     print(
         f"{'case':<28}"
-        + "".join(f"{k.replace('kidney_tumor', 'kid+tum'):>22}" for k in keys)
+        + "".join(f"{k.replace('kidney_tumor', 'kid+tum').replace('kidney_masses', 'kid+masses'):>22}" for k in keys)
         + f"{'false kidney mL':>17}{'false tumor mL':>16}{'tumors found':>14}{'false tumors':>14}"
     )
     for r in rows:
@@ -632,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability of random tissue HU per case (domain randomisation for training)",
     )
     p.add_argument("--jobs", type=int, default=1, help="cases made in parallel processes (same cases either way)")
+    p.add_argument(
+        "--labels",
+        choices=["kits19", "kits23"],
+        default="kits19",
+        help="kits19: 0 background, 1 kidney, 2 tumor (cysts are kidney); kits23: cysts get label 3",
+    )
     p.add_argument(
         "--anatomy",
         metavar="DIR",

@@ -47,6 +47,7 @@ from .phantom import (
     _Blob,
     _Grid,
     _paint_table,
+    cyst_label,
     phase_hu,
     randomise_contrast,
 )
@@ -236,6 +237,7 @@ def make_labelmap_phantom(
     random_contrast: float = 0.0,
     disk_layout: str | None = None,
     site: int | None = None,
+    labels: str = "kits19",
 ) -> PhantomCase:
     """One synthetic CT around a real organ label map (a path, or ``(array, spacing)``).
 
@@ -427,7 +429,7 @@ def make_labelmap_phantom(
     # -------- lesions: hard negatives first, then cysts and tumors in the kidneys
     grid = _Grid(organs.shape, spacing, (0.0, 0.0, 0.0))
     negatives = _paint_hard_negatives(rng, c, grid, jit, organs, structures)
-    cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors)
+    cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors, cyst_label(labels))
     tumors = cysts.pop("tumors")
 
     if rng.random() < 0.6:
@@ -604,7 +606,7 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
     return drawn
 
 
-def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tumors) -> dict:
+def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tumors, cyst: int) -> dict:
     """Simple cysts (label 1) and tumors (label 2) in and on the map's kidneys."""
     sp = np.array(c.spacing)
     labs = [lab for lab in KIDNEY_LABELS if (c.organs == lab).any()]
@@ -625,7 +627,7 @@ def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tum
             continue
         inside &= growable[sl]
         c.hu[sl][inside] = jit["cyst"]
-        c.labels[sl][inside] = 1
+        c.labels[sl][inside] = cyst
         out["cysts"].append({"side": "right" if lab == 2 else "left", "diameter_mm": round(2 * r, 1)})
     if n_tumors is None:
         n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))

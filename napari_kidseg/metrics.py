@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .fusion import LABEL_NAMES
+from .fusion import KITS23_LABEL_NAMES, LABEL_NAMES, TUMOR
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -89,24 +89,34 @@ def _check_same_grid(pred: np.ndarray, ref: np.ndarray) -> None:
         raise KidsegError(f"prediction grid {np.shape(pred)} differs from the reference grid {np.shape(ref)}")
 
 
-LABEL_VALUES = tuple(LABEL_NAMES)  # KiTS19: background, kidney, tumor
-
-
-def check_label_values(labels: np.ndarray, path=None) -> None:
-    """Refuse labels outside KiTS19's {0, 1, 2}: a KidsegError naming the file and the values."""
+def check_label_values(labels: np.ndarray, path=None, *, cysts: bool = False) -> None:
+    """Refuse labels outside KiTS19's {0, 1, 2} (KiTS21/23's {0, 1, 2, 3} with ``cysts``): a
+    KidsegError naming the file and the values."""
     from .errors import KidsegError
 
+    allowed = tuple(KITS23_LABEL_NAMES if cysts else LABEL_NAMES)
     labels = np.asarray(labels)
-    if labels.dtype.kind == "u" and labels.size and labels.max() <= max(LABEL_VALUES):
+    if labels.dtype.kind == "u" and labels.size and labels.max() <= max(allowed):
         return  # one pass over the volume: the common case costs milliseconds
     if labels.dtype == np.uint8:  # a lookup over 256 values instead of a sort of the volume
         present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
     else:
         present = np.unique(labels)
-    bad = [v for v in present.tolist() if v not in LABEL_VALUES]
+    bad = [v for v in present.tolist() if v not in allowed]
     if bad:
         shown = ", ".join(f"{v:g}" for v in bad[:5])
-        raise KidsegError(f"holds label(s) {shown}; only 0 (background), 1 (kidney) and 2 (tumor) are understood", path)
+        known = ", ".join(f"{k} ({v})" for k, v in (KITS23_LABEL_NAMES if cysts else LABEL_NAMES).items())
+        raise KidsegError(f"holds label(s) {shown}; only {known} are understood", path)
+
+
+def kits21_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
+    """KiTS21/23's hierarchical Dice: kidney and masses (labels 1-3), masses (tumor and cyst, 2-3)
+    and tumor (2), and their mean."""
+    _check_same_grid(pred, ref)
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    out = {"kidney_masses_dice": dice(pred > 0, ref > 0), "masses_dice": dice(pred >= TUMOR, ref >= TUMOR)}
+    out["kits21_mean_dice"] = float(np.mean([*out.values(), dice(pred == TUMOR, ref == TUMOR)]))
+    return out
 
 
 def false_ml(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:

@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import files, geometry, volumes
+from .errors import KidsegError
 
 # Bumped whenever the same seed draws a different phantom. Caches of generated phantoms (the
 # fine-tune replay cases, the benchmark's CTs) are keyed by it, so none outlives a revision.
@@ -235,6 +236,7 @@ def make_phantom(
     n_tumors: int | None = None,
     disk_layout: str | None = None,
     random_contrast: float = 0.0,
+    labels: str = "kits19",
 ) -> PhantomCase:
     """One synthetic abdominal CT and its labels, deterministic in ``seed``.
 
@@ -243,6 +245,8 @@ def make_phantom(
     slices, as a scanner protocol would. ``random_contrast`` is the probability that every tissue
     gets an independent random HU instead of its phase's (SynthSeg-style domain randomisation for
     training: a network then has to recognise a kidney by shape and place, not by brightness).
+    ``labels``: "kits19" (a simple cyst is kidney, 1) or "kits23" (cysts get their own label, 3);
+    the CT is the same either way.
 
     The sections below draw in this order, each from its stream; reordering them (or their draws)
     changes every phantom of every seed, which the golden-checksum tests catch.
@@ -265,7 +269,7 @@ def make_phantom(
     _paint_pelvis(rng2, scan.paint, jitter, **kw)
     _pack_abdomen(rng2, scan.paint, jitter, post=scan.post, **kw)
     kidneys, info_kidneys = _paint_kidneys(rng, rng2, rng3, scan)
-    cysts = _paint_cysts(rng, scan, kidneys)
+    cysts = _paint_cysts(rng, scan, kidneys, cyst_label(labels))
     tumors = _paint_tumors(rng, scan, kidneys, n_tumors)
     if rng2.random() < 0.6:  # the scanner table under the patient's back
         _paint_table(rng2, scan.grid, scan.hu, scan.post * float(scan.scale_z.max()) + 10)
@@ -277,6 +281,7 @@ def make_phantom(
     info = {
         "generator_revision": GENERATOR_REVISION,
         "seed": seed,
+        **({"labels": labels} if labels != "kits19" else {}),
         "phase": phase,
         "shape_zyx": list(grid.shape),
         "spacing_zyx_mm": [round(float(s), 4) for s in grid.spacing],
@@ -516,8 +521,17 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
     return kidneys, info_kidneys
 
 
-def _paint_cysts(rng, scan: _Scan, kidneys) -> list[dict]:
-    """Simple cysts: water density, sharp wall, part of the kidney label (not tumor)."""
+def cyst_label(labels: str) -> int:
+    """The label a simple cyst gets: kidney in KiTS19, its own class in KiTS21/23."""
+    from .fusion import CYST, KIDNEY, LABEL_SETS
+
+    if labels not in LABEL_SETS:
+        raise KidsegError(f"unknown label set {labels!r} (expected one of {', '.join(LABEL_SETS)})")
+    return CYST if labels == "kits23" else KIDNEY
+
+
+def _paint_cysts(rng, scan: _Scan, kidneys, label: int) -> list[dict]:
+    """Simple cysts: water density, sharp wall; kidney (KiTS19) or cyst (KiTS23), never tumor."""
     cysts = []
     for _ in range(int(rng.choice([0, 0, 1, 1, 2]))):
         side, kb = kidneys[int(rng.integers(2))]
@@ -525,7 +539,7 @@ def _paint_cysts(rng, scan: _Scan, kidneys) -> list[dict]:
         c = kb.surface_point(d)
         r = rng.uniform(5, 25)
         cyst = _Blob.random(rng, kb.center + 0.85 * (c - kb.center), (r, r, r), 0, 0.02)
-        scan.paint.blob(cyst, scan.jitter["cyst"], label=1)
+        scan.paint.blob(cyst, scan.jitter["cyst"], label=label)
         cysts.append({"side": "left" if side > 0 else "right", "diameter_mm": round(2 * r, 1)})
     return cysts
 

@@ -225,3 +225,22 @@ def test_draft_fills_the_worklist_cache_and_a_folder_without_ct_is_one_line(
     assert main(["draft", str(tmp_path / "empty"), *_tiny(tiny_checkpoints)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no CT" in err[0]
+
+
+def test_evaluate_reports_kits21_hierarchical_dice_when_cysts_are_labelled(tmp_path, capsys):
+    from napari_kidseg.phantom import make_phantom
+
+    case = make_phantom(3, matrix=96, max_slices=40, labels="kits23", n_tumors=1)  # a cyst and a tumor
+    ref = case.labels
+    assert {1, 2, 3} <= set(np.unique(ref))
+    pred = np.where(ref == 3, 1, ref).astype(np.uint8)  # a 3-class model: the cyst called kidney
+    volumes.write_labels(tmp_path / "ref.nii.gz", ref, case.ct)
+    volumes.write_labels(tmp_path / "pred.nii.gz", pred, case.ct)
+    assert main(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["cases"][0]
+    masses = 2 * ((pred >= 2) & (ref >= 2)).sum() / ((pred >= 2).sum() + (ref >= 2).sum())
+    assert row["kidney_masses_dice"] == pytest.approx(1.0) and row["masses_dice"] == pytest.approx(masses)
+    assert row["masses_dice"] < 1.0 and row["tumor_dice"] == pytest.approx(1.0)
+    assert row["kits21_mean_dice"] == pytest.approx((1.0 + masses + 1.0) / 3)
+    assert main(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz")]) == 0
+    assert "kid+masses_dice" in capsys.readouterr().out

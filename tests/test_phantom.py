@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from napari_kidseg import metrics
+from napari_kidseg.errors import KidsegError
 from napari_kidseg.phantom import make_phantom
 
 
@@ -153,3 +154,14 @@ def test_phantoms_match_their_golden_checksums(seed, kwargs, digest):
     h.update(json.dumps(case.info, sort_keys=True).encode())
     h.update(repr(case.ct.geometry).encode())
     assert h.hexdigest()[:16] == digest
+
+
+def test_kits23_labels_give_cysts_their_own_class_on_the_same_ct():
+    a = make_phantom(3, matrix=96, max_slices=40, labels="kits19")
+    b = make_phantom(3, matrix=96, max_slices=40, labels="kits23")
+    assert np.array_equal(a.ct.array, b.ct.array) and a.info["cysts"]  # seed 3 draws a cyst
+    cyst = b.labels == 3
+    assert cyst.any() and (a.labels[cyst] == 1).all()  # kidney in KiTS19, cyst in KiTS23
+    assert np.array_equal(a.labels[~cyst], b.labels[~cyst])
+    with pytest.raises(KidsegError, match="unknown label set 'kits99'"):
+        make_phantom(3, matrix=64, max_slices=8, labels="kits99")
