@@ -206,7 +206,7 @@ class Cascade:
         self.refine, self.refine_cfg = load_checkpoint(self.refine_path, stage="refine", device=self.device)
         self.is_cuda = self.device.startswith("cuda")
         if self.is_cuda:
-            self.coarse.to(memory_format=torch.channels_last)
+            self.coarse.to(memory_format=torch.channels_last_3d if self.coarse_cfg.is_3d else torch.channels_last)
             self.refine.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.batch_size = int(batch_size or (64 if self.is_cuda else 8))
@@ -298,7 +298,39 @@ class Cascade:
             return torch.cat([a, b])
 
     # ------------------------------------------------------------------ stages
-    def _coarse(self, ct: np.ndarray, progress, cancel, mirror=False):
+    def _coarse_3d(self, ct: np.ndarray, spacing, progress, cancel, mirror=False):
+        """The 3D coarse stage: the whole volume at the network's voxel size in one pass, its
+        probabilities brought back to the full grid as uint8 levels."""
+        import torch
+
+        from .errors import Cancelled
+        from .preprocessing import resample, resample_factors
+
+        cfg = self.coarse_cfg
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled during the coarse stage")
+        small = resample(np.asarray(ct, np.float32), resample_factors(spacing, cfg.voxel_mm), order=1)
+        m = self.coarse.multiple
+        pad = [(0, -n % m) for n in small.shape]
+        x = hu_to_input(torch.from_numpy(np.pad(small, pad, constant_values=AIR_HU))[None, None], cfg.hu_window)
+        with torch.inference_mode():
+            x = x.to(self.device)
+            if self.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.is_cuda):
+                p = torch.softmax(self.coarse(x).float(), dim=1)
+                if mirror:
+                    p = 0.5 * (p + torch.softmax(self.coarse(x.flip(-1)).float(), dim=1).flip(-1))
+            p = p[:, :, : small.shape[0], : small.shape[1], : small.shape[2]]
+            levels = (torch.stack([p[0, 1] + p[0, 2], p[0, 2]]) * 255.0).round_().clamp_(0, 255)
+            levels = levels.to(torch.uint8).cpu().numpy()
+        meta = resample(levels[0], None, order=1, shape=ct.shape)
+        tumor = resample(levels[1], None, order=1, shape=ct.shape)
+        if progress:
+            progress(ct.shape[0], ct.shape[0], "coarse")
+        return meta, tumor
+
+    def _coarse(self, ct: np.ndarray, spacing, progress, cancel, mirror=False):
         import torch
         import torch.nn.functional as F
 
@@ -392,7 +424,8 @@ class Cascade:
             raise KidsegError(f"the cascade needs a 3D CT volume, not an array of shape {ct.shape}")
         timings = {}
         t0 = time.perf_counter()
-        coarse_meta, coarse_tumor = self._coarse(ct, progress, cancel, mirror)
+        coarse = self._coarse_3d if self.coarse_cfg.is_3d else self._coarse
+        coarse_meta, coarse_tumor = coarse(ct, spacing, progress, cancel, mirror)
         self._sync()
         timings["coarse"] = time.perf_counter() - t0
 

@@ -34,12 +34,17 @@ class ModelConfig:
     classes: int = 3
     input_size: int = 256  # coarse: slices resized to this; refine: patch size in pixels
     hu_window: tuple[float, float] = (-100.0, 300.0)  # clipped, then scaled to [-1, 1]
+    voxel_mm: float = 0.0  # a 3D network (arch UNet3D) sees the volume resampled to this isotropic voxel
     provenance: dict = dataclasses.field(default_factory=dict)
     version: str = "0"
 
     @property
     def in_channels(self) -> int:
         return 2 * self.context_slices + 1
+
+    @property
+    def is_3d(self) -> bool:
+        return self.arch == "UNet3D"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -64,6 +69,10 @@ RESNET34 = {"encoder": "resnet34", "encoder_depth": 5, "decoder_channels": (256,
 # a feature-pyramid refine stage after the paper's SE-ResNeXt coarse stage (KiTS19 Dice 0.739 there);
 # for an FPN, decoder_channels are (pyramid channels, segmentation channels)
 FPN_REFINE = {"arch": "FPN", "encoder": "resnet50", "encoder_depth": 5, "decoder_channels": (256, 128)}
+# a 3D U-Net coarse stage on the whole volume at 3 mm voxels (decoder_channels: widths per level;
+# input_size: the training crop in voxels), then the 2D refine stage at full resolution
+COARSE_3D = {"arch": "UNet3D", "encoder": "none", "encoder_depth": 4, "decoder_channels": (16, 32, 64, 128),
+             "voxel_mm": 3.0, "input_size": 96}  # fmt: skip
 # a preset is one architecture for both stages, or one per stage
 PRESETS = {
     "paper": PAPER,
@@ -72,6 +81,9 @@ PRESETS = {
     "resnet34": RESNET34,
     "fpn": {"coarse": PAPER, "refine": FPN_REFINE},
     "tiny-fpn": {"coarse": TINY, "refine": {**FPN_REFINE, "encoder": "tu-resnet10t", "decoder_channels": (32, 32)}},
+    "coarse3d": {"coarse": COARSE_3D, "refine": PAPER},
+    "tiny-coarse3d": {"coarse": {**COARSE_3D, "decoder_channels": (4, 8, 16), "voxel_mm": 6.0, "input_size": 32},
+                      "refine": TINY},
 }  # fmt: skip
 PRESET_NOTES = {  # what --preset's help says of each
     "paper": "SE-ResNeXt50 U-Net (both stages)",
@@ -79,7 +91,9 @@ PRESET_NOTES = {  # what --preset's help says of each
     "resnet34": "ResNet34 U-Net (both stages)",
     "fpn": "SE-ResNeXt50 U-Net coarse stage, ResNet50 FPN refine stage",
     "tiny": "tests only",
+    "coarse3d": "3D U-Net coarse stage at 3 mm voxels, SE-ResNeXt50 U-Net refine stage",
     "tiny-fpn": "tests only",
+    "tiny-coarse3d": "tests only",
 }
 assert set(PRESET_NOTES) == set(PRESETS)
 
@@ -95,6 +109,12 @@ def model_config(stage: str, preset: str = "paper", **overrides) -> ModelConfig:
 
 def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
     """The network for ``cfg``; ``encoder_weights='imagenet'`` downloads from the hub (training only)."""
+    if cfg.is_3d:
+        from .unet3d import UNet3D
+
+        if cfg.context_slices:
+            raise KidsegError("a 3D coarse stage sees the whole volume: --context-slices does not apply")
+        return UNet3D(cfg.in_channels, cfg.classes, cfg.decoder_channels)
     import segmentation_models_pytorch as smp
 
     try:

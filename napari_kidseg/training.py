@@ -259,6 +259,63 @@ class SegmentationSamples:
 
 
 # ------------------------------------------------------------------------------ loss and scores
+class VolumeSamples3D:
+    """Crops of whole cases resampled to the 3D coarse stage's voxel (``cfg.voxel_mm``), as
+    (input, target) tensors: half of them centred on a random kidney voxel, half anywhere. The
+    resampled volumes are made once per case and kept in memory (a few MB each at 3 mm)."""
+
+    def __init__(self, cases: list[CachedCase], cfg: ModelConfig, augment: Augment | None, seed: int = 0):
+        if not cases:
+            raise KidsegError("the dataset yields no training samples (no cases)")
+        self.cases, self.cfg, self.augment = cases, cfg, augment
+        self.items = list(range(len(cases)))
+        self.weights = np.full(len(cases), 1.0 / len(cases))
+        self.rng = np.random.default_rng(seed)
+        self._volumes: dict[int, tuple] = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    reseed_worker = SegmentationSamples.reseed_worker
+
+    def volume(self, ci: int):
+        if ci not in self._volumes:
+            from .preprocessing import resample, resample_factors
+
+            case = self.cases[ci]
+            ct, labels = case.arrays()
+            f = resample_factors(case.spacing, self.cfg.voxel_mm)
+            self._volumes[ci] = (
+                resample(np.asarray(ct, np.float32), f, order=1),
+                resample(np.asarray(labels), f, order=0),
+            )
+        return self._volumes[ci]
+
+    def __getitem__(self, i):
+        import torch
+
+        ct, labels = self.volume(self.items[i])
+        size, rng = self.cfg.input_size, self.rng
+        pad = [(0, max(0, size - n)) for n in ct.shape]
+        ct = np.pad(ct, pad, constant_values=volumes.AIR_HU)
+        labels = np.pad(labels, pad)
+        kidney = np.argwhere(labels > 0) if rng.random() < 0.5 else np.zeros((0, 3))
+        if len(kidney):
+            centre = kidney[rng.integers(len(kidney))]
+            start = [int(np.clip(c - size // 2, 0, n - size)) for c, n in zip(centre, ct.shape)]
+        else:
+            start = [int(rng.integers(0, n - size + 1)) for n in ct.shape]
+        box = tuple(slice(a, a + size) for a in start)
+        x = torch.from_numpy(np.ascontiguousarray(ct[box], np.float32))[None]
+        y = torch.from_numpy(np.ascontiguousarray(labels[box], np.int64))
+        if self.augment is not None:
+            aug = self.augment
+            if aug.flip and rng.random() < 0.5:
+                x, y = x.flip(-1), y.flip(-1)
+            x = x * (1.0 + rng.uniform(-aug.hu_scale, aug.hu_scale)) + rng.uniform(-aug.hu_shift, aug.hu_shift)
+        return hu_to_input(x, self.cfg.hu_window), y
+
+
 def dice_ce_loss(logits, target):
     """Cross-entropy plus soft Dice of the two KiTS regions (kidney+tumor, tumor)."""
     import torch
@@ -419,7 +476,7 @@ def train(
     model.to(device)
     is_cuda = device.startswith("cuda")
     if is_cuda:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last_3d if cfg.is_3d else torch.channels_last)
     ddp_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -430,7 +487,8 @@ def train(
     # a resumed run draws fresh samples and augmentations, not epoch 1's again
     stream = settings.seed + 1000 * rank + 104_729 * start_epoch
     torch.manual_seed(stream)  # the workers' torch seeds (noise) derive from this
-    train_set = SegmentationSamples(train_cases, cfg, aug, seed=stream)
+    samples = VolumeSamples3D if cfg.is_3d else SegmentationSamples
+    train_set = samples(train_cases, cfg, aug, seed=stream)
     n_samples = settings.steps_per_epoch * settings.batch_size
     sampler = WeightedRandomSampler(
         train_set.weights, n_samples, replacement=True, generator=torch.Generator().manual_seed(stream + 7919)
@@ -447,7 +505,7 @@ def train(
     )
     val_loader = None
     if val_cases and rank == 0:
-        val_set = SegmentationSamples(val_cases, cfg, None, seed=settings.seed)
+        val_set = samples(val_cases, cfg, None, seed=settings.seed)
         val_loader = DataLoader(
             torch.utils.data.Subset(val_set, validation_indices(len(val_set), settings.val_samples)),
             batch_size=settings.batch_size,
@@ -469,7 +527,7 @@ def train(
                 raise Cancelled("training cancelled; the last saved checkpoint is kept")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if is_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = ddp_model(x)
             else:

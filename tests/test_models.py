@@ -63,7 +63,7 @@ def test_imagenet_weights_without_a_hub_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["paper", "small", "resnet34", "fpn"])
+@pytest.mark.parametrize("preset", ["paper", "small", "resnet34", "fpn", "coarse3d"])
 def test_every_preset_trains_saves_loads_and_runs_the_cascade(preset, tiny_dataset, tmp_path, small_case):
     """A few steps of each stage at a tiny input size, then the whole cascade with the children."""
     from napari_kidseg import training
@@ -75,13 +75,19 @@ def test_every_preset_trains_saves_loads_and_runs_the_cascade(preset, tiny_datas
     )
     ckpts = {}
     for stage in ("coarse", "refine"):
-        cfg = models.model_config(stage, preset, input_size=64, context_slices=1)
+        cfg = models.model_config(stage, preset, input_size=64)
+        if not cfg.is_3d:  # 2.5D input for the 2D stages; the 3D one sees the whole volume
+            cfg.context_slices = 1
         ckpts[stage] = tmp_path / f"{stage}.safetensors"
         training.train(cfg, cases[:2], cases[2:], ckpts[stage], settings, log=lambda s: None)
         loaded = models.read_config(ckpts[stage])
         assert loaded.provenance["preset"] == preset and loaded.arch == cfg.arch and loaded.encoder == cfg.encoder
     if preset == "fpn":  # the refine stage is a feature pyramid, the coarse one the paper's U-Net
         assert models.read_config(ckpts["refine"]).arch == "FPN" and models.read_config(ckpts["coarse"]).arch == "Unet"
+    if preset == "coarse3d":  # a 3D coarse stage at its own voxel size, a 2D refine stage
+        assert (
+            models.read_config(ckpts["coarse"]).voxel_mm == 3.0 and models.read_config(ckpts["refine"]).arch == "Unet"
+        )
     result = Cascade(ckpts["coarse"], ckpts["refine"], device="cpu").run(
         small_case.ct.array, small_case.ct.geometry.spacing
     )
@@ -96,3 +102,5 @@ def test_presets_mix_between_stages_and_unknown_ones_are_refused():
     assert models.model_config("coarse", "fpn").encoder == models.PAPER["encoder"]
     with pytest.raises(KidsegError, match="unknown architecture preset 'unet3d'"):
         models.model_config("coarse", "unet3d")
+    with pytest.raises(KidsegError, match="context-slices does not apply"):
+        models.build_model(models.model_config("coarse", "coarse3d", context_slices=1))
