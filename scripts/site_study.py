@@ -38,6 +38,7 @@ CONFIGS = {
     "no-replay": {"n_replay": 0},
     "gentle": {"lr": 2e-5, "n_replay": 8},
     "5x50-replay8": {"epochs": 5, "n_replay": 8},
+    "short": {"epochs": 5, "steps_per_epoch": 20, "lr": 2e-5, "n_replay": 8},
 }
 SITES = {
     # a portal-venous protocol at 3 mm with the phase's own HU (a site like the training data)
