@@ -48,6 +48,7 @@ class CascadeResult:
     messages: list[str] = dataclasses.field(default_factory=list)
     spine: anatomy.SpineFrame | None = None  # from the CT, for the anatomy check
     verdict: anatomy.AnatomyVerdict | None = None  # the anatomy check of the last whole-volume fusion
+    coarse_cyst: np.ndarray | None = None  # uint8 levels of p(cyst), full grid: KiTS23 networks only
 
     def fuse(
         self,
@@ -66,8 +67,15 @@ class CascadeResult:
         """
         if z is None:
             return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check)[1]
+        cyst = None if self.coarse_cyst is None else self.coarse_cyst[z]
         labels = fusion.fuse_slice(
-            self.coarse_meta[z], self.coarse_tumor[z], self.refined.get(z), alpha, kidney_threshold, tumor_threshold
+            self.coarse_meta[z],
+            self.coarse_tumor[z],
+            self.refined.get(z),
+            alpha,
+            kidney_threshold,
+            tumor_threshold,
+            cyst,
         )
         if anatomy_check and self.verdict is not None:
             return self.verdict.apply(labels, z=z)
@@ -76,7 +84,13 @@ class CascadeResult:
     def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check):
         """(labels before the anatomy check, labels after it) of the whole volume."""
         raw = fusion.fuse_volume(
-            self.coarse_meta, self.coarse_tumor, self.refined, alpha, kidney_threshold, tumor_threshold
+            self.coarse_meta,
+            self.coarse_tumor,
+            self.refined,
+            alpha,
+            kidney_threshold,
+            tumor_threshold,
+            self.coarse_cyst,
         )
         if not anatomy_check:
             return raw, raw
@@ -98,7 +112,9 @@ class CascadeResult:
         return labels, np.where(labels != raw, raw, 0).astype(np.uint8)
 
     def coarse_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
-        return fusion.labels_from_levels(self.coarse_meta, self.coarse_tumor, kidney_threshold, tumor_threshold)
+        return fusion.labels_from_levels(
+            self.coarse_meta, self.coarse_tumor, kidney_threshold, tumor_threshold, self.coarse_cyst
+        )
 
     def refined_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
         return fusion.refined_only_labels(self.shape, self.refined, kidney_threshold, tumor_threshold)
@@ -131,12 +147,15 @@ class CascadeResult:
             "patch_px": np.int32(self.patch_px),
             "json": np.array(json.dumps({"rois": rois, "messages": self.messages, "note": note or {}})),
         }
+        if self.coarse_cyst is not None:
+            payload["coarse_cyst"] = self.coarse_cyst
         if self.spine is not None:
             payload["spine"] = np.stack([self.spine.x_mm, self.spine.front_y_mm])
             payload["spine_share"] = np.float64(self.spine.found_share)
         for z in zs:
             r = self.refined[z]
-            payload[f"refined_{z}"] = np.stack([r.meta, r.tumor, r.covered.astype(np.uint8)])
+            channels = [r.meta, r.tumor, r.covered.astype(np.uint8)] + ([r.cyst] if r.cyst is not None else [])
+            payload[f"refined_{z}"] = np.stack(channels)
         with atomic_path(path, overwrite=overwrite) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **payload)
@@ -153,8 +172,10 @@ class CascadeResult:
                 extra = json.loads(str(f["json"]))
                 refined = {}
                 for z, (y0, x0) in zip(f["refined_z"].tolist(), f["refined_origin"].tolist()):
-                    meta, tumor, covered = f[f"refined_{z}"]
-                    refined[int(z)] = fusion.RefinedRegion(int(y0), int(x0), meta, tumor, covered.astype(bool))
+                    meta, tumor, covered, *cyst = f[f"refined_{z}"]
+                    refined[int(z)] = fusion.RefinedRegion(
+                        int(y0), int(x0), meta, tumor, covered.astype(bool), cyst[0] if cyst else None
+                    )
                 spine = None
                 if "spine" in f:
                     spine = anatomy.SpineFrame(f["spine"][0], f["spine"][1], float(f["spine_share"]))
@@ -176,6 +197,7 @@ class CascadeResult:
                     {},
                     list(extra["messages"]),
                     spine,
+                    coarse_cyst=f.get("coarse_cyst"),
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise KidsegError(f"is not a readable saved cascade result ({exc})", path) from None
@@ -204,6 +226,12 @@ class Cascade:
         self.refine_path = resolve_checkpoint(refine_checkpoint, "refine")
         self.coarse, self.coarse_cfg = load_checkpoint(self.coarse_path, stage="coarse", device=self.device)
         self.refine, self.refine_cfg = load_checkpoint(self.refine_path, stage="refine", device=self.device)
+        if self.coarse_cfg.classes != self.refine_cfg.classes:
+            raise KidsegError(
+                f"the coarse model predicts {self.coarse_cfg.classes} classes and the refine model "
+                f"{self.refine_cfg.classes}: both must be KiTS19 (3) or KiTS23 (4) models",
+                self.refine_path,
+            )
         self.is_cuda = self.device.startswith("cuda")
         if self.is_cuda:
             self.coarse.to(memory_format=torch.channels_last_3d if self.coarse_cfg.is_3d else torch.channels_last)
@@ -240,6 +268,8 @@ class Cascade:
         else:
             logits = model(batch)
         p = torch.softmax(logits.float(), dim=1)
+        if p.shape[1] == 4:  # KiTS23: kidney + masses, tumor, cyst
+            return torch.stack([p[:, 1] + p[:, 2] + p[:, 3], p[:, 2], p[:, 3]], dim=1)
         return torch.stack([p[:, 1] + p[:, 2], p[:, 2]], dim=1)
 
     def _run_batches(
@@ -321,14 +351,13 @@ class Cascade:
                 p = torch.softmax(self.coarse(x).float(), dim=1)
                 if mirror:
                     p = 0.5 * (p + torch.softmax(self.coarse(x.flip(-1)).float(), dim=1).flip(-1))
-            p = p[:, :, : small.shape[0], : small.shape[1], : small.shape[2]]
-            levels = (torch.stack([p[0, 1] + p[0, 2], p[0, 2]]) * 255.0).round_().clamp_(0, 255)
-            levels = levels.to(torch.uint8).cpu().numpy()
-        meta = resample(levels[0], None, order=1, shape=ct.shape)
-        tumor = resample(levels[1], None, order=1, shape=ct.shape)
+            p = p[0, :, : small.shape[0], : small.shape[1], : small.shape[2]]
+            channels = [p[1:].sum(0), p[2]] + ([p[3]] if p.shape[0] == 4 else [])
+            levels = (torch.stack(channels) * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        full = [resample(level, None, order=1, shape=ct.shape) for level in levels]
         if progress:
             progress(ct.shape[0], ct.shape[0], "coarse")
-        return meta, tumor
+        return full[0], full[1], full[2] if len(full) == 3 else None
 
     def _coarse(self, ct: np.ndarray, spacing, progress, cancel, mirror=False):
         import torch
@@ -341,6 +370,7 @@ class Cascade:
         size = cfg.input_size
         meta = np.empty(ct.shape, np.uint8)
         tumor = np.empty(ct.shape, np.uint8)
+        cyst = np.empty(ct.shape, np.uint8) if cfg.classes == 4 else None
 
         def batches():
             for z0 in range(0, nz, self.batch_size):
@@ -357,9 +387,11 @@ class Cascade:
             levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             meta[zs] = levels[:, 0]
             tumor[zs] = levels[:, 1]
+            if cyst is not None:
+                cyst[zs] = levels[:, 2]
 
         self._run_batches(batches(), consume, self.coarse, prepare, nz, "coarse", progress, cancel, mirror)
-        return meta, tumor
+        return meta, tumor, cyst
 
     def _refine(
         self, ct: np.ndarray, patches: np.ndarray, progress, cancel, mirror=False
@@ -376,7 +408,7 @@ class Cascade:
             y0, x0 = max(0, int(ps["y0"].min())), max(0, int(ps["x0"].min()))
             y1, x1 = min(ny, int(ps["y0"].max()) + size), min(nx, int(ps["x0"].max()) + size)
             h, w = y1 - y0, x1 - x0
-            acc[int(z)] = (y0, x0, np.zeros((2, h, w), np.uint16), np.zeros((h, w), np.uint8))
+            acc[int(z)] = (y0, x0, np.zeros((cfg.classes - 1, h, w), np.uint16), np.zeros((h, w), np.uint16))
 
         def batches():
             for i0 in range(0, len(patches), self.batch_size):
@@ -407,7 +439,7 @@ class Cascade:
             covered = count > 0
             avg = np.zeros(sums.shape, np.uint8)
             avg[:, covered] = np.round(sums[:, covered] / count[covered]).astype(np.uint8)
-            refined[z] = fusion.RefinedRegion(y0, x0, avg[0], avg[1], covered)
+            refined[z] = fusion.RefinedRegion(y0, x0, avg[0], avg[1], covered, avg[2] if len(avg) == 3 else None)
         return refined
 
     # ------------------------------------------------------------------ the whole cascade
@@ -425,7 +457,7 @@ class Cascade:
         timings = {}
         t0 = time.perf_counter()
         coarse = self._coarse_3d if self.coarse_cfg.is_3d else self._coarse
-        coarse_meta, coarse_tumor = coarse(ct, spacing, progress, cancel, mirror)
+        coarse_meta, coarse_tumor, coarse_cyst = coarse(ct, spacing, progress, cancel, mirror)
         self._sync()
         timings["coarse"] = time.perf_counter() - t0
 
@@ -467,6 +499,7 @@ class Cascade:
             timings,
             messages,
             spine,
+            coarse_cyst=coarse_cyst,
         )
 
     def _sync(self):

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__, files, geometry, volumes
 from .errors import KidsegError
-from .fusion import KIDNEY, TUMOR
+from .fusion import CYST, KIDNEY, TUMOR
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 MAX_GAP_RATIO = 1.5  # a gap this many times the usual slice distance is a missing slice
@@ -32,6 +32,7 @@ def _codes():
     return {
         KIDNEY: ("Kidney", structure, codes.SCT.Kidney),
         TUMOR: ("Kidney tumor", altered, codes.SCT.Neoplasm),
+        CYST: ("Kidney cyst", altered, codes.SCT.Cyst),  # KiTS23's third class; written only when present
     }
 
 
@@ -138,7 +139,7 @@ def write_dicom_seg(
     labels = np.asarray(labels)
     if labels.shape != ct.array.shape:
         raise KidsegError(f"labels of shape {labels.shape} do not match the CT series' {ct.array.shape}", dicom_dir)
-    check_label_values(labels)
+    check_label_values(labels, cysts=True)
     disk = ct.source.to_disk(labels.astype(np.uint8))  # frame k is datasets[k]
     algorithm = hd.AlgorithmIdentificationSequence(
         name="napari-kidseg cascade",
@@ -158,6 +159,7 @@ def write_dicom_seg(
             tracking_id=f"{label} ({'KiTS label ' + str(value)})",
         )
         for value, (label, category, kind) in _codes().items()
+        if value != CYST or (labels == CYST).any()
     ]
     ref = datasets[0]
     with warnings.catch_warnings():

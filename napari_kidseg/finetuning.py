@@ -67,7 +67,7 @@ def check_corrections(corrections_dir) -> list[Path]:
                 f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}",
                 case / volumes.KITS_LABELS,
             )
-        check_label_values(labels.array, case / volumes.KITS_LABELS)
+        check_label_values(labels.array, case / volumes.KITS_LABELS, cysts=True)
         if not labels.array.any():
             raise KidsegError(
                 "holds no kidney or tumor voxel: nothing to learn from (remove the case)", case / volumes.KITS_LABELS

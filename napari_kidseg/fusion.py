@@ -32,9 +32,10 @@ class RefinedRegion:
 
     y0: int
     x0: int
-    meta: np.ndarray  # uint8 (h, w), p(kidney)+p(tumor) * 255
+    meta: np.ndarray  # uint8 (h, w), p(kidney)+p(tumor)(+p(cyst)) * 255
     tumor: np.ndarray  # uint8 (h, w)
     covered: np.ndarray  # bool (h, w)
+    cyst: np.ndarray | None = None  # uint8 (h, w), from a network with KiTS23's cyst class
 
     @property
     def window(self):
@@ -52,14 +53,22 @@ def _threshold_level(t: float) -> int:
     return int(np.floor(np.clip(t, 0.0, 1.0) * 255.0))
 
 
-def labels_from_levels(meta, tumor, kidney_threshold: float, tumor_threshold: float) -> np.ndarray:
-    """KiTS labels from probability levels: uint8 (0..255), or float levels from :func:`blend`."""
+def labels_from_levels(meta, tumor, kidney_threshold: float, tumor_threshold: float, cyst=None) -> np.ndarray:
+    """KiTS labels from probability levels: uint8 (0..255), or float levels from :func:`blend`.
+
+    With a ``cyst`` channel (a KiTS23 network), a mass over the tumor threshold is a cyst where
+    p(cyst) is the larger of the two, a tumor otherwise."""
     meta, tumor = np.asarray(meta), np.asarray(tumor)
     kl, tl = _threshold_level(kidney_threshold), _threshold_level(tumor_threshold)
     if meta.dtype != np.uint8:
         kl, tl = kl + 0.5, tl + 0.5
     labels = (meta > kl).astype(np.uint8)  # KIDNEY == 1
-    labels[tumor > tl] = TUMOR
+    if cyst is None:
+        labels[tumor > tl] = TUMOR
+        return labels
+    cyst = np.asarray(cyst)
+    labels[(tumor > tl) & (tumor >= cyst)] = TUMOR
+    labels[(cyst > tl) & (cyst > tumor)] = CYST
     return labels
 
 
@@ -70,13 +79,14 @@ def blend(coarse: np.ndarray, refined: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _fuse_region(
-    labels, coarse_meta, coarse_tumor, region: RefinedRegion, alpha, kidney_threshold, tumor_threshold
+    labels, coarse_meta, coarse_tumor, region: RefinedRegion, alpha, kidney_threshold, tumor_threshold, coarse_cyst=None
 ) -> None:
     """Overwrite one slice's labels inside its refine patches with the blended probabilities."""
     win, cov = region.window, region.covered
     m = blend(coarse_meta[win][cov], region.meta[cov], alpha)
     t = blend(coarse_tumor[win][cov], region.tumor[cov], alpha)
-    labels[win][cov] = labels_from_levels(m, t, kidney_threshold, tumor_threshold)
+    c = None if coarse_cyst is None or region.cyst is None else blend(coarse_cyst[win][cov], region.cyst[cov], alpha)
+    labels[win][cov] = labels_from_levels(m, t, kidney_threshold, tumor_threshold, c)
 
 
 def fuse_slice(
@@ -86,11 +96,12 @@ def fuse_slice(
     alpha: float,
     kidney_threshold: float,
     tumor_threshold: float,
+    coarse_cyst: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels of one slice (2D) from its coarse channels and its refined region, if any."""
-    labels = labels_from_levels(coarse_meta, coarse_tumor, kidney_threshold, tumor_threshold)
+    labels = labels_from_levels(coarse_meta, coarse_tumor, kidney_threshold, tumor_threshold, coarse_cyst)
     if region is not None:
-        _fuse_region(labels, coarse_meta, coarse_tumor, region, alpha, kidney_threshold, tumor_threshold)
+        _fuse_region(labels, coarse_meta, coarse_tumor, region, alpha, kidney_threshold, tumor_threshold, coarse_cyst)
     return labels
 
 
@@ -101,11 +112,13 @@ def fuse_volume(
     alpha: float,
     kidney_threshold: float,
     tumor_threshold: float,
+    coarse_cyst: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels of the whole volume: one vectorised pass for the coarse part, then the patch regions."""
-    labels = labels_from_levels(coarse_meta, coarse_tumor, kidney_threshold, tumor_threshold)
+    labels = labels_from_levels(coarse_meta, coarse_tumor, kidney_threshold, tumor_threshold, coarse_cyst)
     for z, region in refined.items():
-        _fuse_region(labels[z], coarse_meta[z], coarse_tumor[z], region, alpha, kidney_threshold, tumor_threshold)
+        cz = None if coarse_cyst is None else coarse_cyst[z]
+        _fuse_region(labels[z], coarse_meta[z], coarse_tumor[z], region, alpha, kidney_threshold, tumor_threshold, cz)
     return labels
 
 
@@ -114,7 +127,7 @@ def refined_only_labels(shape, refined: dict[int, RefinedRegion], kidney_thresho
     labels = np.zeros(shape, np.uint8)
     for z, region in refined.items():
         sub = labels[z][region.window]
-        sub[region.covered] = labels_from_levels(region.meta, region.tumor, kidney_threshold, tumor_threshold)[
-            region.covered
-        ]
+        sub[region.covered] = labels_from_levels(
+            region.meta, region.tumor, kidney_threshold, tumor_threshold, region.cyst
+        )[region.covered]
     return labels

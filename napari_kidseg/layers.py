@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fusion import LABEL_NAMES
+from .fusion import KITS23_LABEL_NAMES
 from .volumes import Volume
 
 # Soft-tissue window (W400/L40): fixed limits, so that scanner padding or metal in a volume
 # cannot stretch the display the way min/max contrast limits would.
 CT_WINDOW = (-160.0, 240.0)
-LABEL_COLORS = {None: "transparent", 0: "transparent", 1: "#2ca02c", 2: "#ffd700"}
+LABEL_COLORS = {None: "transparent", 0: "transparent", 1: "#2ca02c", 2: "#ffd700", 3: "#1f77b4"}  # 3: KiTS23 cyst
 # a reference (ground truth) opened next to a result gets colours of its own, drawn as outlines
-REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#00e5ff", 2: "#ff00ff"}
+REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#00e5ff", 2: "#ff00ff", 3: "#ff8c00"}
 # napari shows a labels layer's features for the label under the cursor: names, not 1 and 2
-LABEL_FEATURES = {"index": list(LABEL_NAMES), "name": list(LABEL_NAMES.values())}
+LABEL_FEATURES = {"index": list(KITS23_LABEL_NAMES), "name": list(KITS23_LABEL_NAMES.values())}
 # window/level presets (name: HU limits): W400/L40, W700/L100, W1800/L400, W1500/L-600
 WINDOW_PRESETS = {
     "soft tissue": CT_WINDOW,

@@ -194,9 +194,11 @@ def load_checkpoint(
         raise KidsegError(f"expects {cfg.in_channels} input channels, not {in_channels}", path)
     if classes is not None and cfg.classes != classes:
         raise KidsegError(f"predicts {cfg.classes} classes, not {classes}", path)
-    if cfg.classes != len(CLASSES):
+    if cfg.classes not in (len(CLASSES), len(CLASSES) + 1):
         raise KidsegError(
-            f"predicts {cfg.classes} classes; the cascade needs {len(CLASSES)} (background, kidney, tumor)", path
+            f"predicts {cfg.classes} classes; the cascade needs 3 (KiTS19: background, kidney, tumor) "
+            "or 4 (KiTS23: and cyst)",
+            path,
         )
     try:
         state = load_file(str(path), device="cpu")

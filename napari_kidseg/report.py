@@ -169,7 +169,7 @@ def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, 
     labels (models, alpha, thresholds, voxels corrected by hand), copied into the report.
     """
     labels = np.asarray(labels)
-    check_label_values(labels)
+    check_label_values(labels, cysts=True)  # a KiTS23 cyst counts with its kidney, not as parenchyma
     shape = [int(v) for v in labels.shape]
     if ct is not None and np.shape(ct) != labels.shape:
         raise KidsegError(f"labels of shape {labels.shape} do not match the CT's {np.shape(ct)}")

@@ -59,12 +59,14 @@ def find_cases(roots) -> list[Path]:
     return cases
 
 
-def map_kits_labels(labels: np.ndarray, path) -> np.ndarray:
+def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
+    """KiTS19/21/23 labels for a network of ``classes`` classes: a 3-class (KiTS19) network learns
+    a KiTS21/23 cyst as kidney, a 4-class one keeps it. Values that are no KiTS label are refused."""
     values = np.unique(labels)
     bad = [int(v) for v in values if int(v) not in KITS_LABEL_MAP]
     if bad:
         raise KidsegError(f"label values {bad} are not KiTS labels (0 background, 1 kidney, 2 tumor, 3 cyst)", path)
-    if values.max(initial=0) > 2:
+    if classes == 3 and values.max(initial=0) > 2:
         labels = np.where(labels == 3, 1, labels).astype(np.uint8)
     return labels
 
@@ -79,6 +81,7 @@ class CachedCase:
     slices: tuple | None = None  # train on these slices only (a partly reviewed correction); None: all
 
     def arrays(self):
+        """(CT, labels) memory-mapped; the labels as the case has them (KiTS23 cysts included)."""
         return np.load(self.ct_path, mmap_mode="r"), np.load(self.labels_path, mmap_mode="r")
 
 
@@ -86,14 +89,14 @@ def cache_case(case_dir: Path) -> CachedCase:
     """Decode a case once into memory-mappable .npy files (re-done only when the files change)."""
     case_dir = Path(case_dir)
     img, seg = case_dir / volumes.KITS_IMAGE, case_dir / volumes.KITS_LABELS
-    stamp = f"{case_dir.resolve()}|{img.stat().st_mtime_ns}|{img.stat().st_size}|{seg.stat().st_mtime_ns}"
+    stamp = f"v2|{case_dir.resolve()}|{img.stat().st_mtime_ns}|{img.stat().st_size}|{seg.stat().st_mtime_ns}"
     folder = cache_root() / hashlib.sha1(stamp.encode()).hexdigest()[:16]
     meta_file = folder / "meta.json"
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
     else:
         ct, labels = volumes.read_kits_case(case_dir)
-        lab = map_kits_labels(labels.array, case_dir / volumes.KITS_LABELS)
+        lab = map_kits_labels(labels.array, case_dir / volumes.KITS_LABELS, classes=4)  # checked, cysts kept
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in (("ct.npy", ct.array.astype(np.int16)), ("labels.npy", lab)):
             with files.atomic_path(folder / name, overwrite=True) as tmp:
@@ -152,7 +155,7 @@ class SegmentationSamples:
                     if allowed is not None and z not in allowed:
                         continue
                     self.items.append((ci, z, 0, 0))
-                    self.weights.append({0: 1.0, 1: 4.0, 2: 6.0}[int(has[z])])
+                    self.weights.append({0: 1.0, 1: 4.0, 2: 6.0, 3: 6.0}[int(has[z])])
             else:
                 for p in reference_patches(case, cfg.input_size):
                     z, y0, x0 = int(p["z"]), int(p["y0"]), int(p["x0"])
@@ -212,6 +215,8 @@ class SegmentationSamples:
                 )
             )
             y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z]), y0, x0, size, 0).astype(np.int64))
+        if cfg.classes == 3:  # a KiTS19 network learns KiTS23's cysts as kidney
+            y = torch.where(y == 3, 1, y)
         if aug is not None:
             x, y = self._augment(x, y, aug)
         x = hu_to_input(x, cfg.hu_window)
@@ -308,6 +313,8 @@ class VolumeSamples3D:
         box = tuple(slice(a, a + size) for a in start)
         x = torch.from_numpy(np.ascontiguousarray(ct[box], np.float32))[None]
         y = torch.from_numpy(np.ascontiguousarray(labels[box], np.int64))
+        if self.cfg.classes == 3:
+            y = torch.where(y == 3, 1, y)
         if self.augment is not None:
             aug = self.augment
             if aug.flip and rng.random() < 0.5:
@@ -317,13 +324,15 @@ class VolumeSamples3D:
 
 
 def dice_ce_loss(logits, target):
-    """Cross-entropy plus soft Dice of the two KiTS regions (kidney+tumor, tumor)."""
+    """Cross-entropy plus soft Dice of the KiTS regions (kidney and masses, tumor; cyst with 4 classes)."""
     import torch
     import torch.nn.functional as F
 
     ce = F.cross_entropy(logits, target)
     p = torch.softmax(logits.float(), dim=1)
-    regions = [(p[:, 1] + p[:, 2], (target > 0).float()), (p[:, 2], (target == 2).float())]
+    regions = [(1.0 - p[:, 0], (target > 0).float()), (p[:, 2], (target == 2).float())]
+    if p.shape[1] == 4:  # KiTS23's cyst class
+        regions.append((p[:, 3], (target == 3).float()))
     dice_loss = 0.0
     for pr, gt in regions:
         inter = (pr * gt).sum()

@@ -88,3 +88,35 @@ def test_mirror_averages_each_input_with_its_mirror_image(tiny_checkpoints, smal
     ct = small_case.ct
     result = cas.run(ct.array, ct.geometry.spacing, mirror=True)
     assert result.fuse().shape == ct.array.shape and result.refined  # both stages ran mirrored
+
+
+def test_a_kits23_cascade_fuses_cysts_keeps_them_in_drafts_and_refuses_mixed_models(
+    tmp_path, small_case, tiny_checkpoints
+):
+    from napari_kidseg.cascade import CascadeResult
+
+    ckpts = {}
+    for stage in ("coarse", "refine"):
+        cfg = models.model_config(
+            stage, "tiny", classes=4, context_slices=1, input_size=64 if stage == "coarse" else 96
+        )
+        ckpts[stage] = models.save_checkpoint(tmp_path / f"{stage}4.safetensors", models.build_model(cfg), cfg)
+    ct = small_case.ct
+    r = cascade.Cascade(ckpts["coarse"], ckpts["refine"], device="cpu").run(ct.array, ct.geometry.spacing)
+    assert r.coarse_cyst is not None and r.coarse_cyst.shape == ct.array.shape
+    assert all(region.cyst is not None for region in r.refined.values())
+    # a block the networks call kidney with a likely cyst: fused as cyst (3) outside the refine patches
+    r.refined = {}
+    r.coarse_meta[:] = 0
+    r.coarse_meta[5:9, 10:20, 10:20] = 250
+    r.coarse_tumor[:] = 0
+    r.coarse_cyst[:] = 0
+    r.coarse_cyst[5:9, 12:16, 12:16] = 200
+    labels = r.fuse(anatomy_check=False)
+    assert (labels[5:9, 12:16, 12:16] == 3).all() and (labels[5:9, 10:12, 10:20] == 1).all()
+    assert set(np.unique(labels)) == {0, 1, 3}
+    r.save_probabilities(tmp_path / "draft.npz")
+    back, _ = CascadeResult.load_probabilities(tmp_path / "draft.npz")
+    assert np.array_equal(back.fuse(anatomy_check=False), labels)
+    with pytest.raises(KidsegError, match="coarse model predicts 4 classes and the refine model 3"):
+        cascade.Cascade(ckpts["coarse"], tiny_checkpoints["refine"], device="cpu")

@@ -139,3 +139,14 @@ def test_export_of_a_dicom_case_writes_a_seg_or_says_why_not(tmp_path, real_seri
     entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][1]
     assert not (case / DICOM_SEG_NAME).exists() and "has no StudyInstanceUID" in entry["dicom_seg_note"]
     assert (case / volumes.KITS_LABELS).exists()  # the KiTS export itself went through
+
+
+def test_a_kits23_cyst_is_a_third_segment_and_comes_back(tmp_path, real_series):
+    import pydicom
+
+    ct = volumes.read_ct(real_series)
+    labels = _labels_for(ct)
+    labels[0, 210:220, 110:120] = 3
+    out = write_dicom_seg(real_series, labels, tmp_path / "k23.dcm")
+    assert [s.SegmentLabel for s in pydicom.dcmread(out).SegmentSequence] == ["Kidney", "Kidney tumor", "Kidney cyst"]
+    assert np.array_equal(read_dicom_seg(out, like=ct).array, labels)

@@ -24,10 +24,10 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoints):
     bad.write_bytes(tiny_checkpoints["coarse"].read_bytes()[:5000])
     with pytest.raises(KidsegError, match="corrupt.safetensors"):
         models.load_checkpoint(bad)
-    cfg4 = models.model_config("coarse", "tiny", classes=4)
-    four = models.save_checkpoint(tmp_path / "four.safetensors", models.build_model(cfg4), cfg4)
-    with pytest.raises(KidsegError, match="4 classes"):
-        models.load_checkpoint(four)
+    cfg5 = models.model_config("coarse", "tiny", classes=5)
+    five = models.save_checkpoint(tmp_path / "five.safetensors", models.build_model(cfg5), cfg5)
+    with pytest.raises(KidsegError, match="5 classes; the cascade needs 3"):
+        models.load_checkpoint(five)
 
 
 def test_unavailable_device_is_a_clear_error():

@@ -127,8 +127,8 @@ def test_no_kidney_gives_a_report_that_says_so(tmp_path):
 
 def test_bad_labels_and_grids_are_refused():
     labels = np.zeros((5, 20, 20), np.uint8)
-    labels[2, 5, 5] = 3
-    with pytest.raises(KidsegError, match=r"label\(s\) 3"):
+    labels[2, 5, 5] = 4  # 3 is KiTS23's cyst; 4 is nothing
+    with pytest.raises(KidsegError, match=r"label\(s\) 4"):
         describe_case(labels, (1.0, 1.0, 1.0))
     with pytest.raises(KidsegError, match="do not match the CT"):
         describe_case(np.zeros((5, 20, 20), np.uint8), (1.0, 1.0, 1.0), ct=np.zeros((5, 20, 21), np.int16))

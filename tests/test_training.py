@@ -213,3 +213,20 @@ def test_validation_scores_every_slice_unweighted_or_an_even_spread(tiny_dataset
     empty = np.array([w == val_set.weights.min() for w in val_set.weights])
     assert 0.1 < empty.mean() < 0.9
     assert abs(empty[idx].mean() - empty.mean()) < 0.1
+
+
+def test_kits23_cases_train_a_four_class_network_and_a_three_class_one_learns_cysts_as_kidney(tmp_path, monkeypatch):
+    monkeypatch.setenv("KIDSEG_CACHE", str(tmp_path / "cache"))
+    write_phantom_cases(tmp_path / "k23", 2, seed=3, matrix=96, max_slices=40, labels="kits23", n_tumors=1)
+    cases = [training.cache_case(c) for c in training.find_cases([tmp_path / "k23"])]
+    assert any((np.asarray(c.arrays()[1]) == 3).any() for c in cases)  # the cache keeps the cysts
+    targets = {}
+    for classes in (3, 4):
+        cfg = models.model_config("coarse", "tiny", classes=classes, input_size=64)
+        samples = training.SegmentationSamples(cases, cfg, None)
+        targets[classes] = set().union(*(np.unique(samples[i][1].numpy()).tolist() for i in range(len(samples))))
+    assert 3 in targets[4] and 3 not in targets[3]
+    cfg = models.model_config("coarse", "tiny", classes=4, input_size=64)
+    settings = training.TrainSettings(epochs=1, steps_per_epoch=2, batch_size=2, workers=0, device="cpu", val_samples=4)
+    training.train(cfg, cases, cases[:1], tmp_path / "c4.safetensors", settings, log=lambda s: None)
+    assert models.load_checkpoint(tmp_path / "c4.safetensors")[1].classes == 4
