@@ -313,6 +313,8 @@ def cmd_train(args) -> int:
         overrides["context_slices"] = args.context_slices
     if args.input_size is not None:
         overrides["input_size"] = args.input_size
+    if args.labels == "kits23":
+        overrides["classes"] = 4  # background, kidney, tumor, cyst
     cfg = model_config(args.stage, args.preset, **overrides)
     cfg.version = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg.provenance = {
@@ -434,6 +436,12 @@ def _add_train_parser(sub):
         help="; ".join(f"{k}: {v}" for k, v in PRESET_NOTES.items()),
     )
     p.add_argument("--context-slices", type=int, default=None, help="2.5D: neighbouring slices per side as channels")
+    p.add_argument(
+        "--labels",
+        choices=["kits19", "kits23"],
+        default="kits19",
+        help="kits19: 3 classes (a KiTS21/23 cyst is learnt as kidney); kits23: 4 classes, the cyst its own",
+    )
     p.add_argument("--input-size", type=int, default=None, help="coarse slice size / refine patch size (px)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--steps-per-epoch", type=int, default=200)

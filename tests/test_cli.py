@@ -244,3 +244,29 @@ def test_evaluate_reports_kits21_hierarchical_dice_when_cysts_are_labelled(tmp_p
     assert row["kits21_mean_dice"] == pytest.approx((1.0 + masses + 1.0) / 3)
     assert main(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz")]) == 0
     assert "kid+masses_dice" in capsys.readouterr().out
+
+
+def test_kits23_round_trip_phantom_train_predict_evaluate_export(tmp_path, capsys, monkeypatch):
+    from napari_kidseg.review import export_correction
+
+    monkeypatch.setenv("KIDSEG_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "k23"
+    assert main(["phantom", str(data), "--cases", "2", "--seed", "3", "--matrix", "64", "--max-slices", "24",
+                 "--labels", "kits23"]) == 0  # fmt: skip
+    assert any((volumes.read_labels(c / volumes.KITS_LABELS).array == 3).any() for c in sorted(data.glob("case_*")))
+    common = ["--preset", "tiny", "--labels", "kits23", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+              "--workers", "0", "--device", "cpu", "--val-samples", "4"]  # fmt: skip
+    for stage, size in (("coarse", "64"), ("refine", "64")):
+        out = tmp_path / f"{stage}.safetensors"
+        assert main(["train", str(data), "--stage", stage, "-o", str(out), "--input-size", size, *common]) == 0
+        assert models.read_config(out).classes == 4
+    ckpts = {"coarse": tmp_path / "coarse.safetensors", "refine": tmp_path / "refine.safetensors"}
+    assert main(["predict", str(data), "-o", str(tmp_path / "pred"), *_tiny(ckpts)]) == 0
+    pred = tmp_path / "pred" / "case_00000" / volumes.KITS_LABELS
+    assert set(np.unique(volumes.read_labels(pred).array)) <= {0, 1, 2, 3}
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "pred"), str(data)]) == 0
+    assert "kid+masses_dice" in capsys.readouterr().out  # the references hold cysts: KiTS21's Dice
+    ct, ref = volumes.read_kits_case(data / "case_00000")
+    case = export_correction(tmp_path / "corr", ct, ref.array)
+    assert np.array_equal(volumes.read_labels(case / volumes.KITS_LABELS).array, ref.array)  # cysts exported as 3
