@@ -33,11 +33,12 @@ from .cascade import CascadeResult
 from .errors import KidsegError
 from .fusion import (
     BACKGROUND,
+    CYST,
     DEFAULT_ALPHA,
     DEFAULT_KIDNEY_THRESHOLD,
     DEFAULT_TUMOR_THRESHOLD,
     KIDNEY,
-    LABEL_NAMES,
+    KITS23_LABEL_NAMES,
     TUMOR,
 )
 from .metrics import bounding_box
@@ -225,10 +226,10 @@ class ReviewSession:
     def plan_region_edit(self, z: int, y: int, x: int, action: str) -> Change:
         """Edit the region under a clicked voxel.
 
-        ``delete``: the connected kidney+tumor region; ``tumor`` / ``kidney``: the connected region
-        of the clicked voxel's own label becomes tumor / kidney (a tumor inside a kidney is its own
-        region, so a click on it never turns the whole kidney into tumor); ``swap``: kidney <-> tumor
-        for that region.
+        ``delete``: the connected kidney+tumor region; ``tumor`` / ``kidney`` / ``cyst``: the
+        connected region of the clicked voxel's own label becomes tumor / kidney / a KiTS23 cyst (a
+        tumor inside a kidney is its own region, so a click on it never turns the whole kidney into
+        tumor); ``swap``: kidney <-> tumor for that region.
         """
         self.sync_edits()
         z, y, x = (int(v) for v in (z, y, x))
@@ -243,12 +244,14 @@ class ReviewSession:
             new[region] = BACKGROUND
             what = "kidney+tumor region"
         else:
-            target = {"tumor": TUMOR, "kidney": KIDNEY, "swap": TUMOR if value == KIDNEY else KIDNEY}[action]
+            swap = TUMOR if value == KIDNEY else KIDNEY
+            target = {"tumor": TUMOR, "kidney": KIDNEY, "cyst": CYST, "swap": swap}[action]
             region = self._connected(self.labels == value, z, y, x)
             new[region] = target
-            what = f"{LABEL_NAMES[value]} region -> {LABEL_NAMES[target]}"
+            what = f"{KITS23_LABEL_NAMES[value]} region -> {KITS23_LABEL_NAMES[target]}"
         n = int(region.sum())
-        names = {"delete": "delete region", "tumor": "make tumor", "kidney": "make kidney", "swap": "kidney <-> tumor"}
+        names = {"delete": "delete region", "tumor": "make tumor", "kidney": "make kidney", "cyst": "make cyst",
+                 "swap": "kidney <-> tumor"}  # fmt: skip
         return self._change(names[action], new, f"{what}, {self._ml(n):.1f} mL")
 
     def relabel_region(self, z: int, y: int, x: int) -> int:

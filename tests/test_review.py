@@ -195,6 +195,8 @@ def test_region_click_edits_only_the_clicked_region():
     rows = s.region_table()
     assert len(rows) == 1 and rows[0]["label"] == "kidney+tumor" and rows[0]["tumor_ml"] == pytest.approx(0.032)
     assert rows[0]["side"] == "right"  # low x is the patient's right (no spine: the image centre)
+    ch = s.plan_region_edit(2, 11, 7, "cyst")  # KiTS23: the tumor was a cyst after all
+    assert "tumor region -> cyst" in ch.summary and ch.voxels == 32 and (ch.new == 3).all()
 
 
 def test_interpolation_is_planned_before_it_is_applied():

@@ -54,6 +54,7 @@ CLICK_MODES = {
     "delete region": "Shift-D",
     "make tumor": "Shift-T",
     "make kidney": "Shift-K",
+    "make cyst": "Shift-C",  # KiTS23's cyst class
     "swap kidney/tumor": "Shift-S",
     "restore removed": "Shift-R",
 }
@@ -61,6 +62,7 @@ _CLICK_ACTIONS = {
     "delete region": "delete",
     "make tumor": "tumor",
     "make kidney": "kidney",
+    "make cyst": "cyst",
     "swap kidney/tumor": "swap",
 }
 WINDOW_KEYS = {"soft tissue": "Shift-1", "kidney": "Shift-2", "bone": "Shift-3", "lung": "Shift-4"}
