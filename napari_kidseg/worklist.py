@@ -419,10 +419,16 @@ class Worklist:
 def _keep_draft(result, cascade, path) -> dict:
     from .metrics import measurements
 
-    models = f"{cascade.coarse_path.name} + {cascade.refine_path.name}"
+    models = models_label(cascade.coarse_path, cascade.refine_path)
     if path is not None:
         result.save_probabilities(path, overwrite=True, note={"models": models})
     return {"models": models, "measurements": measurements(result.fuse(), result.spacing)}
+
+
+def models_label(coarse, refine) -> str:
+    """How a row names the models of its draft: folder and file of each (fine-tuned children share
+    file names with the bundled models, not folders)."""
+    return " + ".join(f"{Path(p).parent.name}/{Path(p).name}" for p in (coarse, refine))
 
 
 _PROCESS_CASCADES: dict = {}  # a drafting process keeps its loaded models between cases

@@ -123,3 +123,35 @@ def test_a_folder_without_ct_is_one_message(make_napari_viewer, qtbot, tiny_chec
     (tmp_path / "nothing").mkdir()
     assert wl.open_folder(str(tmp_path / "nothing")) is None
     assert "holds no CT" in wl.status.text() and wl.worklist is None
+
+
+def test_new_models_mark_older_drafts_and_k_reviewed_cases_start_a_finetune(
+    make_napari_viewer, qtbot, tiny_checkpoints, cases, tmp_path
+):
+    import shutil
+
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    qtbot.waitUntil(lambda: wl._pool is not None and not wl.drafting, timeout=120_000)
+    # a fine-tuned child (here: a copy in another folder) named in the Kidney cascade widget
+    child = tmp_path / "finetune-1" / "refine.safetensors"
+    child.parent.mkdir()
+    shutil.copy(tiny_checkpoints["refine"], child)
+    cw.refine_edit.setText(str(child))
+    wl._refresh_table()
+    assert "older models" in wl.table.item(1, 1).text() and "older models" in wl.table.item(2, 1).text()
+    assert wl.redraft_older() == 2
+    qtbot.waitUntil(lambda: not wl.drafting, timeout=120_000)
+    assert all("finetune-1/refine.safetensors" in r.models for r in wl.worklist.rows[1:])
+    assert "older models" not in wl.table.item(1, 1).text()
+    # after k = 1 reviewed case the Kidney cascade widget's fine-tune starts (its own checks apply)
+    started = []
+    cw.finetune = lambda: started.append(cw.export_edit.text())
+    wl.finetune_spin.setValue(1)
+    cw.export_edit.setText(str(tmp_path / "export"))
+    _quiet(wl, cw, qtbot)
+    wl.mark_reviewed()
+    assert started == [str(tmp_path / "export")]
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()

@@ -73,6 +73,7 @@ class WorklistWidget(QWidget):
         self._cascade_lock = threading.Lock()
         self.last_open_seconds = None  # from Next to the draft on screen (benchmarks read it)
         self.last_open_times = {}  # and when each step of that ended (s after Next)
+        self._reviewed_since_finetune = 0
 
         lay = QVBoxLayout(self)
         form = QFormLayout()
@@ -97,6 +98,16 @@ class WorklistWidget(QWidget):
         self.ahead_spin.setValue(2)
         self.ahead_spin.setToolTip("How many of the next cases to draft in the background while you review")
         form.addRow("Drafts ahead", self.ahead_spin)
+        self.finetune_spin = QSpinBox()
+        self.finetune_spin.setRange(0, 100)
+        self.finetune_spin.setValue(0)
+        self.finetune_spin.setSpecialValueText("off")
+        self.finetune_spin.setToolTip(
+            "After this many cases marked reviewed, fine-tune the models on the exported cases (the "
+            "Kidney cascade widget's Fine-tune, with its checks); 'Use the new models' then drafts "
+            "the cases not yet opened with them"
+        )
+        form.addRow("Fine-tune after", self.finetune_spin)
         lay.addLayout(form)
         self.note = QLabel("")
         self.note.setWordWrap(True)
@@ -119,7 +130,13 @@ class WorklistWidget(QWidget):
         self.reviewed_btn.setToolTip("Export this case (KiTS layout, DICOM SEG for DICOM) and open the next one")
         self.redraft_btn = QPushButton("Redraft")
         self.redraft_btn.setToolTip("Draft this case again with the models in the Kidney cascade widget")
-        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn):
+        self.redraft_older_btn = QPushButton("Redraft older")
+        self.redraft_older_btn.setToolTip(
+            "Draft again, in the background, every case not yet opened whose draft was made by other "
+            "models than the Kidney cascade widget's (after a fine-tune, say)"
+        )
+        self.redraft_older_btn.clicked.connect(self.redraft_older)
+        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn, self.redraft_older_btn):
             row.addWidget(b)
         lay.addLayout(row)
         self.prev_btn.clicked.connect(self.previous_case)
@@ -175,7 +192,7 @@ class WorklistWidget(QWidget):
         (show_error if error else show_info)(message)
 
     def _set_enabled(self, on: bool):
-        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn):
+        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn, self.redraft_older_btn):
             b.setEnabled(on)
 
     def _browse(self):
@@ -194,6 +211,38 @@ class WorklistWidget(QWidget):
         }
         for what, key in KEYS.items():
             self.viewer.bind_key(key, lambda _viewer, f=actions[what]: f(), overwrite=True)
+
+    def _current_models(self) -> str | None:
+        """The models the Kidney cascade widget names now, as the rows name their drafts' models."""
+        from ..models import resolve_checkpoint
+        from ..worklist import models_label
+
+        cw = self._cascade_widget
+        if cw is None:
+            return None
+        try:
+            paths = [
+                resolve_checkpoint(e.text() or None, s)
+                for e, s in ((cw.coarse_edit, "coarse"), (cw.refine_edit, "refine"))
+            ]
+        except KidsegError:
+            return None
+        return models_label(*paths)
+
+    def redraft_older(self):
+        """Forget the drafts of unopened cases made by other models; the drafting process redoes them."""
+        wl = self.worklist
+        now = self._current_models()
+        if wl is None or now is None or wl.read_only:
+            return 0
+        older = [r for r in wl.rows if r.status == "drafted" and r.models and r.models != now]
+        for r in older:
+            wl.drop_draft(r)
+        self._refresh_table()
+        self.ahead_spin.setValue(max(self.ahead_spin.value(), min(len(older), 10)))
+        self._draft_ahead()
+        self.status.setText(f"{len(older)} draft(s) of older models dropped; drafting them again in the background")
+        return len(older)
 
     def _get_cascade(self):
         """The drafting cascade, with the models and device the Kidney cascade widget names."""
@@ -255,11 +304,16 @@ class WorklistWidget(QWidget):
         if wl is None:
             return
         self.table.setRowCount(len(wl.rows))
+        current_models = self._current_models()
         for i, r in enumerate(wl.rows):
             tumor = None if r.right_tumor_ml is None else (r.right_tumor_ml or 0) + (r.left_tumor_ml or 0)
+            older = r.status == "drafted" and r.models and current_models and r.models != current_models
             values = {
                 "case": r.case + (f"  {r.description}" if r.description else ""),
-                "status": r.status + (f": {r.reason}" if r.reason else "") + (" *" if i == self.current else ""),
+                "status": r.status
+                + (" (older models)" if older else "")
+                + (f": {r.reason}" if r.reason else "")
+                + (" *" if i == self.current else ""),
                 "right_kidney_ml": r.right_kidney_ml,
                 "left_kidney_ml": r.left_kidney_ml,
                 "tumor_ml": tumor,
@@ -562,6 +616,13 @@ class WorklistWidget(QWidget):
         self.autosave()
         self._refresh_table()
         self._notify(f"{row.case} reviewed and exported to {case_dir}")
+        self._reviewed_since_finetune += 1
+        k = self.finetune_spin.value()
+        if k and self._reviewed_since_finetune >= k and cw._worker is None:
+            self._reviewed_since_finetune = 0
+            self.status.setText(f"{k} case(s) reviewed: fine-tuning the models on {folder} in the background")
+            cw.finetune()  # its progress, checks and 'Use the new models' are the Kidney cascade widget's
+            return case_dir
         self.next_case()
         return case_dir
 
