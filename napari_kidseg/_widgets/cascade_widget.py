@@ -324,7 +324,7 @@ class CascadeWidget(QWidget):
         self.finetune_btn = QPushButton("Fine-tune models")
         self.finetune_btn.setToolTip(
             "Fine-tune the coarse and refine models on the exported corrections, in the "
-            "background (about a minute per stage on 2 CPU cores)"
+            "background (about half a minute per stage on 2 CPU cores)"
         )
         self.refine_only_check = QCheckBox("refine only")
         self.refine_only_check.setToolTip(
