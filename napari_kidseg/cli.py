@@ -396,6 +396,7 @@ def cmd_finetune(args) -> int:
         max_minutes=args.max_minutes,
         holdout_fraction=args.holdout,
         bn_momentum=args.bn_momentum,
+        freeze_encoder=args.freeze_encoder,
         reviewed_only=not args.all_slices,
         progress=bar,
         log=lambda s: print(s, file=sys.stderr),
@@ -505,6 +506,12 @@ def _add_train_parser(sub):
         "--all-slices",
         action="store_true",
         help="train on every slice of each case, not only the slices its export marked reviewed",
+    )
+    p.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        default=DEFAULTS["freeze_encoder"],
+        help="train the decoders only; the encoders keep the parents' features",
     )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_finetune)

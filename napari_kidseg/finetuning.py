@@ -43,6 +43,7 @@ DEFAULTS = {  # chosen by the site study (model card, "Fine-tuning defaults")
     "max_minutes": 2.5,
     "holdout_fraction": 0.25,
     "bn_momentum": 0.0,
+    "freeze_encoder": False,
 }
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
@@ -117,6 +118,7 @@ def finetune_models(
     max_minutes=DEFAULTS["max_minutes"],
     holdout_fraction=DEFAULTS["holdout_fraction"],
     bn_momentum=DEFAULTS["bn_momentum"],
+    freeze_encoder=DEFAULTS["freeze_encoder"],
     reviewed_only=True,
     progress=None,
     cancel=None,
@@ -183,6 +185,7 @@ def finetune_models(
             lr=lr,
             max_minutes=max_minutes,
             bn_momentum=bn_momentum,
+            freeze_encoder=freeze_encoder,
             device=device,
             reviewed_only=reviewed_only,
             progress=stage_progress,
@@ -216,6 +219,7 @@ def finetune_models(
             "lr": lr,
             "n_replay": n_replay,
             "bn_momentum": bn_momentum,
+            "freeze_encoder": freeze_encoder,
             "reviewed_only": reviewed_only,
         },
     }
@@ -334,6 +338,7 @@ def finetune_stage(
     lr=DEFAULTS["lr"],
     max_minutes=DEFAULTS["max_minutes"],
     bn_momentum=DEFAULTS["bn_momentum"],
+    freeze_encoder=DEFAULTS["freeze_encoder"],
     device="auto",
     reviewed_only=True,
     progress=None,
@@ -395,6 +400,7 @@ def finetune_stage(
         "steps_per_epoch": steps_per_epoch,
         "lr": lr,
         "bn_momentum": bn_momentum,
+        "freeze_encoder": freeze_encoder,
         "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
         "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
     }
@@ -409,6 +415,7 @@ def finetune_stage(
         max_minutes=max_minutes,
         val_samples=0,
         bn_momentum=bn_momentum,
+        freeze_encoder=freeze_encoder,
     )
     summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log)
     after = {}

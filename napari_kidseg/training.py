@@ -376,6 +376,17 @@ class TrainSettings:
     # BatchNorm running-statistics momentum; None keeps PyTorch's 0.1. With random tissue contrasts
     # a batch's statistics swing, and at 0.1 the last ~10 batches decide what evaluation uses
     bn_momentum: float | None = None
+    # fine-tuning: train the decoder (and head) only, the encoder's features stay the parent's
+    freeze_encoder: bool = False
+
+
+def _trainable(model, settings: TrainSettings):
+    """The parameters the optimiser moves: all, or all but the encoder's with ``freeze_encoder``."""
+    encoder = getattr(model, "encoder", None)
+    if settings.freeze_encoder and encoder is not None:
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _distributed():
@@ -465,14 +476,14 @@ def train(
     else:
         model = build_model(cfg, encoder_weights=encoder_weights)
     start_epoch, best, log_rows = 0, float("-inf"), []
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    opt = torch.optim.Adam(_trainable(model, settings), lr=settings.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=settings.lr_step_epochs, gamma=settings.lr_gamma)
     if resume:
         if not (last.exists() and state_file.exists()):
             raise KidsegError("nothing to resume from (no .last.safetensors and .state.pt beside it)", out)
         model, cfg = load_checkpoint(last, stage=cfg.stage)
         state = torch.load(state_file, map_location="cpu", weights_only=False)
-        opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        opt = torch.optim.Adam(_trainable(model, settings), lr=settings.lr)
         opt.load_state_dict(state["optimizer"])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=settings.lr_step_epochs, gamma=settings.lr_gamma)
         sched.load_state_dict(state["scheduler"])

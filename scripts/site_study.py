@@ -39,6 +39,8 @@ CONFIGS = {
     "gentle": {"lr": 2e-5, "n_replay": 8},
     "5x50-replay8": {"epochs": 5, "n_replay": 8},
     "short": {"epochs": 5, "steps_per_epoch": 20, "lr": 2e-5, "n_replay": 8},
+    "short-frozen": {"epochs": 5, "steps_per_epoch": 20, "lr": 2e-5, "n_replay": 8, "freeze_encoder": True},
+    "mid-frozen": {"epochs": 10, "steps_per_epoch": 20, "lr": 5e-5, "n_replay": 8, "freeze_encoder": True},
 }
 SITES = {
     # a portal-venous protocol at 3 mm with the phase's own HU (a site like the training data)

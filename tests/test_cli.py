@@ -180,6 +180,7 @@ def test_finetune_defaults_are_the_finetune_function_defaults():
         "max_minutes": "max_minutes",
         "bn_momentum": "bn_momentum",
         "batch_size": "batch_size",
+        "freeze_encoder": "freeze_encoder",
     }
     assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
 

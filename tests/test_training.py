@@ -230,3 +230,19 @@ def test_kits23_cases_train_a_four_class_network_and_a_three_class_one_learns_cy
     settings = training.TrainSettings(epochs=1, steps_per_epoch=2, batch_size=2, workers=0, device="cpu", val_samples=4)
     training.train(cfg, cases, cases[:1], tmp_path / "c4.safetensors", settings, log=lambda s: None)
     assert models.load_checkpoint(tmp_path / "c4.safetensors")[1].classes == 4
+
+
+def test_freeze_encoder_moves_the_decoder_only(tiny_dataset, tiny_checkpoints, tmp_path):
+    from safetensors.numpy import load_file
+
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    cfg = models.read_config(tiny_checkpoints["coarse"])
+    settings = training.TrainSettings(
+        epochs=1, steps_per_epoch=3, batch_size=2, lr=1e-2, workers=0, device="cpu", val_samples=4, freeze_encoder=True
+    )
+    out = tmp_path / "child.safetensors"
+    training.train(cfg, cases[:2], cases[2:], out, settings, init_checkpoint=tiny_checkpoints["coarse"], log=print)
+    mother, child = load_file(str(tiny_checkpoints["coarse"])), load_file(str(out))
+    weights = [k for k in mother if k.endswith("weight")]
+    assert all(np.array_equal(mother[k], child[k]) for k in weights if k.startswith("encoder."))
+    assert any(not np.array_equal(mother[k], child[k]) for k in weights if k.startswith("decoder."))
