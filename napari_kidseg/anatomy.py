@@ -87,6 +87,14 @@ class SpineFrame:
     found_share: float  # share of slices where a vertebra was seen before smoothing
 
 
+def midline_mm(spine: SpineFrame | None, shape, spacing) -> np.ndarray:
+    """The patient's midline x (mm) per slice: the spine's, or the image centre when no spine is
+    in view (what decides a region's side everywhere: the anatomy check, the region table, the report)."""
+    if spine is None:
+        return np.full(shape[0], shape[2] * float(spacing[2]) / 2.0)
+    return np.asarray(spine.x_mm, float)
+
+
 def find_spine(ct: np.ndarray, spacing) -> SpineFrame | None:
     """The spine frame of a CT (canonical ``(z, y, x)`` HU), or None when no spine is in view."""
     ct = np.asarray(ct)
@@ -304,8 +312,7 @@ def check_anatomy(
 
     xs = (np.arange(small.shape[2]) + ox) * sp[2]
     zz, yy, xx = np.nonzero(meta)  # the check looks only at labelled voxels
-    # the midline per slice: the spine's, or the image centre when no spine is in view
-    mid_full = np.full(grid.shape[0], grid.shape[2] * sp[2] / 2.0) if spine is None else spine.x_mm
+    mid_full = midline_mm(spine, grid.shape, sp)
     mid = mid_full[oz : oz + small.shape[0]]
     logd = None
     if spine is None:

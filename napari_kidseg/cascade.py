@@ -204,6 +204,16 @@ class CascadeResult:
         return result, extra.get("note", {})
 
 
+def _fusion_channels(p):
+    """Softmax probabilities (B, classes, ...) as the channels fusion keeps: kidney and masses,
+    tumor, and with a KiTS23 network cyst."""
+    import torch
+
+    if p.shape[1] == 4:
+        return torch.stack([p[:, 1] + p[:, 2] + p[:, 3], p[:, 2], p[:, 3]], dim=1)
+    return torch.stack([p[:, 1] + p[:, 2], p[:, 2]], dim=1)
+
+
 class Cascade:
     """Loaded coarse and refine networks on a device, ready to segment CT volumes."""
 
@@ -267,10 +277,7 @@ class Cascade:
                 logits = model(batch)
         else:
             logits = model(batch)
-        p = torch.softmax(logits.float(), dim=1)
-        if p.shape[1] == 4:  # KiTS23: kidney + masses, tumor, cyst
-            return torch.stack([p[:, 1] + p[:, 2] + p[:, 3], p[:, 2], p[:, 3]], dim=1)
-        return torch.stack([p[:, 1] + p[:, 2], p[:, 2]], dim=1)
+        return _fusion_channels(torch.softmax(logits.float(), dim=1))
 
     def _run_batches(
         self,
@@ -351,9 +358,8 @@ class Cascade:
                 p = torch.softmax(self.coarse(x).float(), dim=1)
                 if mirror:
                     p = 0.5 * (p + torch.softmax(self.coarse(x.flip(-1)).float(), dim=1).flip(-1))
-            p = p[0, :, : small.shape[0], : small.shape[1], : small.shape[2]]
-            channels = [p[1:].sum(0), p[2]] + ([p[3]] if p.shape[0] == 4 else [])
-            levels = (torch.stack(channels) * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            p = _fusion_channels(p)[0, :, : small.shape[0], : small.shape[1], : small.shape[2]]
+            levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
         full = [resample(level, None, order=1, shape=ct.shape) for level in levels]
         if progress:
             progress(ct.shape[0], ct.shape[0], "coarse")

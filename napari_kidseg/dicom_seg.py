@@ -251,16 +251,12 @@ def _referenced_ct(seg, path) -> volumes.Volume | None:
         uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     except (AttributeError, IndexError):
         return None
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" for every other folder
-    try:
+    with volumes.itk_warnings_off():  # "No Series were found" for every other folder
         for folder in (path.parent, path.parent.parent):
             candidates = [folder] + [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
             for d in candidates:
                 if uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)):
                     return volumes.read_ct(d, series_uid=uid, check_hu=False)
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return None
 
 

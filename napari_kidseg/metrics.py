@@ -52,16 +52,18 @@ def farthest_pair(points_mm: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]
     return float(d[i, j]), pts_hull[i], pts_hull[j]
 
 
-def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
-    """The slices around a mask's voxels (``pad`` voxels more on each side), or None when empty;
-    from three axis projections, so much cheaper than labelling the whole volume."""
+def bounding_box(mask: np.ndarray, pad=0) -> tuple[slice, ...] | None:
+    """The slices around a mask's voxels (``pad`` voxels more on each side, one number or one per
+    axis), or None when empty; from axis projections, so much cheaper than labelling the volume."""
     mask = np.asarray(mask)
+    pads = np.broadcast_to(np.asarray(pad, int), (mask.ndim,))
     box = []
     for axis in range(mask.ndim):
         idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         if not len(idx):
             return None
-        box.append(slice(max(0, int(idx[0]) - pad), min(mask.shape[axis], int(idx[-1]) + 1 + pad)))
+        p = int(pads[axis])
+        box.append(slice(max(0, int(idx[0]) - p), min(mask.shape[axis], int(idx[-1]) + 1 + p)))
     return tuple(box)
 
 

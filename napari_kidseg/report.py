@@ -37,7 +37,7 @@ from scipy import ndimage
 from . import __version__
 from .errors import KidsegError
 from .fusion import KIDNEY, TUMOR
-from .metrics import check_label_values, farthest_pair
+from .metrics import bounding_box, check_label_values, farthest_pair
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 SINUS_FAT_HU = (-200.0, -30.0)
@@ -80,15 +80,10 @@ def largest_diameters(mask: np.ndarray, spacing) -> dict:
 
 
 def _midline_mm(shape, spacing, ct=None) -> np.ndarray:
-    """The patient's midline x (mm) per slice: the spine's when the CT shows one, else the image centre."""
-    spine = None
-    if ct is not None:
-        from .anatomy import find_spine
+    """The patient's midline x (mm) per slice, from the spine when the CT shows one."""
+    from .anatomy import find_spine, midline_mm
 
-        spine = find_spine(ct, spacing)
-    if spine is None:
-        return np.full(shape[0], shape[2] * spacing[2] / 2.0)
-    return np.asarray(spine.x_mm, float)
+    return midline_mm(None if ct is None else find_spine(ct, spacing), shape, spacing)
 
 
 def exophytic_share(
@@ -177,7 +172,8 @@ def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, 
     voxel_ml = float(np.prod(sp)) / 1000.0
     mid_full = _midline_mm(labels.shape, sp, ct)
     # everything below works on the labelled voxels' box (plus room for the sinus fat and outline)
-    box = _labelled_box(labels, sp)
+    pad = [int(np.ceil(20.0 / s)) for s in sp]
+    box = bounding_box(labels, pad) or tuple(slice(0, n) for n in labels.shape)
     offset = np.array([b.start for b in box])
     labels = labels[box]
     ct = None if ct is None else np.asarray(ct)[box]
@@ -222,14 +218,6 @@ def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, 
         "provenance": {"software": f"napari-kidseg {__version__}", **(provenance or {})},
         "notes": [] if n else ["no kidney or tumor in the labels"],
     }
-
-
-def _labelled_box(labels: np.ndarray, sp) -> tuple:
-    pad = [int(np.ceil(20.0 / s)) for s in sp]
-    if not labels.any():
-        return tuple(slice(0, n) for n in labels.shape)
-    idx = [np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
-    return tuple(slice(max(0, i[0] - p), min(n, i[-1] + 1 + p)) for i, p, n in zip(idx, pad, labels.shape))
 
 
 def _shift(value, offset):

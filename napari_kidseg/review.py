@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import files, volumes
+from . import anatomy, files, volumes
 from .cascade import CascadeResult
 from .errors import KidsegError
 from .fusion import (
@@ -194,8 +194,6 @@ class ReviewSession:
         """Keep one kidney per side, chosen by anatomy: the anatomy check's verdict on the current
         labels (side of the spine, position behind its front edge, the kidney atlas, size), not the
         largest region; what it removes is listed in the summary."""
-        from . import anatomy
-
         self.sync_edits()
         verdict = anatomy.check_anatomy(self.labels, self.result.spacing, self.result.spine)
         new = verdict.apply(self.labels)
@@ -274,7 +272,7 @@ class ReviewSession:
         counts = np.bincount(lab.ravel())[1:]
         tumor = np.bincount(lab.ravel(), weights=(self.labels[crop] == TUMOR).ravel())[1:]
         boxes = ndimage.find_objects(lab)
-        spine = self.result.spine
+        midline = anatomy.midline_mm(self.result.spine, self.labels.shape, sp)
         verdict = self.result.verdict
         flagged = np.zeros(n + 1, bool)
         if verdict is not None and self.params.anatomy_check:
@@ -290,7 +288,7 @@ class ReviewSession:
             k = len(zz) // 2
             z, y, x = int(zz[k]), int(yy[k]), int(xx[k])
             cx = xx.mean() * sp[2]
-            mid = spine.x_mm[int(round(zz.mean()))] if spine is not None else self.labels.shape[2] * sp[2] / 2
+            mid = midline[int(round(zz.mean()))]
             side = "left" if cx > mid else "right"  # LPS: +x is the patient's left
             kind = "tumor" if tumor[i] == counts[i] else ("kidney+tumor" if tumor[i] else "kidney")
             rows.append(

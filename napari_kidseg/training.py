@@ -71,6 +71,14 @@ def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
     return labels
 
 
+def target_for(y, cfg: ModelConfig):
+    """A label tensor as a network of ``cfg.classes`` learns it: the cached cases keep KiTS23's
+    cysts (3), which a 3-class (KiTS19) network learns as kidney."""
+    import torch
+
+    return torch.where(y == 3, 1, y) if cfg.classes == 3 else y
+
+
 @dataclasses.dataclass
 class CachedCase:
     name: str
@@ -215,8 +223,7 @@ class SegmentationSamples:
                 )
             )
             y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z]), y0, x0, size, 0).astype(np.int64))
-        if cfg.classes == 3:  # a KiTS19 network learns KiTS23's cysts as kidney
-            y = torch.where(y == 3, 1, y)
+        y = target_for(y, cfg)
         if aug is not None:
             x, y = self._augment(x, y, aug)
         x = hu_to_input(x, cfg.hu_window)
@@ -313,8 +320,7 @@ class VolumeSamples3D:
         box = tuple(slice(a, a + size) for a in start)
         x = torch.from_numpy(np.ascontiguousarray(ct[box], np.float32))[None]
         y = torch.from_numpy(np.ascontiguousarray(labels[box], np.int64))
-        if self.cfg.classes == 3:
-            y = torch.where(y == 3, 1, y)
+        y = target_for(y, self.cfg)
         if self.augment is not None:
             aug = self.augment
             if aug.flip and rng.random() < 0.5:

@@ -93,6 +93,20 @@ def volume_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def itk_warnings_off():
+    """ITK's own warnings silenced for a block (GDCM prints "No Series were found" for every folder
+    it scans without DICOM files), restored after."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _check_gzip_complete(path: Path) -> None:
     """ITK zero-fills a truncated .gz without complaint, so check the stream's end ourselves.
 

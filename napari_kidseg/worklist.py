@@ -86,10 +86,10 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
     import pydicom
     import SimpleITK as sitk
 
+    from .dicom_seg import SEG_SOP_CLASS_UID
+
     rows = []
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
+    with volumes.itk_warnings_off():
         ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
         for uid in ids:
             names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
@@ -97,7 +97,7 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
                 continue
             try:
                 ds = pydicom.dcmread(names[0], stop_before_pixels=True)
-                if str(getattr(ds, "SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4":
+                if str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID:
                     continue  # a DICOM SEG is not a case
                 desc = " ".join(str(getattr(ds, t, "") or "") for t in ("SeriesDescription", "SeriesDate")).strip()
             except Exception:  # unreadable header: the row still lists it, reading the CT will say why
@@ -105,8 +105,6 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
             rel = folder.relative_to(root).as_posix() or "."
             case = rel if len(ids) == 1 else f"{rel} [{uid[-12:]}]"
             rows.append(CaseRow(case, str(folder), "dicom", uid, f"{desc} ({len(names)} slices)".strip()))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return rows
 
 
@@ -459,9 +457,9 @@ def draft_case(ct_path, series_uid, draft_path, coarse=None, refine=None, device
 
 
 def draft_all(worklist: Worklist, cascade, *, order=None, cancel=None, progress=None, redraft=False) -> int:
-    """Draft every case not drafted yet (or all, with ``redraft``) in ``order`` (indices); returns
-    how many were drafted. What ``kidseg draft`` runs (on a GPU machine overnight, say) and what the
-    widget's drafts-ahead worker runs for the next few cases."""
+    """Draft every case not drafted yet (or all, with ``redraft``) in ``order`` (indices), in this
+    process; returns how many were drafted. What ``kidseg draft`` runs (on a GPU machine overnight,
+    say); the widget drafts ahead in another process with :func:`draft_case`."""
     done = 0
     for i in order if order is not None else range(len(worklist.rows)):
         if cancel is not None and cancel():

@@ -64,7 +64,6 @@ class WorklistWidget(QWidget):
         self.current = None  # index of the case open for review
         self._case_started = 0.0
         self._seconds_before = 0.0
-        self._dirty = False
         self._opening = None  # the worker opening a case
         self._drafting = None  # {case: future} of the drafts being made ahead, or None
         self._pool = None  # the drafting process
@@ -354,12 +353,10 @@ class WorklistWidget(QWidget):
         except KidsegError as exc:
             self._notify(f"autosave failed, your edits are still here: {exc}", error=True)
             return False
-        self._dirty = False
         self._refresh_table()
         return True
 
     def _on_edit(self, event=None):
-        self._dirty = True
         self._autosave_timer.start()
 
     def open_case(self, index: int):
