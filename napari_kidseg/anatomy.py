@@ -27,7 +27,10 @@ and never runs a network, so it is a live control like alpha.
    both sides' kidney, with a note.
 4. **Size**: a side's kidney region under ``min_kidney_ml`` or shorter than ``min_length_mm``
    along any axis is not a kidney (limits: half the smallest kidney+tumor in KiTS19).
-5. **Tumor attachment**: a tumor region (26-connected) that touches no kidney voxel that was
+5. **Organs** (networks that learned the neighbours, :mod:`labels`): a part of kidney+tumor (split
+   at narrow joins) that the coarse stage's organ map mostly calls another organ, or whose outer
+   shell is mostly liver or spleen (it lies inside that organ), is removed, naming the organ.
+6. **Tumor attachment**: a tumor region (26-connected) that touches no kidney voxel that was
    kept is removed: a tumor that touches no kidney is not a kidney tumor.
 
 Nothing is removed silently: every removed region is listed (:class:`RemovedRegion`: what, side,
@@ -48,6 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from .fusion import BACKGROUND, KIDNEY, TUMOR
+from .labels import ORGAN_CODE, ORGANS
 from .roi import component_grid_step
 
 PRIORS_PATH = Path(__file__).with_name("anatomy_priors.json")
@@ -284,7 +288,12 @@ class AnatomyVerdict:
 
 
 def check_anatomy(
-    labels: np.ndarray, spacing, spine: SpineFrame | None, *, priors_data: dict | None = None
+    labels: np.ndarray,
+    spacing,
+    spine: SpineFrame | None,
+    *,
+    priors_data: dict | None = None,
+    organs: np.ndarray | None = None,
 ) -> AnatomyVerdict:
     """Judge a result's regions (see the module's docstring); ``spine`` None skips the position rules."""
     labels = np.asarray(labels)
@@ -365,6 +374,12 @@ def check_anatomy(
         if horseshoe[1:].any():
             notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
 
+    # 2b. organs: what an organ-aware network calls another organ, or what lies inside the liver or
+    # the spleen, is not kidney (however well it sits in the atlas)
+    if organs is not None:
+        organ_grid = np.ascontiguousarray(np.asarray(organs)[:, ::s, ::s][crop])
+        _judge_by_organs(meta & (removed == 0), organ_grid, sp, remove)
+
     # 3-4. one kidney per side, of a kidney's size
     regions, n = ndimage.label(meta & (removed == 0), structure=_STRUCT_3D)
     if n:
@@ -424,6 +439,33 @@ def check_anatomy(
                 "position: if it is a transplant or ectopic kidney, restore it"
             )
     return verdict
+
+
+ON_ORGAN_SHARE = 0.5  # a region whose voxels the organ map gives mostly to one organ is that organ
+INSIDE_ORGAN_SHARE = 0.7  # a region whose outer shell is mostly liver (or spleen) lies inside it
+
+
+def _judge_by_organs(meta: np.ndarray, organ_grid: np.ndarray, sp, remove) -> None:
+    """Step 2b: remove the parts of kidney+tumor (split at narrow joins, so a kidney touching the
+    liver is judged apart from it) that the organ map calls another organ or that the liver or
+    spleen enclose; the reason names the organ."""
+    parts = _split_at_necks_3d(meta, sp)
+    n = int(parts.max())
+    if not n:
+        return
+    shell_of = ndimage.grey_dilation(parts, footprint=_STRUCT_3D.astype(bool)) * (~meta)
+    for k in range(1, n + 1):
+        m = parts == k
+        on = np.bincount(organ_grid[m], minlength=len(ORGANS) + 1)[1 : len(ORGANS) + 1]
+        shell = organ_grid[shell_of == k]
+        best = int(on.argmax())
+        if on[best] >= ON_ORGAN_SHARE * m.sum():
+            remove(m, "kidney", f"the organ map calls it {ORGANS[best]}")
+            continue
+        for organ in ("liver", "spleen"):
+            if len(shell) and (shell == ORGAN_CODE[organ]).mean() >= INSIDE_ORGAN_SHARE:
+                remove(m, "kidney", f"lies inside the {organ}")
+                break
 
 
 def _atlas_lateral_extent_mm(pr) -> float:

@@ -49,6 +49,9 @@ class CascadeResult:
     spine: anatomy.SpineFrame | None = None  # from the CT, for the anatomy check
     verdict: anatomy.AnatomyVerdict | None = None  # the anatomy check of the last whole-volume fusion
     coarse_cyst: np.ndarray | None = None  # uint8 levels of p(cyst), full grid: KiTS23 networks only
+    # uint8 organ map (labels.ORGANS codes) from an organ-aware coarse stage: where the network's
+    # most likely neighbour organ has p > 0.5; the context layer and the anatomy check read it
+    organs: np.ndarray | None = None
 
     def fuse(
         self,
@@ -94,7 +97,7 @@ class CascadeResult:
         )
         if not anatomy_check:
             return raw, raw
-        self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine)
+        self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine, organs=self.organs)
         return raw, self.verdict.apply(raw)
 
     def fuse_and_removed(
@@ -149,6 +152,8 @@ class CascadeResult:
         }
         if self.coarse_cyst is not None:
             payload["coarse_cyst"] = self.coarse_cyst
+        if self.organs is not None:
+            payload["organs"] = self.organs
         if self.spine is not None:
             payload["spine"] = np.stack([self.spine.x_mm, self.spine.front_y_mm])
             payload["spine_share"] = np.float64(self.spine.found_share)
@@ -198,20 +203,30 @@ class CascadeResult:
                     list(extra["messages"]),
                     spine,
                     coarse_cyst=f.get("coarse_cyst"),
+                    organs=f.get("organs"),
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise KidsegError(f"is not a readable saved cascade result ({exc})", path) from None
         return result, extra.get("note", {})
 
 
-def _fusion_channels(p):
-    """Softmax probabilities (B, classes, ...) as the channels fusion keeps: kidney and masses,
-    tumor, and with a KiTS23 network cyst."""
+def _fusion_channels(p, kits_classes: int):
+    """Softmax probabilities (B, channels, ...) as the channels fusion keeps: kidney and masses,
+    tumor, with a KiTS23 network cyst, then an organ-aware network's organ channels as they are
+    (the softmax ran over all channels, so an organ's share is already missing from kidney)."""
     import torch
 
-    if p.shape[1] == 4:
-        return torch.stack([p[:, 1] + p[:, 2] + p[:, 3], p[:, 2], p[:, 3]], dim=1)
-    return torch.stack([p[:, 1] + p[:, 2], p[:, 2]], dim=1)
+    kept = [p[:, 1:kits_classes].sum(1), p[:, 2]] + ([p[:, 3]] if kits_classes == 4 else [])
+    return torch.cat([torch.stack(kept, dim=1), p[:, kits_classes:]], dim=1)
+
+
+def organ_codes(p_organs):
+    """(B, organs, h, w) organ probabilities -> (B, h, w) uint8 organ codes (labels.ORGANS, 1-based)
+    where the most likely organ passes 0.5, else 0."""
+    import torch
+
+    best, index = p_organs.max(dim=1)
+    return torch.where(best > 0.5, index + 1, 0).to(torch.uint8)
 
 
 class Cascade:
@@ -242,6 +257,14 @@ class Cascade:
                 f"{self.refine_cfg.classes}: both must be KiTS19 (3) or KiTS23 (4) models",
                 self.refine_path,
             )
+        if self.coarse_cfg.organs != self.refine_cfg.organs:
+            raise KidsegError(
+                f"the coarse model learned organs {self.coarse_cfg.organs or 'none'} and the refine model "
+                f"{self.refine_cfg.organs or 'none'}: both stages must learn the same",
+                self.refine_path,
+            )
+        self.kits_classes = self.coarse_cfg.classes
+        self.n_fusion = self.kits_classes - 1  # kidney and masses, tumor (, cyst)
         self.is_cuda = self.device.startswith("cuda")
         if self.is_cuda:
             self.coarse.to(memory_format=torch.channels_last_3d if self.coarse_cfg.is_3d else torch.channels_last)
@@ -277,7 +300,7 @@ class Cascade:
                 logits = model(batch)
         else:
             logits = model(batch)
-        return _fusion_channels(torch.softmax(logits.float(), dim=1))
+        return _fusion_channels(torch.softmax(logits.float(), dim=1), self.kits_classes)
 
     def _run_batches(
         self,
@@ -358,12 +381,14 @@ class Cascade:
                 p = torch.softmax(self.coarse(x).float(), dim=1)
                 if mirror:
                     p = 0.5 * (p + torch.softmax(self.coarse(x.flip(-1)).float(), dim=1).flip(-1))
-            p = _fusion_channels(p)[0, :, : small.shape[0], : small.shape[1], : small.shape[2]]
+            p = _fusion_channels(p, self.kits_classes)[
+                0, : self.n_fusion, : small.shape[0], : small.shape[1], : small.shape[2]
+            ]
             levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
         full = [resample(level, None, order=1, shape=ct.shape) for level in levels]
         if progress:
             progress(ct.shape[0], ct.shape[0], "coarse")
-        return full[0], full[1], full[2] if len(full) == 3 else None
+        return full[0], full[1], full[2] if len(full) == 3 else None, None  # organs: 2D coarse stages only
 
     def _coarse(self, ct: np.ndarray, spacing, progress, cancel, mirror=False):
         import torch
@@ -377,6 +402,7 @@ class Cascade:
         meta = np.empty(ct.shape, np.uint8)
         tumor = np.empty(ct.shape, np.uint8)
         cyst = np.empty(ct.shape, np.uint8) if cfg.classes == 4 else None
+        organs = np.empty(ct.shape, np.uint8) if cfg.organs else None
 
         def batches():
             for z0 in range(0, nz, self.batch_size):
@@ -389,7 +415,12 @@ class Cascade:
             return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
         def consume(zs, p):
-            p = F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[:, :, :ny, :nx]
+            if organs is not None:  # codes at the network's size, brought up by nearest neighbour
+                codes = organ_codes(p[:, self.n_fusion :])[:, None].float()
+                codes = F.interpolate(codes, size=(side, side), mode="nearest")[:, 0, :ny, :nx]
+                organs[zs] = codes.to(torch.uint8).cpu().numpy()
+            p = F.interpolate(p[:, : self.n_fusion], size=(side, side), mode="bilinear", align_corners=False)
+            p = p[:, :, :ny, :nx]
             levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             meta[zs] = levels[:, 0]
             tumor[zs] = levels[:, 1]
@@ -397,7 +428,7 @@ class Cascade:
                 cyst[zs] = levels[:, 2]
 
         self._run_batches(batches(), consume, self.coarse, prepare, nz, "coarse", progress, cancel, mirror)
-        return meta, tumor, cyst
+        return meta, tumor, cyst, organs
 
     def _refine(
         self, ct: np.ndarray, patches: np.ndarray, progress, cancel, mirror=False
@@ -429,7 +460,7 @@ class Cascade:
             return hu_to_input(t.float(), cfg.hu_window)
 
         def consume(chunk, p):
-            levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            levels = (p[:, : self.n_fusion] * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             for j, pt in enumerate(chunk):
                 y0, x0, sums, count = acc[int(pt["z"])]
                 # the part of the patch inside the image, in region and in patch coordinates
@@ -463,7 +494,7 @@ class Cascade:
         timings = {}
         t0 = time.perf_counter()
         coarse = self._coarse_3d if self.coarse_cfg.is_3d else self._coarse
-        coarse_meta, coarse_tumor, coarse_cyst = coarse(ct, spacing, progress, cancel, mirror)
+        coarse_meta, coarse_tumor, coarse_cyst, organs = coarse(ct, spacing, progress, cancel, mirror)
         self._sync()
         timings["coarse"] = time.perf_counter() - t0
 
@@ -506,6 +537,7 @@ class Cascade:
             messages,
             spine,
             coarse_cyst=coarse_cyst,
+            organs=organs,
         )
 
     def _sync(self):

@@ -58,6 +58,12 @@ def cmd_phantom(args) -> int:
         kwargs["slice_thickness"] = args.slice_thickness
     if args.jobs < 1:
         raise KidsegError(f"--jobs must be 1 or more, got {args.jobs}")
+    if args.tumor_shapes:
+        from .tumor_shapes import build_library, evaluation_cases
+
+        print(f"kidseg: tumor shapes from {args.tumor_shapes} (read once, then cached)", file=sys.stderr)
+        exclude = evaluation_cases(args.not_from) if args.not_from else set()
+        kwargs["tumor_library"] = str(build_library(args.tumor_shapes, exclude, jobs=args.jobs))
     label_maps = None
     if args.anatomy:
         from .labelmap_phantom import find_label_maps, read_label_map, split_label_maps
@@ -315,6 +321,10 @@ def cmd_train(args) -> int:
         overrides["input_size"] = args.input_size
     if args.labels == "kits23":
         overrides["classes"] = 4  # background, kidney, tumor, cyst
+    if args.organs:
+        from .labels import ORGANS
+
+        overrides["organs"] = ORGANS  # learnt from the cases' organs.nii.gz (labels.py)
     cfg = model_config(args.stage, args.preset, **overrides)
     cfg.version = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     cfg.provenance = {
@@ -442,6 +452,12 @@ def _add_train_parser(sub):
         choices=["kits19", "kits23"],
         default="kits19",
         help="kits19: 3 classes (a KiTS21/23 cyst is learnt as kidney); kits23: 4 classes, the cyst its own",
+    )
+    p.add_argument(
+        "--organs",
+        action="store_true",
+        help="also learn the neighbour organs (liver, spleen, bowel, pancreas, gallbladder, adrenal, vessel) "
+        "from each case's organs.nii.gz, as classes of their own; with --init, a network without them gains them",
     )
     p.add_argument("--input-size", type=int, default=None, help="coarse slice size / refine patch size (px)")
     p.add_argument("--epochs", type=int, default=30)
@@ -681,6 +697,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="train",
         help="with --anatomy: the training maps (all but the last 10 of the sorted folder), "
         "the 10 held-out ones, or all",
+    )
+    p.add_argument(
+        "--tumor-shapes",
+        metavar="DIR",
+        help="most tumors take the shape and kidney-relative place of a real tumor from the KiTS19 label "
+        "volumes in DIR (case_XXXXX/segmentation.nii.gz), mirrored, scaled and turned",
+    )
+    p.add_argument(
+        "--not-from",
+        metavar="DIR",
+        help="with --tumor-shapes: leave out the KiTS cases named in DIR (case_XXXXX_...), e.g. evaluation slices",
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)

@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from . import geometry, volumes
 from .errors import KidsegError
+from .labels import FLARE_TO_ORGAN, ORGAN_CODE, organ_map_from
 from .phantom import (
     PHASES,
     SOFT_TISSUES,
@@ -48,12 +49,15 @@ from .phantom import (
     _Grid,
     _paint_table,
     cyst_label,
+    draw_tumor_look,
     phase_hu,
     randomise_contrast,
+    tumor_texture,
 )
+from .tumor_shapes import TRANSPLANT_SHARE, kidney_side, load_library, paint_transplant
 
 # Bumped whenever the same map and seed draw a different case (caches are keyed by it).
-LABELMAP_GENERATOR_REVISION = 1
+LABELMAP_GENERATOR_REVISION = 2
 
 FLARE_LABELS = {
     1: "liver",
@@ -238,8 +242,12 @@ def make_labelmap_phantom(
     disk_layout: str | None = None,
     site: int | None = None,
     labels: str = "kits19",
+    tumor_library=None,
 ) -> PhantomCase:
     """One synthetic CT around a real organ label map (a path, or ``(array, spacing)``).
+
+    ``tumor_library``: a :mod:`tumor_shapes` library file; then most tumors take a real KiTS19
+    tumor's shape and place relative to its kidney instead of a blob's.
 
     ``site``: the cases of one scanner and protocol. Tissue HU (randomised with probability
     ``random_contrast``), blur and noise are drawn once from the site number and varied little per
@@ -393,7 +401,7 @@ def make_labelmap_phantom(
 
     # -------- bowel: loops from a smooth random field in the free space in front of the spine
     peritoneal = free & ~lung & (c.y < front[:, None, None] + rng.uniform(-5, 15))
-    _paint_bowel(rng, c, jit, peritoneal)
+    bowel = _paint_bowel(rng, c, jit, peritoneal)
 
     # -------- spine and muscles
     hu[structures == 5] = jit["muscle"] + rng.normal(0, 4)
@@ -429,7 +437,8 @@ def make_labelmap_phantom(
     # -------- lesions: hard negatives first, then cysts and tumors in the kidneys
     grid = _Grid(organs.shape, spacing, (0.0, 0.0, 0.0))
     negatives = _paint_hard_negatives(rng, c, grid, jit, organs, structures)
-    cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors, cyst_label(labels))
+    library = load_library(tumor_library) if tumor_library else ()
+    cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors, cyst_label(labels), phase, library)
     tumors = cysts.pop("tumors")
 
     if rng.random() < 0.6:
@@ -469,7 +478,10 @@ def make_labelmap_phantom(
         "hard_negatives": negatives,
         "notes": notes,
     }
-    return PhantomCase(ct=ct, labels=c.labels, info=info)
+    organ_map = organ_map_from(FLARE_TO_ORGAN, organs)
+    organ_map[bowel] = ORGAN_CODE["bowel"]
+    organ_map[c.labels > 0] = 0  # a tumor grown into bowel is tumor
+    return PhantomCase(ct=ct, labels=c.labels, info=info, organs=organ_map)
 
 
 def _smooth_noise(rng, shape, spacing, sigma_mm, step=4):
@@ -492,9 +504,10 @@ def _smooth_noise(rng, shape, spacing, sigma_mm, step=4):
 
 
 def _paint_bowel(rng, c: _Canvas, jit, space):
-    """Loops with walls and contents where a smooth random field is high; mesenteric fat between."""
+    """Loops with walls and contents where a smooth random field is high; mesenteric fat between.
+    Returns the loops' mask (bowel, for the organ map)."""
     if not space.any():
-        return
+        return space
     field = _smooth_noise(rng, space.shape, c.spacing, rng.uniform(7, 12), step=4)
     level = rng.uniform(-0.6, 0.1)
     loops = space & (field > level)
@@ -510,6 +523,7 @@ def _paint_bowel(rng, c: _Canvas, jit, space):
         m = loops & (content >= lo) & (content < hi)
         c.hu[m] = jit[name] + (rng.normal(0, 10) if name != "air" else 0)
     c.hu[wall] = jit["bowel_wall"] + rng.normal(0, 8)
+    return loops
 
 
 def _hollow_organ(rng, c: _Canvas, jit, mask, contents, probs):
@@ -592,6 +606,7 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
             inside &= allowed & (c.labels[sl] == 0)
             c.hu[sl][inside] = jit[kind] + rng.normal(0, 8)
             drawn.append({"organ": FLARE_LABELS[organ], "kind": kind, "diameter_mm": round(2 * r, 1)})
+    drawn += _paint_touching_negatives(rng, c, grid, jit, organs)
     if rng.random() < 0.15:  # a lytic or sclerotic vertebral lesion
         pts = np.argwhere(structures[:, ::4, ::4] == 2) * [1, 4, 4]
         if len(pts):
@@ -606,7 +621,41 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
     return drawn
 
 
-def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tumors, cyst: int) -> dict:
+# hard negatives that touch a kidney, in a fixed share of cases (revision 2): what real drafts
+# called kidney or tumor because it lay on a pole (a liver cyst on the right upper pole, the
+# spleen's lesions against the left one); they stay their organ in the organ map
+TOUCHING_NEGATIVES = (
+    # (organ, kidney it touches, kind, share of cases, diameter range mm)
+    (1, 2, "liver_cyst", 0.3, (20, 70)),
+    (1, 2, "liver_lesion_hypo", 0.15, (15, 45)),
+    (3, 13, "spleen_lesion", 0.2, (10, 35)),
+)
+
+
+def _paint_touching_negatives(rng, c: _Canvas, grid: _Grid, jit, organs) -> list[dict]:
+    drawn = []
+    sp = np.array(c.spacing)
+    for organ, kidney, kind, share, (d0, d1) in TOUCHING_NEGATIVES:
+        if rng.random() >= share:
+            continue
+        near = ndimage.distance_transform_edt(organs[:, ::4, ::4] != kidney, sampling=sp * [1, 4, 4])
+        pts = np.argwhere((organs[:, ::4, ::4] == organ) & (near < 12.0)) * [1, 4, 4]
+        if not len(pts):
+            continue
+        r = float(rng.uniform(d0, d1)) / 2
+        blob = _Blob.random(rng, pts[int(rng.integers(len(pts)))] * sp, r * rng.uniform(0.85, 1.15, 3), 30, 0.06)
+        sl, inside, _ = _blob_mask(grid, blob)
+        if sl is None:
+            continue
+        inside &= (organs[sl] == organ) & (c.labels[sl] == 0)
+        c.hu[sl][inside] = jit[kind] + rng.normal(0, 6)
+        drawn.append({"organ": FLARE_LABELS[organ], "kind": kind, "diameter_mm": round(2 * r, 1), "touches": "kidney"})
+    return drawn
+
+
+def _paint_kidney_lesions(
+    rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tumors, cyst: int, phase: str, library=()
+) -> dict:
     """Simple cysts (label 1) and tumors (label 2) in and on the map's kidneys."""
     sp = np.array(c.spacing)
     labs = [lab for lab in KIDNEY_LABELS if (c.organs == lab).any()]
@@ -633,6 +682,14 @@ def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tum
         n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))
     for _ in range(n_tumors):
         lab = labs[int(rng.integers(len(labs)))]
+        if library and rng.random() < TRANSPLANT_SHARE:
+            look = draw_tumor_look(rng, jit, phase)
+            own = c.organs == lab
+            drawn = paint_transplant(rng, library, own, kidney_side(own, kidney), sp, growable, look, c.hu, c.labels)
+            if drawn is not None:
+                side = "right" if lab == 2 else "left"
+                out["tumors"].append({"side": side, "subtype": look["subtype"], "core": look["core"], **drawn})
+            continue
         mask = c.organs[:, ::2, ::2] == lab
         pt = _surface_point(rng, mask)
         if pt is None:
@@ -641,7 +698,6 @@ def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tum
         diam = float(np.exp(rng.uniform(np.log(10), np.log(120))))
         r = diam / 2
         growth = str(rng.choice(["exophytic", "endophytic", "mixed"], p=[0.45, 0.25, 0.3]))
-        kind = str(rng.choice(["solid", "necrotic", "cystic"], p=[0.55, 0.3, 0.15]))
         surf = pt * [1, 2, 2] * sp
         centre_mm = centroid * [1, 2, 2] * sp
         outward = (surf - centre_mm) / max(np.linalg.norm(surf - centre_mm), 1e-6)
@@ -653,13 +709,17 @@ def _paint_kidney_lesions(rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tum
         inside &= growable[sl]
         if not inside.any():
             continue
-        base = jit["tumor"] + rng.normal(0, 20)
-        c.hu[sl][inside] = base + rng.normal(0, 14, int(inside.sum()))
-        if kind != "solid":
-            core = inside & (rho < (0.6 if kind == "necrotic" else 0.88))
-            c.hu[sl][core] = jit["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
+        look = draw_tumor_look(rng, jit, phase)
+        c.hu[sl][inside] = tumor_texture(rng, rho, c.spacing, look)[inside]
         c.labels[sl][inside] = 2
         out["tumors"].append(
-            {"side": "right" if lab == 2 else "left", "diameter_mm": round(diam, 1), "kind": kind, "growth": growth}
+            {
+                "side": "right" if lab == 2 else "left",
+                "diameter_mm": round(diam, 1),
+                "subtype": look["subtype"],
+                "core": look["core"],
+                "mean_hu": round(look["hu"], 1),
+                "growth": growth,
+            }
         )
     return out

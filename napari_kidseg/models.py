@@ -31,7 +31,10 @@ class ModelConfig:
     encoder_depth: int = 5
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     context_slices: int = 0  # 2.5D: this many neighbouring slices on each side become channels
-    classes: int = 3
+    classes: int = 3  # KiTS classes: 3 (KiTS19) or 4 (KiTS23's cyst)
+    # organ channels after the KiTS ones (labels.ORGANS names): they compete with kidney and tumor
+    # in the softmax and give the anatomy check and the context layer the neighbours
+    organs: tuple[str, ...] = ()
     input_size: int = 256  # coarse: slices resized to this; refine: patch size in pixels
     hu_window: tuple[float, float] = (-100.0, 300.0)  # clipped, then scaled to [-1, 1]
     voxel_mm: float = 0.0  # a 3D network (arch UNet3D) sees the volume resampled to this isotropic voxel
@@ -41,6 +44,10 @@ class ModelConfig:
     @property
     def in_channels(self) -> int:
         return 2 * self.context_slices + 1
+
+    @property
+    def out_channels(self) -> int:
+        return self.classes + len(self.organs)
 
     @property
     def is_3d(self) -> bool:
@@ -56,6 +63,7 @@ class ModelConfig:
         cfg = cls(**{k: v for k, v in data.items() if k in known})
         cfg.decoder_channels = tuple(cfg.decoder_channels)
         cfg.hu_window = tuple(cfg.hu_window)
+        cfg.organs = tuple(cfg.organs)
         return cfg
 
 
@@ -114,7 +122,7 @@ def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
 
         if cfg.context_slices:
             raise KidsegError("a 3D coarse stage sees the whole volume: --context-slices does not apply")
-        return UNet3D(cfg.in_channels, cfg.classes, cfg.decoder_channels)
+        return UNet3D(cfg.in_channels, cfg.out_channels, cfg.decoder_channels)
     import segmentation_models_pytorch as smp
 
     try:
@@ -123,7 +131,7 @@ def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
             encoder_name=cfg.encoder,
             encoder_weights=encoder_weights,
             in_channels=cfg.in_channels,
-            classes=cfg.classes,
+            classes=cfg.out_channels,
             encoder_depth=cfg.encoder_depth,
             **_decoder_kwargs(cfg),
         )
@@ -135,6 +143,28 @@ def build_model(cfg: ModelConfig, encoder_weights: str | None = None):
                 "train with --encoder-weights none"
             ) from None
         raise
+
+
+def add_organ_channels(model, cfg: ModelConfig, organs: tuple[str, ...]) -> ModelConfig:
+    """Widen a trained 2D network's head by one output channel per organ (in place) and return
+    the new config. The KiTS channels keep their weights; a new channel starts with zero weights
+    and a low bias (-4), so the widened network answers as before until the organs are learned."""
+    import torch
+
+    from .labels import ORGANS
+
+    unknown = [o for o in organs if o not in ORGANS]
+    if unknown or cfg.organs:
+        raise KidsegError(f"cannot add organ channels {organs} to a network with organs {cfg.organs}")
+    head = model.segmentation_head[0]
+    wide = torch.nn.Conv2d(head.in_channels, head.out_channels + len(organs), head.kernel_size, padding=head.padding)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.bias.fill_(-4.0)
+        wide.weight[: head.out_channels] = head.weight
+        wide.bias[: head.out_channels] = head.bias
+    model.segmentation_head[0] = wide
+    return dataclasses.replace(cfg, organs=tuple(organs))
 
 
 def _decoder_kwargs(cfg: ModelConfig) -> dict:

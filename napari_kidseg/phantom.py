@@ -45,10 +45,11 @@ from scipy import ndimage
 
 from . import files, geometry, volumes
 from .errors import KidsegError
+from .labels import ORGAN_CODE
 
 # Bumped whenever the same seed draws a different phantom. Caches of generated phantoms (the
 # fine-tune replay cases, the benchmark's CTs) are keyed by it, so none outlives a revision.
-GENERATOR_REVISION = 5
+GENERATOR_REVISION = 6
 
 TISSUE_HU = {
     # (non-contrast, arterial, venous) typical HU; jittered per case
@@ -58,8 +59,10 @@ TISSUE_HU = {
     "spleen": (45, 120, 115),
     "aorta": (40, 320, 170),
     "ivc": (40, 70, 150),
-    "cortex": (35, 210, 170),
-    "medulla": (30, 85, 160),
+    # revision 6: real kidneys are darker than revision 5 drew them (KiTS19 slices: median 125 HU,
+    # IQR 105-138; the phantom's were 165-211)
+    "cortex": (35, 170, 150),
+    "medulla": (30, 80, 140),
     "pelvis": (10, 10, 15),
     "bone_cortex": (700, 700, 700),
     "bone_cancellous": (220, 220, 220),
@@ -100,6 +103,7 @@ class PhantomCase:
     ct: volumes.Volume  # int16 HU, canonical orientation, with a source layout for writing
     labels: np.ndarray  # uint8, 0/1/2
     info: dict  # what was drawn: phase, spacing, tumors, cysts...
+    organs: np.ndarray | None = None  # uint8 organ map (labels.ORGANS codes) on the same grid
 
 
 class _Grid:
@@ -186,11 +190,14 @@ class _Blob:
 
 
 class _Painter:
-    def __init__(self, grid, hu, labels, allowed=None):
+    def __init__(self, grid, hu, labels, allowed=None, organs=None):
         self.grid, self.hu, self.labels = grid, hu, labels
         self.allowed = allowed  # organs stay inside the skin, however a random draw places them
+        # what each voxel is as an organ (labels.ORGANS codes): whatever is painted last owns the
+        # voxel, so a blob with no organ (a kidney, a node, a lump) clears what was under it
+        self.organs = organs
 
-    def blob(self, blob: _Blob, value, label=None, inside=1.0, texture=None):
+    def blob(self, blob: _Blob, value, label=None, inside=1.0, texture=None, organ: str | None = None):
         sl, rho = blob.radius_field(self.grid)
         if sl is None:
             return None, None
@@ -201,6 +208,8 @@ class _Painter:
         v[m] = value if texture is None else (value + texture(rho)[m])
         if label is not None:
             self.labels[sl][m] = label
+        if self.organs is not None:
+            self.organs[sl][m] = ORGAN_CODE[organ] if organ else 0
         return sl, rho
 
 
@@ -225,6 +234,66 @@ def randomise_contrast(rng, hu: dict, probability: float, soft_tissues, fluids) 
     return shuffled
 
 
+# Renal tumor subtypes (share of resected renal masses: clear-cell about 65-75%, papillary 10-15%,
+# chromophobe about 5%, plus oncocytoma, which images like chromophobe). Enhancement is drawn as
+# the tumor's darkness against its own kidney, from the 39 real KiTS19 slices with kidney and tumor
+# (DESIGN.md): the tumor is darker by a median 60 HU in 85% of slices, with a within-tumor spread of
+# about 35 HU; clear-cell tumors enhance most and most unevenly (necrosis, cystic parts), papillary
+# tumors least and evenly, chromophobe in between. In the unenhanced phase all are near the kidney.
+TUMOR_SUBTYPES = {
+    # name: (share, darker than kidney in HU (contrast phases) as (low, high), texture sd in HU)
+    "clear_cell": (0.65, (15, 90), (22, 40)),
+    "papillary": (0.2, (70, 120), (8, 15)),
+    "chromophobe": (0.15, (35, 80), (10, 20)),
+}
+
+
+def draw_tumor_look(rng, jitter: dict, phase: str) -> dict:
+    """How one tumor looks: subtype, mean HU (relative to this case's kidney, so also under random
+    contrast), texture spread and scale, necrotic/cystic core, pseudocapsule."""
+    names = list(TUMOR_SUBTYPES)
+    subtype = str(rng.choice(names, p=[TUMOR_SUBTYPES[n][0] for n in names]))
+    _, (lo, hi), (sd_lo, sd_hi) = TUMOR_SUBTYPES[subtype]
+    kidney = 0.6 * jitter["cortex"] + 0.4 * jitter["medulla"]
+    if phase == "noncontrast":
+        darker = rng.uniform(-10, 15)
+    elif subtype == "clear_cell" and rng.random() < (0.35 if phase == "arterial" else 0.1):
+        darker = rng.uniform(-30, 10)  # a clear-cell tumor as bright as its kidney (arterial peak)
+    else:
+        darker = rng.uniform(lo, hi)
+    # a drawn tumor must be visible: at least 20 HU from its kidney, however random the contrast
+    if abs(darker) < 20:
+        darker = 20.0 * (1 if darker >= 0 else -1)
+    core = {"clear_cell": 0.45, "papillary": 0.1, "chromophobe": 0.15}[subtype]
+    return {
+        "subtype": subtype,
+        "hu": float(kidney - darker),
+        "texture_sd": float(rng.uniform(sd_lo, sd_hi)),
+        "texture_mm": float(rng.uniform(2.5, 6.0)),
+        "core": str(rng.choice(["none", "necrotic", "cystic"], p=[1 - core, core * 0.7, core * 0.3])),
+        "capsule_hu": float(rng.uniform(-35, -10)) if rng.random() < 0.5 else 0.0,
+        "fluid_hu": float(jitter["fluid"] + rng.uniform(0, 15)),
+    }
+
+
+def tumor_texture(rng, rho: np.ndarray, spacing, look: dict) -> np.ndarray:
+    """The HU of a tumor over its bounding box (``rho``: the blob's radius field, 1 at its edge):
+    a smooth heterogeneous field, a darker rim (pseudocapsule), a fluid core."""
+    sigma = [max(0.5, look["texture_mm"] / float(s)) for s in spacing]
+    field = ndimage.gaussian_filter(rng.standard_normal(rho.shape).astype(np.float32), sigma, truncate=2.5)
+    field *= look["texture_sd"] / max(float(field.std()), 1e-6)
+    hu = look["hu"] + field
+    if look["capsule_hu"]:
+        hu = np.where((rho > 0.9) & (rho < 1.0), hu + look["capsule_hu"], hu)
+    if look["core"] != "none":
+        cut = rng.uniform(0.35, 0.65) if look["core"] == "necrotic" else rng.uniform(0.7, 0.88)
+        # a necrotic core is irregular: its edge follows the texture field
+        edge = rho + 0.08 * field / max(look["texture_sd"], 1e-6)
+        fluid = look["fluid_hu"] + rng.normal(0, 6 if look["core"] == "necrotic" else 3, rho.shape)
+        hu = np.where(edge < cut, fluid, hu)
+    return hu.astype(np.float32)
+
+
 def make_phantom(
     seed: int,
     *,
@@ -237,6 +306,7 @@ def make_phantom(
     disk_layout: str | None = None,
     random_contrast: float = 0.0,
     labels: str = "kits19",
+    tumor_library=None,
 ) -> PhantomCase:
     """One synthetic abdominal CT and its labels, deterministic in ``seed``.
 
@@ -246,7 +316,8 @@ def make_phantom(
     gets an independent random HU instead of its phase's (SynthSeg-style domain randomisation for
     training: a network then has to recognise a kidney by shape and place, not by brightness).
     ``labels``: "kits19" (a simple cyst is kidney, 1) or "kits23" (cysts get their own label, 3);
-    the CT is the same either way.
+    the CT is the same either way. ``tumor_library``: a :mod:`tumor_shapes` library file; then
+    most tumors take a real KiTS19 tumor's shape and place relative to its kidney.
 
     The sections below draw in this order, each from its stream; reordering them (or their draws)
     changes every phantom of every seed, which the golden-checksum tests catch.
@@ -270,7 +341,7 @@ def make_phantom(
     _pack_abdomen(rng2, scan.paint, jitter, post=scan.post, **kw)
     kidneys, info_kidneys = _paint_kidneys(rng, rng2, rng3, scan)
     cysts = _paint_cysts(rng, scan, kidneys, cyst_label(labels))
-    tumors = _paint_tumors(rng, scan, kidneys, n_tumors)
+    tumors = _paint_tumors(rng, scan, kidneys, n_tumors, phase, rng3, tumor_library)
     if rng2.random() < 0.6:  # the scanner table under the patient's back
         _paint_table(rng2, scan.grid, scan.hu, scan.post * float(scan.scale_z.max()) + 10)
     ct_arr, look = _form_image(rng, scan)
@@ -292,7 +363,8 @@ def make_phantom(
         "tumors": tumors,
         "cysts": cysts,
     }
-    return PhantomCase(ct=ct, labels=scan.labels, info=info)
+    scan.paint.organs[scan.labels > 0] = 0  # a tumor grown into bowel is tumor
+    return PhantomCase(ct=ct, labels=scan.labels, info=info, organs=scan.paint.organs)
 
 
 @dataclasses.dataclass
@@ -335,7 +407,10 @@ def _scan_frame(rng, jitter, matrix, max_slices, min_slices, slice_thickness) ->
     grid = _Grid(shape, (dz, sxy, sxy), origin)
     hu = np.full(shape, jitter["air"], np.float32)
     labels = np.zeros(shape, np.uint8)
-    scan = _Scan(grid, hu, labels, _Painter(grid, hu, labels), jitter, fov, body_ax, body_ap, kid_z, z_lo, z_hi)
+    organs = np.zeros(shape, np.uint8)
+    scan = _Scan(
+        grid, hu, labels, _Painter(grid, hu, labels, organs=organs), jitter, fov, body_ax, body_ap, kid_z, z_lo, z_hi
+    )
     return scan, fat_sc
 
 
@@ -410,9 +485,13 @@ def _paint_great_vessels(rng, scan: _Scan):
     aorta_r = rng.uniform(9, 14)
     for vz in np.arange(scan.z_lo - 20, scan.z_hi + 30, 25.0):
         scan.paint.blob(
-            _Blob.random(rng, (vz, scan.spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02), scan.jitter["aorta"]
+            _Blob.random(rng, (vz, scan.spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02),
+            scan.jitter["aorta"],
+            organ="vessel",
         )
-        scan.paint.blob(_Blob.random(rng, (vz, scan.spine_y - 28, -26), (20, 11, 15), 2, 0.05), scan.jitter["ivc"])
+        scan.paint.blob(
+            _Blob.random(rng, (vz, scan.spine_y - 28, -26), (20, 11, 15), 2, 0.05), scan.jitter["ivc"], organ="vessel"
+        )
 
 
 def _paint_liver_and_spleen(rng, rng3, scan: _Scan):
@@ -424,7 +503,9 @@ def _paint_liver_and_spleen(rng, rng3, scan: _Scan):
         10,
         0.12,
     )
-    scan.paint.blob(liver, scan.jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32))
+    scan.paint.blob(
+        liver, scan.jitter["liver"], texture=lambda r: rng.normal(0, 6, r.shape).astype(np.float32), organ="liver"
+    )
     # a real spleen is 8-13 cm long and up to 8 cm across; revision 5 draws its in-plane size
     # (it was fixed at 56 x 44 mm, smaller than the spleen next to the left kidney on real CT)
     spleen = _Blob.random(
@@ -434,7 +515,7 @@ def _paint_liver_and_spleen(rng, rng3, scan: _Scan):
         15,
         0.12,
     )
-    scan.paint.blob(spleen, scan.jitter["spleen"])
+    scan.paint.blob(spleen, scan.jitter["spleen"], organ="spleen")
 
 
 def _paint_bowel_loops(rng, scan: _Scan):
@@ -449,8 +530,8 @@ def _paint_bowel_loops(rng, scan: _Scan):
         r = rng.uniform(10, 22)
         loop = _Blob.random(rng, c, (r * rng.uniform(1, 2.5), r, r * rng.uniform(0.8, 1.6)), 40, 0.15)
         content = jitter[str(rng.choice(["air", "fluid", "contrast"], p=[0.45, 0.35, 0.2]))]
-        scan.paint.blob(loop, jitter["bowel_wall"])
-        scan.paint.blob(loop, content, inside=0.8)
+        scan.paint.blob(loop, jitter["bowel_wall"], organ="bowel")
+        scan.paint.blob(loop, content, inside=0.8, organ="bowel")
 
 
 def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
@@ -544,17 +625,27 @@ def _paint_cysts(rng, scan: _Scan, kidneys, label: int) -> list[dict]:
     return cysts
 
 
-def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None) -> list[dict]:
-    """Tumors, labelled 2: 1-12 cm, solid, necrotic or cystic, exophytic, endophytic or mixed."""
+def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None, phase: str, rng3, tumor_library=None) -> list[dict]:
+    """Tumors, labelled 2: 1-12 cm, exophytic, endophytic or mixed, each with the look of a renal
+    tumor subtype (:func:`draw_tumor_look`, drawn from ``rng3`` so the anatomy stays put)."""
     jitter = scan.jitter
     if n_tumors is None:
         n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))
     tumors = []
+    library = ()
+    if tumor_library:
+        from .tumor_shapes import load_library
+
+        library = load_library(tumor_library)
     for _ in range(n_tumors):
         side, kb = kidneys[int(rng.integers(2))]
+        if library and rng3.random() < 0.6:
+            drawn = _transplant_tumor(rng3, scan, library, side, phase)
+            if drawn is not None:
+                tumors.append(drawn)
+            continue
         diam = float(np.exp(rng.uniform(np.log(10), np.log(120))))
         r = diam / 2
-        kind = str(rng.choice(["solid", "necrotic", "cystic"], p=[0.55, 0.3, 0.15]))
         growth = str(rng.choice(["exophytic", "endophytic", "mixed"], p=[0.45, 0.25, 0.3]))
         d = rng.normal(size=3)
         d[0] *= 0.6
@@ -563,15 +654,36 @@ def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None) -> list[dict]
         out = (surf - kb.center) / np.linalg.norm(surf - kb.center)
         c = surf + out * depth if growth != "endophytic" else surf + out * min(depth, -0.3 * r)
         tb = _Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
-        base = jitter["tumor"] + rng.normal(0, 20)
-        sl, rho = scan.paint.blob(tb, base, label=2, texture=lambda q: rng.normal(0, 14, q.shape).astype(np.float32))
-        if sl is not None and kind != "solid":
-            core = rho < (0.6 if kind == "necrotic" else 0.88)
-            scan.hu[sl][core] = jitter["fluid"] + rng.normal(0, 6 if kind == "necrotic" else 3, int(core.sum()))
+        look = draw_tumor_look(rng3, jitter, phase)
+        scan.paint.blob(tb, 0.0, label=2, texture=lambda q, look=look: tumor_texture(rng3, q, scan.grid.spacing, look))
         tumors.append(
-            {"side": "left" if side > 0 else "right", "diameter_mm": round(diam, 1), "kind": kind, "growth": growth}
+            {
+                "side": "left" if side > 0 else "right",
+                "diameter_mm": round(diam, 1),
+                "subtype": look["subtype"],
+                "core": look["core"],
+                "mean_hu": round(look["hu"], 1),
+                "growth": growth,
+            }
         )
     return tumors
+
+
+def _transplant_tumor(rng, scan: _Scan, library, side: int, phase: str) -> dict | None:
+    """A library tumor (:mod:`tumor_shapes`) in the kidney on ``side`` (+1 left, at +x)."""
+    from .tumor_shapes import paint_transplant
+
+    x = scan.grid.axes[2]
+    both = scan.labels == 1
+    own = both & ((x[None, None, :] > 0) == (side > 0))
+    if not own.any():
+        return None
+    growable = (scan.hu < 400) & (scan.paint.allowed if scan.paint.allowed is not None else True)
+    look = draw_tumor_look(rng, scan.jitter, phase)
+    drawn = paint_transplant(rng, library, own, side, scan.grid.spacing, growable, look, scan.hu, scan.labels)
+    if drawn is None:
+        return None
+    return {"side": "left" if side > 0 else "right", "subtype": look["subtype"], "core": look["core"], **drawn}
 
 
 def _form_image(rng, scan: _Scan) -> tuple[np.ndarray, dict]:
@@ -655,22 +767,23 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
         r = rng.uniform(7, 16)
         loop = _Blob.random(rng, c, (r * rng.uniform(1, 3), r, r * rng.uniform(0.8, 2)), 60, 0.2)
         content = str(rng.choice(["feces", "fluid", "air", "contrast"], p=[0.45, 0.3, 0.17, 0.08]))
-        paint.blob(loop, soft("bowel_wall"))
-        paint.blob(loop, jitter[content] + (rng.normal(0, 10) if content != "air" else 0), inside=0.75)
+        paint.blob(loop, soft("bowel_wall"), organ="bowel")
+        paint.blob(loop, jitter[content] + (rng.normal(0, 10) if content != "air" else 0), inside=0.75, organ="bowel")
     for side in (-1, 1):  # colon: a column of haustra down each flank, stool mottled with gas
         x = side * body_ax * rng.uniform(0.6, 0.75)
         y = rng.uniform(-0.1, 0.35) * post
         for cz in np.arange(z_lo + 20, kid_z + rng.uniform(40, 90), 18.0):
             r = rng.uniform(14, 24)
             b = _Blob.random(rng, (cz, y + rng.normal(0, 6), x + rng.normal(0, 6)), (12, r, r), 20, 0.15)
-            paint.blob(b, soft("bowel_wall"))
+            paint.blob(b, soft("bowel_wall"), organ="bowel")
             gas = lambda q: np.where(rng.random(q.shape) < 0.3, -900.0, 0.0).astype(np.float32)
-            paint.blob(b, jitter["feces"], inside=0.8, texture=gas)
+            paint.blob(b, jitter["feces"], inside=0.8, texture=gas, organ="bowel")
     pz = kid_z + rng.uniform(0, 30)  # pancreas: across the spine in front of the left kidney
     for t in np.linspace(-0.4, 1.0, 6):
         paint.blob(
             _Blob.random(rng, (pz + rng.normal(0, 5), spine_y - 45 + 10 * t, t * 60), (14, 10, 16), 15, 0.2),
             soft("pancreas"),
+            organ="pancreas",
         )
     for t in np.linspace(0, 1, 5):  # duodenum: a C around the pancreatic head, in front of the right kidney
         paint.blob(
@@ -682,11 +795,13 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
                 0.15,
             ),
             soft("bowel_wall"),
+            organ="bowel",
         )
     for side in (-1, 1):  # adrenals: thin limbs above and medial to each kidney
         paint.blob(
             _Blob.random(rng, (kid_z + rng.uniform(55, 75), spine_y - 10, side * 40), (12, 14, 3), 30, 0.2),
             soft("adrenal"),
+            organ="adrenal",
         )
     for _ in range(int(rng.integers(0, 8))):  # para-aortic and mesenteric nodes
         c = (rng.uniform(z_lo, kid_z + 40), spine_y - rng.uniform(20, 70), rng.uniform(-50, 50))
@@ -718,6 +833,8 @@ def _write_one_phantom(out, i: int, seed: int, overwrite: bool, kwargs: dict, la
 
         case = make_labelmap_phantom(label_map, seed + i, **kwargs)
     case_dir = volumes.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
+    if case.organs is not None:  # the neighbours, for organ-aware training (labels.ORGANS codes)
+        volumes.write_labels(case_dir / volumes.KITS_ORGANS, case.organs, case.ct, overwrite=True)
     with files.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps({**case.info, "generator_kwargs": kwargs}, indent=1))
     return case_dir

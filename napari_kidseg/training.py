@@ -29,7 +29,8 @@ import numpy as np
 
 from . import files, roi, volumes
 from .errors import KidsegError
-from .models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from .labels import UNLABELLED, kits_foreground, network_target, training_target
+from .models import ModelConfig, add_organ_channels, build_model, load_checkpoint, save_checkpoint
 from .preprocessing import context_indices, hu_to_input
 
 KITS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1}  # KiTS21/23 cyst -> kidney
@@ -72,11 +73,10 @@ def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
 
 
 def target_for(y, cfg: ModelConfig):
-    """A label tensor as a network of ``cfg.classes`` learns it: the cached cases keep KiTS23's
-    cysts (3), which a 3-class (KiTS19) network learns as kidney."""
-    import torch
-
-    return torch.where(y == 3, 1, y) if cfg.classes == 3 else y
+    """A label tensor as a network of ``cfg`` learns it: the cached cases keep KiTS23's cysts (3),
+    which a 3-class (KiTS19) network learns as kidney, and organ codes, which only a network with
+    organ channels learns (``labels.network_target``)."""
+    return network_target(y, cfg.classes, len(cfg.organs))
 
 
 @dataclasses.dataclass
@@ -97,7 +97,11 @@ def cache_case(case_dir: Path) -> CachedCase:
     """Decode a case once into memory-mappable .npy files (re-done only when the files change)."""
     case_dir = Path(case_dir)
     img, seg = case_dir / volumes.KITS_IMAGE, case_dir / volumes.KITS_LABELS
-    stamp = f"v2|{case_dir.resolve()}|{img.stat().st_mtime_ns}|{img.stat().st_size}|{seg.stat().st_mtime_ns}"
+    organ_file = case_dir / volumes.KITS_ORGANS
+    organ_stamp = organ_file.stat().st_mtime_ns if organ_file.exists() else "-"
+    stamp = (
+        f"v3|{case_dir.resolve()}|{img.stat().st_mtime_ns}|{img.stat().st_size}|{seg.stat().st_mtime_ns}|{organ_stamp}"
+    )
     folder = cache_root() / hashlib.sha1(stamp.encode()).hexdigest()[:16]
     meta_file = folder / "meta.json"
     if meta_file.exists():
@@ -105,6 +109,9 @@ def cache_case(case_dir: Path) -> CachedCase:
     else:
         ct, labels = volumes.read_kits_case(case_dir)
         lab = map_kits_labels(labels.array, case_dir / volumes.KITS_LABELS, classes=4)  # checked, cysts kept
+        if organ_file.exists():  # the neighbours as classes of their own (labels.training_target)
+            organs = volumes.read_labels(organ_file, like=ct).array
+            lab = training_target(lab, organs)
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in (("ct.npy", ct.array.astype(np.int16)), ("labels.npy", lab)):
             with files.atomic_path(folder / name, overwrite=True) as tmp:
@@ -132,7 +139,7 @@ def cache_cases(case_dirs, jobs: int = 1) -> list[CachedCase]:
 def reference_patches(case: CachedCase, patch_px: int) -> np.ndarray:
     """The refine patches inference would cut if the coarse stage were perfect."""
     _, labels = case.arrays()
-    _, roi_map = roi.kidney_rois(np.asarray(labels) > 0, case.spacing)
+    _, roi_map = roi.kidney_rois(kits_foreground(np.asarray(labels)), case.spacing)
     return roi.refine_patches(roi_map, case.spacing, patch_px=patch_px)
 
 
@@ -158,7 +165,8 @@ class SegmentationSamples:
             _, labels = case.arrays()
             allowed = None if case.slices is None else set(case.slices)
             if cfg.stage == "coarse":
-                has = np.asarray(labels).reshape(labels.shape[0], -1).max(axis=1)
+                kits = np.where(kits_foreground(np.asarray(labels)), labels, 0)  # organ codes are not KiTS
+                has = kits.reshape(labels.shape[0], -1).max(axis=1)
                 for z in range(case.shape[0]):
                     if allowed is not None and z not in allowed:
                         continue
@@ -311,7 +319,7 @@ class VolumeSamples3D:
         pad = [(0, max(0, size - n)) for n in ct.shape]
         ct = np.pad(ct, pad, constant_values=volumes.AIR_HU)
         labels = np.pad(labels, pad)
-        kidney = np.argwhere(labels > 0) if rng.random() < 0.5 else np.zeros((0, 3))
+        kidney = np.argwhere(kits_foreground(labels)) if rng.random() < 0.5 else np.zeros((0, 3))
         if len(kidney):
             centre = kidney[rng.integers(len(kidney))]
             start = [int(np.clip(c - size // 2, 0, n - size)) for c, n in zip(centre, ct.shape)]
@@ -329,16 +337,19 @@ class VolumeSamples3D:
         return hu_to_input(x, self.cfg.hu_window), y
 
 
-def dice_ce_loss(logits, target):
-    """Cross-entropy plus soft Dice of the KiTS regions (kidney and masses, tumor; cyst with 4 classes)."""
+def dice_ce_loss(logits, target, kits_classes: int = 3):
+    """Cross-entropy over every channel (organs included; unlabelled voxels ignored) plus soft Dice
+    of the KiTS regions (kidney and masses, tumor; cyst with 4 classes)."""
     import torch
     import torch.nn.functional as F
 
-    ce = F.cross_entropy(logits, target)
+    ce = F.cross_entropy(logits, target, ignore_index=UNLABELLED)
     p = torch.softmax(logits.float(), dim=1)
-    regions = [(1.0 - p[:, 0], (target > 0).float()), (p[:, 2], (target == 2).float())]
-    if p.shape[1] == 4:  # KiTS23's cyst class
-        regions.append((p[:, 3], (target == 3).float()))
+    valid = (target != UNLABELLED).float()
+    masses = (target >= 1) & (target < kits_classes)
+    regions = [(p[:, 1:kits_classes].sum(1) * valid, masses.float()), (p[:, 2] * valid, (target == 2).float())]
+    if kits_classes == 4:  # KiTS23's cyst class
+        regions.append((p[:, 3] * valid, (target == 3).float()))
     dice_loss = 0.0
     for pr, gt in regions:
         inter = (pr * gt).sum()
@@ -478,6 +489,8 @@ def train(
 
     if init_checkpoint is not None:
         model, init_cfg = load_checkpoint(init_checkpoint, stage=cfg.stage)
+        if cfg.organs and not init_cfg.organs:  # a KiTS-only parent learns the organs from here on
+            init_cfg = add_organ_channels(model, init_cfg, cfg.organs)
         cfg = dataclasses.replace(init_cfg, provenance=cfg.provenance, version=cfg.version)
     else:
         model = build_model(cfg, encoder_weights=encoder_weights)
@@ -558,7 +571,7 @@ def train(
                     logits = ddp_model(x)
             else:
                 logits = ddp_model(x)
-            loss = dice_ce_loss(logits.float(), y)
+            loss = dice_ce_loss(logits.float(), y, cfg.classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -577,7 +590,8 @@ def train(
         }
         if rank == 0:
             if val_loader is not None:
-                row.update({f"val_{k}": v for k, v in evaluate_samples(model, val_loader, device).items()})
+                scores = evaluate_samples(model, val_loader, device, cfg.classes)
+                row.update({f"val_{k}": v for k, v in scores.items()})
                 score = row["val_mean_dice"]
             else:
                 score = -row["train_loss"]
@@ -635,7 +649,9 @@ def validation_indices(n_items: int, cap: int) -> list[int]:
     return np.unique(np.linspace(0, n_items - 1, n).round().astype(int)).tolist()
 
 
-def evaluate_samples(model, loader, device) -> dict:
+def evaluate_samples(model, loader, device, kits_classes: int = 3) -> dict:
+    """KiTS Dice of a network over a loader; organ answers (channels after the KiTS classes) and
+    unlabelled targets count as background."""
     import torch
 
     model.eval()
@@ -643,6 +659,9 @@ def evaluate_samples(model, loader, device) -> dict:
     with torch.inference_mode():
         for x, y in loader:
             pred = model(x.to(device)).argmax(1).cpu().numpy()
-            counter.add(pred, y.numpy())
+            y = y.numpy()
+            pred[pred >= kits_classes] = 0
+            y = np.where(y >= kits_classes, 0, y)
+            counter.add(pred, y)
     model.train()
     return counter.scores()

@@ -47,6 +47,7 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".ima")
 KITS_IMAGE = "imaging.nii.gz"
 KITS_LABELS = "segmentation.nii.gz"
+KITS_ORGANS = "organs.nii.gz"  # optional: the organ map of a training case (labels.ORGANS codes)
 CASE_RE = re.compile(r"^case_\d{5}$")
 
 

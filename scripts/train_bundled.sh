@@ -14,9 +14,10 @@ MINUTES=${MINUTES:-50}
 LR=${LR:-1e-3}
 [ -d "$DATA/val" ] || scripts/make_bundled_data.sh "$DATA"
 mkdir -p "$OUT"
-# version 4: procedural phantoms, phantoms on 40 real label maps, and the shared real CT
+# version 4 and 5: procedural phantoms, phantoms on 40 real label maps, and the shared real CT
 TRAIN="$DATA/train-m128 $DATA/train-m256 $DATA/train-m512 $DATA/anat-m128 $DATA/anat-m256 $DATA/anat-m512 $DATA/realct"
-COMMON="--preset small --input-size 128 --context-slices 1 --epochs ${EPOCHS:-60} --steps-per-epoch ${STEPS:-100}
+# version 5: --organs (the neighbours as classes of their own); from version 4 the head is widened
+COMMON="${ORGANS---organs} --preset small --input-size 128 --context-slices 1 --epochs ${EPOCHS:-60} --steps-per-epoch ${STEPS:-100}
   --batch-size ${BATCH:-16} --lr $LR --patience ${PATIENCE:-10} --workers ${WORKERS:-0} --seed 0
   --device ${DEVICE:-auto} --max-minutes $MINUTES --val $DATA/val $DATA/anat-val ${BN_MOMENTUM:+--bn-momentum $BN_MOMENTUM}"
 for stage in coarse refine; do

@@ -49,8 +49,10 @@ def test_tumor_sizes_span_small_to_large(cases):
     assert all(10 <= d <= 120 for d in diameters)
     both_sides = [c for c in cases if len({t["side"] for t in c.info["tumors"]}) == 2]
     assert both_sides, "no case with tumors in both kidneys"
-    kinds = {t["kind"] for c in cases for t in c.info["tumors"]}
-    assert kinds == {"solid", "necrotic", "cystic"}
+    subtypes = {t["subtype"] for c in cases for t in c.info["tumors"]}
+    assert subtypes == {"clear_cell", "papillary", "chromophobe"}
+    cores = {t["core"] for c in cases for t in c.info["tumors"]}
+    assert "none" in cores and len(cores) >= 2  # solid ones and some with a necrotic or cystic core
 
 
 def test_tissue_hu_are_in_ct_ranges(cases):
@@ -130,15 +132,15 @@ def test_random_contrast_changes_tissue_hu_not_anatomy():
     assert abs(k_plain - k_shuf) > 20, (k_plain, k_shuf)
 
 
-# Golden checksums of three phantoms (CT voxels, labels, the info dict and the geometry), taken
+# Golden checksums of three phantoms (CT voxels, labels, organs, the info dict and the geometry), taken
 # before make_phantom was cut into named sections: any change in the order or the values of its
 # random draws changes them. A change that means to alter phantoms raises GENERATOR_REVISION and
 # records new checksums here. (Computed with this project's numpy/scipy; an upgrade that changed
 # numpy's generators or scipy's filters would show here first.)
 GOLDEN = [
-    (3, {"matrix": 96, "max_slices": 40}, "ceedb0ccb61587cb"),
-    (11, {"matrix": 96, "max_slices": 40, "n_tumors": 2, "random_contrast": 1.0}, "414498b510ca9c54"),
-    (27, {"matrix": 128, "max_slices": 60, "disk_layout": "LPS"}, "58c0115e21665eeb"),
+    (3, {"matrix": 96, "max_slices": 40}, "3d101a77949ce4ae"),
+    (11, {"matrix": 96, "max_slices": 40, "n_tumors": 2, "random_contrast": 1.0}, "a2e5c4b5b80cc2d2"),
+    (27, {"matrix": 128, "max_slices": 60, "disk_layout": "LPS"}, "38a598f5a405c672"),
 ]
 
 
@@ -151,6 +153,7 @@ def test_phantoms_match_their_golden_checksums(seed, kwargs, digest):
     h = hashlib.sha256()
     h.update(case.ct.array.tobytes())
     h.update(case.labels.tobytes())
+    h.update(case.organs.tobytes())
     h.update(json.dumps(case.info, sort_keys=True).encode())
     h.update(repr(case.ct.geometry).encode())
     assert h.hexdigest()[:16] == digest

@@ -1,0 +1,53 @@
+"""Score a pair of checkpoints on the 27 real KiTS19 tumor slices (../shared/data/kits19-slices).
+
+    python scripts/evaluate_real_tumors.py [--coarse C --refine R] [--json out.json]
+
+Evaluation only: these slices are never trained on (napari_kidseg/kits_slices.py says how the
+8-bit slices are mapped back to HU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from napari_kidseg import kits_slices  # noqa: E402
+from napari_kidseg.cascade import Cascade  # noqa: E402
+
+SLICES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kits19-slices"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--coarse")
+    ap.add_argument("--refine")
+    ap.add_argument("--root", default=str(SLICES))
+    ap.add_argument("--no-anatomy-check", action="store_true")
+    ap.add_argument("--json", help="write rows and summary here")
+    args = ap.parse_args()
+    if not kits_slices.slice_cases(args.root):
+        print(f"no KiTS19 slices under {args.root}", file=sys.stderr)
+        return 2
+    cascade = Cascade(args.coarse, args.refine, device="cpu")
+    out = kits_slices.evaluate(cascade, args.root, anatomy_check=not args.no_anatomy_check)
+    for r in out["rows"]:
+        kt, t = r["kidney_tumor_dice"], r["tumor_dice"]
+        print(f"{r['case']:22s} kidney+tumor {kt:.3f}  tumor {t:.3f}  touched {r['touched']}")
+    s = out["summary"]
+    print(
+        f"{s['slices']} slices: kidney+tumor Dice {s['kidney_tumor_dice_mean']:.3f} "
+        f"(pooled {s['kidney_tumor_dice_pooled']:.3f}), tumor Dice {s['tumor_dice_mean']:.3f} "
+        f"(pooled {s['tumor_dice_pooled']:.3f}), tumors touched {s['touched']} of {s['slices']}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
