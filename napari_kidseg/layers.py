@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .fusion import KITS23_LABEL_NAMES
+from .labels import ORGANS
 from .volumes import Volume
 
 # Soft-tissue window (W400/L40): fixed limits, so that scanner padding or metal in a volume
@@ -20,6 +21,14 @@ LABEL_COLORS = {None: "transparent", 0: "transparent", 1: "#2ca02c", 2: "#ffd700
 REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "#00e5ff", 2: "#ff00ff", 3: "#ff8c00"}
 # napari shows a labels layer's features for the label under the cursor: names, not 1 and 2
 LABEL_FEATURES = {"index": list(KITS23_LABEL_NAMES), "name": list(KITS23_LABEL_NAMES.values())}
+# the organ context layer of an organ-aware cascade (labels.ORGANS codes): muted colours, so the
+# KiTS labels stay what the eye goes to
+ORGAN_COLORS = {
+    None: "transparent",
+    0: "transparent",
+    **{k + 1: c for k, c in enumerate(["#8c564b", "#9467bd", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e", "#d62728"])},
+}
+ORGAN_FEATURES = {"index": [0, *range(1, len(ORGANS) + 1)], "name": ["none", *ORGANS]}
 # window/level presets (name: HU limits): W400/L40, W700/L100, W1800/L400, W1500/L-600
 WINDOW_PRESETS = {
     "soft tissue": CT_WINDOW,

@@ -8,6 +8,8 @@
 # Mixed matrices give the networks a range of pixel spacings: 128 px (about 3 mm, like the
 # shared real CT) up to 512 px (0.6-1 mm, like KiTS). A share of the training cases get random
 # tissue contrasts (SynthSeg-style), validation keeps the real phases.
+# Version 5 made fewer of the large cases than version 4 (6 procedural and 8 label-map phantoms at
+# 512 px, 24 label-map ones at 256 px), for CPU time: it was made and trained on 2 cores.
 # Case counts, the random-contrast share and the parallel processes (JOBS) come from the
 # environment; the defaults are the CPU recipe, scripts/train_bundled_gpu.sh sets the GPU one.
 # A case is the same whatever JOBS is (case i of a folder has seed first_seed + i).
@@ -24,12 +26,12 @@ SHAPES="--tumor-shapes $SHARED/kits19-masks --not-from $SHARED/kits19-slices"
 # procedural phantoms (generator revision 5)
 $KIDSEG phantom "$OUT/train-m128" --cases "${N128:-14}" --seed 1000 --matrix 128 --max-slices 90 $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
 $KIDSEG phantom "$OUT/train-m256" --cases "${N256:-18}" --seed 2000 --matrix 256 --max-slices 120 $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
-$KIDSEG phantom "$OUT/train-m512" --cases "${N512:-10}" --seed 3000 --matrix 512 --max-slices 100 $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/train-m512" --cases "${N512:-6}" --seed 3000 --matrix 512 --max-slices 100 $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
 $KIDSEG phantom "$OUT/val" --cases 6 --seed 8000 --matrix 256 --max-slices 100 --jobs $JOBS ${OVERWRITE:-}
 # phantoms on real anatomy (label-map generator revision 1)
 $KIDSEG phantom "$OUT/anat-m128" --cases "${A128:-16}" --seed 4000 --matrix 128 $ANAT $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
-$KIDSEG phantom "$OUT/anat-m256" --cases "${A256:-40}" --seed 5000 --matrix 256 $ANAT $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
-$KIDSEG phantom "$OUT/anat-m512" --cases "${A512:-20}" --seed 6000 --matrix 512 --max-slices 100 $ANAT $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/anat-m256" --cases "${A256:-24}" --seed 5000 --matrix 256 $ANAT $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
+$KIDSEG phantom "$OUT/anat-m512" --cases "${A512:-8}" --seed 6000 --matrix 512 --max-slices 100 $ANAT $RC $SHAPES --jobs $JOBS ${OVERWRITE:-}
 $KIDSEG phantom "$OUT/anat-val" --cases 6 --seed 8100 --matrix 256 $ANAT --jobs $JOBS ${OVERWRITE:-}
 # the real CT as KiTS cases (links, never a copy of ../shared/data). REAL_COPIES cases link the
 # same scan: sampling is per slice over all cases, so 4 links make it about 4% of what the coarse

@@ -36,7 +36,16 @@ from qtpy.QtWidgets import (
 
 from ..errors import KidsegError
 from ..fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
-from ..layers import CT_WINDOW, LABEL_COLORS, LABEL_FEATURES, REFERENCE_COLORS, SOURCE_KEY, WINDOW_PRESETS
+from ..layers import (
+    CT_WINDOW,
+    LABEL_COLORS,
+    LABEL_FEATURES,
+    ORGAN_COLORS,
+    ORGAN_FEATURES,
+    REFERENCE_COLORS,
+    SOURCE_KEY,
+    WINDOW_PRESETS,
+)
 from .report_panel import ReportPanel
 
 LAYER_NAMES = {
@@ -46,6 +55,7 @@ LAYER_NAMES = {
     "rois": "kidney ROIs (refine patches)",
     "disagreement": "coarse/refined disagreement",
     "removed": "removed by anatomy check",
+    "organs": "organs (context)",
     "preview": "preview (not applied yet)",
 }
 # what a click on the canvas does (the fused layer selected, in pan/zoom mode), and its key
@@ -778,6 +788,12 @@ class CascadeWidget(QWidget):
             if self._restore_on_click not in layer.mouse_drag_callbacks:
                 layer.mouse_drag_callbacks.append(self._restore_on_click)
 
+        def organs():  # an organ-aware cascade's neighbours, as context: hidden until asked for
+            layer = self._set_labels_layer(
+                "organs", s.result.organs, opacity=0.35, visible=False, colormap=dict(ORGAN_COLORS)
+            )
+            layer.features = dict(ORGAN_FEATURES)
+
         def fused():
             layer = self._set_labels_layer("fused", s.labels, opacity=0.6, colormap=colors)
             self.fused_layer = layer
@@ -800,6 +816,7 @@ class CascadeWidget(QWidget):
             ),
             rois,
             removed,
+            *([organs] if s.result.organs is not None else []),
             fused,
         ]
 
