@@ -40,7 +40,7 @@ def pump_until(cond, limit=600.0):
 def shown(wl, cw, case):
     return (
         wl._opening is None
-        and cw._worker is None
+        and not cw.busy
         and wl.current is not None
         and wl.worklist.rows[wl.current].case == case
         and wl.last_open_seconds is not None
@@ -66,8 +66,8 @@ def main():
 
     def tick():
         now = time.perf_counter()
-        if wl.drafting and wl._opening is None and cw._worker is None:
-            busy = cw._measure_worker is not None or cw._fuse_worker is not None
+        if wl.drafting and wl._opening is None and not cw.busy:
+            busy = bool({"measurements", "fusion"} & cw.pending_work)
             (gaps_widget if busy else gaps).append(now - last[0])  # drafting alone, or beside the Review box
         last[0] = now
 
@@ -110,7 +110,7 @@ def main():
     reopen = time.perf_counter() - t0
     same = np.array_equal(cw.fused_layer.data, edited)
     print(f"reopen after close: {case} on screen in {reopen:.2f} s, edits back: {same} (target 3 s)")
-    pump_until(lambda: not wl.drafting and cw._measure_worker is None and cw._fuse_worker is None)
+    pump_until(lambda: not wl.drafting and not {"measurements", "fusion"} & cw.pending_work)
     timer.stop()
     wl.close_worklist()
     from qtpy.QtCore import QThreadPool

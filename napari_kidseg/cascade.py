@@ -5,7 +5,8 @@
    and tumor probabilities are resized back onto the CT grid on the device and stored as uint8.
 2. ROI: the kidney ROIs and their refine patches (:mod:`roi`).
 3. Refine: the patches at full in-plane resolution go through the refine network; overlapping
-   tiles are averaged; results are kept only inside the patches.
+   tiles are blended with a Gaussian weight (high at a patch's centre, near zero at its edge, as
+   sliding-window inference does), so no patch edge shows; results are kept only inside the patches.
 4. Fusion: :meth:`CascadeResult.fuse` (``alpha``, thresholds), cheap enough for a slider.
 
 Inference is batched under ``torch.inference_mode``; on CUDA with bf16 autocast and channels-last
@@ -229,6 +230,17 @@ def organ_codes(p_organs):
     return torch.where(best > 0.5, index + 1, 0).to(torch.uint8)
 
 
+def patch_weight(size: int, sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """The blending weight of a refine patch's pixels: a Gaussian of sigma ``size / 8`` around
+    its centre (nnU-Net's sliding-window weight), scaled to 1 there and never 0, so that where
+    patches overlap each one's edge fades out under its neighbour's centre instead of ending in a
+    visible step, and a pixel only one patch covers keeps that patch's value."""
+    centre, sigma = (size - 1) / 2.0, size * sigma_scale
+    g = np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2)
+    w = np.outer(g, g).astype(np.float32)
+    return np.maximum(w, 1e-4)
+
+
 class Cascade:
     """Loaded coarse and refine networks on a device, ready to segment CT volumes."""
 
@@ -445,7 +457,8 @@ class Cascade:
             y0, x0 = max(0, int(ps["y0"].min())), max(0, int(ps["x0"].min()))
             y1, x1 = min(ny, int(ps["y0"].max()) + size), min(nx, int(ps["x0"].max()) + size)
             h, w = y1 - y0, x1 - x0
-            acc[int(z)] = (y0, x0, np.zeros((cfg.classes - 1, h, w), np.uint16), np.zeros((h, w), np.uint16))
+            acc[int(z)] = (y0, x0, np.zeros((cfg.classes - 1, h, w), np.float32), np.zeros((h, w), np.float32))
+        weight = patch_weight(size)
 
         def batches():
             for i0 in range(0, len(patches), self.batch_size):
@@ -462,20 +475,21 @@ class Cascade:
         def consume(chunk, p):
             levels = (p[:, : self.n_fusion] * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             for j, pt in enumerate(chunk):
-                y0, x0, sums, count = acc[int(pt["z"])]
+                y0, x0, sums, weights = acc[int(pt["z"])]
                 # the part of the patch inside the image, in region and in patch coordinates
                 py, px = int(pt["y0"]), int(pt["x0"])
                 ys, xs = max(py, 0), max(px, 0)
                 ye, xe = min(py + size, ny), min(px + size, nx)
-                sums[:, ys - y0 : ye - y0, xs - x0 : xe - x0] += levels[j, :, ys - py : ye - py, xs - px : xe - px]
-                count[ys - y0 : ye - y0, xs - x0 : xe - x0] += 1
+                w = weight[ys - py : ye - py, xs - px : xe - px]
+                sums[:, ys - y0 : ye - y0, xs - x0 : xe - x0] += levels[j, :, ys - py : ye - py, xs - px : xe - px] * w
+                weights[ys - y0 : ye - y0, xs - x0 : xe - x0] += w
 
         self._run_batches(batches(), consume, self.refine, prepare, len(patches), "refine", progress, cancel, mirror)
         refined = {}
-        for z, (y0, x0, sums, count) in acc.items():
-            covered = count > 0
+        for z, (y0, x0, sums, weights) in acc.items():
+            covered = weights > 0
             avg = np.zeros(sums.shape, np.uint8)
-            avg[:, covered] = np.round(sums[:, covered] / count[covered]).astype(np.uint8)
+            avg[:, covered] = np.clip(np.round(sums[:, covered] / weights[covered]), 0, 255).astype(np.uint8)
             refined[z] = fusion.RefinedRegion(y0, x0, avg[0], avg[1], covered, avg[2] if len(avg) == 3 else None)
         return refined
 

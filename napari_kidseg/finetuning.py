@@ -255,6 +255,7 @@ def model_versions(corrections_dir) -> list[dict]:
                 "after": r.get("after"),
                 "before": r.get("before"),
                 "worse": r.get("worse", False),
+                "held_out": bool(r.get("held_out")),  # scored on held-out cases, or on its training ones
             }
         )
     return rows

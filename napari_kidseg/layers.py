@@ -68,3 +68,26 @@ def labels_layer_data(labels: np.ndarray, like: Volume, name: str = "labels", **
         },
         "labels",
     )
+
+
+def label_surfaces(labels: np.ndarray, spacing, origin_zyx, step: int = 1) -> dict[int, tuple]:
+    """Per label value present, its surface as napari Surface data ``(vertices, faces, values)`` in
+    world coordinates (mm), by marching cubes on the label's bounding box (padded, so every surface
+    is closed). ``step``: marching-cubes step in voxels (2 is 4-8x faster, coarser). For the 3D view:
+    a few hundred thousand triangles instead of a labels volume napari would upload and render."""
+    from skimage.measure import marching_cubes
+
+    from .metrics import bounding_box
+
+    out = {}
+    for value in (int(v) for v in np.unique(labels) if v):
+        mask = labels == value
+        box = bounding_box(mask, pad=1)
+        sub = np.pad(mask[box], 1).astype(np.uint8)
+        if min(sub.shape) < 2 + step:
+            continue
+        verts, faces, _, _ = marching_cubes(sub, 0.5, spacing=tuple(float(s) for s in spacing), step_size=step)
+        shift = [o + (b.start - 1) * s for o, b, s in zip(origin_zyx, box, spacing)]
+        verts = (verts + np.asarray(shift)).astype(np.float32)
+        out[value] = (verts, faces.astype(np.int32), np.ones(len(verts), np.float32))
+    return out

@@ -299,10 +299,21 @@ def report_text(report: dict) -> str:
     if not report["tumors"]:
         lines.append("No tumor segmented.")
     lines += report.get("notes", [])
-    prov = report.get("provenance", {})
-    if prov:
-        lines.append("Made by " + ", ".join(f"{k}: {v}" for k, v in prov.items()) + ".")
+    if report.get("provenance"):
+        lines.append(_made_by(report["provenance"]))
     return "\n".join(lines)
+
+
+def _made_by(prov: dict) -> str:
+    """What made the report, as the referring physician reads it: the software and where the labels
+    came from. The figures behind it (checkpoints and their stamps, fusion settings, the count of
+    hand-edited voxels) are for the record: they stay in report.json."""
+    parts = [str(prov.get("software", "napari-kidseg"))]
+    if prov.get("labels"):
+        parts.append(f"labels from {Path(str(prov['labels'])).name}")
+    elif "hand_edited_voxels" in prov:
+        parts.append("automatic segmentation " + ("corrected by hand" if prov["hand_edited_voxels"] else "not edited"))
+    return "Made by " + ", ".join(parts) + "."
 
 
 CSV_FIELDS = (
@@ -349,6 +360,7 @@ def report_figure(report: dict, ct: np.ndarray, labels: np.ndarray, spacing):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from .layers import CT_WINDOW, LABEL_COLORS
@@ -357,11 +369,11 @@ def report_figure(report: dict, ct: np.ndarray, labels: np.ndarray, spacing):
     tumors = report["tumors"][:4]
     fig = Figure(figsize=(8.27, 11.69), dpi=100)  # one A4 page
     text = "\n".join(textwrap.fill(line, 110, subsequent_indent="  ") for line in report_text(report).splitlines())
-    fig.text(0.04, 0.985, text, va="top", ha="left", fontsize=7, family="monospace")
-    rows = 1 + (len(tumors) + 1) // 2
-    top = 0.97 - 0.0125 * (text.count("\n") + 2)
-    gs = fig.add_gridspec(rows, 2, top=top, bottom=0.03, left=0.04, right=0.96, hspace=0.15, wspace=0.05)
-    ax = fig.add_subplot(gs[0, :])
+    block = fig.text(0.04, 0.985, text, va="top", ha="left", fontsize=7, family="monospace")
+    FigureCanvasAgg(fig)  # a renderer, to measure where the text ends
+    text_bottom = block.get_window_extent(fig.canvas.get_renderer()).y0 / fig.bbox.height
+    crops = [_tumor_crop(t, labels.shape, sp) for t in tumors]
+    ax, tumor_axes = _page_axes(fig, text_bottom - 0.005, labels.shape, sp, crops)
     # the coronal slice through the largest tumor's centre, else through the kidneys
     kt = labels > 0
     y = (
@@ -374,13 +386,8 @@ def report_figure(report: dict, ct: np.ndarray, labels: np.ndarray, spacing):
     ax.set_title(f"coronal, slice y={y} (head up, patient's right on the left)", fontsize=8)
     _scale_bar(ax, sp[2], labels.shape[2])
     ax.set_axis_off()
-    for k, t in enumerate(tumors):
-        ax = fig.add_subplot(gs[1 + k // 2, k % 2])
+    for t, ax, (y0, y1, x0, x1) in zip(tumors, tumor_axes, crops):
         z = t["axial_slice"]
-        cy, cx = (np.asarray(t["axial_ends_yx"][0]) + t["axial_ends_yx"][1]) / 2
-        half = max(40.0, t["axial_diameter_mm"]) / sp[1:]  # at least 4 cm around the tumor
-        y0, y1 = int(max(0, cy - half[0])), int(min(labels.shape[1], cy + half[0]))
-        x0, x1 = int(max(0, cx - half[1])), int(min(labels.shape[2], cx + half[1]))
         ax.imshow(ct[z, y0:y1, x0:x1], cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=sp[1] / sp[2])
         _outline(ax, labels[z, y0:y1, x0:x1], LABEL_COLORS)
         (ay, axx), (by, bx) = t["axial_ends_yx"]
@@ -389,6 +396,44 @@ def report_figure(report: dict, ct: np.ndarray, labels: np.ndarray, spacing):
         _scale_bar(ax, sp[2], x1 - x0)
         ax.set_axis_off()
     return fig
+
+
+def _tumor_crop(t: dict, shape, sp) -> tuple[int, int, int, int]:
+    """The axial window shown for a tumor: at least 4 cm around its axial diameter, in the image."""
+    cy, cx = (np.asarray(t["axial_ends_yx"][0]) + t["axial_ends_yx"][1]) / 2
+    half = max(40.0, t["axial_diameter_mm"]) / sp[1:]
+    y0, y1 = int(max(0, cy - half[0])), int(min(shape[1], cy + half[0]))
+    x0, x1 = int(max(0, cx - half[1])), int(min(shape[2], cx + half[1]))
+    return y0, y1, x0, x1
+
+
+def _page_axes(fig, top: float, shape, sp, crops, bottom: float = 0.03):
+    """The coronal overview's axes and one per tumor (two a row), sized to their images' own
+    proportions and stacked under the text without a gap; all shrink together when the page is too
+    short for them (many tumors, a long field of view). Returns (coronal axes, [tumor axes])."""
+    w_in, h_in = fig.get_size_inches()
+    title, gap = 0.3, 0.15  # inches: above each image for its title, between the two of a row
+    width = 0.92 * w_in
+    cor_aspect = shape[0] * sp[0] / (shape[2] * sp[2])  # height / width in mm
+    tumor_aspect = max(((y1 - y0) * sp[1] / ((x1 - x0) * sp[2]) for y0, y1, x0, x1 in crops), default=1.0)
+    rows = (len(crops) + 1) // 2
+    fixed = title + rows * title
+    scalable = width * cor_aspect + rows * (width - gap) / 2 * tumor_aspect
+    scale = min(1.0, ((top - bottom) * h_in - fixed) / scalable)
+    y = top * h_in - title
+    w, h = scale * width, scale * width * cor_aspect
+    cor = fig.add_axes(((w_in - w) / 2 / w_in, (y - h) / h_in, w / w_in, h / h_in))
+    y -= h + title
+    wt = scale * (width - gap) / 2
+    ht = wt * tumor_aspect
+    left = (w_in - (2 * wt + gap)) / 2
+    axes = []
+    for k in range(len(crops)):
+        if k and k % 2 == 0:
+            y -= ht + title
+        x = left + (k % 2) * (wt + gap)
+        axes.append(fig.add_axes((x / w_in, (y - ht) / h_in, wt / w_in, ht / h_in)))
+    return cor, axes
 
 
 def _outline(ax, labels2d, colors):

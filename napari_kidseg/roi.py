@@ -7,8 +7,9 @@ apart. Around each ROI, slice by slice, refine patches are cut.
 Large kidneys (a kidney with a 12 cm tumor at 0.5 mm spacing spans 300+ pixels) do not fit one
 256 x 256 patch. Instead of shrinking them (which would change the refine network's scale
 between cases), a slice's footprint that is larger than one patch is *tiled* with overlapping
-patches at the same resolution; their outputs are averaged where they overlap. So every voxel of
-a kidney ROI, plus a margin, lies inside at least one patch.
+patches at the same resolution; where they overlap their outputs are blended with a Gaussian
+weight (:func:`cascade.patch_weight`). So every voxel of a kidney ROI, plus a margin, lies inside
+at least one patch.
 
 The training code cuts its refine patches with :func:`refine_patches` too, so patches at
 training and at inference come from the same function.

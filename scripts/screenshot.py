@@ -20,7 +20,7 @@ viewer.window._qt_window.show()
 widget.device_combo.setCurrentText("cpu")
 widget.run_btn.click()
 t0 = time.time()
-while widget._worker is not None and time.time() - t0 < 600:
+while widget.busy and time.time() - t0 < 600:
     QApplication.processEvents()
     time.sleep(0.05)
 fused = viewer.layers["fused labels (editable)"]

@@ -38,14 +38,14 @@ if __name__ == "__main__":  # the drafting process is spawned: it imports this f
     _, cw = viewer.window.add_plugin_dock_widget("napari-kidseg", "Kidney cascade")
     _, wl = viewer.window.add_plugin_dock_widget("napari-kidseg", "Case worklist")
     viewer.window._qt_window.show()
-    cw.export_edit.setText(str(work / "export"))
+    cw.export_folder = work / "export"
     wl.reviewer_edit.setText("dr. example")
     wl.open_folder(str(work / "cases"))
 
     def shown(case):
         return (
             wl._opening is None
-            and cw._worker is None
+            and not cw.busy
             and wl.current is not None
             and (wl.worklist.rows[wl.current].case == case and wl.last_open_seconds is not None)
         )
@@ -54,7 +54,7 @@ if __name__ == "__main__":  # the drafting process is spawned: it imports this f
     pump_until(lambda: wl._pool is not None and not wl.drafting)
     wl.mark_reviewed()
     pump_until(lambda: shown("case_00001"))
-    pump_until(lambda: not wl.drafting and cw._measure_worker is None)
+    pump_until(lambda: not wl.drafting and "measurements" not in cw.pending_work)
     for _ in range(40):
         QApplication.processEvents()
         time.sleep(0.05)

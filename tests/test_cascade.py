@@ -120,3 +120,29 @@ def test_a_kits23_cascade_fuses_cysts_keeps_them_in_drafts_and_refuses_mixed_mod
     assert np.array_equal(back.fuse(anatomy_check=False), labels)
     with pytest.raises(KidsegError, match="coarse model predicts 4 classes and the refine model 3"):
         cascade.Cascade(ckpts["coarse"], tiny_checkpoints["refine"], device="cpu")
+
+
+def test_overlapping_refine_patches_blend_without_a_seam(tiny_checkpoints):
+    """Two overlapping patches whose network answers differ: the stitched map changes smoothly
+    across the overlap (plain averaging steps by half the difference where the second patch starts)."""
+    from napari_kidseg.roi import PATCH_DTYPE
+
+    class PerPatch(torch.nn.Module):  # one kidney probability per patch, from the patch's mean input
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 1, *x.shape[2:])
+            return torch.cat([torch.zeros_like(m), 4.0 * m, torch.full_like(m, -20.0)], dim=1)
+
+    cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu")
+    cas.refine = PerPatch()
+    size = cas.refine_cfg.input_size
+    nx = size + size // 2
+    ct = np.tile(np.linspace(-100, 300, nx, dtype=np.float32).astype(np.int16), (3, size, 1))
+    patches = np.array([(1, 1, 0, 0), (1, 1, 0, size // 2)], dtype=PATCH_DTYPE)
+    region = cas._refine(ct, patches, None, None)[1]
+    row = region.meta[size // 2].astype(float)  # a row through both patches' centres
+    alone_a, alone_b = row[: size // 2 - 1].mean(), row[size + 1 :].mean()
+    assert abs(alone_b - alone_a) > 40  # the two patches do disagree
+    steps = np.abs(np.diff(row))
+    assert steps.max() <= 0.1 * abs(alone_b - alone_a), f"a step of {steps.max():.0f} levels at x={steps.argmax()}"
+    # and a pixel only one patch covers keeps that patch's own answer
+    assert np.ptp(row[: size // 2 - 1]) <= 1 and np.ptp(row[size + 1 :]) <= 1

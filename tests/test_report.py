@@ -151,3 +151,34 @@ def test_report_files_are_written_once_and_read_back(tmp_path, constructed):
     row = summary_row(report, "case")
     assert row["tumors"] == 3 and row["largest_tumor_side"] == "right"
     assert rows_to_csv([row]).splitlines()[1].startswith("case,")
+
+
+def test_the_page_has_no_internal_counters_and_no_blank_gap(constructed):
+    """What the referring physician reads: the software and how the labels were made, not the
+    hand-edited voxel count or checkpoint stamps (those stay in report.json); the images follow the
+    text and each other without an empty band between them."""
+    from napari_kidseg.report import report_figure
+
+    labels, _ = constructed
+    ct = np.where(labels > 0, 150, 40).astype(np.int16)
+    provenance = {
+        "coarse": "coarse.safetensors (bundled-2026-11-30T14:02)",
+        "refine": "refine.safetensors (bundled-2026-11-30T14:02)",
+        "alpha": 0.4,
+        "hand_edited_voxels": 12345,
+    }
+    report = describe_case(labels, SPACING, ct=ct, provenance=provenance)
+    text = report_text(report)
+    assert "12345" not in text and "hand_edited" not in text and "2026-11-30" not in text and "alpha" not in text
+    assert text.splitlines()[-1].startswith("Made by napari-kidseg") and "corrected by hand" in text
+    assert report["provenance"]["hand_edited_voxels"] == 12345  # kept for the record
+    fig = report_figure(report, ct, labels, SPACING)
+    fig.canvas.draw()
+    h_in = fig.get_size_inches()[1]
+    boxes = sorted((ax.get_position() for ax in fig.axes), key=lambda b: -b.y1)  # top to bottom
+    assert len(boxes) == 1 + 3
+    coronal, first_row = boxes[0], boxes[1]
+    assert (coronal.y0 - first_row.y1) * h_in < 0.5  # inches between the overview and the tumors: a title
+    text_bottom = fig.texts[0].get_window_extent(fig.canvas.get_renderer()).y0 / fig.bbox.height
+    assert (text_bottom - coronal.y1) * h_in < 0.5
+    assert min(b.y0 for b in boxes) >= 0.0  # and it all fits on the page

@@ -9,7 +9,14 @@ import pytest
 from qtpy.QtCore import QTimer
 
 from napari_kidseg import volumes
-from napari_kidseg._widgets.cascade_widget import LAYER_NAMES, CascadeWidget
+from napari_kidseg._widgets.cascade_widget import (
+    CLICK_MODES,
+    LAYER_NAMES,
+    WINDOW_KEYS,
+    CascadeWidget,
+    Pace,
+    kidney_focus,
+)
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
 
 pytestmark = pytest.mark.gui
@@ -29,23 +36,39 @@ def viewer_with_case(make_napari_viewer, small_case_dir):
 def _widget(viewer, ckpts, qtbot):
     w = CascadeWidget(viewer)
     qtbot.addWidget(w)
-    w.coarse_edit.setText(str(ckpts["coarse"]))
-    w.refine_edit.setText(str(ckpts["refine"]))
-    w.device_combo.setCurrentText("cpu")
+    w.set_models(ckpts["coarse"], ckpts["refine"], "cpu")
     return w
 
 
 def _settle(w, qtbot):
     """Let the widget's debounced workers finish before the viewer closes under them."""
     qtbot.wait(500)
-    qtbot.waitUntil(lambda: not w._measure_timer.isActive() and not w._fuse_timer.isActive(), timeout=30_000)
-    qtbot.waitUntil(
-        lambda: w._measure_worker is None and w._tool_worker is None and w._fuse_worker is None and w._worker is None,
-        timeout=60_000,
-    )
+    qtbot.waitUntil(lambda: w.idle, timeout=60_000)
     from qtpy.QtCore import QThreadPool
 
     assert QThreadPool.globalInstance().waitForDone(60_000)
+
+
+@pytest.fixture
+def said():
+    """The messages the widget shows (napari's notifications) during the test."""
+    from napari.utils.notifications import notification_manager
+
+    messages = []
+
+    def heard(notification):
+        messages.append(notification.message)
+
+    notification_manager.notification_ready.connect(heard)
+    yield messages
+    notification_manager.notification_ready.disconnect(heard)
+
+
+def _export(w, qtbot):
+    """Export (in a worker) and wait: the case folder written, or None."""
+    w.export()
+    qtbot.waitUntil(lambda: "export" not in w.pending_work, timeout=60_000)
+    return w.last_export
 
 
 def _run(w, qtbot):
@@ -53,7 +76,7 @@ def _run(w, qtbot):
 
     def tick():  # counts only while the cascade runs (napari's own layer creation comes after)
         now = time.perf_counter()
-        if w.session is first_session and not w._layer_steps:
+        if w.session is first_session and "layers" not in w.pending_work:
             gaps.append(now - last[0])
         last[0] = now
 
@@ -64,7 +87,7 @@ def _run(w, qtbot):
     timer.timeout.connect(tick)
     timer.start()
     w.run_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
     timer.stop()
     return gaps
 
@@ -95,7 +118,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     # paint a block by hand, then move every slider: the painted voxels stay (the anatomy check,
     # off here, would remove most of what the random tiny networks label)
     w.anatomy_check.setChecked(False)
-    qtbot.waitUntil(lambda: w._fuse_worker is None and not w._fuse_timer.isActive(), timeout=30_000)
+    qtbot.waitUntil(lambda: "fusion" not in w.pending_work, timeout=30_000)
     # a value per voxel that differs from the fusion now and after the slider moves below, so
     # that it is a hand edit throughout (a voxel painted with the fusion's own value is not one)
     now = fused.data[z, 10:20, 10:20].astype(int)
@@ -107,9 +130,9 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     assert w.last_slider_update_ms is not None and w.last_slider_update_ms < 200
     w.alpha.setValue(0)
     w.tumor_thr.setValue(20)
-    qtbot.waitUntil(lambda: w._fuse_worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: "fusion" not in w.pending_work, timeout=30_000)
     qtbot.wait(300)
-    qtbot.waitUntil(lambda: w._fuse_worker is None and not w._fuse_timer.isActive(), timeout=30_000)
+    qtbot.waitUntil(lambda: "fusion" not in w.pending_work, timeout=30_000)
     assert (fused.data[z, 10:20, 10:20] == painted).all()
     assert not np.array_equal(fused.data[z], before)  # the thresholds did change the rest
     assert s.hand_edited_voxels >= 100
@@ -127,7 +150,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000
     w.island_ml.setValue(5 * voxel_ml)
     w.islands_btn.click()  # planned in a worker, previewed, then applied
-    qtbot.waitUntil(lambda: w._pending is not None, timeout=30_000)
+    qtbot.waitUntil(lambda: w.pending_change is not None, timeout=30_000)
     assert LAYER_NAMES["preview"] in viewer.layers and (fused.data[z, 40:42, 40:42] == 1).all()
     w.apply_btn.click()
     assert not viewer.layers[LAYER_NAMES["preview"]].visible
@@ -140,8 +163,8 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     w.next_uncertain_btn.click()
     # export: KiTS layout + manifest, labels on the source grid
     fused.data[max(0, z - 2) : z + 3, 30:70, 30:70] = 1  # a kidney-sized correction to fine-tune on
-    w.export_edit.setText(str(tmp_path / "corrections"))
-    case = w.export()
+    w.export_folder = tmp_path / "corrections"
+    case = _export(w, qtbot)
     import json
 
     import nibabel as nib
@@ -158,7 +181,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     assert np.array_equal(volumes.read_labels(case / "segmentation.nii.gz").array, fused.data)
     # a second export of the same scan asks; a copy on purpose never overwrites the first
     w.ask_about_export = lambda case_id: "copy"
-    case2 = w.export()
+    case2 = _export(w, qtbot)
     assert case2 != case and (case / "segmentation.nii.gz").exists()
     # fine-tune on the two exported cases, then switch to the new refine model
     import napari_kidseg.finetuning as finetuning
@@ -173,7 +196,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     finetuning.finetune_stage = small_finetune
     try:
         w.finetune_btn.click()
-        qtbot.waitUntil(lambda: w._worker is None, timeout=180_000)
+        qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
     finally:
         finetuning.finetune_stage = real_finetune
     assert "Dice" in w.finetune_label.text(), w.status.text()
@@ -182,7 +205,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     w.ask_about_edits = lambda n: "discard"
     w.use_new_btn.click()  # both models switch, and the case runs again with them
     assert "finetune-" in w.coarse_edit.text() and w.refine_edit.text().endswith("refine.safetensors")
-    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
     assert "the new models changed" in w.status.text()
     _settle(w, qtbot)
 
@@ -193,7 +216,7 @@ def test_cancel_leaves_the_viewer_as_it_was(viewer_with_case, tiny_checkpoints, 
     names = [ly.name for ly in viewer.layers]
     w.run_btn.click()
     w.cancel_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert [ly.name for ly in viewer.layers] == names
     assert "cancelled" in w.status.text()
     assert w.run_btn.isEnabled()
@@ -215,12 +238,12 @@ def test_bad_inputs_give_messages_not_crashes(make_napari_viewer, tiny_checkpoin
     bad.write_bytes(b"not a checkpoint")
     w.coarse_edit.setText(str(bad))
     w.run_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert "bad.safetensors" in w.status.text()
-    assert w._worker is None and w.session is None
-    w.coarse_edit.setText(str(tiny_checkpoints["coarse"]))
-    w.export_edit.setText("")
-    assert w.export() is None  # nothing to export yet: no crash
+    assert not w.busy and w.session is None
+    w.set_models(tiny_checkpoints["coarse"], tiny_checkpoints["refine"])
+    w.export_folder = ""
+    assert _export(w, qtbot) is None  # nothing to export yet: no crash
 
 
 def test_deleting_the_ct_layer_during_a_run_cancels_it(viewer_with_case, tiny_checkpoints, qtbot):
@@ -228,26 +251,21 @@ def test_deleting_the_ct_layer_during_a_run_cancels_it(viewer_with_case, tiny_ch
     w = _widget(viewer, tiny_checkpoints, qtbot)
     w.run_btn.click()
     viewer.layers.remove("CT")
-    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert w.session is None  # nothing was added for a CT that is gone
     assert LAYER_NAMES["fused"] not in viewer.layers
     assert w.ct_combo.count() == 0
 
 
-def test_closing_the_viewer_during_a_run_stops_it_quietly(viewer_with_case, tiny_checkpoints, qtbot):
+def test_closing_the_viewer_during_a_run_stops_it_quietly(viewer_with_case, tiny_checkpoints, qtbot, said):
     viewer, *_ = viewer_with_case
     w = CascadeWidget(viewer)
-    w.coarse_edit.setText(str(tiny_checkpoints["coarse"]))
-    w.refine_edit.setText(str(tiny_checkpoints["refine"]))
-    w.device_combo.setCurrentText("cpu")
+    w.set_models(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], "cpu")
     viewer.window.add_dock_widget(w, name="Kidney cascade")
-    said = []
-    w._notify = lambda message, error=False: said.append(message)
     w.run_btn.click()
-    worker = w._worker
-    assert worker is not None
+    assert w.busy
     viewer.close()  # destroys the docked widget while the worker runs
-    assert w._cancel.is_set() and w._closed.is_set()
+    assert w.cancel_requested and w.closed
     # the worker thread stops at the next batch; its late signals must not touch deleted Qt
     # objects (pytest-qt fails the test on any exception raised in a Qt slot)
     from qtpy.QtCore import QThreadPool
@@ -260,17 +278,15 @@ def test_closing_the_viewer_during_a_run_stops_it_quietly(viewer_with_case, tiny
     assert not any("was deleted" in m for m in said), said  # napari removing its layers is no user act
 
 
-def test_deleting_the_ct_layer_during_a_run_cancels_it_and_says_so(viewer_with_case, tiny_checkpoints, qtbot):
+def test_deleting_the_ct_layer_during_a_run_cancels_it_and_says_so(viewer_with_case, tiny_checkpoints, qtbot, said):
     viewer, *_ = viewer_with_case
     w = _widget(viewer, tiny_checkpoints, qtbot)
-    said = []
-    w._notify = lambda message, error=False: said.append(message)
     ct_name = w.ct_combo.currentText()
     w.run_btn.click()
-    assert w._worker is not None
+    assert w.busy
     viewer.layers.remove(ct_name)
-    assert w._cancel.is_set()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    assert w.cancel_requested
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert f"layer {ct_name!r} was deleted: run cancelled" in said, said
     assert w.session is None and w.run_btn.isEnabled()
 
@@ -284,13 +300,13 @@ def test_cuda_chosen_without_a_gpu_is_a_message(viewer_with_case, tiny_checkpoin
     names = [ly.name for ly in viewer.layers]
     w.device_combo.setCurrentText("cuda")
     w.run_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
     assert "no CUDA GPU is available" in w.status.text()
     assert [ly.name for ly in viewer.layers] == names and w.session is None
     assert w.run_btn.isEnabled()
     w.device_combo.setCurrentText("cpu")  # and the next run on the CPU works
     w.run_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
     assert w.session is not None and w.device_label.text() == "using cpu"
 
 
@@ -299,16 +315,16 @@ def test_a_failure_while_adding_layers_is_a_message_and_frees_run(
 ):
     viewer, *_ = viewer_with_case
     w = _widget(viewer, tiny_checkpoints, qtbot)
-    real = w._set_labels_layer
+    real = type(viewer).add_labels  # napari's viewer is a pydantic model: patched on its class
 
-    def flaky(key, data, **kw):
-        if key == "rois":
+    def flaky(self, data, **kw):
+        if kw.get("name") == LAYER_NAMES["rois"]:
             raise RuntimeError("simulated failure")
-        return real(key, data, **kw)
+        return real(self, data, **kw)
 
-    monkeypatch.setattr(w, "_set_labels_layer", flaky)
+    monkeypatch.setattr(type(viewer), "add_labels", flaky)
     w.run_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
     assert "could not show the result" in w.status.text() and "simulated failure" in w.status.text()
     assert w.run_btn.isEnabled() and not w.cancel_btn.isEnabled()
     assert w.session is None  # a half-shown result is not taken for a session
@@ -329,17 +345,8 @@ def test_the_mirror_box_reaches_the_cascade(viewer_with_case, tiny_checkpoints, 
     assert not w.mirror_check.isChecked()  # off by default
     w.mirror_check.setChecked(True)
     w.run_btn.click()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
     assert seen == [True] and w.session is not None
-
-
-class _Click:
-    """What napari passes to a mouse callback, for a click at a world position."""
-
-    type = "mouse_press"
-
-    def __init__(self, position):
-        self.position = position
 
 
 def _world(ct, zyx):
@@ -353,10 +360,10 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     _run(w, qtbot)
     s = w.session
     fused = w.fused_layer
-    # after a run the view is on the kidneys' largest slice, not where it was
-    area = (s.labels > 0).reshape(s.labels.shape[0], -1).sum(1)
-    if area.any():
-        assert viewer.dims.current_step[0] == int(np.argmax(area))
+    # after a run the view is on a kidney (see test_the_view_goes_to_a_kidney), not where it was
+    focus = kidney_focus(s.region_table())
+    if focus is not None:
+        assert viewer.dims.current_step[0] == focus[0]
     # a known state by hand: a kidney with a tumor inside it, and another region
     fused.data[:] = 0
     fused.data[10:14, 30:60, 20:50] = 1
@@ -370,17 +377,17 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     # a click on the tumor in "make kidney" mode changes the tumor only, never the whole kidney
     w.click_mode.setCurrentText("make kidney")
     fused.mode = "pan_zoom"
-    w._on_canvas_click(fused, _Click(_world(ct, (12, 44, 34))))
-    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    w.click_at(_world(ct, (12, 44, 34)))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert not (fused.data == 2).any() and (fused.data[10:14, 30:60, 20:50] == 1).all()
     # "swap" on the kidney: that region only; the other region is untouched
     w.click_mode.setCurrentText("swap kidney/tumor")
-    w._on_canvas_click(fused, _Click(_world(ct, (10, 31, 21))))
-    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    w.click_at(_world(ct, (10, 31, 21)))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert (fused.data[10:14, 30:60, 20:50] == 2).all() and (fused.data[10:12, 80:90, 80:90] == 1).all()
     # a click outside every region is a message, not a change
-    w._on_canvas_click(fused, _Click(_world(ct, (0, 0, 0))))
-    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    w.click_at(_world(ct, (0, 0, 0)))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert "click inside a region" in w.status.text()
     # undo clears the edit memory: nothing stays "hand-edited" after the tools are undone
     w.undo_btn.click()
@@ -391,28 +398,31 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     kid_only = viewer.layers["reference"]
     kid_only.data = (np.asarray(kid_only.data) > 0).astype(np.uint8)
     fused.data[fused.data == 2] = 1
-    w._update_measurements()
-    qtbot.waitUntil(lambda: w._measure_worker is None and "n/a" in w.measure_label.text(), timeout=30_000)
+    w.update_measurements()
+    qtbot.waitUntil(lambda: "measurements" not in w.pending_work and "n/a" in w.measure_label.text(), timeout=30_000)
     assert kid_only.contour == 1
     # a reference on another grid is named, not silently ignored
     viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="other grid")
     viewer.layers.remove("reference")
-    w._update_measurements()
-    qtbot.waitUntil(lambda: w._measure_worker is None and "another grid" in w.measure_label.text(), timeout=30_000)
+    w.update_measurements()
+    qtbot.waitUntil(
+        lambda: "measurements" not in w.pending_work and "another grid" in " ".join(w.measure_label.text().split()),
+        timeout=30_000,
+    )
     # Run with hand edits asks first: cancel keeps everything as it is, keep carries the edits over
     fused.data[5, 5:9, 5:9] = 2
     edited = fused.data.copy()
     w.ask_about_edits = lambda n: "cancel"
     w.run_btn.click()
-    assert w._worker is None and np.array_equal(fused.data, edited)
+    assert not w.busy and np.array_equal(fused.data, edited)
     w.ask_about_edits = lambda n: "keep"
     _run(w, qtbot)
     assert (w.fused_layer.data[5, 5:9, 5:9] == 2).all() and w.session is not s
     # export once per scan: the second export updates the case instead of copying the CT again
-    w.export_edit.setText(str(tmp_path / "corr"))
-    case = w.export()
+    w.export_folder = tmp_path / "corr"
+    case = _export(w, qtbot)
     w.ask_about_export = lambda case_id: "update"
-    assert w.export() == case and len(list((tmp_path / "corr").glob("case_*"))) == 1
+    assert _export(w, qtbot) == case and len(list((tmp_path / "corr").glob("case_*"))) == 1
     # reading aids: coronal view head up, window presets, a labels-only 3D view
     viewer.dims.order = (1, 0, 2)
     assert viewer.camera.orientation2d[0] == "up"
@@ -420,10 +430,12 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     assert viewer.camera.orientation2d[0] == "down"
     w.window_combo.setCurrentText("bone")
     assert tuple(viewer.layers["CT"].contrast_limits) == (-500.0, 1300.0)
-    w.view3d_btn.setChecked(True)
-    assert viewer.dims.ndisplay == 3 and not viewer.layers["CT"].visible
+    w.view3d_btn.setChecked(True)  # surfaces built in a worker, every labels layer hidden meanwhile
+    qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3, timeout=60_000)
+    assert not viewer.layers["CT"].visible and not fused.visible and viewer.layers["3D tumor"].visible
     w.view3d_btn.setChecked(False)
-    assert viewer.dims.ndisplay == 2 and viewer.layers["CT"].visible
+    assert viewer.dims.ndisplay == 2 and viewer.layers["CT"].visible and fused.visible
+    assert not viewer.layers["3D tumor"].visible
     _settle(w, qtbot)
 
 
@@ -450,9 +462,113 @@ def test_report_box_measures_the_corrected_labels(viewer_with_case, tiny_checkpo
     assert text.startswith("Kidney segmentation report") and "Tumor 1" in text
     w.report_panel.copy_btn.click()
     assert QApplication.clipboard().text() == text
-    written = w.report_panel.save(tmp_path)
+    w.report_panel.save(tmp_path)  # in a worker
+    qtbot.waitUntil(lambda: not w.report_panel.saving, timeout=60_000)
+    written = w.report_panel.written
     assert [p.name for p in written] == ["report.json", "report.csv", "report.png", "report.pdf"]
     before = (tmp_path / "report.json").read_bytes()
-    assert w.report_panel.save(tmp_path) is None  # a second save is refused with a message ...
+    w.report_panel.save(tmp_path)  # a second save is refused with a message ...
+    qtbot.waitUntil(lambda: not w.report_panel.saving, timeout=60_000)
+    assert w.report_panel.written is None
     assert "already exists" in w.status.text() and (tmp_path / "report.json").read_bytes() == before  # ... intact
     _settle(w, qtbot)
+
+
+def test_the_view_goes_to_a_kidney_not_to_the_largest_labelled_slice():
+    # a 500 mL false "tumor" region joined to nothing, flagged by the anatomy check, and two kidneys
+    regions = [
+        {"label": "tumor", "flagged": False, "ml": 500.0, "tumor_ml": 500.0, "voxel": (80, 1, 1)},
+        {"label": "kidney+tumor", "flagged": True, "ml": 300.0, "tumor_ml": 100.0, "voxel": (70, 2, 2)},
+        {"label": "kidney", "flagged": False, "ml": 150.0, "tumor_ml": 0.0, "voxel": (40, 3, 3)},
+        {"label": "kidney", "flagged": False, "ml": 120.0, "tumor_ml": 0.0, "voxel": (42, 4, 4)},
+    ]
+    assert kidney_focus(regions) == (40, 3, 3)
+    assert kidney_focus(regions[:2]) == (70, 2, 2)  # all kidneys flagged: the largest kidney anyway
+    assert kidney_focus(regions[:1]) == (80, 1, 1) and kidney_focus([]) is None
+
+
+def _as_napari_reads(key: str) -> str:
+    """A key string as napari dispatches it: Shift is consumed by a key that is not a letter
+    (Shift-1 arrives as 1), and a letter is upper case."""
+    *mods, base = key.split("-")
+    if len(base) == 1 and not base.isalpha():
+        mods = [m for m in mods if m != "Shift"]
+    return "-".join([*mods, base.upper()])
+
+
+def test_our_keys_never_reach_napari_labels_tools():
+    from napari.utils.shortcuts import default_shortcuts
+
+    labels_keys = {str(k) for action, keys in default_shortcuts.items() if "label" in action for k in keys}
+    assert "1" in labels_keys and "E" in labels_keys  # napari's eraser, as read
+    ours = [*WINDOW_KEYS.values(), *CLICK_MODES.values(), "Shift-V"]
+    assert not {_as_napari_reads(k) for k in ours} & labels_keys
+
+
+def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
+    """A reference loaded, a second CT opened, Dice shown: the fused layer stays selected, the results
+    are never hidden, the dock needs no horizontal scroll bar, F2 sets the window with any layer."""
+    from qtpy.QtWidgets import QGroupBox, QScrollArea
+
+    viewer, ct, ref = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    viewer.window.add_dock_widget(w, name="Kidney cascade")
+    _run(w, qtbot)
+    qtbot.waitUntil(lambda: "corrected" in w.measure_label.text(), timeout=30_000)  # Dice is shown
+    qtbot.wait(100)
+    scroll = w.findChild(QScrollArea)
+    widest = max(box.minimumSizeHint().width() for box in scroll.widget().findChildren(QGroupBox))
+    assert scroll.horizontalScrollBar().maximum() == 0
+    assert widest <= scroll.viewport().width(), f"a box {widest} px wide in a {scroll.viewport().width()} px dock"
+    assert w.measure_label.minimumSizeHint().width() < 400  # the Dice table, narrow (72 columns made 617 px)
+    # a second reference: scored, and the fused layer stays the selected one (click tools work)
+    viewer.add_labels(np.asarray(viewer.layers["reference"].data).copy(), name="second reference")
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is w.fused_layer, timeout=5_000)
+    # the window keys act whichever layer is selected
+    viewer.layers.selection.active = viewer.layers["CT"]
+    from app_model.types import KeyBinding
+
+    viewer.keymap[KeyBinding.from_str(WINDOW_KEYS["bone"])](viewer)  # bound on the viewer, not the layer
+    assert tuple(viewer.layers["CT"].contrast_limits) == (-500.0, 1300.0)
+    # a second CT over the case: refused (closed again), the results untouched ...
+    data, kwargs, _ = ct_layer_data(ct, name="another CT")
+    w.ask_about_new_ct = lambda name, n_edited: "keep"
+    viewer.add_image(data, **kwargs)
+    qtbot.waitUntil(lambda: "another CT" not in viewer.layers, timeout=5_000)
+    assert w.session is not None and w.ct_combo.currentText() == "CT"
+    # ... or made the case: this case's CT, results and references go, the new CT is selected
+    w.ask_about_new_ct = lambda name, n_edited: "replace"
+    viewer.add_image(data, **kwargs)
+    qtbot.waitUntil(lambda: w.session is None, timeout=5_000)
+    assert [ly.name for ly in viewer.layers] == ["another CT"] and w.ct_combo.currentText() == "another CT"
+    assert not w.export_btn.isEnabled()
+    _settle(w, qtbot)
+
+
+def test_time_left_comes_from_the_pace_of_the_steps_not_from_the_start():
+    pace = Pace()
+    # 100 s of loading and scoring before the first step, then one unit every 0.1 s
+    assert pace.seconds_left("fine-tune coarse", 10, 2000, now=100.0) is None  # one tick: no pace yet
+    assert pace.seconds_left("fine-tune coarse", 20, 2000, now=101.0) == pytest.approx(0.1 * 1980)
+    # a new stage starts timing afresh (its samples are prepared before its first step)
+    assert pace.seconds_left("fine-tune refine", 1000, 2000, now=200.0) is None
+    assert pace.seconds_left("fine-tune refine", 1100, 2000, now=205.0) == pytest.approx(0.05 * 900)
+
+
+def test_label_surfaces_are_closed_and_in_world_coordinates():
+    from napari_kidseg.layers import label_surfaces
+
+    labels = np.zeros((20, 30, 30), np.uint8)
+    zz, yy, xx = np.mgrid[:20, :30, :30]
+    labels[(zz - 10) ** 2 / 36 + (yy - 15) ** 2 / 64 + (xx - 12) ** 2 / 49 <= 1] = 1
+    labels[2:5, 2:5, 25:28] = 2  # apart from the kidney: each surface one closed piece
+    sp, origin = (2.0, 0.8, 0.7), (-50.0, 10.0, 3.0)
+    surfaces = label_surfaces(labels, sp, origin)
+    assert set(surfaces) == {1, 2}
+    for value, (verts, faces, values) in surfaces.items():
+        assert len(values) == len(verts) and faces.max() < len(verts)
+        edges = {tuple(sorted(e)) for f in faces for e in ((f[0], f[1]), (f[1], f[2]), (f[0], f[2]))}
+        assert len(verts) - len(edges) + len(faces) == 2  # a closed surface (Euler characteristic of a sphere)
+        idx = np.argwhere(labels == value)
+        lo, hi = origin + (idx.min(0) - 1) * np.asarray(sp), origin + (idx.max(0) + 1) * np.asarray(sp)
+        assert (verts >= lo - 1e-3).all() and (verts <= hi + 1e-3).all()

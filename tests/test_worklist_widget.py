@@ -28,9 +28,7 @@ def _widgets(make_napari_viewer, qtbot, ckpts):
     viewer = make_napari_viewer()
     cw = CascadeWidget(viewer)
     qtbot.addWidget(cw)
-    cw.coarse_edit.setText(str(ckpts["coarse"]))
-    cw.refine_edit.setText(str(ckpts["refine"]))
-    cw.device_combo.setCurrentText("cpu")
+    cw.set_models(ckpts["coarse"], ckpts["refine"], "cpu")
     wl = WorklistWidget(viewer, cascade_widget=cw)
     qtbot.addWidget(wl)
     return viewer, cw, wl
@@ -38,15 +36,15 @@ def _widgets(make_napari_viewer, qtbot, ckpts):
 
 def _shown(wl, cw, qtbot, case):
     qtbot.waitUntil(
-        lambda: wl._opening is None and cw._worker is None and wl.current is not None
+        lambda: wl._opening is None and not cw.busy and wl.current is not None
         and wl.worklist.rows[wl.current].case == case and wl.last_open_seconds is not None,
         timeout=60_000,
     )  # fmt: skip
 
 
 def _quiet(wl, cw, qtbot):
-    qtbot.waitUntil(lambda: not wl.drafting and wl._opening is None and cw._worker is None, timeout=120_000)
-    qtbot.waitUntil(lambda: cw._measure_worker is None and cw._fuse_worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: not wl.drafting and wl._opening is None and not cw.busy, timeout=120_000)
+    qtbot.waitUntil(lambda: not {"measurements", "fusion"} & cw.pending_work, timeout=30_000)
 
 
 def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
@@ -95,7 +93,7 @@ def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
     _quiet(wl2, cw2, qtbot)
     wl2.close_worklist()
     # mark reviewed: exported (KiTS layout), counted, and the next case opens
-    cw.export_edit.setText(str(tmp_path / "export"))
+    cw.export_folder = tmp_path / "export"
     case_dir = wl.mark_reviewed()
     assert np.array_equal(volumes.read_labels(case_dir / volumes.KITS_LABELS).array, edited)
     assert wl.progress.value() == 1 and wl.worklist.rows[0].status == "reviewed"
@@ -138,7 +136,7 @@ def test_new_models_mark_older_drafts_and_k_reviewed_cases_start_a_finetune(
     child = tmp_path / "finetune-1" / "refine.safetensors"
     child.parent.mkdir()
     shutil.copy(tiny_checkpoints["refine"], child)
-    cw.refine_edit.setText(str(child))
+    cw.set_models(cw.models[0], child)
     wl._refresh_table()
     assert "older models" in wl.table.item(1, 1).text() and "older models" in wl.table.item(2, 1).text()
     assert wl.redraft_older() == 2
@@ -147,9 +145,9 @@ def test_new_models_mark_older_drafts_and_k_reviewed_cases_start_a_finetune(
     assert "older models" not in wl.table.item(1, 1).text()
     # after k = 1 reviewed case the Kidney cascade widget's fine-tune starts (its own checks apply)
     started = []
-    cw.finetune = lambda: started.append(cw.export_edit.text())
+    cw.finetune = lambda: started.append(cw.export_folder)
     wl.finetune_spin.setValue(1)
-    cw.export_edit.setText(str(tmp_path / "export"))
+    cw.export_folder = tmp_path / "export"
     _quiet(wl, cw, qtbot)
     wl.mark_reviewed()
     assert started == [str(tmp_path / "export")]

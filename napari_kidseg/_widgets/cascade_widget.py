@@ -6,9 +6,12 @@ qtpy, so PyQt5 (the default) and PyQt6 both work.
 
 from __future__ import annotations
 
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
@@ -75,7 +78,93 @@ _CLICK_ACTIONS = {
     "make cyst": "cyst",
     "swap kidney/tumor": "swap",
 }
-WINDOW_KEYS = {"soft tissue": "Shift-1", "kidney": "Shift-2", "bone": "Shift-3", "lung": "Shift-4"}
+MEASURE_COLUMNS = 38  # the Review box's text is at most this wide (monospace): no horizontal scroll
+# F1-F4: napari's labels layer takes the digits (1 eraser, 2 brush, 3 polygon, 4 fill, ...) also with
+# Shift held, so Shift-1..4 switched the fused layer's tool; no napari layer or viewer uses F1-F4
+WINDOW_KEYS = {"soft tissue": "F1", "kidney": "F2", "bone": "F3", "lung": "F4"}
+
+
+def kidney_focus(regions: list[dict]):
+    """The voxel (z, y, x) to show after a run: inside the largest kidney region the anatomy check
+    did not flag (by its kidney mL, tumor left out), else the largest holding kidney, else the
+    largest region; None without labels. Not the slice with the most labels: on a real scan that
+    can be a false region (a liver cyst called tumor)."""
+    kidneys = [r for r in regions if r["label"] != "tumor"]
+    pick = [r for r in kidneys if not r["flagged"]] or kidneys or regions
+    if not pick:
+        return None
+    return tuple(max(pick, key=lambda r: r["ml"] - r.get("tumor_ml", 0.0))["voxel"])
+
+
+_heavy_imports = None  # the thread importing torch and segmentation_models_pytorch
+
+
+def _start_heavy_imports():
+    global _heavy_imports
+    if _heavy_imports is None and "segmentation_models_pytorch" not in sys.modules:
+        _heavy_imports = threading.Thread(target=_import_heavy, name="kidseg torch import", daemon=True)
+        _heavy_imports.start()
+
+
+def _import_heavy():
+    import segmentation_models_pytorch  # noqa: F401
+    import torch  # noqa: F401
+
+
+def wait_for_heavy_imports(timeout: float | None = None):
+    """Off the GUI thread (a run's worker): let the background import of torch finish first."""
+    if _heavy_imports is not None:
+        _heavy_imports.join(timeout)
+
+
+SURFACE_NAMES = {1: "3D kidney", 2: "3D tumor", 3: "3D cyst"}
+
+
+def _single_colour(colour: str):
+    from napari.utils.colormaps import Colormap
+    from vispy.color import Color
+
+    rgba = Color(colour).rgba
+    return Colormap([rgba, rgba], name=f"kidseg {colour}")
+
+
+def export_correction_with_note(folder: Path, ct, labels, kwargs: dict):
+    """Off the GUI thread: export the case (review.export_correction) and say whether a DICOM SEG
+    came with it. Returns (case folder, note)."""
+    import json
+
+    from ..review import DICOM_SEG_NAME, export_correction
+
+    case = export_correction(folder, ct, labels, **kwargs)
+    note = ""
+    src = ct.source
+    if src is not None and src.format == "dicom" and Path(src.path).is_dir():
+        seg = case / DICOM_SEG_NAME
+        if seg.exists():
+            note = f" and a DICOM SEG ({seg.name})"
+        else:
+            cases = json.loads((folder / "manifest.json").read_text())["cases"]
+            why = next((c.get("dicom_seg_note") for c in cases if c["case"] == case.name), None)
+            note = f"; no DICOM SEG: {why}"
+    return case, note
+
+
+class Pace:
+    """Time left from the measured pace of the latest progress ticks of one stage. Not from the
+    start of the job: loading the models, scoring them and preparing the samples come before the
+    first step, and counting them as steps made a 2-minute fine-tune start at "106 min left"."""
+
+    def __init__(self):
+        self._first = None  # (stage, time, done) of the stage's first tick
+
+    def seconds_left(self, stage: str, done: int, total: int, now: float) -> float | None:
+        """Seconds until ``done`` reaches ``total`` at the pace since the stage's first tick (None
+        until two ticks of the stage are in)."""
+        if self._first is None or self._first[0] != stage or done < self._first[2]:
+            self._first = (stage, now, done)
+            return None
+        _, t0, d0 = self._first
+        return (now - t0) / (done - d0) * (total - done) if done > d0 else None
 
 
 class _Relay(QObject):
@@ -87,11 +176,10 @@ class _Relay(QObject):
 class CascadeWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
-        # torch, timm and triton must be imported on the GUI thread: importing them for the first
-        # time inside a worker thread segfaults (triton's native module) once Qt is running
-        import segmentation_models_pytorch  # noqa: F401
-        import torch  # noqa: F401
-
+        # torch and the model zoo take seconds to import (4.9 s measured): in the background, so the
+        # dock appears at once; a run's worker waits for it. (Importing triton in a thread once Qt
+        # runs segfaulted; _widgets/__init__ keeps triton from loading, which the plugin never uses.)
+        _start_heavy_imports()
         self.viewer = napari_viewer
         self.session = None
         self.ct_volume = None
@@ -112,7 +200,8 @@ class CascadeWidget(QWidget):
         self._versions = []  # the model versions combo's rows
         self._models_key = None  # which models the loaded cascade holds
         self._carried_edits = None  # hand edits carried into a re-run with other models
-        self._run_started = self._finetune_started = 0.0  # for the time-left estimates
+        self._run_started = 0.0  # for the run's time
+        self._finetune_pace = Pace()
         self._restore_reviewed = set()  # reviewed slices of a result shown by show_prepared
 
         # everything in a scroll area: the widget stays usable on a laptop screen
@@ -129,7 +218,16 @@ class CascadeWidget(QWidget):
         form = QFormLayout(box)
         self.ct_combo = QComboBox()
         self.ct_combo.setToolTip("The 3D image layer to segment (a CT in HU)")
-        form.addRow("CT layer", self.ct_combo)
+        self.open_btn = QPushButton("Open...")
+        self.open_btn.setToolTip(
+            "Open a CT (file, DICOM folder or KiTS case with its reference) read in the background; "
+            "File > Open reads on the GUI thread and freezes the viewer for a second or two"
+        )
+        self.open_btn.clicked.connect(lambda: self.open_ct())
+        crow = QHBoxLayout()
+        crow.addWidget(self.ct_combo, 1)
+        crow.addWidget(self.open_btn)
+        form.addRow("CT layer", crow)
         self.coarse_edit, row = self._path_row("bundled coarse model")
         form.addRow("Coarse model", row)
         self.refine_edit, row = self._path_row("bundled refine model")
@@ -261,7 +359,7 @@ class CascadeWidget(QWidget):
             + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items())
             + "; Shift-V slice reviewed; "
             + ", ".join(f"{k} {w}" for w, k in WINDOW_KEYS.items())
-            + " window; napari's brush, eraser and fill bucket paint by hand."
+            + " window (any layer selected); napari's brush, eraser and fill bucket paint by hand."
         )
         keys.setWordWrap(True)
         lay.addWidget(keys)
@@ -417,6 +515,11 @@ class CascadeWidget(QWidget):
         self._measure_worker = None
         self._measure_again = False
         self._tool_worker = None
+        self._export_worker = None
+        self.last_export = None  # the case folder the latest export wrote
+        self._surface_worker = None
+        self._open_worker = None
+        self._hidden_for_3d = {}  # layers the 3D view hid: name -> visible before
         self.viewer.dims.events.order.connect(self._orient_view)
         self._fuse_timer = QTimer(self)
         self._fuse_timer.setSingleShot(True)
@@ -426,8 +529,145 @@ class CascadeWidget(QWidget):
         # find a closed widget instead of deleted Qt objects (the lambda holds only the Events)
         self.destroyed.connect(lambda *_, cancel=self._cancel, closed=self._closed: (closed.set(), cancel.set()))
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.inserted.connect(self._on_layer_added)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
+        closed = self._closed
+        for name, key in WINDOW_KEYS.items():  # on the viewer: whichever layer is selected
+            self.viewer.bind_key(
+                key,
+                lambda _v, name=name: None if closed.is_set() else self.window_combo.setCurrentText(name),
+                overwrite=True,
+            )
+
+    # ------------------------------------------------------------------ the public face
+    # What the worklist widget, the tests, benchmarks and scripts use; every name of the dock that
+    # starts with "_" is its own, so its boxes can move into panels without breaking them.
+    @property
+    def busy(self) -> bool:
+        """A run, a fine-tune or the showing of a result is under way (Run and a new case wait)."""
+        return self._worker is not None
+
+    @property
+    def pending_work(self) -> frozenset:
+        """What is still going on: "run" (see :attr:`busy`), "layers" (result layers still being
+        added), "fusion" (the volume following the sliders), "measurements" (the Review box), "tool"
+        (a correction tool being planned), "export", "3D" (the 3D surfaces being built) and "open"
+        (a CT being read)."""
+        work = {
+            "run": self._worker is not None,
+            "layers": bool(self._layer_steps),
+            "fusion": self._fuse_worker is not None or self._fuse_timer.isActive(),
+            "measurements": self._measure_worker is not None or self._measure_timer.isActive(),
+            "tool": self._tool_worker is not None,
+            "export": self._export_worker is not None,
+            "3D": self._surface_worker is not None,
+            "open": self._open_worker is not None,
+        }
+        return frozenset(k for k, going in work.items() if going)
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending_work
+
+    @property
+    def closed(self) -> bool:
+        """The viewer was closed (Qt destroyed this widget): late worker signals are ignored."""
+        return self._closed.is_set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def models(self) -> tuple:
+        """``(coarse, refine, device)``: the checkpoints named in the dock (None: the bundled one)
+        and the device choice, as a run (or a worklist's drafting) uses them."""
+        return (self.coarse_edit.text() or None, self.refine_edit.text() or None, self.device_combo.currentText())
+
+    def set_models(self, coarse=None, refine=None, device: str | None = None):
+        """Name the checkpoints (None: the bundled ones) and optionally the device for the next run."""
+        self.coarse_edit.setText("" if coarse is None else str(coarse))
+        self.refine_edit.setText("" if refine is None else str(refine))
+        if device is not None:
+            self.device_combo.setCurrentText(device)
+
+    @property
+    def export_folder(self) -> str:
+        """The corrections folder (exports and fine-tuned models); "" when none is chosen."""
+        return self.export_edit.text().strip()
+
+    @export_folder.setter
+    def export_folder(self, folder):
+        self.export_edit.setText(str(folder))
+        self._refresh_versions()
+
+    def open_ct(self, path=None):
+        """Read a CT (a file, a DICOM series folder, or a KiTS case folder with its reference labels)
+        in a worker and add its layers; the CT becomes the one to segment (over a shown case, it is
+        asked about first, see :meth:`ask_about_new_ct`). :attr:`pending_work` holds "open" meanwhile."""
+        from napari.qt.threading import create_worker
+
+        from .._napari_io import read_layers
+        from ..volumes import KITS_IMAGE
+
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "A CT (a DICOM series: any of its files)")
+            if not path:
+                return
+            p = Path(path)
+            if p.suffix.lower() == ".dcm" or p.name == KITS_IMAGE:  # the series, or the case with its reference
+                path = str(p.parent)
+        if self._open_worker is not None:
+            return
+        self.status.setText(f"opening {Path(path).name}...")
+
+        def done(layers):
+            self._open_worker = None
+            if self._closed.is_set():
+                return
+            if not layers:  # read_layers said why (a warning notification)
+                self._notify(f"could not open {path}", error=True)
+                return
+            had_case = self.session is not None
+            names = []
+            for data, kwargs, kind in layers:
+                names.append(getattr(self.viewer, f"add_{kind}")(data, **kwargs).name)
+            if not had_case:
+                self.select_ct(names[0])
+                self.viewer.reset_view()
+                self.status.setText(f"{names[0]} opened: press Run")
+
+        def failed(exc):
+            self._open_worker = None
+            self._on_error(exc)
+
+        self._open_worker = create_worker(read_layers, str(path), _connect={"returned": done, "errored": failed})
+
+    def select_ct(self, name: str) -> bool:
+        """Make the 3D image layer ``name`` the CT to segment (also one renamed or just added);
+        False when there is no such layer."""
+        self._refresh_layers()
+        if self.ct_combo.findText(name) < 0:
+            return False
+        self.ct_combo.setCurrentText(name)
+        return True
+
+    @property
+    def pending_change(self):
+        """The previewed change waiting for Apply or Discard (a review.Change), or None."""
+        return self._pending
+
+    def click_at(self, position, modifiers=()):
+        """What a click on the fused labels at this world position does in the chosen click mode,
+        the layer in pan/zoom mode (the canvas click without a mouse: scripts and tests)."""
+        if self.fused_layer is not None:
+            press = SimpleNamespace(type="mouse_press", position=tuple(position), modifiers=tuple(modifiers))
+            self._on_canvas_click(self.fused_layer, press)
+
+    def update_measurements(self):
+        """Bring the Review box (volumes, region table, Dice against a reference) up to date now."""
+        self._update_measurements()
 
     # ------------------------------------------------------------------ small builders
     def _path_row(self, placeholder, folder=False):
@@ -494,6 +734,85 @@ class CascadeWidget(QWidget):
                 closed, message = self._closed, f"layer {current!r} was deleted: run cancelled"
                 QTimer.singleShot(0, lambda: None if closed.is_set() else self._notify(message, error=True))
 
+    def _on_layer_added(self, event):
+        """A reference labels layer leaves the fused layer selected (click tools keep working) and
+        is scored at once; a second CT opened over a case is asked about, never left on top of the
+        results (see :meth:`ask_about_new_ct`)."""
+        from napari.layers import Image, Labels
+
+        layer = getattr(event, "value", None)
+        if self.session is None or self._closed.is_set() or layer is None or layer.name in LAYER_NAMES.values():
+            return
+        if isinstance(layer, Labels):
+            fused = self.fused_layer
+            # napari selects a new layer after its inserted event: the selection is given back after that
+            QTimer.singleShot(0, lambda: self._reselect(fused))
+            self._measure_timer.start()
+        elif isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb:
+            before = [ly for ly in self.viewer.layers if ly is not layer]
+            QTimer.singleShot(0, lambda: self._second_ct(layer, before))
+
+    def _reselect(self, layer):
+        if not self._closed.is_set() and layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.selection.active = layer
+
+    def ask_about_new_ct(self, name: str, n_edited: int) -> str:
+        """Replace or keep: asked when another CT is opened while a case is shown."""
+        edits = f" Its {n_edited} hand-edited voxel(s) go unless exported." if n_edited else ""
+        return self._ask(
+            "Another CT",
+            f"{name!r} was opened while a case is shown. Make it the case? The results of this one are closed." + edits,
+            ("keep", f"Keep this case (close {name!r})"),
+            ("replace", "Make it the case"),
+        )
+
+    def _second_ct(self, layer, before):
+        """A CT opened over a shown case (File > Open, drag and drop): the new case replaces this
+        one, or it is closed again; it never sits above the results hiding them. The worklist's
+        CT is selected as the case when it arrives, and is not asked about."""
+        from napari.layers import Labels
+
+        if self._closed.is_set() or self.session is None or layer not in self.viewer.layers:
+            return
+        if layer.name == self.ct_combo.currentText():
+            return
+        if self.busy:
+            self.viewer.layers.move(self.viewer.layers.index(layer), 0)  # below the results
+            self._notify(f"a run is going: {layer.name!r} was put below the results", error=True)
+            return
+        self.session.sync_edits()
+        if self.ask_about_new_ct(layer.name, int(self.session.hand_edited_voxels)) != "replace":
+            came_with = [ly for ly in self.viewer.layers if ly not in before]  # e.g. its reference labels
+            for ly in came_with:
+                self.viewer.layers.remove(ly)
+            self._notify(f"{layer.name!r} closed: this case stays")
+            return
+        old_ct = self.ct_combo.currentText()
+        gone = [
+            ly
+            for ly in before
+            if ly in self.viewer.layers
+            and (
+                ly.name in LAYER_NAMES.values()
+                or ly.name in SURFACE_NAMES.values()
+                or ly.name == old_ct
+                or isinstance(ly, Labels)
+            )
+        ]
+        self.view3d_btn.setChecked(False)
+        self.discard_pending()
+        self.session = self.fused_layer = self.ct_volume = self._comparison = None
+        self.reviewed_slices = set()
+        self.measurements, self._regions = None, []
+        self.measure_label.setText("")
+        self.region_table.setRowCount(0)
+        self._set_review_enabled(False)
+        for ly in gone:  # this case's CT, results and reference labels
+            self.viewer.layers.remove(ly)
+        self.select_ct(layer.name)
+        self.viewer.reset_view()
+        self._notify(f"{layer.name!r} is the case now: press Run")
+
     # ------------------------------------------------------------------ run
     def _ct_from_layer(self):
         from ..volumes import check_ct_intensities, volume_in_memory
@@ -548,6 +867,7 @@ class CascadeWidget(QWidget):
 
         def job():
             # everything slow happens here, off the GUI thread: loading, inference, first fusion
+            wait_for_heavy_imports()
             from ..cascade import Cascade
             from ..review import FusionParams, ReviewSession
 
@@ -560,7 +880,7 @@ class CascadeWidget(QWidget):
                 mirror=mirror,
             )
             session = ReviewSession(result, FusionParams(*params))
-            return cascade, session, self._comparison_layers(session)
+            return cascade, session, self._comparison_layers(session, focus=True)
 
         self._run_started = time.perf_counter()
         self._worker = create_worker(
@@ -579,7 +899,7 @@ class CascadeWidget(QWidget):
         if labels is not None and labels.shape == session.labels.shape:
             session.labels[...] = labels
             session.sync_edits()
-        return session, self._comparison_layers(session)
+        return session, self._comparison_layers(session, focus=True)
 
     def show_prepared(self, ct_volume, cascade, session, comparison, reviewed=()):
         """Show a prepared result as if this widget had run it: the same layers, review tools and
@@ -633,9 +953,9 @@ class CascadeWidget(QWidget):
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
         if stage.startswith("fine-tune"):
-            elapsed = time.perf_counter() - self._finetune_started
-            left = elapsed / max(done, 1) * (total - done)
-            self.status.setText(f"{stage}: {100 * done / max(total, 1):.0f}%, about {left / 60:.1f} min left")
+            left = self._finetune_pace.seconds_left(stage, done, total, time.perf_counter())
+            when = "timing the steps" if left is None else f"about {left / 60:.1f} min left, then scoring"
+            self.status.setText(f"{stage}: {100 * done / max(total, 1):.0f}%, {when}")
             return
         self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
 
@@ -700,11 +1020,10 @@ class CascadeWidget(QWidget):
             session.sync_edits()
             self._carried_edits = None
         result = session.result
-        z = self._largest_kidney_slice()
-        if z is not None:  # the view goes to the kidneys, not where it happened to be
-            step = list(self.viewer.dims.current_step)
-            step[0] = z
-            self.viewer.dims.current_step = tuple(step)
+        self.viewer.reset_view()  # the whole case in view (a new case may differ in size and place)
+        focus = comparison.get("focus")
+        if focus is not None:  # then a kidney, not where the view happened to be
+            self._focus_on(*focus)
         if self.ct_combo.currentText() in self.viewer.layers:
             self.viewer.layers[self.ct_combo.currentText()].contrast_limits = CT_WINDOW
         self.viewer.layers.selection.active = self.fused_layer
@@ -725,10 +1044,6 @@ class CascadeWidget(QWidget):
         self._notify(msg)
         self._update_measurements()
 
-    def _largest_kidney_slice(self):
-        area = (self.session.labels > 0).reshape(self.session.labels.shape[0], -1).sum(axis=1)
-        return int(np.argmax(area)) if area.any() else None
-
     # ------------------------------------------------------------------ layers
     def _set_labels_layer(self, key, data, **kwargs):
         from ..volumes import Volume
@@ -747,8 +1062,9 @@ class CascadeWidget(QWidget):
         return layer
 
     @staticmethod
-    def _comparison_layers(session, removed=None) -> dict:
-        """Coarse, refined, disagreement and ROI maps (computed in a worker thread)."""
+    def _comparison_layers(session, removed=None, focus=False) -> dict:
+        """Coarse, refined, disagreement and ROI maps (computed in a worker thread); with ``focus``,
+        also the voxel the view goes to after a run (see :func:`kidney_focus`)."""
         r, p = session.result, session.params
         rois = np.zeros(r.shape, np.int8)  # each ROI's refine patches, drawn as outlines
         for pt in r.patches:
@@ -766,6 +1082,7 @@ class CascadeWidget(QWidget):
             # what the refine stage alone makes of the volume (coarse outside the patches): scored
             # against a reference by the measurements, computed here once per fusion
             "refine_stage": np.where(r.patch_coverage(), refined, coarse),
+            "focus": kidney_focus(session.region_table()) if focus else None,
         }
 
     def _result_layer_steps(self, s, comparison) -> list:
@@ -899,8 +1216,6 @@ class CascadeWidget(QWidget):
         layer.events.paint.connect(self._on_edited)
         for mode, key in CLICK_MODES.items():
             layer.bind_key(key, lambda _layer, mode=mode: self.click_mode.setCurrentText(mode), overwrite=True)
-        for name, key in WINDOW_KEYS.items():
-            layer.bind_key(key, lambda _layer, name=name: self.window_combo.setCurrentText(name), overwrite=True)
         layer.bind_key("Shift-V", lambda _layer: self.mark_slice_reviewed(), overwrite=True)
 
     def _on_edited(self, event=None):
@@ -1017,16 +1332,19 @@ class CascadeWidget(QWidget):
         self.reviewed_slices.add(z)
         self.status.setText(f"slice {z} marked reviewed ({len(self.reviewed_slices)} slice(s) reviewed)")
 
-    def _goto_region(self, row, _column=None):
-        rows = self._regions
-        if not 0 <= row < len(rows):
-            return
-        z, y, x = rows[row]["voxel"]
+    def _focus_on(self, z, y, x):
+        """The slice z in view, centred on voxel (y, x)."""
         step = list(self.viewer.dims.current_step)
         step[0] = z
         self.viewer.dims.current_step = tuple(step)
         sp, origin = self.ct_volume.geometry.spacing, self.ct_volume.geometry.origin_zyx
         self.viewer.camera.center = (origin[1] + y * sp[1], origin[2] + x * sp[2])
+
+    def _goto_region(self, row, _column=None):
+        rows = self._regions
+        if not 0 <= row < len(rows):
+            return
+        self._focus_on(*rows[row]["voxel"])
         r = rows[row]
         self.status.setText(
             f"region {r['region']}: {r['label']}, {r['side']}, {r['ml']:.1f} mL, "
@@ -1039,10 +1357,65 @@ class CascadeWidget(QWidget):
             self.viewer.layers[ct].contrast_limits = WINDOW_PRESETS[name]
 
     def _toggle_3d(self, on: bool):
-        ct = self.ct_combo.currentText()
-        if ct in self.viewer.layers:
-            self.viewer.layers[ct].visible = not on  # the CT as a block would hide the labels
-        self.viewer.dims.ndisplay = 3 if on else 2
+        """3D: the fused labels as surfaces, built in a worker, with the CT and every labels layer
+        hidden (napari's own 3D labels volume froze the GUI thread 20 s on a real CT; the CT as a
+        block would hide them anyway); 2D: the layers as they were."""
+        from napari.qt.threading import create_worker
+
+        from ..layers import label_surfaces
+
+        layers = self.viewer.layers
+        if not on:
+            for name in SURFACE_NAMES.values():
+                if name in layers:
+                    layers[name].visible = False
+            for name, visible in self._hidden_for_3d.items():
+                if name in layers:
+                    layers[name].visible = visible
+            self._hidden_for_3d = {}
+            self.viewer.dims.ndisplay = 2
+            return
+        if self.session is None or self._surface_worker is not None:
+            return
+        self.session.sync_edits()
+        labels, geo = self.session.labels.copy(), self.ct_volume.geometry
+        self.status.setText("building the 3D surfaces...")
+        t0 = time.perf_counter()
+
+        def done(surfaces):
+            self._surface_worker = None
+            if self._closed.is_set() or not self.view3d_btn.isChecked():
+                return
+            from napari.layers import Labels
+
+            ct = self.ct_combo.currentText()
+            for ly in layers:
+                if (isinstance(ly, Labels) or ly.name == ct) and ly.visible:
+                    self._hidden_for_3d[ly.name] = True
+                    ly.visible = False
+            for value, name in SURFACE_NAMES.items():
+                if value not in surfaces:
+                    if name in layers:
+                        layers[name].visible = False
+                    continue
+                if name in layers:
+                    layers[name].data = surfaces[value]
+                    layers[name].visible = True
+                else:
+                    colour = LABEL_COLORS[value]
+                    self.viewer.add_surface(surfaces[value], name=name, colormap=_single_colour(colour), opacity=0.8)
+            self.viewer.dims.ndisplay = 3
+            n = sum(len(f) for _, f, _ in surfaces.values())
+            self.status.setText(f"3D: {n} triangles in {time.perf_counter() - t0:.1f} s (click 3D labels again for 2D)")
+
+        def failed(exc):
+            self._surface_worker = None
+            self.view3d_btn.setChecked(False)
+            self._on_error(exc)
+
+        self._surface_worker = create_worker(
+            label_surfaces, labels, geo.spacing, geo.origin_zyx, _connect={"returned": done, "errored": failed}
+        )
 
     def _orient_view(self, event=None):
         """Coronal and sagittal views with the head up: the vertical screen axis points up when it
@@ -1138,11 +1511,12 @@ class CascadeWidget(QWidget):
         if problem:
             lines.append(problem)
         if ref is not None:
+            # two narrow blocks (Dice, then false mL), not one wide table: the dock must not need a
+            # horizontal scroll bar once a reference is scored
             coarse, refined = comparison["coarse"], comparison["refine_stage"]
-            lines.append(
-                f"{'vs ' + ref_name[:18]:<22}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}{'false kid mL':>13}"
-                f"{'false tum mL':>13}"
-            )
+            lines.append(f"Dice vs {ref_name[: MEASURE_COLUMNS - 8]}")
+            lines.append(f"{'':<10}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
+            false_lines = [f"{'false mL':<10}{'kidney':>8}{'tumor':>8}"]
 
             def score(value, present):  # both empty: nothing to score, not a perfect 1.000
                 return f"{value:>8.3f}" if present else f"{'n/a':>8}"
@@ -1153,14 +1527,20 @@ class CascadeWidget(QWidget):
                 has_kid, has_tum = (lab > 0).any() or (ref > 0).any(), (lab == 2).any() or (ref == 2).any()
                 composite = k["kits_composite"] if has_tum else k["kidney_tumor_dice"]
                 lines.append(
-                    f"{name:<22}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"
-                    f"{score(composite, has_kid)}{f['false_kidney_ml']:>13.1f}{f['false_tumor_ml']:>13.1f}"
+                    f"{name:<10}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"
+                    f"{score(composite, has_kid)}"
                 )
+                false_lines.append(f"{name:<10}{f['false_kidney_ml']:>8.1f}{f['false_tumor_ml']:>8.1f}")
+            lines += false_lines
         verdict = s.result.verdict
         if s.params.anatomy_check and verdict is not None:
             gone = verdict.removed_ml()
             lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
         lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
+        lines = [
+            line if len(line) <= MEASURE_COLUMNS else textwrap.fill(line, MEASURE_COLUMNS, subsequent_indent="  ")
+            for line in lines
+        ]
         return "<pre>" + "\n".join(lines) + "</pre>", m, s.region_table()
 
     def _reference_layer(self):
@@ -1204,15 +1584,18 @@ class CascadeWidget(QWidget):
         return self.ct_volume, s.labels.copy(), provenance
 
     def export(self):
-        from ..review import DICOM_SEG_NAME, ScanAlreadyExported, export_correction
-
+        """Write the CT and the corrected labels into the corrections folder, in a worker (writing
+        the files took the GUI thread 2 s). The labels are taken as they are now; :attr:`last_export`
+        is the case folder once written. Asks first when the scan is there already."""
         folder = self.export_edit.text().strip()
         if self.session is None:
             self._notify("nothing to export yet: run the cascade first", error=True)
-            return None
+            return
         if not folder:
             self._notify("choose a corrections folder first", error=True)
-            return None
+            return
+        if self._export_worker is not None:
+            return
         s = self.session
         s.sync_edits()
         touched = {int(z) for z in np.flatnonzero(s.edited.reshape(s.edited.shape[0], -1).any(axis=1))}
@@ -1223,32 +1606,40 @@ class CascadeWidget(QWidget):
             "reviewed_slices": touched | self.reviewed_slices,
             "whole_case_reviewed": self.whole_case_check.isChecked(),
         }
-        try:
-            try:
-                case = export_correction(Path(folder), self.ct_volume, s.labels, **kwargs)
-            except ScanAlreadyExported as exc:
+        self.last_export = None
+        self._start_export(Path(folder), self.ct_volume, s.labels.copy(), kwargs)
+
+    def _start_export(self, folder, ct, labels, kwargs):
+        from napari.qt.threading import create_worker
+
+        from ..review import ScanAlreadyExported
+
+        self.status.setText("exporting...")
+
+        def job():
+            return export_correction_with_note(folder, ct, labels, kwargs)
+
+        def done(payload):
+            self._export_worker = None
+            self.last_export, note = payload
+            self._notify(f"exported {self.last_export}{note}")
+
+        def failed(exc):
+            self._export_worker = None
+            if self._closed.is_set():
+                return
+            if isinstance(exc, ScanAlreadyExported):
                 choice = self.ask_about_export(exc.case_id)
                 if choice == "cancel":
                     self.status.setText("export cancelled")
-                    return None
-                case = export_correction(Path(folder), self.ct_volume, s.labels, update=choice == "update", **kwargs)
-        except KidsegError as exc:
-            self._notify(str(exc), error=True)
-            return None
-        note = ""
-        src = self.ct_volume.source
-        if src is not None and src.format == "dicom" and Path(src.path).is_dir():
-            seg = case / DICOM_SEG_NAME
-            if seg.exists():
-                note = f" and a DICOM SEG ({seg.name})"
+                else:
+                    self._start_export(folder, ct, labels, {**kwargs, "update": choice == "update"})
+            elif isinstance(exc, KidsegError):
+                self._notify(str(exc), error=True)
             else:
-                import json
+                self._on_error(exc)
 
-                cases = json.loads((Path(folder) / "manifest.json").read_text())["cases"]
-                why = next((c.get("dicom_seg_note") for c in cases if c["case"] == case.name), None)
-                note = f"; no DICOM SEG: {why}"
-        self._notify(f"exported {case}{note}")
-        return case
+        self._export_worker = create_worker(job, _connect={"returned": done, "errored": failed})
 
     def ask_about_export(self, case_id: str) -> str:
         """Update, copy or cancel: asked when this scan is already in the corrections folder."""
@@ -1285,7 +1676,7 @@ class CascadeWidget(QWidget):
         self._cancel.clear()
         relay, cancel = self._relay, self._cancel
         device = self.device_combo.currentText()
-        self._finetune_started = time.perf_counter()
+        self._finetune_pace = Pace()
 
         def job():
             return finetuning.finetune_models(
@@ -1305,9 +1696,9 @@ class CascadeWidget(QWidget):
 
         def done(report):
             b, a = report["before"], report["after"]
-            where = "held-out" if report["held_out"] else "corrected (not held out)"
+            where = "held-out case(s)" if report["held_out"] else "training case(s), none held out"
             text = (
-                f"{Path(report['folder']).name}: on {len(report['scored_on'])} {where} case(s), "
+                f"{Path(report['folder']).name}: on {len(report['scored_on'])} {where}: "
                 f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
                 f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}; "
                 f"{report['seconds']['total'] / 60:.1f} min"
@@ -1355,7 +1746,8 @@ class CascadeWidget(QWidget):
         self._versions = model_versions(folder) if folder and Path(folder).is_dir() else []
         for v in self._versions:
             after = v.get("after")
-            note = f" (held-out kidney+tumor {after['kidney_tumor_dice']:.3f})" if after else ""
+            where = "held-out" if v.get("held_out") else "training cases'"
+            note = f" ({where} kidney+tumor {after['kidney_tumor_dice']:.3f})" if after else ""
             self.versions_combo.addItem(v["name"] + (" - worse than its parent" if v["worse"] else "") + note)
 
     def _pick_version(self, index: int):

@@ -32,7 +32,9 @@ class ReportPanel(QGroupBox):
         self._case = case
         self._notify = notify
         self._worker = None
+        self._save_worker = None
         self.report = None
+        self.written = None  # the files the latest save wrote
         self._inputs = None
         lay = QVBoxLayout(self)
         row = QHBoxLayout()
@@ -101,20 +103,37 @@ class ReportPanel(QGroupBox):
         QApplication.clipboard().setText(self.text.toPlainText())
         self._notify("report text copied to the clipboard", False)
 
-    def save(self, folder: str | Path | None = None) -> list[Path] | None:
+    @property
+    def saving(self) -> bool:
+        return self._save_worker is not None
+
+    def save(self, folder: str | Path | None = None):
+        """Write the report files into a folder, in a worker (the figure takes the GUI thread a
+        second); :attr:`written` lists them once written. An existing file is refused with a message."""
+        from napari.qt.threading import create_worker
+
         from ..report import write_report
 
-        if self.report is None:
-            return None
+        if self.report is None or self._save_worker is not None:
+            return
         if folder is None:
             folder = QFileDialog.getExistingDirectory(self, "Folder for the report files")
             if not folder:
-                return None
+                return
         ct, labels = self._inputs
-        try:
-            written = write_report(self.report, folder, ct=ct.array, labels=labels, spacing=ct.geometry.spacing)
-        except KidsegError as exc:
-            self._notify(str(exc), True)
-            return None
-        self._notify(f"report written to {folder}", False)
-        return written
+        report = self.report
+        self.written = None
+
+        def done(written):
+            self._save_worker = None
+            self.written = written
+            self._notify(f"report written to {folder}", False)
+
+        def failed(exc):
+            self._save_worker = None
+            self._notify(str(exc) if isinstance(exc, KidsegError) else f"report not saved: {exc!r}", True)
+
+        self._save_worker = create_worker(
+            lambda: write_report(report, folder, ct=ct.array, labels=labels, spacing=ct.geometry.spacing),
+            _connect={"returned": done, "errored": failed},
+        )

@@ -220,10 +220,7 @@ class WorklistWidget(QWidget):
         if cw is None:
             return None
         try:
-            paths = [
-                resolve_checkpoint(e.text() or None, s)
-                for e, s in ((cw.coarse_edit, "coarse"), (cw.refine_edit, "refine"))
-            ]
+            paths = [resolve_checkpoint(path, stage) for path, stage in zip(cw.models[:2], ("coarse", "refine"))]
         except KidsegError:
             return None
         return models_label(*paths)
@@ -248,7 +245,7 @@ class WorklistWidget(QWidget):
         from ..cascade import Cascade
 
         cw = self.cascade_widget
-        paths = (cw.coarse_edit.text() or None, cw.refine_edit.text() or None, cw.device_combo.currentText())
+        paths = cw.models
         with self._cascade_lock:
             c = self._cascade
             if (
@@ -367,7 +364,7 @@ class WorklistWidget(QWidget):
         wl = self.worklist
         if wl is None or not 0 <= index < len(wl.rows) or self._opening is not None:
             return
-        if self.cascade_widget._worker is not None:
+        if self.cascade_widget.busy:
             self._notify("the Kidney cascade widget is busy: wait for its run to end", error=True)
             return
         t0 = time.perf_counter()
@@ -442,8 +439,7 @@ class WorklistWidget(QWidget):
                 self.viewer.layers.remove(extra)
         else:
             self.viewer.add_image(data, **kwargs)
-        cw._refresh_layers()  # a renamed layer: the CT box lists layers by name
-        cw.ct_combo.setCurrentText(CT_LAYER_PREFIX + row.case)
+        cw.select_ct(CT_LAYER_PREFIX + row.case)  # also a renamed layer
         cw.show_prepared(ct, cascade, session, comparison, reviewed)
         self.current = wl.current = index
         self._seconds_before = row.seconds
@@ -460,7 +456,7 @@ class WorklistWidget(QWidget):
     def _watch_edits(self, t0, case):
         """After the layers are in: edits mark the case dirty; the time to the draft on screen."""
         cw = self.cascade_widget
-        if cw._worker is not None:  # layers still being added, one per event-loop turn
+        if cw.busy:  # layers still being added, one per event-loop turn
             QTimer.singleShot(20, lambda: self._watch_edits(t0, case))
             return
         self.last_open_seconds = time.perf_counter() - t0
@@ -492,7 +488,7 @@ class WorklistWidget(QWidget):
             self._start_pool()
             return
         cw = self.cascade_widget
-        models = (cw.coarse_edit.text() or None, cw.refine_edit.text() or None, cw.device_combo.currentText())
+        models = cw.models
         pool = self._pool
         self._drafting = {}
         for i in order:
@@ -589,10 +585,9 @@ class WorklistWidget(QWidget):
         wl, cw = self.worklist, self.cascade_widget
         if wl is None or self.current is None or cw.session is None:
             return None
-        folder = cw.export_edit.text().strip()
+        folder = cw.export_folder
         if not folder:
-            folder = str(wl.state_dir / "export")
-            cw.export_edit.setText(folder)
+            folder = cw.export_folder = str(wl.state_dir / "export")
         s = cw.session
         s.sync_edits()
         row = wl.rows[self.current]
@@ -615,7 +610,7 @@ class WorklistWidget(QWidget):
         self._notify(f"{row.case} reviewed and exported to {case_dir}")
         self._reviewed_since_finetune += 1
         k = self.finetune_spin.value()
-        if k and self._reviewed_since_finetune >= k and cw._worker is None:
+        if k and self._reviewed_since_finetune >= k and not cw.busy:
             self._reviewed_since_finetune = 0
             self.status.setText(f"{k} case(s) reviewed: fine-tuning the models on {folder} in the background")
             cw.finetune()  # its progress, checks and 'Use the new models' are the Kidney cascade widget's
