@@ -20,7 +20,7 @@ TRAIN="$DATA/train-m128 $DATA/train-m256 $DATA/train-m512 $DATA/anat-m128 $DATA/
 COMMON="${ORGANS---organs} --preset small --input-size 128 --context-slices 1 --epochs ${EPOCHS:-60} --steps-per-epoch ${STEPS:-100}
   --batch-size ${BATCH:-16} --lr $LR --patience ${PATIENCE:-10} --workers ${WORKERS:-0} --seed 0
   --device ${DEVICE:-auto} --max-minutes $MINUTES --val $DATA/val $DATA/anat-val ${BN_MOMENTUM:+--bn-momentum $BN_MOMENTUM}"
-for stage in coarse refine; do
+for stage in ${STAGES:-coarse refine}; do  # STAGES=coarse: one stage only (the organ ablation)
   START="--overwrite"
   [ -n "${INIT_DIR:-}" ] && START="--overwrite --init $INIT_DIR/$stage.safetensors"
   [ -n "${RESUME:-}" ] && START="--resume"

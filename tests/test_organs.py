@@ -264,3 +264,30 @@ def test_real_slice_reader_maps_zero_by_where_it_lies():
     px[8:12, 8:12] = 0  # fat inside
     hu = hu_from_8bit(px)
     assert hu[0, 0] == OUTSIDE_HU and hu[10, 10] == INSIDE_ZERO_HU and hu[5, 5] == 60
+
+
+@pytest.mark.gui
+def test_dock_offers_the_organs_as_a_hidden_context_layer(make_napari_viewer, small_case_dir, qtbot, tmp_path):
+    from test_widget import _run, _settle, _widget
+
+    from napari_kidseg import volumes
+    from napari_kidseg._widgets.cascade_widget import LAYER_NAMES
+    from napari_kidseg.layers import ct_layer_data
+    from napari_kidseg.models import build_model, model_config, save_checkpoint
+
+    ckpts = {}
+    for stage in ("coarse", "refine"):
+        cfg = model_config(stage, "tiny", input_size=64, organs=ORGANS)
+        ckpts[stage] = save_checkpoint(tmp_path / f"{stage}.safetensors", build_model(cfg), cfg)
+    viewer = make_napari_viewer()
+    ct, _ = volumes.read_kits_case(small_case_dir)
+    data, kwargs, _ = ct_layer_data(ct, name="CT")
+    viewer.add_image(data, **kwargs)
+    w = _widget(viewer, ckpts, qtbot)
+    _run(w, qtbot)
+    qtbot.waitUntil(lambda: LAYER_NAMES["fused"] in viewer.layers, timeout=60_000)
+    layer = viewer.layers[LAYER_NAMES["organs"]]
+    assert not layer.visible  # off by default
+    assert layer.data.shape == ct.array.shape and np.array_equal(layer.data, w.session.result.organs)
+    assert list(layer.features["name"]) == ["none", *ORGANS]
+    _settle(w, qtbot)
