@@ -239,13 +239,16 @@ def randomise_contrast(rng, hu: dict, probability: float, soft_tissues, fluids) 
 # the tumor's darkness against its own kidney, from the 39 real KiTS19 slices with kidney and tumor
 # (DESIGN.md): the tumor is darker by a median 60 HU in 85% of slices, with a within-tumor spread of
 # about 35 HU; clear-cell tumors enhance most and most unevenly (necrosis, cystic parts), papillary
-# tumors least and evenly, chromophobe in between. In the unenhanced phase all are near the kidney.
+# tumors least and evenly, chromophobe in between. Unenhanced, all are a little darker than the kidney.
 TUMOR_SUBTYPES = {
     # name: (share, darker than kidney in HU (contrast phases) as (low, high), texture sd in HU)
     "clear_cell": (0.65, (15, 90), (22, 40)),
     "papillary": (0.2, (70, 120), (8, 15)),
     "chromophobe": (0.15, (35, 80), (10, 20)),
 }
+
+
+MIN_TUMOR_CONTRAST_HU = 30.0
 
 
 def draw_tumor_look(rng, jitter: dict, phase: str) -> dict:
@@ -256,14 +259,17 @@ def draw_tumor_look(rng, jitter: dict, phase: str) -> dict:
     _, (lo, hi), (sd_lo, sd_hi) = TUMOR_SUBTYPES[subtype]
     kidney = 0.6 * jitter["cortex"] + 0.4 * jitter["medulla"]
     if phase == "noncontrast":
-        darker = rng.uniform(-10, 15)
+        # unenhanced, a renal tumor is iso- to slightly hypodense: a truly isodense one is drawn
+        # hypodense enough to be seen, since a label the image does not show teaches noise
+        darker = rng.uniform(25, 45)
     elif subtype == "clear_cell" and rng.random() < (0.35 if phase == "arterial" else 0.1):
-        darker = rng.uniform(-30, 10)  # a clear-cell tumor as bright as its kidney (arterial peak)
+        darker = rng.uniform(-45, 0)  # a clear-cell tumor brighter than its kidney (arterial peak)
     else:
         darker = rng.uniform(lo, hi)
-    # a drawn tumor must be visible: at least 20 HU from its kidney, however random the contrast
-    if abs(darker) < 20:
-        darker = 20.0 * (1 if darker >= 0 else -1)
+    # a drawn tumor must be visible: at least 30 HU from its kidney (twice the typical noise, and
+    # its texture on top), however random the contrast (scripts/tumor_visibility.py measures it)
+    if abs(darker) < MIN_TUMOR_CONTRAST_HU:
+        darker = MIN_TUMOR_CONTRAST_HU * (1 if darker >= 0 else -1)
     core = {"clear_cell": 0.45, "papillary": 0.1, "chromophobe": 0.15}[subtype]
     return {
         "subtype": subtype,
