@@ -379,6 +379,10 @@ def check_anatomy(
     if organs is not None:
         organ_grid = np.ascontiguousarray(np.asarray(organs)[:, ::s, ::s][crop])
         _judge_by_organs(meta & (removed == 0), organ_grid, sp, remove)
+        seen = {name for name in ("liver", "spleen") if (organ_grid == ORGAN_CODE[name]).any()}
+        if len(seen) < 2:  # a pelvis, a chest, a splenectomy: the rule had less to go on
+            missing = " or ".join(n for n in ("liver", "spleen") if n not in seen)
+            notes.append(f"the organ map finds no {missing} next to the kidneys' regions (not in view, or absent)")
 
     # 3-4. one kidney per side, of a kidney's size
     regions, n = ndimage.label(meta & (removed == 0), structure=_STRUCT_3D)

@@ -291,3 +291,51 @@ def test_dock_offers_the_organs_as_a_hidden_context_layer(make_napari_viewer, sm
     assert layer.data.shape == ct.array.shape and np.array_equal(layer.data, w.session.result.organs)
     assert list(layer.features["name"]) == ["none", *ORGANS]
     _settle(w, qtbot)
+
+
+def test_no_liver_or_spleen_in_view_is_a_note_not_a_removal():
+    from napari_kidseg.anatomy import check_anatomy
+
+    lab, organs = _two_kidneys_and_a_false_one()
+    organs[:] = 0  # a pelvis or a splenectomy and no liver: nothing for the organ rule
+    verdict = check_anatomy(lab, (2.5, 1.5, 1.5), None, organs=organs)
+    assert any("no liver or spleen" in n for n in verdict.notes)
+    assert verdict.apply(lab)[10:30, 50:70, 20:40].all()
+
+
+@pytest.mark.parametrize("variant", ["situs inversus", "splenectomy", "nephrectomy"])
+def test_unusual_anatomy_gives_output_not_an_exception(variant, tmp_path, small_case):
+    """A mirrored abdomen, no spleen, one kidney: the organ-aware cascade and its anatomy check
+    run through, and any kidney voxel removed is named by its reason."""
+    from napari_kidseg.cascade import Cascade
+    from napari_kidseg.models import build_model, model_config, save_checkpoint
+
+    ct = np.array(small_case.ct.array)
+    lab = np.array(small_case.labels)
+    organs = np.array(small_case.organs)
+    if variant == "situs inversus":
+        ct, lab, organs = ct[:, :, ::-1].copy(), lab[:, :, ::-1].copy(), organs[:, :, ::-1].copy()
+    elif variant == "splenectomy":
+        ct[organs == ORGAN_CODE["spleen"]] = -100  # fat where the spleen was
+        organs[organs == ORGAN_CODE["spleen"]] = 0
+    else:
+        x = np.argwhere(lab == 1)[:, 2]
+        one = (lab > 0) & (np.arange(lab.shape[2])[None, None, :] > np.median(x))
+        ct[one] = -100
+        lab[one] = 0
+    paths = []
+    for stage in ("coarse", "refine"):
+        cfg = model_config(stage, "tiny", input_size=64, organs=ORGANS)
+        paths.append(save_checkpoint(tmp_path / f"{stage}.safetensors", build_model(cfg), cfg))
+    result = Cascade(*paths, device="cpu").run(ct, small_case.ct.geometry.spacing)
+    assert result.fuse().shape == ct.shape  # the untrained networks' own organ map, checked
+    # the reference kidneys as the result and the reference organs as the map: the organ rule
+    # judges real anatomy and must keep it
+    from napari_kidseg.anatomy import check_anatomy
+
+    verdict = check_anatomy(lab, small_case.ct.geometry.spacing, result.spine, organs=organs)
+    kept = verdict.apply(lab)
+    assert (kept > 0).sum() >= 0.9 * (lab > 0).sum()
+    assert not any("organ map" in r.reason or "inside the" in r.reason for r in verdict.regions)
+    if variant == "splenectomy":
+        assert any("no spleen" in n for n in verdict.notes)
