@@ -13,7 +13,7 @@ made, whatever the sliders did in between. Painting done outside the session (na
 writes into ``labels``) is found as the voxels that differ from what the session showed, and
 recorded as one undoable hand edit. The edit count is the voxels the user set.
 
-Reviewed slices (marked, or looked at while editing) are frozen against the sliders: a fusion
+Reviewed slices (marked, or in view when an edit was made) are frozen against the sliders: a fusion
 changes them only when asked (``keep_reviewed = False``); ``case_reviewed`` freezes them all.
 
 Every correction tool is split in two: ``plan_*`` computes a :class:`Change` (which voxels, old
@@ -65,7 +65,6 @@ class Change:
     seen: int | None = None
     # the edit state it replaced (user-set or not, and the value), so that undo gives back exactly that
     _was: tuple | None = dataclasses.field(default=None, init=False, repr=False)
-    _marked: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def voxels(self) -> int:
@@ -99,7 +98,7 @@ class ReviewSession:
         self.labels = self.fused.copy()  # what is shown and edited (the napari layer's data)
         self.edited = np.zeros(result.shape, bool)  # voxels the user set ...
         self.edit_values = np.zeros(result.shape, np.uint8)  # ... and the label each was given
-        self.reviewed: set[int] = set()  # slices the user marked reviewed or edited while looking at them
+        self.reviewed: set[int] = set()  # slices the user marked reviewed (the widget adds to it)
         self.keep_reviewed = True  # reviewed slices keep the fusion they were reviewed on
         self.case_reviewed = False  # the whole case is reviewed: every slice is kept
         self._frozen: dict[int, np.ndarray] = {}  # slice -> the fusion it was reviewed on
@@ -151,33 +150,35 @@ class ReviewSession:
         n = self.labels.shape[0]
         want = set()
         if self.keep_reviewed:
-            want = set(range(n)) if self.case_reviewed else {int(z) for z in self.reviewed if 0 <= z < n}
+            want = set(range(n)) if self.case_reviewed else {z for z in self.reviewed_slices() if 0 <= z < n}
         for z in set(self._frozen) - want:
             del self._frozen[z]
             self.labels[z] = np.where(self.edited[z], self.edit_values[z], self.fused[z])
         for z in want - set(self._frozen):
             self._frozen[z] = self.fused[z].copy()
 
-    def _record(self, change: Change) -> None:
-        """Make the change's voxels user-set to its new labels, remembering the state it replaces."""
+    def reviewed_slices(self) -> set[int]:
+        """Slices the user looked at or edited: marked reviewed, or in view when an edit (still
+        in effect) was made; not every slice a tool happened to touch."""
+        return {int(z) for z in self.reviewed} | {c.seen for c in self._undo if c.seen is not None}
+
+    def _push(self, change: Change) -> None:
+        """Make the change's voxels user-set to its new labels (remembering the state it replaces)
+        and put it on the undo stack."""
         idx = change.idx
         change._was = (self.edited.ravel()[idx].copy(), self.edit_values.ravel()[idx].copy())
         self.edited.flat[idx] = True
         self.edit_values.flat[idx] = change.new
         self.labels.flat[idx] = change.new
-        change._marked = None
-        if change.seen is not None and int(change.seen) not in self.reviewed:
-            change._marked = int(change.seen)
-            self.reviewed.add(change._marked)
+        self._undo.append(change)
         self._update_frozen()
 
     def _revert(self, change: Change) -> None:
+        """Give the change's voxels back the edit state they had; it is off the undo stack already."""
         was_edited, was_value = change._was
         idx = change.idx
         self.edited.flat[idx] = was_edited
         self.edit_values.flat[idx] = was_value
-        if change._marked is not None:
-            self.reviewed.discard(change._marked)
         self._update_frozen()
         self.labels.flat[idx] = np.where(was_edited, was_value, self._base_at(idx))
 
@@ -192,11 +193,18 @@ class ReviewSession:
         n = int(np.count_nonzero(diff))
         if n:
             idx = np.flatnonzero(diff) + z0 * self.labels[0].size
-            change = Change("paint by hand", idx, shown[diff], self.labels[z0:z1][diff], seen=seen)
-            self._record(change)
-            self._undo.append(change)
+            self._push(Change("paint by hand", idx, shown[diff], self.labels[z0:z1][diff], seen=seen))
             self._redo.clear()
         self._update_frozen()
+        return n
+
+    def load_labels(self, labels: np.ndarray) -> int:
+        """Labels corrected earlier (a worklist's autosave, which keeps labels only): the voxels that
+        differ from this fusion become the user-set ones, not undoable. Returns their count."""
+        self.labels[...] = labels
+        n = self.sync_edits()
+        self._undo.clear()
+        self._redo.clear()
         return n
 
     @property
@@ -266,8 +274,7 @@ class ReviewSession:
             raise KidsegError(f"{change.name}: the labels changed since it was computed; run it again")
         if seen is not None:
             change.seen = int(seen)
-        self._record(change)
-        self._undo.append(change)
+        self._push(change)
         self._redo.clear()
         return change.voxels
 
@@ -287,8 +294,7 @@ class ReviewSession:
         if not self._redo:
             return None
         change = self._redo.pop()
-        self._record(change)
-        self._undo.append(change)
+        self._push(change)
         return change.name
 
     def _ml(self, n_voxels) -> float:

@@ -296,7 +296,7 @@ def test_cut_separates_a_joined_region_so_the_false_part_can_be_deleted():
     s.apply_change(ch, seen=4)
     s.apply_change(s.plan_region_edit(4, 30, 10, "delete"))
     assert not s.labels[:, 22:35].any() and (s.labels[1:8, 5:20, 5:20] == 1).all()
-    assert s.reviewed == {4}, "the slice in view is reviewed, not every slice a tool touched"
+    assert s.reviewed_slices() == {4}, "the slice in view is reviewed, not every slice a tool touched"
     # a diagonal 4-connected line leaves no 26-connected gap
     from napari_kidseg.review import _line_4connected
 
@@ -343,7 +343,7 @@ def test_reviewed_slices_stay_as_reviewed_against_the_sliders():
     assert (s.labels[1:3, 5:15, 5:15] == 1).all() and not s.labels[3].any()
     assert s.refuse_slice(2)[6, 6] == 1
     s.undo()  # the stroke: slice 1 is no longer reviewed and follows the sliders again
-    assert s.reviewed == {2} and not s.labels[1].any()
+    assert s.reviewed_slices() == {2} and not s.labels[1].any()
     s.set_keep_reviewed(False)  # asked: reviewed slices follow the sliders too
     assert not s.labels.any()
     s.set_keep_reviewed(True, case_reviewed=True)  # the whole case reviewed: every slice stays
