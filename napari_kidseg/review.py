@@ -228,7 +228,7 @@ class ReviewSession:
         """Re-fuse one slice with the current parameters, keeping its hand edits (and a reviewed
         slice as it was reviewed); returns the slice."""
         z = int(z)
-        self.sync_edits()
+        self.sync_edits(z)  # the slice only: a slider move stays fast on a 600-slice scan
         self.fused[z] = self.result.fuse(**dataclasses.asdict(self.params), z=z)
         if z not in self._frozen:
             self.labels[z] = np.where(self.edited[z], self.edit_values[z], self.fused[z])
@@ -262,6 +262,13 @@ class ReviewSession:
     def _change(self, name: str, new: np.ndarray, summary: str = "") -> Change:
         idx = np.flatnonzero(new != self.labels)
         return Change(name, idx, self.labels.ravel()[idx].copy(), new.ravel()[idx].copy(), summary)
+
+    def plan_set(self, idx, values, name: str = "set voxels") -> Change:
+        """Set voxels (flat indices) to labels as the user's, also where they hold that label now
+        (edits carried over to another result, an edit replayed)."""
+        idx = np.asarray(idx, np.int64)
+        new = np.broadcast_to(np.asarray(values, np.uint8), idx.shape).copy()
+        return Change(name, idx, self.labels.ravel()[idx].copy(), new, f"{self._ml(idx.size):.1f} mL")
 
     def apply_change(self, change: Change, seen: int | None = None) -> int:
         """Apply a planned change on the session's own undo stack; returns the voxels changed.

@@ -538,7 +538,7 @@ class CascadeWidget(QWidget):
             if choice == "keep" and self.session.labels.shape == ct.array.shape:
                 s = self.session
                 s.sync_edits()
-                keep = s.edited & (s.labels != s.fused)
+                keep = s.edited  # every voxel the user set, also where the old fusion agreed
                 self._carried_edits = (np.flatnonzero(keep), s.labels.ravel()[keep.ravel()].copy())
         self.discard_pending()
         self.ct_volume = ct
@@ -704,8 +704,8 @@ class CascadeWidget(QWidget):
         carried = self._carried_edits
         if carried is not None:  # the radiologist chose to keep the edits over the new result
             idx, values = carried
-            self.fused_layer.data_setitem(np.unravel_index(idx, session.labels.shape), values)
-            session.sync_edits()
+            session.apply_change(session.plan_set(idx, values, "edits kept from the last run"))
+            self.fused_layer.refresh()
             self._carried_edits = None
         result = session.result
         z = self._largest_kidney_slice()
@@ -1189,7 +1189,7 @@ class CascadeWidget(QWidget):
         if s.params.anatomy_check and verdict is not None:
             gone = verdict.removed_ml()
             lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
-        lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
+        lines.append(f"hand-edited voxels: {np.count_nonzero(s.edited)}")  # read only: the GUI thread records edits
         return "<pre>" + "\n".join(lines) + "</pre>", m, s.region_table()
 
     def _reference_layer(self):
@@ -1401,8 +1401,8 @@ def _painted_slices(event):
     zs = []
     for atom in getattr(event, "value", None) or ():
         key = getattr(atom, "slice_key", None)  # a masked paint atom: its bounding box
-        if key is not None and isinstance(key[0], slice):
-            zs += [key[0].start or 0, (key[0].stop or 1) - 1]
+        if key is not None and isinstance(key[0], slice) and None not in (key[0].start, key[0].stop):
+            zs += [key[0].start, key[0].stop - 1]
         elif isinstance(atom, tuple) and len(atom) == 3 and len(atom[0]) and np.size(atom[0][0]):
             zs += [int(np.min(atom[0][0])), int(np.max(atom[0][0]))]  # (indices, old, new)
         else:
