@@ -11,7 +11,7 @@ DEBS   := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-keys
           libfontconfig1 libdbus-1-3 dicom3tools
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast lint setup system-deps bench clean
+.PHONY: demo test test-fast fuzz lint setup system-deps bench clean
 
 demo: setup
 	$(BIN)/kidseg demo
@@ -23,6 +23,12 @@ test: setup lint
 # the development lane: everything but the tests marked slow (real-volume sweeps, training)
 test-fast: setup
 	xvfb-run -a -s "-screen 0 1600x1200x24" $(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
+# the review model's state machine at length (CI runs a fixed 2,000-example profile): random,
+# 20,000 examples of up to 40 steps; hypothesis prints the shortest failing sequence it finds
+fuzz: setup
+	KIDSEG_HYPOTHESIS_PROFILE=review-fuzz $(BIN)/pytest -q -p no:cacheprovider tests/test_review_stateful.py \
+	  --hypothesis-show-statistics
 
 lint: setup
 	$(BIN)/ruff check .

@@ -182,12 +182,21 @@ class RemovedRegion:
     volume_ml: float
     z_mm: tuple[float, float]  # first and last slice, mm from the array's first slice
     reason: str
+    slices: tuple[int, int] | None = None  # first and last slice index (napari's slice numbers)
 
     def describe(self) -> str:
-        return (
-            f"{self.volume_ml:.1f} mL of {self.label} ({self.side}, slices {self.z_mm[0]:.0f}-{self.z_mm[1]:.0f} mm): "
-            f"{self.reason}"
-        )
+        where = f"{self.z_mm[0]:.0f}-{self.z_mm[1]:.0f} mm"
+        if self.slices is not None:
+            where = slices_text(*self.slices, dz=None, mm=self.z_mm)
+        return f"{self.volume_ml:.1f} mL of {self.label} ({self.side}, {where}): {self.reason}"
+
+
+def slices_text(z0: int, z1: int, dz: float | None, mm: tuple[float, float] | None = None) -> str:
+    """A slice range in the words of every message: slice numbers as napari shows them, then mm
+    along the scan from its first slice (``dz``: the slice spacing, or ``mm`` given)."""
+    mm = mm if mm is not None else (z0 * dz, z1 * dz)
+    span = f"slice {z0}" if z0 == z1 else f"slices {z0}-{z1}"
+    return f"{span}, {mm[0]:.0f}-{mm[1]:.0f} mm"
 
 
 @dataclasses.dataclass
@@ -597,6 +606,7 @@ def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdi
                     round(n_vox * vox_ml, 1),
                     (float(box[0].start * sp[0]), float((box[0].stop - 1) * sp[0])),
                     reason,
+                    (int(box[0].start), int(box[0].stop - 1)),
                 )
             )
     if step > 1 and regions:

@@ -45,8 +45,8 @@ def test_hand_edits_survive_threshold_changes():
     assert s.labels[1, 6, 6] == 0  # the rest follows the new threshold
     s.apply_fusion(s.result.fuse(0.4, 0.7, 0.5))
     assert s.labels[0, 6, 6] == 0 and (s.labels[1, 0:2, 0:2] == 2).all()
-    # counted: voxels that differ from the fusion; the erased voxel agrees with it at 0.7
-    assert s.hand_edited_voxels == 4
+    # counted: the voxels the user set, the erased one too (though the fusion agrees with it at 0.7)
+    assert s.hand_edited_voxels == 5
     s.set_params(kidney_threshold=0.5)
     s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
     assert s.labels[1, 10, 10] == 0, "an erased voxel must stay erased when the fusion disagrees again"
@@ -171,11 +171,41 @@ def test_undo_leaves_no_frozen_voxels():
     s.set_params(tumor_threshold=1.0)
     s.apply_fusion(s.result.fuse(0.4, 0.5, 1.0, anatomy_check=False))
     assert not (s.labels == 2).any(), "tumor kept by a stale edit mask"
-    # the same when the labels are changed back by someone else's undo (napari's history)
+    # painting recorded from outside the session (napari's brush) is undone the same way
     s.labels[1, 5, 5] = 0
     s.sync_edits()
-    s.labels[1, 5, 5] = 1
-    assert s.hand_edited_voxels == 0
+    assert s.hand_edited_voxels == 1
+    s.undo()
+    assert s.hand_edited_voxels == 0 and s.labels[1, 5, 5] == 1
+
+
+def test_undo_after_a_slider_move_freezes_nothing():
+    """The defect (issue 25, 1): edit, move a slider (the volume is re-fused), undo: the undo wrote
+    back the old fusion's labels, which then differed from the new fusion and were frozen as hand
+    edits over every later fusion. Undo now restores the edit state, so the labels are today's
+    fusion, and the edit count is 0."""
+    meta = np.zeros((3, 20, 20), np.uint8)
+    meta[:, 5:15, 5:15] = 160  # p = 0.63: kidney at 0.5, nothing at 0.7
+    s = ReviewSession(make_result(meta), NO_CHECK)
+    for edit in (lambda: s.remove_islands(1e6), lambda: s.relabel_region(1, 6, 6)):
+        s.set_params(kidney_threshold=0.5)
+        s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
+        assert edit() == 300
+        s.set_params(kidney_threshold=0.7)
+        s.apply_fusion(s.result.fuse(0.4, 0.7, 0.5, anatomy_check=False))
+        assert s.undo()
+        fresh = s.result.fuse(0.4, 0.7, 0.5, anatomy_check=False)
+        assert np.array_equal(s.labels, fresh) and s.hand_edited_voxels == 0
+        s.set_params(kidney_threshold=0.5)  # and nothing old comes back on the next fusion either
+        s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
+        assert np.array_equal(s.labels, s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
+    # redo puts the edit back over today's fusion; a slice moved alone (refuse_slice) too
+    s.redo()
+    assert (s.labels[:, 5:15, 5:15] == 2).all() and s.hand_edited_voxels == 300
+    s.undo()
+    s.set_params(kidney_threshold=0.7)
+    s.refuse_slice(1)
+    assert not s.labels[1].any() and s.hand_edited_voxels == 0
 
 
 def test_region_click_edits_only_the_clicked_region():
@@ -231,3 +261,92 @@ def test_export_once_per_scan(tmp_path, small_case):
     assert man[0]["reviewed_slices"] == [1, 3]
     back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert not (back.array == 2).any()
+
+
+def test_delete_takes_the_clicked_labels_region_and_the_component_only_when_asked():
+    """The defect (issue 26): a click on a false tumor deleted the kidney joined to it."""
+    meta = np.zeros((4, 30, 40), np.uint8)
+    s = ReviewSession(make_result(meta, spacing=(1.0, 1.0, 1.0)), NO_CHECK)
+    s.labels[0:4, 5:25, 3:15] = 1  # a kidney
+    s.labels[0:4, 5:25, 15:25] = 2  # a false "tumor" joined to it
+    ch = s.plan_region_edit(1, 10, 20, "delete")
+    assert ch.voxels == 4 * 20 * 10 and "tumor region" in ch.summary
+    s.apply_change(ch)
+    assert (s.labels[0:4, 5:25, 3:15] == 1).all() and not (s.labels == 2).any()
+    s.undo()
+    ch = s.plan_region_edit(1, 10, 20, "delete component")  # the modifier: kidney and tumor together
+    assert ch.voxels == 4 * 20 * 22 and "kidney+tumor region" in ch.summary
+
+
+def test_cut_separates_a_joined_region_so_the_false_part_can_be_deleted():
+    """The defect (issue 26): a false region touching a kidney (a liver cyst joined through a
+    rim) took 35 eraser strokes. A line cut through a slab, then one delete click."""
+    meta = np.zeros((9, 40, 40), np.uint8)
+    s = ReviewSession(make_result(meta, spacing=(2.0, 1.0, 1.0)), NO_CHECK)
+    s.labels[1:8, 5:20, 5:20] = 1  # a kidney
+    s.labels[1:8, 22:35, 5:20] = 1  # a false region of the same label ...
+    s.labels[3:6, 19:23, 10:13] = 1  # ... joined to it by a bridge on slices 3-5
+    before = s.labels.copy()
+    short = s.plan_cut(4, (21, 11), (21, 12), slab_mm=6.0)  # too short: the bridge holds
+    assert "still joined" in short.summary
+    ch = s.plan_cut(4, (21, 2), (20, 30), slab_mm=6.0)  # slices 3-5 (6 mm centred on slice 4)
+    assert "falls into 2 parts" in ch.summary and "slices 3-5, 6-10 mm" in ch.name
+    assert set(np.unique(np.nonzero(ch.mask(s.labels.shape))[0])) == {3, 4, 5}
+    assert (s.labels == before).all(), "planning must not touch the labels"
+    s.apply_change(ch, seen=4)
+    s.apply_change(s.plan_region_edit(4, 30, 10, "delete"))
+    assert not s.labels[:, 22:35].any() and (s.labels[1:8, 5:20, 5:20] == 1).all()
+    assert s.reviewed_slices() == {4}, "the slice in view is reviewed, not every slice a tool touched"
+    # a diagonal 4-connected line leaves no 26-connected gap
+    from napari_kidseg.review import _line_4connected
+
+    ys, xs = _line_4connected((0, 0), (5, 9))
+    steps = np.abs(np.diff(ys)) + np.abs(np.diff(xs))
+    assert (steps == 1).all() and (ys[0], xs[0], ys[-1], xs[-1]) == (0, 0, 5, 9)
+
+
+def test_keep_kidneys_keeps_one_region_per_side():
+    """The defect (issue 26): a 97 mL second region on the right stayed (it lay within the
+    anatomy check's fragment distance of the kidney); its message said "slices 78-152 mm"."""
+    meta = np.zeros((10, 60, 80), np.uint8)
+    s = ReviewSession(make_result(meta, spacing=(3.0, 2.0, 2.0)), NO_CHECK)
+    s.labels[1:9, 10:40, 5:25] = 1  # right kidney (low x is the patient's right), 58 mL
+    s.labels[2:6, 42:50, 5:25] = 1  # a second region on the right, 4 mm away
+    s.labels[1:9, 10:40, 50:70] = 1  # left kidney
+    ch = s.plan_keep_kidneys()
+    assert "second region on the right side" in ch.summary and "slices 2-5, 6-15 mm" in ch.summary
+    s.apply_change(ch)
+    assert not s.labels[:, 42:50].any() and (s.labels[1:9, 10:40, 5:25] == 1).all()
+    assert (s.labels[1:9, 10:40, 50:70] == 1).all()
+
+
+def test_anatomy_messages_name_slices_and_mm_apart():
+    from napari_kidseg.anatomy import RemovedRegion
+
+    r = RemovedRegion(1, "kidney", "left", 12.0, (78.0, 152.0), "too small to be a kidney", (26, 50))
+    assert "slices 26-50, 78-152 mm" in r.describe() and "slices 78" not in r.describe()
+
+
+def test_reviewed_slices_stay_as_reviewed_against_the_sliders():
+    """The defect (issue 26): alpha and thresholds re-fused a corrected case's untouched voxels.
+    A reviewed slice keeps the fusion it was reviewed on unless asked; undoing the edit that
+    made it reviewed takes that back as well."""
+    meta = np.zeros((4, 20, 20), np.uint8)
+    meta[:, 5:15, 5:15] = 160
+    s = ReviewSession(make_result(meta), NO_CHECK)
+    s.labels[1, 0, 0] = 2
+    s.sync_edits(seen=1)  # a stroke on slice 1, in view
+    s.reviewed.add(2)  # Slice reviewed (the widget adds to the same set)
+    assert s.hand_edited_voxels == 1
+    s.set_params(kidney_threshold=0.7)
+    s.apply_fusion(s.result.fuse(0.4, 0.7, 0.5, anatomy_check=False))
+    assert (s.labels[1:3, 5:15, 5:15] == 1).all() and not s.labels[3].any()
+    assert s.refuse_slice(2)[6, 6] == 1
+    s.undo()  # the stroke: slice 1 is no longer reviewed and follows the sliders again
+    assert s.reviewed_slices() == {2} and not s.labels[1].any()
+    s.set_keep_reviewed(False)  # asked: reviewed slices follow the sliders too
+    assert not s.labels.any()
+    s.set_keep_reviewed(True, case_reviewed=True)  # the whole case reviewed: every slice stays
+    s.set_params(kidney_threshold=0.5)
+    s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
+    assert not s.labels.any() and s.hand_edited_voxels == 0

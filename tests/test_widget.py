@@ -389,11 +389,39 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     w.click_at(_world(ct, (0, 0, 0)))
     qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert "click inside a region" in w.status.text()
-    # undo clears the edit memory: nothing stays "hand-edited" after the tools are undone
+    # Shift-click in delete mode: the whole kidney+tumor region; a plain click: the clicked label's
+    w.click_mode.setCurrentText("delete region")
+    shift = _Click(_world(ct, (12, 44, 34)))
+    shift.modifiers = ("Shift",)
+    w._on_canvas_click(fused, shift)
+    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    assert not fused.data[10:14, 30:60, 20:50].any() and (fused.data[10:12, 80:90, 80:90] == 1).all()
     w.undo_btn.click()
-    w.undo_btn.click()
-    fused.data[:] = s.fused  # and painting undone by hand gives the voxels back to the fusion
-    assert s.hand_edited_voxels == 0
+    # cut (Shift-U): two clicks on the slice in view draw the line; the joined false part is then
+    # its own region, and a delete click takes it without the kidney
+    fused.data[10:14, 60:70, 30:40] = 1  # a false region joined to the kidney's lower edge
+    w.click_mode.setCurrentText("cut")
+    w.cut_slab.setValue(12.0 * ct.geometry.spacing[0])  # every slice of the join
+    w._on_canvas_click(fused, _Click(_world(ct, (12, 60, 25))))
+    assert "click where the line ends" in w.status.text()
+    w._on_canvas_click(fused, _Click(_world(ct, (12, 60, 45))))
+    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    assert "falls into 2 parts" in w.status.text()
+    w.click_mode.setCurrentText("delete region")
+    w._on_canvas_click(fused, _Click(_world(ct, (12, 65, 35))))
+    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    assert not fused.data[10:14, 61:70, 30:40].any() and (fused.data[10:14, 30:59, 20:50] == 2).all()
+    # undo is the session's history (the buttons and Ctrl-Z): every step back gives the voxels to
+    # today's fusion, so after the tools and the painting are undone nothing is "hand-edited"
+    # and nothing of an old fusion stays
+    from napari.utils.key_bindings import coerce_keybinding
+
+    fused.keymap[coerce_keybinding("Control-Z")](fused)  # the fused layer's own Ctrl-Z (before napari's)
+    assert w.status.text() == "undo: delete region"
+    for _ in range(10):
+        w.undo_btn.click()
+    assert "nothing to undo" in w.status.text()
+    assert s.hand_edited_voxels == 0 and np.array_equal(fused.data, s.fused)
     # a kidney-only reference: tumor scores are n/a, not 1.000; the reference has its own colours
     kid_only = viewer.layers["reference"]
     kid_only.data = (np.asarray(kid_only.data) > 0).astype(np.uint8)

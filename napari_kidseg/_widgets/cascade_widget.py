@@ -64,7 +64,8 @@ LAYER_NAMES = {
 # what a click on the canvas does (the fused layer selected, in pan/zoom mode), and its key
 CLICK_MODES = {
     "off": "Shift-O",
-    "delete region": "Shift-D",
+    "delete region": "Shift-D",  # the clicked label's region; Shift-click: the whole kidney+tumor region
+    "cut": "Shift-U",  # two clicks on the slice: the line that separates a region where it joins another
     "make tumor": "Shift-T",
     "make kidney": "Shift-K",
     "make cyst": "Shift-C",  # KiTS23's cyst class
@@ -203,6 +204,7 @@ class CascadeWidget(QWidget):
         self._run_started = 0.0  # for the run's time
         self._finetune_pace = Pace()
         self._restore_reviewed = set()  # reviewed slices of a result shown by show_prepared
+        self._cut_start = None  # the first click of a cut line
 
         # everything in a scroll area: the widget stays usable on a laptop screen
         root = QVBoxLayout(self)
@@ -280,6 +282,13 @@ class CascadeWidget(QWidget):
             "click a region to restore it."
         )
         form.addRow("Anatomy check", self.anatomy_check)
+        self.keep_reviewed_check = QCheckBox("sliders leave reviewed slices as they are")
+        self.keep_reviewed_check.setChecked(True)
+        self.keep_reviewed_check.setToolTip(
+            "Slices you marked reviewed or edited keep the fusion you reviewed them on ('whole case reviewed': "
+            "every slice). Uncheck to let the sliders re-fuse them too; your edits stay either way."
+        )
+        form.addRow("Reviewed slices", self.keep_reviewed_check)
         outer.addWidget(box)
 
         # ---- corrections
@@ -293,6 +302,12 @@ class CascadeWidget(QWidget):
             "pan/zoom mode). Keys: " + ", ".join(f"{k} {m}" for m, k in CLICK_MODES.items())
         )
         form.addRow("Click on canvas", self.click_mode)
+        self.cut_slab = QDoubleSpinBox()
+        self.cut_slab.setRange(0.0, 200.0)
+        self.cut_slab.setValue(10.0)
+        self.cut_slab.setSuffix(" mm")
+        self.cut_slab.setToolTip("A cut line clears the labels under it on the slices of this slab around the slice")
+        form.addRow("Cut through", self.cut_slab)
         lay.addLayout(form)
         row = QHBoxLayout()
         self.island_ml = QDoubleSpinBox()
@@ -483,6 +498,8 @@ class CascadeWidget(QWidget):
         for s in (self.alpha, self.kidney_thr, self.tumor_thr):
             s.valueChanged.connect(self._on_params_changed)
         self.anatomy_check.toggled.connect(self._on_params_changed)
+        self.keep_reviewed_check.toggled.connect(self._on_keep_reviewed)
+        self.whole_case_check.toggled.connect(self._on_keep_reviewed)
         # the controls' values are read here, on the GUI thread; the plans run in a worker
         self.islands_btn.clicked.connect(
             lambda: self.plan_tool(lambda s, ml=self.island_ml.value(): s.plan_remove_islands(ml))
@@ -850,7 +867,7 @@ class CascadeWidget(QWidget):
             if choice == "keep" and self.session.labels.shape == ct.array.shape:
                 s = self.session
                 s.sync_edits()
-                keep = s.edited & (s.labels != s.fused)
+                keep = s.edited  # every voxel the user set, also where the old fusion agreed
                 self._carried_edits = (np.flatnonzero(keep), s.labels.ravel()[keep.ravel()].copy())
         self.discard_pending()
         self.ct_volume = ct
@@ -897,8 +914,7 @@ class CascadeWidget(QWidget):
 
         session = ReviewSession(result, FusionParams(*self._params()))
         if labels is not None and labels.shape == session.labels.shape:
-            session.labels[...] = labels
-            session.sync_edits()
+            session.load_labels(labels)
         return session, self._comparison_layers(session, focus=True)
 
     def show_prepared(self, ct_volume, cascade, session, comparison, reviewed=()):
@@ -1012,12 +1028,14 @@ class CascadeWidget(QWidget):
 
     def _result_shown(self, cascade, session, comparison):
         self.cascade, self.session, self._comparison = cascade, session, comparison
-        self.reviewed_slices, self._restore_reviewed = set(self._restore_reviewed), set()
+        session.reviewed.update(self._restore_reviewed)  # the widget marks slices in the session's own set
+        self.reviewed_slices, self._restore_reviewed = session.reviewed, set()
+        self._on_keep_reviewed()
         carried = self._carried_edits
         if carried is not None:  # the radiologist chose to keep the edits over the new result
             idx, values = carried
-            self.fused_layer.data_setitem(np.unravel_index(idx, session.labels.shape), values)
-            session.sync_edits()
+            session.apply_change(session.plan_set(idx, values, "edits kept from the last run"))
+            self.fused_layer.refresh()
             self._carried_edits = None
         result = session.result
         self.viewer.reset_view()  # the whole case in view (a new case may differ in size and place)
@@ -1217,10 +1235,32 @@ class CascadeWidget(QWidget):
         for mode, key in CLICK_MODES.items():
             layer.bind_key(key, lambda _layer, mode=mode: self.click_mode.setCurrentText(mode), overwrite=True)
         layer.bind_key("Shift-V", lambda _layer: self.mark_slice_reviewed(), overwrite=True)
+        # the session's history, not napari's: napari's undo would write back old fusion labels
+        layer.bind_key("Control-Z", lambda _layer: self._history("undo"), overwrite=True)
+        layer.bind_key("Control-Shift-Z", lambda _layer: self._history("redo"), overwrite=True)
 
     def _on_edited(self, event=None):
-        self.reviewed_slices.add(self.current_slice())
+        """napari painted (brush, eraser, fill): the session records the stroke as one hand edit."""
+        if self.session is not None:
+            self.session.sync_edits(_painted_slices(event), seen=self.current_slice())
         self._measure_timer.start()
+
+    def _on_keep_reviewed(self, _=None):
+        if self.session is None:
+            return
+        self.session.set_keep_reviewed(self.keep_reviewed_check.isChecked(), self.whole_case_check.isChecked())
+        self.fused_layer.refresh()
+        self._measure_timer.start()
+
+    def _cut_click(self, z: int, y: int, x: int):
+        """Cut mode: the first click starts the line, the second (on the same slice) cuts."""
+        start, self._cut_start = self._cut_start, None
+        if start is None or start[0] != z:
+            self._cut_start = (z, y, x)
+            self.status.setText(f"cut on slice {z}: click where the line ends (across the join)")
+            return
+        slab = self.cut_slab.value()
+        self.plan_tool(lambda s: s.plan_cut(z, start[1:], (y, x), slab), apply=True)
 
     def _on_canvas_click(self, layer, event):
         """A click on the fused labels applies the chosen click mode to the region under it."""
@@ -1231,8 +1271,13 @@ class CascadeWidget(QWidget):
         z, y, x = (int(i) for i in idx)
         if mode == "restore removed":
             self.plan_tool(lambda s: s.plan_restore_removed_region(z, y, x), apply=True)
+        elif mode == "cut":
+            self._cut_click(z, y, x)
         else:
-            self.plan_tool(lambda s: s.plan_region_edit(z, y, x, _CLICK_ACTIONS[mode]), apply=True)
+            action = _CLICK_ACTIONS[mode]
+            if action == "delete" and "Shift" in getattr(event, "modifiers", ()):
+                action = "delete component"
+            self.plan_tool(lambda s: s.plan_region_edit(z, y, x, action), apply=True)
 
     def plan_tool(self, plan, apply: bool = False):
         """Compute a tool's Change in a worker (no GUI stall), then preview it, or apply it at once
@@ -1303,26 +1348,27 @@ class CascadeWidget(QWidget):
             self.viewer.layers[LAYER_NAMES["preview"]].visible = False
 
     def _apply_change(self, change):
-        """Apply a Change through napari's history, so painting and tools share one Undo."""
+        """Apply a Change on the session's history (painting is recorded there too: one Undo)."""
         s = self.session
         self.discard_pending()
         if not change.voxels:
             self.status.setText(f"{change.name}: nothing to change ({change.summary})")
             return
-        if not np.array_equal(s.labels.ravel()[change.idx], change.old):
-            self._notify(f"{change.name}: the labels changed since it was computed; run it again", error=True)
+        try:
+            s.apply_change(change, seen=self.current_slice())  # the slice in view counts as reviewed
+        except KidsegError as exc:
+            self._notify(str(exc), error=True)
             return
-        self.fused_layer.data_setitem(change.indices(s.labels.shape), change.new)
-        zs = np.unique(change.indices(s.labels.shape)[0])
-        self.reviewed_slices.update(int(z) for z in zs)
+        self.fused_layer.refresh()
         self.status.setText(f"{change.name}: {change.summary or f'{change.voxels} voxel(s) changed'}")
         self._measure_timer.start()
 
     def _history(self, which: str):
         if self.session is None:
             return
-        getattr(self.fused_layer, which)()
-        self.status.setText(f"{which} done")
+        name = getattr(self.session, which)()
+        self.fused_layer.refresh()
+        self.status.setText(f"{which}: {name}" if name else f"nothing to {which}")
         self._measure_timer.start()
 
     def mark_slice_reviewed(self):
@@ -1330,7 +1376,7 @@ class CascadeWidget(QWidget):
             return
         z = self.current_slice()
         self.reviewed_slices.add(z)
-        self.status.setText(f"slice {z} marked reviewed ({len(self.reviewed_slices)} slice(s) reviewed)")
+        self.status.setText(f"slice {z} marked reviewed ({len(self.session.reviewed_slices())} slice(s) reviewed)")
 
     def _focus_on(self, z, y, x):
         """The slice z in view, centred on voxel (y, x)."""
@@ -1536,7 +1582,7 @@ class CascadeWidget(QWidget):
         if s.params.anatomy_check and verdict is not None:
             gone = verdict.removed_ml()
             lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
-        lines.append(f"hand-edited voxels: {s.hand_edited_voxels}")
+        lines.append(f"hand-edited voxels: {np.count_nonzero(s.edited)}")  # read only: the GUI thread records edits
         lines = [
             line if len(line) <= MEASURE_COLUMNS else textwrap.fill(line, MEASURE_COLUMNS, subsequent_indent="  ")
             for line in lines
@@ -1598,12 +1644,11 @@ class CascadeWidget(QWidget):
             return
         s = self.session
         s.sync_edits()
-        touched = {int(z) for z in np.flatnonzero(s.edited.reshape(s.edited.shape[0], -1).any(axis=1))}
         kwargs = {
             "checkpoints": {"coarse": self.cascade.coarse_path, "refine": self.cascade.refine_path},
             "params": s.params,
             "hand_edited_voxels": s.hand_edited_voxels,
-            "reviewed_slices": touched | self.reviewed_slices,
+            "reviewed_slices": s.reviewed_slices(),
             "whole_case_reviewed": self.whole_case_check.isChecked(),
         }
         self.last_export = None
@@ -1758,3 +1803,17 @@ class CascadeWidget(QWidget):
         self.coarse_edit.setText("" if bundled else v["coarse"])
         self.refine_edit.setText("" if bundled else v["refine"])
         self.status.setText(f"models: {v['name']}; press Run to use them")
+
+
+def _painted_slices(event):
+    """The slices a napari paint event changed, as a (first, stop) pair (None: look everywhere)."""
+    zs = []
+    for atom in getattr(event, "value", None) or ():
+        key = getattr(atom, "slice_key", None)  # a masked paint atom: its bounding box
+        if key is not None and isinstance(key[0], slice) and None not in (key[0].start, key[0].stop):
+            zs += [key[0].start, key[0].stop - 1]
+        elif isinstance(atom, tuple) and len(atom) == 3 and len(atom[0]) and np.size(atom[0][0]):
+            zs += [int(np.min(atom[0][0])), int(np.max(atom[0][0]))]  # (indices, old, new)
+        else:
+            return None
+    return (min(zs), max(zs) + 1) if zs else None

@@ -336,7 +336,7 @@ class WorklistWidget(QWidget):
         if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
             return None
         cw.session.sync_edits()
-        return wl.rows[self.current], cw.session.labels.copy(), set(cw.reviewed_slices), self._elapsed()
+        return wl.rows[self.current], cw.session.labels.copy(), cw.session.reviewed_slices(), self._elapsed()
 
     def autosave(self):
         """Save the open case's labels and reviewed slices (atomic); a failure keeps the edits in
