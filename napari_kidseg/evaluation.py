@@ -198,18 +198,22 @@ def aggregate(rows: list[dict], keys) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 _CASE_IN_NAME = re.compile(r"case_\d{5}")
+# a case folder's labels: KiTS19/23's file, else KiTS21's majority vote of its annotators
+CASE_LABEL_FILES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
 
 
 def _label_files(folder: Path) -> dict:
-    """{key: path} of a folder's label volumes: KiTS case folders (``case_XXXXX/segmentation.nii.gz``)
+    """{key: path} of a folder's label volumes: KiTS case folders (``case_XXXXX/segmentation.nii.gz``,
+    KiTS21's ``aggregated_MAJ_seg.nii.gz``)
     and label files (``case_XXXXX.nii.gz`` or any other name), keyed by the KiTS case name where
     there is one, else by the file name without its suffix."""
     from . import volumes
 
     found = {}
     for p in sorted(folder.iterdir()):
-        if p.is_dir() and (p / volumes.KITS_LABELS).is_file():
-            key, path = p.name, p / volumes.KITS_LABELS
+        inside = [p / name for name in CASE_LABEL_FILES if p.is_dir() and (p / name).is_file()]
+        if inside:
+            key, path = p.name, inside[0]
         elif p.is_file() and volumes.volume_format(p) not in (None, "dicom"):
             key, path = _stem(p.name), p
         else:

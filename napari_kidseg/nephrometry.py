@@ -43,6 +43,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .metrics import bounding_box
+
 SINUS_RIM_MM = 3.0
 SINUS_FAT_HU = (-200.0, -30.0)
 MIN_SINUS_ML = 0.5
@@ -53,11 +55,13 @@ NOT_ASSESSABLE = "not assessable"
 
 
 def hull_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Each axial slice's convex hull of the mask (each slice cropped to its own box first)."""
     from skimage.morphology import convex_hull_image
 
     hull = np.zeros_like(mask, dtype=bool)
     for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        hull[z] = convex_hull_image(mask[z])
+        box = bounding_box(mask[z])
+        hull[z][box] = convex_hull_image(mask[z][box])
     return hull
 
 
@@ -83,27 +87,43 @@ def hilum_region(region: np.ndarray, parenchyma: np.ndarray, spacing, medial_sig
     sp = np.asarray(spacing, float)
     hull = hull_per_slice(parenchyma) if hull is None else hull
     out = np.zeros_like(region, dtype=bool)
+    min_area = HILUM_MIN_DEPTH_MM**2 / 2 / (sp[1] * sp[2])  # a notch that deep holds at least this many pixels
     for z in np.flatnonzero(parenchyma.any(axis=(1, 2))):
-        notch = hull[z] & ~region[z]
-        if not notch.any():
+        box = bounding_box(hull[z], 1)
+        h = hull[z][box]
+        notch = h & ~region[z][box]
+        if np.count_nonzero(notch) < min_area:
             continue
-        depth = ndimage.distance_transform_edt(np.pad(hull[z], 1), sampling=sp[1:])[1:-1, 1:-1]
-        edge = hull[z] & ~ndimage.binary_erosion(hull[z])
         lab, n = ndimage.label(notch)
-        if not n:
+        edge = h & ~ndimage.binary_erosion(h)
+        candidates = np.setdiff1d(np.unique(lab[edge]), [0])
+        if not len(candidates):
             continue
-        cx = np.nonzero(parenchyma[z])[1].mean()
-        idx = np.arange(1, n + 1)
-        deepest = ndimage.maximum(depth, lab, idx)
-        opens = ndimage.maximum(edge, lab, idx)
-        centre_x = ndimage.mean(np.broadcast_to(np.arange(notch.shape[1]), notch.shape), lab, idx)
-        for i, d, o, x in zip(idx, deepest, opens, centre_x):
-            if o and d >= HILUM_MIN_DEPTH_MM and (x - cx) * medial_sign > 0:
-                out[z] |= lab == i
+        depth = ndimage.distance_transform_edt(h, sampling=sp[1:])  # box has an empty margin: the hull's edge
+        cx = np.nonzero(parenchyma[z][box])[1].mean()
+        for i in candidates:
+            part = lab == i
+            if depth[part].max() >= HILUM_MIN_DEPTH_MM and (np.nonzero(part)[1].mean() - cx) * medial_sign > 0:
+                out[z][box] |= part
     lab, n = ndimage.label(out, structure=np.ones((3, 3, 3), bool))
     if n > 1:
         out = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
     return out
+
+
+def shortest_distance_mm(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """The shortest distance between two disjoint masks' voxel centres (mm): between their
+    boundary voxels, with a k-d tree (no distance transform of the whole box)."""
+    from scipy.spatial import cKDTree
+
+    sp = np.asarray(spacing, float)
+
+    def boundary_mm(mask):
+        box = bounding_box(mask, 1)  # each mask's own box: an erosion of the kidney's box costs more
+        m = mask[box]
+        return (np.argwhere(m & ~ndimage.binary_erosion(m)) + [b.start for b in box]) * sp
+
+    return float(cKDTree(boundary_mm(b)).query(boundary_mm(a))[0].min())
 
 
 def _band(lo: float, hi: float, value: float, points: tuple) -> int:
@@ -159,10 +179,30 @@ def renal_l(share_between: float, crosses_midline: bool) -> int:
     return 2 if share_between > 0.0 else 1
 
 
+def kidney_landmarks(region: np.ndarray, parenchyma: np.ndarray, spacing, *, medial_sign: int, hull=None, ct=None):
+    """What the scores need of a kidney, found once for all its tumors: its renal sinus and hilum
+    (None where the kidney is mostly replaced) and whether it is. ``medial_sign``: +1 where the
+    patient's midline lies towards +x (a right kidney), -1 for a left one; ``hull``: the
+    parenchyma's per-slice convex hull where the caller has it; ``ct`` (HU, same grid): finds the
+    sinus fat that the labels call kidney."""
+    sp = np.asarray(spacing, float)
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    n_par = int(np.count_nonzero(parenchyma))
+    replaced = n_par < MIN_PARENCHYMA_SHARE * int(np.count_nonzero(region))
+    out = {"region": region, "parenchyma": parenchyma, "sinus": None, "hilum": None, "sinus_ml": 0.0}
+    out["why_replaced"] = f"the kidney is mostly replaced (parenchyma {n_par * voxel_ml:.0f} mL)" if replaced else None
+    if replaced:
+        return out
+    hull = hull_per_slice(parenchyma) if hull is None else hull
+    out["sinus"] = sinus_region(region, parenchyma, sp, hull, ct)
+    out["sinus_ml"] = float(np.count_nonzero(out["sinus"])) * voxel_ml
+    out["hilum"] = hilum_region(region, parenchyma, sp, medial_sign, hull)
+    return out
+
+
 def score_tumor(
     tumor: np.ndarray,
-    region: np.ndarray,
-    parenchyma: np.ndarray,
+    kidney: dict,
     spacing,
     *,
     medial_sign: int,
@@ -170,33 +210,23 @@ def score_tumor(
     axial_diameter_mm: float,
     exophytic_share: float,
     ap_position: str,
-    hull: np.ndarray | None = None,
-    ct: np.ndarray | None = None,
 ) -> dict:
-    """``renal``, ``padua`` and ``c_index`` of one tumor (masks on one grid: the tumor, the
-    kidney+tumor region it belongs to, that region's parenchyma). ``medial_sign``: +1 where the
-    patient's midline lies towards +x (a right kidney), -1 for a left one. The other arguments are
-    the case report's measurements of the tumor (see :mod:`napari_kidseg.report`); ``hull``: the
-    parenchyma's per-slice convex hull where the caller has it; ``ct`` (HU, same grid): finds the
-    sinus fat that the labels call kidney."""
+    """``renal``, ``padua`` and ``c_index`` of one tumor, on the grid of its kidney's
+    :func:`kidney_landmarks` (``medial_sign`` as there). The other arguments are the case
+    report's measurements of the tumor (see :mod:`napari_kidseg.report`)."""
     sp = np.asarray(spacing, float)
-    voxel_ml = float(np.prod(sp)) / 1000.0
+    region, parenchyma, sinus, hilum = kidney["region"], kidney["parenchyma"], kidney["sinus"], kidney["hilum"]
     n_tumor = int(np.count_nonzero(tumor))
-    n_par = int(np.count_nonzero(parenchyma))
-    replaced = n_par < MIN_PARENCHYMA_SHARE * int(np.count_nonzero(region))
-    why_replaced = f"the kidney is mostly replaced (parenchyma {n_par * voxel_ml:.0f} mL)" if replaced else None
-
-    hull = hull_per_slice(parenchyma) if hull is None else hull
-    sinus = sinus_region(region, parenchyma, sp, hull, ct)
-    sinus_ml = float(np.count_nonzero(sinus)) * voxel_ml
+    why_replaced = kidney["why_replaced"]
+    replaced = why_replaced is not None
+    sinus_ml = kidney["sinus_ml"]
     dist_sinus = None
     why_sinus = why_replaced
     if not replaced:
         if sinus_ml >= MIN_SINUS_ML:
-            dist_sinus = float(ndimage.distance_transform_edt(~sinus, sampling=sp)[tumor].min())
+            dist_sinus = shortest_distance_mm(tumor, sinus, sp)
         else:
             why_sinus = f"no renal sinus found ({sinus_ml:.1f} mL)"
-    hilum = None if replaced else hilum_region(region, parenchyma, sp, medial_sign, hull)
     why_hilum = why_replaced if replaced else (None if hilum.any() else "no renal hilum found")
 
     zz, yy, xx = np.nonzero(tumor)
@@ -225,7 +255,7 @@ def score_tumor(
         parts["L"] = _part(
             renal_l(between, crosses), between, "share between the polar lines", crosses_axial_midline=crosses
         )
-        d_hilum = float(ndimage.distance_transform_edt(~hilum, sampling=sp)[tumor].min())
+        d_hilum = shortest_distance_mm(tumor, hilum, sp)
         hilar = d_hilum <= SINUS_CONTACT_MM
         polar_lines = [lo, hi]
     else:

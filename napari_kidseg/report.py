@@ -1,7 +1,8 @@
 """What leaves the tool: a case report with kidney and tumor descriptors.
 
 ``describe_case`` measures, from the labels alone (and the CT where a descriptor needs it), the
-parts of the R.E.N.A.L. nephrometry score that a segmentation can give, per kidney and per tumor.
+parts of the R.E.N.A.L. nephrometry score that a segmentation can give, per kidney and per tumor,
+and scores R.E.N.A.L., PADUA and the C-index from them (:mod:`napari_kidseg.nephrometry`).
 Every figure is computed from the segmentation and says so in the report; the methods are the
 ones written in the README ("The case report"):
 
@@ -38,7 +39,7 @@ from . import __version__
 from .errors import KidsegError
 from .fusion import KIDNEY, TUMOR
 from .metrics import bounding_box, check_label_values, farthest_pair
-from .nephrometry import SINUS_FAT_HU, hull_per_slice, score_tumor, summary
+from .nephrometry import SINUS_FAT_HU, hull_per_slice, kidney_landmarks, score_tumor, summary
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 MIN_SINUS_FAT_ML = 0.5
@@ -194,8 +195,9 @@ def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, 
     tumors = []
     tlab, nt = ndimage.label(labels == TUMOR, structure=_STRUCT_3D)
     region_boxes = ndimage.find_objects(regions)
+    kidney_cache = {}
     for j, sl in enumerate(ndimage.find_objects(tlab), 1):
-        t = _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct)
+        t = _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct, kidney_cache)
         for key in ("axial_slice", "axial_ends_yx", "centre_zyx"):  # back to the whole volume's indices
             t[key] = _shift(t[key], offset)
         if t["renal"]["polar_lines_slices"]:
@@ -224,7 +226,7 @@ def _shift(value, offset):
     return [round(float(v + o), 1) for v, o in zip(value, offset)]
 
 
-def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct) -> dict:
+def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct, kidneys) -> dict:
     # the kidney the tumor belongs to: its 26-connected kidney+tumor region, padded for context
     region_id = int(np.bincount(regions[sl][tlab[sl] == j]).argmax())
     rsl = region_boxes[region_id - 1]
@@ -258,20 +260,22 @@ def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, 
         out["polar_position"] = "upper pole" if frac > 2 / 3 else ("lower pole" if frac < 1 / 3 else "interpolar")
     else:
         out["ap_position"] = out["polar_position"] = "no parenchyma found"
-    hull = hull_per_slice(parenchyma)
+    medial_sign = 1 if out["side"] == "right" else -1  # LPS: the right kidney's midline is at +x
+    if region_id not in kidneys:  # a kidney's sinus and hilum serve all its tumors
+        ct_box = None if ct is None else np.asarray(ct)[box]
+        hull = hull_per_slice(parenchyma)
+        kidneys[region_id] = kidney_landmarks(in_region, parenchyma, sp, medial_sign=medial_sign, hull=hull, ct=ct_box)
+        kidneys[region_id]["hull"] = hull
     out.update(
         score_tumor(
             tumor,
-            in_region,
-            parenchyma,
+            kidneys[region_id],
             sp,
-            medial_sign=1 if out["side"] == "right" else -1,  # LPS: the right kidney's midline is at +x
+            medial_sign=medial_sign,
             diameter_mm=diam["diameter_mm"],
             axial_diameter_mm=diam["axial_diameter_mm"],
             exophytic_share=out["exophytic_share"],
             ap_position=out["ap_position"],
-            hull=hull,
-            ct=None if ct is None else np.asarray(ct)[box],
         )
     )
     lines = out["renal"]["polar_lines_slices"]
@@ -279,7 +283,7 @@ def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, 
         out["renal"]["polar_lines_slices"] = [int(v + origin[0]) for v in lines]
     out["sinus_fat_distance_mm"] = None
     if ct is not None:
-        fat = _sinus_fat(np.asarray(ct)[box], in_region, parenchyma, sp, hull)
+        fat = _sinus_fat(np.asarray(ct)[box], in_region, parenchyma, sp, kidneys[region_id]["hull"])
         if np.count_nonzero(fat) * float(np.prod(sp)) / 1000.0 >= MIN_SINUS_FAT_ML:
             dist = ndimage.distance_transform_edt(~fat, sampling=sp)
             out["sinus_fat_distance_mm"] = round(float(dist[tumor].min()), 1)
