@@ -196,93 +196,156 @@ def _batch_report_path(output: Path, jobs) -> Path:
 
 # --------------------------------------------------------------------------------------------- evaluate
 def _paired_volumes(pred: Path, ref: Path):
+    """(case, prediction, reference) pairs, and one line per case left without a partner."""
     from . import volumes
+    from .evaluation import pair_cases
 
     if pred.is_file() or volumes.volume_format(pred) not in (None, "dicom"):
-        return [(pred.name, pred, ref)]
+        return [(pred.name, pred, ref)], []
     if not pred.is_dir():
         raise KidsegError("no such file or folder", pred)
     if not ref.is_dir():
         raise KidsegError("is a file, but the predictions are a folder; give a folder of references", ref)
-    pairs = []
-    for case in sorted(p for p in pred.iterdir() if p.is_dir() and (p / volumes.KITS_LABELS).exists()):
-        pairs.append((case.name, case / volumes.KITS_LABELS, ref / case.name / volumes.KITS_LABELS))
-    if not pairs:
-        for f in sorted(p for p in pred.iterdir() if volumes.volume_format(p) not in (None, "dicom")):
-            pairs.append((f.name, f, ref / f.name))
-    if not pairs:
-        raise KidsegError("no predictions found (KiTS case folders or label files)", pred)
-    return pairs
+    return pair_cases(pred, ref)
+
+
+_EVAL_HEADERS = {
+    "kidney_tumor_dice": "kid+tum_dice",
+    "tumor_dice": "tumor_dice",
+    "kits_composite": "kits19",
+    "kidney_masses_dice": "kid+masses_dice",
+    "masses_dice": "masses_dice",
+    "kits21_mean_dice": "mean_dice",
+    "surface_dice_kidney_masses": "sd_kid+masses",
+    "surface_dice_masses": "sd_masses",
+    "surface_dice_tumor": "sd_tumor",
+    "mean_surface_dice": "mean_sd",
+    "hd95_kidney_masses": "hd95_kid+m_mm",
+    "hd95_masses": "hd95_mass_mm",
+    "hd95_tumor": "hd95_tum_mm",
+    "false_kidney_ml": "false_kid_mL",
+    "false_tumor_ml": "false_tum_mL",
+}
+
+
+def _score_case(name, p, r, tolerances):
+
+    from . import volumes
+    from .evaluation import TOLERANCES_MM, case_scores
+    from .fusion import CYST
+    from .metrics import bounding_box, check_label_values, false_ml, kits_scores, measurements, tumor_detection
+
+    ref = volumes.read_labels(r)
+    pred = volumes.read_labels(p, like=ref)
+    for vol, path in ((pred, p), (ref, r)):
+        check_label_values(vol.array, path, cysts=True)
+    cysts = bool((ref.array == CYST).any() or (pred.array == CYST).any())
+    tol_name = tolerances or ("kits23" if cysts else "kits21")
+    tol = TOLERANCES_MM.get(tol_name) or tuple(float(v) for v in tol_name.split(","))
+    sp = ref.geometry.spacing
+    box = bounding_box((pred.array > 0) | (ref.array > 0))  # the scores below ignore the background
+    pa, ra = (pred.array[box], ref.array[box]) if box else (pred.array, ref.array)
+    vols = measurements(pred.array, pred.geometry.spacing)["total"]  # sides need the whole grid
+    found = tumor_detection(pa, ra, sp)
+    return cysts, {
+        "case": name,
+        **kits_scores(pa, ra),
+        **case_scores(pa, ra, sp, tol),
+        "tolerances_mm": [float(t) for t in tol],
+        "kidney_ml": vols["kidney_ml"],
+        "tumor_ml": vols["tumor_ml"],
+        **false_ml(pa, ra, sp),
+        "tumors": found["tumors"],
+        "false_tumors_ml": found["false_tumors_ml"],
+    }
 
 
 def cmd_evaluate(args) -> int:
     import json
 
-    import numpy as np
+    from . import files
+    from .evaluation import SCORE_KEYS, aggregate, parse_tolerances
+    from .metrics import detection_by_size
+    from .report import rows_to_csv
 
-    from . import volumes
-    from .fusion import CYST
-    from .metrics import (
-        check_label_values,
-        detection_by_size,
-        false_ml,
-        kits21_scores,
-        kits_scores,
-        measurements,
-        tumor_detection,
-    )
-
-    rows = []
-    cysts = False  # KiTS21/23 labels (3 = cyst) anywhere: the hierarchical Dice is reported too
-    for name, p, r in _paired_volumes(Path(args.prediction), Path(args.reference)):
-        ref = volumes.read_labels(r)
-        pred = volumes.read_labels(p, like=ref)
-        for vol, path in ((pred, p), (ref, r)):
-            check_label_values(vol.array, path, cysts=True)
-        case_cysts = bool((ref.array == CYST).any() or (pred.array == CYST).any())
+    tolerances = None
+    if args.tolerances:  # checked before any case is read
+        parse_tolerances(args.tolerances)
+        tolerances = args.tolerances.strip().lower()
+        if tolerances not in ("kits21", "kits23"):
+            tolerances = ",".join(str(v) for v in parse_tolerances(tolerances))
+    if args.csv and Path(args.csv).exists() and not args.overwrite:
+        raise KidsegError("already exists; not overwriting it (use --overwrite)", args.csv)
+    pairs, problems = _paired_volumes(Path(args.prediction), Path(args.reference))
+    single = len(pairs) == 1 and not Path(args.prediction).is_dir()
+    for line in problems:
+        print(f"kidseg: {line}", file=sys.stderr)
+    rows, cysts = [], False
+    for name, p, r in pairs:
+        try:
+            case_cysts, row = _score_case(name, p, r, tolerances)
+        except KidsegError as exc:
+            if single:
+                raise
+            problems.append(str(exc))
+            print(f"kidseg: {exc}; {name} not scored", file=sys.stderr)
+            continue
         cysts |= case_cysts
-        scores = kits_scores(pred.array, ref.array)
-        scores.update(kits21_scores(pred.array, ref.array))
-        vols = measurements(pred.array, pred.geometry.spacing)["total"]
-        found = tumor_detection(pred.array, ref.array, ref.geometry.spacing)
-        rows.append(
-            {
-                "case": name,
-                **scores,
-                "kidney_ml": vols["kidney_ml"],
-                "tumor_ml": vols["tumor_ml"],
-                **false_ml(pred.array, ref.array, ref.geometry.spacing),
-                "tumors": found["tumors"],
-                "false_tumors_ml": found["false_tumors_ml"],
-            }
-        )
-    keys = ["kidney_tumor_dice", "kidney_tumor_jaccard", "tumor_dice", "tumor_jaccard", "kits_composite"]
-    if cysts:
-        keys += ["kidney_masses_dice", "masses_dice", "kits21_mean_dice"]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys + ["false_kidney_ml", "false_tumor_ml"]}
+        rows.append(row)
+    if not rows:
+        raise KidsegError("no case could be scored", args.prediction)
+    keys = list(dict.fromkeys(["kidney_tumor_dice", "tumor_dice", "kits_composite", *SCORE_KEYS]))
+    if not cysts:  # KiTS19 labels: kidney and masses is kidney+tumor, masses is tumor; no column twice
+        keys = [k for k in keys if k not in ("kidney_masses_dice", "masses_dice", "surface_dice_masses", "hd95_masses")]
+    flat = ["kidney_tumor_jaccard", "tumor_jaccard", "false_kidney_ml", "false_tumor_ml", "kidney_ml", "tumor_ml"]
+    stats = aggregate(rows, list(dict.fromkeys(keys + flat + list(SCORE_KEYS))))
+    mean = {k: v["mean"] for k, v in stats.items()}
+    median = {k: v["median"] for k, v in stats.items()}
     by_size = detection_by_size(rows)  # each row carries its case's "tumors"
+    tol_used = sorted({tuple(r["tolerances_mm"]) for r in rows})
+    if args.csv:
+        table = [{k: v for k, v in r.items() if k not in ("tumors", "false_tumors_ml", "tolerances_mm")} for r in rows]
+        for r, row in zip(rows, table):
+            row["tumors_found"] = sum(t["found"] for t in r["tumors"])
+            row["tumors"] = len(r["tumors"])
+            row["false_tumors"] = len(r["false_tumors_ml"])
+            row["tolerances_mm"] = " ".join(f"{t:.4f}" for t in r["tolerances_mm"])
+        for label, values in (("mean", mean), ("median", median)):
+            table.append({"case": label, **{k: values.get(k, "") for k in table[0] if k != "case"}})
+        with files.atomic_path(Path(args.csv), overwrite=args.overwrite) as tmp:
+            tmp.write_text(rows_to_csv([{k: ("" if v is None else v) for k, v in t.items()} for t in table]))
+        print(f"kidseg: wrote {args.csv} ({len(rows)} case(s))", file=sys.stderr)
     if args.json:
-        print(json.dumps({"cases": rows, "mean": mean, "tumor_detection_by_size": by_size}, indent=1))
-        return 0
+        out = {"cases": rows, "mean": mean, "median": median, "cases_scored": {k: v["n"] for k, v in stats.items()}}
+        out.update(tumor_detection_by_size=by_size, not_scored=problems)
+        print(json.dumps(out, indent=1))
+        return 1 if problems else 0
+    width = max(28, *(len(r["case"]) + 2 for r in rows))
     print(
-        f"{'case':<28}"
-        + "".join(f"{k.replace('kidney_tumor', 'kid+tum').replace('kidney_masses', 'kid+masses'):>22}" for k in keys)
-        + f"{'false kidney mL':>17}{'false tumor mL':>16}{'tumors found':>14}{'false tumors':>14}"
+        f"{'case':<{width}}"
+        + "".join(f"{_EVAL_HEADERS[k]:>16}" for k in keys)
+        + f"{'tumors found':>14}{'false tumors':>14}"
     )
+
+    def cell(v):
+        return f"{'n/a':>16}" if v is None else f"{v:>16.4f}"
+
     for r in rows:
         found = f"{sum(t['found'] for t in r['tumors'])}/{len(r['tumors'])}"
         false = f"{len(r['false_tumors_ml'])} ({sum(r['false_tumors_ml']):.1f} mL)"
-        print(
-            f"{r['case']:<28}"
-            + "".join(f"{r[k]:>22.4f}" for k in keys)
-            + f"{r['false_kidney_ml']:>17.1f}{r['false_tumor_ml']:>16.1f}{found:>14}{false:>14}"
-        )
+        print(f"{r['case']:<{width}}" + "".join(cell(r[k]) for k in keys) + f"{found:>14}{false:>14}")
     if len(rows) > 1:
-        print(
-            f"{'mean':<28}"
-            + "".join(f"{mean[k]:>22.4f}" for k in keys)
-            + f"{mean['false_kidney_ml']:>17.1f}{mean['false_tumor_ml']:>16.1f}"
-        )
+        for label, values in (("mean", mean), ("median", median)):
+            print(f"{label:<{width}}" + "".join(cell(values[k]) for k in keys))
+    print(
+        "\nSurface Dice at tolerances (kidney and masses, masses, tumor) "
+        + "; ".join(", ".join(f"{t:.3f}" for t in tol) + " mm" for tol in tol_used)
+        + ("" if tolerances else " (KiTS23's where cysts are labelled, else KiTS21's; --tolerances to choose)")
+        + "; HD95 n/a where one side is empty"
+    )
+    undefined = {k: len(rows) - stats[k]["n"] for k in keys if k.startswith("hd95") and stats[k]["n"] < len(rows)}
+    for k, n in undefined.items():
+        print(f"  {_EVAL_HEADERS[k]}: mean and median over {len(rows) - n} of {len(rows)} cases")
     if any(row["tumors"] for row in by_size):
         print("\ntumors by reference volume (found: at least 10% of it predicted as tumor)")
         for row in by_size:
@@ -291,7 +354,9 @@ def cmd_evaluate(args) -> int:
             )
             share = f", mean share predicted {row['mean_recall']:.2f}" if row["tumors"] else ""
             print(f"  {span:<12}{row['found']} of {row['tumors']} found{share}")
-    return 0
+    if problems:
+        print(f"\n{len(problems)} problem(s) (see above); the table holds the {len(rows)} case(s) scored")
+    return 1 if problems else 0
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -765,10 +830,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_seg)
 
-    p = sub.add_parser("evaluate", help="Dice, Jaccard and KiTS composite of predictions against references")
-    p.add_argument("prediction", help="label file or folder")
-    p.add_argument("reference", help="label file or folder")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "evaluate", help="KiTS scores of predictions against references: Dice, Surface Dice, HD95 (a case or a folder)"
+    )
+    p.add_argument("prediction", help="label file, or folder of KiTS case folders or label files (case_XXXXX.nii.gz)")
+    p.add_argument("reference", help="label file or folder (paired by KiTS case name, else by file name)")
+    p.add_argument(
+        "--tolerances",
+        help="Surface Dice tolerances: kits21, kits23 or MM,MM,MM for kidney and masses, masses, tumor "
+        "(default: kits23 where cysts are labelled, else kits21)",
+    )
+    p.add_argument("--csv", help="write one row per case, and the mean and median, to this CSV file")
+    p.add_argument("--json", action="store_true", help="print JSON: every case, the mean and the median")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("review", help="open napari with the Case worklist on a folder of cases")

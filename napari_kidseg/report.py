@@ -1,7 +1,8 @@
 """What leaves the tool: a case report with kidney and tumor descriptors.
 
 ``describe_case`` measures, from the labels alone (and the CT where a descriptor needs it), the
-parts of the R.E.N.A.L. nephrometry score that a segmentation can give, per kidney and per tumor.
+parts of the R.E.N.A.L. nephrometry score that a segmentation can give, per kidney and per tumor,
+and scores R.E.N.A.L., PADUA and the C-index from them (:mod:`napari_kidseg.nephrometry`).
 Every figure is computed from the segmentation and says so in the report; the methods are the
 ones written in the README ("The case report"):
 
@@ -38,11 +39,10 @@ from . import __version__
 from .errors import KidsegError
 from .fusion import KIDNEY, TUMOR
 from .metrics import bounding_box, check_label_values, farthest_pair
+from .nephrometry import SINUS_FAT_HU, hull_per_slice, kidney_landmarks, score_tumor, summary
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
-SINUS_FAT_HU = (-200.0, -30.0)
 MIN_SINUS_FAT_ML = 0.5
-SINUS_RIM_MM = 3.0
 AP_MARGIN_MM = 5.0
 FOURIER_MIN_KNOWN = 0.5  # share of directions the outline must be seen in to fit its shape
 SIDES = ("right", "left")
@@ -141,19 +141,13 @@ def _outline_radius(p: np.ndarray, t: np.ndarray, n_dirs: int) -> np.ndarray:
     return outline
 
 
-def _sinus_fat(ct_box: np.ndarray, region_box: np.ndarray, parenchyma_box: np.ndarray, sp) -> np.ndarray:
-    """Fat-density voxels deep inside the kidney's axial outline (the parenchyma's per-slice convex
-    hull, less its outer 3 mm, where fat in the outline's shallow dents would otherwise count),
-    not labelled."""
-    from skimage.morphology import convex_hull_image
+def _sinus_fat(ct_box: np.ndarray, region_box: np.ndarray, parenchyma_box: np.ndarray, sp, hull=None) -> np.ndarray:
+    """Fat-density voxels of the renal sinus that are not labelled (the sinus of
+    :func:`napari_kidseg.nephrometry.sinus_region`, from the labels alone)."""
+    from .nephrometry import sinus_region
 
-    hull = np.zeros_like(parenchyma_box)
-    for z in np.flatnonzero(parenchyma_box.any(axis=(1, 2))):
-        hull[z] = convex_hull_image(parenchyma_box[z])
-    rim = [0] + [max(1, int(round(SINUS_RIM_MM / s))) for s in sp[1:]]
-    deep = ndimage.binary_erosion(hull, structure=np.ones([2 * r + 1 for r in rim], bool))
     lo, hi = SINUS_FAT_HU
-    return deep & ~region_box & (ct_box >= lo) & (ct_box <= hi)
+    return sinus_region(region_box, parenchyma_box, sp, hull) & (ct_box >= lo) & (ct_box <= hi)
 
 
 def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, provenance: dict | None = None) -> dict:
@@ -201,10 +195,13 @@ def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, 
     tumors = []
     tlab, nt = ndimage.label(labels == TUMOR, structure=_STRUCT_3D)
     region_boxes = ndimage.find_objects(regions)
+    kidney_cache = {}
     for j, sl in enumerate(ndimage.find_objects(tlab), 1):
-        t = _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct)
+        t = _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct, kidney_cache)
         for key in ("axial_slice", "axial_ends_yx", "centre_zyx"):  # back to the whole volume's indices
             t[key] = _shift(t[key], offset)
+        if t["renal"]["polar_lines_slices"]:
+            t["renal"]["polar_lines_slices"] = [_shift(v, offset) for v in t["renal"]["polar_lines_slices"]]
         tumors.append(t)
     tumors.sort(key=lambda t: -t["volume_ml"])
     for k, t in enumerate(tumors, 1):
@@ -229,7 +226,7 @@ def _shift(value, offset):
     return [round(float(v + o), 1) for v, o in zip(value, offset)]
 
 
-def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct) -> dict:
+def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, sp, ct, kidneys) -> dict:
     # the kidney the tumor belongs to: its 26-connected kidney+tumor region, padded for context
     region_id = int(np.bincount(regions[sl][tlab[sl] == j]).argmax())
     rsl = region_boxes[region_id - 1]
@@ -263,9 +260,30 @@ def _describe_tumor(j, tlab, sl, labels, regions, region_boxes, side_of_region, 
         out["polar_position"] = "upper pole" if frac > 2 / 3 else ("lower pole" if frac < 1 / 3 else "interpolar")
     else:
         out["ap_position"] = out["polar_position"] = "no parenchyma found"
+    medial_sign = 1 if out["side"] == "right" else -1  # LPS: the right kidney's midline is at +x
+    if region_id not in kidneys:  # a kidney's sinus and hilum serve all its tumors
+        ct_box = None if ct is None else np.asarray(ct)[box]
+        hull = hull_per_slice(parenchyma)
+        kidneys[region_id] = kidney_landmarks(in_region, parenchyma, sp, medial_sign=medial_sign, hull=hull, ct=ct_box)
+        kidneys[region_id]["hull"] = hull
+    out.update(
+        score_tumor(
+            tumor,
+            kidneys[region_id],
+            sp,
+            medial_sign=medial_sign,
+            diameter_mm=diam["diameter_mm"],
+            axial_diameter_mm=diam["axial_diameter_mm"],
+            exophytic_share=out["exophytic_share"],
+            ap_position=out["ap_position"],
+        )
+    )
+    lines = out["renal"]["polar_lines_slices"]
+    if lines:
+        out["renal"]["polar_lines_slices"] = [int(v + origin[0]) for v in lines]
     out["sinus_fat_distance_mm"] = None
     if ct is not None:
-        fat = _sinus_fat(np.asarray(ct)[box], in_region, parenchyma, sp)
+        fat = _sinus_fat(np.asarray(ct)[box], in_region, parenchyma, sp, kidneys[region_id]["hull"])
         if np.count_nonzero(fat) * float(np.prod(sp)) / 1000.0 >= MIN_SINUS_FAT_ML:
             dist = ndimage.distance_transform_edt(~fat, sampling=sp)
             out["sinus_fat_distance_mm"] = round(float(dist[tumor].min()), 1)
@@ -296,6 +314,8 @@ def report_text(report: dict) -> str:
             f"exophytic, {t['ap_position']}, {t['polar_position']}"
             + (f", {sinus:.0f} mm from the renal sinus fat." if sinus is not None else ".")
         )
+        if "renal" in t:
+            lines.append(f"  Nephrometry of tumor {t['tumor']}: {summary(t)}.")
     if not report["tumors"]:
         lines.append("No tumor segmented.")
     lines += report.get("notes", [])
@@ -319,12 +339,20 @@ def _made_by(prov: dict) -> str:
 CSV_FIELDS = (
     "kind", "side", "tumor", "volume_ml", "parenchyma_ml", "tumor_ml", "length_mm", "diameter_mm",
     "axial_diameter_mm", "axial_slice", "exophytic_share", "ap_position", "polar_position", "sinus_fat_distance_mm",
+    "renal", "padua", "c_index",
 )  # fmt: skip
+
+
+def _scores(t: dict) -> dict:
+    """A tumor's nephrometry as three cells: the composites and the C-index."""
+    if "renal" not in t:
+        return {}
+    return {"renal": t["renal"]["score"], "padua": t["padua"]["score"], "c_index": t["c_index"]["value"]}
 
 
 def report_rows(report: dict) -> list[dict]:
     rows = [{"kind": "kidney", **k} for k in report["kidneys"]]
-    rows += [{"kind": "tumor", **t} for t in report["tumors"]]
+    rows += [{"kind": "tumor", **t, **_scores(t)} for t in report["tumors"]]
     return [{f: r.get(f, "") for f in CSV_FIELDS} for r in rows]
 
 
@@ -342,6 +370,10 @@ def summary_row(report: dict, case: str) -> dict:
         "largest_tumor_mm": max((x["diameter_mm"] for x in t), default=0.0),
         "largest_tumor_side": t[0]["side"] if t else "",
         "largest_tumor_exophytic_share": t[0]["exophytic_share"] if t else "",
+        **{
+            f"largest_tumor_{k}": v
+            for k, v in (_scores(t[0]) if t else dict.fromkeys(("renal", "padua", "c_index"), "")).items()
+        },
     }
 
 
