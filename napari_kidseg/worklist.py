@@ -101,7 +101,7 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
             except Exception:  # unreadable header: the row still lists it, reading the CT will say why
                 desc = ""
             rel = folder.relative_to(root).as_posix() or "."
-            case = rel if len(ids) == 1 else f"{rel} [{uid[-12:]}]"
+            case = rel if len(ids) == 1 else f"{rel} [{uid[-12:] or volumes.uid_text(uid)}]"
             rows.append(CaseRow(case, str(folder), "dicom", uid, f"{desc} ({len(names)} slices)".strip()))
     return rows
 
@@ -288,7 +288,12 @@ class Worklist:
     def _recover_state(self, exc: KidsegError) -> tuple[dict, str | None]:
         """A broken state.json is kept aside (never overwritten), and the state comes back from
         its last good copy; without one, from the drafts and autosaves on disk."""
-        kept = self.state_dir / f"state.json.broken-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = self.state_dir / f"state.json.broken-{stamp}"
+        n = 1
+        while kept.exists():  # an earlier broken one of the same second stays too
+            n += 1
+            kept = self.state_dir / f"state.json.broken-{stamp}-{n}"
         if self.read_only:
             kept = self.state_path
         else:
@@ -301,7 +306,7 @@ class Worklist:
             pass
         saved = {}
         for row in self.rows:
-            if self.edits_path(row).exists() or self.edits_path(row).with_suffix(".bak.npz").exists():
+            if self.edits_path(row).exists() or self.edits_backup_path(row).exists():
                 saved[row.case] = {"status": "in review"}
             elif self.draft_path(row).exists():
                 saved[row.case] = {"status": "drafted"}

@@ -155,3 +155,20 @@ def test_temporary_files_of_killed_writes_are_cleaned_at_open(folder):
         j.write_bytes(b"half")
     Worklist(folder).close()
     assert not any(j.exists() for j in junk)
+
+
+def test_a_series_without_uid_is_named_so_in_the_rows(tmp_path):
+    import shutil
+
+    from conftest import shared_path
+
+    from napari_kidseg.worklist import find_cases
+
+    both = tmp_path / "both"
+    both.mkdir()
+    for f in shared_path("realct", "totalseg-abdomen-3mm", "dicom-series").glob("*.dcm"):
+        shutil.copy(f, both / f.name)  # this series has an empty SeriesInstanceUID
+    for f in shared_path("realct", "dcmqi-liver-3slice").glob("*.dcm"):
+        shutil.copy(f, both / f"liver_{f.name}")
+    names = [r.case for r in find_cases(tmp_path)]
+    assert "both [(no SeriesInstanceUID)]" in names and len(names) == 2, names
