@@ -74,7 +74,7 @@ def _read_layers(p: Path) -> list:
     if _looks_like_labels(vol):
         vol.array = vol.array.astype(np.uint8)
         return [labels_layer_data(vol.array, vol, name=_stem(p))]
-    vol = volumes.read_ct(p)
+    vol = volumes.readable_ct(vol, p)  # the checks every CT reader makes, on the volume read above
     return [ct_layer_data(vol, name=_stem(p))]
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -206,8 +208,9 @@ class CascadeResult:
                     coarse_cyst=f.get("coarse_cyst"),
                     organs=f.get("organs"),
                 )
-        except (OSError, ValueError, KeyError) as exc:
-            raise KidsegError(f"is not a readable saved cascade result ({exc})", path) from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            # a truncated file raises any of these, depending on where it ends
+            raise KidsegError(f"is not a readable saved cascade result ({type(exc).__name__}: {exc})", path) from None
         return result, extra.get("note", {})
 
 

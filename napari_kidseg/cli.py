@@ -38,6 +38,34 @@ class _ProgressBar:
         self.bar.close()
 
 
+# --------------------------------------------------------------------------------------------- arguments
+class _OneLineParser(argparse.ArgumentParser):
+    """A mistake in the arguments is one line (and a pointer to -h), like every other mistake."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def _checked(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+_count = _checked(int, lambda v: v >= 1, "must be a whole number of 1 or more")
+_fraction = _checked(float, lambda v: 0.0 <= v <= 1.0, "must be a number from 0 to 1")
+_holdout = _checked(float, lambda v: 0.0 <= v < 1.0, "must be a fraction from 0 to below 1")
+_positive = _checked(float, lambda v: 0.0 < v < float("inf"), "must be a number above 0")
+
+
 # --------------------------------------------------------------------------------------------- phantom
 def cmd_phantom(args) -> int:
     from .phantom import write_phantom_cases
@@ -50,14 +78,10 @@ def cmd_phantom(args) -> int:
     kwargs = {"matrix": args.matrix, "max_slices": args.max_slices}
     if args.labels != "kits19":
         kwargs["labels"] = args.labels
-    if not 0.0 <= args.random_contrast <= 1.0:
-        raise KidsegError(f"--random-contrast is a probability, got {args.random_contrast}")
     if args.random_contrast:
         kwargs["random_contrast"] = args.random_contrast
     if args.slice_thickness:
         kwargs["slice_thickness"] = args.slice_thickness
-    if args.jobs < 1:
-        raise KidsegError(f"--jobs must be 1 or more, got {args.jobs}")
     if args.tumor_shapes:
         from .tumor_shapes import build_library, evaluation_cases
 
@@ -109,16 +133,26 @@ def _prediction_jobs(src: Path, out: Path):
 
     if not src.exists():
         raise KidsegError("no such file or folder", src)
-    names_a_file = volumes.volume_format(out) not in (None, "dicom") and not out.is_dir()
+    out_format = None if out.is_dir() else volumes.volume_format(out)
+    if out_format == "dicom" or (out_format is None and (out.is_file() or out.suffix)):
+        raise KidsegError(
+            "cannot write labels there (name a .nii.gz, .nii, .nrrd, .mha or .mhd file, or a folder; "
+            "a DICOM SEG is written by kidseg export-seg)",
+            out,
+        )
+    names_a_file = out_format is not None
     if (src / volumes.KITS_IMAGE).exists():  # one KiTS case
         return [(src / volumes.KITS_IMAGE, out if names_a_file else out / src.name / volumes.KITS_LABELS)]
     if src.is_dir():
         cases = volumes.kits_cases(src)
         if cases:
             return [(c / volumes.KITS_IMAGE, out / c.name / volumes.KITS_LABELS) for c in cases]
-        files = sorted(p for p in src.iterdir() if p.is_file() and volumes.volume_format(p) not in (None, "dicom"))
+        inside = [p for p in sorted(src.iterdir()) if p.is_file()]
+        # label files beside the CTs (a reference, a mask) are not inputs, as in the worklist
+        files = [p for p in inside if volumes.volume_format(p) not in (None, "dicom") and not volumes.is_label_file(p)]
+        series = [(src, out / out_name(src))] if any(volumes.volume_format(p) == "dicom" for p in inside) else []
         if files:
-            return [(f, out / out_name(f)) for f in files]
+            return [(f, out / out_name(f)) for f in files] + series
     return [(src, out if names_a_file else out / out_name(src))]  # one volume file, or a DICOM series
 
 
@@ -128,7 +162,10 @@ def cmd_predict(args) -> int:
 
     jobs = _prediction_jobs(Path(args.input), Path(args.output))
     report_csv = _batch_report_path(Path(args.output), jobs) if args.report else None
+    inputs = {s.resolve() for s, _ in jobs}
     for target in [t for _, t in jobs] + ([report_csv] if report_csv else []):
+        if target.resolve() in inputs:
+            raise KidsegError("is an input CT; the labels must go elsewhere (even with --overwrite)", target)
         if target.exists() and not args.overwrite:
             raise KidsegError("already exists; not overwriting it (use --overwrite)", target)
     report_rows = []
@@ -150,6 +187,7 @@ def cmd_predict(args) -> int:
         )
         target.parent.mkdir(parents=True, exist_ok=True)
         volumes.write_labels(target, labels, ct, overwrite=args.overwrite)
+        _WRITTEN.append(target)
         if args.save_probabilities:
             result.save_probabilities(
                 target.parent / (target.name.split(".")[0] + "_probabilities.npz"), overwrite=args.overwrite
@@ -497,10 +535,10 @@ def _add_train_parser(sub):
     p.add_argument("--stage", choices=["coarse", "refine"], required=True)
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--val", nargs="+", help="validation folder(s); default: hold out --val-fraction of the cases")
-    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--val-fraction", type=_holdout, default=0.15)
     p.add_argument(
         "--val-samples",
-        type=int,
+        type=_checked(int, lambda v: v >= 0, "must be 0 or more"),
         default=1024,
         help="validation scores every slice (coarse) or patch (refine) of the validation cases, "
         "or this many spread evenly over them (default 1024)",
@@ -525,22 +563,24 @@ def _add_train_parser(sub):
         "from each case's organs.nii.gz, as classes of their own; with --init, a network without them gains them",
     )
     p.add_argument("--input-size", type=int, default=None, help="coarse slice size / refine patch size (px)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--steps-per-epoch", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better val Dice")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=_count, default=30)
+    p.add_argument("--steps-per-epoch", type=_count, default=200)
+    p.add_argument("--batch-size", type=_count, default=16)
+    p.add_argument("--lr", type=_positive, default=1e-4)
+    p.add_argument("--patience", type=_count, default=6, help="early stopping: epochs without a better val Dice")
+    p.add_argument("--workers", type=_checked(int, lambda v: v >= 0, "must be 0 or more"), default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--max-minutes", type=_positive, default=None, help="stop after this much training time")
     p.add_argument("--encoder-weights", default="none", help="none, or imagenet (needs the model hub)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.last.safetensors and OUTPUT.state.pt")
     p.add_argument("--init", help="start from this checkpoint's weights and architecture (e.g. the bundled one)")
-    p.add_argument("--clahe", type=float, default=0.0, help="probability of CLAHE augmentation per sample (default 0)")
+    p.add_argument(
+        "--clahe", type=_fraction, default=0.0, help="probability of CLAHE augmentation per sample (default 0)"
+    )
     p.add_argument(
         "--bn-momentum",
-        type=float,
+        type=_fraction,
         default=None,
         help="BatchNorm running-statistics momentum (default PyTorch's 0.1; lower smooths them)",
     )
@@ -565,21 +605,24 @@ def _add_train_parser(sub):
     p.add_argument("--refine", help="refine parent (default: likewise)")
     p.add_argument(
         "--holdout",
-        type=float,
+        type=_holdout,
         default=DEFAULTS["holdout_fraction"],
         help="fraction of corrected scans held out for the before/after score",
     )
     p.add_argument(
-        "--replay-cases", type=int, default=DEFAULTS["n_replay"], help="phantom cases mixed in against forgetting"
+        "--replay-cases",
+        type=_checked(int, lambda v: v >= 0, "must be 0 or more"),
+        default=DEFAULTS["n_replay"],
+        help="phantom cases mixed in against forgetting",
     )
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--steps-per-epoch", type=int, default=DEFAULTS["steps_per_epoch"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--max-minutes", type=float, default=DEFAULTS["max_minutes"], help="per stage")
+    p.add_argument("--epochs", type=_count, default=DEFAULTS["epochs"])
+    p.add_argument("--steps-per-epoch", type=_count, default=DEFAULTS["steps_per_epoch"])
+    p.add_argument("--batch-size", type=_count, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=_positive, default=DEFAULTS["lr"])
+    p.add_argument("--max-minutes", type=_positive, default=DEFAULTS["max_minutes"], help="per stage")
     p.add_argument(
         "--bn-momentum",
-        type=float,
+        type=_fraction,
         default=DEFAULTS["bn_momentum"],
         help="BatchNorm statistics momentum (default 0: keep the parent's statistics)",
     )
@@ -601,11 +644,15 @@ def _add_train_parser(sub):
 # --------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
     from . import volumes
+    from .metrics import check_label_values
     from .report import describe_case, report_text, write_report
 
+    out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
+    if out.exists() and not out.is_dir():
+        raise KidsegError("is a file; the report is a folder (name a new or existing folder)", out)
     ct = volumes.read_ct(args.ct, series_uid=args.series)
     labels = volumes.read_labels(args.labels, like=ct)
-    out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
+    check_label_values(labels.array, args.labels, cysts=True)
     report = describe_case(labels.array, ct.geometry.spacing, ct=ct.array, provenance={"labels": str(args.labels)})
     written = write_report(
         report, out, ct=ct.array, labels=labels.array, spacing=ct.geometry.spacing, overwrite=args.overwrite
@@ -628,9 +675,11 @@ def _default_report_dir(labels: Path) -> Path:
 def cmd_export_seg(args) -> int:
     from . import volumes
     from .dicom_seg import write_dicom_seg
+    from .metrics import check_label_values
 
     ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
     labels = volumes.read_labels(args.labels, like=ct)
+    check_label_values(labels.array, args.labels, cysts=True)
     out = write_dicom_seg(args.dicom_dir, labels.array, args.output, series_uid=args.series, overwrite=args.overwrite)
     print(f"kidseg: wrote {out} (DICOM SEG referencing {args.dicom_dir})", file=sys.stderr)
     return 0
@@ -727,24 +776,29 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kidseg", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="kidseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('napari_kidseg').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     p = sub.add_parser("phantom", help="write synthetic abdominal CTs with labels in KiTS layout")
     p.add_argument("out_dir")
-    p.add_argument("--cases", type=int, default=1)
+    p.add_argument("--cases", type=_count, default=1)
     p.add_argument("--seed", type=int, default=0, help="seed of the first case; case i uses seed+i")
-    p.add_argument("--matrix", type=int, default=512, help="in-plane size in voxels (default 512)")
-    p.add_argument("--max-slices", type=int, default=600)
-    p.add_argument("--slice-thickness", type=float, default=None, help="mm; random per case when omitted")
+    p.add_argument(
+        "--matrix",
+        type=_checked(int, lambda v: v >= 32, "must be 32 voxels or more"),
+        default=512,
+        help="in-plane size in voxels (default 512)",
+    )
+    p.add_argument("--max-slices", type=_count, default=600)
+    p.add_argument("--slice-thickness", type=_positive, default=None, help="mm; random per case when omitted")
     p.add_argument(
         "--random-contrast",
-        type=float,
+        type=_fraction,
         default=0.0,
         help="probability of random tissue HU per case (domain randomisation for training)",
     )
-    p.add_argument("--jobs", type=int, default=1, help="cases made in parallel processes (same cases either way)")
+    p.add_argument("--jobs", type=_count, default=1, help="cases made in parallel processes (same cases either way)")
     p.add_argument(
         "--labels",
         choices=["kits19", "kits23"],
@@ -784,14 +838,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", help="refine checkpoint (default: the bundled one)")
     p.add_argument(
         "--alpha",
-        type=float,
+        type=_fraction,
         default=DEFAULT_ALPHA,
         help=f"fusion weight of the coarse stage (default {DEFAULT_ALPHA})",
     )
-    p.add_argument("--kidney-threshold", type=float, default=DEFAULT_KIDNEY_THRESHOLD)
-    p.add_argument("--tumor-threshold", type=float, default=DEFAULT_TUMOR_THRESHOLD)
+    p.add_argument("--kidney-threshold", type=_fraction, default=DEFAULT_KIDNEY_THRESHOLD)
+    p.add_argument("--tumor-threshold", type=_fraction, default=DEFAULT_TUMOR_THRESHOLD)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_count, default=None)
     p.add_argument(
         "--mirror",
         action="store_true",
@@ -865,7 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
 
     p = sub.add_parser("bench", help="speed and memory of the cascade on 512x512xN phantoms (prints a table)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 600])
+    p.add_argument("--sizes", type=_count, nargs="+", default=[100, 300, 600])
     p.add_argument("--coarse")
     p.add_argument("--refine")
     p.add_argument(
@@ -891,7 +945,11 @@ def _format_warning(message, category, filename, lineno, line=None):
     )
 
 
+_WRITTEN: list = []  # outputs finished in this run, named when it is cancelled part-way
+
+
 def main(argv=None) -> int:
+    _WRITTEN.clear()
     warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(_format_warning(m, c, f, n, line))
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -901,7 +959,8 @@ def main(argv=None) -> int:
         print(f"kidseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kidseg: cancelled; no partial output was kept", file=sys.stderr)
+        kept = f"; kept the {len(_WRITTEN)} output(s) finished before it: {', '.join(map(str, _WRITTEN))}"
+        print("kidseg: cancelled; the output in progress was not written" + (kept if _WRITTEN else ""), file=sys.stderr)
         return 130
 
 

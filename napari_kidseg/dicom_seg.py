@@ -20,7 +20,6 @@ from .errors import KidsegError
 from .fusion import CYST, KIDNEY, TUMOR
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
-MAX_GAP_RATIO = 1.5  # a gap this many times the usual slice distance is a missing slice
 
 
 def _codes():
@@ -54,8 +53,9 @@ def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = 
     """The datasets of one CT series in the order the volume reader stacks them, and the series'
     id as the volume reader names it.
 
-    A folder holding several series needs ``series_uid``; a series with a missing slice (a gap
-    well above the usual slice distance) is refused: a SEG on it would misplace every slice above.
+    A folder holding several series needs ``series_uid``; the series is checked as the CT reader
+    checks it (:func:`volumes.inspect_dicom_series`), and one the reader would resample (uneven
+    slice distances, a gantry tilt) is refused: a SEG on it would misplace its slices.
     """
     import pydicom
     import SimpleITK as sitk
@@ -67,7 +67,14 @@ def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = 
     if len(ids) > 1 and series_uid is None:
         raise KidsegError(f"holds {len(ids)} DICOM series; pick one with --series UID ({', '.join(ids)})", folder)
     files, reader_uid = volumes.dicom_series_files(folder, series_uid)
-    datasets = [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in files]
+    check = volumes.inspect_dicom_series(folder, files)  # refuses a missing slice, drops a copy
+    if check.resample:
+        raise KidsegError(
+            f"has {check.resample}: its CT is read resampled onto a regular grid, so a DICOM SEG "
+            "cannot reference its slices",
+            folder,
+        )
+    datasets = [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in check.files]
     for ds in datasets:
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom wants it absent
@@ -82,32 +89,7 @@ def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = 
         raise KidsegError(
             f"has no {' or '.join(missing)} (anonymised without them), so a DICOM SEG cannot reference it", folder
         )
-    check_series_complete(datasets, folder)
     return datasets, reader_uid
-
-
-def check_series_complete(datasets: list, folder) -> None:
-    """Refuse a series with mixed orientations or a missing slice (one line naming the gap)."""
-    if len(datasets) < 2:
-        return
-    orient = {tuple(np.round(np.asarray(ds.ImageOrientationPatient, float), 4)) for ds in datasets}
-    if len(orient) > 1:
-        raise KidsegError("mixes slice orientations; it is not one CT series", folder)
-    row, col = np.asarray(datasets[0].ImageOrientationPatient, float).reshape(2, 3)
-    normal = np.cross(row, col)
-    pos = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds in datasets])
-    order = np.sort(pos)
-    gaps = np.diff(order)
-    if np.any(gaps < 1e-3):
-        raise KidsegError("holds two slices at the same position; it is not one CT series", folder)
-    usual = float(np.median(gaps))
-    worst = int(np.argmax(gaps))
-    if gaps[worst] > MAX_GAP_RATIO * usual:
-        raise KidsegError(
-            f"misses slices: {gaps[worst]:.1f} mm between the slices at {order[worst]:.1f} and "
-            f"{order[worst + 1]:.1f} mm, the others are {usual:.1f} mm apart",
-            folder,
-        )
 
 
 def write_dicom_seg(
@@ -267,6 +249,10 @@ def _on_ct_grid(seg, numbers, like: volumes.Volume, path) -> volumes.Volume:
         raise KidsegError("a DICOM SEG is placed on the DICOM series it references; this CT is not one", path)
     folder = Path(like.source.path)
     files, _ = volumes.dicom_series_files(folder, like.source.dicom_series_uid)
+    check = volumes.inspect_dicom_series(folder, files)
+    if check.resample:
+        raise KidsegError(f"its CT series {folder} has {check.resample}; a DICOM SEG cannot be placed on it", path)
+    files = check.files
     uids = [
         str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for f in files
     ]

@@ -14,6 +14,15 @@ from .errors import KidsegError
 _KEPT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".json", ".safetensors", ".csv", ".png", ".pt")
 
 
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise KidsegError("already exists; not overwriting it (use --overwrite to replace it)", path)
+    if not path.parent.exists():
+        raise KidsegError("folder does not exist", path.parent)
+    if not os.access(path.parent, os.W_OK):
+        raise KidsegError("folder is not writable", path.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
     """Yield a temporary path beside ``path`` that is renamed onto it only if the block succeeds.
@@ -21,12 +30,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
     The temporary name keeps the real suffix because ITK picks the format from it.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise KidsegError("already exists; not overwriting it (use --overwrite to replace it)", path)
-    if not path.parent.exists():
-        raise KidsegError("folder does not exist", path.parent)
-    if not os.access(path.parent, os.W_OK):
-        raise KidsegError("folder is not writable", path.parent)
+    _check_target(path, overwrite)
     suffix = next(
         (s for s in _KEPT_SUFFIXES if path.name.lower().endswith(s)),
         path.suffix,
@@ -48,3 +52,30 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(path: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a temporary folder beside ``path`` in which a writer makes ``path.name`` and the files
+    it names (an .mhd header and its data file); they are moved beside ``path`` only if the block
+    succeeds, the named file last, so the header never points at a temporary name."""
+    import shutil
+
+    path = Path(path)
+    _check_target(path, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp / path.name
+        made = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # the named file last
+        for f in made:
+            if f.name != path.name and (path.parent / f.name).exists() and not overwrite:
+                raise KidsegError("already exists; not overwriting it (use --overwrite)", path.parent / f.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in made:
+            os.chmod(f, 0o666 & ~umask)
+            os.replace(f, path.parent / f.name)
+    except OSError as exc:
+        raise KidsegError(f"could not write ({exc.strerror or exc})", path) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ lost 0.03-0.07 there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -77,11 +78,30 @@ def check_corrections(corrections_dir) -> list[Path]:
     return cases
 
 
+def manifest_cases(corrections_dir) -> list[dict]:
+    """The case entries of a corrections folder's manifest.json ([] without one); one line naming
+    the file when it is not a manifest."""
+    manifest = Path(corrections_dir) / "manifest.json"
+    if not manifest.exists():
+        return []
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise KidsegError(f"is not readable JSON ({type(exc).__name__}); fix or remove it", manifest) from None
+    cases = data.get("cases", []) if isinstance(data, dict) else None
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and isinstance(c.get("case"), str) for c in cases):
+        raise KidsegError("is not a corrections manifest (an object with a list of cases)", manifest)
+    return cases
+
+
 def latest_children(corrections_dir) -> dict[str, Path]:
-    """The newest fine-tuned checkpoint of each stage under ``CORRECTIONS/models/``."""
+    """The newest fine-tuned checkpoint of each stage under ``CORRECTIONS/models/``: of finished
+    runs only (those with their report.json, written last), never an interrupted one's."""
     found = {}
     folder = Path(corrections_dir) / MODELS_FOLDER
     for run in sorted(folder.glob("finetune-*")) if folder.is_dir() else []:
+        if not (run / "report.json").is_file():
+            continue
         for stage in STAGES:
             if (run / f"{stage}.safetensors").is_file():
                 found[stage] = run / f"{stage}.safetensors"
@@ -126,8 +146,6 @@ def finetune_models(
 ) -> dict:
     """Fine-tune ``stages`` on the corrections; writes ``out_dir/<stage>.safetensors`` and ``report.json``."""
     log = log or _log.info
-    import time
-
     from .models import read_config, resolve_checkpoint
 
     corrections_dir = Path(corrections_dir)
@@ -144,10 +162,51 @@ def finetune_models(
         got = read_config(path).stage
         if got != stage:
             raise KidsegError(f"is a {got} checkpoint, not a {stage} one", path)
+    for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise KidsegError(f"{name} must be a whole number of 1 or more, got {value}")
+    if not 0 < lr < float("inf"):
+        raise KidsegError(f"the learning rate must be above 0, got {lr}")
+    if not 0 <= holdout_fraction < 1:
+        raise KidsegError(f"the held-out fraction must be from 0 to below 1, got {holdout_fraction}")
     out_dir = Path(out_dir) if out_dir else default_output_dir(corrections_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KidsegError("is a file; the new models go into a folder", out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise KidsegError("already exists and is not empty; not overwriting it", out_dir)
+    made_here = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _cleared_when_interrupted(out_dir, made_here):
+        return _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, progress, cancel, log, **{
+            "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
+            "n_replay": n_replay, "max_minutes": max_minutes, "holdout_fraction": holdout_fraction,
+            "bn_momentum": bn_momentum, "freeze_encoder": freeze_encoder, "reviewed_only": reviewed_only,
+        })  # fmt: skip
+
+
+@contextlib.contextmanager
+def _cleared_when_interrupted(out_dir: Path, made_here: bool):
+    """A fine-tune that fails or is cancelled leaves no half folder behind (a killed one leaves
+    no report.json, so :func:`latest_children` passes it over)."""
+    try:
+        yield
+    except BaseException:
+        if made_here:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for f in out_dir.iterdir():
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        raise
+
+
+def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, progress, cancel, log, **kw) -> dict:
+    """The work of :func:`finetune_models` once its inputs are checked; ``kw``: its settings."""
+    import time
+
+    epochs, steps_per_epoch, batch_size, lr = kw["epochs"], kw["steps_per_epoch"], kw["batch_size"], kw["lr"]
+    n_replay, max_minutes, holdout_fraction = kw["n_replay"], kw["max_minutes"], kw["holdout_fraction"]
+    bn_momentum, freeze_encoder, reviewed_only = kw["bn_momentum"], kw["freeze_encoder"], kw["reviewed_only"]
+
     need = sum(parents[s].stat().st_size for s in stages) * 4 + 50 * 2**20  # children, .last, state
     free = shutil.disk_usage(out_dir).free
     if free < need:
@@ -291,14 +350,17 @@ def replay_cases(n: int, seed: int) -> list[Path]:
 def reviewed_slices(corrections_dir) -> dict[str, tuple]:
     """Per corrected case, the slices its export marked reviewed (touched or confirmed); a case
     exported without that list (or with ``"whole_case_reviewed": true``) is absent: all slices."""
-    manifest = Path(corrections_dir) / "manifest.json"
-    if not manifest.exists():
-        return {}
     out = {}
-    for entry in json.loads(manifest.read_text()).get("cases", []):
+    for entry in manifest_cases(corrections_dir):
         zs = entry.get("reviewed_slices")
         if zs and not entry.get("whole_case_reviewed"):
-            out[entry["case"]] = tuple(int(z) for z in zs)
+            try:
+                out[entry["case"]] = tuple(int(z) for z in zs)
+            except (TypeError, ValueError):
+                raise KidsegError(
+                    f"lists reviewed slices of {entry['case']} that are not slice numbers",
+                    Path(corrections_dir) / "manifest.json",
+                ) from None
     return out
 
 
@@ -307,11 +369,9 @@ def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: fl
     manifest) never land on both sides, or the held-out score would be measured on training data."""
     from .training import split_cases
 
-    manifest = Path(corrections_dir) / "manifest.json"
     scan_of = {}
-    if manifest.exists():
-        for entry in json.loads(manifest.read_text()).get("cases", []):
-            scan_of[entry.get("case")] = entry.get("scan_sha256") or entry.get("case")
+    for entry in manifest_cases(corrections_dir):
+        scan_of[entry["case"]] = str(entry.get("scan_sha256") or entry["case"])
     groups: dict[str, list[Path]] = {}
     for c in cases:
         groups.setdefault(scan_of.get(c.name, c.name), []).append(c)

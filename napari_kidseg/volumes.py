@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .errors import KidsegError, KidsegWarning
 from .files import atomic_path
 from .geometry import Geometry, SourceInfo, canonical_geometry, orientation_ops, reorient, triple
@@ -49,6 +50,16 @@ KITS_IMAGE = "imaging.nii.gz"
 KITS_LABELS = "segmentation.nii.gz"
 KITS_ORGANS = "organs.nii.gz"  # optional: the organ map of a training case (labels.ORGANS codes)
 CASE_RE = re.compile(r"^case_\d{5}$")
+
+
+LABEL_FILE_HINTS = ("segmentation", "_labels", "label", "mask", "_seg")  # in a file name: not a CT
+
+
+def is_label_file(path: str | os.PathLike) -> bool:
+    """Whether a volume file is named like labels (a reference, a mask) rather than a CT: the
+    worklist and ``kidseg predict FOLDER`` skip such files."""
+    name = Path(path).name.lower()
+    return any(h in name for h in LABEL_FILE_HINTS)
 
 
 @dataclasses.dataclass
@@ -128,28 +139,277 @@ def _check_gzip_complete(path: Path) -> None:
         raise KidsegError("truncated file (the gzip stream ends early)", path)
 
 
+def _check_nifti_size(path: Path) -> None:
+    """ITK zero-fills a truncated uncompressed .nii without complaint: compare the file's size
+    with the one its header promises."""
+    import nibabel as nib
+
+    try:
+        with open(path, "rb") as fh:
+            hdr = nib.Nifti1Header.from_fileobj(fh)
+    except Exception:  # noqa: BLE001 - not a NIfTI header: ITK says why below
+        return
+    shape = hdr.get_data_shape()
+    need = int(hdr.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * hdr.get_data_dtype().itemsize
+    have = path.stat().st_size
+    if have < need:
+        raise KidsegError(f"truncated file ({have} bytes; its header needs {need})", path)
+
+
+def _check_mhd_data_file(path: Path) -> None:
+    """An .mhd header names its data file; say so when that file is missing."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return
+    m = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text, re.MULTILINE)
+    if m and m.group(1) != "LOCAL" and "%" not in m.group(1) and m.group(1) != "LIST":
+        data = path.parent / m.group(1)
+        if not data.exists():
+            raise KidsegError(f"its data file {m.group(1)} is missing (it should lie beside the header)", path)
+
+
 def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str], str]:
+    """The slice files of one series of a folder (the one named, else the largest), and its uid.
+
+    A DICOM file that belongs to no series (truncated, or not DICOM) is refused: GDCM leaves it
+    out without a word, so the series would silently miss that slice. DICOM SEG objects are not
+    CT series and are not picked.
+    """
     import SimpleITK as sitk
 
-    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    with itk_warnings_off():
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        files_of = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
+    listed = {Path(f).name for names in files_of.values() for f in names}
+    unreadable = sorted(
+        f.name
+        for f in folder.iterdir()
+        if f.is_file() and f.name.lower().endswith(DICOM_SUFFIXES) and f.name not in listed
+    )
+    if unreadable and ids:
+        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+        raise KidsegError(
+            f"slice file {unreadable[0]}{more} is unreadable (truncated or not DICOM): the series would miss it",
+            folder,
+        )
+    segs = {uid for uid, names in files_of.items() if len(names) == 1 and _is_seg_file(names[0])}
     if not ids:
         raise KidsegError("no DICOM series found in this folder", folder)
-    files_of = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
     if series_uid is not None:
         if series_uid not in files_of:
-            raise KidsegError(f"no DICOM series {series_uid} here (found: {', '.join(ids)})", folder)
+            found = ", ".join(uid_text(u) for u in ids)
+            raise KidsegError(f"no DICOM series {uid_text(series_uid)} here (found: {found})", folder)
         return files_of[series_uid], series_uid
-    if len(ids) > 1:
-        chosen = max(ids, key=lambda uid: len(files_of[uid]))
-        others = ", ".join(f"{uid} ({len(files_of[uid])} slices)" for uid in ids if uid != chosen)
+    cts = [uid for uid in ids if uid not in segs]
+    if not cts:
+        raise KidsegError("holds only a DICOM Segmentation (labels), no CT series; give it as the labels", folder)
+    if len(cts) > 1:
+        chosen = max(cts, key=lambda uid: len(files_of[uid]))
+        others = ", ".join(f"{uid_text(uid)} ({len(files_of[uid])} slices)" for uid in cts if uid != chosen)
         warnings.warn(
-            f"{folder}: {len(ids)} DICOM series; using {chosen} ({len(files_of[chosen])} slices), "
+            f"{folder}: {len(cts)} DICOM series; using {uid_text(chosen)} ({len(files_of[chosen])} slices), "
             f"the largest; others: {others}. Pick one with --series UID.",
             KidsegWarning,
             stacklevel=3,
         )
         return files_of[chosen], chosen
-    return files_of[ids[0]], ids[0]
+    return files_of[cts[0]], cts[0]
+
+
+def _is_seg_file(path) -> bool:
+    from .dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM series: what is checked before the slices are stacked
+# --------------------------------------------------------------------------------------------
+
+MAX_GAP_RATIO = 1.5  # a gap this many times the usual slice distance is a missing slice
+UNEVEN_GAP = 0.05  # slice distances off the usual one by more than 5% (and 0.05 mm) are uneven
+TILT_DEGREES = 0.5  # slices stacked this far off their normal: a gantry tilt
+
+
+def uid_text(uid: str | None) -> str:
+    """A series uid as a message shows it (an anonymised series may have none)."""
+    return uid if uid else "(no SeriesInstanceUID)"
+
+
+@dataclasses.dataclass
+class SeriesCheck:
+    """What :func:`inspect_dicom_series` found: the slices to stack, in order (a duplicated
+    slice's copy dropped), and whether they must be resampled onto a regular grid (and why)."""
+
+    files: list[str]
+    notes: list[str]
+    positions: np.ndarray  # (n, 3) ImagePositionPatient of each kept slice, LPS mm
+    row: np.ndarray  # direction of a row (along i), LPS
+    col: np.ndarray  # direction of a column (along j)
+    pixel_spacing: tuple[float, float]  # (along i, along j) mm
+    resample: str = ""  # "" when the slices already form a regular grid
+
+
+def inspect_dicom_series(folder, files: list[str]) -> SeriesCheck:
+    """Decide, per fault, whether a DICOM series is refused (one line naming the fault) or read
+    with a correction and a note that names it.
+
+    Refused: slices of different sizes, pixel spacings or orientations; a missing slice (a gap
+    over 1.5 times the usual distance); two different slices at one position. Corrected: a
+    slice stored twice (same pixels) is read once; uneven slice distances and a gantry tilt are
+    resampled onto a regular, orthogonal grid (linear interpolation between slices).
+    """
+    import pydicom
+
+    folder = Path(folder)
+    tags = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"]
+    heads = []
+    for f in files:
+        try:
+            heads.append(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags))
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the slice is unreadable
+            raise KidsegError(f"slice {Path(f).name} is unreadable ({type(exc).__name__})", folder) from None
+
+    def get(ds, tag, n):
+        value = getattr(ds, tag, None)
+        try:
+            out = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            out = ()
+        if len(out) != n:
+            raise KidsegError(f"slice {Path(ds.filename).name} has no valid {tag}", folder)
+        return out
+
+    if len(heads) == 1 and getattr(heads[0], "ImagePositionPatient", None) is None:
+        # a single image without geometry (a scout, a secondary capture): ITK's defaults stand
+        return SeriesCheck(list(files), [], np.zeros((1, 3)), np.eye(3)[0], np.eye(3)[1], (1.0, 1.0))
+    sizes = {(int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))) for ds in heads}
+    if len(sizes) > 1:
+        raise KidsegError(f"mixes slice sizes ({', '.join(f'{r}x{c}' for r, c in sorted(sizes))})", folder)
+    orient = {tuple(np.round(get(ds, "ImageOrientationPatient", 6), 4)) for ds in heads}
+    if len(orient) > 1:
+        raise KidsegError("mixes slice orientations; it is not one CT series", folder)
+    spacings = [tuple(np.round(get(ds, "PixelSpacing", 2), 4)) for ds in heads]
+    usual_px = max(set(spacings), key=spacings.count)
+    odd = [Path(ds.filename).name for ds, sp in zip(heads, spacings) if sp != usual_px]
+    if odd:
+        other = spacings[[sp != usual_px for sp in spacings].index(True)]
+        raise KidsegError(
+            f"has uneven pixel spacing: {len(odd)} slice(s) ({odd[0]}{', ...' if len(odd) > 1 else ''}) "
+            f"have {other[0]:g} x {other[1]:g} mm pixels, the others {usual_px[0]:g} x {usual_px[1]:g} mm",
+            folder,
+        )
+    iop = np.asarray(get(heads[0], "ImageOrientationPatient", 6)).reshape(2, 3)
+    row, col = iop[0] / np.linalg.norm(iop[0]), iop[1] / np.linalg.norm(iop[1])
+    normal = np.cross(row, col)
+    pos = np.array([get(ds, "ImagePositionPatient", 3) for ds in heads])
+    order = np.argsort(pos @ normal, kind="stable")
+    names = [files[k] for k in order]
+    pos = pos[order]
+    notes = []
+    # PixelSpacing is (between rows, between columns) = (along j, along i)
+    dj, di = get(heads[spacings.index(usual_px)], "PixelSpacing", 2)
+    check = SeriesCheck(names, notes, pos, row, col, (di, dj))
+    if len(names) < 2:
+        return check
+    s = pos @ normal
+    same = np.flatnonzero(np.diff(s) < 1e-3)
+    drop = set()
+    for k in same:
+        a, b = names[k], names[k + 1]
+        if _pixels_of(a) != _pixels_of(b):
+            raise KidsegError(
+                f"holds two different slices at the same position ({s[k]:.1f} mm: {Path(a).name} and "
+                f"{Path(b).name}); it is not one CT series",
+                folder,
+            )
+        drop.add(k + 1)
+        notes.append(f"slice {Path(b).name} is a copy of {Path(a).name} (same position and pixels): read once")
+    if drop:
+        keep = [k for k in range(len(names)) if k not in drop]
+        check.files = names = [names[k] for k in keep]
+        check.positions = pos = pos[keep]
+        s = s[keep]
+    if len(names) < 2:
+        return check
+    gaps = np.diff(s)
+    usual = float(np.median(gaps))
+    worst = int(np.argmax(gaps))
+    if gaps[worst] > MAX_GAP_RATIO * usual:
+        raise KidsegError(
+            f"misses slices: {gaps[worst]:.1f} mm between the slices at {s[worst]:.1f} and "
+            f"{s[worst + 1]:.1f} mm, the others are {usual:.1f} mm apart",
+            folder,
+        )
+    stack = pos[-1] - pos[0]
+    tilt = float(np.degrees(np.arccos(np.clip(abs(stack @ normal) / np.linalg.norm(stack), -1, 1))))
+    off = float(np.max(np.abs(gaps - usual)))
+    why = []
+    if tilt > TILT_DEGREES:
+        why.append(f"a gantry tilt of {tilt:.1f} degrees")
+    if off > max(UNEVEN_GAP * usual, 0.05):
+        why.append(f"uneven slice distances ({gaps.min():.2f}..{gaps.max():.2f} mm)")
+    if why:
+        check.resample = " and ".join(why)
+        step = (s[-1] - s[0]) / (len(s) - 1)
+        notes.append(f"has {check.resample}: resampled onto a regular grid of {step:.2f} mm slices")
+    return check
+
+
+def _pixels_of(file) -> bytes:
+    import pydicom
+
+    return bytes(pydicom.dcmread(file).PixelData)
+
+
+def _resample_series(image, check: SeriesCheck):
+    """The stacked slices of an uneven or tilted series on a regular orthogonal grid: rows along
+    the slices' rows, slices along the table's travel, linear interpolation between slices."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    disk = sitk.GetArrayFromImage(image)  # (slice, j, i), slices in check.files order
+    pos, row, col = check.positions, check.row, check.col
+    di, dj = check.pixel_spacing
+    normal = np.cross(row, col)
+    s = pos @ normal
+    # the slices' own planes at even distances along their normal: a tilt becomes an in-plane
+    # shift from slice to slice, and the residual rotation stays in the direction (oblique)
+    frame = np.stack([row, col, normal])  # rows: the new axes
+    ni, nj = disk.shape[2], disk.shape[1]
+    corners = np.array(
+        [p + a * (ni - 1) * di * row + b * (nj - 1) * dj * col for p in pos for a in (0, 1) for b in (0, 1)]
+    )
+    u = corners @ frame.T
+    lo, hi = u.min(axis=0), u.max(axis=0)
+    step = float((s[-1] - s[0]) / (len(s) - 1))
+    spacing = np.array([di, dj, step])
+    size = (np.floor((hi - lo) / spacing + 1e-6) + 1).astype(int)
+    origin = lo @ frame
+    a, b = np.meshgrid(np.arange(size[0]) * spacing[0], np.arange(size[1]) * spacing[1], indexing="xy")
+    out = np.empty((size[2], size[1], size[0]), np.float32)
+    src = disk.astype(np.float32, copy=False)
+    for m in range(size[2]):
+        w = origin + a[..., None] * row + b[..., None] * col + (m * spacing[2]) * normal  # (nj', ni', 3)
+        t = w @ normal
+        inside = (t >= s[0] - 1e-3) & (t <= s[-1] + 1e-3)
+        kf = np.interp(t, s, np.arange(len(s)))
+        k0 = np.clip(np.floor(kf).astype(int), 0, len(s) - 2)
+        f = (kf - k0)[..., None]
+        p = pos[k0] * (1 - f) + pos[k0 + 1] * f
+        rel = w - p
+        ii, jj = rel @ row / di, rel @ col / dj
+        vals = ndimage.map_coordinates(src, [kf, jj, ii], order=1, mode="constant", cval=float(AIR_HU))
+        vals[~inside] = AIR_HU
+        out[m] = vals
+    if np.issubdtype(disk.dtype, np.integer):
+        out = np.round(out).astype(disk.dtype)
+    new = sitk.GetImageFromArray(out)
+    new.SetSpacing(tuple(float(v) for v in spacing))
+    new.SetOrigin(tuple(float(v) for v in origin))
+    new.SetDirection(tuple(float(v) for v in frame.T.reshape(-1)))
+    return new
 
 
 def _read_sitk(path: Path, series_uid: str | None = None):
@@ -167,12 +427,24 @@ def _read_sitk(path: Path, series_uid: str | None = None):
     try:
         if path.is_dir():
             files, uid = dicom_series_files(path, series_uid)
+            check = inspect_dicom_series(path, files)
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            image = reader.Execute()
+            reader.SetFileNames(check.files)
+            with itk_warnings_off():  # its "non uniform sampling" is judged above, in one line
+                image = reader.Execute()
+            if check.resample:
+                image = _resample_series(image, check)
+            for note in check.notes:
+                warnings.warn(f"{path}: {note}", KidsegWarning, stacklevel=4)
         else:
+            if fmt == "dicom" and _is_seg_file(path):
+                raise KidsegError("is a DICOM Segmentation (labels), not a CT; give it as the labels", path)
             if path.name.lower().endswith(".gz"):
                 _check_gzip_complete(path)
+            elif path.name.lower().endswith(".nii"):
+                _check_nifti_size(path)
+            elif fmt == "mhd":
+                _check_mhd_data_file(path)
             image = sitk.ReadImage(str(path))
     except KidsegError:
         raise
@@ -199,7 +471,22 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
     """
     path = Path(path)
     image, fmt, uid = _read_sitk(path, series_uid)
-    return volume_from_image(image, path, fmt, uid)
+    vol = volume_from_image(image, path, fmt, uid)
+    if fmt == "nifti" and vol.array.dtype.kind == "f":
+        _restore_nifti_nans(vol, path)
+    return vol
+
+
+def _restore_nifti_nans(vol: Volume, path: Path) -> None:
+    """ITK reads a NIfTI's NaN voxels as 0 (water, in a CT) without a word: put them back, so
+    that the CT check (:func:`readable_ct`) sees them. Float NIfTI files only (rare for CTs)."""
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(str(path)).dataobj)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        bad = bad.reshape(data.shape[:3]).T  # nibabel's (i, j, k) is ITK's (k, j, i) transposed
+        vol.array[reorient(bad, vol.source.axes, vol.source.flips)] = np.nan
 
 
 def volume_from_image(image, path: Path, fmt: str, series_uid: str | None = None) -> Volume:
@@ -246,6 +533,10 @@ def volume_from_image(image, path: Path, fmt: str, series_uid: str | None = None
     return Volume(array=array, geometry=geometry, source=source)
 
 
+MIN_INPLANE = 8  # voxels a side: nothing smaller is a CT slice
+MAX_NAN_SHARE = 0.5  # a CT with more voxels without a value than this is refused
+
+
 def check_ct_intensities(array: np.ndarray, path: str | os.PathLike | None = None) -> None:
     """Refuse volumes whose values cannot be Hounsfield units of a body CT.
 
@@ -262,27 +553,58 @@ def check_ct_intensities(array: np.ndarray, path: str | os.PathLike | None = Non
         raise KidsegError(f"intensities {lo:g}..{hi:g} have no air or fat; not a CT in Hounsfield units{hint}", path)
 
 
-def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu: bool = True) -> Volume:
-    """Read a CT in HU (DICOM rescale applied by ITK); padding below -1024 HU becomes air."""
-    vol = read_volume(path, series_uid=series_uid)
+def readable_ct(vol: Volume, path: str | os.PathLike | None = None, *, check_hu: bool = True) -> Volume:
+    """The one place that decides what a readable CT is; every reader of a CT comes through here
+    (``read_ct``: predict, report, the worklist, DICOM SEG; the napari reader).
+
+    Size: 3D with at least 8 x 8 voxels a slice. Voxel type: real numbers (8- and 16-bit
+    integers become int16, other integers int16 when they fit, floats float32). Slice geometry:
+    finite positive spacing (a DICOM series' slices are checked when read,
+    :func:`inspect_dicom_series`). Values without a number (NaN) become air with a note, and more
+    than half of them is refused. HU: the volume must hold air or fat (:func:`check_ct_intensities`).
+    Padding below -1024 HU becomes air. Notes are :class:`KidsegWarning`.
+    """
     arr = vol.array
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+    shape = "x".join(str(s) for s in arr.shape[::-1])
+    if arr.ndim != 3 or min(arr.shape[1:]) < MIN_INPLANE or arr.shape[0] < 1:
+        raise KidsegError(f"is {shape} voxels; a CT needs at least {MIN_INPLANE}x{MIN_INPLANE} voxels a slice", path)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise KidsegError(f"voxel type {arr.dtype} is not a CT intensity", path)
-    if arr.dtype.itemsize > 2 or not np.issubdtype(arr.dtype, np.signedinteger):
-        # int32/float HU -> int16 when exact, halves memory; float CTs with fractions stay float32
-        if np.issubdtype(arr.dtype, np.integer) or np.array_equal(
-            arr[:: max(1, arr.shape[0] // 8)], np.round(arr[:: max(1, arr.shape[0] // 8)])
-        ):
-            if arr.min() >= -32768 and arr.max() <= 32767:
-                arr = arr.astype(np.int16)
-        elif arr.dtype != np.float32:
+    spacing = np.asarray(vol.geometry.spacing, float)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        raise KidsegError(f"voxel spacing {tuple(float(s) for s in spacing)} mm is not positive", path)
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype != np.int16 and int(arr.min()) >= -32768 and int(arr.max()) <= 32767:
+            arr = arr.astype(np.int16)  # one type for CTs: room below 0 for air (int8), half of int32
+    else:
+        if arr.dtype != np.float32:
             arr = arr.astype(np.float32)
-    if arr.dtype.kind in "if":
+        bad = ~np.isfinite(arr)
+        n_bad = int(np.count_nonzero(bad))
+        if n_bad:
+            share = n_bad / arr.size
+            if share > MAX_NAN_SHARE:
+                raise KidsegError(f"{100 * share:.0f}% of the voxels have no value (NaN); not a CT", path)
+            arr[bad] = AIR_HU
+            warnings.warn(
+                f"{path}: {100 * share:.1f}% of the voxels have no value (NaN or infinite); read as air ({AIR_HU} HU)",
+                KidsegWarning,
+                stacklevel=3,
+            )
+        sample = arr[:: max(1, arr.shape[0] // 8)]
+        if np.array_equal(sample, np.round(sample)) and arr.min() >= -32768 and arr.max() <= 32767:
+            arr = arr.astype(np.int16)  # float HU that are whole numbers: int16, half the memory
+    if arr.dtype.kind != "u":  # unsigned values lie above air anyway
         np.maximum(arr, AIR_HU, out=arr)
     vol.array = arr
     if check_hu:
         check_ct_intensities(arr, path)
     return vol
+
+
+def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu: bool = True) -> Volume:
+    """Read a CT in HU (DICOM rescale applied by ITK) and check it (:func:`readable_ct`)."""
+    return readable_ct(read_volume(path, series_uid=series_uid), path, check_hu=check_hu)
 
 
 def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
@@ -393,7 +715,9 @@ def write_volume(
         array = array.astype(dtype, copy=False)
     source = like.source or _source_for_canonical(like)
     disk = source.to_disk(array)
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    # an .mhd header names its data file: both are written under their own names, then moved
+    writing = files.atomic_files if fmt == "mhd" else atomic_path
+    with writing(path, overwrite=overwrite) as tmp:
         if fmt == "nifti" and source.nifti_header is not None:
             import nibabel as nib
 

@@ -24,20 +24,23 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from . import files, volumes
-from .errors import KidsegError
+from .errors import KidsegError, KidsegWarning
 
 _log = logging.getLogger(__name__)
 
 STATE_FOLDER = ".kidseg-worklist"
 STATUSES = ("new", "drafted", "in review", "reviewed", "failed")
 TODO = ("new", "drafted", "in review")
-LABEL_FILE_HINTS = ("segmentation", "_labels", "label", "mask", "_seg")
 
 
 @dataclasses.dataclass
@@ -77,11 +80,6 @@ class CaseRow:
 # ----------------------------------------------------------------------------------------------
 
 
-def _looks_like_labels(path: Path) -> bool:
-    name = path.name.lower()
-    return any(h in name for h in LABEL_FILE_HINTS)
-
-
 def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
     import pydicom
     import SimpleITK as sitk
@@ -103,7 +101,7 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
             except Exception:  # unreadable header: the row still lists it, reading the CT will say why
                 desc = ""
             rel = folder.relative_to(root).as_posix() or "."
-            case = rel if len(ids) == 1 else f"{rel} [{uid[-12:]}]"
+            case = rel if len(ids) == 1 else f"{rel} [{uid[-12:] or volumes.uid_text(uid)}]"
             rows.append(CaseRow(case, str(folder), "dicom", uid, f"{desc} ({len(names)} slices)".strip()))
     return rows
 
@@ -127,7 +125,7 @@ def find_cases(folder, state_dir=None) -> list[CaseRow]:
         for f in sorted(filenames):
             p = d / f
             fmt = volumes.volume_format(p)
-            if fmt not in (None, "dicom") and not _looks_like_labels(p):
+            if fmt not in (None, "dicom") and not volumes.is_label_file(p):
                 rows.append(CaseRow(p.relative_to(root).as_posix(), str(p), "volume"))
     if not rows:
         raise KidsegError(
@@ -178,10 +176,12 @@ class Worklist:
         except OSError as exc:
             raise KidsegError(f"cannot create the worklist's state folder ({exc.strerror})", self.state_dir) from None
         self.read_only = not self._lock()
-        if not self.read_only:  # temporary files of a drafting process killed mid-write
-            for junk in (self.state_dir / "drafts").glob(".*.tmp*"):
-                junk.unlink(missing_ok=True)
+        if not self.read_only:  # temporary files of a process killed mid-write (drafting, autosave)
+            for sub in ("", "drafts", "edits"):
+                for junk in (self.state_dir / sub).glob(".*.tmp*"):
+                    junk.unlink(missing_ok=True)
         self.current: int | None = None  # the case open for review, kept in state.json to resume at
+        self._identity: dict[str, str] = {}  # case -> identity of its CT as last read (ct_identity)
         self._load_state()
         self.save()
 
@@ -191,24 +191,35 @@ class Worklist:
         return self.state_dir / "lock"
 
     def _lock(self) -> bool:
+        """Take the lock, or say who holds it. The lock is written whole to a temporary file and
+        linked into place, so it is never seen empty; one that names no live process on this
+        host (a crash's, or an empty one left by an older version) is taken over."""
         me = {"pid": os.getpid(), "host": socket.gethostname(), "user": _os_user(), "since": time.time()}
-        for _ in range(2):
+        for _ in range(3):
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create_whole(self.lock_path, json.dumps(me))
             except FileExistsError:
                 try:
-                    other = json.loads(self.lock_path.read_text())
-                except (OSError, ValueError):
-                    other = {}
+                    raw = self.lock_path.read_bytes()
+                except OSError:
+                    continue  # given back meanwhile
+                try:
+                    other = json.loads(raw)
+                except ValueError:
+                    other = None
+                if not isinstance(other, dict) or not isinstance(other.get("pid"), int):
+                    with contextlib.suppress(OSError):
+                        if self.lock_path.read_bytes() == raw:  # still that unreadable lock
+                            self.lock_path.unlink()
+                    self.notes.append(f"{self.lock_path} named no process (a crash's): taken over")
+                    continue
                 same_host = other.get("host") == me["host"]
-                if same_host and isinstance(other.get("pid"), int) and not _pid_alive(other["pid"]):
+                if same_host and not _pid_alive(other["pid"]):
                     self.lock_path.unlink(missing_ok=True)  # a crashed napari's lock: take it over
                     continue
                 who = f"{other.get('user', 'someone')} (pid {other.get('pid', '?')} on {other.get('host', '?')})"
                 self.notes.append(f"another napari has this worklist open, {who}: opened read-only")
                 return False
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
             return True
         return False
 
@@ -228,15 +239,33 @@ class Worklist:
     def csv_path(self) -> Path:
         return self.state_dir / "worklist.csv"
 
+    @property
+    def backup_path(self) -> Path:
+        """The last good state.json, written after each save (restored from when state.json breaks)."""
+        return self.state_dir / "state.json.bak"
+
+    def _read_state(self, path: Path) -> tuple[dict, str | None]:
+        """``{case: row}`` and the current case of a state file; KidsegError when unreadable."""
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise KidsegError(f"unreadable ({type(exc).__name__})", path) from None
+        rows = state.get("rows") if isinstance(state, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("case"), str) for r in rows):
+            raise KidsegError("is not a worklist state (an object with a list of case rows)", path)
+        current = state.get("current")
+        return {r["case"]: _valid_fields(r) for r in rows}, current if isinstance(current, str) else None
+
     def _load_state(self):
         saved, current_case = {}, None
         if self.state_path.exists():
             try:
-                state = json.loads(self.state_path.read_text())
-                saved = {r["case"]: r for r in state.get("rows", [])}
-                current_case = state.get("current")
-            except (OSError, ValueError, KeyError):
-                self.notes.append(f"{self.state_path} was unreadable: the worklist starts afresh")
+                saved, current_case = self._read_state(self.state_path)
+            except KidsegError as exc:
+                saved, current_case = self._recover_state(exc)
+        elif self.backup_path.exists():  # killed between a save's two files: the copy is as good
+            with contextlib.suppress(KidsegError):
+                saved, current_case = self._read_state(self.backup_path)
         fields = {f.name for f in dataclasses.fields(CaseRow)}
         for row in self.rows:
             old = saved.pop(row.case, None)
@@ -247,6 +276,8 @@ class Worklist:
             if row.status == "failed" and row.reason.startswith("deleted"):
                 row.status, row.reason = "new", ""  # it is back
         for old in saved.values():  # listed before, gone from the folder now
+            if not all(isinstance(old.get(k), str) for k in ("case", "source", "kind")):
+                continue  # a recovered row without its paths: nothing to list
             row = CaseRow(**{k: v for k, v in old.items() if k in fields})
             row.status, row.reason = "failed", "deleted from the folder"
             self.rows.append(row)
@@ -254,16 +285,50 @@ class Worklist:
         cases = [r.case for r in self.rows]
         self.current = cases.index(current_case) if current_case in cases else None
 
+    def _recover_state(self, exc: KidsegError) -> tuple[dict, str | None]:
+        """A broken state.json is kept aside (never overwritten), and the state comes back from
+        its last good copy; without one, from the drafts and autosaves on disk."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = self.state_dir / f"state.json.broken-{stamp}"
+        n = 1
+        while kept.exists():  # an earlier broken one of the same second stays too
+            n += 1
+            kept = self.state_dir / f"state.json.broken-{stamp}-{n}"
+        if self.read_only:
+            kept = self.state_path
+        else:
+            os.replace(self.state_path, kept)
+        try:
+            saved, current = self._read_state(self.backup_path)
+            self.notes.append(f"{exc}; kept as {kept.name}; restored from the last good copy ({self.backup_path.name})")
+            return saved, current
+        except KidsegError:
+            pass
+        saved = {}
+        for row in self.rows:
+            if self.edits_path(row).exists() or self.edits_backup_path(row).exists():
+                saved[row.case] = {"status": "in review"}
+            elif self.draft_path(row).exists():
+                saved[row.case] = {"status": "drafted"}
+        self.notes.append(
+            f"{exc}; kept as {kept.name}; no good copy, so each case's status comes from its draft and "
+            "autosave files (reviewed cases show as in review: check them against the exports)"
+        )
+        return saved, None
+
     def save(self):
-        """state.json and worklist.csv, atomically; a full disk is one clear error, the old files stay."""
+        """state.json and worklist.csv, atomically; a full disk is one clear error, the old files stay.
+        A copy of state.json (``state.json.bak``) follows each save: the last good one."""
         if self.read_only:
             return
         from .report import rows_to_csv
 
         current = None if self.current is None else self.rows[self.current].case
         state = {"folder": str(self.folder), "current": current, "rows": [dataclasses.asdict(r) for r in self.rows]}
-        with files.atomic_path(self.state_path, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(state, indent=1))
+        text = json.dumps(state, indent=1)
+        for path in (self.state_path, self.backup_path):
+            with files.atomic_path(path, overwrite=True) as tmp:
+                tmp.write_text(text)
         table = [
             {k: v for k, v in dataclasses.asdict(r).items() if k not in ("source", "series_uid")} for r in self.rows
         ]
@@ -294,11 +359,13 @@ class Worklist:
             self.save()
             raise KidsegError("was deleted from the worklist folder", row.source)
         try:
-            return volumes.read_ct(row.ct_path, series_uid=row.series_uid)
+            ct = volumes.read_ct(row.ct_path, series_uid=row.series_uid)
         except KidsegError as exc:
             row.status, row.reason = "failed", str(exc).split(": ", 1)[-1]
             self.save()
             raise
+        self._identity[row.case] = ct_identity(ct)
+        return ct
 
     def draft_path(self, row: CaseRow) -> Path:
         return self.state_dir / "drafts" / f"{row.key}.npz"
@@ -322,7 +389,8 @@ class Worklist:
         except KidsegError as exc:
             self.record_draft(row, {"error": str(exc)})
             return None
-        info = _keep_draft(result, cascade, None if self.read_only else self.draft_path(row))
+        self._identity[row.case] = identity = ct_identity(ct)
+        info = _keep_draft(result, cascade, None if self.read_only else self.draft_path(row), identity)
         self.record_draft(row, info)
         return result
 
@@ -338,19 +406,46 @@ class Worklist:
             self._measure(row, info["measurements"])
         self.save()
 
-    def load_draft(self, row: CaseRow):
-        """The case's cached draft ``(result, note)``, or None (none yet, or unreadable: it is dropped)."""
+    def load_draft(self, row: CaseRow, ct=None):
+        """The case's cached draft ``(result, note)``, or None: none yet, or one that cannot serve
+        (unreadable, or made from another CT than the case's file holds now: it changed), which is
+        dropped with a note so that the case is drafted again. ``ct``: the case's CT (default: the
+        one :meth:`read_ct` read last)."""
         from .cascade import CascadeResult
 
         path = self.draft_path(row)
         if not path.exists():
             return None
         try:
-            return CascadeResult.load_probabilities(path)
+            result, note = CascadeResult.load_probabilities(path)
         except KidsegError as exc:
-            _log.warning("%s", exc)
-            path.unlink(missing_ok=True)
-            return None
+            return self._drop(row, path, f"its draft was unreadable ({str(exc).split(': ', 1)[-1]})")
+        if not self._same_ct(row, ct, note.get("ct"), result.shape):
+            return self._drop(row, path, "its draft was made from another CT than its file holds now")
+        return result, note
+
+    def _same_ct(self, row: CaseRow, ct, saved_identity, saved_shape) -> bool:
+        """Whether a draft or autosave made from the CT ``saved_identity`` belongs to this case's
+        CT as it is now (older files without an identity: when the grid is the same)."""
+        identity = ct_identity(ct) if ct is not None else self._identity.get(row.case)
+        if identity is None:
+            return True  # the CT was not read here: nothing to compare with
+        if saved_identity:
+            return saved_identity == identity
+        return tuple(int(s) for s in saved_shape) == _identity_shape(identity)
+
+    def _drop(self, row: CaseRow, path: Path, why: str, keep_as: Path | None = None):
+        """A draft or autosave that cannot serve: removed (or kept aside), with a note; None."""
+        note = f"{row.case}: {why}; " + (f"kept aside as {keep_as.name}" if keep_as else "dropped, it is drafted again")
+        if not self.read_only:
+            if keep_as is not None:
+                os.replace(path, keep_as)
+            else:
+                path.unlink(missing_ok=True)
+        self.notes.append(note)
+        _log.warning("%s", note)
+        warnings.warn(note, KidsegWarning, stacklevel=3)
+        return None
 
     def drop_draft(self, row: CaseRow):
         """Forget a draft (to redraft it with other models)."""
@@ -360,32 +455,52 @@ class Worklist:
                 row.status = "new"
             self.save()
 
-    def save_edits(self, row: CaseRow, labels: np.ndarray, reviewed_slices=(), seconds: float = 0.0):
-        """Autosave: the labels as corrected so far and the slices reviewed (atomic). The volumes in
-        the table are measured when a case is drafted and when it is marked reviewed, not here:
-        an autosave has to be quick."""
+    def edits_backup_path(self, row: CaseRow) -> Path:
+        """The autosave before the last one: what loads when the last one is unreadable."""
+        return self.state_dir / "edits" / f"{row.key}.bak.npz"
+
+    def save_edits(self, row: CaseRow, labels: np.ndarray, reviewed_slices=(), seconds: float = 0.0, ct=None):
+        """Autosave: the labels as corrected so far and the slices reviewed (atomic; the previous
+        autosave is kept as the last good copy). The volumes in the table are measured when a case
+        is drafted and when it is marked reviewed, not here: an autosave has to be quick."""
         if self.read_only:
             return
-        with files.atomic_path(self.edits_path(row), overwrite=True) as tmp:
+        path = self.edits_path(row)
+        identity = ct_identity(ct) if ct is not None else self._identity.get(row.case, "")
+        with files.atomic_path(path, overwrite=True) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, labels=labels, reviewed=np.array(sorted(reviewed_slices), np.int32))
+                np.savez_compressed(
+                    fh, labels=labels, reviewed=np.array(sorted(reviewed_slices), np.int32), ct=np.array(identity)
+                )
+            if path.exists():  # killed from here to the rename: the copy loads
+                os.replace(path, self.edits_backup_path(row))
         row.seconds = float(seconds)
         if row.status != "reviewed":
             row.status = "in review"
         row.reviewer = row.reviewer or self.reviewer
         self.save()
 
-    def load_edits(self, row: CaseRow):
-        """The autosaved ``(labels, reviewed slices)`` of a case, or None."""
-        path = self.edits_path(row)
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return f["labels"], {int(z) for z in f["reviewed"]}
-        except (OSError, ValueError, KeyError) as exc:
-            _log.warning("%s: unreadable autosave (%s)", path, exc)
-            return None
+    def load_edits(self, row: CaseRow, ct=None):
+        """The autosaved ``(labels, reviewed slices)`` of a case, or None. An unreadable autosave
+        is kept aside and its last good copy loads; edits made on another CT than the case's file
+        holds now are kept aside too (with a note), not laid over this one."""
+        for path in (self.edits_path(row), self.edits_backup_path(row)):
+            if not path.exists():
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    labels, reviewed = f["labels"], {int(z) for z in f["reviewed"]}
+                    identity = str(f["ct"]) if "ct" in f else ""
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                aside = path.with_name(f"{path.name}.unreadable")
+                self._drop(row, path, f"its autosave was unreadable ({type(exc).__name__})", keep_as=aside)
+                continue
+            if not self._same_ct(row, ct, identity, labels.shape):
+                aside = path.with_name(f"{path.name}.other-ct")
+                self._drop(row, path, "its autosaved edits were made on another CT than its file holds now", aside)
+                continue
+            return labels, reviewed
+        return None
 
     def mark_reviewed(self, row: CaseRow, ct, labels, export_dir, *, seconds=None, **export_kwargs) -> Path:
         """Export the case (KiTS layout + manifest; DICOM SEG for a DICOM CT) and mark it reviewed."""
@@ -414,12 +529,68 @@ class Worklist:
         row.largest_tumor_mm = round(m["total"]["tumor_diameter_mm"], 1)
 
 
-def _keep_draft(result, cascade, path) -> dict:
+def ct_identity(ct: volumes.Volume) -> str:
+    """What a draft or an autosave records of the CT it was made from: its grid and a digest of
+    its voxels (every 4th row and column of every slice), so that a case file replaced by another
+    scan, on the same grid or not, is noticed."""
+    arr = ct.array
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr((arr.shape, str(arr.dtype), ct.geometry)).encode())
+    digest.update(np.ascontiguousarray(arr[:, ::4, ::4]).data)
+    return "x".join(str(s) for s in arr.shape) + ":" + digest.hexdigest()
+
+
+def _identity_shape(identity: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in identity.split(":")[0].split("x"))
+
+
+def _valid_fields(row: dict) -> dict:
+    """The fields of a saved row that have the type CaseRow gives them (a hand-edited or damaged
+    state.json cannot put a list where a volume goes)."""
+    out = {}
+    for f in dataclasses.fields(CaseRow):
+        if f.name not in row:
+            continue
+        v = row[f.name]
+        if f.name == "status":
+            ok = v in STATUSES
+        elif f.type in ("float | None",):
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        elif f.type == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif f.type == "str | None":
+            ok = v is None or isinstance(v, str)
+        else:
+            ok = isinstance(v, str)
+        if ok:
+            out[f.name] = v
+    return out
+
+
+def _create_whole(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text``, never seen half written; FileExistsError when it exists."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        try:
+            os.link(tmp, path)  # atomic, and fails when the path exists
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: create exclusively, then write
+            fd2 = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd2, "w") as fh:
+                fh.write(text)
+    finally:
+        os.unlink(tmp)
+
+
+def _keep_draft(result, cascade, path, identity: str = "") -> dict:
     from .metrics import measurements
 
     models = models_label(cascade.coarse_path, cascade.refine_path)
     if path is not None:
-        result.save_probabilities(path, overwrite=True, note={"models": models})
+        result.save_probabilities(path, overwrite=True, note={"models": models, "ct": identity})
     return {"models": models, "measurements": measurements(result.fuse(), result.spacing)}
 
 
@@ -451,7 +622,7 @@ def draft_case(ct_path, series_uid, draft_path, coarse=None, refine=None, device
         cascade = _PROCESS_CASCADES[key]
         ct = volumes.read_ct(ct_path, series_uid=series_uid)
         result = cascade.run(ct.array, ct.geometry.spacing)
-        return _keep_draft(result, cascade, Path(draft_path))
+        return _keep_draft(result, cascade, Path(draft_path), ct_identity(ct))
     except KidsegError as exc:
         return {"error": str(exc)}
 
