@@ -85,14 +85,22 @@ class KidsegWorker(WorkerPlugin):
 
     name = "napari-kidseg"
 
-    def __init__(self, models: tuple | None = None, torch_threads: int | None = None, nice: int = 0):
+    def __init__(self, models=None, torch_threads: int | None = None, nice: int = 0, local: bool = False):
         self.models = models  # (coarse, refine, device[, batch size]), as cascade.cached_cascade takes them
         self.torch_threads = torch_threads
         self.nice = nice
+        self.local = local
 
     def setup(self, worker):
+        import signal
+        import threading
+
         import torch
 
+        if self.local and threading.current_thread() is threading.main_thread():
+            # a terminal's Ctrl-C reaches the local workers too: the command that started them
+            # shuts them down (a traceback from each one would say nothing)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.nice:
             with contextlib.suppress(OSError, AttributeError):
                 os.nice(self.nice)
@@ -154,7 +162,7 @@ class DaskCluster:
                 )
             self.client = Client(self.local, set_as_default=False)
         try:
-            self.client.register_plugin(KidsegWorker(models, torch_threads, nice))
+            self.client.register_plugin(KidsegWorker(models, torch_threads, nice, local=self.local is not None))
         except BaseException:
             self.close()
             raise

@@ -227,7 +227,13 @@ def test_ctrl_c_shuts_the_local_cluster_down_and_leaves_nothing_half_written(tmp
     folder = _write_cases(tmp_path / "cases", 10, seed=110, matrix=128, max_slices=40)
     cmd = [sys.executable, "-m", "napari_kidseg.cli", "draft", str(folder), *_tiny(tiny_checkpoints)]
     proc = subprocess.Popen(
-        [*cmd, "--cluster", "local:2"], stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path
+        [*cmd, "--cluster", "local:2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tmp_path,
+        # a shell's background jobs (CI's, say) inherit SIGINT ignored: give the command a terminal's
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines, children = [], []
     deadline = time.monotonic() + 240
