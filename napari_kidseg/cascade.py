@@ -562,3 +562,15 @@ class Cascade:
             import torch
 
             torch.cuda.synchronize()
+
+
+_PROCESS_CASCADES: dict = {}  # a drafting process or a cluster worker keeps its loaded models between cases
+
+
+def cached_cascade(coarse=None, refine=None, device="auto", batch_size=None) -> Cascade:
+    """The Cascade of these models in this process, loaded on the first call only: a drafting
+    process and every Dask worker load their models once, not once per case."""
+    key = (None if coarse is None else str(coarse), None if refine is None else str(refine), device, batch_size)
+    if key not in _PROCESS_CASCADES:
+        _PROCESS_CASCADES[key] = Cascade(coarse, refine, device=device, batch_size=batch_size)
+    return _PROCESS_CASCADES[key]

@@ -157,8 +157,8 @@ def _prediction_jobs(src: Path, out: Path):
 
 
 def cmd_predict(args) -> int:
-    from . import files, volumes
-    from .cascade import Cascade
+    from . import files
+    from .batch import PredictSettings
 
     jobs = _prediction_jobs(Path(args.input), Path(args.output))
     report_csv = _batch_report_path(Path(args.output), jobs) if args.report else None
@@ -168,6 +168,36 @@ def cmd_predict(args) -> int:
             raise KidsegError("is an input CT; the labels must go elsewhere (even with --overwrite)", target)
         if target.exists() and not args.overwrite:
             raise KidsegError("already exists; not overwriting it (use --overwrite)", target)
+    settings = PredictSettings(
+        args.alpha,
+        args.kidney_threshold,
+        args.tumor_threshold,
+        anatomy_check=not args.no_anatomy_check,
+        mirror=args.mirror,
+        series=args.series,
+        save_probabilities=args.save_probabilities,
+        report=bool(report_csv),
+        overwrite=args.overwrite,
+    )
+    if args.cluster is not None:
+        report_rows, failed = _predict_on_cluster(args, jobs, settings)
+    else:
+        report_rows, failed = _predict_here(args, jobs, settings), 0
+    if report_csv:
+        from .report import rows_to_csv
+
+        with files.atomic_path(report_csv, overwrite=args.overwrite) as tmp:
+            tmp.write_text(rows_to_csv(report_rows))
+        print(f"kidseg: wrote {report_csv} ({len(report_rows)} case(s))", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _predict_here(args, jobs, settings) -> list:
+    """One input after another in this process; the report rows."""
+    from . import volumes
+    from .batch import predict_case
+    from .cascade import Cascade
+
     report_rows = []
     cascade = None
     for src, target in jobs:
@@ -180,50 +210,63 @@ def cmd_predict(args) -> int:
                 file=sys.stderr,
             )
         bar = _ProgressBar(src.name)
-        result = cascade.run(ct.array, ct.geometry.spacing, progress=bar, mirror=args.mirror)
+        out = predict_case(src, target, settings, cascade, ct=ct, progress=bar)
         bar.close()
-        labels = result.fuse(
-            args.alpha, args.kidney_threshold, args.tumor_threshold, anatomy_check=not args.no_anatomy_check
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        volumes.write_labels(target, labels, ct, overwrite=args.overwrite)
         _WRITTEN.append(target)
-        if args.save_probabilities:
-            result.save_probabilities(
-                target.parent / (target.name.split(".")[0] + "_probabilities.npz"), overwrite=args.overwrite
-            )
-        notes = list(result.messages)
-        if result.verdict is not None and not args.no_anatomy_check:
-            notes += result.verdict.summary()
-        for msg in notes:
-            print(f"kidseg: note: {src}: {msg}", file=sys.stderr)
-        from .metrics import measurements
+        _print_predicted(src, out)
+        report_rows.append(out["report_row"])
+    return report_rows
 
-        m = measurements(labels, ct.geometry.spacing)
-        print(
-            f"{target}: kidney {m['total']['kidney_ml']:.1f} mL, tumor {m['total']['tumor_ml']:.1f} mL "
-            f"(largest tumor {m['total']['tumor_diameter_mm']:.0f} mm); "
-            f"{len(result.rois)} kidney ROI(s), {len(result.patches)} refine patches"
-        )
-        if report_csv:
-            from .report import describe_case, summary_row
 
-            provenance = {
-                "coarse": cascade.coarse_path.name,
-                "refine": cascade.refine_path.name,
-                "alpha": args.alpha,
-                "kidney_threshold": args.kidney_threshold,
-                "tumor_threshold": args.tumor_threshold,
-            }
-            report = describe_case(labels, ct.geometry.spacing, ct=ct.array, provenance=provenance)
-            report_rows.append(summary_row(report, str(src)))
-    if report_csv:
-        from .report import rows_to_csv
+def _print_predicted(src, out: dict):
+    for msg in out["notes"]:
+        print(f"kidseg: note: {src}: {msg}", file=sys.stderr)
+    print(out["line"])
 
-        with files.atomic_path(report_csv, overwrite=args.overwrite) as tmp:
-            tmp.write_text(rows_to_csv(report_rows))
-        print(f"kidseg: wrote {report_csv} ({len(report_rows)} case(s))", file=sys.stderr)
-    return 0
+
+def _open_cluster(args, models, what: str):
+    """The Dask cluster of ``--cluster``, its address and dashboard printed."""
+    from .batch import DaskCluster
+
+    cluster = DaskCluster(args.cluster, models=models)
+    print(f"kidseg: {what} on {cluster.describe()}", file=sys.stderr)
+    return cluster
+
+
+def _cluster_progress(progress, case, info):
+    what = f"failed: {info['error']}" if "error" in info else "done"
+    print(f"kidseg: [{progress.line()}] {case.name}: {what}", file=sys.stderr)
+
+
+def _predict_on_cluster(args, jobs, settings):
+    """One task per input on the Dask cluster (``--cluster``); (report rows, failed count)."""
+    import dataclasses
+
+    from .batch import Case, checked_models, predict_outputs, predict_task, run_cases
+
+    models = (*checked_models(args.coarse, args.refine, args.device), args.batch_size)
+    # every target was checked just above; a case retried after its worker died mid-case
+    # replaces what that worker may have renamed into place before dying
+    task_settings = dataclasses.replace(settings, overwrite=True)
+    cases = [
+        Case(str(src), predict_task, (str(src), str(t), task_settings, models), predict_outputs(t, settings))
+        for src, t in jobs
+    ]
+    rows, failed = [], []
+
+    def on_result(case, info):
+        if "error" in info:
+            failed.append(info["error"])
+        else:
+            _print_predicted(case.name, info)
+            rows.append(info["report_row"])
+
+    with _open_cluster(args, models, f"{len(cases)} case(s)") as cluster:
+        progress = run_cases(cluster, cases, on_result=on_result, on_progress=_cluster_progress)
+    print(f"kidseg: {progress.done} case(s) segmented, {progress.failed} failed", file=sys.stderr)
+    for reason in failed:
+        print(f"kidseg: failed: {reason}", file=sys.stderr)
+    return [r for r in rows if r is not None], len(failed)
 
 
 def _batch_report_path(output: Path, jobs) -> Path:
@@ -697,10 +740,17 @@ def cmd_draft(args) -> int:
             print(f"kidseg: note: {note}", file=sys.stderr)
         if wl.read_only:
             raise KidsegError("is open in another napari; drafts would not be kept", wl.state_dir)
-        cascade = Cascade(args.coarse, args.refine, device=args.device)
-        bar = _ProgressBar("drafts")
-        n = draft_all(wl, cascade, progress=lambda d, t, case: bar(d, t, case), redraft=args.redraft)
-        bar.close()
+        if args.cluster is not None:
+            from .batch import checked_models, draft_worklist
+
+            models = checked_models(args.coarse, args.refine, args.device)
+            with _open_cluster(args, models, "drafting") as cluster:
+                n = draft_worklist(wl, cluster, models, redraft=args.redraft, on_progress=_cluster_progress).done
+        else:
+            cascade = Cascade(args.coarse, args.refine, device=args.device)
+            bar = _ProgressBar("drafts")
+            n = draft_all(wl, cascade, progress=lambda d, t, case: bar(d, t, case), redraft=args.redraft)
+            bar.close()
         failed = [r for r in wl.rows if r.status == "failed"]
         print(f"kidseg: {n} case(s) drafted into {wl.state_dir / 'drafts'}; {len(failed)} failed")
         for r in failed:
@@ -865,6 +915,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure each case (volumes, tumor descriptors) into one CSV row per case: "
         "report.csv in the output folder, or LABELS_report.csv beside a single output file",
     )
+    p.add_argument(
+        "--cluster",
+        nargs="?",
+        const="local",
+        metavar="local[:N]|tcp://HOST:PORT",
+        help="one task per case on Dask distributed: a local cluster of N worker processes (default: one "
+        "per GPU, else per core) or an existing scheduler; the workers must see the same files",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -914,6 +972,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine")
     p.add_argument("--device", default="auto")
     p.add_argument("--redraft", action="store_true", help="draft again the cases drafted already")
+    p.add_argument(
+        "--cluster",
+        nargs="?",
+        const="local",
+        metavar="local[:N]|tcp://HOST:PORT",
+        help="one task per case on Dask distributed: a local cluster of N worker processes (default: one "
+        "per GPU, else per core) or an existing scheduler; the workers must see the same files",
+    )
     p.set_defaults(func=cmd_draft)
 
     _add_train_parser(sub)

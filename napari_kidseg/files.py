@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -79,3 +80,17 @@ def atomic_files(path: str | os.PathLike, *, overwrite: bool = False):
         raise KidsegError(f"could not write ({exc.strerror or exc})", path) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_temporaries(path: str | os.PathLike) -> int:
+    """Remove the temporary files :func:`atomic_path` left beside ``path`` when its process was
+    killed mid-write (a Dask worker, a drafting process); how many. Only call it when no one is
+    writing ``path`` any more."""
+    path = Path(path)
+    removed = 0
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed

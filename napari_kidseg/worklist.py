@@ -376,6 +376,12 @@ class Worklist:
     def has_draft(self, row: CaseRow) -> bool:
         return self.draft_path(row).exists()
 
+    def to_draft(self, order=None, *, redraft=False) -> list[int]:
+        """The indices (in ``order``) of the cases a batch drafts: neither reviewed nor failed, and
+        not drafted yet (or drafted, with ``redraft``)."""
+        rows = [(i, self.rows[i]) for i in (order if order is not None else range(len(self.rows)))]
+        return [i for i, r in rows if r.status not in ("reviewed", "failed") and (redraft or not self.has_draft(r))]
+
     def draft(self, row: CaseRow, cascade, *, ct=None, cancel=None, progress=None):
         """Run the cascade on one case and keep its result in the draft cache (atomically: a
         cancelled or failed draft leaves no file). Returns the result, or None when it failed."""
@@ -600,9 +606,6 @@ def models_label(coarse, refine) -> str:
     return " + ".join(f"{Path(p).parent.name}/{Path(p).name}" for p in (coarse, refine))
 
 
-_PROCESS_CASCADES: dict = {}  # a drafting process keeps its loaded models between cases
-
-
 def drafting_process_init():
     """A drafting process runs at low priority: the radiologist's napari comes first."""
     with contextlib.suppress(OSError, AttributeError):
@@ -613,13 +616,10 @@ def draft_case(ct_path, series_uid, draft_path, coarse=None, refine=None, device
     """Draft one case in this process and keep it at ``draft_path`` (atomically); returns what
     :meth:`Worklist.record_draft` takes. Run in a separate process by the widget (drafts ahead),
     so that no long call of the drafting holds the GUI process's interpreter lock."""
-    from .cascade import Cascade
+    from .cascade import cached_cascade
 
     try:
-        key = (coarse, refine, device)
-        if key not in _PROCESS_CASCADES:
-            _PROCESS_CASCADES[key] = Cascade(coarse, refine, device=device)
-        cascade = _PROCESS_CASCADES[key]
+        cascade = cached_cascade(coarse, refine, device)
         ct = volumes.read_ct(ct_path, series_uid=series_uid)
         result = cascade.run(ct.array, ct.geometry.spacing)
         return _keep_draft(result, cascade, Path(draft_path), ct_identity(ct))
@@ -632,12 +632,10 @@ def draft_all(worklist: Worklist, cascade, *, order=None, cancel=None, progress=
     process; returns how many were drafted. What ``kidseg draft`` runs (on a GPU machine overnight,
     say); the widget drafts ahead in another process with :func:`draft_case`."""
     done = 0
-    for i in order if order is not None else range(len(worklist.rows)):
+    for i in worklist.to_draft(order, redraft=redraft):
         if cancel is not None and cancel():
             break
         row = worklist.rows[i]
-        if row.status in ("reviewed", "failed") or (worklist.has_draft(row) and not redraft):
-            continue
         if worklist.draft(row, cascade, cancel=cancel) is not None:
             done += 1
         if progress:

@@ -153,3 +153,24 @@ def test_new_models_mark_older_drafts_and_k_reviewed_cases_start_a_finetune(
     assert started == [str(tmp_path / "export")]
     _quiet(wl, cw, qtbot)
     wl.close_worklist()
+
+
+@pytest.mark.slow
+def test_a_cluster_drafts_the_whole_folder_and_the_rows_fill_in(make_napari_viewer, qtbot, tiny_checkpoints, cases):
+    from napari_kidseg.batch import DaskCluster
+
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl.cluster_edit.setText("local:1")
+    wl.ahead_spin.setValue(1)  # here: only the next case; on a cluster: every case of the folder
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    qtbot.waitUntil(lambda: isinstance(wl._pool, DaskCluster) and bool(wl._drafting), timeout=240_000)
+    assert "on a local cluster with 1 worker(s)" in wl.status.text()
+    assert sorted(wl._drafting) == ["case_00001", "case_00002"]
+    qtbot.waitUntil(lambda: not wl.drafting, timeout=240_000)
+    assert [wl.table.item(i, 1).text() for i in (1, 2)] == ["drafted", "drafted"]
+    assert all(wl.table.item(i, 2).text() for i in (1, 2))  # kidney mL filled in
+    pool = wl._pool
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()
+    assert pool._closed and wl._pool is None

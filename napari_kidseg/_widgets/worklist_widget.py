@@ -97,6 +97,14 @@ class WorklistWidget(QWidget):
         self.ahead_spin.setValue(2)
         self.ahead_spin.setToolTip("How many of the next cases to draft in the background while you review")
         form.addRow("Drafts ahead", self.ahead_spin)
+        self.cluster_edit = QLineEdit()
+        self.cluster_edit.setPlaceholderText("empty: one drafting process here")
+        self.cluster_edit.setToolTip(
+            "local, local:N or tcp://HOST:PORT: draft every case of the folder on Dask distributed (a "
+            "local cluster of N worker processes, or an existing scheduler whose workers see these files) "
+            "instead of the next few here; the rows fill in as the cases end. Taken when a folder opens"
+        )
+        form.addRow("Cluster", self.cluster_edit)
         self.finetune_spin = QSpinBox()
         self.finetune_spin.setRange(0, 100)
         self.finetune_spin.setValue(0)
@@ -474,6 +482,10 @@ class WorklistWidget(QWidget):
         if wl is None or n <= 0 or self._drafting or wl.read_only:
             return
         order, i = [], self.current
+        cluster = self.cluster_edit.text().strip()
+        if cluster:  # the whole folder, not only the next few
+            order = [j for j in wl.to_draft() if j != self.current]
+            i = None
         while len(order) < n and i is not None:
             i = wl.next_todo(i)
             if i is None or i == self.current or i in order:
@@ -495,6 +507,10 @@ class WorklistWidget(QWidget):
             row = wl.rows[i]
             fut = pool.submit(draft_case, str(row.ct_path), row.series_uid, str(wl.draft_path(row)), *models)
             self._drafting[row.case] = fut
+            if cluster:
+                pool.outputs.append(wl.draft_path(row))
+        if cluster:
+            self.status.setText(f"drafting {len(order)} case(s) on {pool.describe()}")
         self._poll.start()
 
     def _start_pool(self):
@@ -510,8 +526,15 @@ class WorklistWidget(QWidget):
         if self._starting_pool:
             return
         self._starting_pool = True
+        cluster = self.cluster_edit.text().strip()
+        cw = self.cascade_widget
+        models = (cw.coarse_edit.text() or None, cw.refine_edit.text() or None, cw.device_combo.currentText())
 
         def job():
+            if cluster:  # Dask distributed; its workers at low priority beside this napari
+                from ..batch import DaskCluster, checked_models
+
+                return DaskCluster(cluster, models=checked_models(*models), nice=10)
             # spawn, not fork: this process holds Qt and torch threads a fork would copy mid-lock
             ctx = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=drafting_process_init)
@@ -528,7 +551,8 @@ class WorklistWidget(QWidget):
 
         def failed(exc):
             self._starting_pool = False
-            self.status.setText(f"no drafting process ({exc!r}): cases are drafted when opened")
+            why = str(exc) if isinstance(exc, KidsegError) else repr(exc)
+            self.status.setText(f"no drafting process ({why}): cases are drafted when opened")
 
         create_worker(job, _connect={"returned": done, "errored": failed})
 
