@@ -378,16 +378,39 @@ class Pacs:
             except (OSError, pydicom.errors.InvalidDicomError):
                 raise KidsegError("is not a DICOM file; nothing was sent", p) from None
         if self.settings.dimse:
-            return self._c_store(datasets)
-        with self._faults("storing (STOW-RS)"):
-            answer = self._client.store_instances(datasets)
-        failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
-        if failed:
-            reason = getattr(failed[0], "FailureReason", "?")
-            raise KidsegError(
-                f"storing (STOW-RS): the server refused {len(failed)} object(s) (reason {reason})", self.url
-            )
+            self._c_store(datasets)
+        else:
+            with self._faults("storing (STOW-RS)"):
+                answer = self._client.store_instances(datasets)
+            failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
+            if failed:
+                reason = getattr(failed[0], "FailureReason", "?")
+                raise KidsegError(
+                    f"storing (STOW-RS): the server refused {len(failed)} object(s) (reason {reason})", self.url
+                )
+        self._check_stored(datasets)
         return [str(ds.SOPInstanceUID) for ds in datasets]
+
+    def _check_stored(self, datasets):
+        """Ask the server for what it was given: a server whose filter drops an object can still
+        answer the store with success (Orthanc does), and a result must not be called sent then."""
+        series = {}
+        for ds in datasets:
+            series.setdefault((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)), set()).add(str(ds.SOPInstanceUID))
+        for (study, uid), sops in series.items():
+            held = self._search(
+                "checking what was stored",
+                self._client.search_for_instances,
+                study_instance_uid=study,
+                series_instance_uid=uid,
+            )
+            missing = sops - {_value(i, "00080018") for i in held}
+            if missing:
+                raise KidsegError(
+                    f"the server answered the store but does not hold {len(missing)} of the {len(sops)} object(s) "
+                    f"of series {uid} (refused by its rules?)",
+                    self.url,
+                )
 
     def _association(self, sop_classes=()):
         from pynetdicom import AE

@@ -37,7 +37,7 @@ def free_port() -> int:
 class Orthanc:
     """``with Orthanc(folder) as server: server.url ...``; ``stop()`` / ``start()`` to fault it."""
 
-    def __init__(self, folder, user=USER, password=PASSWORD, ssl_pem=None):
+    def __init__(self, folder, user=USER, password=PASSWORD, ssl_pem=None, refuse_modality=None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -63,6 +63,13 @@ class Orthanc:
             "SslCertificate": str(ssl_pem or ""),
             "HttpCompressionEnabled": False,
         }
+        if refuse_modality:  # a rule of the server's that drops such objects (STOW still answers success)
+            lua = self.folder / "refuse.lua"
+            lua.write_text(
+                "function ReceivedInstanceFilter(dicom, origin, info)\n"
+                f'  return dicom.Modality ~= "{refuse_modality}"\nend\n'
+            )
+            config["LuaScripts"] = [str(lua)]
         self.config_path = self.folder / "orthanc.json"
         self.config_path.write_text(json.dumps(config))
         self.proc = None

@@ -200,6 +200,7 @@ def test_full_loop_find_fetch_draft_review_seg_and_pdf_back_on_the_server(server
     _no_secret_in(folder=tmp_path / "export")
 
 
+@pytest.mark.slow
 def test_cli_draft_on_a_pacs_fetches_and_drafts(server, tmp_path, tiny_checkpoints, capsys):
     args = ["draft", server.url, "--patient", "PHANTOM-1", "--state", str(tmp_path / "s"), "--device", "cpu"]
     assert main([*args, "--coarse", str(tiny_checkpoints["coarse"]), "--refine", str(tiny_checkpoints["refine"])]) == 0
@@ -370,6 +371,26 @@ def test_a_failed_send_stays_in_the_outbox_and_is_retried_on_the_next_start(own_
     wl = pacs.open_worklist(own_server.url, state)
     assert [r.case for r in wl.rows] == [row.case] and "cannot reach the server" in wl.notes[1]
     wl.close()
+
+
+def test_a_store_the_server_refuses_is_not_called_sent(tmp_path, capsys):
+    """Orthanc's rule drops the SEG yet its STOW-RS answer says stored: the check after the store
+    asks the server, and the result stays in the outbox."""
+    liver = shared_path("realct", "dcmqi-liver-3slice")
+    with orthanc_helper.Orthanc(tmp_path / "strict", refuse_modality="SEG") as strict:
+        strict.upload(sorted(liver.glob("*.dcm")))
+        wl = pacs.open_worklist(strict.url, tmp_path / "state")
+        row = wl.rows[0]
+        ct = wl.read_ct(row)
+        wl.mark_reviewed(row, ct, np.ones(ct.array.shape, np.uint8), tmp_path / "export")
+        assert wl.wait_sent(60)
+        assert row.pacs.startswith("not sent: ") and "does not hold 1 of the 1 object(s)" in row.pacs, row.pacs
+        assert len(wl.outbox.pending()) == 1
+        wl.close()
+        seg = next((tmp_path / "export").rglob("*.seg.dcm"))
+        assert main(["pacs", "push", strict.url, str(seg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "does not hold" in err[0]
 
 
 def test_c_store_where_dimse_is_configured(own_server, tmp_path, monkeypatch, capsys):
