@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import requests
+
 from . import files
 from .errors import Cancelled, KidsegError
 from .worklist import CaseRow, Worklist
@@ -156,7 +158,6 @@ class Pacs:
     """One DICOMweb server (see the module's description)."""
 
     def __init__(self, url: str, settings: Settings | None = None):
-        import requests
         from dicomweb_client.api import DICOMwebClient
 
         parts = urlsplit(url)
@@ -169,7 +170,7 @@ class Pacs:
             )
         self.url = url.rstrip("/")
         self.settings = settings if settings is not None else load_settings()
-        session = requests.Session()
+        session = _Session()
         if self.settings.user:
             session.auth = (self.settings.user, self.settings.password or "")
         session.verify = self.settings.ca_bundle or True
@@ -184,7 +185,6 @@ class Pacs:
     def _faults(self, what: str):
         """Every way a server can fail, as one line naming it (never the credentials)."""
         import pydicom
-        import requests
 
         try:
             yield
@@ -449,6 +449,17 @@ class Pacs:
         finally:
             assoc.release()
         return [str(ds.SOPInstanceUID) for ds in datasets]
+
+
+class _Session(requests.Session):
+    """Every request verifies against the session's CA: requests lets REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE in the environment override a session's ``verify`` (a named hospital CA would
+    be silently ignored where those are set)."""
+
+    def request(self, method, url, **kwargs):
+        if kwargs.get("verify") is None:
+            kwargs["verify"] = self.verify
+        return super().request(method, url, **kwargs)
 
 
 def _check_date(date: str):

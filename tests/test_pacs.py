@@ -241,15 +241,15 @@ def _big_series(tmp_path, n=60):
 
 
 @contextlib.contextmanager
-def _web_page():
-    """A web server that answers every request with an HTML page."""
+def _web_page(body=b"<html><body>Please log in</body></html>", content_type="text/html", tls=None):
+    """A web server that answers every request with one page (``tls``: (certificate, key) files)."""
+    import ssl
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Page(BaseHTTPRequestHandler):
         def do_GET(self):
-            body = b"<html><body>Please log in</body></html>"
             self.send_response(200)
-            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -258,10 +258,14 @@ def _web_page():
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*tls)
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}/dicom-web"
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -444,3 +448,55 @@ def test_concurrent_fetches_of_one_series_keep_one_complete_folder(server, tmp_p
 def test_the_dates_are_checked_before_asking(server, capsys):
     assert main(["pacs", "find", server.url, "--date", "2026-11-30"]) == 2
     assert "is not YYYYMMDD or YYYYMMDD-YYYYMMDD" in capsys.readouterr().err
+
+
+def test_https_verifies_the_certificate_and_takes_a_named_ca(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (to make the test server's certificate)")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    # Orthanc 1.10's HTTPS resets connections after the handshake here, so a Python server stands
+    # in for the hospital's: it answers QIDO-RS with an empty list of studies
+    with _web_page(b"[]", "application/dicom+json", tls=(cert, key)) as url:
+        assert main(["pacs", "ping", url]) == 2  # a self-signed certificate: not trusted, no fallback
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "certificate is not trusted" in err[0]
+        monkeypatch.setenv(pacs.ENV_CA_BUNDLE, str(cert))
+        assert main(["pacs", "ping", url]) == 0
+        assert "QIDO-RS: answers" in capsys.readouterr().out
+        monkeypatch.setenv(pacs.ENV_CA_BUNDLE, str(tmp_path / "nowhere.pem"))
+        assert main(["pacs", "ping", url]) == 2
+        assert "no such CA bundle" in capsys.readouterr().err
+
+
+@pytest.mark.gui
+def test_the_case_worklist_widget_reviews_a_pacs_and_sends_back(make_napari_viewer, qtbot, server, tiny_checkpoints):
+    from napari_kidseg._widgets.cascade_widget import CascadeWidget
+    from napari_kidseg._widgets.worklist_widget import WorklistWidget
+
+    viewer = make_napari_viewer()
+    cw = CascadeWidget(viewer)
+    qtbot.addWidget(cw)
+    cw.coarse_edit.setText(str(tiny_checkpoints["coarse"]))
+    cw.refine_edit.setText(str(tiny_checkpoints["refine"]))
+    cw.device_combo.setCurrentText("cpu")
+    w = WorklistWidget(viewer, cascade_widget=cw)
+    qtbot.addWidget(w)
+    w.ahead_spin.setValue(0)
+    assert w.open_folder(pacs.Query(server.url, description="phantom")) is not None
+    assert w.table.rowCount() == 1 and not w.retry_btn.isHidden()
+    try:
+        qtbot.waitUntil(lambda: w._opening is None and cw._worker is None and cw.session is not None, timeout=300_000)
+    except Exception:
+        raise AssertionError(f"status: {w.status.text()!r}; rows: {w.worklist.rows}") from None
+    assert w.worklist.is_fetched(w.worklist.rows[0])
+    assert w.mark_reviewed() is not None
+    assert w.worklist.wait_sent(60)
+    qtbot.waitUntil(lambda: "sent to the PACS" in w.table.item(0, 1).text(), timeout=10_000)
+    w.close_worklist()
