@@ -1,6 +1,7 @@
-"""How fast a series comes from a PACS: a 512 x 512 x N phantom CT written as a DICOM series,
-uploaded to a local Orthanc (started here like the tests start theirs), fetched with
-``napari_kidseg.pacs.Pacs.fetch`` (WADO-RS, atomic) and read; prints a markdown table.
+"""How fast a series comes from a PACS: a 512 x 512 x N CT series (one real slice of
+``../shared/data/realct/dcmqi-liver-3slice`` at N positions 1 mm apart, uncompressed 16 bit, as
+a CT's slices travel), uploaded to a local Orthanc (started here like the tests start theirs),
+fetched with ``napari_kidseg.pacs.Pacs.fetch`` (WADO-RS, atomic) and read; prints a markdown table.
 
     python benchmarks/bench_pacs_fetch.py [--slices 300] [--repeats 3]
 
@@ -20,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import orthanc_server  # noqa: E402 (the tests' helper, found through the path above)
 
+SLICE = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dcmqi-liver-3slice" / "01.dcm"
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
-    ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     why = orthanc_server.missing()
@@ -32,17 +34,16 @@ def main(argv=None) -> int:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
     from napari_kidseg import pacs, volumes
-    from napari_kidseg.phantom import make_phantom
 
     os.environ[pacs.ENV_USER], os.environ[pacs.ENV_PASSWORD] = orthanc_server.USER, orthanc_server.PASSWORD
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ[pacs.ENV_CONFIG] = str(tmp / "none.json")
-        ph = make_phantom(7, matrix=args.matrix, max_slices=args.slices, min_slices=args.slices, slice_thickness=1.0)
-        ct = ph.ct
-        series = orthanc_server.write_dicom_series(ct, tmp / "series", description="benchmark phantom")
+        series, _, _ = orthanc_server.repeated_series(SLICE, tmp / "series", args.slices)
+        print(f"wrote {args.slices} slices", file=sys.stderr, flush=True)
         with orthanc_server.Orthanc(tmp / "orthanc") as server:
             server.upload(sorted(series.glob("*.dcm")))
+            print("uploaded", file=sys.stderr, flush=True)
             client = pacs.Pacs(server.url)
             (info,) = client.find()
             rows = []
@@ -54,10 +55,9 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 got = volumes.read_ct(dest)
                 read_s = time.perf_counter() - t1
-                assert got.array.shape == ct.array.shape
+                shape = "x".join(str(v) for v in got.array.shape[::-1])
                 mb = client.last_fetch["bytes"] / 1e6
                 rows.append((k + 1, info.slices, mb, fetch_s, mb / fetch_s, read_s))
-    shape = "x".join(str(s) for s in ct.array.shape[::-1])
     print(f"series {shape} (x, y, slices), {os.cpu_count()} CPU(s), Orthanc on loopback\n")
     print("| run | instances | MB | fetch s | MB/s | read CT s |")
     print("|---|---|---|---|---|---|")

@@ -167,3 +167,25 @@ def write_dicom_series(ct, folder, *, patient_id="PHANTOM-1", description="phant
         ds.PixelData = stored[k].tobytes()
         ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
     return folder
+
+
+def repeated_series(slice_file, out, n: int) -> tuple[Path, str, str]:
+    """A series of ``n`` copies of one real slice, 1 mm apart (new series and instance UIDs, same
+    study): a long series without a long CT to hand. Returns (folder, series UID, study UID)."""
+    import copy
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    first = pydicom.dcmread(slice_file)
+    series = generate_uid()
+    out = Path(out)
+    out.mkdir(parents=True)
+    for k in range(n):
+        ds = copy.deepcopy(first)  # a shallow copy would share (and shift) the first's elements
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [*first.ImagePositionPatient[:2], float(first.ImagePositionPatient[2]) + k]
+        ds.InstanceNumber = k + 1
+        ds.save_as(out / f"{k:04d}.dcm")
+    return out, series, str(first.StudyInstanceUID)

@@ -5,7 +5,6 @@ find -> pull -> draft -> mark reviewed -> SEG and PDF on the server, read back; 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import shutil
@@ -221,23 +220,8 @@ def own_server(tmp_path):
 
 def _big_series(tmp_path, n=60):
     """A 512 x 512 x n series: big enough that stopping the server cuts its answer short."""
-    import pydicom
-
     src = sorted(shared_path("realct", "dcmqi-liver-3slice").glob("*.dcm"))[0]
-    from pydicom.uid import generate_uid
-
-    first = pydicom.dcmread(src)
-    series = generate_uid()
-    out = tmp_path / "big"
-    out.mkdir()
-    for k in range(n):
-        ds = copy.deepcopy(first)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.ImagePositionPatient = [*first.ImagePositionPatient[:2], float(first.ImagePositionPatient[2]) + k]
-        ds.InstanceNumber = k + 1
-        ds.save_as(out / f"{k:03d}.dcm")
-    return out, series, str(first.StudyInstanceUID)
+    return orthanc_helper.repeated_series(src, tmp_path / "big", n)
 
 
 @contextlib.contextmanager
