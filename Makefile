@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # dicom3tools gives dciodvfy, which checks the DICOM SEG files the tests write.
 DEBS   := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 \
           libxcb-image0 libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxcb-xfixes0 libxcb-cursor0 \
-          libfontconfig1 libdbus-1-3 dicom3tools
+          libfontconfig1 libdbus-1-3 dicom3tools orthanc orthanc-dicomweb
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test test-fast fuzz lint setup system-deps bench clean

@@ -62,6 +62,8 @@ class CaseRow:
     seconds: float = 0.0  # time spent reviewing it
     reviewer: str = ""
     models: str = ""  # the models that made its draft
+    study_uid: str | None = None  # a series on a PACS: its study (napari_kidseg.pacs)
+    pacs: str = ""  # what became of its results sent to the PACS (sent, or "not sent: reason")
 
     @property
     def ct_path(self) -> Path:
@@ -162,13 +164,15 @@ def default_state_dir(folder) -> Path:
 class Worklist:
     """A folder's cases and their review state; see the module's description."""
 
+    gone_reason = "deleted from the folder"  # a case listed before and not found now
+
     def __init__(self, folder, state_dir=None, reviewer: str | None = None):
         self.folder = Path(folder).resolve()
         self.notes: list[str] = []
         self.state_dir = Path(state_dir).resolve() if state_dir else default_state_dir(self.folder)
         if not state_dir and not str(self.state_dir).startswith(str(self.folder)):
             self.notes.append(f"{self.folder} is read-only: the worklist's state is kept in {self.state_dir}")
-        self.rows = find_cases(self.folder, self.state_dir)
+        self.rows = self._find_rows()
         self.reviewer = reviewer or _os_user()
         try:
             for sub in ("", "drafts", "edits"):
@@ -184,6 +188,17 @@ class Worklist:
         self._identity: dict[str, str] = {}  # case -> identity of its CT as last read (ct_identity)
         self._load_state()
         self.save()
+
+    def _find_rows(self) -> list[CaseRow]:
+        return find_cases(self.folder, self.state_dir)
+
+    def ready_for_draft(self, indices) -> list[int]:
+        """Of these cases, those that can be drafted now (a PACS worklist fetches the others)."""
+        return list(indices)
+
+    def row_note(self, row: CaseRow) -> str:
+        """What the table adds to a case's status (a PACS worklist: fetch progress, sends)."""
+        return ""
 
     # ------------------------------------------------------------ lock
     @property
@@ -273,13 +288,13 @@ class Worklist:
                 for k, v in old.items():
                     if k in fields and k not in ("case", "source", "kind", "series_uid"):
                         setattr(row, k, v)
-            if row.status == "failed" and row.reason.startswith("deleted"):
+            if row.status == "failed" and row.reason == self.gone_reason:
                 row.status, row.reason = "new", ""  # it is back
         for old in saved.values():  # listed before, gone from the folder now
             if not all(isinstance(old.get(k), str) for k in ("case", "source", "kind")):
                 continue  # a recovered row without its paths: nothing to list
             row = CaseRow(**{k: v for k, v in old.items() if k in fields})
-            row.status, row.reason = "failed", "deleted from the folder"
+            row.status, row.reason = "failed", self.gone_reason
             self.rows.append(row)
         self.rows.sort(key=lambda r: r.case)
         cases = [r.case for r in self.rows]

@@ -78,12 +78,15 @@ class WorklistWidget(QWidget):
         form = QFormLayout()
         row = QHBoxLayout()
         self.folder_edit = QLineEdit()
-        self.folder_edit.setPlaceholderText("a folder of CTs, KiTS cases or DICOM series")
+        self.folder_edit.setPlaceholderText("a folder of CTs, KiTS cases or DICOM series, or a DICOMweb URL")
         browse = QPushButton("...")
         browse.clicked.connect(self._browse)
+        self.pacs_btn = QPushButton("PACS...")
+        self.pacs_btn.setToolTip("Review the CT series a DICOMweb PACS finds (patient, date, description)")
+        self.pacs_btn.clicked.connect(self._choose_pacs)
         self.open_btn = QPushButton("Open")
         self.open_btn.clicked.connect(lambda: self.open_folder(self.folder_edit.text().strip()))
-        for w in (self.folder_edit, browse, self.open_btn):
+        for w in (self.folder_edit, browse, self.pacs_btn, self.open_btn):
             row.addWidget(w)
         form.addRow("Folder", row)
         self.state_edit = QLineEdit()
@@ -143,7 +146,12 @@ class WorklistWidget(QWidget):
             "models than the Kidney cascade widget's (after a fine-tune, say)"
         )
         self.redraft_older_btn.clicked.connect(self.redraft_older)
-        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn, self.redraft_older_btn):
+        self.retry_btn = QPushButton("Retry sends")
+        self.retry_btn.setToolTip("Send again the results the PACS did not take (rows 'not sent: ...')")
+        self.retry_btn.clicked.connect(self.retry_sends)
+        self.retry_btn.setVisible(False)
+        for b in (self.prev_btn, self.next_btn, self.reviewed_btn, self.redraft_btn, self.redraft_older_btn,
+                  self.retry_btn):  # fmt: skip
             row.addWidget(b)
         lay.addLayout(row)
         self.prev_btn.clicked.connect(self.previous_case)
@@ -174,6 +182,9 @@ class WorklistWidget(QWidget):
         self._poll = QTimer(self)  # takes in the drafts the drafting process finishes
         self._poll.setInterval(200)
         self._poll.timeout.connect(self._poll_drafts)
+        self._pacs_poll = QTimer(self)  # a PACS worklist: fetches and sends done in its threads
+        self._pacs_poll.setInterval(500)
+        self._pacs_poll.timeout.connect(self._poll_pacs)
         self._bind_keys()
         # closing napari destroys this widget: end the drafting process and give the lock back
         # (through this dict: the lambda must not touch Qt objects that are being destroyed)
@@ -207,6 +218,27 @@ class WorklistWidget(QWidget):
         if folder:
             self.folder_edit.setText(folder)
             self.open_folder(folder)
+
+    def _choose_pacs(self):
+        from .pacs_dialog import ask_pacs_query
+
+        query = ask_pacs_query(self, self.folder_edit.text().strip())
+        if query is not None:
+            self.open_folder(query)
+
+    def _poll_pacs(self):
+        wl = self.worklist
+        if wl is not None and getattr(wl, "changed", False):
+            wl.changed = False
+            self._refresh_table()
+            self._draft_ahead()  # the series fetched meanwhile can be drafted now
+
+    def retry_sends(self):
+        """Send again, in the background, what waits in a PACS worklist's outbox."""
+        wl = self.worklist
+        if wl is not None and hasattr(wl, "retry_outbox") and not wl.read_only:
+            wl.retry_outbox()
+            self.status.setText(f"retrying {len(wl.outbox.pending())} send(s) to the PACS")
 
     def _bind_keys(self):
         actions = {
@@ -265,22 +297,27 @@ class WorklistWidget(QWidget):
             return c
 
     # ------------------------------------------------------------------ the folder
-    def open_folder(self, folder: str, state_dir: str | None = None):
-        from ..worklist import Worklist
+    def open_folder(self, folder, state_dir: str | None = None):
+        """Open a worklist on a folder, a DICOMweb URL or a :class:`napari_kidseg.pacs.Query`."""
+        from ..pacs import open_worklist
 
         if not folder:
             self._notify("choose a folder of cases first", error=True)
             return None
         self.close_worklist()
         try:
-            wl = Worklist(
+            wl = open_worklist(
                 folder, state_dir or self.state_edit.text().strip() or None, self.reviewer_edit.text() or None
             )
         except KidsegError as exc:
             self._notify(str(exc), error=True)
             return None
         self.worklist = self._holder["worklist"] = wl
-        self.folder_edit.setText(str(wl.folder))
+        pacs = getattr(wl, "query", None)
+        self.folder_edit.setText(pacs.url if pacs else str(wl.folder))
+        self.retry_btn.setVisible(pacs is not None)
+        if pacs is not None:
+            self._pacs_poll.start()
         if not self.reviewer_edit.text():
             self.reviewer_edit.setText(wl.reviewer)
         self.note.setText("\n".join(wl.notes))
@@ -298,6 +335,7 @@ class WorklistWidget(QWidget):
         self.autosave()
         self.stop_drafting()
         self._periodic.stop()
+        self._pacs_poll.stop()
         if self.worklist is not None:
             self.worklist.close()
         self.worklist = self._holder["worklist"] = None
@@ -317,6 +355,7 @@ class WorklistWidget(QWidget):
                 "status": r.status
                 + (" (older models)" if older else "")
                 + (f": {r.reason}" if r.reason else "")
+                + (f" ({wl.row_note(r)})" if wl.row_note(r) else "")
                 + (" *" if i == self.current else ""),
                 "right_kidney_ml": r.right_kidney_ml,
                 "left_kidney_ml": r.left_kidney_ml,
@@ -494,6 +533,7 @@ class WorklistWidget(QWidget):
                 order.append(i)
             elif len(order) + 1 >= n:
                 break
+        order = wl.ready_for_draft(order)  # a PACS worklist fetches the others first
         if not order:
             return
         if self._pool is None:  # start the process from a worker thread, then come back here
@@ -631,7 +671,8 @@ class WorklistWidget(QWidget):
             return None
         self.autosave()
         self._refresh_table()
-        self._notify(f"{row.case} reviewed and exported to {case_dir}")
+        sending = "; sending the DICOM SEG and the report to the PACS" if row.pacs else ""
+        self._notify(f"{row.case} reviewed and exported to {case_dir}{sending}")
         self._reviewed_since_finetune += 1
         k = self.finetune_spin.value()
         if k and self._reviewed_since_finetune >= k and not cw.busy:
