@@ -480,10 +480,19 @@ class Worklist:
         """The autosave before the last one: what loads when the last one is unreadable."""
         return self.state_dir / "edits" / f"{row.key}.bak.npz"
 
-    def save_edits(self, row: CaseRow, labels: np.ndarray, reviewed_slices=(), seconds: float = 0.0, ct=None):
+    def save_edits(
+        self,
+        row: CaseRow,
+        labels: np.ndarray,
+        reviewed_slices=(),
+        seconds: float = 0.0,
+        measured: dict | None = None,
+        ct=None,
+    ):
         """Autosave: the labels as corrected so far and the slices reviewed (atomic; the previous
-        autosave is kept as the last good copy). The volumes in the table are measured when a case
-        is drafted and when it is marked reviewed, not here: an autosave has to be quick."""
+        autosave is kept as the last good copy). An autosave has to be quick, so it measures
+        nothing itself: ``measured`` (metrics.measurements of these labels, as the Review box has
+        them) updates the row's volumes."""
         if self.read_only:
             return
         path = self.edits_path(row)
@@ -496,6 +505,8 @@ class Worklist:
             if path.exists():  # killed from here to the rename: the copy loads
                 os.replace(path, self.edits_backup_path(row))
         row.seconds = float(seconds)
+        if measured is not None:
+            self._measure(row, measured)
         if row.status != "reviewed":
             row.status = "in review"
         row.reviewer = row.reviewer or self.reviewer
@@ -530,9 +541,11 @@ class Worklist:
 
         if self.read_only:
             raise KidsegError("is open read-only in this napari (another one holds it)", self.state_dir)
+        own = Path(row.case).name  # a KiTS case keeps its name in the export (else the next free case_NNNNN)
         case_dir = export_correction(
-            Path(export_dir), ct, labels, whole_case_reviewed=True, update=True, **export_kwargs
-        )
+            Path(export_dir), ct, labels, whole_case_reviewed=True, update=True,
+            case_id=own if volumes.CASE_RE.match(own) else None, **export_kwargs,
+        )  # fmt: skip
         row.status, row.reason = "reviewed", ""
         row.reviewer = row.reviewer or self.reviewer
         if seconds is not None:

@@ -149,3 +149,22 @@ def test_mark_reviewed_exports_and_counts(folder, tiny_cascade, tmp_path):
     assert wl.mark_reviewed(row, ct, labels, tmp_path / "export") == case_dir
     assert wl.next_todo(wl.index_of("kits/case_00000")) != wl.index_of("kits/case_00000")
     wl.close()
+
+
+def test_an_export_keeps_the_worklist_case_name_and_autosaves_carry_the_volumes(tmp_path):
+    from napari_kidseg.metrics import measurements
+
+    root = tmp_path / "cases"
+    case = make_phantom(47, matrix=64, max_slices=16, n_tumors=1)
+    volumes.write_kits_case(root, "case_00007", case.ct, case.labels)
+    wl = Worklist(root)
+    row = wl.rows[0]
+    ct = wl.read_ct(row)
+    labels = case.labels.astype(np.uint8)
+    m = measurements(labels, ct.geometry.spacing)
+    wl.save_edits(row, labels, {3}, 5.0, measured=m)  # the Review box's figures of these labels
+    assert row.right_kidney_ml == round(m["right"]["kidney_ml"], 1) and row.status == "in review"
+    # the export is the worklist's case_00007, not the next free case_00000 (another worklist case)
+    case_dir = wl.mark_reviewed(row, ct, labels, tmp_path / "export")
+    assert case_dir.name == "case_00007"
+    wl.close()

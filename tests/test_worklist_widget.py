@@ -76,6 +76,7 @@ def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
     # close the worklist (as closing napari does) and reopen: the same case, every edit back
     wl.previous_case()
     _shown(wl, cw, qtbot, "case_00000")
+    assert wl.worklist.rows[1].status == "drafted"  # only passed through, never edited: not "in review"
     assert np.array_equal(viewer.layers[LAYER_NAMES["fused"]].data, edited) and 3 in cw.reviewed_slices
     _quiet(wl, cw, qtbot)
     wl.close_worklist()

@@ -73,6 +73,8 @@ class WorklistWidget(QWidget):
         self.last_open_seconds = None  # from Next to the draft on screen (benchmarks read it)
         self.last_open_times = {}  # and when each step of that ended (s after Next)
         self._reviewed_since_finetune = 0
+        self._touched = False  # the open case was edited since it opened
+        self._reviewed_at_open = set()
 
         lay = QVBoxLayout(self)
         form = QFormLayout()
@@ -378,12 +380,17 @@ class WorklistWidget(QWidget):
         return self._seconds_before + (time.perf_counter() - self._case_started if self.current is not None else 0.0)
 
     def _edits_to_save(self):
-        """``(row, labels copy, reviewed slices, seconds)`` of the open case, or None."""
+        """``(row, labels copy, reviewed slices, seconds, measurements)`` of the open case, or None
+        when nothing was edited or marked reviewed since it opened (a case only passed through
+        stays as it was: not "in review")."""
         wl, cw = self.worklist, self._cascade_widget
         if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
             return None
+        if not self._touched and set(cw.reviewed_slices) == self._reviewed_at_open:
+            return None
         cw.session.sync_edits()
-        return wl.rows[self.current], cw.session.labels.copy(), cw.session.reviewed_slices(), self._elapsed()
+        measured = cw.measurements if "measurements" not in cw.pending_work else None  # None: stale
+        return wl.rows[self.current], cw.session.labels.copy(), cw.session.reviewed_slices(), self._elapsed(), measured
 
     def autosave(self):
         """Save the open case's labels and reviewed slices (atomic); a failure keeps the edits in
@@ -401,6 +408,7 @@ class WorklistWidget(QWidget):
         return True
 
     def _on_edit(self, event=None):
+        self._touched = True
         self._autosave_timer.start()
 
     def open_case(self, index: int):
@@ -491,8 +499,7 @@ class WorklistWidget(QWidget):
         self.current = wl.current = index
         self._seconds_before = row.seconds
         self._case_started = time.perf_counter()
-        if row.status in ("new", "drafted"):
-            row.status = "in review"
+        self._touched, self._reviewed_at_open = False, set(reviewed)  # "in review" once edited (autosave)
         row.reviewer = row.reviewer or self.reviewer_edit.text() or wl.reviewer
         wl.save()
         self._refresh_table()
