@@ -347,9 +347,14 @@ def _running(cluster, futures, handled) -> int:
     keys = {f.key for f in futures if f.key not in handled}
     try:
         processing = cluster.client.processing()
+        workers = cluster.client.scheduler_info().get("workers", {})
     except Exception:
         return 0
-    return sum(k in keys for ks in processing.values() for k in ks)
+    # a worker is sent a little more than it has threads for: count at most its threads
+    return sum(
+        min(sum(k in keys for k in ks), int(workers.get(w, {}).get("nthreads", len(ks))))
+        for w, ks in processing.items()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
