@@ -176,7 +176,7 @@ class DaskCluster:
 
     @property
     def n_workers(self) -> int:
-        return len(self.client.scheduler_info().get("workers", {}))
+        return len(self.client.nthreads())  # every worker (scheduler_info lists only a few)
 
     def describe(self) -> str:
         n = self.n_workers
@@ -347,14 +347,11 @@ def _running(cluster, futures, handled) -> int:
     keys = {f.key for f in futures if f.key not in handled}
     try:
         processing = cluster.client.processing()
-        workers = cluster.client.scheduler_info().get("workers", {})
+        threads = cluster.client.nthreads()
     except Exception:
         return 0
     # a worker is sent a little more than it has threads for: count at most its threads
-    return sum(
-        min(sum(k in keys for k in ks), int(workers.get(w, {}).get("nthreads", len(ks))))
-        for w, ks in processing.items()
-    )
+    return sum(min(sum(k in keys for k in ks), int(threads.get(w, len(ks)))) for w, ks in processing.items())
 
 
 # ----------------------------------------------------------------------------------------------
