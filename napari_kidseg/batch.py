@@ -176,7 +176,7 @@ class DaskCluster:
 
     @property
     def n_workers(self) -> int:
-        return len(self.client.scheduler_info().get("workers", {}))
+        return len(self.client.nthreads())  # every worker (scheduler_info lists only a few)
 
     def describe(self) -> str:
         n = self.n_workers
@@ -347,9 +347,11 @@ def _running(cluster, futures, handled) -> int:
     keys = {f.key for f in futures if f.key not in handled}
     try:
         processing = cluster.client.processing()
+        threads = cluster.client.nthreads()
     except Exception:
         return 0
-    return sum(k in keys for ks in processing.values() for k in ks)
+    # a worker is sent a little more than it has threads for: count at most its threads
+    return sum(min(sum(k in keys for k in ks), int(threads.get(w, len(ks)))) for w, ks in processing.items())
 
 
 # ----------------------------------------------------------------------------------------------

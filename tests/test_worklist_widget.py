@@ -164,6 +164,7 @@ def test_a_cluster_drafts_the_whole_folder_and_the_rows_fill_in(make_napari_view
     wl.cluster_edit.setText("local:1")
     wl.ahead_spin.setValue(1)  # here: only the next case; on a cluster: every case of the folder
     wl.open_folder(str(cases))
+    qtbot.waitUntil(lambda: wl.last_open_seconds is not None, timeout=240_000)  # a cluster starting beside it
     _shown(wl, cw, qtbot, "case_00000")
     qtbot.waitUntil(lambda: isinstance(wl._pool, DaskCluster) and bool(wl._drafting), timeout=240_000)
     assert "on a local cluster with 1 worker(s)" in wl.status.text()
