@@ -38,6 +38,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -709,9 +710,9 @@ class PacsWorklist(Worklist):
             with self._fetch_lock:
                 if self.is_fetched(row):
                     return Path(row.source)
-                slices = row.description.rsplit("(", 1)[-1].split()[0]
+                slices = re.search(r"\((\d+) slices\)$", row.description)  # as _find_rows wrote it
                 out = self.pacs.fetch(
-                    row.study_uid, row.series_uid, row.source, expected=int(slices) if slices.isdigit() else None,
+                    row.study_uid, row.series_uid, row.source, expected=int(slices[1]) if slices else None,
                     progress=progress, cancel=cancel,
                 )  # fmt: skip
         except KidsegError as exc:
