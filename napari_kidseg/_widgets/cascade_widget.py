@@ -1183,6 +1183,8 @@ class CascadeWidget(QWidget):
         z = self.current_slice()
         self.session.refuse_slice(z)  # the slice in view, at once
         self.fused_layer.refresh()
+        if z in self.session.frozen_slices():
+            self.status.setText(f"slice {z} is reviewed: kept as reviewed (uncheck 'Reviewed slices' to re-fuse it)")
         self.last_slider_update_ms = (time.perf_counter() - t0) * 1000.0
         self._fuse_timer.start()  # the rest of the volume, off the GUI thread, once the slider rests
 
