@@ -168,14 +168,15 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
 
     def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized schedule
         monkey["kwargs"] = kwargs
-        return real_finetune(*args, **{**kwargs, "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0})
+        return real_finetune(*args, **{**kwargs, "max_steps": 2, "batch_size": 2, "n_replay": 0})
 
     finetuning.finetune_stage = small_finetune
+    real_guard, finetuning.guard_phantoms = finetuning.guard_phantoms, lambda: []  # no phantoms to generate
     try:
         w.finetune_btn.click()
         qtbot.waitUntil(lambda: w._worker is None, timeout=180_000)
     finally:
-        finetuning.finetune_stage = real_finetune
+        finetuning.finetune_stage, finetuning.guard_phantoms = real_finetune, real_guard
     assert "Dice" in w.finetune_label.text(), w.status.text()
     assert w.use_new_btn.isEnabled()
     assert w.versions_combo.count() == 2 and w.versions_combo.itemText(0) == "bundled"
