@@ -544,6 +544,8 @@ def cmd_finetune(args) -> int:
         coarse=args.coarse,
         refine=args.refine,
         device=args.device,
+        schedule=args.schedule,
+        max_steps=args.max_steps,
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size,
@@ -553,6 +555,8 @@ def cmd_finetune(args) -> int:
         holdout_fraction=args.holdout,
         bn_momentum=args.bn_momentum,
         freeze_encoder=args.freeze_encoder,
+        lesson_weight=args.lesson_weight,
+        lesson_mm=args.lesson_mm,
         reviewed_only=not args.all_slices,
         progress=bar,
         log=lambda s: print(s, file=sys.stderr),
@@ -560,13 +564,23 @@ def cmd_finetune(args) -> int:
     bar.close()
     b, a = report["before"], report["after"]
     print(f"{report['folder']}: fine-tuned {' and '.join(stages)} in {report['seconds']['total'] / 60:.1f} min")
-    print(f"scored on {', '.join(report['scored_on'])}" + ("" if report["held_out"] else " (not held out)"))
-    for k in ("kidney_tumor_dice", "tumor_dice", "kits_composite"):
-        print(f"  {k:<20} before {b[k]:.4f}  after {a[k]:.4f}")
+    for stage, stop in report["stopped"].items():
+        print(f"{stage}: stopped at step {stop['steps']}: {stop['why']}")
+    if b:
+        where = "held-out cases " if report["held_out"] else "held-out slabs of "
+        print(f"scored on {where}{', '.join(report['scored_on'])}")
+        for k in ("kidney_tumor_dice", "tumor_dice", "kits_composite"):
+            print(f"  {k:<20} before {b[k]:.4f}  after {a[k]:.4f}")
+    pb, pa = report["phantoms_before"], report["phantoms_after"]
+    if pb:
+        print(
+            f"held-out phantoms: kidney+tumor Dice before {pb['kidney_tumor_dice']:.4f}  "
+            f"after {pa['kidney_tumor_dice']:.4f}"
+        )
     if report["worse"]:
         print(
-            "kidseg: note: the new models score worse than their parents on these cases; keep the parents "
-            "unless you have a reason",
+            f"kidseg: note: the new models score worse than their parents on the {' and '.join(report['worse_on'])} "
+            "cases; keep the parents unless you have a reason",
             file=sys.stderr,
         )
     return 0
@@ -658,10 +672,29 @@ def _add_train_parser(sub):
         default=DEFAULTS["n_replay"],
         help="phantom cases mixed in against forgetting",
     )
-    p.add_argument("--epochs", type=_count, default=DEFAULTS["epochs"])
-    p.add_argument("--steps-per-epoch", type=_count, default=DEFAULTS["steps_per_epoch"])
+    p.add_argument(
+        "--schedule",
+        choices=["heldout", "fixed"],
+        default=DEFAULTS["schedule"],
+        help="heldout (default): train until the corrected cases' held-out slabs stop improving, keep the best "
+        "step; fixed: --epochs x --steps-per-epoch at --lr",
+    )
+    p.add_argument("--max-steps", type=_count, default=DEFAULTS["max_steps"], help="per stage (heldout schedule)")
+    p.add_argument("--epochs", type=_count, default=DEFAULTS["epochs"], help="fixed schedule only")
+    p.add_argument("--steps-per-epoch", type=_count, default=DEFAULTS["steps_per_epoch"], help="fixed schedule only")
     p.add_argument("--batch-size", type=_count, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=_positive, default=DEFAULTS["lr"])
+    p.add_argument(
+        "--lr", type=_positive, default=DEFAULTS["lr"], help="heldout: the first learning rate (quartered at plateaus)"
+    )
+    p.add_argument(
+        "--lesson-weight",
+        type=float,
+        default=DEFAULTS["lesson_weight"],
+        help="extra loss weight of the voxels the correction changed (heldout schedule; 0: none)",
+    )
+    p.add_argument(
+        "--lesson-mm", type=float, default=DEFAULTS["lesson_mm"], help="how far around a changed voxel it weighs"
+    )
     p.add_argument("--max-minutes", type=_positive, default=DEFAULTS["max_minutes"], help="per stage")
     p.add_argument(
         "--bn-momentum",

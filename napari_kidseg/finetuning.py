@@ -10,11 +10,19 @@ parents, the held-out before/after scores of the whole cascade, and the time. A 
 scores worse than its parent on the held-out corrected cases is reported as worse
 (``report["worse"]``), so the widget can keep the parent unless the user insists.
 
-Defaults: 5 epochs of 20 steps per stage at lr 2e-5, 8 replayed phantoms (about 35 s per stage on
-2 CPU cores at batch 8): in the phantom site study (``scripts/site_study.py``, the model card) the
-one setting of five that neither cost the same site's other cases nor other sites more than 0.01
-Dice; longer or stronger fine-tunes on one case (10 x 50 steps, lr 5e-5, the earlier default)
-lost 0.03-0.07 there.
+How much to learn is decided by the corrected case (``schedule="heldout"``, the default): alternating
+slabs of each corrected case's reviewed slices (two trained, one held out; whole cases too once
+there are three scans or more) are held out, and training runs in steps of ``eval_every`` until
+the held-out Dice stops improving: the best step is kept, the learning rate starts at ``lr`` and
+is quartered at each plateau (back from the best step), and the run ends after ``lr_drops`` drops,
+at ``max_steps`` or at ``max_minutes``; ``report["stopped"]`` says where and why. Half of each
+batch is replayed phantoms (and all earlier corrected cases train too), and a step whose Dice on
+two held-out phantoms falls more than ``forget_tolerance`` below the parent's never counts as the
+best. What the correction changed (the parent's answer against the corrected labels, coarse stage
+alone and fused, widened by ``lesson_mm``) weighs ``lesson_weight`` times more in the loss, and
+those slices are drawn as often as tumor slices, so the coarse stage learns the deletions too.
+``schedule="fixed"`` is the earlier rule: ``epochs`` x ``steps_per_epoch`` steps at ``lr``, no lesson
+weights (the phantom site study's 5 x 20 steps at 2e-5; the model card has both side by side).
 """
 
 from __future__ import annotations
@@ -35,17 +43,30 @@ from .metrics import check_label_values
 
 STAGES = ("coarse", "refine")
 MODELS_FOLDER = "models"
-DEFAULTS = {  # chosen by the site study (model card, "Fine-tuning defaults")
-    "epochs": 5,
+DEFAULTS = {  # model card, "Fine-tuning defaults: the site study"
+    "schedule": "heldout",
+    "max_steps": 150,  # per stage; the held-out rule usually stops earlier
+    "lr": 1e-4,  # the held-out rule's first learning rate (the fixed rule's was 2e-5)
+    "epochs": 5,  # epochs and steps_per_epoch: the fixed rule only
     "steps_per_epoch": 20,
     "batch_size": 8,
-    "lr": 2e-5,
     "n_replay": 8,
-    "max_minutes": 2.5,
+    "max_minutes": 1.25,  # per stage
     "holdout_fraction": 0.25,
     "bn_momentum": 0.0,
     "freeze_encoder": False,
+    "lesson_weight": 4.0,
+    "lesson_mm": 6.0,
 }
+SCHEDULES = ("heldout", "fixed")
+SLAB_MM = 15.0  # held-out slabs: two of this thickness trained, one held out
+EVAL_EVERY = 10  # steps between held-out scores
+PATIENCE = 3  # held-out scores without a gain before the learning rate drops
+LR_DROPS = 2  # drops (each to a quarter, from the best step) before the rule stops
+MIN_GAIN = 0.002  # a held-out Dice gain smaller than this is no gain
+FORGET_TOLERANCE = 0.02  # a step losing more held-out phantom Dice than this is never the best
+GUARD_PHANTOMS = 2  # held-out phantoms (never replayed) for the forgetting check
+WORSE_MARGIN = {"corrected": 0.005, "phantoms": 0.01}  # the "worse" guard on the whole cascade
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
@@ -130,6 +151,8 @@ def finetune_models(
     coarse=None,
     refine=None,
     device="auto",
+    schedule=DEFAULTS["schedule"],
+    max_steps=DEFAULTS["max_steps"],
     epochs=DEFAULTS["epochs"],
     steps_per_epoch=DEFAULTS["steps_per_epoch"],
     batch_size=DEFAULTS["batch_size"],
@@ -139,6 +162,8 @@ def finetune_models(
     holdout_fraction=DEFAULTS["holdout_fraction"],
     bn_momentum=DEFAULTS["bn_momentum"],
     freeze_encoder=DEFAULTS["freeze_encoder"],
+    lesson_weight=DEFAULTS["lesson_weight"],
+    lesson_mm=DEFAULTS["lesson_mm"],
     reviewed_only=True,
     progress=None,
     cancel=None,
@@ -181,6 +206,7 @@ def finetune_models(
             "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
             "n_replay": n_replay, "max_minutes": max_minutes, "holdout_fraction": holdout_fraction,
             "bn_momentum": bn_momentum, "freeze_encoder": freeze_encoder, "reviewed_only": reviewed_only,
+            "schedule": schedule, "max_steps": max_steps, "lesson_weight": lesson_weight, "lesson_mm": lesson_mm,
         })  # fmt: skip
 
 
@@ -206,6 +232,12 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
     epochs, steps_per_epoch, batch_size, lr = kw["epochs"], kw["steps_per_epoch"], kw["batch_size"], kw["lr"]
     n_replay, max_minutes, holdout_fraction = kw["n_replay"], kw["max_minutes"], kw["holdout_fraction"]
     bn_momentum, freeze_encoder, reviewed_only = kw["bn_momentum"], kw["freeze_encoder"], kw["reviewed_only"]
+    schedule, max_steps, lesson_weight, lesson_mm = (
+        kw["schedule"],
+        kw["max_steps"],
+        kw["lesson_weight"],
+        kw["lesson_mm"],
+    )
 
     need = sum(parents[s].stat().st_size for s in stages) * 4 + 50 * 2**20  # children, .last, state
     free = shutil.disk_usage(out_dir).free
@@ -213,13 +245,26 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
         raise KidsegError(
             f"needs about {need / 2**20:.0f} MB free for the new models, has {free / 2**20:.0f} MB", out_dir
         )
+    if schedule not in SCHEDULES:
+        raise KidsegError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
-    eval_dirs = held or train_dirs
+    reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
     t_start = time.time()
-    log(f"scoring the parents on {len(eval_dirs)} {'held-out' if held else 'corrected (not held out)'} case(s)")
-    before = evaluate_cascade(eval_dirs, parents["coarse"], parents["refine"], device=device)
+    log(f"running the parents on {len(train_dirs)} corrected case(s): what each correction changed")
+    drafts = parent_drafts(train_dirs, parents["coarse"], parents["refine"], device=device, cancel=cancel)
+    slabs = {
+        c.name: heldout_slabs(reviewed.get(c.name) or range(len(drafts[c.name]["draft"])), drafts[c.name]["spacing"][0])
+        for c in train_dirs
+    }
+    lessons = {}
+    if schedule == "heldout" and lesson_weight > 0:
+        lessons = {c.name: lesson_file(c, drafts[c.name], parents, lesson_mm) for c in train_dirs}
+    guard = guard_phantoms() if n_replay else []
+    log(f"scoring the parents on {len(held)} held-out case(s), held-out slabs and {len(guard)} held-out phantom(s)")
+    before = guard_scores(held, guard, parents, drafts, slabs, device)
+    seconds = {"parents": time.time() - t_start}
     new = dict(parents)
-    seconds = {}
+    stopped = {}
     for k, stage in enumerate(stages):
         t0 = time.time()
         out = out_dir / f"{stage}.safetensors"
@@ -229,7 +274,7 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
                 progress(k * 1000 + int(1000 * done / max(total, 1)), 1000 * len(stages), f"fine-tune {stage}")
 
         log(f"fine-tuning the {stage} model from {parents[stage].name}")
-        finetune_stage(
+        ft = finetune_stage(
             corrections_dir,
             parents[stage],
             out,
@@ -238,6 +283,8 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
             coarse_checkpoint=new["coarse"],
             holdout_fraction=holdout_fraction,
             n_replay=n_replay,
+            schedule=schedule,
+            max_steps=max_steps,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
             batch_size=batch_size,
@@ -245,6 +292,10 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
             max_minutes=max_minutes,
             bn_momentum=bn_momentum,
             freeze_encoder=freeze_encoder,
+            lesson_weight=lesson_weight,
+            lesson_mm=lesson_mm,
+            lessons=lessons,
+            slabs=slabs,
             device=device,
             reviewed_only=reviewed_only,
             progress=stage_progress,
@@ -255,16 +306,33 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
         )
         new[stage] = out
         seconds[stage] = time.time() - t0
+        if ft.get("stopped"):
+            stopped[stage] = ft["stopped"]
+            log(f"{stage}: {ft['stopped']['why']}")
         for leftover in (out.with_suffix(".last.safetensors"), out.with_suffix(".state.pt")):
             leftover.unlink(missing_ok=True)  # resume files of a finished run: 3x the model's size
-    after = evaluate_cascade(eval_dirs, new["coarse"], new["refine"], device=device)
-    worse = bool(after and before and after["kidney_tumor_dice"] < before["kidney_tumor_dice"] - 0.005)
+    t0 = time.time()
+    after = guard_scores(held, guard, new, None, slabs, device, train_dirs=train_dirs)
+    seconds["children"] = time.time() - t0
+    worse_on = [
+        what
+        for what, margin in WORSE_MARGIN.items()
+        if before.get(what)
+        and after.get(what)
+        and after[what]["kidney_tumor_dice"] < before[what]["kidney_tumor_dice"] - margin
+    ]
+    scored = held or train_dirs
     report = {
-        "before": before,
-        "after": after,
-        "worse": worse,
+        "before": before.get("corrected", {}),
+        "after": after.get("corrected", {}),
+        "phantoms_before": before.get("phantoms", {}),
+        "phantoms_after": after.get("phantoms", {}),
+        "worse": bool(worse_on),
+        "worse_on": worse_on,
+        "stopped": stopped,
         "held_out": [c.name for c in held],
-        "scored_on": [c.name for c in eval_dirs],
+        "held_out_slabs": {k: len(v[1]) for k, v in slabs.items()} if not held else {},
+        "scored_on": [c.name for c in scored],
         "trained_on": [c.name for c in train_dirs],
         "stages": list(stages),
         "parents": {k: str(v) for k, v in parents.items()},
@@ -272,6 +340,8 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
         "folder": str(out_dir),
         "seconds": {**seconds, "total": time.time() - t_start},
         "settings": {
+            "schedule": schedule,
+            "max_steps": max_steps,
             "epochs": epochs,
             "steps_per_epoch": steps_per_epoch,
             "batch_size": batch_size,
@@ -279,6 +349,8 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
             "n_replay": n_replay,
             "bn_momentum": bn_momentum,
             "freeze_encoder": freeze_encoder,
+            "lesson_weight": lesson_weight,
+            "lesson_mm": lesson_mm,
             "reviewed_only": reviewed_only,
         },
     }
@@ -321,6 +393,104 @@ def model_versions(corrections_dir) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ one stage
+def parent_drafts(case_dirs, coarse, refine, device="auto", cancel=None) -> dict[str, dict]:
+    """What the parents answer on each corrected case: the fused draft (what the radiologist
+    corrected) and the coarse stage alone (anatomy check off: what the coarse network itself
+    says, a spleen the check removed included), with the case's spacing."""
+    from .cascade import Cascade
+    from .training import map_kits_labels
+
+    cascade = Cascade(coarse, refine, device=device)
+    out = {}
+    for case in case_dirs:
+        ct, ref = volumes.read_kits_case(case)
+        result = cascade.run(ct.array, ct.geometry.spacing, cancel=cancel)
+        out[case.name] = {
+            "draft": result.fuse(),
+            "coarse": result.fuse(alpha=1.0, anatomy_check=False),
+            "labels": map_kits_labels(ref.array, case / volumes.KITS_LABELS),
+            "spacing": tuple(ct.geometry.spacing),
+        }
+    return out
+
+
+def lesson_mask(draft: dict, mm: float) -> np.ndarray:
+    """The voxels a correction teaches: where the parents' draft or their coarse stage alone differ
+    from the corrected labels (false regions deleted, missed kidney added), widened in-plane by
+    ``mm`` (a deletion's rim is as much the lesson as its core)."""
+    from scipy import ndimage
+
+    ref = draft["labels"]
+    changed = (draft["draft"] != ref) | (draft["coarse"] != ref)
+    steps = int(round(mm / min(draft["spacing"][1:])))
+    if steps and changed.any():
+        plane = np.zeros((3, 3, 3), bool)
+        plane[1] = ndimage.generate_binary_structure(2, 1)
+        changed = ndimage.binary_dilation(changed, plane, iterations=steps)
+    return changed.astype(np.uint8)
+
+
+def lesson_file(case: Path, draft: dict, parents: dict, mm: float) -> Path:
+    """:func:`lesson_mask` of a corrected case written beside its training cache (one per parents)."""
+    import hashlib
+
+    from .models import file_sha256
+    from .training import cache_case
+
+    cached = cache_case(case)
+    key = hashlib.sha1(f"{file_sha256(parents['coarse'])}|{file_sha256(parents['refine'])}|{mm}".encode())
+    path = cached.ct_path.parent / f"lesson-{key.hexdigest()[:12]}.npy"
+    with files.atomic_path(path, overwrite=True) as tmp:
+        np.save(tmp, lesson_mask(draft, mm))
+    return path
+
+
+def heldout_slabs(zs, z_mm: float, slab_mm: float = SLAB_MM) -> tuple[tuple, tuple]:
+    """(trained, held-out) slices of one corrected case: its reviewed slices ``zs`` cut into slabs
+    of ``slab_mm``, two trained and one held out in turn; fewer than three slabs: slice by slice.
+    A single slice is only trained on."""
+    zs = sorted({int(z) for z in zs})
+    if len(zs) < 2:
+        return tuple(zs), ()
+    per = max(1, int(round(slab_mm / z_mm)))
+    slab = [(z - zs[0]) // per for z in zs]
+    if len(set(slab)) < 3:
+        slab = list(range(len(zs)))
+    rank = {k: i for i, k in enumerate(sorted(set(slab)))}
+    held = [z for z, k in zip(zs, slab) if rank[k] % 3 == 1]
+    return tuple(z for z in zs if z not in set(held)), tuple(held)
+
+
+def guard_phantoms() -> list[Path]:
+    """Phantoms never replayed: the forgetting check's held-out cases (generated once, cached)."""
+    return replay_cases(GUARD_PHANTOMS, seed=60_000)
+
+
+def guard_scores(held, guard, models: dict, drafts, slabs, device, train_dirs=()) -> dict:
+    """The "worse" guard's scores of the whole cascade: on the held-out corrected cases (or, with
+    none, on the corrected cases' held-out slabs) and on the held-out phantoms. ``drafts``: the
+    parents' runs on the corrected cases, already made; None runs ``models`` on them."""
+    from .metrics import kits_scores
+
+    out = {}
+    if held:
+        out["corrected"] = evaluate_cascade(held, models["coarse"], models["refine"], device=device)
+    else:
+        if drafts is None:
+            cases = [c for c in train_dirs if slabs[c.name][1]]
+            drafts = parent_drafts(cases, models["coarse"], models["refine"], device=device) if cases else {}
+        rows = []
+        for name, draft in drafts.items():
+            zs = list(slabs[name][1])
+            if zs:
+                rows.append(kits_scores(draft["draft"][zs], draft["labels"][zs]))
+        if rows:
+            out["corrected"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if guard:
+        out["phantoms"] = evaluate_cascade(guard, models["coarse"], models["refine"], device=device)
+    return out
+
+
 def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="auto", **fuse_kwargs) -> dict:
     """Mean KiTS scores of the whole cascade on KiTS-layout cases with reference labels."""
     from .cascade import Cascade
@@ -366,7 +536,9 @@ def reviewed_slices(corrections_dir) -> dict[str, tuple]:
 
 def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: float) -> tuple[list, list]:
     """Train and held-out cases, split by scan: copies of one scan (same ``scan_sha256`` in the
-    manifest) never land on both sides, or the held-out score would be measured on training data."""
+    manifest) never land on both sides, or the held-out score would be measured on training data.
+    Whole scans are held out from three scans on: with one or two, each one's own held-out slabs
+    (:func:`heldout_slabs`) judge the fine-tune, and every corrected scan teaches."""
     from .training import split_cases
 
     scan_of = {}
@@ -376,7 +548,7 @@ def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: fl
     for c in cases:
         groups.setdefault(scan_of.get(c.name, c.name), []).append(c)
     keys = sorted(groups)
-    if len(keys) < 2:
+    if len(keys) < 3:
         return list(cases), []
     train_keys, held_keys = split_cases(keys, holdout_fraction, seed=0)
     return ([c for k in train_keys for c in groups[k]], [c for k in held_keys for c in groups[k]])
@@ -393,6 +565,8 @@ def finetune_stage(
     holdout_fraction=DEFAULTS["holdout_fraction"],
     n_replay=DEFAULTS["n_replay"],
     replay_seed=50_000,
+    schedule=DEFAULTS["schedule"],
+    max_steps=DEFAULTS["max_steps"],
     epochs=DEFAULTS["epochs"],
     steps_per_epoch=DEFAULTS["steps_per_epoch"],
     batch_size=DEFAULTS["batch_size"],
@@ -400,6 +574,10 @@ def finetune_stage(
     max_minutes=DEFAULTS["max_minutes"],
     bn_momentum=DEFAULTS["bn_momentum"],
     freeze_encoder=DEFAULTS["freeze_encoder"],
+    lesson_weight=DEFAULTS["lesson_weight"],
+    lesson_mm=DEFAULTS["lesson_mm"],
+    lessons=None,
+    slabs=None,
     device="auto",
     reviewed_only=True,
     progress=None,
@@ -411,9 +589,14 @@ def finetune_stage(
     """Fine-tune one stage's ``parent`` on exported corrections; writes a child checkpoint ``out``.
 
     ``cases``: the corrected cases, already checked (:func:`check_corrections` runs otherwise).
+    ``schedule``: "heldout" (the module's rule: the held-out slabs decide the steps and the
+    learning rate, ``report["stopped"]`` says why it stopped) or "fixed" (``epochs`` x
+    ``steps_per_epoch`` at ``lr``). ``lessons`` (case name -> :func:`lesson_file`) and ``slabs``
+    (case name -> :func:`heldout_slabs`): made by :func:`finetune_models` for both stages at
+    once; None makes them here (the lessons by running the parents).
 
-    Part of the corrected cases is held out (at least one when there are two or more) and the
-    whole cascade's Dice on them is measured before and after. The parent file is never written.
+    With ``score``, the whole cascade's Dice on held-out cases (or, with fewer than three scans, on
+    the corrected cases) is measured before and after. The parent file is never written.
     ``bn_momentum`` 0 keeps the parent's BatchNorm statistics: they come from thousands of
     batches, and a few cases' batches would otherwise pull them away from everything else.
     """
@@ -426,16 +609,18 @@ def finetune_stage(
         raise KidsegError("the fine-tuned checkpoint must not replace its parent; choose another -o", out)
     if out.exists():
         raise KidsegError("already exists; not overwriting it", out)
+    if schedule not in SCHEDULES:
+        raise KidsegError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     cases = check_corrections(corrections_dir) if cases is None else cases
     parent_cfg = read_config(parent)
     if parent_cfg.stage != stage:
         raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
     train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
     eval_dirs = held or train_dirs
-    if not held:
+    if not held and score:
         log(
-            "only one corrected case: it is trained on and also scored (no held-out case, so the "
-            "before/after figures are on training data)"
+            "fewer than three corrected scans: they are all trained on and also scored (no held-out "
+            "scan, so the before/after figures are on training data)"
         )
     coarse = coarse_checkpoint if stage == "refine" else parent
     refine_before = parent if stage == "refine" else None
@@ -446,7 +631,29 @@ def finetune_stage(
     replay = replay_cases(n_replay, replay_seed) if n_replay else []
     reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
     cached = [dataclasses.replace(cache_case(c), slices=reviewed.get(c.name)) for c in train_dirs]
-    cached += [cache_case(c) for c in replay]
+    heldout = schedule == "heldout"
+    if heldout:
+        if slabs is None:
+            slabs = {
+                c.name: heldout_slabs(k.slices or range(k.shape[0]), k.spacing[0]) for c, k in zip(train_dirs, cached)
+            }
+        if lessons is None and lesson_weight > 0:
+            from .models import resolve_checkpoint
+
+            pair = {
+                "coarse": resolve_checkpoint(coarse, "coarse"),
+                "refine": resolve_checkpoint(refine_before, "refine"),
+            }
+            drafts = parent_drafts(train_dirs, pair["coarse"], pair["refine"], device=device)
+            lessons = {c.name: lesson_file(c, drafts[c.name], pair, lesson_mm) for c in train_dirs}
+        lessons = lessons or {}
+        held_cached = [dataclasses.replace(k, slices=slabs[k.name][1]) for k in cached if slabs[k.name][1]]
+        held_cached += [cache_case(c) for c in held]
+        cached = [
+            dataclasses.replace(k, slices=slabs[k.name][0], lesson_path=lessons.get(k.name))
+            for k in cached
+            if slabs[k.name][0]
+        ]
     cfg = dataclasses.replace(parent_cfg)
     cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
     cfg.provenance = {
@@ -457,28 +664,59 @@ def finetune_stage(
         "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / volumes.KITS_LABELS)} for c in train_dirs],
         "held_out": [c.name for c in held],
         "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
+        "schedule": schedule,
         "lr": lr,
         "bn_momentum": bn_momentum,
         "freeze_encoder": freeze_encoder,
         "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
         "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
     }
-    settings = TrainSettings(
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size,
-        lr=lr,
-        patience=epochs + 1,
-        workers=0,
-        device=device,
-        max_minutes=max_minutes,
-        val_samples=0,
-        bn_momentum=bn_momentum,
-        freeze_encoder=freeze_encoder,
-    )
-    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log)
+    if heldout:
+        cfg.provenance.update(
+            max_steps=max_steps,
+            lesson_weight=lesson_weight,
+            lesson_mm=lesson_mm,
+            held_out_slices={k: list(v[1]) for k, v in slabs.items() if v[1]},
+        )
+        summary = _train_until_heldout_stops(
+            cfg,
+            parent,
+            cached,
+            held_cached,
+            [cache_case(c) for c in replay],
+            [cache_case(c) for c in guard_phantoms()] if n_replay else [],
+            out,
+            lr=lr,
+            max_steps=max_steps,
+            max_minutes=max_minutes,
+            batch_size=batch_size,
+            bn_momentum=bn_momentum,
+            freeze_encoder=freeze_encoder,
+            lesson_weight=lesson_weight,
+            device=device,
+            progress=progress,
+            cancel=cancel,
+            log=log,
+        )
+    else:
+        cfg.provenance.update(epochs=epochs, steps_per_epoch=steps_per_epoch)
+        settings = TrainSettings(
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            lr=lr,
+            patience=epochs + 1,
+            workers=0,
+            device=device,
+            max_minutes=max_minutes,
+            val_samples=0,
+            bn_momentum=bn_momentum,
+            freeze_encoder=freeze_encoder,
+        )
+        cached += [cache_case(c) for c in replay]
+        summary = train(
+            cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log
+        )
     after = {}
     if score:
         after = evaluate_cascade(
@@ -491,4 +729,179 @@ def finetune_stage(
         "scored_on": [c.name for c in eval_dirs],
         "checkpoint": str(out),
         "seconds": summary["seconds"],
+        "stopped": summary.get("stopped"),
     }
+
+
+def _train_until_heldout_stops(
+    cfg,
+    parent,
+    train_cases,
+    heldout_cases,
+    replay,
+    guard,
+    out,
+    *,
+    lr,
+    max_steps,
+    max_minutes,
+    batch_size,
+    bn_momentum,
+    freeze_encoder,
+    lesson_weight,
+    device,
+    progress,
+    cancel,
+    log,
+) -> dict:
+    """The held-out rule (module docstring): train in steps, score the held-out slabs (and the
+    guard phantoms) every ``EVAL_EVERY`` steps, keep the best step, quarter the learning rate
+    from the best step at each plateau, stop after ``LR_DROPS`` drops or at a budget. Writes the
+    best step's weights to ``out`` (the parent's own when no step beat it); nothing on Cancel."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
+
+    from .errors import Cancelled
+    from .models import load_checkpoint, pick_device, save_checkpoint
+    from .training import (
+        Augment,
+        DiceCounter,
+        SegmentationSamples,
+        TrainSettings,
+        _trainable,
+        dice_ce_loss,
+        validation_indices,
+    )
+
+    device = pick_device(device)
+    torch.manual_seed(0)
+    model, _ = load_checkpoint(parent, stage=cfg.stage, device=device)
+    model.train()
+    if bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = bn_momentum
+    params = _trainable(model, TrainSettings(freeze_encoder=freeze_encoder))
+    train_set = SegmentationSamples(train_cases + replay, cfg, Augment(), seed=0, lessons=True)
+    corrected = np.array([ci < len(train_cases) for ci, *_ in train_set.items])
+    weights = train_set.weights.copy()
+    if corrected.any() and (~corrected).any():  # half of every batch the corrections, half replay
+        weights[corrected] *= 0.5 / weights[corrected].sum()
+        weights[~corrected] *= 0.5 / weights[~corrected].sum()
+    sampler = WeightedRandomSampler(weights, max_steps * batch_size, generator=torch.Generator().manual_seed(7919))
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True)
+
+    def scorer(cases, cap, kidney_only=False):
+        try:
+            samples = SegmentationSamples(cases, cfg, None) if cases else None
+        except KidsegError:  # e.g. refine patches: the held-out slabs hold no kidney
+            return None
+        if samples is None:
+            return None
+        batches = DataLoader(Subset(samples, validation_indices(len(samples), cap)), batch_size=16)
+
+        def score():
+            counter = DiceCounter()
+            model.eval()
+            with torch.inference_mode():
+                for x, y in batches:
+                    counter.add(model(x.to(device)).argmax(1).cpu().numpy(), y.numpy())
+            model.train()
+            s = counter.scores()
+            # no tumor in the reference: kidney+tumor alone (a tumor Dice of 0 or 1 would swamp it); the
+            # guard phantoms' sampled tumor Dice swings by 0.05 between two steps, their kidney+tumor hardly
+            return s["mean_dice"] if counter.n[1][2] and not kidney_only else s["kidney_tumor_dice"]
+
+        return score
+
+    held_score, guard_score = scorer(heldout_cases, 128), scorer(guard, 48, kidney_only=True)
+    t_start = time.time()
+    snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+    parent_guard = guard_score() if guard_score else None
+    steps_alone = max_steps // 4 if held_score is None else max_steps
+    best = {"score": held_score() if held_score else float("nan"), "step": 0, "lr": lr, "phantoms": parent_guard}
+    parent_score, best_state = best["score"], snapshot()
+    history = [{"step": 0, "heldout": best["score"], "phantoms": parent_guard, "lr": lr}]
+    opt = torch.optim.Adam(params, lr=lr)
+    cur_lr, drops, stale, step, reason = lr, 0, 0, 0, None
+    batches = iter(loader)
+    while reason is None:
+        if step >= steps_alone:
+            reason = "steps"
+            break
+        if max_minutes and time.time() - t_start > max_minutes * 60:
+            reason = "minutes"
+            break
+        if cancel is not None and cancel():
+            raise Cancelled("fine-tune cancelled; the parent models are kept")
+        try:
+            x, y, lesson = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        x, y, lesson = x.to(device), y.to(device), lesson.to(device)
+        if device.startswith("cuda"):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(x)
+        else:
+            logits = model(x)
+        loss = dice_ce_loss(logits.float(), y, cfg.classes, voxel_weight=1.0 + lesson_weight * lesson)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if progress:
+            progress(step, steps_alone, f"step {step}/{steps_alone} loss {float(loss.detach()):.3f}")
+        if held_score is None or step % EVAL_EVERY:
+            continue
+        h, g = held_score(), guard_score() if guard_score else None
+        forgot = g is not None and g < parent_guard - FORGET_TOLERANCE
+        history.append({"step": step, "heldout": h, "phantoms": g, "lr": cur_lr})
+        if h > best["score"] + MIN_GAIN and not forgot:
+            best, best_state, stale = {"score": h, "step": step, "lr": cur_lr, "phantoms": g}, snapshot(), 0
+        else:
+            stale += 1
+        if stale >= PATIENCE:
+            if drops >= LR_DROPS:
+                reason = "plateau"
+                break
+            model.load_state_dict(best_state)
+            cur_lr, drops, stale = cur_lr / 4, drops + 1, 0
+            opt = torch.optim.Adam(params, lr=cur_lr)
+            log(
+                f"held-out Dice {best['score']:.3f} not beaten in {PATIENCE} checks: "
+                f"back to step {best['step']}, lr {cur_lr:g}"
+            )
+    model.load_state_dict(best_state)
+    save_checkpoint(out, model.cpu(), cfg)
+    why = {
+        "plateau": f"held-out Dice stopped improving ({LR_DROPS} learning-rate drops gained nothing more)",
+        "steps": f"the step budget ({steps_alone}) ran out",
+        "minutes": f"the time budget ({max_minutes or 0:g} min) ran out",
+    }[reason]
+    if held_score is None:
+        why = f"nothing could be held out (one reviewed slice?): trained {step} steps at lr {lr:g} unchecked"
+        best["step"] = step
+    elif best["step"] == 0:
+        why += f"; no step beat the parent's held-out Dice {parent_score:.3f}: the child keeps the parent's weights"
+    else:
+        why += f"; kept step {best['step']} of {step} (lr {best['lr']:g}): held-out Dice "
+        why += f"{parent_score:.3f} -> {best['score']:.3f}"
+    if parent_guard is not None:
+        why += f", held-out phantoms {parent_guard:.3f} -> {best['phantoms']:.3f}"
+    stopped = {
+        "why": why,
+        "reason": reason if held_score is not None else "no-heldout",
+        "best_step": best["step"],
+        "steps": step,
+        "lr_start": lr,
+        "lr_at_best": best["lr"],
+        "heldout_parent": parent_score,
+        "heldout_best": best["score"],
+        "phantoms_parent": parent_guard,
+        "phantoms_at_best": best["phantoms"],
+        "history": history,
+    }
+    return {"seconds": time.time() - t_start, "stopped": stopped}

@@ -87,6 +87,9 @@ class CachedCase:
     spacing: tuple
     shape: tuple
     slices: tuple | None = None  # train on these slices only (a partly reviewed correction); None: all
+    # fine-tuning: a uint8 .npy volume, 1 where the correction changed the parent's answer (and
+    # around it): :class:`SegmentationSamples` draws those slices more and returns the mask
+    lesson_path: Path | None = None
 
     def arrays(self):
         """(CT, labels) memory-mapped; the labels as the case has them (KiTS23 cysts included)."""
@@ -157,21 +160,27 @@ class Augment:
 class SegmentationSamples:
     """Coarse slices or refine patches of cached cases, as (input, target) torch tensors."""
 
-    def __init__(self, cases: list[CachedCase], cfg: ModelConfig, augment: Augment | None, seed: int = 0):
-        self.cases, self.cfg, self.augment = cases, cfg, augment
+    def __init__(
+        self, cases: list[CachedCase], cfg: ModelConfig, augment: Augment | None, seed: int = 0, lessons: bool = False
+    ):
+        """``lessons``: items are (input, target, lesson mask) and slices or patches with lesson
+        voxels are drawn as often as tumor ones (a case without ``lesson_path`` has none)."""
+        self.cases, self.cfg, self.augment, self.lessons = cases, cfg, augment, lessons
         self.items = []  # (case index, z, y0, x0)
         self.weights = []
         for ci, case in enumerate(cases):
             _, labels = case.arrays()
             allowed = None if case.slices is None else set(case.slices)
+            lesson = self._lesson(case)
             if cfg.stage == "coarse":
                 kits = np.where(kits_foreground(np.asarray(labels)), labels, 0)  # organ codes are not KiTS
                 has = kits.reshape(labels.shape[0], -1).max(axis=1)
+                taught = np.zeros(case.shape[0], bool) if lesson is None else lesson.reshape(len(lesson), -1).any(1)
                 for z in range(case.shape[0]):
                     if allowed is not None and z not in allowed:
                         continue
                     self.items.append((ci, z, 0, 0))
-                    self.weights.append({0: 1.0, 1: 4.0, 2: 6.0, 3: 6.0}[int(has[z])])
+                    self.weights.append(6.0 if taught[z] else {0: 1.0, 1: 4.0, 2: 6.0, 3: 6.0}[int(has[z])])
             else:
                 for p in reference_patches(case, cfg.input_size):
                     z, y0, x0 = int(p["z"]), int(p["y0"]), int(p["x0"])
@@ -180,7 +189,10 @@ class SegmentationSamples:
                     self.items.append((ci, z, y0, x0))
                     # tumor patches are few and the class is the hard one: draw them 3x as often
                     has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == 2).any()
-                    self.weights.append(3.0 if has_tumor else 1.0)
+                    taught = (
+                        lesson is not None and roi.cut_patch(np.asarray(lesson[z]), y0, x0, cfg.input_size, 0).any()
+                    )
+                    self.weights.append(3.0 if has_tumor or taught else 1.0)
         if not self.items:
             raise KidsegError("the dataset yields no training samples (no kidneys in any label volume?)")
         self.weights = np.asarray(self.weights) / np.sum(self.weights)
@@ -188,6 +200,9 @@ class SegmentationSamples:
 
     def __len__(self):
         return len(self.items)
+
+    def _lesson(self, case: CachedCase):
+        return np.load(case.lesson_path, mmap_mode="r") if self.lessons and case.lesson_path else None
 
     @staticmethod
     def reseed_worker(worker_id: int):
@@ -208,11 +223,18 @@ class SegmentationSamples:
         ci, z, y0, x0 = self.items[i]
         case, cfg, aug = self.cases[ci], self.cfg, self.augment
         ct, labels = case.arrays()
+        lesson = self._lesson(case)
+        if self.lessons:  # the mask rides in the labels' bit 3, so every flip, scale and crop moves both alike
+            labels = np.asarray(labels[z]) + 8 * (np.asarray(lesson[z]) > 0 if lesson is not None else 0)
+            labels = labels.astype(np.uint8)[None]
+            z_lab = 0
+        else:
+            z_lab = z
         zs = context_indices(z, case.shape[0], cfg.context_slices)[0]
         size = cfg.input_size
         if cfg.stage == "coarse":
             x = torch.from_numpy(np.asarray(ct[zs], np.float32))
-            y = torch.from_numpy(np.asarray(labels[z], np.int64))
+            y = torch.from_numpy(np.asarray(labels[z_lab], np.int64))
             side = max(x.shape[-2:])
             pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
             x = F.pad(x, pad, value=float(volumes.AIR_HU))
@@ -230,14 +252,17 @@ class SegmentationSamples:
                     np.float32
                 )
             )
-            y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z]), y0, x0, size, 0).astype(np.int64))
+            y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z_lab]), y0, x0, size, 0).astype(np.int64))
+        taught, y = (y >= 8, y % 8) if self.lessons else (None, y)
         y = target_for(y, cfg)
+        if taught is not None:
+            y = y + 8 * taught
         if aug is not None:
             x, y = self._augment(x, y, aug)
         x = hu_to_input(x, cfg.hu_window)
         if aug is not None and aug.noise:
             x = x + torch.randn_like(x) * float(self.rng.uniform(0, aug.noise))
-        return x, y
+        return (x, y % 8, (y >= 8).float()) if self.lessons else (x, y)
 
     def _augment(self, x, y, aug: Augment):
         import torch
@@ -337,13 +362,21 @@ class VolumeSamples3D:
         return hu_to_input(x, self.cfg.hu_window), y
 
 
-def dice_ce_loss(logits, target, kits_classes: int = 3):
+def dice_ce_loss(logits, target, kits_classes: int = 3, voxel_weight=None):
     """Cross-entropy over every channel (organs included; unlabelled voxels ignored) plus soft Dice
-    of the KiTS regions (kidney and masses, tumor; cyst with 4 classes)."""
+    of the KiTS regions (kidney and masses, tumor; cyst with 4 classes).
+
+    ``voxel_weight``: the cross-entropy's weight per voxel (a fine-tune's lesson voxels count more),
+    normalised so that the loss keeps its scale."""
     import torch
     import torch.nn.functional as F
 
-    ce = F.cross_entropy(logits, target, ignore_index=UNLABELLED)
+    if voxel_weight is None:
+        ce = F.cross_entropy(logits, target, ignore_index=UNLABELLED)
+    else:
+        voxel_weight = voxel_weight * (target != UNLABELLED)
+        per_voxel = F.cross_entropy(logits, target, ignore_index=UNLABELLED, reduction="none")
+        ce = (per_voxel * voxel_weight).sum() / voxel_weight.sum().clamp_min(1e-6)
     p = torch.softmax(logits.float(), dim=1)
     valid = (target != UNLABELLED).float()
     masses = (target >= 1) & (target < kits_classes)

@@ -181,6 +181,10 @@ def test_finetune_defaults_are_the_finetune_function_defaults():
         "bn_momentum": "bn_momentum",
         "batch_size": "batch_size",
         "freeze_encoder": "freeze_encoder",
+        "schedule": "schedule",
+        "max_steps": "max_steps",
+        "lesson_weight": "lesson_weight",
+        "lesson_mm": "lesson_mm",
     }
     assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
 

@@ -191,14 +191,15 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
 
     def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized schedule
         monkey["kwargs"] = kwargs
-        return real_finetune(*args, **{**kwargs, "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0})
+        return real_finetune(*args, **{**kwargs, "max_steps": 2, "batch_size": 2, "n_replay": 0})
 
     finetuning.finetune_stage = small_finetune
+    real_guard, finetuning.guard_phantoms = finetuning.guard_phantoms, lambda: []  # no phantoms to generate
     try:
         w.finetune_btn.click()
         qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
     finally:
-        finetuning.finetune_stage = real_finetune
+        finetuning.finetune_stage, finetuning.guard_phantoms = real_finetune, real_guard
     assert "Dice" in w.finetune_label.text(), w.status.text()
     assert w.use_new_btn.isEnabled()
     assert w.versions_combo.count() == 2 and w.versions_combo.itemText(0) == "bundled"
@@ -391,10 +392,8 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     assert "click inside a region" in w.status.text()
     # Shift-click in delete mode: the whole kidney+tumor region; a plain click: the clicked label's
     w.click_mode.setCurrentText("delete region")
-    shift = _Click(_world(ct, (12, 44, 34)))
-    shift.modifiers = ("Shift",)
-    w._on_canvas_click(fused, shift)
-    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    w.click_at(_world(ct, (12, 44, 34)), modifiers=("Shift",))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert not fused.data[10:14, 30:60, 20:50].any() and (fused.data[10:12, 80:90, 80:90] == 1).all()
     w.undo_btn.click()
     # cut (Shift-U): two clicks on the slice in view draw the line; the joined false part is then
@@ -402,14 +401,14 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     fused.data[10:14, 60:70, 30:40] = 1  # a false region joined to the kidney's lower edge
     w.click_mode.setCurrentText("cut")
     w.cut_slab.setValue(12.0 * ct.geometry.spacing[0])  # every slice of the join
-    w._on_canvas_click(fused, _Click(_world(ct, (12, 60, 25))))
+    w.click_at(_world(ct, (12, 60, 25)))
     assert "click where the line ends" in w.status.text()
-    w._on_canvas_click(fused, _Click(_world(ct, (12, 60, 45))))
-    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    w.click_at(_world(ct, (12, 60, 45)))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert "falls into 2 parts" in w.status.text()
     w.click_mode.setCurrentText("delete region")
-    w._on_canvas_click(fused, _Click(_world(ct, (12, 65, 35))))
-    qtbot.waitUntil(lambda: w._tool_worker is None, timeout=30_000)
+    w.click_at(_world(ct, (12, 65, 35)))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert not fused.data[10:14, 61:70, 30:40].any() and (fused.data[10:14, 30:59, 20:50] == 2).all()
     # undo is the session's history (the buttons and Ctrl-Z): every step back gives the voxels to
     # today's fusion, so after the tools and the painting are undone nothing is "hand-edited"

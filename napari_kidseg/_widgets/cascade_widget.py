@@ -1743,13 +1743,17 @@ class CascadeWidget(QWidget):
 
         def done(report):
             b, a = report["before"], report["after"]
-            where = "held-out case(s)" if report["held_out"] else "training case(s), none held out"
-            text = (
-                f"{Path(report['folder']).name}: on {len(report['scored_on'])} {where}: "
-                f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
-                f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}; "
-                f"{report['seconds']['total'] / 60:.1f} min"
-            )
+            where = "held-out" if report["held_out"] else "corrected case(s)' held-out slabs of"
+            text = f"{Path(report['folder']).name}: "
+            if b and a:
+                text += (
+                    f"on {len(report['scored_on'])} {where} case(s), "
+                    f"kidney+tumor Dice {b['kidney_tumor_dice']:.3f} -> {a['kidney_tumor_dice']:.3f}, "
+                    f"tumor Dice {b['tumor_dice']:.3f} -> {a['tumor_dice']:.3f}; "
+                )
+            text += f"{report['seconds']['total'] / 60:.1f} min"
+            for stage, stop in report.get("stopped", {}).items():
+                text += f". {stage.capitalize()}: stopped at step {stop['steps']}, {stop['why']}"
             self.new_models = report["models"]
             if report["worse"]:
                 text += (
