@@ -20,9 +20,10 @@ def test_bundled_weights_segment_the_sample_case():
     result = Cascade(device="cpu").run(ct.array, ct.geometry.spacing)
     assert len(result.rois) == 2
     labels = result.fuse(alpha=0.4)
-    # the sample's kidneys are found (0.82 measured with the bundled weights of 2026-11-23)...
-    assert metrics.dice(labels > 0, ref.array == 1) > 0.70
-    # ...but its 98 mm exophytic tumor is mostly missed (kidney+tumor 0.53 measured; see the
-    # model card's limits), so the floor on the whole case is lower
+    # the sample's kidneys are found (version 5: 0.87 measured, version 4: 0.79)...
+    assert metrics.dice(labels > 0, ref.array == 1) > 0.80
+    # ...but its 98 mm exophytic tumor, drawn as bright as the kidney by the phantom revision the
+    # sample comes from, is missed (version 5: kidney+tumor 0.46, tumor 0.002; version 4: 0.61,
+    # 0.29; see the model card's limits), so the floor on the whole case is lower
     fused = metrics.kits_scores(labels, ref.array)
-    assert fused["kidney_tumor_dice"] > 0.45, fused
+    assert fused["kidney_tumor_dice"] > 0.40, fused
