@@ -11,6 +11,7 @@ import pytest
 
 from napari_kidseg import finetuning, models, training, volumes
 from napari_kidseg.errors import KidsegError
+from napari_kidseg.labels import kits_foreground
 
 
 def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_dataset, tiny_checkpoints, tmp_path):
@@ -167,7 +168,7 @@ def test_lesson_rides_with_the_labels_through_augmentation(tiny_dataset, tmp_pat
     case = training.cache_case(training.find_cases([tiny_dataset])[0])
     _, labels = case.arrays()
     lesson = tmp_path / "lesson.npy"
-    np.save(lesson, (np.asarray(labels) > 0).astype(np.uint8))
+    np.save(lesson, kits_foreground(np.asarray(labels)).astype(np.uint8))  # the cache also holds organ codes
     case = dataclasses.replace(case, lesson_path=lesson)
     for stage, size in (("coarse", 64), ("refine", 96)):
         cfg = models.model_config(stage, "tiny", context_slices=1, input_size=size)

@@ -189,9 +189,12 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     real_finetune = finetuning.finetune_stage
     monkey = {"kwargs": None}
 
-    def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized schedule
+    def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized fixed schedule
+        # (one reviewed slice per case leaves the held-out rule nothing to hold out: it trains 0
+        # steps and says so; test_finetuning.py tests that rule, this test the widget's loop)
         monkey["kwargs"] = kwargs
-        return real_finetune(*args, **{**kwargs, "max_steps": 2, "batch_size": 2, "n_replay": 0})
+        small = {"schedule": "fixed", "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0}
+        return real_finetune(*args, **{**kwargs, **small})
 
     finetuning.finetune_stage = small_finetune
     real_guard, finetuning.guard_phantoms = finetuning.guard_phantoms, lambda: []  # no phantoms to generate
@@ -200,7 +203,10 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
         qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
     finally:
         finetuning.finetune_stage, finetuning.guard_phantoms = real_finetune, real_guard
-    assert "Dice" in w.finetune_label.text(), w.status.text()
+    # two one-slice corrections leave no held-out part to score (site loop, issue 27): the line
+    # names the run and its time, and a Dice only where something was held out
+    text = w.finetune_label.text()
+    assert text.startswith("finetune-") and " min" in text, (text, w.status.text())
     assert w.use_new_btn.isEnabled()
     assert w.versions_combo.count() == 2 and w.versions_combo.itemText(0) == "bundled"
     w.ask_about_edits = lambda n: "discard"

@@ -273,7 +273,11 @@ class WorklistWidget(QWidget):
         now = self._current_models()
         if wl is None or now is None or wl.read_only:
             return 0
-        older = [r for r in wl.rows if r.status == "drafted" and r.models and r.models != now]
+        older = [
+            r
+            for i, r in enumerate(wl.rows)
+            if i != self.current and r.status == "drafted" and r.models and r.models != now
+        ]  # the open case keeps the draft on screen (passing through leaves a case "drafted")
         for r in older:
             wl.drop_draft(r)
         self._refresh_table()
@@ -514,9 +518,12 @@ class WorklistWidget(QWidget):
             QTimer.singleShot(20, lambda: self._watch_edits(t0, case))
             return
         self.last_open_seconds = time.perf_counter() - t0
+        # what changed the layer until now was the dock putting this case's result in: not an edit
+        self._touched = False
         if cw.fused_layer is not None:
-            cw.fused_layer.events.data.connect(self._on_edit)
-            cw.fused_layer.events.paint.connect(self._on_edit)
+            for event in (cw.fused_layer.events.data, cw.fused_layer.events.paint):
+                event.disconnect(self._on_edit)  # connected once, whichever case it was for
+                event.connect(self._on_edit)
         self.status.setText(f"{case}: on screen in {self.last_open_seconds:.1f} s")
         self._draft_ahead()  # now, not while napari builds the layers on the GUI thread
 
