@@ -586,6 +586,18 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _add_cluster_argument(p):
+    """``--cluster``, as kidseg predict and kidseg draft take it."""
+    p.add_argument(
+        "--cluster",
+        nargs="?",
+        const="local",
+        metavar="local[:N]|tcp://HOST:PORT",
+        help="one task per case on Dask distributed: a local cluster of N worker processes (default: one "
+        "per GPU, else per core) or an existing scheduler; the workers must see the same files",
+    )
+
+
 def _add_train_parser(sub):
     p = sub.add_parser("train", help="train the coarse or refine network on KiTS-layout data")
     p.add_argument("data", nargs="+", help="dataset folder(s) in KiTS layout")
@@ -1018,14 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure each case (volumes, tumor descriptors) into one CSV row per case: "
         "report.csv in the output folder, or LABELS_report.csv beside a single output file",
     )
-    p.add_argument(
-        "--cluster",
-        nargs="?",
-        const="local",
-        metavar="local[:N]|tcp://HOST:PORT",
-        help="one task per case on Dask distributed: a local cluster of N worker processes (default: one "
-        "per GPU, else per core) or an existing scheduler; the workers must see the same files",
-    )
+    _add_cluster_argument(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -1081,14 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine")
     p.add_argument("--device", default="auto")
     p.add_argument("--redraft", action="store_true", help="draft again the cases drafted already")
-    p.add_argument(
-        "--cluster",
-        nargs="?",
-        const="local",
-        metavar="local[:N]|tcp://HOST:PORT",
-        help="one task per case on Dask distributed: a local cluster of N worker processes (default: one "
-        "per GPU, else per core) or an existing scheduler; the workers must see the same files",
-    )
+    _add_cluster_argument(p)
     p.set_defaults(func=cmd_draft)
 
     _add_train_parser(sub)

@@ -57,13 +57,14 @@ def read_slice_case(case: Path) -> tuple[np.ndarray, tuple, np.ndarray]:
 
 def score_slice(pred: np.ndarray, ref: np.ndarray) -> dict:
     """Dice of kidney+tumor and of tumor on one slice, and whether the tumor was touched."""
-    tumor_p, tumor_r = pred == TUMOR, ref == TUMOR
+    pairs = [(kits_foreground(pred), kits_foreground(ref)), (pred == TUMOR, ref == TUMOR)]
+    inter = [int((p & r).sum()) for p, r in pairs]
     return {
-        "kidney_tumor_dice": metrics.dice(kits_foreground(pred), kits_foreground(ref)),
-        "tumor_dice": metrics.dice(tumor_p, tumor_r),
-        "touched": bool((tumor_p & tumor_r).any()),
-        "inter": [int((kits_foreground(pred) & kits_foreground(ref)).sum()), int((tumor_p & tumor_r).sum())],
-        "sums": [int(kits_foreground(pred).sum() + kits_foreground(ref).sum()), int(tumor_p.sum() + tumor_r.sum())],
+        "kidney_tumor_dice": metrics.dice(*pairs[0]),
+        "tumor_dice": metrics.dice(*pairs[1]),
+        "touched": inter[1] > 0,
+        "inter": inter,  # per region, for the Dice pooled over all slices
+        "sums": [int(p.sum() + r.sum()) for p, r in pairs],
     }
 
 

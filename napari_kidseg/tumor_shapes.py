@@ -62,7 +62,7 @@ def templates_of_case(labels: np.ndarray, spacing) -> list[TumorTemplate]:
         return []
     meta, _ = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
     parts, n = ndimage.label(tumor, structure=np.ones((3, 3, 3)))
-    kidney_x = np.argwhere(labels == KIDNEY)[:, 2].mean() * sp[2] if (labels == KIDNEY).any() else None
+    midline_x = np.median(np.nonzero(labels > 0)[2]) * sp[2]  # between the kidneys: left of it, right
     out = []
     for i, box in enumerate(ndimage.find_objects(parts), start=1):
         m = parts[box] == i
@@ -89,7 +89,7 @@ def templates_of_case(labels: np.ndarray, spacing) -> list[TumorTemplate]:
         kbox = np.concatenate([kz.min(0), kz.max(0)])
         tz = np.argwhere(small) * TEMPLATE_MM + np.array([s.start for s in box]) * sp
         inside = np.all((tz >= kbox[:3]) & (tz <= kbox[3:]), axis=1).mean()
-        side = 1 if (kidney_x is None or t_centre[2] >= np.median(np.argwhere(labels > 0)[:, 2]) * sp[2]) else -1
+        side = 1 if t_centre[2] >= midline_x else -1
         out.append(
             TumorTemplate(
                 mask=small,
