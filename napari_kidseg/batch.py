@@ -115,7 +115,7 @@ class KidsegWorker(WorkerPlugin):
 
             try:
                 cached_cascade(*self.models)
-            except Exception as exc:  # the first case says why, as an outcome of its own
+            except Exception as exc:  # noqa: BLE001 - the first case says why, as an outcome of its own
                 _log.warning("napari-kidseg: the models could not be loaded on %s: %s", worker.address, exc)
 
 
@@ -171,7 +171,7 @@ class DaskCluster:
     def dashboard_link(self) -> str | None:
         try:
             return self.client.dashboard_link
-        except Exception:  # no dashboard (bokeh missing on the scheduler)
+        except Exception:  # noqa: BLE001 - no dashboard (bokeh missing on the scheduler)
             return None
 
     @property
@@ -282,7 +282,7 @@ def outcome(future, source: str = "") -> dict:
     except KilledWorker:
         tries = 1 + int(_dask_config("distributed.scheduler.allowed-failures", 3))
         return {"error": f"{prefix}its worker died in each of {tries} tries (out of memory, or killed)"}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the case's own code becomes its row's reason
         return {"error": f"{prefix}{type(exc).__name__} ({' '.join(str(exc).split())[:200]})"}
     if not isinstance(info, dict):
         return {"error": f"{prefix}the task returned {type(info).__name__}, not a result"}
@@ -348,7 +348,7 @@ def _running(cluster, futures, handled) -> int:
     try:
         processing = cluster.client.processing()
         threads = cluster.client.nthreads()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a scheduler going away mid-count: none counted as running
         return 0
     # a worker is sent a little more than it has threads for: count at most its threads
     return sum(min(sum(k in keys for k in ks), int(threads.get(w, len(ks)))) for w, ks in processing.items())

@@ -143,9 +143,11 @@ def run_benchmark(sizes, coarse=None, refine=None, device="auto", preset=None, w
         cmd = [
             sys.executable,
             "-c",
-            "import json,sys; from pathlib import Path; from napari_kidseg.bench import _one_size;"
-            f"print('ROW'+json.dumps(_one_size({int(n)}, {coarse!r}, {refine!r}, {device!r}, {preset!r}, "
-            f"Path({str(workdir)!r}))))",
+            (
+                "import json,sys; from pathlib import Path; from napari_kidseg.bench import _one_size;"
+                f"print('ROW'+json.dumps(_one_size({int(n)}, {coarse!r}, {refine!r}, {device!r}, {preset!r}, "
+                f"Path({str(workdir)!r}))))"
+            ),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW")), None)

@@ -44,7 +44,7 @@ def is_dicom_seg(path) -> bool:
         import pydicom
 
         ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # not DICOM at all: not a SEG either
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a non-DICOM file: not a SEG either
         return False
     return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID
 
@@ -189,7 +189,7 @@ def read_dicom_seg(path, like: volumes.Volume | None = None) -> volumes.Volume:
     path = Path(path)
     try:
         seg = hd.seg.segread(path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - highdicom raises many types for a broken SEG
         raise KidsegError(f"cannot read this DICOM SEG ({exc})", path) from None
     numbers = _segment_numbers(seg, path)
     if like is None:

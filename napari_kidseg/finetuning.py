@@ -202,7 +202,7 @@ def finetune_models(
     made_here = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _cleared_when_interrupted(out_dir, made_here):
-        return _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, progress, cancel, log, **{
+        return _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, progress, cancel, log, **{  # noqa: PIE804 - until FinetuneSettings
             "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
             "n_replay": n_replay, "max_minutes": max_minutes, "holdout_fraction": holdout_fraction,
             "bn_momentum": bn_momentum, "freeze_encoder": freeze_encoder, "reviewed_only": reviewed_only,

@@ -199,7 +199,7 @@ def read_config(path) -> ModelConfig:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for any corruption
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any corruption
         raise KidsegError(f"not a readable checkpoint ({str(exc).splitlines()[0][:100]})", path) from None
     if "kidseg_config" not in meta:
         raise KidsegError("not a napari-kidseg checkpoint (no configuration in its metadata)", path)
@@ -232,7 +232,7 @@ def load_checkpoint(
         )
     try:
         state = load_file(str(path), device="cpu")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - as above: corrupt weights raise safetensors' own types
         raise KidsegError(f"weights are unreadable ({str(exc).splitlines()[0][:100]})", path) from None
     model = build_model(cfg)
     try:

@@ -100,7 +100,7 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
                 if str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID:
                     continue  # a DICOM SEG is not a case
                 desc = " ".join(str(getattr(ds, t, "") or "") for t in ("SeriesDescription", "SeriesDate")).strip()
-            except Exception:  # unreadable header: the row still lists it, reading the CT will say why
+            except Exception:  # noqa: BLE001 - unreadable header: the row still lists it, reading the CT will say why
                 desc = ""
             rel = folder.relative_to(root).as_posix() or "."
             case = rel if len(ids) == 1 else f"{rel} [{uid[-12:] or volumes.uid_text(uid)}]"
@@ -674,5 +674,5 @@ def draft_all(worklist: Worklist, cascade, *, order=None, cancel=None, progress=
 def _os_user() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # no user name in this environment
+    except (OSError, KeyError):  # no user name in this environment (no passwd entry, no LOGNAME)
         return ""

@@ -176,7 +176,7 @@ def test_bn_momentum_setting_reaches_the_batch_norm_layers(tiny_dataset, tiny_ch
     cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
     cfg = models.read_config(tiny_checkpoints["coarse"])
     parent = load_file(tiny_checkpoints["coarse"])
-    running = [k for k in parent if k.endswith("running_mean") or k.endswith("running_var")]
+    running = [k for k in parent if k.endswith(("running_mean", "running_var"))]
     assert running, "the tiny network has no batch norm to test"
 
     def trained_stats(momentum):

@@ -197,7 +197,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
         return real_finetune(*args, **{**kwargs, **small})
 
     finetuning.finetune_stage = small_finetune
-    real_guard, finetuning.guard_phantoms = finetuning.guard_phantoms, lambda: []  # no phantoms to generate
+    real_guard, finetuning.guard_phantoms = finetuning.guard_phantoms, list  # no phantoms to generate
     try:
         w.finetune_btn.click()
         qtbot.waitUntil(lambda: not w.busy, timeout=180_000)

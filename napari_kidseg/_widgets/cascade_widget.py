@@ -1016,7 +1016,7 @@ class CascadeWidget(QWidget):
             return
         try:
             self._layer_steps.pop(0)()
-        except Exception as exc:  # e.g. the viewer changed under us: say so, and free the Run button
+        except Exception as exc:  # noqa: BLE001 - e.g. the viewer changed under us: say so, and free the Run button
             self._layer_steps.clear()
             self._end_run()
             self._notify(f"could not show the result: {type(exc).__name__}: {exc}", error=True)

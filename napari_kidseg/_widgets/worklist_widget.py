@@ -626,7 +626,7 @@ class WorklistWidget(QWidget):
                 continue
             try:
                 info = fut.result()
-            except Exception as exc:  # the drafting process died: the case is drafted on opening instead
+            except Exception as exc:  # noqa: BLE001 - the drafting process died: the case is drafted on opening instead
                 info = None
                 self.status.setText(f"drafting {case} in the background failed ({exc!r}); it is drafted when opened")
             if info is not None and case in [r.case for r in wl.rows]:
