@@ -68,7 +68,7 @@ _positive = _checked(float, lambda v: 0.0 < v < float("inf"), "must be a number 
 
 # --------------------------------------------------------------------------------------------- phantom
 def cmd_phantom(args) -> int:
-    from .phantom import write_phantom_cases
+    from .phantoms.writer import write_phantom_cases
 
     out = Path(args.out_dir)
     existing = [out / f"case_{i:05d}" for i in range(args.cases) if (out / f"case_{i:05d}").exists()]
@@ -83,14 +83,14 @@ def cmd_phantom(args) -> int:
     if args.slice_thickness:
         kwargs["slice_thickness"] = args.slice_thickness
     if args.tumor_shapes:
-        from .tumor_shapes import build_library, evaluation_cases
+        from .phantoms.tumor_shapes import build_library, evaluation_cases
 
         print(f"kidseg: tumor shapes from {args.tumor_shapes} (read once, then cached)", file=sys.stderr)
         exclude = evaluation_cases(args.not_from) if args.not_from else set()
         kwargs["tumor_library"] = str(build_library(args.tumor_shapes, exclude, jobs=args.jobs))
     label_maps = None
     if args.anatomy:
-        from .labelmap_phantom import find_label_maps, read_label_map, split_label_maps
+        from .phantoms.labelmap import find_label_maps, read_label_map, split_label_maps
 
         train_maps, held_maps = split_label_maps(find_label_maps(args.anatomy))
         label_maps = {"train": train_maps, "held-out": held_maps, "all": train_maps + held_maps}[args.maps]
@@ -122,7 +122,7 @@ def cmd_phantom(args) -> int:
 # --------------------------------------------------------------------------------------------- predict
 def _prediction_jobs(src: Path, out: Path):
     """(input, output path) pairs: one volume, a KiTS case, a KiTS root, or a folder of volumes."""
-    from . import files, volumes
+    from .io import files, volumes
 
     def out_name(p: Path) -> str:
         fmt = volumes.volume_format(p)
@@ -157,8 +157,8 @@ def _prediction_jobs(src: Path, out: Path):
 
 
 def cmd_predict(args) -> int:
-    from . import files
     from .batch import PredictSettings
+    from .io import files
 
     jobs = _prediction_jobs(Path(args.input), Path(args.output))
     report_csv = _batch_report_path(Path(args.output), jobs) if args.report else None
@@ -194,9 +194,9 @@ def cmd_predict(args) -> int:
 
 def _predict_here(args, jobs, settings) -> list:
     """One input after another in this process; the report rows."""
-    from . import volumes
     from .batch import predict_case
     from .cascade import Cascade
+    from .io import volumes
 
     report_rows = []
     cascade = None
@@ -278,8 +278,8 @@ def _batch_report_path(output: Path, jobs) -> Path:
 # --------------------------------------------------------------------------------------------- evaluate
 def _paired_volumes(pred: Path, ref: Path):
     """(case, prediction, reference) pairs, and one line per case left without a partner."""
-    from . import volumes
     from .evaluation import pair_cases
+    from .io import volumes
 
     if pred.is_file() or volumes.volume_format(pred) not in (None, "dicom"):
         return [(pred.name, pred, ref)], []
@@ -311,13 +311,13 @@ _EVAL_HEADERS = {
 
 def _score_case(name, p, r, tolerances):
 
-    from . import volumes
     from .evaluation import TOLERANCES_MM, case_scores
     from .fusion import CYST
+    from .io import readers
     from .metrics import bounding_box, check_label_values, false_ml, kits_scores, measurements, tumor_detection
 
-    ref = volumes.read_labels(r)
-    pred = volumes.read_labels(p, like=ref)
+    ref = readers.read_labels(r)
+    pred = readers.read_labels(p, like=ref)
     for vol, path in ((pred, p), (ref, r)):
         check_label_values(vol.array, path, cysts=True)
     cysts = bool((ref.array == CYST).any() or (pred.array == CYST).any())
@@ -344,8 +344,8 @@ def _score_case(name, p, r, tolerances):
 def cmd_evaluate(args) -> int:
     import json
 
-    from . import files
     from .evaluation import SCORE_KEYS, aggregate, parse_tolerances
+    from .io import files
     from .metrics import detection_by_size
     from .report import rows_to_csv
 
@@ -493,7 +493,7 @@ def cmd_train(args) -> int:
         "command": " ".join(sys.argv),
     }
     if args.init:
-        from .models import file_sha256
+        from .io.files import file_sha256
 
         cfg.provenance["init"] = {"path": str(args.init), "sha256": file_sha256(args.init)}
     settings = TrainSettings(
@@ -731,7 +731,7 @@ def _add_train_parser(sub):
 
 # --------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
-    from . import volumes
+    from .io import readers, volumes
     from .metrics import check_label_values
     from .report import describe_case, report_text, write_report
 
@@ -739,7 +739,7 @@ def cmd_report(args) -> int:
     if out.exists() and not out.is_dir():
         raise KidsegError("is a file; the report is a folder (name a new or existing folder)", out)
     ct = volumes.read_ct(args.ct, series_uid=args.series)
-    labels = volumes.read_labels(args.labels, like=ct)
+    labels = readers.read_labels(args.labels, like=ct)
     check_label_values(labels.array, args.labels, cysts=True)
     report = describe_case(labels.array, ct.geometry.spacing, ct=ct.array, provenance={"labels": str(args.labels)})
     written = write_report(
@@ -751,7 +751,7 @@ def cmd_report(args) -> int:
 
 
 def _default_report_dir(labels: Path) -> Path:
-    from . import volumes
+    from .io import volumes
 
     name = labels.name
     for suffix in volumes.VOLUME_SUFFIXES + volumes.DICOM_SUFFIXES:
@@ -761,12 +761,12 @@ def _default_report_dir(labels: Path) -> Path:
 
 
 def cmd_export_seg(args) -> int:
-    from . import volumes
-    from .dicom_seg import write_dicom_seg
+    from .io import readers, volumes
+    from .io.dicom_seg import write_dicom_seg
     from .metrics import check_label_values
 
     ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
-    labels = volumes.read_labels(args.labels, like=ct)
+    labels = readers.read_labels(args.labels, like=ct)
     check_label_values(labels.array, args.labels, cysts=True)
     out = write_dicom_seg(args.dicom_dir, labels.array, args.output, series_uid=args.series, overwrite=args.overwrite)
     print(f"kidseg: wrote {out} (DICOM SEG referencing {args.dicom_dir})", file=sys.stderr)

@@ -48,8 +48,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from . import files
 from .errors import Cancelled, KidsegError
+from .io import files
 from .worklist import CaseRow, Worklist
 
 ENV_USER, ENV_PASSWORD = "KIDSEG_PACS_USER", "KIDSEG_PACS_PASSWORD"
