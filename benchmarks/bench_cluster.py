@@ -130,7 +130,7 @@ def main():
         print(json.dumps(one_process(folder, state, int(threads), args.coarse, args.refine, args.device)))
         return
 
-    from napari_kidseg.phantom import write_phantom_cases
+    from napari_kidseg.phantoms.writer import write_phantom_cases
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cluster-"))
     folder = work / "cases"

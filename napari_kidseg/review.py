@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import anatomy, files, volumes
+from . import anatomy
 from .cascade import CascadeResult
 from .errors import KidsegError
 from .fusion import (
@@ -49,6 +49,7 @@ from .fusion import (
     KITS23_LABEL_NAMES,
     TUMOR,
 )
+from .io import files, volumes
 from .metrics import bounding_box
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
@@ -726,7 +727,7 @@ def export_correction(
     radiologist touched or confirmed (fine-tuning trains on those alone unless
     ``whole_case_reviewed``).
     """
-    from .models import file_sha256
+    from .io.files import file_sha256
 
     root = Path(root)
     try:
@@ -782,7 +783,7 @@ DICOM_SEG_NAME = "segmentation.seg.dcm"
 def _export_dicom_seg(case_dir: Path, ct: volumes.Volume, labels: np.ndarray, checkpoints: dict) -> dict:
     """A CT read from a DICOM series gets its labels as a DICOM SEG too (for PACS); a series that
     cannot carry one (anonymised without UIDs, a missing slice) gets the reason in the manifest."""
-    from .dicom_seg import write_dicom_seg
+    from .io.dicom_seg import write_dicom_seg
 
     models = {k: f"{Path(v['path']).name} ({v['version']})" for k, v in checkpoints.items()}
     try:

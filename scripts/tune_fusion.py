@@ -18,8 +18,8 @@ import itertools
 import json
 from pathlib import Path
 
-from napari_kidseg import volumes
 from napari_kidseg.cascade import Cascade
+from napari_kidseg.io import readers, volumes
 
 _spec = importlib.util.spec_from_file_location("evaluate_bundled", Path(__file__).with_name("evaluate_bundled.py"))
 evaluate_bundled = importlib.util.module_from_spec(_spec)
@@ -40,7 +40,7 @@ def main():
     cases = []
     for folder in args.folders:
         for case in volumes.kits_cases(folder):
-            ct, ref = volumes.read_kits_case(case)
+            ct, ref = readers.read_kits_case(case)
             cases.append((cascade.run(ct.array, ct.geometry.spacing), ref.array, ct.geometry.spacing))
             print(f"ran {case}", flush=True)
     grid = []

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_kidseg import volumes
 from napari_kidseg.cascade import CascadeResult
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.fusion import RefinedRegion
+from napari_kidseg.io import readers, volumes
 from napari_kidseg.review import FusionParams, ReviewSession, export_correction
 
 # these tests exercise fusion and editing on toy volumes far smaller than a kidney; the
@@ -113,7 +113,7 @@ def test_export_writes_kits_layout_and_manifest_without_overwriting(tmp_path, sm
     assert [c["case"] for c in man["cases"]] == ["case_00000", "case_00001"]
     assert man["cases"][0]["hand_edited_voxels"] == 7 and man["cases"][0]["source_sha256"]
     assert man["cases"][0]["fusion"]["alpha"] == 0.3
-    back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
+    back = readers.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert np.array_equal(back.array, small_case.labels)
 
 
@@ -259,7 +259,7 @@ def test_export_once_per_scan(tmp_path, small_case):
     man = json.loads((root / "manifest.json").read_text())["cases"]
     assert len(man) == 1 and man[0]["hand_edited_voxels"] == 9 and man[0]["updates"] == 1
     assert man[0]["reviewed_slices"] == [1, 3]
-    back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
+    back = readers.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert not (back.array == 2).any()
 
 

@@ -626,7 +626,7 @@ class CascadeWidget(QWidget):
         from napari.qt.threading import create_worker
 
         from .._napari_io import read_layers
-        from ..volumes import KITS_IMAGE
+        from ..io.volumes import KITS_IMAGE
 
         if path is None:
             path, _ = QFileDialog.getOpenFileName(self, "A CT (a DICOM series: any of its files)")
@@ -832,7 +832,7 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ run
     def _ct_from_layer(self):
-        from ..volumes import check_ct_intensities, volume_in_memory
+        from ..io.volumes import check_ct_intensities, volume_in_memory
 
         name = self.ct_combo.currentText()
         if not name:
@@ -1064,7 +1064,7 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _set_labels_layer(self, key, data, **kwargs):
-        from ..volumes import Volume
+        from ..io.volumes import Volume
 
         name = LAYER_NAMES[key]
         ct = self.ct_volume
