@@ -476,7 +476,7 @@ def test_the_case_worklist_widget_reviews_a_pacs_and_sends_back(make_napari_view
     assert w.open_folder(pacs.Query(server.url, description="phantom")) is not None
     assert w.table.rowCount() == 1 and not w.retry_btn.isHidden()
     try:
-        qtbot.waitUntil(lambda: w._opening is None and cw._worker is None and cw.session is not None, timeout=300_000)
+        qtbot.waitUntil(lambda: w._opening is None and not cw.busy and cw.session is not None, timeout=300_000)
     except qtbot.TimeoutError:
         raise AssertionError(f"status: {w.status.text()!r}; rows: {w.worklist.rows}") from None
     assert w.worklist.is_fetched(w.worklist.rows[0])
