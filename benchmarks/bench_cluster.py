@@ -30,7 +30,7 @@ import numpy as np
 
 def _timed_draft(*args):
     """worklist.draft_case, and the seconds it took in the worker."""
-    from napari_kidseg.worklist import draft_case
+    from napari_kidseg.review.worklist import draft_case
 
     t0 = time.perf_counter()
     info = draft_case(*args)
@@ -41,7 +41,7 @@ def one_process(folder, state, threads, coarse, refine, device) -> dict:
     import torch
 
     from napari_kidseg.cascade import Cascade
-    from napari_kidseg.worklist import Worklist, draft_all
+    from napari_kidseg.review.worklist import Worklist, draft_all
 
     torch.set_num_threads(threads)
     cascade = Cascade(coarse, refine, device=device)
@@ -55,7 +55,7 @@ def one_process(folder, state, threads, coarse, refine, device) -> dict:
 
 def on_cluster(folder, state, spec, coarse, refine, device) -> dict:
     from napari_kidseg import batch
-    from napari_kidseg.worklist import Worklist
+    from napari_kidseg.review.worklist import Worklist
 
     models = batch.checked_models(coarse, refine, device)
     t0 = time.perf_counter()

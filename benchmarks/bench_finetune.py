@@ -21,7 +21,7 @@ from pathlib import Path
 from napari_kidseg.finetuning import finetune_models, guard_phantoms, replay_cases
 from napari_kidseg.io import volumes
 from napari_kidseg.phantoms.procedural import make_phantom
-from napari_kidseg.review import export_correction
+from napari_kidseg.review.corrections_folder import MANIFEST, export_correction
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kidseg-bench-ft-"))
     corr = work / f"corrections-{args.slices}"
     t0 = time.time()
-    if not (corr / "manifest.json").exists():
+    if not (corr / MANIFEST).exists():
         case = make_phantom(77, matrix=512, max_slices=args.slices, min_slices=args.slices, n_tumors=1)
         export_correction(corr, case.ct, case.labels)
     replay_cases(8, 50_000)

@@ -439,7 +439,7 @@ def draft_worklist(worklist, cluster: DaskCluster, models: tuple, *, redraft=Fal
     """Draft every case :meth:`Worklist.to_draft` names on the cluster, one task per case, into
     the same draft cache and state as :func:`worklist.draft_all`; each row is recorded as its
     case ends (drafted, or failed: reason)."""
-    from .worklist import draft_case
+    from .review.worklist import draft_case
 
     coarse, refine, device = models
     cases = []

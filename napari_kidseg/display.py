@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 
 from .labels import TUMOR
-from .review import FusionParams, ReviewSession
+from .review.session import FusionParams, ReviewSession
 from .roi import patch_rois
 
 MEASURE_COLUMNS = 38  # the Review box's text is at most this wide (monospace): no horizontal scroll

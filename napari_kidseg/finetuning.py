@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import KidsegError
 from .io import files, readers, volumes
-from .metrics import check_label_values
+from .review.corrections_folder import check_corrections, reviewed_slices, split_by_scan
 
 STAGES = ("coarse", "refine")
 MODELS_FOLDER = "models"
@@ -69,50 +69,6 @@ GUARD_PHANTOMS = 2  # held-out phantoms (never replayed) for the forgetting chec
 WORSE_MARGIN = {"corrected": 0.005, "phantoms": 0.01}  # the "worse" guard on the whole cascade
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
-
-
-def check_corrections(corrections_dir) -> list[Path]:
-    """The corrected cases of a folder, each checked; one line naming the file for a bad one."""
-    root = Path(corrections_dir)
-    if not root.is_dir():
-        raise KidsegError("no such corrections folder", root)
-    cases = [c for c in volumes.kits_cases(root) if (c / volumes.KITS_LABELS).exists()]
-    if not cases:
-        raise KidsegError(
-            "holds no corrected case (case_XXXXX/imaging.nii.gz + segmentation.nii.gz): export "
-            "corrections from the widget first",
-            root,
-        )
-    for case in cases:
-        ct = volumes.read_ct(case / volumes.KITS_IMAGE)
-        labels = readers.read_labels(case / volumes.KITS_LABELS)
-        if labels.array.shape != ct.array.shape:
-            raise KidsegError(
-                f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}",
-                case / volumes.KITS_LABELS,
-            )
-        check_label_values(labels.array, case / volumes.KITS_LABELS, cysts=True)
-        if not labels.array.any():
-            raise KidsegError(
-                "holds no kidney or tumor voxel: nothing to learn from (remove the case)", case / volumes.KITS_LABELS
-            )
-    return cases
-
-
-def manifest_cases(corrections_dir) -> list[dict]:
-    """The case entries of a corrections folder's manifest.json ([] without one); one line naming
-    the file when it is not a manifest."""
-    manifest = Path(corrections_dir) / "manifest.json"
-    if not manifest.exists():
-        return []
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise KidsegError(f"is not readable JSON ({type(exc).__name__}); fix or remove it", manifest) from None
-    cases = data.get("cases", []) if isinstance(data, dict) else None
-    if not isinstance(cases, list) or not all(isinstance(c, dict) and isinstance(c.get("case"), str) for c in cases):
-        raise KidsegError("is not a corrections manifest (an object with a list of cases)", manifest)
-    return cases
 
 
 def latest_children(corrections_dir) -> dict[str, Path]:
@@ -516,43 +472,6 @@ def replay_cases(n: int, seed: int) -> list[Path]:
     if len(volumes.kits_cases(root) if root.exists() else []) < n:
         write_phantom_cases(root, n, seed, overwrite=True, matrix=256, max_slices=80)
     return volumes.kits_cases(root)[:n]
-
-
-def reviewed_slices(corrections_dir) -> dict[str, tuple]:
-    """Per corrected case, the slices its export marked reviewed (touched or confirmed); a case
-    exported without that list (or with ``"whole_case_reviewed": true``) is absent: all slices."""
-    out = {}
-    for entry in manifest_cases(corrections_dir):
-        zs = entry.get("reviewed_slices")
-        if zs and not entry.get("whole_case_reviewed"):
-            try:
-                out[entry["case"]] = tuple(int(z) for z in zs)
-            except (TypeError, ValueError):
-                raise KidsegError(
-                    f"lists reviewed slices of {entry['case']} that are not slice numbers",
-                    Path(corrections_dir) / "manifest.json",
-                ) from None
-    return out
-
-
-def split_by_scan(corrections_dir: Path, cases: list[Path], holdout_fraction: float) -> tuple[list, list]:
-    """Train and held-out cases, split by scan: copies of one scan (same ``scan_sha256`` in the
-    manifest) never land on both sides, or the held-out score would be measured on training data.
-    Whole scans are held out from three scans on: with one or two, each one's own held-out slabs
-    (:func:`heldout_slabs`) judge the fine-tune, and every corrected scan teaches."""
-    from .training import split_cases
-
-    scan_of = {}
-    for entry in manifest_cases(corrections_dir):
-        scan_of[entry["case"]] = str(entry.get("scan_sha256") or entry["case"])
-    groups: dict[str, list[Path]] = {}
-    for c in cases:
-        groups.setdefault(scan_of.get(c.name, c.name), []).append(c)
-    keys = sorted(groups)
-    if len(keys) < 3:
-        return list(cases), []
-    train_keys, held_keys = split_cases(keys, holdout_fraction, seed=0)
-    return ([c for k in train_keys for c in groups[k]], [c for k in held_keys for c in groups[k]])
 
 
 def finetune_stage(

@@ -36,7 +36,7 @@ from napari_kidseg.cascade import Cascade
 from napari_kidseg.finetuning import finetune_stage
 from napari_kidseg.io import readers, volumes
 from napari_kidseg.phantoms.writer import write_phantom_cases
-from napari_kidseg.review import export_correction
+from napari_kidseg.review.corrections_folder import export_correction
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct" / "totalseg-abdomen-3mm"
 

@@ -123,7 +123,7 @@ def results_store(folder: Path):
 
 def real_study(out: Path, names: list[str], time_cap: bool = True) -> dict:
     """The real proxy (module docstring), one fine-tune per setting; OUT/real/results.json."""
-    from napari_kidseg.review import export_correction
+    from napari_kidseg.review.corrections_folder import export_correction
 
     out = out / "real"
     results, save = results_store(out)

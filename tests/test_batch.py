@@ -15,14 +15,15 @@ import dask
 import numpy as np
 import pytest
 
-from napari_kidseg import batch, worklist
+from napari_kidseg import batch
 from napari_kidseg.batch import Case, DaskCluster, parse_cluster, run_cases
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.cli import main
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.io import readers, volumes
 from napari_kidseg.phantoms.procedural import make_phantom
-from napari_kidseg.worklist import Worklist, draft_all
+from napari_kidseg.review import worklist
+from napari_kidseg.review.worklist import Worklist, draft_all
 
 # the fault-injecting tasks below are shipped to the workers by value (tests/ is not on their path)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

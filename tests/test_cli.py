@@ -217,7 +217,7 @@ def test_predict_report_writes_one_row_per_case(tmp_path, tiny_checkpoints, smal
 def test_draft_fills_the_worklist_cache_and_a_folder_without_ct_is_one_line(
     tmp_path, tiny_checkpoints, small_case_dir, capsys
 ):
-    from napari_kidseg.worklist import Worklist
+    from napari_kidseg.review.worklist import Worklist
 
     folder = tmp_path / "list"
     shutil.copytree(small_case_dir, folder / "case_00000")
@@ -253,7 +253,7 @@ def test_evaluate_reports_kits21_hierarchical_dice_when_cysts_are_labelled(tmp_p
 
 
 def test_kits23_round_trip_phantom_train_predict_evaluate_export(tmp_path, capsys, monkeypatch):
-    from napari_kidseg.review import export_correction
+    from napari_kidseg.review.corrections_folder import export_correction
 
     monkeypatch.setenv("KIDSEG_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "k23"
@@ -274,5 +274,5 @@ def test_kits23_round_trip_phantom_train_predict_evaluate_export(tmp_path, capsy
     assert main(["evaluate", str(tmp_path / "pred"), str(data)]) == 0
     assert "kid+masses_dice" in capsys.readouterr().out  # the references hold cysts: KiTS21's Dice
     ct, ref = readers.read_kits_case(data / "case_00000")
-    case = export_correction(tmp_path / "corr", ct, ref.array)
+    case = tmp_path / "corr" / export_correction(tmp_path / "corr", ct, ref.array)["case"]
     assert np.array_equal(readers.read_labels(case / volumes.KITS_LABELS).array, ref.array)  # cysts exported as 3

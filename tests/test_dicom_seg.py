@@ -124,20 +124,19 @@ def test_anonymised_series_without_uids_is_refused(tmp_path):
 
 
 def test_export_of_a_dicom_case_writes_a_seg_or_says_why_not(tmp_path, real_series):
-    import json
-
-    from napari_kidseg.review import DICOM_SEG_NAME, export_correction
+    from napari_kidseg.review.corrections_folder import DICOM_SEG_NAME, export_correction, manifest_cases
 
     ct = volumes.read_ct(real_series)
     labels = _labels_for(ct)
-    case = export_correction(tmp_path / "corr", ct, labels)
+    entry = export_correction(tmp_path / "corr", ct, labels)
+    case = tmp_path / "corr" / entry["case"]
     assert np.array_equal(read_dicom_seg(case / DICOM_SEG_NAME, like=ct).array, labels)
-    entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][0]
     assert entry["dicom_seg"] == DICOM_SEG_NAME and entry["dicom_seg_note"] is None
     anon = volumes.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
-    case = export_correction(tmp_path / "corr", anon, np.zeros(anon.array.shape, np.uint8) + 1)
-    entry = json.loads((tmp_path / "corr" / "manifest.json").read_text())["cases"][1]
+    entry = export_correction(tmp_path / "corr", anon, np.zeros(anon.array.shape, np.uint8) + 1)
+    case = tmp_path / "corr" / entry["case"]
     assert not (case / DICOM_SEG_NAME).exists() and "has no StudyInstanceUID" in entry["dicom_seg_note"]
+    assert manifest_cases(tmp_path / "corr")[1] == entry
     assert (case / volumes.KITS_LABELS).exists()  # the KiTS export itself went through
 
 

@@ -17,7 +17,7 @@ from napari_kidseg.display import (
     review_of,
     score_text,
 )
-from napari_kidseg.review import FusionParams, ReviewSession
+from napari_kidseg.review.session import FusionParams, ReviewSession
 
 PATCH = np.dtype([("roi", "i2"), ("z", "i4"), ("y0", "i4"), ("x0", "i4")])
 NO_CHECK = (0.4, 0.5, 0.5, False)  # toy volumes: the anatomy check would rightly remove them

@@ -12,7 +12,7 @@ from napari_kidseg.cascade import Cascade
 from napari_kidseg.errors import KidsegWarning
 from napari_kidseg.io import volumes
 from napari_kidseg.phantoms.procedural import make_phantom
-from napari_kidseg.worklist import Worklist
+from napari_kidseg.review.worklist import Worklist
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_a_series_without_uid_is_named_so_in_the_rows(tmp_path):
 
     from conftest import shared_path
 
-    from napari_kidseg.worklist import find_cases
+    from napari_kidseg.review.worklist import find_cases
 
     both = tmp_path / "both"
     both.mkdir()

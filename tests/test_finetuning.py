@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from napari_kidseg.labels import kits_foreground
 
 
 def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_dataset, tiny_checkpoints, tmp_path):
-    from napari_kidseg.review import export_correction
+    from napari_kidseg.review.corrections_folder import export_correction
 
     corrections = tmp_path / "corrections"
     for c in training.find_cases([tiny_dataset]):
@@ -62,7 +61,7 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
 
 def _corrections(tiny_dataset, root, reviewed=False):
     """The tiny dataset exported as corrections; ``reviewed``: only 3 kidney slices marked reviewed."""
-    from napari_kidseg.review import export_correction
+    from napari_kidseg.review.corrections_folder import export_correction
 
     for c in training.find_cases([tiny_dataset]):
         ct, labels = readers.read_kits_case(c)
@@ -112,27 +111,6 @@ def test_finetune_models_both_stages_chain_and_refuse(tiny_dataset, tiny_checkpo
         with pytest.raises(KidsegError, match=msg) as info:
             finetune_models(bad, tmp_path / "y", **small)
         assert "segmentation.nii.gz" in str(info.value)
-
-
-def test_finetune_split_keeps_copies_of_one_scan_together(tmp_path):
-
-    from napari_kidseg.finetuning import split_by_scan
-
-    cases = [tmp_path / f"case_{i:05d}" for i in range(4)]
-    scans = ["a", "a", "b", "c"]  # case 0 and 1: two exports of one scan
-    (tmp_path / "manifest.json").write_text(
-        json.dumps({"cases": [{"case": c.name, "scan_sha256": s} for c, s in zip(cases, scans)]})
-    )
-    for fraction in (0.25, 0.5, 0.75):
-        train, held = split_by_scan(tmp_path, cases, fraction)
-        assert held and sorted(train + held) == cases
-        assert (cases[0] in held) == (cases[1] in held)
-    one_scan = tmp_path / "one"
-    one_scan.mkdir()
-    (one_scan / "manifest.json").write_text(
-        json.dumps({"cases": [{"case": c.name, "scan_sha256": "a"} for c in cases[:2]]})
-    )
-    assert split_by_scan(one_scan, cases[:2], 0.5) == (cases[:2], [])
 
 
 def test_heldout_slabs_alternate_two_trained_one_held_out():

@@ -146,7 +146,7 @@ def test_full_loop_find_fetch_draft_review_seg_and_pdf_back_on_the_server(server
 
     from napari_kidseg.cascade import Cascade
     from napari_kidseg.io.dicom_seg import read_dicom_seg
-    from napari_kidseg.worklist import draft_all
+    from napari_kidseg.review.worklist import draft_all
 
     state = tmp_path / "state"
     query = pacs.Query(server.url, description="phantom")

@@ -1,8 +1,7 @@
-"""Review session: edits survive fusion, correction tools on constructed cases, undo/redo, export."""
+"""Review session: edits survive fusion, correction tools on constructed cases, undo/redo (the export:
+tests/test_review_corrections_folder.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -10,8 +9,7 @@ import pytest
 from napari_kidseg.cascade import CascadeResult
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.fusion import RefinedRegion
-from napari_kidseg.io import readers, volumes
-from napari_kidseg.review import FusionParams, ReviewSession, export_correction
+from napari_kidseg.review.session import FusionParams, ReviewSession
 
 # these tests exercise fusion and editing on toy volumes far smaller than a kidney; the
 # anatomy check (tests/test_anatomy.py) would rightly remove such regions
@@ -99,29 +97,6 @@ def test_doubtful_slices_rank_disagreement():
     }
     s = ReviewSession(make_result(meta, refined=refined), NO_CHECK)
     assert list(s.doubtful_slices("disagreement")) == [2]  # slice 1 agrees (both 0), slice 2 does not
-
-
-def test_export_writes_kits_layout_and_manifest_without_overwriting(tmp_path, small_case):
-    src = tmp_path / "ct.nii.gz"
-    volumes.write_volume(src, small_case.ct.array, small_case.ct)
-    ct = volumes.read_ct(src)
-    root = tmp_path / "corr"
-    a = export_correction(root, ct, small_case.labels, params=FusionParams(0.3, 0.5, 0.6), hand_edited_voxels=7)
-    b = export_correction(root, ct, small_case.labels, case_id=a.name, update=False)  # a copy, on purpose
-    assert a.name == "case_00000" and b.name == "case_00001"
-    man = json.loads((root / "manifest.json").read_text())
-    assert [c["case"] for c in man["cases"]] == ["case_00000", "case_00001"]
-    assert man["cases"][0]["hand_edited_voxels"] == 7 and man["cases"][0]["source_sha256"]
-    assert man["cases"][0]["fusion"]["alpha"] == 0.3
-    back = readers.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
-    assert np.array_equal(back.array, small_case.labels)
-
-
-def test_export_to_an_unwritable_place_is_a_clear_error(tmp_path, small_case):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(KidsegError, match="cannot create the corrections folder"):
-        export_correction(blocker / "sub", small_case.ct, small_case.labels)
 
 
 def _anatomy_session(labels):
@@ -240,29 +215,6 @@ def test_interpolation_is_planned_before_it_is_applied():
     assert set(np.unique(np.nonzero(ch.mask(s.labels.shape))[0])) == {1, 2, 3}
 
 
-def test_export_once_per_scan(tmp_path, small_case):
-    """The defect: exporting twice made a second case with another CT copy, and fine-tuning then
-    split one scan into 'train' and 'held-out'. Now the second export is refused or updates."""
-    from napari_kidseg.review import ScanAlreadyExported
-
-    root = tmp_path / "corr"
-    a = export_correction(root, small_case.ct, small_case.labels, hand_edited_voxels=3)
-    ct_mtime = (a / volumes.KITS_IMAGE).stat().st_mtime_ns
-    with pytest.raises(ScanAlreadyExported) as info:
-        export_correction(root, small_case.ct, small_case.labels)
-    assert info.value.case_id == a.name
-    fixed = small_case.labels.copy()
-    fixed[fixed == 2] = 1
-    b = export_correction(root, small_case.ct, fixed, hand_edited_voxels=9, update=True, reviewed_slices=[3, 1])
-    assert b == a and (a / volumes.KITS_IMAGE).stat().st_mtime_ns == ct_mtime
-    assert sorted(p.name for p in root.glob("case_*")) == [a.name]
-    man = json.loads((root / "manifest.json").read_text())["cases"]
-    assert len(man) == 1 and man[0]["hand_edited_voxels"] == 9 and man[0]["updates"] == 1
-    assert man[0]["reviewed_slices"] == [1, 3]
-    back = readers.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
-    assert not (back.array == 2).any()
-
-
 def test_delete_takes_the_clicked_labels_region_and_the_component_only_when_asked():
     """The defect (issue 26): a click on a false tumor deleted the kidney joined to it."""
     meta = np.zeros((4, 30, 40), np.uint8)
@@ -298,7 +250,7 @@ def test_cut_separates_a_joined_region_so_the_false_part_can_be_deleted():
     assert not s.labels[:, 22:35].any() and (s.labels[1:8, 5:20, 5:20] == 1).all()
     assert s.reviewed_slices() == {4}, "the slice in view is reviewed, not every slice a tool touched"
     # a diagonal 4-connected line leaves no 26-connected gap
-    from napari_kidseg.review import _line_4connected
+    from napari_kidseg.review.session import _line_4connected
 
     ys, xs = _line_4connected((0, 0), (5, 9))
     steps = np.abs(np.diff(ys)) + np.abs(np.diff(xs))

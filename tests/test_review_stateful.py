@@ -31,7 +31,7 @@ from napari_kidseg import anatomy
 from napari_kidseg.cascade import CascadeResult
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.fusion import RefinedRegion
-from napari_kidseg.review import FusionParams, ReviewSession
+from napari_kidseg.review.session import FusionParams, ReviewSession
 
 settings.register_profile(
     "review-ci",

@@ -13,6 +13,7 @@ from napari_kidseg._widgets.cascade_widget import CLICK_MODES, LAYER_NAMES, WIND
 from napari_kidseg.display import kidney_focus
 from napari_kidseg.io import readers
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
+from napari_kidseg.review.corrections_folder import manifest_cases
 
 pytestmark = pytest.mark.gui
 
@@ -160,12 +161,9 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     fused.data[max(0, z - 2) : z + 3, 30:70, 30:70] = 1  # a kidney-sized correction to fine-tune on
     w.export_folder = tmp_path / "corrections"
     case = _export(w, qtbot)
-    import json
-
     import nibabel as nib
 
-    manifest = json.loads((tmp_path / "corrections" / "manifest.json").read_text())
-    entry = manifest["cases"][0]
+    entry = manifest_cases(tmp_path / "corrections")[0]
     assert entry["case"] == case.name and entry["hand_edited_voxels"] == s.hand_edited_voxels
     assert entry["checkpoints"]["refine"]["version"] == "test"
     assert entry["fusion"] == {"alpha": 0.0, "kidney_threshold": 0.9, "tumor_threshold": 0.2, "anatomy_check": False}

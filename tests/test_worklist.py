@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import worklist
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.io import readers, volumes
 from napari_kidseg.phantoms.procedural import make_phantom
-from napari_kidseg.worklist import Worklist, draft_all, find_cases
+from napari_kidseg.review import worklist
+from napari_kidseg.review.corrections_folder import manifest_cases
+from napari_kidseg.review.worklist import Worklist, draft_all, find_cases
 
 
 @pytest.fixture
@@ -144,8 +145,7 @@ def test_mark_reviewed_exports_and_counts(folder, tiny_cascade, tmp_path):
     case_dir = wl.mark_reviewed(row, ct, labels, tmp_path / "export", seconds=90)
     assert row.status == "reviewed" and wl.reviewed == 1 and row.seconds == 90
     assert np.array_equal(readers.read_labels(case_dir / volumes.KITS_LABELS).array, labels)
-    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
-    assert manifest["cases"][0]["whole_case_reviewed"] is True
+    assert manifest_cases(tmp_path / "export")[0]["whole_case_reviewed"] is True
     # marking it again (a second look) updates the same exported case
     assert wl.mark_reviewed(row, ct, labels, tmp_path / "export") == case_dir
     assert wl.next_todo(wl.index_of("kits/case_00000")) != wl.index_of("kits/case_00000")

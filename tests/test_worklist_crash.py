@@ -18,14 +18,14 @@ import pytest
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.io import volumes
 from napari_kidseg.phantoms.procedural import make_phantom
-from napari_kidseg.worklist import STATE_FOLDER, Worklist
+from napari_kidseg.review.worklist import STATE_FOLDER, Worklist
 
 CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
     from napari_kidseg.cascade import CascadeResult
-    from napari_kidseg.worklist import Worklist
+    from napari_kidseg.review.worklist import Worklist
 
     folder, template, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     result, _ = CascadeResult.load_probabilities(template)

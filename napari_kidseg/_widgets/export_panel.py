@@ -18,24 +18,19 @@ from ._workers import LatestRequest
 
 
 def export_correction_with_note(folder: Path, ct, labels, kwargs: dict):
-    """Off the GUI thread: export the case (review.export_correction) and say whether a DICOM SEG
-    came with it. Returns (case folder, note)."""
-    import json
+    """Off the GUI thread: export the case (corrections_folder.export_correction) and say whether a
+    DICOM SEG came with it (the entry it wrote says). Returns (case folder, note)."""
+    from ..review.corrections_folder import export_correction
 
-    from ..review import DICOM_SEG_NAME, export_correction
-
-    case = export_correction(folder, ct, labels, **kwargs)
+    entry = export_correction(folder, ct, labels, **kwargs)
     note = ""
     src = ct.source
     if src is not None and src.format == "dicom" and Path(src.path).is_dir():
-        seg = case / DICOM_SEG_NAME
-        if seg.exists():
-            note = f" and a DICOM SEG ({seg.name})"
+        if entry.get("dicom_seg"):
+            note = f" and a DICOM SEG ({entry['dicom_seg']})"
         else:
-            cases = json.loads((folder / "manifest.json").read_text())["cases"]
-            why = next((c.get("dicom_seg_note") for c in cases if c["case"] == case.name), None)
-            note = f"; no DICOM SEG: {why}"
-    return case, note
+            note = f"; no DICOM SEG: {entry.get('dicom_seg_note')}"
+    return Path(folder) / entry["case"], note
 
 
 class ExportPanel(QGroupBox):
@@ -143,7 +138,7 @@ class ExportPanel(QGroupBox):
         self._start_export(Path(folder), ct, s.labels.copy(), kwargs)
 
     def _start_export(self, folder, ct, labels, kwargs):
-        from ..review import ScanAlreadyExported
+        from ..review.corrections_folder import ScanAlreadyExported
 
         self._say("exporting...")
 

@@ -1,6 +1,6 @@
 """The Case worklist dock widget: a folder of cases reviewed one after another.
 
-GUI only: the state, drafts, autosaves and exports are :mod:`napari_kidseg.worklist`'s. A case
+GUI only: the state, drafts, autosaves and exports are :mod:`napari_kidseg.review.worklist`'s. A case
 opens in the Kidney cascade widget (docked beside it, or given), its draft shown at once when it
 was made ahead; the next cases are drafted in the background at low priority while this one is
 reviewed. Edits are autosaved two seconds after the last one (and on every case switch); a
@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import KidsegError
-from ..worklist import draft_case
+from ..review.worklist import draft_case
 from ._workers import LatestRequest
 
 COLUMNS = (
@@ -264,7 +264,7 @@ class WorklistWidget(QWidget):
     def _current_models(self) -> str | None:
         """The models the Kidney cascade widget names now, as the rows name their drafts' models."""
         from ..models import resolve_checkpoint
-        from ..worklist import models_label
+        from ..review.worklist import models_label
 
         cw = self._cascade_widget
         if cw is None:
@@ -581,7 +581,7 @@ class WorklistWidget(QWidget):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from ..worklist import drafting_process_init
+        from ..review.worklist import drafting_process_init
 
         if self._pool_start.busy:
             return

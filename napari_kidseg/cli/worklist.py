@@ -21,7 +21,7 @@ def cmd_draft(args) -> int:
     PACS, the series are fetched in the background ahead of the drafting."""
     from ..cascade import Cascade
     from ..pacs import open_worklist
-    from ..worklist import draft_all
+    from ..review.worklist import draft_all
 
     wl = open_worklist(args.folder, args.state, **_pacs_filters(args))
     try:
@@ -65,7 +65,7 @@ def cmd_review(args) -> int:
             raise KidsegError(f"no series match ({source.label()})", source.url)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and sys.platform.startswith("linux"):
         raise KidsegError("no display here, so napari cannot open; run `xvfb-run -a kidseg review ...` or a desktop")
-    from ..worklist import find_cases
+    from ..review.worklist import find_cases
 
     if not isinstance(source, Query):
         find_cases(args.folder)  # a folder with no CT is one line here, before napari opens

@@ -16,7 +16,7 @@ widget all call this.
 - Every fault a user meets (wrong password, unreachable server, timeout, a refused store, a
   series gone between find and fetch, an answer that is not DICOM) is one :class:`KidsegError`
   line naming the server, without credentials.
-- :class:`PacsWorklist` is a :class:`~napari_kidseg.worklist.Worklist` on the series a query
+- :class:`PacsWorklist` is a :class:`~napari_kidseg.review.worklist.Worklist` on the series a query
   finds: each is fetched into the state folder ahead of the reviewer (:meth:`PacsWorklist.prefetch`,
   in a background thread, with progress), and Mark reviewed sends the case's DICOM SEG and its
   report as an Encapsulated PDF through an outbox (``outbox/`` in the state folder): a failed send

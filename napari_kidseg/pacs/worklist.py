@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import Cancelled, KidsegError
-from ..worklist import CaseRow, Worklist
+from ..review.worklist import CaseRow, Worklist
 from .client import Pacs
 from .outbox import Outbox, encapsulated_pdf
 
@@ -224,12 +224,12 @@ class PacsWorklist(Worklist):
     def results_to_send(self, row, case_dir: Path, ct, labels) -> list[Path]:
         """The export's DICOM SEG and the case report as an Encapsulated PDF, in ``case_dir``."""
         from ..report import describe_case, write_report
-        from ..review import DICOM_SEG_NAME, MANIFEST
+        from ..review.corrections_folder import DICOM_SEG_NAME, manifest_cases
 
         seg = Path(case_dir) / DICOM_SEG_NAME
         if not seg.exists():
-            manifest = json.loads((Path(case_dir).parent / MANIFEST).read_text())
-            note = next((c.get("dicom_seg_note") for c in manifest["cases"] if c["case"] == Path(case_dir).name), None)
+            cases = manifest_cases(Path(case_dir).parent)
+            note = next((c.get("dicom_seg_note") for c in cases if c["case"] == Path(case_dir).name), None)
             raise KidsegError(f"no DICOM SEG was written ({note or 'unknown reason'})")
         report = describe_case(labels, ct.geometry.spacing, ct=ct.array, provenance={"case": row.case})
         written = write_report(

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KidsegError, KidsegWarning
-from .io import files, volumes
+from ..errors import KidsegError, KidsegWarning
+from ..io import files, volumes
 
 _log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
     import pydicom
     import SimpleITK as sitk
 
-    from .io.volumes import SEG_SOP_CLASS_UID
+    from ..io.volumes import SEG_SOP_CLASS_UID
 
     rows = []
     with volumes.itk_warnings_off():
@@ -336,7 +336,7 @@ class Worklist:
         A copy of state.json (``state.json.bak``) follows each save: the last good one."""
         if self.read_only:
             return
-        from .report import rows_to_csv
+        from ..report import rows_to_csv
 
         current = None if self.current is None else self.rows[self.current].case
         state = {"folder": str(self.folder), "current": current, "rows": [dataclasses.asdict(r) for r in self.rows]}
@@ -400,7 +400,7 @@ class Worklist:
     def draft(self, row: CaseRow, cascade, *, ct=None, cancel=None, progress=None):
         """Run the cascade on one case and keep its result in the draft cache (atomically: a
         cancelled or failed draft leaves no file). Returns the result, or None when it failed."""
-        from .errors import Cancelled
+        from ..errors import Cancelled
 
         try:
             ct = ct if ct is not None else self.read_ct(row)
@@ -432,7 +432,7 @@ class Worklist:
         (unreadable, or made from another CT than the case's file holds now: it changed), which is
         dropped with a note so that the case is drafted again. ``ct``: the case's CT (default: the
         one :meth:`read_ct` read last)."""
-        from .cascade import CascadeResult
+        from ..cascade import CascadeResult
 
         path = self.draft_path(row)
         if not path.exists():
@@ -536,13 +536,13 @@ class Worklist:
 
     def mark_reviewed(self, row: CaseRow, ct, labels, export_dir, *, seconds=None, **export_kwargs) -> Path:
         """Export the case (KiTS layout + manifest; DICOM SEG for a DICOM CT) and mark it reviewed."""
-        from .metrics import measurements
-        from .review import export_correction
+        from ..metrics import measurements
+        from .corrections_folder import export_correction
 
         if self.read_only:
             raise KidsegError("is open read-only in this napari (another one holds it)", self.state_dir)
         own = Path(row.case).name  # a KiTS case keeps its name in the export (else the next free case_NNNNN)
-        case_dir = export_correction(
+        entry = export_correction(
             Path(export_dir), ct, labels, whole_case_reviewed=True, update=True,
             case_id=own if volumes.CASE_RE.match(own) else None, **export_kwargs,
         )  # fmt: skip
@@ -552,7 +552,7 @@ class Worklist:
             row.seconds = float(seconds)
         self._measure(row, measurements(labels, ct.geometry.spacing))
         self.save()
-        return case_dir
+        return Path(export_dir) / entry["case"]
 
     @staticmethod
     def _measure(row: CaseRow, m: dict):
@@ -620,7 +620,7 @@ def _create_whole(path: Path, text: str) -> None:
 
 
 def _keep_draft(result, cascade, path, identity: str = "") -> dict:
-    from .metrics import measurements
+    from ..metrics import measurements
 
     models = models_label(cascade.coarse_path, cascade.refine_path)
     if path is not None:
@@ -644,7 +644,7 @@ def draft_case(ct_path, series_uid, draft_path, coarse=None, refine=None, device
     """Draft one case in this process and keep it at ``draft_path`` (atomically); returns what
     :meth:`Worklist.record_draft` takes. Run in a separate process by the widget (drafts ahead),
     so that no long call of the drafting holds the GUI process's interpreter lock."""
-    from .cascade import cached_cascade
+    from ..cascade import cached_cascade
 
     try:
         cascade = cached_cascade(coarse, refine, device)

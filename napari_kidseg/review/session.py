@@ -1,5 +1,6 @@
 """A radiologist's review of one cascade result: live fusion that keeps hand edits, correction
-tools with undo/redo, measurements, navigation to doubtful slices, and export of corrections.
+tools with undo/redo, measurements and navigation to doubtful slices (the export of corrections is
+:mod:`napari_kidseg.review.corrections_folder`'s).
 
 GUI-free: the napari widget holds one :class:`ReviewSession` and only moves data between it and
 its layers.
@@ -28,18 +29,15 @@ un-prefixed method applies it at once on the session's undo stack (the CLI, scri
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from . import anatomy
-from .cascade import CascadeResult
-from .errors import KidsegError
-from .fusion import (
+from .. import anatomy
+from ..cascade import CascadeResult
+from ..errors import KidsegError
+from ..fusion import (
     BACKGROUND,
     CYST,
     DEFAULT_ALPHA,
@@ -49,8 +47,7 @@ from .fusion import (
     KITS23_LABEL_NAMES,
     TUMOR,
 )
-from .io import files, volumes
-from .metrics import bounding_box
+from ..metrics import bounding_box
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
 
@@ -678,128 +675,3 @@ def _signed_distance(mask: np.ndarray) -> np.ndarray:
     # measured from the boundary between voxels (half a voxel out from the centres), so a shape
     # interpolated with itself stays the same shape
     return np.where(mask, 0.5 - ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask) - 0.5)
-
-
-# ------------------------------------------------------------------ export of corrections
-MANIFEST = "manifest.json"
-
-
-class ScanAlreadyExported(KidsegError):
-    """The scan is in the corrections folder already: update that case (or export a copy on purpose)."""
-
-    def __init__(self, case_id: str, root):
-        self.case_id = case_id
-        super().__init__(
-            f"this scan is already exported as {case_id}; update that case instead of copying the CT again", root
-        )
-
-
-def scan_sha256(ct: volumes.Volume) -> str:
-    """A scan's identity: its voxels and spacing, whatever file (or layer) it came from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(ct.array).tobytes())
-    h.update(np.asarray(ct.geometry.spacing, np.float64).tobytes())
-    return h.hexdigest()
-
-
-def export_correction(
-    root,
-    ct: volumes.Volume,
-    labels: np.ndarray,
-    *,
-    case_id: str | None = None,
-    checkpoints: dict | None = None,
-    params: FusionParams | None = None,
-    hand_edited_voxels: int = 0,
-    reviewed_slices=None,
-    whole_case_reviewed: bool = False,
-    update: bool | None = None,
-) -> Path:
-    """Write one corrected case in KiTS layout under ``root`` and add it to ``root/manifest.json``.
-
-    One case per scan: when the manifest already holds this scan (same voxels and spacing),
-    ``update=None`` raises :class:`ScanAlreadyExported`; ``update=True`` rewrites that case's labels
-    (the CT is not copied again) and its manifest entry; ``update=False`` exports a second copy on
-    purpose. Never overwrites another case. Files are written atomically and the manifest last,
-    so a failed export leaves no half-registered case. ``reviewed_slices``: the slice indices the
-    radiologist touched or confirmed (fine-tuning trains on those alone unless
-    ``whole_case_reviewed``).
-    """
-    from .io.files import file_sha256
-
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KidsegError(f"cannot create the corrections folder ({exc.strerror})", root) from None
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cases": []}
-    scan = scan_sha256(ct)
-    same = [c for c in manifest["cases"] if c.get("scan_sha256") == scan]
-    if same and update is None:
-        raise ScanAlreadyExported(same[-1]["case"], root)
-    source = ct.path
-    entry = {
-        "source": source,
-        "source_sha256": file_sha256(source) if source and Path(source).is_file() else None,
-        "scan_sha256": scan,
-        "checkpoints": {
-            k: {"path": str(v), "sha256": file_sha256(v), "version": _ckpt_version(v)}
-            for k, v in (checkpoints or {}).items()
-        },
-        "fusion": dataclasses.asdict(params or FusionParams()),
-        "hand_edited_voxels": int(hand_edited_voxels),
-        "reviewed_slices": None if reviewed_slices is None else sorted(int(z) for z in reviewed_slices),
-        "whole_case_reviewed": bool(whole_case_reviewed),
-        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if same and update:
-        old = same[-1]
-        case_dir = root / old["case"]
-        volumes.write_labels(case_dir / volumes.KITS_LABELS, labels, ct, overwrite=True)
-        old.update(entry, updates=int(old.get("updates", 0)) + 1)
-    else:
-        taken = {c["case"] for c in manifest["cases"]} | {p.name for p in root.glob("case_*")}
-        if case_id is None or case_id in taken:
-            n = 0
-            while f"case_{n:05d}" in taken:
-                n += 1
-            case_id = f"case_{n:05d}"
-        case_dir = volumes.write_kits_case(root, case_id, ct, labels)
-        manifest["cases"].append({"case": case_id, **entry})
-        old = manifest["cases"][-1]
-    if ct.source is not None and ct.source.format == "dicom" and Path(ct.source.path).is_dir():
-        old.update(_export_dicom_seg(case_dir, ct, labels, entry["checkpoints"]))
-    with files.atomic_path(manifest_path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
-    return case_dir
-
-
-DICOM_SEG_NAME = "segmentation.seg.dcm"
-
-
-def _export_dicom_seg(case_dir: Path, ct: volumes.Volume, labels: np.ndarray, checkpoints: dict) -> dict:
-    """A CT read from a DICOM series gets its labels as a DICOM SEG too (for PACS); a series that
-    cannot carry one (anonymised without UIDs, a missing slice) gets the reason in the manifest."""
-    from .io.dicom_seg import write_dicom_seg
-
-    models = {k: f"{Path(v['path']).name} ({v['version']})" for k, v in checkpoints.items()}
-    try:
-        write_dicom_seg(
-            ct.source.path, labels, case_dir / DICOM_SEG_NAME, series_uid=ct.source.dicom_series_uid,
-            models=models, overwrite=True, ct=ct,
-        )  # fmt: skip
-    except KidsegError as exc:
-        return {"dicom_seg": None, "dicom_seg_note": str(exc)}
-    return {"dicom_seg": DICOM_SEG_NAME, "dicom_seg_note": None}
-
-
-def _ckpt_version(path) -> str:
-    from .models import read_config
-
-    try:
-        return read_config(path).version
-    except KidsegError:
-        return "unknown"
