@@ -50,8 +50,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .fusion import BACKGROUND, KIDNEY, TUMOR
-from .labels import ORGAN_CODE, ORGANS
+from .labels import BACKGROUND, KIDNEY, ORGAN_CODE, ORGANS, TUMOR
 from .roi import component_grid_step
 
 PRIORS_PATH = Path(__file__).with_name("anatomy_priors.json")

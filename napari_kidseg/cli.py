@@ -312,9 +312,9 @@ _EVAL_HEADERS = {
 def _score_case(name, p, r, tolerances):
 
     from .evaluation import TOLERANCES_MM, case_scores
-    from .fusion import CYST
     from .io import readers
-    from .metrics import bounding_box, check_label_values, false_ml, kits_scores, measurements, tumor_detection
+    from .labels import CYST, check_label_values
+    from .metrics import bounding_box, false_ml, kits_scores, measurements, tumor_detection
 
     ref = readers.read_labels(r)
     pred = readers.read_labels(p, like=ref)
@@ -732,7 +732,7 @@ def _add_train_parser(sub):
 # --------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
     from .io import readers, volumes
-    from .metrics import check_label_values
+    from .labels import check_label_values
     from .report import describe_case, report_text, write_report
 
     out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
@@ -763,7 +763,7 @@ def _default_report_dir(labels: Path) -> Path:
 def cmd_export_seg(args) -> int:
     from .io import readers, volumes
     from .io.dicom_seg import write_dicom_seg
-    from .metrics import check_label_values
+    from .labels import check_label_values
 
     ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
     labels = readers.read_labels(args.labels, like=ct)

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import KidsegError
 from ..fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from ..labels import BACKGROUND, TUMOR
 from ..layers import (
     CT_WINDOW,
     LABEL_COLORS,
@@ -1572,7 +1573,10 @@ class CascadeWidget(QWidget):
             for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
                 k = kits_scores(lab, ref)
                 f = false_ml(lab, ref, sp)
-                has_kid, has_tum = (lab > 0).any() or (ref > 0).any(), (lab == 2).any() or (ref == 2).any()
+                has_kid, has_tum = (
+                    (lab > BACKGROUND).any() or (ref > BACKGROUND).any(),
+                    (lab == TUMOR).any() or (ref == TUMOR).any(),
+                )
                 composite = k["kits_composite"] if has_tum else k["kidney_tumor_dice"]
                 lines.append(
                     f"{name:<10}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"

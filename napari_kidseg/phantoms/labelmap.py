@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from ..errors import KidsegError
 from ..io import geometry, volumes
-from ..labels import FLARE_TO_ORGAN, ORGAN_CODE, organ_map_from
+from ..labels import BACKGROUND, FLARE_TO_ORGAN, KIDNEY, ORGAN_CODE, TUMOR, organ_map_from
 from .shapes import Blob, Grid, paint_table
 from .tissues import (
     DISK_LAYOUTS,
@@ -73,7 +73,8 @@ FLARE_LABELS = {
     12: "duodenum",
     13: "left_kidney",
 }
-KIDNEY_LABELS = (2, 13)
+RIGHT_KIDNEY, LEFT_KIDNEY = 2, 13  # FLARE labels
+KIDNEY_LABELS = (RIGHT_KIDNEY, LEFT_KIDNEY)
 HELD_OUT_MAPS = 10  # the last 10 maps of a sorted folder (FLARE22_Tr_0041-0050) are never trained on
 
 # extra tissues on top of the procedural phantom's (non-contrast, arterial, venous)
@@ -430,7 +431,7 @@ def make_labelmap_phantom(
     _hollow_organ(rng, c, jit, organs == 11, ("air", "fluid", "feces", "contrast"), (0.35, 0.35, 0.2, 0.1))
     _hollow_organ(rng, c, jit, organs == 12, ("fluid", "air", "feces"), (0.6, 0.2, 0.2))
     kidney = np.isin(organs, KIDNEY_LABELS)
-    c.labels[kidney] = 1
+    c.labels[kidney] = KIDNEY
     _paint_kidneys(rng, c, jit, kidney, organs)
 
     # -------- lesions: hard negatives first, then cysts and tumors in the kidneys
@@ -477,7 +478,7 @@ def make_labelmap_phantom(
     }
     organ_map = organ_map_from(FLARE_TO_ORGAN, organs)
     organ_map[bowel] = ORGAN_CODE["bowel"]
-    organ_map[c.labels > 0] = 0  # a tumor grown into bowel is tumor
+    organ_map[c.labels > BACKGROUND] = 0  # a tumor grown into bowel is tumor
     return PhantomCase(ct=ct, labels=c.labels, info=info, organs=organ_map)
 
 
@@ -600,7 +601,7 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: Grid, jit, organs, structures) 
             if sl is None:
                 continue
             allowed = (organs[sl] == organ) | ((organs[sl] == 0) & (organ in (7, 8)))
-            inside &= allowed & (c.labels[sl] == 0)
+            inside &= allowed & (c.labels[sl] == BACKGROUND)
             c.hu[sl][inside] = jit[kind] + rng.normal(0, 8)
             drawn.append({"organ": FLARE_LABELS[organ], "kind": kind, "diameter_mm": round(2 * r, 1)})
     drawn += _paint_touching_negatives(rng, c, grid, jit, organs)
@@ -644,7 +645,7 @@ def _paint_touching_negatives(rng, c: _Canvas, grid: Grid, jit, organs) -> list[
         sl, inside, _ = _blob_mask(grid, blob)
         if sl is None:
             continue
-        inside &= (organs[sl] == organ) & (c.labels[sl] == 0)
+        inside &= (organs[sl] == organ) & (c.labels[sl] == BACKGROUND)
         c.hu[sl][inside] = jit[kind] + rng.normal(0, 6)
         drawn.append({"organ": FLARE_LABELS[organ], "kind": kind, "diameter_mm": round(2 * r, 1), "touches": "kidney"})
     return drawn
@@ -674,7 +675,7 @@ def _paint_kidney_lesions(
         inside &= growable[sl]
         c.hu[sl][inside] = jit["cyst"]
         c.labels[sl][inside] = cyst
-        out["cysts"].append({"side": "right" if lab == 2 else "left", "diameter_mm": round(2 * r, 1)})
+        out["cysts"].append({"side": "right" if lab == RIGHT_KIDNEY else "left", "diameter_mm": round(2 * r, 1)})
     if n_tumors is None:
         n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))
     for _ in range(n_tumors):
@@ -684,7 +685,7 @@ def _paint_kidney_lesions(
             own = c.organs == lab
             drawn = paint_transplant(rng, library, own, kidney_side(own, kidney), sp, growable, look, c.hu, c.labels)
             if drawn is not None:
-                side = "right" if lab == 2 else "left"
+                side = "right" if lab == RIGHT_KIDNEY else "left"
                 out["tumors"].append({"side": side, "subtype": look["subtype"], "core": look["core"], **drawn})
             continue
         mask = c.organs[:, ::2, ::2] == lab
@@ -708,10 +709,10 @@ def _paint_kidney_lesions(
             continue
         look = draw_tumor_look(rng, jit, phase)
         c.hu[sl][inside] = tumor_texture(rng, rho, c.spacing, look)[inside]
-        c.labels[sl][inside] = 2
+        c.labels[sl][inside] = TUMOR
         out["tumors"].append(
             {
-                "side": "right" if lab == 2 else "left",
+                "side": "right" if lab == RIGHT_KIDNEY else "left",
                 "diameter_mm": round(diam, 1),
                 "subtype": look["subtype"],
                 "core": look["core"],
