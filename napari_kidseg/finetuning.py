@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import KidsegError
 from .io import files, readers, volumes
-from .metrics import check_label_values
+from .labels import check_label_values
 
 STAGES = ("coarse", "refine")
 MODELS_FOLDER = "models"

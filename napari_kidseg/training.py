@@ -30,11 +30,11 @@ import numpy as np
 from . import roi
 from .errors import KidsegError
 from .io import files, readers, volumes
-from .labels import UNLABELLED, kits_foreground, network_target, training_target
+from .labels import BACKGROUND, CYST, KIDNEY, TUMOR, UNLABELLED, kits_foreground, network_target, training_target
 from .models import ModelConfig, add_organ_channels, build_model, load_checkpoint, save_checkpoint
 from .preprocessing import context_indices, hu_to_input
 
-KITS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1}  # KiTS21/23 cyst -> kidney
+KITS_LABEL_MAP = {BACKGROUND: BACKGROUND, KIDNEY: KIDNEY, TUMOR: TUMOR, CYST: KIDNEY}  # KiTS21/23 cyst -> kidney
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
@@ -68,8 +68,8 @@ def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
     bad = [int(v) for v in values if int(v) not in KITS_LABEL_MAP]
     if bad:
         raise KidsegError(f"label values {bad} are not KiTS labels (0 background, 1 kidney, 2 tumor, 3 cyst)", path)
-    if classes == 3 and values.max(initial=0) > 2:
-        labels = np.where(labels == 3, 1, labels).astype(np.uint8)
+    if classes == 3 and values.max(initial=0) > TUMOR:
+        labels = np.where(labels == CYST, KIDNEY, labels).astype(np.uint8)
     return labels
 
 
@@ -189,7 +189,7 @@ class SegmentationSamples:
                         continue
                     self.items.append((ci, z, y0, x0))
                     # tumor patches are few and the class is the hard one: draw them 3x as often
-                    has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == 2).any()
+                    has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == TUMOR).any()
                     taught = (
                         lesson is not None and roi.cut_patch(np.asarray(lesson[z]), y0, x0, cfg.input_size, 0).any()
                     )
@@ -380,10 +380,13 @@ def dice_ce_loss(logits, target, kits_classes: int = 3, voxel_weight=None):
         ce = (per_voxel * voxel_weight).sum() / voxel_weight.sum().clamp_min(1e-6)
     p = torch.softmax(logits.float(), dim=1)
     valid = (target != UNLABELLED).float()
-    masses = (target >= 1) & (target < kits_classes)
-    regions = [(p[:, 1:kits_classes].sum(1) * valid, masses.float()), (p[:, 2] * valid, (target == 2).float())]
+    masses = (target >= KIDNEY) & (target < kits_classes)
+    regions = [
+        (p[:, KIDNEY:kits_classes].sum(1) * valid, masses.float()),
+        (p[:, TUMOR] * valid, (target == TUMOR).float()),
+    ]
     if kits_classes == 4:  # KiTS23's cyst class
-        regions.append((p[:, 3] * valid, (target == 3).float()))
+        regions.append((p[:, CYST] * valid, (target == CYST).float()))
     dice_loss = 0.0
     for pr, gt in regions:
         inter = (pr * gt).sum()
@@ -398,7 +401,7 @@ class DiceCounter:
         self.n = np.zeros((2, 3))  # region x (intersection, pred, ref)
 
     def add(self, pred, target):
-        for r, (p, t) in enumerate(((pred > 0, target > 0), (pred == 2, target == 2))):
+        for r, (p, t) in enumerate(((pred > BACKGROUND, target > BACKGROUND), (pred == TUMOR, target == TUMOR))):
             self.n[r] += [int((p & t).sum()), int(p.sum()), int(t.sum())]
 
     def scores(self) -> dict:
@@ -694,8 +697,8 @@ def evaluate_samples(model, loader, device, kits_classes: int = 3) -> dict:
         for x, y in loader:
             pred = model(x.to(device)).argmax(1).cpu().numpy()
             y = y.numpy()
-            pred[pred >= kits_classes] = 0
-            y = np.where(y >= kits_classes, 0, y)
+            pred[pred >= kits_classes] = BACKGROUND
+            y = np.where(y >= kits_classes, BACKGROUND, y)
             counter.add(pred, y)
     model.train()
     return counter.scores()

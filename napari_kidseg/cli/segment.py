@@ -155,7 +155,7 @@ def _batch_report_path(output: Path, jobs) -> Path:
 
 def cmd_report(args) -> int:
     from ..io import readers, volumes
-    from ..metrics import check_label_values
+    from ..labels import check_label_values
     from ..report import describe_case, report_text, write_report
 
     out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
@@ -186,7 +186,7 @@ def _default_report_dir(labels: Path) -> Path:
 def cmd_export_seg(args) -> int:
     from ..io import readers, volumes
     from ..io.dicom_seg import write_dicom_seg
-    from ..metrics import check_label_values
+    from ..labels import check_label_values
 
     ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
     labels = readers.read_labels(args.labels, like=ct)
