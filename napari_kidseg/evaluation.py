@@ -207,7 +207,7 @@ def _label_files(folder: Path) -> dict:
     KiTS21's ``aggregated_MAJ_seg.nii.gz``)
     and label files (``case_XXXXX.nii.gz`` or any other name), keyed by the KiTS case name where
     there is one, else by the file name without its suffix."""
-    from . import volumes
+    from .io import volumes
 
     found = {}
     for p in sorted(folder.iterdir()):
@@ -227,7 +227,7 @@ def _label_files(folder: Path) -> dict:
 
 
 def _stem(name: str) -> str:
-    from .volumes import VOLUME_SUFFIXES
+    from .io.volumes import VOLUME_SUFFIXES
 
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, volumes
 from .errors import KidsegError
+from .io import files, readers, volumes
 from .metrics import check_label_values
 
 STAGES = ("coarse", "refine")
@@ -85,7 +85,7 @@ def check_corrections(corrections_dir) -> list[Path]:
         )
     for case in cases:
         ct = volumes.read_ct(case / volumes.KITS_IMAGE)
-        labels = volumes.read_labels(case / volumes.KITS_LABELS)
+        labels = readers.read_labels(case / volumes.KITS_LABELS)
         if labels.array.shape != ct.array.shape:
             raise KidsegError(
                 f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}",
@@ -403,7 +403,7 @@ def parent_drafts(case_dirs, coarse, refine, device="auto", cancel=None) -> dict
     cascade = Cascade(coarse, refine, device=device)
     out = {}
     for case in case_dirs:
-        ct, ref = volumes.read_kits_case(case)
+        ct, ref = readers.read_kits_case(case)
         result = cascade.run(ct.array, ct.geometry.spacing, cancel=cancel)
         out[case.name] = {
             "draft": result.fuse(),
@@ -434,7 +434,7 @@ def lesson_file(case: Path, draft: dict, parents: dict, mm: float) -> Path:
     """:func:`lesson_mask` of a corrected case written beside its training cache (one per parents)."""
     import hashlib
 
-    from .models import file_sha256
+    from .io.files import file_sha256
     from .training import cache_case
 
     cached = cache_case(case)
@@ -500,7 +500,7 @@ def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="au
     cascade = Cascade(coarse_checkpoint, refine_checkpoint, device=device)
     rows = []
     for case in case_dirs:
-        ct, ref = volumes.read_kits_case(case)
+        ct, ref = readers.read_kits_case(case)
         result = cascade.run(ct.array, ct.geometry.spacing)
         rows.append(kits_scores(result.fuse(**fuse_kwargs), map_kits_labels(ref.array, case)))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
@@ -508,7 +508,8 @@ def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="au
 
 def replay_cases(n: int, seed: int) -> list[Path]:
     """Phantom cases mixed into a fine-tune so the model does not forget (generated once, cached)."""
-    from .phantom import GENERATOR_REVISION, write_phantom_cases
+    from .phantoms.procedural import GENERATOR_REVISION
+    from .phantoms.writer import write_phantom_cases
     from .training import cache_root
 
     root = cache_root().parent / "replay" / f"seed{seed}-n{n}-rev{GENERATOR_REVISION}"
@@ -601,7 +602,8 @@ def finetune_stage(
     batches, and a few cases' batches would otherwise pull them away from everything else.
     """
     log = log or _log.info
-    from .models import file_sha256, read_config
+    from .io.files import file_sha256
+    from .models import read_config
     from .training import TrainSettings, cache_case, train
 
     corrections_dir, parent, out = Path(corrections_dir), Path(parent), Path(out)

@@ -493,7 +493,7 @@ def write_report(report: dict, out_dir, *, ct=None, labels=None, spacing=None, o
     Every file is checked before any is written (an existing one is refused without
     ``overwrite``), and each is written atomically.
     """
-    from .files import atomic_path
+    from .io.files import atomic_path
 
     out = Path(out_dir)
     names = REPORT_FILES if ct is not None else REPORT_FILES[:2]

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, roi, volumes
+from . import roi
 from .errors import KidsegError
+from .io import files, readers, volumes
 from .labels import UNLABELLED, kits_foreground, network_target, training_target
 from .models import ModelConfig, add_organ_channels, build_model, load_checkpoint, save_checkpoint
 from .preprocessing import context_indices, hu_to_input
@@ -110,10 +111,10 @@ def cache_case(case_dir: Path) -> CachedCase:
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
     else:
-        ct, labels = volumes.read_kits_case(case_dir)
+        ct, labels = readers.read_kits_case(case_dir)
         lab = map_kits_labels(labels.array, case_dir / volumes.KITS_LABELS, classes=4)  # checked, cysts kept
         if organ_file.exists():  # the neighbours as classes of their own (labels.training_target)
-            organs = volumes.read_labels(organ_file, like=ct).array
+            organs = readers.read_labels(organ_file, like=ct).array
             lab = training_target(lab, organs)
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in (("ct.npy", ct.array.astype(np.int16)), ("labels.npy", lab)):

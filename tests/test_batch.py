@@ -15,12 +15,13 @@ import dask
 import numpy as np
 import pytest
 
-from napari_kidseg import batch, volumes, worklist
+from napari_kidseg import batch, worklist
 from napari_kidseg.batch import Case, DaskCluster, parse_cluster, run_cases
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.cli import main
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.worklist import Worklist, draft_all
 
 # the fault-injecting tasks below are shipped to the workers by value (tests/ is not on their path)
@@ -209,8 +210,8 @@ def test_predict_on_a_cluster_writes_the_same_labels_and_report(tmp_path, tiny_c
     assert "3 case(s) on a local cluster with 2 worker(s) x 1 thread; dashboard http" in err
     assert "3/3 done, 0 failed, 0 running" in err
     for case in sorted(p.name for p in folder.iterdir()):
-        a = volumes.read_labels(tmp_path / "one" / case / volumes.KITS_LABELS)
-        b = volumes.read_labels(tmp_path / "two" / case / volumes.KITS_LABELS)
+        a = readers.read_labels(tmp_path / "one" / case / volumes.KITS_LABELS)
+        b = readers.read_labels(tmp_path / "two" / case / volumes.KITS_LABELS)
         assert np.array_equal(a.array, b.array) and a.geometry == b.geometry
         with np.load(tmp_path / "one" / case / "segmentation_probabilities.npz") as f1:
             with np.load(tmp_path / "two" / case / "segmentation_probabilities.npz") as f2:

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_kidseg import finetuning, models, training, volumes
+from napari_kidseg import finetuning, models, training
 from napari_kidseg.errors import KidsegError
+from napari_kidseg.io import files, readers, volumes
 from napari_kidseg.labels import kits_foreground
 
 
@@ -19,11 +20,11 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
 
     corrections = tmp_path / "corrections"
     for c in training.find_cases([tiny_dataset]):
-        ct, labels = volumes.read_kits_case(c)
+        ct, labels = readers.read_kits_case(c)
         export_correction(corrections, ct, labels.array)
     parent = tmp_path / "parent.safetensors"
     shutil.copy(tiny_checkpoints["refine"], parent)
-    before_sha = models.file_sha256(parent)
+    before_sha = files.file_sha256(parent)
     out = tmp_path / "child.safetensors"
     report = finetuning.finetune_stage(
         corrections,
@@ -38,7 +39,7 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
         device="cpu",
         log=lambda s: None,
     )
-    assert models.file_sha256(parent) == before_sha
+    assert files.file_sha256(parent) == before_sha
     cfg = models.read_config(out)
     assert cfg.provenance["parent"] == str(parent) and cfg.provenance["parent_sha256"] == before_sha
     assert cfg.provenance["parent_version"] == "test" and cfg.version.startswith("test+ft")
@@ -64,7 +65,7 @@ def _corrections(tiny_dataset, root, reviewed=False):
     from napari_kidseg.review import export_correction
 
     for c in training.find_cases([tiny_dataset]):
-        ct, labels = volumes.read_kits_case(c)
+        ct, labels = readers.read_kits_case(c)
         zs = np.flatnonzero(labels.array.reshape(labels.array.shape[0], -1).any(1))
         mid = int(zs[len(zs) // 2])
         export_correction(root, ct, labels.array, reviewed_slices=[mid - 1, mid, mid + 1] if reviewed else None)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import volumes
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.labelmap_phantom import find_label_maps, make_labelmap_phantom, read_label_map, split_label_maps
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.labelmap import find_label_maps, make_labelmap_phantom, read_label_map, split_label_maps
 
 
 def _ellipsoid(shape, spacing, centre_mm, radii_mm):

@@ -11,7 +11,7 @@ from ._common import _checked, _count, _fraction, _positive, _ProgressBar
 
 
 def cmd_phantom(args) -> int:
-    from ..phantom import write_phantom_cases
+    from ..phantoms.writer import write_phantom_cases
 
     out = Path(args.out_dir)
     existing = [out / f"case_{i:05d}" for i in range(args.cases) if (out / f"case_{i:05d}").exists()]
@@ -26,14 +26,14 @@ def cmd_phantom(args) -> int:
     if args.slice_thickness:
         kwargs["slice_thickness"] = args.slice_thickness
     if args.tumor_shapes:
-        from ..tumor_shapes import build_library, evaluation_cases
+        from ..phantoms.tumor_shapes import build_library, evaluation_cases
 
         print(f"kidseg: tumor shapes from {args.tumor_shapes} (read once, then cached)", file=sys.stderr)
         exclude = evaluation_cases(args.not_from) if args.not_from else set()
         kwargs["tumor_library"] = str(build_library(args.tumor_shapes, exclude, jobs=args.jobs))
     label_maps = None
     if args.anatomy:
-        from ..labelmap_phantom import find_label_maps, read_label_map, split_label_maps
+        from ..phantoms.labelmap import find_label_maps, read_label_map, split_label_maps
 
         train_maps, held_maps = split_label_maps(find_label_maps(args.anatomy))
         label_maps = {"train": train_maps, "held-out": held_maps, "all": train_maps + held_maps}[args.maps]
@@ -117,8 +117,8 @@ def add_phantom_parser(sub):
 
 def _paired_volumes(pred: Path, ref: Path):
     """(case, prediction, reference) pairs, and one line per case left without a partner."""
-    from .. import volumes
     from ..evaluation import pair_cases
+    from ..io import volumes
 
     if pred.is_file() or volumes.volume_format(pred) not in (None, "dicom"):
         return [(pred.name, pred, ref)], []
@@ -150,13 +150,13 @@ _EVAL_HEADERS = {
 
 def _score_case(name, p, r, tolerances):
 
-    from .. import volumes
     from ..evaluation import TOLERANCES_MM, case_scores
     from ..fusion import CYST
+    from ..io import readers
     from ..metrics import bounding_box, check_label_values, false_ml, kits_scores, measurements, tumor_detection
 
-    ref = volumes.read_labels(r)
-    pred = volumes.read_labels(p, like=ref)
+    ref = readers.read_labels(r)
+    pred = readers.read_labels(p, like=ref)
     for vol, path in ((pred, p), (ref, r)):
         check_label_values(vol.array, path, cysts=True)
     cysts = bool((ref.array == CYST).any() or (pred.array == CYST).any())
@@ -183,8 +183,8 @@ def _score_case(name, p, r, tolerances):
 def cmd_evaluate(args) -> int:
     import json
 
-    from .. import files
     from ..evaluation import SCORE_KEYS, aggregate, parse_tolerances
+    from ..io import files
     from ..metrics import detection_by_size
     from ..report import rows_to_csv
 

@@ -14,7 +14,7 @@ from ._common import _WRITTEN, _add_cluster_argument, _cluster_progress, _count,
 
 def _prediction_jobs(src: Path, out: Path):
     """(input, output path) pairs: one volume, a KiTS case, a KiTS root, or a folder of volumes."""
-    from .. import files, volumes
+    from ..io import files, volumes
 
     def out_name(p: Path) -> str:
         fmt = volumes.volume_format(p)
@@ -49,8 +49,8 @@ def _prediction_jobs(src: Path, out: Path):
 
 
 def cmd_predict(args) -> int:
-    from .. import files
     from ..batch import PredictSettings
+    from ..io import files
 
     jobs = _prediction_jobs(Path(args.input), Path(args.output))
     report_csv = _batch_report_path(Path(args.output), jobs) if args.report else None
@@ -86,9 +86,9 @@ def cmd_predict(args) -> int:
 
 def _predict_here(args, jobs, settings) -> list:
     """One input after another in this process; the report rows."""
-    from .. import volumes
     from ..batch import predict_case
     from ..cascade import Cascade
+    from ..io import volumes
 
     report_rows = []
     cascade = None
@@ -155,7 +155,7 @@ def _batch_report_path(output: Path, jobs) -> Path:
 
 
 def cmd_report(args) -> int:
-    from .. import volumes
+    from ..io import readers, volumes
     from ..metrics import check_label_values
     from ..report import describe_case, report_text, write_report
 
@@ -163,7 +163,7 @@ def cmd_report(args) -> int:
     if out.exists() and not out.is_dir():
         raise KidsegError("is a file; the report is a folder (name a new or existing folder)", out)
     ct = volumes.read_ct(args.ct, series_uid=args.series)
-    labels = volumes.read_labels(args.labels, like=ct)
+    labels = readers.read_labels(args.labels, like=ct)
     check_label_values(labels.array, args.labels, cysts=True)
     report = describe_case(labels.array, ct.geometry.spacing, ct=ct.array, provenance={"labels": str(args.labels)})
     written = write_report(
@@ -175,7 +175,7 @@ def cmd_report(args) -> int:
 
 
 def _default_report_dir(labels: Path) -> Path:
-    from .. import volumes
+    from ..io import volumes
 
     name = labels.name
     for suffix in volumes.VOLUME_SUFFIXES + volumes.DICOM_SUFFIXES:
@@ -185,12 +185,12 @@ def _default_report_dir(labels: Path) -> Path:
 
 
 def cmd_export_seg(args) -> int:
-    from .. import volumes
-    from ..dicom_seg import write_dicom_seg
+    from ..io import readers, volumes
+    from ..io.dicom_seg import write_dicom_seg
     from ..metrics import check_label_values
 
     ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
-    labels = volumes.read_labels(args.labels, like=ct)
+    labels = readers.read_labels(args.labels, like=ct)
     check_label_values(labels.array, args.labels, cysts=True)
     out = write_dicom_seg(args.dicom_dir, labels.array, args.output, series_uid=args.series, overwrite=args.overwrite)
     print(f"kidseg: wrote {out} (DICOM SEG referencing {args.dicom_dir})", file=sys.stderr)

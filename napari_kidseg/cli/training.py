@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
         "command": " ".join(sys.argv),
     }
     if args.init:
-        from ..models import file_sha256
+        from ..io.files import file_sha256
 
         cfg.provenance["init"] = {"path": str(args.init), "sha256": file_sha256(args.init)}
     settings = TrainSettings(

@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import files
 from ..errors import KidsegError
+from ..io import files
 from .client import Pacs
 
 ENCAPSULATED_PDF_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.104.1"

@@ -1,6 +1,6 @@
 """Synthetic CTs built around real abdominal organ label maps (FLARE 2022 layout).
 
-The procedural phantom (:mod:`phantom`) draws organs as smooth blobs; networks trained on it
+The procedural phantom (:mod:`procedural`) draws organs as smooth blobs; networks trained on it
 call the real spleen, liver and psoas kidney. Here every case keeps the real shapes and
 neighbours of 13 organs from one real label map (SynthSeg's idea, Billot et al. 2023: real
 anatomy, synthetic images) and adds what the map lacks, consistent with it:
@@ -37,17 +37,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import geometry, volumes
-from .errors import KidsegError
-from .labels import FLARE_TO_ORGAN, ORGAN_CODE, organ_map_from
-from .phantom import (
+from ..errors import KidsegError
+from ..io import geometry, volumes
+from ..labels import FLARE_TO_ORGAN, ORGAN_CODE, organ_map_from
+from .shapes import Blob, Grid, paint_table
+from .tissues import (
+    DISK_LAYOUTS,
     PHASES,
     SOFT_TISSUES,
     TISSUE_HU,
     PhantomCase,
-    _Blob,
-    _Grid,
-    _paint_table,
     cyst_label,
     draw_tumor_look,
     phase_hu,
@@ -435,14 +434,14 @@ def make_labelmap_phantom(
     _paint_kidneys(rng, c, jit, kidney, organs)
 
     # -------- lesions: hard negatives first, then cysts and tumors in the kidneys
-    grid = _Grid(organs.shape, spacing, (0.0, 0.0, 0.0))
+    grid = Grid(organs.shape, spacing, (0.0, 0.0, 0.0))
     negatives = _paint_hard_negatives(rng, c, grid, jit, organs, structures)
     library = load_library(tumor_library) if tumor_library else ()
     cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors, cyst_label(labels), phase, library)
     tumors = cysts.pop("tumors")
 
     if rng.random() < 0.6:
-        _paint_table(rng, grid, hu, float(np.max(by1)) + 5)
+        paint_table(rng, grid, hu, float(np.max(by1)) + 5)
 
     # -------- image formation
     sigma_mm = rng.uniform(0.4, 1.2)
@@ -456,8 +455,6 @@ def make_labelmap_phantom(
     np.maximum(hu, volumes.AIR_HU, out=hu)
     ct_arr = np.clip(np.round(hu), -3024, 3071).astype(np.int16)
     origin = (0.0, -matrix * dy / 2, -matrix * dx / 2)
-    from .phantom import DISK_LAYOUTS
-
     layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
     ct = volumes.volume_in_memory(ct_arr, spacing, origin, geometry.direction_from_code(layout))
     info = {
@@ -570,14 +567,14 @@ def _surface_point(rng, mask):
     return pts[int(rng.integers(len(pts)))]
 
 
-def _blob_mask(grid: _Grid, blob: _Blob, inside=1.0):
+def _blob_mask(grid: Grid, blob: Blob, inside=1.0):
     sl, rho = blob.radius_field(grid)
     if sl is None:
         return None, None, None
     return sl, rho < inside, rho
 
 
-def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures) -> list[dict]:
+def _paint_hard_negatives(rng, c: _Canvas, grid: Grid, jit, organs, structures) -> list[dict]:
     """Liver and splenic cysts and lesions, adrenal nodules, vertebral lesions: all background."""
     drawn = []
     sp = np.array(c.spacing)
@@ -598,7 +595,7 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
                 break
             centre = pts[int(rng.integers(len(pts)))] * sp
             r = float(np.exp(rng.uniform(np.log(r0), np.log(r1)))) / 2
-            blob = _Blob.random(rng, centre, r * rng.uniform(0.8, 1.2, 3), 30, 0.08)
+            blob = Blob.random(rng, centre, r * rng.uniform(0.8, 1.2, 3), 30, 0.08)
             sl, inside, _ = _blob_mask(grid, blob)
             if sl is None:
                 continue
@@ -613,7 +610,7 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
             centre = pts[int(rng.integers(len(pts)))] * sp
             r = rng.uniform(4, 12)
             kind = str(rng.choice(["bone_lytic", "bone_sclerotic"]))
-            sl, inside, _ = _blob_mask(grid, _Blob.random(rng, centre, (r, r, r), 0, 0.05))
+            sl, inside, _ = _blob_mask(grid, Blob.random(rng, centre, (r, r, r), 0, 0.05))
             if sl is not None:
                 inside &= structures[sl] == 2
                 c.hu[sl][inside] = jit[kind]
@@ -632,7 +629,7 @@ TOUCHING_NEGATIVES = (
 )
 
 
-def _paint_touching_negatives(rng, c: _Canvas, grid: _Grid, jit, organs) -> list[dict]:
+def _paint_touching_negatives(rng, c: _Canvas, grid: Grid, jit, organs) -> list[dict]:
     drawn = []
     sp = np.array(c.spacing)
     for organ, kidney, kind, share, (d0, d1) in TOUCHING_NEGATIVES:
@@ -643,7 +640,7 @@ def _paint_touching_negatives(rng, c: _Canvas, grid: _Grid, jit, organs) -> list
         if not len(pts):
             continue
         r = float(rng.uniform(d0, d1)) / 2
-        blob = _Blob.random(rng, pts[int(rng.integers(len(pts)))] * sp, r * rng.uniform(0.85, 1.15, 3), 30, 0.06)
+        blob = Blob.random(rng, pts[int(rng.integers(len(pts)))] * sp, r * rng.uniform(0.85, 1.15, 3), 30, 0.06)
         sl, inside, _ = _blob_mask(grid, blob)
         if sl is None:
             continue
@@ -654,7 +651,7 @@ def _paint_touching_negatives(rng, c: _Canvas, grid: _Grid, jit, organs) -> list
 
 
 def _paint_kidney_lesions(
-    rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tumors, cyst: int, phase: str, library=()
+    rng, c: _Canvas, grid: Grid, jit, kidney, body, n_tumors, cyst: int, phase: str, library=()
 ) -> dict:
     """Simple cysts (label 1) and tumors (label 2) in and on the map's kidneys."""
     sp = np.array(c.spacing)
@@ -670,7 +667,7 @@ def _paint_kidney_lesions(
         if pt is None:
             continue
         r = rng.uniform(5, 25)
-        blob = _Blob.random(rng, pt * [1, 2, 2] * sp, (r, r, r), 0, 0.02)
+        blob = Blob.random(rng, pt * [1, 2, 2] * sp, (r, r, r), 0, 0.02)
         sl, inside, _ = _blob_mask(grid, blob)
         if sl is None:
             continue
@@ -702,7 +699,7 @@ def _paint_kidney_lesions(
         centre_mm = centroid * [1, 2, 2] * sp
         outward = (surf - centre_mm) / max(np.linalg.norm(surf - centre_mm), 1e-6)
         shift = {"exophytic": 0.45, "mixed": 0.0, "endophytic": -0.6}[growth] * r
-        blob = _Blob.random(rng, surf + outward * shift, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
+        blob = Blob.random(rng, surf + outward * shift, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
         sl, inside, rho = _blob_mask(grid, blob)
         if sl is None:
             continue

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import KidsegError, KidsegWarning
 from . import files
-from .errors import KidsegError, KidsegWarning
 from .files import atomic_path
 from .geometry import Geometry, SourceInfo, canonical_geometry, orientation_ops, reorient, triple
 
@@ -193,7 +193,7 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
             f"slice file {unreadable[0]}{more} is unreadable (truncated or not DICOM): the series would miss it",
             folder,
         )
-    segs = {uid for uid, names in files_of.items() if len(names) == 1 and _is_seg_file(names[0])}
+    segs = {uid for uid, names in files_of.items() if len(names) == 1 and is_dicom_seg(names[0])}
     if not ids:
         raise KidsegError("no DICOM series found in this folder", folder)
     if series_uid is not None:
@@ -217,10 +217,21 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
     return files_of[cts[0]], cts[0]
 
 
-def _is_seg_file(path) -> bool:
-    from .dicom_seg import is_dicom_seg
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 
-    return is_dicom_seg(path)
+
+def is_dicom_seg(path) -> bool:
+    """Whether a file is a DICOM Segmentation object (not a CT slice)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a non-DICOM file: not a SEG either
+        return False
+    return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +448,7 @@ def _read_sitk(path: Path, series_uid: str | None = None):
             for note in check.notes:
                 warnings.warn(f"{path}: {note}", KidsegWarning, stacklevel=4)
         else:
-            if fmt == "dicom" and _is_seg_file(path):
+            if fmt == "dicom" and is_dicom_seg(path):
                 raise KidsegError("is a DICOM Segmentation (labels), not a CT; give it as the labels", path)
             if path.name.lower().endswith(".gz"):
                 _check_gzip_complete(path)
@@ -607,31 +618,6 @@ def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu:
     return readable_ct(read_volume(path, series_uid=series_uid), path, check_hu=check_hu)
 
 
-def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
-    """Read a label volume (0 background, 1 kidney, 2 tumor, ...) as uint8.
-
-    With ``like``, the labels must lie on the same grid as that CT (same shape and geometry). A
-    DICOM Segmentation file is read by :mod:`dicom_seg` (onto ``like``'s grid when given).
-    """
-    from .dicom_seg import is_dicom_seg, read_dicom_seg
-
-    if is_dicom_seg(path):
-        vol = read_dicom_seg(path, like=like)
-        if like is not None:
-            check_same_grid(like, vol, path)
-        return vol
-    vol = read_volume(path)
-    arr = vol.array
-    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
-        raise KidsegError("label volume holds fractional values", path)
-    if arr.min() < 0 or arr.max() > 255:
-        raise KidsegError(f"label values {arr.min()}..{arr.max()} are outside 0..255", path)
-    vol.array = arr.astype(np.uint8, copy=False)
-    if like is not None:
-        check_same_grid(like, vol, path)
-    return vol
-
-
 def check_same_grid(ct: Volume, labels: Volume, path=None) -> None:
     if ct.array.shape != labels.array.shape:
         raise KidsegError(f"label grid {labels.array.shape} differs from the CT grid {ct.array.shape}", path)
@@ -787,15 +773,6 @@ def kits_cases(root: str | os.PathLike) -> list[Path]:
         raise KidsegError("not a folder", root)
     cases = sorted(p for p in root.iterdir() if p.is_dir() and CASE_RE.match(p.name) and (p / KITS_IMAGE).exists())
     return cases
-
-
-def read_kits_case(case_dir: str | os.PathLike, *, with_labels: bool = True) -> tuple[Volume, Volume | None]:
-    case_dir = Path(case_dir)
-    ct = read_ct(case_dir / KITS_IMAGE)
-    labels = None
-    if with_labels and (case_dir / KITS_LABELS).exists():
-        labels = read_labels(case_dir / KITS_LABELS, like=ct)
-    return ct, labels
 
 
 def write_kits_case(root, case_id: str, ct: Volume, labels: np.ndarray | None, *, overwrite: bool = False) -> Path:
