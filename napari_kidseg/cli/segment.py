@@ -136,6 +136,7 @@ def _predict_on_cluster(args, jobs, settings):
         if "error" in info:
             failed.append(info["error"])
         else:
+            _WRITTEN.append(Path(case.outputs[0]))  # named if Ctrl-C stops the batch
             _print_predicted(case.name, info)
             rows.append(info["report_row"])
 
