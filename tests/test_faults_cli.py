@@ -12,7 +12,8 @@ import pytest
 from conftest import shared_path
 
 from napari_kidseg import cli, finetuning
-from napari_kidseg.cli import _prediction_jobs, main
+from napari_kidseg.cli import main
+from napari_kidseg.cli.segment import _prediction_jobs
 from napari_kidseg.io import readers, volumes
 from napari_kidseg.phantoms.procedural import make_phantom
 

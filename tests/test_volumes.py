@@ -224,7 +224,7 @@ def test_large_nifti_read_holds_about_two_copies(tmp_path):
     nbytes = arr.nbytes
     del arr, img
     code = (
-        "import resource,sys; import numpy, SimpleITK, nibabel; from napari_kidseg import volumes;"
+        "import resource,sys; import numpy, SimpleITK, nibabel; from napari_kidseg.io import volumes;"
         "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
         f"v=volumes.read_ct(r'{path}');"
         "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, v.array.shape)"

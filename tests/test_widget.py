@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_kidseg._widgets.cascade_widget import (
-    CLICK_MODES,
-    LAYER_NAMES,
-    WINDOW_KEYS,
-    CascadeWidget,
-    Pace,
-    kidney_focus,
-)
+from napari_kidseg._widgets._workers import Pace
+from napari_kidseg._widgets.cascade_widget import CLICK_MODES, LAYER_NAMES, WINDOW_KEYS, CascadeWidget
+from napari_kidseg.display import kidney_focus
 from napari_kidseg.io import readers
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
 
