@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 
-from .labels import TUMOR
+from .labels import BACKGROUND, TUMOR
 from .review.session import FusionParams, ReviewSession
 from .roi import patch_rois
 
@@ -88,7 +88,10 @@ def score_text(s, labels, ref, ref_name, comparison, problem=None):
         for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
             k = kits_scores(lab, ref)
             f = false_ml(lab, ref, sp)
-            has_kid, has_tum = (lab > 0).any() or (ref > 0).any(), (lab == TUMOR).any() or (ref == TUMOR).any()
+            has_kid, has_tum = (
+                (lab > BACKGROUND).any() or (ref > BACKGROUND).any(),
+                (lab == TUMOR).any() or (ref == TUMOR).any(),
+            )
             composite = k["kits_composite"] if has_tum else k["kidney_tumor_dice"]
             lines.append(
                 f"{name:<10}{score(k['kidney_tumor_dice'], has_kid)}{score(k['tumor_dice'], has_tum)}"

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import KidsegError
-from .fusion import TUMOR
+from .labels import BACKGROUND, TUMOR
 from .metrics import bounding_box, dice
 
 REGIONS = ("kidney_masses", "masses", "tumor")
@@ -50,7 +50,7 @@ HD_PERCENT = 95.0
 
 def region_masks(labels: np.ndarray) -> dict:
     labels = np.asarray(labels)
-    return {"kidney_masses": labels > 0, "masses": labels >= TUMOR, "tumor": labels == TUMOR}
+    return {"kidney_masses": labels > BACKGROUND, "masses": labels >= TUMOR, "tumor": labels == TUMOR}
 
 
 def parse_tolerances(text: str) -> tuple[float, float, float]:
@@ -156,7 +156,7 @@ def case_scores(pred: np.ndarray, ref: np.ndarray, spacing, tolerances=TOLERANCE
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise KidsegError(f"prediction grid {pred.shape} differs from the reference grid {ref.shape}")
-    box = bounding_box((pred > 0) | (ref > 0))  # every region lies in it; the rest is background
+    box = bounding_box((pred > BACKGROUND) | (ref > BACKGROUND))  # every region lies in it; the rest is background
     if box is not None:
         pred, ref = pred[box], ref[box]
     out = kits21_scores(pred, ref)

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 from .errors import KidsegError
+from .labels import CLASSES
 
 FORMAT_VERSION = 1
 STAGES = ("coarse", "refine")
-CLASSES = ("background", "kidney", "tumor")
 
 
 @dataclasses.dataclass

@@ -151,9 +151,9 @@ _EVAL_HEADERS = {
 def _score_case(name, p, r, tolerances):
 
     from ..evaluation import TOLERANCES_MM, case_scores
-    from ..fusion import CYST
     from ..io import readers
-    from ..metrics import bounding_box, check_label_values, false_ml, kits_scores, measurements, tumor_detection
+    from ..labels import CYST, check_label_values
+    from ..metrics import bounding_box, false_ml, kits_scores, measurements, tumor_detection
 
     ref = readers.read_labels(r)
     pred = readers.read_labels(p, like=ref)

@@ -136,6 +136,7 @@ def _predict_on_cluster(args, jobs, settings):
         if "error" in info:
             failed.append(info["error"])
         else:
+            _WRITTEN.append(Path(case.outputs[0]))  # named if Ctrl-C stops the batch
             _print_predicted(case.name, info)
             rows.append(info["report_row"])
 
@@ -155,7 +156,7 @@ def _batch_report_path(output: Path, jobs) -> Path:
 
 def cmd_report(args) -> int:
     from ..io import readers, volumes
-    from ..metrics import check_label_values
+    from ..labels import check_label_values
     from ..report import describe_case, report_text, write_report
 
     out = Path(args.output) if args.output else _default_report_dir(Path(args.labels))
@@ -186,7 +187,7 @@ def _default_report_dir(labels: Path) -> Path:
 def cmd_export_seg(args) -> int:
     from ..io import readers, volumes
     from ..io.dicom_seg import write_dicom_seg
-    from ..metrics import check_label_values
+    from ..labels import check_label_values
 
     ct = volumes.read_ct(args.dicom_dir, series_uid=args.series, check_hu=False)
     labels = readers.read_labels(args.labels, like=ct)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import KidsegError
-from ..fusion import CYST, KIDNEY, TUMOR
+from ..labels import CYST, KIDNEY, TUMOR
 from . import files, geometry, volumes
 
 
@@ -94,7 +94,7 @@ def write_dicom_seg(
     """
     import highdicom as hd
 
-    from ..metrics import check_label_values
+    from ..labels import check_label_values
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..io import geometry, volumes
+from ..labels import BACKGROUND, KIDNEY, TUMOR
 from .shapes import Blob, Grid, Painter, paint_table, rotation
 from .tissues import (
     DISK_LAYOUTS,
@@ -133,7 +134,7 @@ def make_phantom(
         "tumors": tumors,
         "cysts": cysts,
     }
-    scan.paint.organs[scan.labels > 0] = 0  # a tumor grown into bowel is tumor
+    scan.paint.organs[scan.labels > BACKGROUND] = 0  # a tumor grown into bowel is tumor
     return PhantomCase(ct=ct, labels=scan.labels, info=info, organs=scan.paint.organs)
 
 
@@ -334,7 +335,7 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
         if rng3.random() < 0.4:
             fat_margin = rng3.uniform(0.5, 3.0)
         paint.blob(dataclasses.replace(blob, semi=blob.semi + fat_margin), jitter["fat"])
-        sl, rho = paint.blob(blob, jitter["cortex"], label=1)
+        sl, rho = paint.blob(blob, jitter["cortex"], label=KIDNEY)
         if sl is None:
             continue
         # medulla: pyramids inside the cortex, distinct only with arterial enhancement
@@ -355,10 +356,10 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
         if s_sl is not None:
             m = (s_rho < 1) & paint.allowed[s_sl]
             hu[s_sl][m] = jitter["fat"]
-            labels[s_sl][m & (labels[s_sl] == 1)] = 0
+            labels[s_sl][m & (labels[s_sl] == KIDNEY)] = BACKGROUND
             pel = s_rho < 0.45
             hu[s_sl][pel] = jitter["pelvis"]
-            labels[s_sl][pel] = 1
+            labels[s_sl][pel] = KIDNEY
         info_kidneys.append(
             {
                 "side": "left" if side > 0 else "right",
@@ -412,7 +413,9 @@ def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None, phase: str, r
         c = surf + out * depth if growth != "endophytic" else surf + out * min(depth, -0.3 * r)
         tb = Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
         look = draw_tumor_look(rng3, jitter, phase)
-        scan.paint.blob(tb, 0.0, label=2, texture=lambda q, look=look: tumor_texture(rng3, q, scan.grid.spacing, look))
+        scan.paint.blob(
+            tb, 0.0, label=TUMOR, texture=lambda q, look=look: tumor_texture(rng3, q, scan.grid.spacing, look)
+        )
         tumors.append(
             {
                 "side": "left" if side > 0 else "right",
@@ -429,7 +432,7 @@ def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None, phase: str, r
 def _transplant_tumor(rng, scan: _Scan, library, side: int, phase: str) -> dict | None:
     """A library tumor (:mod:`tumor_shapes`) in the kidney on ``side`` (+1 left, at +x)."""
     x = scan.grid.axes[2]
-    both = scan.labels == 1
+    both = scan.labels == KIDNEY
     own = both & ((x[None, None, :] > 0) == (side > 0))
     if not own.any():
         return None

@@ -12,8 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import KidsegError
-from ..fusion import CYST, KIDNEY, LABEL_SETS
 from ..io import volumes
+from ..labels import CYST, KIDNEY, LABEL_SETS
 
 TISSUE_HU = {
     # (non-contrast, arterial, venous) typical HU; jittered per case

@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from ..errors import KidsegError
 from ..io import files, readers, volumes
-from ..labels import KIDNEY, TUMOR
+from ..labels import BACKGROUND, KIDNEY, TUMOR
 from .tissues import tumor_texture
 
 TEMPLATE_MM = 1.5
@@ -61,9 +61,9 @@ def templates_of_case(labels: np.ndarray, spacing) -> list[TumorTemplate]:
     tumor = labels == TUMOR
     if not tumor.any():
         return []
-    meta, _ = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
+    meta, _ = ndimage.label(labels > BACKGROUND, structure=np.ones((3, 3, 3)))
     parts, n = ndimage.label(tumor, structure=np.ones((3, 3, 3)))
-    midline_x = np.median(np.nonzero(labels > 0)[2]) * sp[2]  # between the kidneys: left of it, right
+    midline_x = np.median(np.nonzero(labels > BACKGROUND)[2]) * sp[2]  # between the kidneys: left of it, right
     out = []
     for i, box in enumerate(ndimage.find_objects(parts), start=1):
         m = parts[box] == i

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import KidsegError
 from ..io import files, readers, volumes
-from ..metrics import check_label_values
+from ..labels import check_label_values
 from .session import FusionParams
 
 MANIFEST = "manifest.json"

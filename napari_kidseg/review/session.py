@@ -37,16 +37,8 @@ from scipy import ndimage
 from .. import anatomy
 from ..cascade import CascadeResult
 from ..errors import KidsegError
-from ..fusion import (
-    BACKGROUND,
-    CYST,
-    DEFAULT_ALPHA,
-    DEFAULT_KIDNEY_THRESHOLD,
-    DEFAULT_TUMOR_THRESHOLD,
-    KIDNEY,
-    KITS23_LABEL_NAMES,
-    TUMOR,
-)
+from ..fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from ..labels import BACKGROUND, CYST, KIDNEY, KITS23_LABEL_NAMES, TUMOR
 from ..metrics import bounding_box
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
@@ -615,7 +607,7 @@ class ReviewSession:
                 w = (z - z0) / (z1 - z0)
                 inside = (1 - w) * da + w * db < 0
                 if value == KIDNEY:
-                    new[z] = np.where(inside, KIDNEY, 0)
+                    new[z] = np.where(inside, KIDNEY, BACKGROUND)
                 else:
                     new[z][inside] = TUMOR
         ch = self._change(f"interpolate slices {z0}-{z1}", new)
