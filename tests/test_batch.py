@@ -277,12 +277,12 @@ def test_ctrl_c_during_predict_on_a_cluster_names_the_labels_kept(tmp_path, tiny
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(folder), "-o", str(out), *_tiny(tiny_checkpoints)]
     _, rest = _interrupt_after_the_first_case([*cmd, "--cluster", "local:2"], tmp_path)
+    assert "cancelled; the output in progress was not written; kept the" in rest, rest
+    kept = rest.split("kept the ", 1)[1].split(": ", 1)[1].strip().split(", ")
     written = sorted(out.glob(f"*/{volumes.KITS_LABELS}"))
     assert 1 <= len(written) < 10, written  # stopped part-way
+    assert set(kept) <= {str(p) for p in written} and kept, (kept, written)
     assert not _temporaries(out)
     for p in written:  # each one complete
         ct = volumes.read_ct(folder / p.parent.name / volumes.KITS_IMAGE)
-        assert volumes.read_labels(p).array.shape == ct.array.shape
-    assert "cancelled; the output in progress was not written; kept the" in rest, rest
-    kept = rest.split("kept the ", 1)[1].split(": ", 1)[1].strip().split(", ")
-    assert set(kept) <= {str(p) for p in written} and kept, (kept, written)
+        assert readers.read_labels(p).array.shape == ct.array.shape
