@@ -150,24 +150,6 @@ def export_correction_with_note(folder: Path, ct, labels, kwargs: dict):
     return case, note
 
 
-class Pace:
-    """Time left from the measured pace of the latest progress ticks of one stage. Not from the
-    start of the job: loading the models, scoring them and preparing the samples come before the
-    first step, and counting them as steps made a 2-minute fine-tune start at "106 min left"."""
-
-    def __init__(self):
-        self._first = None  # (stage, time, done) of the stage's first tick
-
-    def seconds_left(self, stage: str, done: int, total: int, now: float) -> float | None:
-        """Seconds until ``done`` reaches ``total`` at the pace since the stage's first tick (None
-        until two ticks of the stage are in)."""
-        if self._first is None or self._first[0] != stage or done < self._first[2]:
-            self._first = (stage, now, done)
-            return None
-        _, t0, d0 = self._first
-        return (now - t0) / (done - d0) * (total - done) if done > d0 else None
-
-
 class _Relay(QObject):
     """Carries progress from the worker thread to the GUI thread (queued signal)."""
 
@@ -202,7 +184,6 @@ class CascadeWidget(QWidget):
         self._models_key = None  # which models the loaded cascade holds
         self._carried_edits = None  # hand edits carried into a re-run with other models
         self._run_started = 0.0  # for the run's time
-        self._finetune_pace = Pace()
         self._restore_reviewed = set()  # reviewed slices of a result shown by show_prepared
         self._cut_start = None  # the first click of a cut line
 
@@ -968,10 +949,8 @@ class CascadeWidget(QWidget):
             return
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
-        if stage.startswith("fine-tune"):
-            left = self._finetune_pace.seconds_left(stage, done, total, time.perf_counter())
-            when = "timing the steps" if left is None else f"about {left / 60:.1f} min left, then scoring"
-            self.status.setText(f"{stage}: {100 * done / max(total, 1):.0f}%, {when}")
+        if stage.startswith("fine-tune"):  # the core's words, time left from its step times: as the CLI's
+            self.status.setText(f"{stage} ({100 * done / max(total, 1):.0f}%)")
             return
         self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
 
@@ -1704,6 +1683,7 @@ class CascadeWidget(QWidget):
 
         from .. import finetuning
         from ..models import resolve_checkpoint
+        from ..training import FinetuneSettings
 
         folder = self.export_edit.text().strip()
         if not folder:
@@ -1723,13 +1703,12 @@ class CascadeWidget(QWidget):
         self._cancel.clear()
         relay, cancel = self._relay, self._cancel
         device = self.device_combo.currentText()
-        self._finetune_pace = Pace()
 
         def job():
             return finetuning.finetune_models(
                 folder,
+                FinetuneSettings(device=device),
                 stages=stages,
-                device=device,
                 **parents,
                 progress=lambda d, t, st: relay.progress.emit(d, t, st),
                 cancel=cancel.is_set,
