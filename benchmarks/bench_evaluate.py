@@ -23,8 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_kidseg import volumes  # noqa: E402
 from napari_kidseg.cli import main as kidseg  # noqa: E402
+from napari_kidseg.io import readers, volumes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         if args.self and not out.exists():
             out.symlink_to((case / volumes.KITS_LABELS).resolve())
         elif not out.exists():
-            ref = volumes.read_labels(case / volumes.KITS_LABELS)
+            ref = readers.read_labels(case / volumes.KITS_LABELS)
             volumes.write_labels(out, np.roll(ref.array, (1, 2), axis=(0, 1)), ref)
     for stale in pred.glob("case_*.nii.gz"):
         if stale.name[: -len(".nii.gz")] not in {c.name for c in cases}:

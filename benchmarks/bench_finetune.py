@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from napari_kidseg import volumes
 from napari_kidseg.finetuning import finetune_models, guard_phantoms, replay_cases
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.review import export_correction
 from napari_kidseg.training import FinetuneSettings
 

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_kidseg import volumes  # noqa: E402
+from napari_kidseg.io import readers, volumes  # noqa: E402
 from napari_kidseg.nephrometry import NOT_ASSESSABLE, PADUA_PARTS  # noqa: E402
 from napari_kidseg.report import describe_case  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     cases = sorted(Path(args.data).glob("case_*"))[: args.cases]
     times, tumors, failures, mirror_diffs, n_mirrored = [], [], [], [], 0
     for k, case in enumerate(cases):
-        labels = volumes.read_labels(case / volumes.KITS_LABELS)
+        labels = readers.read_labels(case / volumes.KITS_LABELS)
         t0 = time.process_time()
         try:
             report = describe_case(labels.array, labels.geometry.spacing)

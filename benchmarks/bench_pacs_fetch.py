@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
-    from napari_kidseg import pacs, volumes
+    from napari_kidseg import pacs
+    from napari_kidseg.io import volumes
 
     os.environ[pacs.ENV_USER], os.environ[pacs.ENV_PASSWORD] = orthanc_server.USER, orthanc_server.PASSWORD
     with tempfile.TemporaryDirectory() as tmp:

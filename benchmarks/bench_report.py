@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.report import describe_case, report_text, write_report
 
 

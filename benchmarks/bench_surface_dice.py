@@ -24,8 +24,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_kidseg import volumes  # noqa: E402
 from napari_kidseg.evaluation import REGIONS, TOLERANCES_MM, case_scores, region_masks  # noqa: E402
+from napari_kidseg.io import readers, volumes  # noqa: E402
 from napari_kidseg.metrics import bounding_box  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for case in cases:
         t0 = time.process_time()
-        ref = volumes.read_labels(case / volumes.KITS_LABELS)
+        ref = readers.read_labels(case / volumes.KITS_LABELS)
         t_read += time.process_time() - t0
         sp = ref.geometry.spacing
         for name, pred in perturbations(ref.array).items():

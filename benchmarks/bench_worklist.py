@@ -24,9 +24,9 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
-from napari_kidseg import volumes
 from napari_kidseg._widgets.worklist_widget import WorklistWidget
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 
 
 def pump_until(cond, limit=600.0):

@@ -12,22 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import volumes
 from .errors import KidsegError, KidsegWarning
+from .io import readers, volumes
 from .layers import SOURCE_KEY, ct_layer_data, labels_layer_data
 
 
 def _is_kits_case(path: Path) -> bool:
     return path.is_dir() and (path / volumes.KITS_IMAGE).exists()
-
-
-def _looks_like_labels(vol: volumes.Volume) -> bool:
-    """Integer volumes with a handful of small non-negative values are label maps, not CTs."""
-    arr = vol.array
-    if arr.dtype.kind not in "iub":
-        return False
-    sample = arr[:: max(1, arr.shape[0] // 16), ::4, ::4]
-    return sample.min() >= 0 and sample.max() < 64 and np.unique(sample).size <= 16
 
 
 def get_reader(path):
@@ -60,21 +51,14 @@ def read_layers(path):
 
 def _read_layers(p: Path) -> list:
     if _is_kits_case(p):
-        ct, labels = volumes.read_kits_case(p)
+        ct, labels = readers.read_kits_case(p)
         layers = [ct_layer_data(ct, name=f"{p.name} CT")]
         if labels is not None:
             layers.append(labels_layer_data(labels.array, ct, name=f"{p.name} reference"))
         return layers
-    from .dicom_seg import is_dicom_seg
-
-    if is_dicom_seg(p):  # a DICOM SEG: labels, on its CT's grid when that series lies beside it
-        vol = volumes.read_labels(p)
+    vol, kind = readers.read_any(p)  # decoded once, whatever it turns out to be
+    if kind == "labels":
         return [labels_layer_data(vol.array, vol, name=_stem(p))]
-    vol = volumes.read_volume(p)
-    if _looks_like_labels(vol):
-        vol.array = vol.array.astype(np.uint8)
-        return [labels_layer_data(vol.array, vol, name=_stem(p))]
-    vol = volumes.readable_ct(vol, p)  # the checks every CT reader makes, on the volume read above
     return [ct_layer_data(vol, name=_stem(p))]
 
 

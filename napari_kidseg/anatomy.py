@@ -50,8 +50,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .fusion import BACKGROUND, KIDNEY, TUMOR
-from .labels import ORGAN_CODE, ORGANS
+from .labels import BACKGROUND, KIDNEY, ORGAN_CODE, ORGANS, TUMOR
 from .roi import component_grid_step
 
 PRIORS_PATH = Path(__file__).with_name("anatomy_priors.json")
@@ -296,6 +295,29 @@ class AnatomyVerdict:
         return out
 
 
+@dataclasses.dataclass
+class _Box:
+    """The labelled voxels' bounding box on the check's grid (plus room for the dilations), and
+    what the rules have removed from it so far: the kidneys are a few percent of a scan, so every
+    rule looks only here. ``removed`` holds, per voxel, the 1-based index of its reason."""
+
+    small: np.ndarray  # the labels in the box
+    origin: tuple[int, int, int]  # (oz, oy, ox): the box's corner on the grid
+    sp: np.ndarray  # the grid's spacing (z, y, x) mm
+    mid: np.ndarray  # the spine's midline x (mm) per slice of the box
+    removed: np.ndarray
+    reasons: list  # (label, reason) per removal id
+
+    def __post_init__(self):
+        self.meta = self.small != BACKGROUND
+        self.xs = (np.arange(self.small.shape[2]) + self.origin[2]) * self.sp[2]
+        self.zz, self.yy, self.xx = np.nonzero(self.meta)  # the check looks only at labelled voxels
+
+    def remove(self, mask, label, reason):
+        self.reasons.append((label, reason))
+        self.removed[mask & (self.removed == 0)] = len(self.reasons)
+
+
 def check_anatomy(
     labels: np.ndarray,
     spacing,
@@ -304,130 +326,153 @@ def check_anatomy(
     priors_data: dict | None = None,
     organs: np.ndarray | None = None,
 ) -> AnatomyVerdict:
-    """Judge a result's regions (see the module's docstring); ``spine`` None skips the position rules."""
+    """Judge a result's regions (see the module's docstring); ``spine`` None skips the position rules.
+
+    The numbered rules run in this order, each on what the ones before it kept: position (2),
+    organs (5), one kidney per side of a kidney's size (3-4), tumor attachment (6)."""
     labels = np.asarray(labels)
     pr = priors_data or priors()
     s = grid_step(labels.shape[1:])
     grid = labels[:, ::s, ::s]
     sp = np.array([float(spacing[0]), float(spacing[1]) * s, float(spacing[2]) * s])
-    vox_ml = float(np.prod(sp)) / 1000.0
-    reasons: list[tuple[str, str]] = []  # (label, reason) per removal id
     notes: list[str] = []
     boxes = ndimage.find_objects((grid != BACKGROUND).astype(np.uint8))
     if not boxes:
         return AnatomyVerdict(np.zeros(grid.shape, np.int16), s, tuple(labels.shape), [], notes)
-    # everything below looks at the labelled voxels' bounding box (plus room for the dilations):
-    # the kidneys are a few percent of a scan. (oz, oy, ox) is the box's corner on the grid
     crop = tuple(slice(max(0, b.start - m), min(n, b.stop + m)) for b, n, m in zip(boxes[0], grid.shape, (2, 3, 3)))
     oz, oy, ox = (c.start for c in crop)
     small = np.ascontiguousarray(grid[crop])
-    removed = np.zeros(small.shape, np.int16)
-    meta = small != BACKGROUND
-
-    def remove(mask, label, reason):
-        reasons.append((label, reason))
-        removed[mask & (removed == 0)] = len(reasons)
-
-    xs = (np.arange(small.shape[2]) + ox) * sp[2]
-    zz, yy, xx = np.nonzero(meta)  # the check looks only at labelled voxels
     mid_full = midline_mm(spine, grid.shape, sp)
-    mid = mid_full[oz : oz + small.shape[0]]
+    box = _Box(small, (oz, oy, ox), sp, mid_full[oz : oz + small.shape[0]], np.zeros(small.shape, np.int16), [])
     logd = None
     if spine is None:
         notes.append("no spine in view, so the position of the regions was not checked")
     else:
-        logd = atlas_log_density(zz + oz, yy + oy, xx + ox, sp, spine, pr)
-        # 2. position, slice by slice. Only kidney-labelled voxels vote: a tumor may grow far
-        # out of its kidney (a 10 cm exophytic one pulls a region's centre off the kidney's
-        # place), while the parenchyma stays in the retroperitoneum. Tumor with no kidney on it
-        # is left to the attachment rule (5).
-        kid = (small[zz, yy, xx] == KIDNEY).astype(np.float64)
-        blobs, nb = ndimage.label(meta, structure=_STRUCT_2D)
-        b = blobs[zz, yy, xx]
-        n_kid = np.bincount(b, weights=kid, minlength=nb + 1)
-        mean_logd = np.bincount(b, weights=logd * kid, minlength=nb + 1) / np.maximum(n_kid, 1)
-        dx = xs[xx] - mid[zz]
-        left_reach, right_reach = np.zeros(nb + 1), np.zeros(nb + 1)
-        np.maximum.at(left_reach, b, dx)
-        np.maximum.at(right_reach, b, -dx)
-        # a horseshoe joins two kidneys across the spine; a region reaching beyond where any
-        # kidney lies (the atlas's lateral extent) is not one, however it crosses
-        far = _atlas_lateral_extent_mm(pr)
-        near = pr["horseshoe_reach_mm"]
-        horseshoe = (left_reach >= near) & (right_reach >= near) & (left_reach <= far) & (right_reach <= far)
-        bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe & (n_kid > 0)
-        bad[0] = False
-        if bad.any():
-            # a kidney touching the liver or spleen on a slice makes one region that fails as a
-            # whole: split failing regions at their narrow joins and judge the parts again
-            bad_mask = bad[blobs]
-            parts = _split_at_necks(bad_mask, sp)
-            p = parts[zz, yy, xx]
-            n_parts = int(parts.max())
-            part_kid = np.bincount(p, weights=kid, minlength=n_parts + 1)
-            part_logd = np.bincount(p, weights=logd * kid, minlength=n_parts + 1) / np.maximum(part_kid, 1)
-            passing = (part_logd >= pr["min_slice_log_density"]) | (part_kid == 0)
-            passing[0] = False
-            failed = bad_mask & ~passing[parts]
-            # slice verdicts vote per 3D part, by their kidney voxels: a region is kept or removed
-            # whole, so a kidney is not cut into slabs at its poles and a false region does not
-            # fall into fragments
-            parts3d = _split_at_necks_3d(meta, sp)
-            q = parts3d[zz, yy, xx]
-            n3 = int(parts3d.max())
-            votes = np.bincount(q, weights=failed[zz, yy, xx] * kid, minlength=n3 + 1)
-            share = votes / np.maximum(np.bincount(q, weights=kid, minlength=n3 + 1), 1)
-            gone = share >= 0.5
-            gone[0] = False
-            remove(gone[parts3d], "kidney", REASON_POSITION)
-        if horseshoe[1:].any():
-            notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
-
-    # 2b. organs: what an organ-aware network calls another organ, or what lies inside the liver or
-    # the spleen, is not kidney (however well it sits in the atlas)
+        logd = _rule_position(box, spine, pr, notes)
     if organs is not None:
-        organ_grid = np.ascontiguousarray(np.asarray(organs)[:, ::s, ::s][crop])
-        _judge_by_organs(meta & (removed == 0), organ_grid, sp, remove)
-        seen = {name for name in ("liver", "spleen") if (organ_grid == ORGAN_CODE[name]).any()}
-        if len(seen) < 2:  # a pelvis, a chest, a splenectomy: the rule had less to go on
-            missing = " or ".join(n for n in ("liver", "spleen") if n not in seen)
-            notes.append(f"the organ map finds no {missing} next to the kidneys' regions (not in view, or absent)")
+        _rule_organs(box, np.asarray(organs)[:, ::s, ::s][crop], notes)
+    _rule_one_kidney_per_side(box, logd, pr)
+    _rule_tumor_attachment(box)
 
-    # 3-4. one kidney per side, of a kidney's size
-    regions, n = ndimage.label(meta & (removed == 0), structure=_STRUCT_3D)
-    if n:
-        r = regions[zz, yy, xx]
-        counts = np.bincount(r, minlength=n + 1).astype(float)
-        safe = np.maximum(counts, 1)
-        com_x = np.bincount(r, weights=xs[xx], minlength=n + 1) / safe
-        com_z = np.clip(np.round(np.bincount(r, weights=zz, minlength=n + 1) / safe).astype(int), 0, small.shape[0] - 1)
-        fit = np.ones(n + 1)
-        if logd is not None:
-            fit = np.minimum(
-                1.0, np.exp(np.bincount(r, weights=logd, minlength=n + 1) / safe - pr["typical_log_density"])
+    # one reported region per connected group of removed voxels with one reason
+    removed_full = np.zeros(grid.shape, np.int16)
+    removed_full[crop] = box.removed
+    verdict = _group(removed_full, box.reasons, grid, sp, mid_full, s, tuple(labels.shape), notes)
+    for r in verdict.regions:  # a transplant or ectopic kidney lies where native ones do not
+        if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and r.reason == REASON_POSITION:
+            verdict.notes.append(
+                f"a kidney-sized region ({r.volume_ml:.0f} mL, {r.side}) was removed for its "
+                "position: if it is a transplant or ectopic kidney, restore it"
             )
-        score = counts * fit
-        side = np.where(com_x > mid[com_z], "left", "right")  # LPS: +x is the patient's left
-        boxes = ndimage.find_objects(regions)
-        for sd in ("right", "left"):
-            members = [m for m in range(1, n + 1) if side[m] == sd]
-            if not members:
-                continue
-            main = max(members, key=lambda m: score[m])
-            main_box = boxes[main - 1]
-            extent = [(b.stop - b.start) * d for b, d in zip(main_box, sp)]
-            if counts[main] * vox_ml < pr["min_kidney_ml"] or min(extent) < pr["min_length_mm"]:
-                for m in members:  # too small for a kidney: every region of this side goes
-                    remove(regions == m, "kidney", "too small to be a kidney")
-                continue
-            for m in members:
-                if m == main:
-                    continue
-                d = _distance_mm(regions, main, m, boxes, sp)
-                if d > pr["fragment_mm"]:
-                    remove(regions == m, "kidney", f"a second region on the {sd} side, {d:.0f} mm from its kidney")
+    return verdict
 
-    # 5. tumor attachment
+
+def _rule_position(box: _Box, spine: SpineFrame, pr: dict, notes: list) -> np.ndarray:
+    """Rule 2, position, slice by slice; returns the atlas log-density of each labelled voxel.
+
+    Only kidney-labelled voxels vote: a tumor may grow far out of its kidney (a 10 cm exophytic
+    one pulls a region's centre off the kidney's place), while the parenchyma stays in the
+    retroperitoneum. Tumor with no kidney on it is left to the attachment rule (6)."""
+    small, meta, sp, mid, remove = box.small, box.meta, box.sp, box.mid, box.remove
+    zz, yy, xx = box.zz, box.yy, box.xx
+    oz, oy, ox = box.origin
+    logd = atlas_log_density(zz + oz, yy + oy, xx + ox, sp, spine, pr)
+    kid = (small[zz, yy, xx] == KIDNEY).astype(np.float64)
+    blobs, nb = ndimage.label(meta, structure=_STRUCT_2D)
+    b = blobs[zz, yy, xx]
+    n_kid = np.bincount(b, weights=kid, minlength=nb + 1)
+    mean_logd = np.bincount(b, weights=logd * kid, minlength=nb + 1) / np.maximum(n_kid, 1)
+    dx = box.xs[xx] - mid[zz]
+    left_reach, right_reach = np.zeros(nb + 1), np.zeros(nb + 1)
+    np.maximum.at(left_reach, b, dx)
+    np.maximum.at(right_reach, b, -dx)
+    # a horseshoe joins two kidneys across the spine; a region reaching beyond where any
+    # kidney lies (the atlas's lateral extent) is not one, however it crosses
+    far = _atlas_lateral_extent_mm(pr)
+    near = pr["horseshoe_reach_mm"]
+    horseshoe = (left_reach >= near) & (right_reach >= near) & (left_reach <= far) & (right_reach <= far)
+    bad = (mean_logd < pr["min_slice_log_density"]) & ~horseshoe & (n_kid > 0)
+    bad[0] = False
+    if bad.any():
+        # a kidney touching the liver or spleen on a slice makes one region that fails as a
+        # whole: split failing regions at their narrow joins and judge the parts again
+        bad_mask = bad[blobs]
+        parts = _split_at_necks(bad_mask, sp)
+        p = parts[zz, yy, xx]
+        n_parts = int(parts.max())
+        part_kid = np.bincount(p, weights=kid, minlength=n_parts + 1)
+        part_logd = np.bincount(p, weights=logd * kid, minlength=n_parts + 1) / np.maximum(part_kid, 1)
+        passing = (part_logd >= pr["min_slice_log_density"]) | (part_kid == 0)
+        passing[0] = False
+        failed = bad_mask & ~passing[parts]
+        # slice verdicts vote per 3D part, by their kidney voxels: a region is kept or removed
+        # whole, so a kidney is not cut into slabs at its poles and a false region does not
+        # fall into fragments
+        parts3d = _split_at_necks_3d(meta, sp)
+        q = parts3d[zz, yy, xx]
+        n3 = int(parts3d.max())
+        votes = np.bincount(q, weights=failed[zz, yy, xx] * kid, minlength=n3 + 1)
+        share = votes / np.maximum(np.bincount(q, weights=kid, minlength=n3 + 1), 1)
+        gone = share >= 0.5
+        gone[0] = False
+        remove(gone[parts3d], "kidney", REASON_POSITION)
+    if horseshoe[1:].any():
+        notes.append("a region crosses the spine with kidney on both sides: kept as a horseshoe kidney")
+    return logd
+
+
+def _rule_organs(box: _Box, organs_on_grid: np.ndarray, notes: list) -> None:
+    """Rule 5, organs: what an organ-aware network calls another organ, or what lies inside the
+    liver or the spleen, is not kidney (however well it sits in the atlas)."""
+    organ_grid = np.ascontiguousarray(organs_on_grid)
+    _judge_by_organs(box.meta & (box.removed == 0), organ_grid, box.sp, box.remove)
+    seen = {name for name in ("liver", "spleen") if (organ_grid == ORGAN_CODE[name]).any()}
+    if len(seen) < 2:  # a pelvis, a chest, a splenectomy: the rule had less to go on
+        missing = " or ".join(n for n in ("liver", "spleen") if n not in seen)
+        notes.append(f"the organ map finds no {missing} next to the kidneys' regions (not in view, or absent)")
+
+
+def _rule_one_kidney_per_side(box: _Box, logd: np.ndarray | None, pr: dict) -> None:
+    """Rules 3-4: one kidney per side (others only as its fragments), of a kidney's size."""
+    small, sp, mid, remove = box.small, box.sp, box.mid, box.remove
+    zz, xx = box.zz, box.xx
+    vox_ml = float(np.prod(sp)) / 1000.0
+    regions, n = ndimage.label(box.meta & (box.removed == 0), structure=_STRUCT_3D)
+    if not n:
+        return
+    r = regions[zz, box.yy, xx]
+    counts = np.bincount(r, minlength=n + 1).astype(float)
+    safe = np.maximum(counts, 1)
+    com_x = np.bincount(r, weights=box.xs[xx], minlength=n + 1) / safe
+    com_z = np.clip(np.round(np.bincount(r, weights=zz, minlength=n + 1) / safe).astype(int), 0, small.shape[0] - 1)
+    fit = np.ones(n + 1)
+    if logd is not None:
+        fit = np.minimum(1.0, np.exp(np.bincount(r, weights=logd, minlength=n + 1) / safe - pr["typical_log_density"]))
+    score = counts * fit
+    side = np.where(com_x > mid[com_z], "left", "right")  # LPS: +x is the patient's left
+    boxes = ndimage.find_objects(regions)
+    for sd in ("right", "left"):
+        members = [m for m in range(1, n + 1) if side[m] == sd]
+        if not members:
+            continue
+        main = max(members, key=lambda m: score[m])
+        main_box = boxes[main - 1]
+        extent = [(b.stop - b.start) * d for b, d in zip(main_box, sp)]
+        if counts[main] * vox_ml < pr["min_kidney_ml"] or min(extent) < pr["min_length_mm"]:
+            for m in members:  # too small for a kidney: every region of this side goes
+                remove(regions == m, "kidney", "too small to be a kidney")
+            continue
+        for m in members:
+            if m == main:
+                continue
+            d = _distance_mm(regions, main, m, boxes, sp)
+            if d > pr["fragment_mm"]:
+                remove(regions == m, "kidney", f"a second region on the {sd} side, {d:.0f} mm from its kidney")
+
+
+def _rule_tumor_attachment(box: _Box) -> None:
+    """Rule 6: a tumor region that touches no kept kidney voxel is not a kidney tumor."""
+    small, removed = box.small, box.removed
     kidney_kept = (small == KIDNEY) & (removed == 0)
     tumors, nt = ndimage.label((small == TUMOR) & (removed == 0), structure=_STRUCT_3D)
     if nt:
@@ -439,19 +484,7 @@ def check_anatomy(
         if len(lonely):
             lut = np.zeros(nt + 1, bool)
             lut[lonely] = True
-            remove(lut[tumors], "tumor", "touches no kidney, so it is not a kidney tumor")
-
-    # one reported region per connected group of removed voxels with one reason
-    removed_full = np.zeros(grid.shape, np.int16)
-    removed_full[crop] = removed
-    verdict = _group(removed_full, reasons, grid, sp, mid_full, s, tuple(labels.shape), notes)
-    for r in verdict.regions:  # a transplant or ectopic kidney lies where native ones do not
-        if r.label == "kidney" and r.volume_ml >= pr["min_kidney_ml"] and r.reason == REASON_POSITION:
-            verdict.notes.append(
-                f"a kidney-sized region ({r.volume_ml:.0f} mL, {r.side}) was removed for its "
-                "position: if it is a transplant or ectopic kidney, restore it"
-            )
-    return verdict
+            box.remove(lut[tumors], "tumor", "touches no kidney, so it is not a kidney tumor")
 
 
 ON_ORGAN_SHARE = 0.5  # a region whose voxels the organ map gives mostly to one organ is that organ

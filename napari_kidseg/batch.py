@@ -39,9 +39,9 @@ from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import files, volumes
 from .errors import KidsegError
 from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from .io import files, volumes
 
 _log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 def ct_file(n: int, workdir) -> Path:
     """The benchmark CT of n slices in workdir; named by the phantom revision, so a kept
     workdir never times an old generator's phantom."""
-    from .phantom import GENERATOR_REVISION
+    from .phantoms.procedural import GENERATOR_REVISION
 
     return Path(workdir) / f"ct{n}-rev{GENERATOR_REVISION}.nii.gz"
 
@@ -30,8 +30,8 @@ def ct_file(n: int, workdir) -> Path:
 def make_ct(n: int, workdir: Path) -> None:
     """The benchmark's 512 x 512 x n phantom, written once (its own process: generating it takes
     far more memory than segmenting it, and must not count in the pipeline's peak RSS)."""
-    from . import volumes
-    from .phantom import make_phantom
+    from .io import volumes
+    from .phantoms.procedural import make_phantom
 
     case = make_phantom(1234 + n, matrix=512, max_slices=n, min_slices=n, slice_thickness=0.5, n_tumors=1)
     volumes.write_volume(ct_file(n, workdir), case.ct.array, case.ct)
@@ -40,8 +40,8 @@ def make_ct(n: int, workdir: Path) -> None:
 def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: Path) -> dict:
     import numpy as np
 
-    from . import volumes
     from .cascade import Cascade
+    from .io import volumes
 
     ct_path = ct_file(n, workdir)
     if not ct_path.exists():

@@ -29,8 +29,8 @@ import numpy as np
 from . import anatomy, fusion, roi
 from .errors import Cancelled, KidsegError
 from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from .io.volumes import AIR_HU
 from .preprocessing import context_indices, hu_to_input
-from .volumes import AIR_HU
 
 PROBABILITIES_FORMAT = 2  # what save_probabilities writes; 1 had no ROIs, patches or spine
 
@@ -135,7 +135,7 @@ class CascadeResult:
         anatomy check) is the same. ``note``: what to remember with it (the models, the source)."""
         import json
 
-        from .files import atomic_path
+        from .io.files import atomic_path
 
         zs = np.array(sorted(self.refined), dtype=np.int32)
         rois = [

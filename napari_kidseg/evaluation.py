@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import KidsegError
-from .fusion import TUMOR
+from .labels import BACKGROUND, TUMOR
 from .metrics import bounding_box, dice
 
 REGIONS = ("kidney_masses", "masses", "tumor")
@@ -50,7 +50,7 @@ HD_PERCENT = 95.0
 
 def region_masks(labels: np.ndarray) -> dict:
     labels = np.asarray(labels)
-    return {"kidney_masses": labels > 0, "masses": labels >= TUMOR, "tumor": labels == TUMOR}
+    return {"kidney_masses": labels > BACKGROUND, "masses": labels >= TUMOR, "tumor": labels == TUMOR}
 
 
 def parse_tolerances(text: str) -> tuple[float, float, float]:
@@ -156,7 +156,7 @@ def case_scores(pred: np.ndarray, ref: np.ndarray, spacing, tolerances=TOLERANCE
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise KidsegError(f"prediction grid {pred.shape} differs from the reference grid {ref.shape}")
-    box = bounding_box((pred > 0) | (ref > 0))  # every region lies in it; the rest is background
+    box = bounding_box((pred > BACKGROUND) | (ref > BACKGROUND))  # every region lies in it; the rest is background
     if box is not None:
         pred, ref = pred[box], ref[box]
     out = kits21_scores(pred, ref)
@@ -207,7 +207,7 @@ def _label_files(folder: Path) -> dict:
     KiTS21's ``aggregated_MAJ_seg.nii.gz``)
     and label files (``case_XXXXX.nii.gz`` or any other name), keyed by the KiTS case name where
     there is one, else by the file name without its suffix."""
-    from . import volumes
+    from .io import volumes
 
     found = {}
     for p in sorted(folder.iterdir()):
@@ -227,7 +227,7 @@ def _label_files(folder: Path) -> dict:
 
 
 def _stem(name: str) -> str:
-    from .volumes import VOLUME_SUFFIXES
+    from .io.volumes import VOLUME_SUFFIXES
 
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):

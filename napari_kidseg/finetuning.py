@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, volumes
 from .errors import KidsegError
 from .heldout_rule import StepClock, train_until_heldout_stops
-from .metrics import check_label_values
+from .io import files, readers, volumes
+from .labels import check_label_values
 from .training import FinetuneSettings
 
 STAGES = ("coarse", "refine")
@@ -72,7 +72,7 @@ def check_corrections(corrections_dir) -> list[Path]:
         )
     for case in cases:
         ct = volumes.read_ct(case / volumes.KITS_IMAGE)
-        labels = volumes.read_labels(case / volumes.KITS_LABELS)
+        labels = readers.read_labels(case / volumes.KITS_LABELS)
         if labels.array.shape != ct.array.shape:
             raise KidsegError(
                 f"labels of shape {labels.array.shape} do not match the CT's {ct.array.shape}",
@@ -355,7 +355,7 @@ def parent_drafts(case_dirs, coarse, refine, device="auto", cancel=None) -> dict
     cascade = Cascade(coarse, refine, device=device)
     out = {}
     for case in case_dirs:
-        ct, ref = volumes.read_kits_case(case)
+        ct, ref = readers.read_kits_case(case)
         result = cascade.run(ct.array, ct.geometry.spacing, cancel=cancel)
         out[case.name] = {
             "draft": result.fuse(),
@@ -386,7 +386,7 @@ def lesson_file(case: Path, draft: dict, parents: dict, mm: float) -> Path:
     """:func:`lesson_mask` of a corrected case written beside its training cache (one per parents)."""
     import hashlib
 
-    from .models import file_sha256
+    from .io.files import file_sha256
     from .training import cache_case
 
     cached = cache_case(case)
@@ -452,7 +452,7 @@ def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="au
     cascade = Cascade(coarse_checkpoint, refine_checkpoint, device=device)
     rows = []
     for case in case_dirs:
-        ct, ref = volumes.read_kits_case(case)
+        ct, ref = readers.read_kits_case(case)
         result = cascade.run(ct.array, ct.geometry.spacing)
         rows.append(kits_scores(result.fuse(**fuse_kwargs), map_kits_labels(ref.array, case)))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
@@ -460,7 +460,8 @@ def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="au
 
 def replay_cases(n: int, seed: int) -> list[Path]:
     """Phantom cases mixed into a fine-tune so the model does not forget (generated once, cached)."""
-    from .phantom import GENERATOR_REVISION, write_phantom_cases
+    from .phantoms.procedural import GENERATOR_REVISION
+    from .phantoms.writer import write_phantom_cases
     from .training import cache_root
 
     root = cache_root().parent / "replay" / f"seed{seed}-n{n}-rev{GENERATOR_REVISION}"
@@ -600,7 +601,7 @@ def finetune_stage(
 
 def _child_config(parent, parent_cfg, corrections_dir, train_dirs, held, replay_seed, n_replay, s, chain):
     """The child's config: the parent's, a new version, and a provenance that names its lineage."""
-    from .models import file_sha256
+    from .io.files import file_sha256
 
     cfg = dataclasses.replace(parent_cfg)
     cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"

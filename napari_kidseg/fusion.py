@@ -17,10 +17,8 @@ import dataclasses
 
 import numpy as np
 
-BACKGROUND, KIDNEY, TUMOR, CYST = 0, 1, 2, 3
-LABEL_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor"}  # KiTS19's labels, named once
-KITS23_LABEL_NAMES = {**LABEL_NAMES, CYST: "cyst"}  # KiTS21 and KiTS23 add the cyst
-LABEL_SETS = {"kits19": LABEL_NAMES, "kits23": KITS23_LABEL_NAMES}
+from .labels import CYST, TUMOR
+
 DEFAULT_ALPHA = 0.4  # the coarse stage's weight; best in the paper
 DEFAULT_KIDNEY_THRESHOLD = 0.5
 DEFAULT_TUMOR_THRESHOLD = 0.5

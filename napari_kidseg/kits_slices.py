@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import metrics, volumes
+from . import metrics
+from .io import readers, volumes
 from .labels import TUMOR, kits_foreground
 
 CT_FILE = "ct_clip0-255HU.nii.gz"
@@ -49,7 +50,7 @@ def hu_from_8bit(pixels: np.ndarray) -> np.ndarray:
 def read_slice_case(case: Path) -> tuple[np.ndarray, tuple, np.ndarray]:
     """(CT volume of REPEAT copies in HU, its spacing, the reference labels of the one slice)."""
     ct = volumes.read_volume(case / CT_FILE)
-    ref = volumes.read_labels(case / volumes.KITS_LABELS, like=ct).array[0]
+    ref = readers.read_labels(case / volumes.KITS_LABELS, like=ct).array[0]
     hu = hu_from_8bit(np.asarray(ct.array[0]))
     spacing = (SLAB_MM, *ct.geometry.spacing[1:])
     return np.repeat(hu[None], REPEAT, axis=0), spacing, ref

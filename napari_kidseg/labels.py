@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import KidsegError
+
 BACKGROUND, KIDNEY, TUMOR, CYST = 0, 1, 2, 3
-KITS_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor", CYST: "cyst"}
+LABEL_NAMES = {BACKGROUND: "background", KIDNEY: "kidney", TUMOR: "tumor"}  # KiTS19's labels, named once
+KITS23_LABEL_NAMES = {**LABEL_NAMES, CYST: "cyst"}  # KiTS21 and KiTS23 add the cyst
+LABEL_SETS = {"kits19": LABEL_NAMES, "kits23": KITS23_LABEL_NAMES}
+CLASSES = tuple(LABEL_NAMES.values())  # a 3-class network's channels, in order (a 4th is the cyst)
 
 # organ groups, coded 1..7 in organ maps; what FLARE 2022 and TotalSegmentator label, collapsed to
 # the neighbours that get called kidney or tumor (stomach, duodenum and bowel look alike on CT)
@@ -65,6 +70,24 @@ def kits_foreground(labels):
     """Kidney and masses (kidney, tumor, cyst): KiTS21's outermost region. Works on numpy arrays
     and torch tensors alike, and on training targets (organ codes are not foreground)."""
     return (labels >= KIDNEY) & (labels <= CYST)
+
+
+def check_label_values(labels: np.ndarray, path=None, *, cysts: bool = False) -> None:
+    """Refuse labels outside KiTS19's {0, 1, 2} (KiTS21/23's {0, 1, 2, 3} with ``cysts``): a
+    KidsegError naming the file and the values."""
+    allowed = tuple(KITS23_LABEL_NAMES if cysts else LABEL_NAMES)
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "u" and labels.size and labels.max() <= max(allowed):
+        return  # one pass over the volume: the common case costs milliseconds
+    if labels.dtype == np.uint8:  # a lookup over 256 values instead of a sort of the volume
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    else:
+        present = np.unique(labels)
+    bad = [v for v in present.tolist() if v not in allowed]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5])
+        known = ", ".join(f"{k} ({v})" for k, v in (KITS23_LABEL_NAMES if cysts else LABEL_NAMES).items())
+        raise KidsegError(f"holds label(s) {shown}; only {known} are understood", path)
 
 
 def organ_map_from(table: dict, array: np.ndarray, unlabelled=None) -> np.ndarray:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fusion import KITS23_LABEL_NAMES
-from .labels import ORGANS
-from .volumes import Volume
+from .io.volumes import Volume
+from .labels import KITS23_LABEL_NAMES, ORGANS
 
 # Soft-tissue window (W400/L40): fixed limits, so that scanner padding or metal in a volume
 # cannot stretch the display the way min/max contrast limits would.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .fusion import KITS23_LABEL_NAMES, LABEL_NAMES, TUMOR
+from .labels import BACKGROUND, KIDNEY, TUMOR
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -91,32 +91,15 @@ def _check_same_grid(pred: np.ndarray, ref: np.ndarray) -> None:
         raise KidsegError(f"prediction grid {np.shape(pred)} differs from the reference grid {np.shape(ref)}")
 
 
-def check_label_values(labels: np.ndarray, path=None, *, cysts: bool = False) -> None:
-    """Refuse labels outside KiTS19's {0, 1, 2} (KiTS21/23's {0, 1, 2, 3} with ``cysts``): a
-    KidsegError naming the file and the values."""
-    from .errors import KidsegError
-
-    allowed = tuple(KITS23_LABEL_NAMES if cysts else LABEL_NAMES)
-    labels = np.asarray(labels)
-    if labels.dtype.kind == "u" and labels.size and labels.max() <= max(allowed):
-        return  # one pass over the volume: the common case costs milliseconds
-    if labels.dtype == np.uint8:  # a lookup over 256 values instead of a sort of the volume
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-    else:
-        present = np.unique(labels)
-    bad = [v for v in present.tolist() if v not in allowed]
-    if bad:
-        shown = ", ".join(f"{v:g}" for v in bad[:5])
-        known = ", ".join(f"{k} ({v})" for k, v in (KITS23_LABEL_NAMES if cysts else LABEL_NAMES).items())
-        raise KidsegError(f"holds label(s) {shown}; only {known} are understood", path)
-
-
 def kits21_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
     """KiTS21/23's hierarchical Dice: kidney and masses (labels 1-3), masses (tumor and cyst, 2-3)
     and tumor (2), and their mean."""
     _check_same_grid(pred, ref)
     pred, ref = np.asarray(pred), np.asarray(ref)
-    out = {"kidney_masses_dice": dice(pred > 0, ref > 0), "masses_dice": dice(pred >= TUMOR, ref >= TUMOR)}
+    out = {
+        "kidney_masses_dice": dice(pred > BACKGROUND, ref > BACKGROUND),
+        "masses_dice": dice(pred >= TUMOR, ref >= TUMOR),
+    }
     out["kits21_mean_dice"] = float(np.mean([*out.values(), dice(pred == TUMOR, ref == TUMOR)]))
     return out
 
@@ -127,16 +110,16 @@ def false_ml(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     pred, ref = np.asarray(pred), np.asarray(ref)
     _check_same_grid(pred, ref)
     return {
-        "false_kidney_ml": volume_ml((pred > 0) & (ref == 0), spacing),
-        "false_tumor_ml": volume_ml((pred == 2) & (ref != 2), spacing),
+        "false_kidney_ml": volume_ml((pred > BACKGROUND) & (ref == BACKGROUND), spacing),
+        "false_tumor_ml": volume_ml((pred == TUMOR) & (ref != TUMOR), spacing),
     }
 
 
 def kits_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
     """Dice and Jaccard of kidney+tumor and of tumor, and the KiTS composite (mean of the Dice)."""
     _check_same_grid(pred, ref)
-    kt_p, kt_r = pred > 0, ref > 0
-    t_p, t_r = pred == 2, ref == 2
+    kt_p, kt_r = pred > BACKGROUND, ref > BACKGROUND
+    t_p, t_r = pred == TUMOR, ref == TUMOR
     out = {
         "kidney_tumor_dice": dice(kt_p, kt_r),
         "kidney_tumor_jaccard": jaccard(kt_p, kt_r),
@@ -159,7 +142,7 @@ def tumor_detection(pred: np.ndarray, ref: np.ndarray, spacing, *, min_recall: f
     number that describes neither. Regions are 26-connected, as a reader would see them in 3D.
     """
     _check_same_grid(pred, ref)
-    pred_t, ref_t = np.asarray(pred) == 2, np.asarray(ref) == 2
+    pred_t, ref_t = np.asarray(pred) == TUMOR, np.asarray(ref) == TUMOR
     ml = float(np.prod(spacing)) / 1000.0
     full = np.ones((3, 3, 3), bool)
     ref_lab, n_ref = ndimage.label(ref_t, full)
@@ -213,13 +196,13 @@ def measurements(labels: np.ndarray, spacing) -> dict:
     for side, sl in (("right", np.s_[:, :, :mid]), ("left", np.s_[:, :, mid:])):
         part = labels[sl]
         out[side] = {
-            "kidney_ml": volume_ml(part == 1, spacing),
-            "tumor_ml": volume_ml(part == 2, spacing),
-            "tumor_diameter_mm": largest_diameter_mm(part == 2, spacing),
+            "kidney_ml": volume_ml(part == KIDNEY, spacing),
+            "tumor_ml": volume_ml(part == TUMOR, spacing),
+            "tumor_diameter_mm": largest_diameter_mm(part == TUMOR, spacing),
         }
     out["total"] = {
-        "kidney_ml": volume_ml(labels == 1, spacing),
-        "tumor_ml": volume_ml(labels == 2, spacing),
-        "tumor_diameter_mm": largest_diameter_mm(labels == 2, spacing),
+        "kidney_ml": volume_ml(labels == KIDNEY, spacing),
+        "tumor_ml": volume_ml(labels == TUMOR, spacing),
+        "tumor_diameter_mm": largest_diameter_mm(labels == TUMOR, spacing),
     }
     return out

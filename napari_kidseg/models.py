@@ -9,16 +9,15 @@ file and never the network: encoders are built with ``encoder_weights=None`` and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from .errors import KidsegError
+from .labels import CLASSES
 
 FORMAT_VERSION = 1
 STAGES = ("coarse", "refine")
-CLASSES = ("background", "kidney", "tumor")
 
 
 @dataclasses.dataclass
@@ -180,7 +179,7 @@ def save_checkpoint(path, model, cfg: ModelConfig, *, overwrite: bool = False) -
     """Write weights + config as one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    from .files import atomic_path
+    from .io.files import atomic_path
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"kidseg_config": cfg.to_json(), "kidseg_format": str(FORMAT_VERSION)}
@@ -243,14 +242,6 @@ def load_checkpoint(
     model.eval()
     model.to(device=torch.device(device))
     return model, cfg
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 BUNDLED = {"coarse": "coarse.safetensors", "refine": "refine.safetensors"}

@@ -40,6 +40,8 @@ missing parts allow ("7-9"), and the composite carries it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from scipy import ndimage
 
@@ -200,6 +202,30 @@ def kidney_landmarks(region: np.ndarray, parenchyma: np.ndarray, spacing, *, med
     return out
 
 
+@dataclasses.dataclass
+class _TumorOnKidney:
+    """What the three scores share: the tumor on its kidney's landmark grid, and why a landmark
+    cannot be used (``why_*`` is None where it can)."""
+
+    tumor: np.ndarray
+    spacing: np.ndarray
+    region: np.ndarray
+    parenchyma: np.ndarray
+    sinus: np.ndarray
+    hilum: np.ndarray
+    n_tumor: int
+    centre: np.ndarray  # the tumor's centre, voxels (z, y, x)
+    per_slice: np.ndarray  # tumor voxels per slice
+    why_replaced: str | None
+    dist_sinus: float | None
+    why_sinus: str | None
+    why_hilum: str | None
+
+    @property
+    def replaced(self) -> bool:
+        return self.why_replaced is not None
+
+
 def score_tumor(
     tumor: np.ndarray,
     kidney: dict,
@@ -214,9 +240,15 @@ def score_tumor(
     """``renal``, ``padua`` and ``c_index`` of one tumor, on the grid of its kidney's
     :func:`kidney_landmarks` (``medial_sign`` as there). The other arguments are the case
     report's measurements of the tumor (see :mod:`napari_kidseg.report`)."""
-    sp = np.asarray(spacing, float)
-    region, parenchyma, sinus, hilum = kidney["region"], kidney["parenchyma"], kidney["sinus"], kidney["hilum"]
-    n_tumor = int(np.count_nonzero(tumor))
+    t = _tumor_on_kidney(tumor, kidney, np.asarray(spacing, float))
+    a_letter = {"anterior": "a", "posterior": "p", "central": "x"}.get(ap_position)
+    renal = _renal_score(t, diameter_mm, exophytic_share, a_letter, ap_position)
+    padua = _padua_score(t, renal["E"], medial_sign, diameter_mm, a_letter)
+    cindex = _c_index(t, axial_diameter_mm)
+    return {"renal": renal, "padua": padua, "c_index": cindex, "sinus_ml": round(kidney["sinus_ml"], 2)}
+
+
+def _tumor_on_kidney(tumor: np.ndarray, kidney: dict, sp: np.ndarray) -> _TumorOnKidney:
     why_replaced = kidney["why_replaced"]
     replaced = why_replaced is not None
     sinus_ml = kidney["sinus_ml"]
@@ -224,47 +256,61 @@ def score_tumor(
     why_sinus = why_replaced
     if not replaced:
         if sinus_ml >= MIN_SINUS_ML:
-            dist_sinus = shortest_distance_mm(tumor, sinus, sp)
+            dist_sinus = shortest_distance_mm(tumor, kidney["sinus"], sp)
         else:
             why_sinus = f"no renal sinus found ({sinus_ml:.1f} mL)"
-    why_hilum = why_replaced if replaced else (None if hilum.any() else "no renal hilum found")
-
+    why_hilum = why_replaced if replaced else (None if kidney["hilum"].any() else "no renal hilum found")
     zz, yy, xx = np.nonzero(tumor)
-    centre = np.array([zz.mean(), yy.mean(), xx.mean()])
-    tz = np.bincount(zz, minlength=tumor.shape[0])  # tumor voxels per slice
+    return _TumorOnKidney(
+        tumor=tumor,
+        spacing=sp,
+        region=kidney["region"],
+        parenchyma=kidney["parenchyma"],
+        sinus=kidney["sinus"],
+        hilum=kidney["hilum"],
+        n_tumor=int(np.count_nonzero(tumor)),
+        centre=np.array([zz.mean(), yy.mean(), xx.mean()]),
+        per_slice=np.bincount(zz, minlength=tumor.shape[0]),
+        why_replaced=why_replaced,
+        dist_sinus=dist_sinus,
+        why_sinus=why_sinus,
+        why_hilum=why_hilum,
+    )
 
-    # R.E.N.A.L.
+
+def _renal_score(t: _TumorOnKidney, diameter_mm, exophytic_share, a_letter, ap_position) -> dict:
+    """R.E.N.A.L.: radius, exophytic share, nearness to the sinus, anterior/posterior, location
+    against the polar lines (and h when the tumor touches the hilum)."""
     parts = {"R": _part(renal_r(diameter_mm), diameter_mm, "mm")}
     parts["E"] = (
-        _part(None, exophytic_share, "share exophytic", why_replaced)
-        if replaced
+        _part(None, exophytic_share, "share exophytic", t.why_replaced)
+        if t.replaced
         else _part(exophytic_points(exophytic_share), exophytic_share, "share exophytic")
     )
     parts["N"] = (
-        _part(renal_n(dist_sinus), dist_sinus, "mm to the renal sinus")
-        if dist_sinus is not None
-        else _part(None, None, "mm to the renal sinus", why_sinus)
+        _part(renal_n(t.dist_sinus), t.dist_sinus, "mm to the renal sinus")
+        if t.dist_sinus is not None
+        else _part(None, None, "mm to the renal sinus", t.why_sinus)
     )
     hilar = None
-    if why_hilum is None:
-        hz = np.flatnonzero(hilum.any(axis=(1, 2)))
+    if t.why_hilum is None:
+        hz = np.flatnonzero(t.hilum.any(axis=(1, 2)))
         lo, hi = int(hz.min()), int(hz.max())
-        between = float(tz[lo : hi + 1].sum()) / n_tumor
+        between = float(t.per_slice[lo : hi + 1].sum()) / t.n_tumor
         mids = {(lo + hi) // 2, (lo + hi + 1) // 2}
-        crosses = any(tz[m] > 0 for m in mids)
+        crosses = any(t.per_slice[m] > 0 for m in mids)
         parts["L"] = _part(
             renal_l(between, crosses), between, "share between the polar lines", crosses_axial_midline=crosses
         )
-        d_hilum = shortest_distance_mm(tumor, hilum, sp)
+        d_hilum = shortest_distance_mm(t.tumor, t.hilum, t.spacing)
         hilar = d_hilum <= SINUS_CONTACT_MM
         polar_lines = [lo, hi]
     else:
-        parts["L"] = _part(None, None, "share between the polar lines", why_hilum)
+        parts["L"] = _part(None, None, "share between the polar lines", t.why_hilum)
         polar_lines = None
-    a_letter = {"anterior": "a", "posterior": "p", "central": "x"}.get(ap_position)
     lo, hi = _total(parts, dict.fromkeys(parts, (1, 3)))
     suffix = (a_letter or "") + ("h" if hilar else "")
-    renal = {
+    return {
         "score": _composite(lo, hi, suffix),
         "points": lo if lo == hi else None,
         "points_range": [lo, hi],
@@ -275,39 +321,42 @@ def score_tumor(
         "complexity": _renal_complexity(lo, hi),
     }
 
-    # PADUA
+
+def _padua_score(t: _TumorOnKidney, exophytic: dict, medial_sign: int, diameter_mm, a_letter) -> dict:
+    """PADUA: polar location against the sinus lines, exophytic rate, renal rim, renal sinus,
+    collecting system, size."""
     pp = {}
-    if why_sinus is None:
-        sz = np.flatnonzero(sinus.any(axis=(1, 2)))
+    if t.why_sinus is None:
+        sz = np.flatnonzero(t.sinus.any(axis=(1, 2)))
         s_lo, s_hi = int(sz.min()), int(sz.max())
-        between_sinus = float(tz[s_lo : s_hi + 1].sum()) / n_tumor
+        between_sinus = float(t.per_slice[s_lo : s_hi + 1].sum()) / t.n_tumor
         pp["polar_location"] = _part(2 if between_sinus > 0.5 else 1, between_sinus, "share between the sinus lines")
     else:
-        pp["polar_location"] = _part(None, None, "share between the sinus lines", why_sinus)
-    pp["exophytic_rate"] = {**parts["E"]}
-    if replaced:
-        pp["renal_rim"] = _part(None, None, "mm medial of the kidney's centre", why_replaced)
+        pp["polar_location"] = _part(None, None, "share between the sinus lines", t.why_sinus)
+    pp["exophytic_rate"] = {**exophytic}
+    if t.replaced:
+        pp["renal_rim"] = _part(None, None, "mm medial of the kidney's centre", t.why_replaced)
     else:
-        medial_mm = (centre[2] - np.nonzero(parenchyma)[2].mean()) * sp[2] * medial_sign
+        medial_mm = (t.centre[2] - np.nonzero(t.parenchyma)[2].mean()) * t.spacing[2] * medial_sign
         pp["renal_rim"] = _part(2 if medial_mm > 0 else 1, medial_mm, "mm medial of the kidney's centre")
-    if dist_sinus is not None:
-        involved = dist_sinus < SINUS_CONTACT_MM
-        pp["renal_sinus"] = _part(2 if involved else 1, dist_sinus, "mm to the renal sinus")
+    if t.dist_sinus is not None:
+        involved = t.dist_sinus < SINUS_CONTACT_MM
+        pp["renal_sinus"] = _part(2 if involved else 1, t.dist_sinus, "mm to the renal sinus")
         pp["collecting_system"] = (
             _part(
-                None, dist_sinus, "mm to the renal sinus", "the labels do not show the collecting system in the sinus"
+                None, t.dist_sinus, "mm to the renal sinus", "the labels do not show the collecting system in the sinus"
             )
             if involved
-            else _part(1, dist_sinus, "mm to the renal sinus")
+            else _part(1, t.dist_sinus, "mm to the renal sinus")
         )
     else:
-        pp["renal_sinus"] = _part(None, None, "mm to the renal sinus", why_sinus)
-        pp["collecting_system"] = _part(None, None, "mm to the renal sinus", why_sinus)
+        pp["renal_sinus"] = _part(None, None, "mm to the renal sinus", t.why_sinus)
+        pp["collecting_system"] = _part(None, None, "mm to the renal sinus", t.why_sinus)
     pp["size"] = _part(padua_size(diameter_mm), diameter_mm, "mm")
     ranges = dict.fromkeys(pp, (1, 2))
     ranges.update(exophytic_rate=(1, 3), size=(1, 3))
     plo, phi = _total(pp, ranges)
-    padua = {
+    return {
         "score": _composite(plo, phi, a_letter if a_letter in ("a", "p") else ""),
         "points": plo if plo == phi else None,
         "points_range": [plo, phi],
@@ -315,20 +364,20 @@ def score_tumor(
         "risk": _padua_risk(plo, phi),
     }
 
-    # C-index
+
+def _c_index(t: _TumorOnKidney, axial_diameter_mm: float) -> dict:
+    """C-index: the distance from the tumor's centre to the kidney's central slice centre, in tumor radii."""
     radius = axial_diameter_mm / 2.0
-    if replaced:
-        cindex = {"value": NOT_ASSESSABLE, "why": why_replaced}
-    elif radius <= 0:
-        cindex = {"value": NOT_ASSESSABLE, "why": "the tumor has no axial extent"}
-    else:
-        rz = np.flatnonzero(region.any(axis=(1, 2)))
-        kz = (int(rz.min()) + int(rz.max())) // 2
-        ky, kx = np.nonzero(region[kz])
-        kidney_centre = np.array([kz, ky.mean(), kx.mean()])
-        d = float(np.linalg.norm((centre - kidney_centre) * sp))
-        cindex = {"value": round(d / radius, 3), "distance_mm": round(d, 1), "radius_mm": round(radius, 1)}
-    return {"renal": renal, "padua": padua, "c_index": cindex, "sinus_ml": round(sinus_ml, 2)}
+    if t.replaced:
+        return {"value": NOT_ASSESSABLE, "why": t.why_replaced}
+    if radius <= 0:
+        return {"value": NOT_ASSESSABLE, "why": "the tumor has no axial extent"}
+    rz = np.flatnonzero(t.region.any(axis=(1, 2)))
+    kz = (int(rz.min()) + int(rz.max())) // 2
+    ky, kx = np.nonzero(t.region[kz])
+    kidney_centre = np.array([kz, ky.mean(), kx.mean()])
+    d = float(np.linalg.norm((t.centre - kidney_centre) * t.spacing))
+    return {"value": round(d / radius, 3), "distance_mm": round(d, 1), "radius_mm": round(radius, 1)}
 
 
 def _renal_complexity(lo: int, hi: int) -> str:

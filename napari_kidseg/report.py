@@ -37,8 +37,8 @@ from scipy import ndimage
 
 from . import __version__
 from .errors import KidsegError
-from .fusion import KIDNEY, TUMOR
-from .metrics import bounding_box, check_label_values, farthest_pair
+from .labels import BACKGROUND, KIDNEY, TUMOR, check_label_values
+from .metrics import bounding_box, farthest_pair
 from .nephrometry import SINUS_FAT_HU, hull_per_slice, kidney_landmarks, score_tumor, summary
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
@@ -172,7 +172,7 @@ def describe_case(labels: np.ndarray, spacing, *, ct: np.ndarray | None = None, 
     labels = labels[box]
     ct = None if ct is None else np.asarray(ct)[box]
     mid = mid_full[box[0]] - offset[2] * sp[2]
-    regions, n = ndimage.label(labels > 0, structure=_STRUCT_3D)
+    regions, n = ndimage.label(labels > BACKGROUND, structure=_STRUCT_3D)
     side_of_region = {}
     for i, sl in enumerate(ndimage.find_objects(regions), 1):
         zz, _, xx = np.nonzero(regions[sl] == i)
@@ -407,7 +407,7 @@ def report_figure(report: dict, ct: np.ndarray, labels: np.ndarray, spacing):
     crops = [_tumor_crop(t, labels.shape, sp) for t in tumors]
     ax, tumor_axes = _page_axes(fig, text_bottom - 0.005, labels.shape, sp, crops)
     # the coronal slice through the largest tumor's centre, else through the kidneys
-    kt = labels > 0
+    kt = labels > BACKGROUND
     y = (
         int(round(tumors[0]["centre_zyx"][1]))
         if tumors
@@ -493,7 +493,7 @@ def write_report(report: dict, out_dir, *, ct=None, labels=None, spacing=None, o
     Every file is checked before any is written (an existing one is refused without
     ``overwrite``), and each is written atomically.
     """
-    from .files import atomic_path
+    from .io.files import atomic_path
 
     out = Path(out_dir)
     names = REPORT_FILES if ct is not None else REPORT_FILES[:2]

@@ -14,7 +14,10 @@ writes into ``labels``) is found as the voxels that differ from what the session
 recorded as one undoable hand edit. The edit count is the voxels the user set.
 
 Reviewed slices (marked, or in view when an edit was made) are frozen against the sliders: a fusion
-changes them only when asked (``keep_reviewed = False``); ``case_reviewed`` freezes them all.
+changes them only when asked (``keep_reviewed = False``); ``case_reviewed`` freezes them all. Each
+reason a slice is frozen for (the mark, each edit made in view of it, the whole case) keeps the
+fusion of its own moment, and the slice lies over the earliest reason still in effect: undoing the
+edit that first froze a slice leaves it as a later mark froze it, as if the edit had never been.
 
 Every correction tool is split in two: ``plan_*`` computes a :class:`Change` (which voxels, old
 and new labels, and what it does in words and mL) without touching the labels, so the widget can
@@ -26,25 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from . import anatomy, files, volumes
+from . import anatomy
 from .cascade import CascadeResult
 from .errors import KidsegError
-from .fusion import (
-    BACKGROUND,
-    CYST,
-    DEFAULT_ALPHA,
-    DEFAULT_KIDNEY_THRESHOLD,
-    DEFAULT_TUMOR_THRESHOLD,
-    KIDNEY,
-    KITS23_LABEL_NAMES,
-    TUMOR,
-)
+from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from .io import files, volumes
+from .labels import BACKGROUND, CYST, KIDNEY, KITS23_LABEL_NAMES, TUMOR
 from .metrics import bounding_box
 
 _STRUCT_3D = np.ones((3, 3, 3), bool)
@@ -65,6 +62,8 @@ class Change:
     seen: int | None = None
     # the edit state it replaced (user-set or not, and the value), so that undo gives back exactly that
     _was: tuple | None = dataclasses.field(default=None, init=False, repr=False)
+    # which application this is (a redo is a new one): the key of the freeze its ``seen`` holds
+    _applied: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def voxels(self) -> int:
@@ -101,7 +100,9 @@ class ReviewSession:
         self.reviewed: set[int] = set()  # slices the user marked reviewed (the widget adds to it)
         self.keep_reviewed = True  # reviewed slices keep the fusion they were reviewed on
         self.case_reviewed = False  # the whole case is reviewed: every slice is kept
-        self._frozen: dict[int, np.ndarray] = {}  # slice -> the fusion it was reviewed on
+        self._frozen: dict[int, np.ndarray] = {}  # slice -> the fusion it lies over (its earliest reason's)
+        self._freezes: dict[int, dict[tuple, tuple[int, np.ndarray]]] = {}  # slice -> reason -> (order, fusion)
+        self._order = itertools.count()  # when each freeze (and each application of a change) began
         self._undo: list[Change] = []
         self._redo: list[Change] = []
 
@@ -144,18 +145,56 @@ class ReviewSession:
         """The slices a fusion leaves as they are (reviewed, while ``keep_reviewed``)."""
         return sorted(self._frozen)
 
-    def _update_frozen(self) -> None:
-        """Freeze newly reviewed slices on the fusion they were reviewed on; give slices no longer
-        frozen back to the current fusion (under their edits)."""
+    def _freeze_reasons(self) -> dict[int, set[tuple]]:
+        """Why each slice is frozen now: ``("case",)``, ``("marked",)``, ``("edit", k)`` (the k-th
+        application of a change made in view of it); none while reviewed slices follow the sliders."""
         n = self.labels.shape[0]
-        want = set()
-        if self.keep_reviewed:
-            want = set(range(n)) if self.case_reviewed else {z for z in self.reviewed_slices() if 0 <= z < n}
-        for z in set(self._frozen) - want:
-            del self._frozen[z]
-            self.labels[z] = np.where(self.edited[z], self.edit_values[z], self.fused[z])
-        for z in want - set(self._frozen):
-            self._frozen[z] = self.fused[z].copy()
+        reasons: dict[int, set[tuple]] = {}
+        if not self.keep_reviewed:
+            return reasons
+        if self.case_reviewed:
+            for z in range(n):
+                reasons[z] = {("case",)}
+        for z in self.reviewed:
+            if 0 <= int(z) < n:
+                reasons.setdefault(int(z), set()).add(("marked",))
+        for c in self._undo:
+            if c.seen is not None and 0 <= c.seen < n:
+                reasons.setdefault(c.seen, set()).add(("edit", c._applied))
+        return reasons
+
+    def _update_frozen(self) -> None:
+        """Freeze a slice for each new reason on the fusion of this moment, drop the reasons gone,
+        and lay each slice over its earliest reason's fusion (the current fusion once none is left),
+        under its edits."""
+        reasons = self._freeze_reasons()
+        for z in set(self._freezes) | set(reasons):
+            had, why = self._freezes.get(z, {}), reasons.get(z, set())
+            if why == had.keys():
+                continue
+            kept = {r: had[r] for r in why & had.keys()}
+            if why - had.keys():
+                now = self.fused[z].copy()
+                # an equal fusion is shared, so reasons that agree keep one copy
+                now = next((f for _, f in kept.values() if np.array_equal(f, now)), now)
+                for r in sorted(why - had.keys()):
+                    kept[r] = (next(self._order), now)
+            if kept:
+                self._freezes[z] = kept
+            else:
+                del self._freezes[z]
+            base = min(kept.values(), key=lambda of: of[0])[1] if kept else None
+            if base is self._frozen.get(z):
+                continue
+            if base is None:
+                del self._frozen[z]
+                base = self.fused[z]
+            elif z not in self._frozen:  # newly frozen: it shows this fusion already
+                self._frozen[z] = base
+                continue
+            else:
+                self._frozen[z] = base
+            self.labels[z] = np.where(self.edited[z], self.edit_values[z], base)
 
     def reviewed_slices(self) -> set[int]:
         """Slices the user looked at or edited: marked reviewed, or in view when an edit (still
@@ -170,6 +209,7 @@ class ReviewSession:
         self.edited.flat[idx] = True
         self.edit_values.flat[idx] = change.new
         self.labels.flat[idx] = change.new
+        change._applied = next(self._order)
         self._undo.append(change)
         self._update_frozen()
 
@@ -205,6 +245,7 @@ class ReviewSession:
         n = self.sync_edits()
         self._undo.clear()
         self._redo.clear()
+        self._update_frozen()  # edits made in view before are gone, and so are their freezes
         return n
 
     @property
@@ -569,7 +610,7 @@ class ReviewSession:
                 w = (z - z0) / (z1 - z0)
                 inside = (1 - w) * da + w * db < 0
                 if value == KIDNEY:
-                    new[z] = np.where(inside, KIDNEY, 0)
+                    new[z] = np.where(inside, KIDNEY, BACKGROUND)
                 else:
                     new[z][inside] = TUMOR
         ch = self._change(f"interpolate slices {z0}-{z1}", new)
@@ -678,7 +719,7 @@ def export_correction(
     radiologist touched or confirmed (fine-tuning trains on those alone unless
     ``whole_case_reviewed``).
     """
-    from .models import file_sha256
+    from .io.files import file_sha256
 
     root = Path(root)
     try:
@@ -734,7 +775,7 @@ DICOM_SEG_NAME = "segmentation.seg.dcm"
 def _export_dicom_seg(case_dir: Path, ct: volumes.Volume, labels: np.ndarray, checkpoints: dict) -> dict:
     """A CT read from a DICOM series gets its labels as a DICOM SEG too (for PACS); a series that
     cannot carry one (anonymised without UIDs, a missing slice) gets the reason in the manifest."""
-    from .dicom_seg import write_dicom_seg
+    from .io.dicom_seg import write_dicom_seg
 
     models = {k: f"{Path(v['path']).name} ({v['version']})" for k, v in checkpoints.items()}
     try:

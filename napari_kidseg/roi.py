@@ -190,6 +190,16 @@ def patch_coverage(patches: np.ndarray, shape, patch_px: int = 256) -> np.ndarra
     return covered
 
 
+def patch_rois(patches: np.ndarray, shape, patch_px: int = 256) -> np.ndarray:
+    """Map of each patch's voxels set to its ROI number (1, 2; 0 outside every patch): the refine
+    patches as the widget outlines them."""
+    rois = np.zeros(shape, np.int8)
+    for p in patches:
+        y0, x0 = max(0, int(p["y0"])), max(0, int(p["x0"]))
+        rois[p["z"], y0 : max(0, p["y0"] + patch_px), x0 : max(0, p["x0"] + patch_px)] = p["roi"]
+    return rois
+
+
 def cut_patch(slice_2d: np.ndarray, y0: int, x0: int, size: int, fill) -> np.ndarray:
     """A ``size`` x ``size`` window of a 2D slice starting at (y0, x0), padded with ``fill`` outside."""
     out = np.full((size, size) + slice_2d.shape[2:], fill, dtype=slice_2d.dtype)

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, roi, volumes
+from . import roi
 from .errors import KidsegError
-from .labels import UNLABELLED, kits_foreground, network_target, training_target
+from .io import files, readers, volumes
+from .labels import BACKGROUND, CYST, KIDNEY, TUMOR, UNLABELLED, kits_foreground, network_target, training_target
 from .models import ModelConfig, add_organ_channels, build_model, load_checkpoint, save_checkpoint
 from .preprocessing import context_indices, hu_to_input
 
-KITS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 1}  # KiTS21/23 cyst -> kidney
+KITS_LABEL_MAP = {BACKGROUND: BACKGROUND, KIDNEY: KIDNEY, TUMOR: TUMOR, CYST: KIDNEY}  # KiTS21/23 cyst -> kidney
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
@@ -67,8 +68,8 @@ def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
     bad = [int(v) for v in values if int(v) not in KITS_LABEL_MAP]
     if bad:
         raise KidsegError(f"label values {bad} are not KiTS labels (0 background, 1 kidney, 2 tumor, 3 cyst)", path)
-    if classes == 3 and values.max(initial=0) > 2:
-        labels = np.where(labels == 3, 1, labels).astype(np.uint8)
+    if classes == 3 and values.max(initial=0) > TUMOR:
+        labels = np.where(labels == CYST, KIDNEY, labels).astype(np.uint8)
     return labels
 
 
@@ -110,10 +111,10 @@ def cache_case(case_dir: Path) -> CachedCase:
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
     else:
-        ct, labels = volumes.read_kits_case(case_dir)
+        ct, labels = readers.read_kits_case(case_dir)
         lab = map_kits_labels(labels.array, case_dir / volumes.KITS_LABELS, classes=4)  # checked, cysts kept
         if organ_file.exists():  # the neighbours as classes of their own (labels.training_target)
-            organs = volumes.read_labels(organ_file, like=ct).array
+            organs = readers.read_labels(organ_file, like=ct).array
             lab = training_target(lab, organs)
         folder.mkdir(parents=True, exist_ok=True)
         for name, arr in (("ct.npy", ct.array.astype(np.int16)), ("labels.npy", lab)):
@@ -188,7 +189,7 @@ class SegmentationSamples:
                         continue
                     self.items.append((ci, z, y0, x0))
                     # tumor patches are few and the class is the hard one: draw them 3x as often
-                    has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == 2).any()
+                    has_tumor = (roi.cut_patch(np.asarray(labels[z]), y0, x0, cfg.input_size, 0) == TUMOR).any()
                     taught = (
                         lesson is not None and roi.cut_patch(np.asarray(lesson[z]), y0, x0, cfg.input_size, 0).any()
                     )
@@ -379,10 +380,13 @@ def dice_ce_loss(logits, target, kits_classes: int = 3, voxel_weight=None):
         ce = (per_voxel * voxel_weight).sum() / voxel_weight.sum().clamp_min(1e-6)
     p = torch.softmax(logits.float(), dim=1)
     valid = (target != UNLABELLED).float()
-    masses = (target >= 1) & (target < kits_classes)
-    regions = [(p[:, 1:kits_classes].sum(1) * valid, masses.float()), (p[:, 2] * valid, (target == 2).float())]
+    masses = (target >= KIDNEY) & (target < kits_classes)
+    regions = [
+        (p[:, KIDNEY:kits_classes].sum(1) * valid, masses.float()),
+        (p[:, TUMOR] * valid, (target == TUMOR).float()),
+    ]
     if kits_classes == 4:  # KiTS23's cyst class
-        regions.append((p[:, 3] * valid, (target == 3).float()))
+        regions.append((p[:, CYST] * valid, (target == CYST).float()))
     dice_loss = 0.0
     for pr, gt in regions:
         inter = (pr * gt).sum()
@@ -397,7 +401,7 @@ class DiceCounter:
         self.n = np.zeros((2, 3))  # region x (intersection, pred, ref)
 
     def add(self, pred, target):
-        for r, (p, t) in enumerate(((pred > 0, target > 0), (pred == 2, target == 2))):
+        for r, (p, t) in enumerate(((pred > BACKGROUND, target > BACKGROUND), (pred == TUMOR, target == TUMOR))):
             self.n[r] += [int((p & t).sum()), int(p.sum()), int(t.sum())]
 
     def scores(self) -> dict:
@@ -547,11 +551,12 @@ def train(
 ) -> dict:
     """Train one stage; writes ``out`` (best on validation), ``out``.last/.state/.jsonl/.png.
 
-    Returns a summary (best validation scores, epochs, seconds).
+    Returns a summary (best validation scores, epochs, seconds). The steps: set up the model and
+    its optimizer (new, from ``init_checkpoint``, or resumed), place it on the device, make the
+    loaders; then per epoch: train, validate, checkpoint, decide whether to stop.
     """
     log = log or _log.info
     import torch
-    from torch.utils.data import DataLoader, WeightedRandomSampler
 
     from .models import pick_device
 
@@ -562,9 +567,56 @@ def train(
         torch.cuda.set_device(device)
     torch.manual_seed(settings.seed + rank)
     out = Path(out)
-    last, state_file = out.with_suffix(".last.safetensors"), out.with_suffix(".state.pt")
-    log_file, plot_file = out.with_suffix(".log.jsonl"), out.with_suffix(".png")
+    run = _setup_model(cfg, out, settings, init_checkpoint, resume, encoder_weights, log)
+    cfg, model = run.cfg, run.model
+    ddp_model, is_cuda = _place_model(model, cfg, device, world)
+    loader, val_loader = _loaders(cfg, train_cases, val_cases, settings, rank, run.start_epoch, is_cuda)
 
+    t_start = time.time()
+    stale = 0
+    total_steps = (settings.epochs - run.start_epoch) * settings.steps_per_epoch
+    step_done = 0
+    epoch = run.start_epoch
+    for epoch in range(run.start_epoch, settings.epochs):
+        note = progress if rank == 0 else None
+        losses, step_done = _train_epoch(
+            ddp_model, loader, run.opt, cfg, device, is_cuda, cancel, note, step_done, total_steps, epoch, settings
+        )
+        run.sched.step()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "lr": run.opt.param_groups[0]["lr"],
+            "seconds": round(time.time() - t_start, 1),
+        }
+        if rank == 0:
+            score = _validate(model, val_loader, device, cfg, row)
+            stale = _checkpoint(run, out, epoch, row, score, stale)
+            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if _should_stop(stale, settings, world, t_start, log):
+            break
+    return {"best_score": run.best, "epochs": epoch + 1, "seconds": time.time() - t_start, "log": run.log_rows}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a training run carries from epoch to epoch (and, through ``.state.pt``, across a resume)."""
+
+    cfg: ModelConfig
+    model: object
+    opt: object
+    sched: object
+    start_epoch: int = 0
+    best: float = float("-inf")
+    log_rows: list = dataclasses.field(default_factory=list)
+
+
+def _setup_model(cfg, out: Path, settings, init_checkpoint, resume, encoder_weights, log) -> _Run:
+    """Setup: a new model, one continued from ``init_checkpoint``, or the run at ``out`` resumed
+    (model, optimizer, scheduler, epoch, best score and log), with its optimizer and scheduler."""
+    import torch
+
+    last, state_file = out.with_suffix(".last.safetensors"), out.with_suffix(".state.pt")
     if init_checkpoint is not None:
         model, init_cfg = load_checkpoint(init_checkpoint, stage=cfg.stage)
         if cfg.organs and not init_cfg.organs:  # a KiTS-only parent learns the organs from here on
@@ -590,6 +642,14 @@ def train(
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.momentum = settings.bn_momentum
+    return _Run(cfg, model, opt, sched, start_epoch, best, log_rows)
+
+
+def _place_model(model, cfg, device: str, world: int):
+    """The model on its device (channels-last on CUDA), wrapped for data-parallel training when
+    there are several processes; returns (the model to train through, whether on CUDA)."""
+    import torch
+
     model.to(device)
     is_cuda = device.startswith("cuda")
     if is_cuda:
@@ -599,6 +659,13 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[device] if is_cuda else None)
+    return ddp_model, is_cuda
+
+
+def _loaders(cfg, train_cases, val_cases, settings, rank: int, start_epoch: int, is_cuda: bool):
+    """The training loader (weighted sampling, augmented) and the validation loader (rank 0 only)."""
+    import torch
+    from torch.utils.data import DataLoader, WeightedRandomSampler
 
     aug = Augment(clahe=settings.clahe) if settings.augment else None
     # a resumed run draws fresh samples and augmentations, not epoch 1's again
@@ -628,88 +695,99 @@ def train(
             batch_size=settings.batch_size,
             num_workers=0,
         )
+    return loader, val_loader
 
-    t_start = time.time()
-    stale = 0
-    total_steps = (settings.epochs - start_epoch) * settings.steps_per_epoch
-    step_done = 0
-    epoch = start_epoch
-    for epoch in range(start_epoch, settings.epochs):
-        ddp_model.train()
-        losses = []
-        for x, y in loader:
-            if cancel is not None and cancel():
-                from .errors import Cancelled
 
-                raise Cancelled("training cancelled; the last saved checkpoint is kept")
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if is_cuda:
-                x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = ddp_model(x)
-            else:
+def _train_epoch(
+    ddp_model, loader, opt, cfg, device, is_cuda, cancel, progress, step_done, total_steps, epoch, settings
+):
+    """One epoch of optimiser steps; returns the losses and the steps done so far in the run."""
+    import torch
+
+    ddp_model.train()
+    losses = []
+    for x, y in loader:
+        if cancel is not None and cancel():
+            from .errors import Cancelled
+
+            raise Cancelled("training cancelled; the last saved checkpoint is kept")
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = ddp_model(x)
-            loss = dice_ce_loss(logits.float(), y, cfg.classes)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            step_done += 1
-            if progress and rank == 0:
-                progress(
-                    step_done, total_steps, f"epoch {epoch + 1}/{settings.epochs} loss {np.mean(losses[-20:]):.3f}"
-                )
-        sched.step()
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": round(time.time() - t_start, 1),
-        }
-        if rank == 0:
-            if val_loader is not None:
-                scores = evaluate_samples(model, val_loader, device, cfg.classes)
-                row.update({f"val_{k}": v for k, v in scores.items()})
-                score = row["val_mean_dice"]
-            else:
-                score = -row["train_loss"]
-            log_rows.append(row)
-            save_checkpoint(last, model, cfg, overwrite=True)
-            if score > best:
-                best, stale = score, 0
-                save_checkpoint(out, model, cfg, overwrite=True)
-            else:
-                stale += 1
-            with files.atomic_path(state_file, overwrite=True) as tmp:
-                torch.save(
-                    {
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "epoch": epoch,
-                        "best": best,
-                        "log": log_rows,
-                    },
-                    tmp,
-                )
-            with files.atomic_path(log_file, overwrite=True) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-            _plot_curves(log_rows, plot_file)
-            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if world > 1:
-            import torch.distributed as dist
-
-            flag = torch.tensor([stale >= settings.patience], dtype=torch.int32)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
         else:
-            stop = stale >= settings.patience
-        if stop:
-            log(f"early stop: validation Dice has not improved for {settings.patience} epochs")
-            break
-        if settings.max_minutes and (time.time() - t_start) > settings.max_minutes * 60:
-            log(f"time budget of {settings.max_minutes:g} min reached")
-            break
-    return {"best_score": best, "epochs": epoch + 1, "seconds": time.time() - t_start, "log": log_rows}
+            logits = ddp_model(x)
+        loss = dice_ce_loss(logits.float(), y, cfg.classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step_done += 1
+        if progress:
+            progress(step_done, total_steps, f"epoch {epoch + 1}/{settings.epochs} loss {np.mean(losses[-20:]):.3f}")
+    return losses, step_done
+
+
+def _validate(model, val_loader, device, cfg, row: dict) -> float:
+    """The epoch's score: mean validation Dice (its scores go into ``row``), or minus the
+    training loss without validation cases."""
+    if val_loader is not None:
+        scores = evaluate_samples(model, val_loader, device, cfg.classes)
+        row.update({f"val_{k}": v for k, v in scores.items()})
+        return row["val_mean_dice"]
+    return -row["train_loss"]
+
+
+def _checkpoint(run: _Run, out: Path, epoch: int, row: dict, score: float, stale: int) -> int:
+    """Checkpoint: the last model, the best one when ``score`` beats it, the state a resume needs,
+    the log and its plot; returns the epochs without improvement."""
+    import torch
+
+    model, cfg = run.model, run.cfg
+    run.log_rows.append(row)
+    save_checkpoint(out.with_suffix(".last.safetensors"), model, cfg, overwrite=True)
+    if score > run.best:
+        run.best, stale = score, 0
+        save_checkpoint(out, model, cfg, overwrite=True)
+    else:
+        stale += 1
+    with files.atomic_path(out.with_suffix(".state.pt"), overwrite=True) as tmp:
+        torch.save(
+            {
+                "optimizer": run.opt.state_dict(),
+                "scheduler": run.sched.state_dict(),
+                "epoch": epoch,
+                "best": run.best,
+                "log": run.log_rows,
+            },
+            tmp,
+        )
+    with files.atomic_path(out.with_suffix(".log.jsonl"), overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in run.log_rows))
+    _plot_curves(run.log_rows, out.with_suffix(".png"))
+    return stale
+
+
+def _should_stop(stale: int, settings, world: int, t_start: float, log) -> bool:
+    """Early stop (rank 0 decides for all) or the time budget spent."""
+    import torch
+
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([stale >= settings.patience], dtype=torch.int32)
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    else:
+        stop = stale >= settings.patience
+    if stop:
+        log(f"early stop: validation Dice has not improved for {settings.patience} epochs")
+        return True
+    if settings.max_minutes and (time.time() - t_start) > settings.max_minutes * 60:
+        log(f"time budget of {settings.max_minutes:g} min reached")
+        return True
+    return False
 
 
 def validation_indices(n_items: int, cap: int) -> list[int]:
@@ -738,8 +816,8 @@ def evaluate_samples(model, loader, device, kits_classes: int = 3, counter: Dice
         for x, y in loader:
             pred = model(x.to(device)).argmax(1).cpu().numpy()
             y = y.numpy()
-            pred[pred >= kits_classes] = 0
-            y = np.where(y >= kits_classes, 0, y)
+            pred[pred >= kits_classes] = BACKGROUND
+            y = np.where(y >= kits_classes, BACKGROUND, y)
             counter.add(pred, y)
     model.train()
     return counter.scores()

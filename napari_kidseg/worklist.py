@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, volumes
 from .errors import KidsegError, KidsegWarning
+from .io import files, volumes
 
 _log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _dicom_rows(folder: Path, root: Path) -> list[CaseRow]:
     import pydicom
     import SimpleITK as sitk
 
-    from .dicom_seg import SEG_SOP_CLASS_UID
+    from .io.volumes import SEG_SOP_CLASS_UID
 
     rows = []
     with volumes.itk_warnings_off():

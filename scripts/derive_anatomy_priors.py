@@ -30,7 +30,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from napari_kidseg import anatomy, volumes  # noqa: E402
+from napari_kidseg import anatomy  # noqa: E402
+from napari_kidseg.io import readers  # noqa: E402
 
 BIN_MM = 4.0
 DX_MM, DY_MM = (0.0, 200.0), (-120.0, 120.0)
@@ -64,7 +65,7 @@ def flare_frame(labels: np.ndarray, spacing) -> anatomy.SpineFrame:
 
 
 def read_flare(path):
-    vol = volumes.read_labels(path)
+    vol = readers.read_labels(path)
     return vol.array, np.asarray(vol.geometry.spacing, float)
 
 
@@ -102,7 +103,7 @@ def slice_scores(labels, sp, organs, pr):
 def kits_limits(kits_root: Path) -> dict:
     vols, lengths, frags = [], [], []
     for f in sorted(glob.glob(str(kits_root / "case_*" / "segmentation.nii.gz"))):
-        v = volumes.read_labels(f)
+        v = readers.read_labels(f)
         a, sp = v.array, np.asarray(v.geometry.spacing, float)
         s = anatomy.grid_step(a.shape[1:])
         small = a[:, ::s, ::s] > 0

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_kidseg import metrics, volumes
+from napari_kidseg import metrics
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.finetuning import finetune_stage
-from napari_kidseg.phantom import write_phantom_cases
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.phantoms.writer import write_phantom_cases
 from napari_kidseg.review import export_correction
 from napari_kidseg.training import FinetuneSettings
 
@@ -45,7 +46,7 @@ def phantom_scores(cascade, cases, detections=None, mirror=False):
     each case's lesion-wise tumor detection (fused) is appended to it."""
     rows = {"coarse": [], "fused": []}
     for c in cases:
-        ct, ref = volumes.read_kits_case(c)
+        ct, ref = readers.read_kits_case(c)
         r = cascade.run(ct.array, ct.geometry.spacing, mirror=mirror)
         fused = r.fuse(alpha=0.4)
         rows["coarse"].append(metrics.kits_scores(r.fuse(alpha=1.0), ref.array))
@@ -57,7 +58,7 @@ def phantom_scores(cascade, cases, detections=None, mirror=False):
 
 def read_real_ct():
     ct = volumes.read_ct(REAL / "ct.nii.gz")
-    return ct, volumes.read_labels(REAL / "kidneys.nii.gz", like=ct)
+    return ct, readers.read_labels(REAL / "kidneys.nii.gz", like=ct)
 
 
 def real_kidney_dice(cascade, real, result=None):
@@ -158,7 +159,7 @@ def _set_row(pred, ref, spacing, removed_ml=None):
 
 def score_sets(cascade, work: Path, n_cases: int) -> dict:
     """Every evaluation set, with the anatomy check on and off (one network run per case)."""
-    from napari_kidseg.labelmap_phantom import find_label_maps, split_label_maps
+    from napari_kidseg.phantoms.labelmap import find_label_maps, split_label_maps
 
     sets = {}
     proc = work / "heldout-procedural"
@@ -179,11 +180,11 @@ def score_sets(cascade, work: Path, n_cases: int) -> dict:
         rows = {"on": [], "off": []}
         for src, ref_path in items:
             if ref_path is None and Path(src).is_dir() and (Path(src) / volumes.KITS_IMAGE).exists():
-                ct, ref = volumes.read_kits_case(src)
+                ct, ref = readers.read_kits_case(src)
                 ref = ref.array
             else:
                 ct = volumes.read_ct(src)
-                ref = volumes.read_labels(ref_path, like=ct).array if ref_path else np.zeros(ct.array.shape, np.uint8)
+                ref = readers.read_labels(ref_path, like=ct).array if ref_path else np.zeros(ct.array.shape, np.uint8)
             r = cascade.run(ct.array, ct.geometry.spacing)
             sp = ct.geometry.spacing
             rows["off"].append(_set_row(r.fuse(alpha=0.4, anatomy_check=False), ref, sp))

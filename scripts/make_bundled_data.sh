@@ -44,11 +44,12 @@ ${PYTHON:-python} - "$SHARED/realct/totalseg-abdomen-3mm" "$OUT/realct/organs.ni
 import sys
 from pathlib import Path
 
-from napari_kidseg import labels, volumes
+from napari_kidseg import labels
+from napari_kidseg.io import readers, volumes
 
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 ct = volumes.read_ct(src / "ct.nii.gz")
-organs = volumes.read_labels(src / "organs.nii.gz", like=ct).array
+organs = readers.read_labels(src / "organs.nii.gz", like=ct).array
 volumes.write_labels(out, labels.organ_map_from(labels.TOTALSEG_TO_ORGAN, organs, unlabelled=255), ct, overwrite=True)
 PY
 for i in $(seq 0 $(( ${REAL_COPIES:-4} - 1 ))); do

@@ -18,8 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from napari_kidseg import kits_slices, metrics, volumes  # noqa: E402
+from napari_kidseg import kits_slices, metrics  # noqa: E402
 from napari_kidseg.cascade import Cascade  # noqa: E402
+from napari_kidseg.io import readers, volumes  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL = SHARED / "realct" / "totalseg-abdomen-3mm"
@@ -33,12 +34,12 @@ def score(coarse, refine) -> dict:
     lab = r.fuse(alpha=1.0)
     vox_ml = float(np.prod(series.geometry.spacing)) / 1000
     out["dicom_false_kidney_ml"] = float((lab > 0).sum() * vox_ml)
-    organs = volumes.read_labels(REAL / "dicom-series-organs.nii.gz", like=series).array  # TotalSegmentator's
+    organs = readers.read_labels(REAL / "dicom-series-organs.nii.gz", like=series).array  # TotalSegmentator's
     out["dicom_false_kidney_on_spleen_ml"] = float(((lab > 0) & (organs == 1)).sum() * vox_ml)
     s = kits_slices.evaluate(cascade, SHARED / "kits19-slices", alpha=1.0)["summary"]
     out.update({f"slices_{k}": v for k, v in s.items()})
     ct = volumes.read_ct(REAL / "ct.nii.gz")
-    ref = volumes.read_labels(REAL / "kidneys.nii.gz", like=ct)
+    ref = readers.read_labels(REAL / "kidneys.nii.gz", like=ct)
     r = cascade.run(ct.array, ct.geometry.spacing)
     out["real_ct_kidney_dice"] = metrics.dice(r.fuse(alpha=1.0) > 0, ref.array > 0)
     return out

@@ -19,9 +19,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from napari_kidseg import volumes  # noqa: E402
-from napari_kidseg.labelmap_phantom import find_label_maps, make_labelmap_phantom, split_label_maps  # noqa: E402
+from napari_kidseg.io import readers, volumes  # noqa: E402
 from napari_kidseg.layers import CT_WINDOW  # noqa: E402
+from napari_kidseg.phantoms.labelmap import find_label_maps, make_labelmap_phantom, split_label_maps  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     _, held = split_label_maps(find_label_maps(SHARED / "flare22-labels"))
     real_ct = volumes.read_ct(SHARED / "realct" / "totalseg-abdomen-3mm" / "ct.nii.gz")
-    real_lab = volumes.read_labels(SHARED / "realct" / "totalseg-abdomen-3mm" / "kidneys.nii.gz", like=real_ct)
+    real_lab = readers.read_labels(SHARED / "realct" / "totalseg-abdomen-3mm" / "kidneys.nii.gz", like=real_ct)
     panels = [("real CT (shared, portal venous, 3 mm)", real_ct.array, real_lab.array, real_ct.geometry.spacing)]
     for i in range(args.cases):
         case = make_labelmap_phantom(

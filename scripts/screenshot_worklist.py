@@ -16,8 +16,8 @@ from qtpy.QtCore import QThreadPool
 from qtpy.QtWidgets import QApplication
 
 import napari_kidseg._widgets  # noqa: F401  (first: it keeps torch from loading triton next to napari's OpenGL)
-from napari_kidseg import volumes
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 
 
 def pump_until(cond, limit=600.0):

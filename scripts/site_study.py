@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_kidseg import files, kits_slices, metrics, volumes
+from napari_kidseg import kits_slices, metrics
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.finetuning import STAGES, finetune_models
-from napari_kidseg.labelmap_phantom import find_label_maps, split_label_maps
+from napari_kidseg.io import files, readers, volumes
 from napari_kidseg.models import bundled_checkpoint
-from napari_kidseg.phantom import write_phantom_cases
+from napari_kidseg.phantoms.labelmap import find_label_maps, split_label_maps
+from napari_kidseg.phantoms.writer import write_phantom_cases
 from napari_kidseg.training import FinetuneSettings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -69,7 +70,7 @@ def setting(name: str, **more) -> tuple[FinetuneSettings, tuple]:
 
 
 def case_scores(cascade: Cascade, case: Path) -> dict:
-    ct, ref = volumes.read_kits_case(case)
+    ct, ref = readers.read_kits_case(case)
     fused = cascade.run(ct.array, ct.geometry.spacing).fuse()
     s = metrics.kits_scores(fused, ref.array)
     s["false_tumor_ml"] = metrics.false_ml(fused, ref.array, ct.geometry.spacing)["false_tumor_ml"]
@@ -79,7 +80,7 @@ def case_scores(cascade: Cascade, case: Path) -> dict:
 def real_ct_dice(cascade: Cascade) -> float:
     real = SHARED / "realct" / "totalseg-abdomen-3mm"
     ct = volumes.read_ct(real / "ct.nii.gz")
-    ref = volumes.read_labels(real / "kidneys.nii.gz", like=ct)
+    ref = readers.read_labels(real / "kidneys.nii.gz", like=ct)
     return float(metrics.dice(cascade.run(ct.array, ct.geometry.spacing).fuse() > 0, ref.array > 0))
 
 
@@ -95,7 +96,7 @@ def dicom_series_false_kidney(cascade: Cascade) -> dict:
     """The shared 20-slice DICOM series holds no kidney: mL labelled there, and how much of it on the spleen."""
     real = SHARED / "realct" / "totalseg-abdomen-3mm"
     ct = volumes.read_ct(real / "dicom-series")
-    organs = volumes.read_labels(real / "dicom-series-organs.nii.gz", like=ct).array
+    organs = readers.read_labels(real / "dicom-series-organs.nii.gz", like=ct).array
     fused = cascade.run(ct.array, ct.geometry.spacing).fuse() > 0
     sp = ct.geometry.spacing
     return {
@@ -145,7 +146,7 @@ def real_study(out: Path, names: list[str], time_cap: bool = True) -> dict:
         corr = out / f"corrections-{name}"
         if not corr.exists():
             ct = volumes.read_ct(real / "ct.nii.gz")
-            export_correction(corr, ct, volumes.read_labels(real / "kidneys.nii.gz", like=ct).array)
+            export_correction(corr, ct, readers.read_labels(real / "kidneys.nii.gz", like=ct).array)
         t0 = time.time()
         settings, stages = setting(name, **({} if time_cap else {"max_minutes": None}))
         report = finetune_models(corr, corr / "models" / f"child-{int(t0)}", settings, stages=stages, log=print)

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 from scipy import ndimage
 
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.phantoms.procedural import make_phantom
 
 
 def tumor_cnr(case) -> list[float]:

@@ -28,14 +28,14 @@ def shared_path(*parts) -> Path:
 @pytest.fixture(scope="session")
 def small_case():
     """A small phantom (128 x 128 in-plane, <= 40 slices) with a tumor, in KiTS's I-P-L layout."""
-    from napari_kidseg.phantom import make_phantom
+    from napari_kidseg.phantoms.procedural import make_phantom
 
     return make_phantom(11, matrix=128, max_slices=40, n_tumors=1, disk_layout="IPL")
 
 
 @pytest.fixture(scope="session")
 def small_case_dir(tmp_path_factory, small_case):
-    from napari_kidseg import volumes
+    from napari_kidseg.io import volumes
 
     root = tmp_path_factory.mktemp("kits")
     volumes.write_kits_case(root, "case_00000", small_case.ct, small_case.labels)
@@ -46,7 +46,7 @@ def small_case_dir(tmp_path_factory, small_case):
 def tiny_dataset(tmp_path_factory):
     """Three 64 x 64 phantoms with a tumor each (training and fine-tuning tests), and a cache of
     their own so cached volumes never leak between test modules."""
-    from napari_kidseg.phantom import write_phantom_cases
+    from napari_kidseg.phantoms.writer import write_phantom_cases
 
     root = tmp_path_factory.mktemp("data")
     write_phantom_cases(root, 3, seed=500, matrix=64, max_slices=24, n_tumors=1)

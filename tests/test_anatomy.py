@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import anatomy, volumes
+from napari_kidseg import anatomy
+from napari_kidseg.io import readers
 
 SPACING = (3.0, 3.0, 3.0)
 SHAPE = (60, 128, 128)
@@ -136,7 +137,7 @@ def test_no_kits19_kidney_or_tumor_voxel_is_removed():
     assert len(files) == 160
     removed = {}
     for f in files:
-        vol = volumes.read_labels(f)
+        vol = readers.read_labels(f)
         v = anatomy.check_anatomy(vol.array, vol.geometry.spacing, None)
         if v.regions:
             gone = v.removed_mask(vol.array)
@@ -153,7 +154,7 @@ def test_held_out_flare_kidneys_kept():
     voxel stays. Offered the whole liver as kidney too (far worse than any network's error), the
     kidneys still keep nine tenths of their voxels where the two touch; how much of the liver goes
     is printed, not asserted (a liver joined to a kidney is judged as one part)."""
-    from napari_kidseg.labelmap_phantom import _frame, find_label_maps, read_label_map, split_label_maps
+    from napari_kidseg.phantoms.labelmap import _frame, find_label_maps, read_label_map, split_label_maps
 
     _, held = split_label_maps(find_label_maps(shared_path("flare22-labels")))
     assert len(held) == 10

@@ -15,12 +15,13 @@ import dask
 import numpy as np
 import pytest
 
-from napari_kidseg import batch, volumes, worklist
+from napari_kidseg import batch, worklist
 from napari_kidseg.batch import Case, DaskCluster, parse_cluster, run_cases
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.cli import main
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.worklist import Worklist, draft_all
 
 # the fault-injecting tasks below are shipped to the workers by value (tests/ is not on their path)
@@ -209,8 +210,8 @@ def test_predict_on_a_cluster_writes_the_same_labels_and_report(tmp_path, tiny_c
     assert "3 case(s) on a local cluster with 2 worker(s) x 1 thread; dashboard http" in err
     assert "3/3 done, 0 failed, 0 running" in err
     for case in sorted(p.name for p in folder.iterdir()):
-        a = volumes.read_labels(tmp_path / "one" / case / volumes.KITS_LABELS)
-        b = volumes.read_labels(tmp_path / "two" / case / volumes.KITS_LABELS)
+        a = readers.read_labels(tmp_path / "one" / case / volumes.KITS_LABELS)
+        b = readers.read_labels(tmp_path / "two" / case / volumes.KITS_LABELS)
         assert np.array_equal(a.array, b.array) and a.geometry == b.geometry
         with np.load(tmp_path / "one" / case / "segmentation_probabilities.npz") as f1:
             with np.load(tmp_path / "two" / case / "segmentation_probabilities.npz") as f2:
@@ -220,18 +221,17 @@ def test_predict_on_a_cluster_writes_the_same_labels_and_report(tmp_path, tiny_c
     assert not _temporaries(tmp_path / "two")
 
 
-@pytest.mark.slow
-def test_ctrl_c_shuts_the_local_cluster_down_and_leaves_nothing_half_written(tmp_path, tiny_checkpoints):
+def _interrupt_after_the_first_case(cmd: list[str], cwd: Path):
+    """Run a kidseg command in a terminal's way, press Ctrl-C once its first case is done; its
+    stderr lines up to then, the rest, and the processes it had started."""
     import psutil
 
-    folder = _write_cases(tmp_path / "cases", 10, seed=110, matrix=128, max_slices=40)
-    cmd = [sys.executable, "-m", "napari_kidseg.cli", "draft", str(folder), *_tiny(tiny_checkpoints)]
     proc = subprocess.Popen(
-        [*cmd, "--cluster", "local:2"],
+        cmd,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        cwd=tmp_path,
+        cwd=cwd,
         # a shell's background jobs (CI's, say) inherit SIGINT ignored: give the command a terminal's
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -240,11 +240,11 @@ def test_ctrl_c_shuts_the_local_cluster_down_and_leaves_nothing_half_written(tmp
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         lines.append(line)
-        if "] case_" in line and line.rstrip().endswith(": done"):
+        if "kidseg: [" in line and line.rstrip().endswith(": done"):
             break
         if not line and proc.poll() is not None:
             break
-    assert lines[-1].rstrip().endswith(": done"), "".join(lines)  # a first case drafted, the others to come
+    assert lines[-1].rstrip().endswith(": done"), "".join(lines)  # a first case done, the others to come
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= 2, lines  # the workers (and their nannies)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
@@ -253,6 +253,14 @@ def test_ctrl_c_shuts_the_local_cluster_down_and_leaves_nothing_half_written(tmp
     assert "cancelled" in rest and "Traceback" not in rest
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive
+    return lines, rest
+
+
+@pytest.mark.slow
+def test_ctrl_c_shuts_the_local_cluster_down_and_leaves_nothing_half_written(tmp_path, tiny_checkpoints):
+    folder = _write_cases(tmp_path / "cases", 10, seed=110, matrix=128, max_slices=40)
+    cmd = [sys.executable, "-m", "napari_kidseg.cli", "draft", str(folder), *_tiny(tiny_checkpoints)]
+    _interrupt_after_the_first_case([*cmd, "--cluster", "local:2"], tmp_path)
     wl = Worklist(folder)
     drafted = [r for r in wl.rows if wl.has_draft(r)]
     assert 1 <= len(drafted) < len(wl.rows)  # stopped part-way
@@ -260,3 +268,20 @@ def test_ctrl_c_shuts_the_local_cluster_down_and_leaves_nothing_half_written(tmp
     assert all(wl.load_draft(r) is not None for r in drafted)  # each one complete
     assert any(r.status == "drafted" for r in drafted)
     wl.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_predict_on_a_cluster_names_the_labels_kept(tmp_path, tiny_checkpoints):
+    folder = _write_cases(tmp_path / "cases", 10, seed=110, matrix=128, max_slices=40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(folder), "-o", str(out), *_tiny(tiny_checkpoints)]
+    _, rest = _interrupt_after_the_first_case([*cmd, "--cluster", "local:2"], tmp_path)
+    written = sorted(out.glob(f"*/{volumes.KITS_LABELS}"))
+    assert 1 <= len(written) < 10, written  # stopped part-way
+    assert not _temporaries(out)
+    for p in written:  # each one complete
+        ct = volumes.read_ct(folder / p.parent.name / volumes.KITS_IMAGE)
+        assert volumes.read_labels(p).array.shape == ct.array.shape
+    assert "cancelled; the output in progress was not written; kept the" in rest, rest
+    kept = rest.split("kept the ", 1)[1].split(": ", 1)[1].strip().split(", ")
+    assert set(kept) <= {str(p) for p in written} and kept, (kept, written)

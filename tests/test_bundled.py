@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from napari_kidseg import metrics, models, volumes
+from napari_kidseg import metrics, models
 from napari_kidseg._napari_io import sample_case_dir
 from napari_kidseg.cascade import Cascade
+from napari_kidseg.io import readers
 
 
 def test_bundled_weights_segment_the_sample_case():
@@ -16,7 +17,7 @@ def test_bundled_weights_segment_the_sample_case():
         cfg = models.read_config(models.bundled_checkpoint(stage))
         assert cfg.stage == stage and cfg.provenance.get("data"), cfg.provenance
     case = sample_case_dir()
-    ct, ref = volumes.read_kits_case(case)
+    ct, ref = readers.read_kits_case(case)
     result = Cascade(device="cpu").run(ct.array, ct.geometry.spacing)
     assert len(result.rois) == 2
     labels = result.fuse(alpha=0.4)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import cascade, metrics, models, volumes
+from napari_kidseg import cascade, metrics, models
 from napari_kidseg.cli import build_parser, main
+from napari_kidseg.io import files, readers, volumes
 
 
 def _tiny(ckpts) -> list[str]:
@@ -38,7 +39,7 @@ def test_predict_end_to_end_in_a_subprocess_then_evaluate(tmp_path, tiny_checkpo
     assert proc.returncode == 0, proc.stderr
     pred = out / small_case_dir.name / "segmentation.nii.gz"
     ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
-    labels = volumes.read_labels(pred, like=ct)  # same grid as the CT, or this raises
+    labels = readers.read_labels(pred, like=ct)  # same grid as the CT, or this raises
     assert np.array_equal(nib.load(str(pred)).affine, nib.load(str(small_case_dir / "imaging.nii.gz")).affine)
     assert labels.array.shape == ct.array.shape
     assert (out / small_case_dir.name / "segmentation_probabilities.npz").exists()
@@ -50,7 +51,7 @@ def test_predict_end_to_end_in_a_subprocess_then_evaluate(tmp_path, tiny_checkpo
     ev = ["evaluate", str(pred), str(small_case_dir / "segmentation.nii.gz")]
     assert main([*ev, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz")
+    ref = readers.read_labels(small_case_dir / "segmentation.nii.gz")
     expected = metrics.kits_scores(labels.array, ref.array)
     assert report["mean"]["kits_composite"] == pytest.approx(expected["kits_composite"])
     found = metrics.tumor_detection(labels.array, ref.array, ref.geometry.spacing)
@@ -70,7 +71,7 @@ def test_predict_into_an_existing_folder_writes_inside_it(tmp_path, tiny_checkpo
 
 def test_evaluate_refuses_labels_outside_kits_and_reports_false_ml(tmp_path, small_case_dir, capsys):
     ct = volumes.read_ct(small_case_dir / "imaging.nii.gz")
-    ref = volumes.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
+    ref = readers.read_labels(small_case_dir / "segmentation.nii.gz", like=ct)
     bad = ref.array.copy()
     bad[0, 0, 0] = 7
     volumes.write_labels(tmp_path / "seven.nii.gz", bad, ct)
@@ -110,8 +111,8 @@ def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoint
     assert "anatomy check removed" in err
     assert main(["predict", *common, "-o", str(tmp_path / "off.nii.gz"), "--no-anatomy-check"]) == 0
     assert "anatomy check removed" not in capsys.readouterr().err
-    on = volumes.read_labels(tmp_path / "on.nii.gz").array
-    off = volumes.read_labels(tmp_path / "off.nii.gz").array
+    on = readers.read_labels(tmp_path / "on.nii.gz").array
+    off = readers.read_labels(tmp_path / "off.nii.gz").array
     assert (off[:, :4, :4] > 0).all() and not on[:, :4, :4].any()
 
 
@@ -160,12 +161,12 @@ def test_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_chec
     cfg = models.read_config(out)
     # the architecture comes from the parent (not the default paper preset), the provenance names it
     assert cfg.encoder == parent_cfg.encoder and cfg.input_size == parent_cfg.input_size
-    assert cfg.provenance["init"]["sha256"] == models.file_sha256(parent)
+    assert cfg.provenance["init"]["sha256"] == files.file_sha256(parent)
 
 
 def test_finetune_defaults_are_the_finetune_function_defaults():
     """The widget fine-tunes with FinetuneSettings() and the CLI builds its own: they must not drift apart."""
-    from napari_kidseg.cli import _finetune_settings
+    from napari_kidseg.cli.training import _finetune_settings
     from napari_kidseg.training import FinetuneSettings
 
     args = build_parser().parse_args(["finetune", "corrections"])
@@ -189,7 +190,7 @@ def test_predict_report_writes_one_row_per_case(tmp_path, tiny_checkpoints, smal
     assert main(["predict", str(small_case_dir.parent), "-o", str(out), "--report", *_tiny(tiny_checkpoints)]) == 0
     rows = (out / "report.csv").read_text().splitlines()
     assert rows[0].startswith("case,right_kidney_ml") and len(rows) == 2 and small_case_dir.name in rows[1]
-    labels = volumes.read_labels(out / small_case_dir.name / volumes.KITS_LABELS)
+    labels = readers.read_labels(out / small_case_dir.name / volumes.KITS_LABELS)
     kidney_ml = float((labels.array == 1).sum()) * labels.geometry.voxel_volume_ml
     right, left = float(rows[1].split(",")[1]), float(rows[1].split(",")[3])
     assert right + left == pytest.approx(kidney_ml, abs=0.02)
@@ -217,7 +218,7 @@ def test_draft_fills_the_worklist_cache_and_a_folder_without_ct_is_one_line(
 
 
 def test_evaluate_reports_kits21_hierarchical_dice_when_cysts_are_labelled(tmp_path, capsys):
-    from napari_kidseg.phantom import make_phantom
+    from napari_kidseg.phantoms.procedural import make_phantom
 
     case = make_phantom(3, matrix=96, max_slices=40, labels="kits23", n_tumors=1)  # a cyst and a tumor
     ref = case.labels
@@ -242,7 +243,7 @@ def test_kits23_round_trip_phantom_train_predict_evaluate_export(tmp_path, capsy
     data = tmp_path / "k23"
     assert main(["phantom", str(data), "--cases", "2", "--seed", "3", "--matrix", "64", "--max-slices", "24",
                  "--labels", "kits23"]) == 0  # fmt: skip
-    assert any((volumes.read_labels(c / volumes.KITS_LABELS).array == 3).any() for c in sorted(data.glob("case_*")))
+    assert any((readers.read_labels(c / volumes.KITS_LABELS).array == 3).any() for c in sorted(data.glob("case_*")))
     common = ["--preset", "tiny", "--labels", "kits23", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
               "--workers", "0", "--device", "cpu", "--val-samples", "4"]  # fmt: skip
     for stage, size in (("coarse", "64"), ("refine", "64")):
@@ -252,10 +253,10 @@ def test_kits23_round_trip_phantom_train_predict_evaluate_export(tmp_path, capsy
     ckpts = {"coarse": tmp_path / "coarse.safetensors", "refine": tmp_path / "refine.safetensors"}
     assert main(["predict", str(data), "-o", str(tmp_path / "pred"), *_tiny(ckpts)]) == 0
     pred = tmp_path / "pred" / "case_00000" / volumes.KITS_LABELS
-    assert set(np.unique(volumes.read_labels(pred).array)) <= {0, 1, 2, 3}
+    assert set(np.unique(readers.read_labels(pred).array)) <= {0, 1, 2, 3}
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "pred"), str(data)]) == 0
     assert "kid+masses_dice" in capsys.readouterr().out  # the references hold cysts: KiTS21's Dice
-    ct, ref = volumes.read_kits_case(data / "case_00000")
+    ct, ref = readers.read_kits_case(data / "case_00000")
     case = export_correction(tmp_path / "corr", ct, ref.array)
-    assert np.array_equal(volumes.read_labels(case / volumes.KITS_LABELS).array, ref.array)  # cysts exported as 3
+    assert np.array_equal(readers.read_labels(case / volumes.KITS_LABELS).array, ref.array)  # cysts exported as 3

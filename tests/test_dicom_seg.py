@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import volumes
 from napari_kidseg.cli import main
-from napari_kidseg.dicom_seg import is_dicom_seg, read_dicom_seg, write_dicom_seg
 from napari_kidseg.errors import KidsegError
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.io.dicom_seg import read_dicom_seg, write_dicom_seg
 
 
 def _labels_for(ct):
@@ -33,7 +33,7 @@ def test_round_trip_on_a_real_series_is_voxel_exact_and_valid(tmp_path, real_ser
     ct = volumes.read_ct(real_series)
     labels = _labels_for(ct)
     out = write_dicom_seg(real_series, labels, tmp_path / "kidneys.dcm", models={"coarse": "c (v4)"})
-    assert is_dicom_seg(out) and not is_dicom_seg(next(real_series.glob("*.dcm")))
+    assert volumes.is_dicom_seg(out) and not volumes.is_dicom_seg(next(real_series.glob("*.dcm")))
     on_ct = read_dicom_seg(out, like=ct)
     assert np.array_equal(on_ct.array, labels) and on_ct.geometry == ct.geometry
     own_grid = read_dicom_seg(out)  # no CT at hand: the grid the SEG itself describes
@@ -41,7 +41,7 @@ def test_round_trip_on_a_real_series_is_voxel_exact_and_valid(tmp_path, real_ser
     assert np.allclose(own_grid.geometry.spacing, ct.geometry.spacing, atol=1e-3)
     assert np.allclose(own_grid.geometry.origin_zyx, ct.geometry.origin_zyx, atol=1e-3)
     # read_labels knows a SEG file too, and the napari reader opens it as a labels layer
-    assert np.array_equal(volumes.read_labels(out, like=ct).array, labels)
+    assert np.array_equal(readers.read_labels(out, like=ct).array, labels)
     from napari_kidseg._napari_io import read_layers
 
     ((data, meta, kind),) = read_layers(str(out))

@@ -9,9 +9,10 @@ import pytest
 import surface_distance
 from conftest import shared_path
 
-from napari_kidseg import evaluation, volumes
+from napari_kidseg import evaluation
 from napari_kidseg.cli import main
 from napari_kidseg.errors import KidsegError
+from napari_kidseg.io import readers, volumes
 
 
 def ball(shape, centre_mm, radius_mm, spacing):
@@ -221,7 +222,7 @@ def test_agrees_with_the_library_on_real_kits19_labels():
     Surface Dice and HD95 as DeepMind's library to 1e-6 in every region."""
     root = shared_path("kits19-masks")
     for case in ("case_00129", "case_00122"):
-        ref = volumes.read_labels(root / case / volumes.KITS_LABELS)
+        ref = readers.read_labels(root / case / volumes.KITS_LABELS)
         sp = ref.geometry.spacing
         for pred in (np.roll(ref.array, (1, 2), axis=(0, 1)), np.where(ref.array == 2, 1, ref.array)):
             ours = evaluation.case_scores(pred, ref.array, sp, evaluation.TOLERANCES_MM["kits21"])

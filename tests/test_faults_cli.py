@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import cli, finetuning, volumes
-from napari_kidseg.cli import _prediction_jobs, main
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg import cli, finetuning
+from napari_kidseg.cli import main
+from napari_kidseg.cli.segment import _prediction_jobs
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_report_to_a_file_and_label_values_are_named(tmp_path, small, capsys):
     rc = main(["report", str(small / "ct.nii.gz"), str(small / "ct_labels.nii.gz"), "-o", str(tmp_path / "report.txt")])
     _one_line(capsys, rc, "report.txt", "is a file")
     ct = volumes.read_ct(small / "ct.nii.gz")
-    bad = volumes.read_labels(small / "ct_labels.nii.gz").array.copy()
+    bad = readers.read_labels(small / "ct_labels.nii.gz").array.copy()
     bad[0, 0, 0] = 7
     volumes.write_labels(tmp_path / "bad.nii.gz", bad, ct)
     rc = main(["report", str(small / "ct.nii.gz"), str(tmp_path / "bad.nii.gz"), "-o", str(tmp_path / "r")])
@@ -148,5 +150,5 @@ def test_a_cancelled_batch_says_which_outputs_were_kept(tmp_path, small, tiny_ch
     assert kept.exists() and not (tmp_path / "out" / "b_labels.nii.gz").exists()
     assert f"cancelled; the output in progress was not written; kept the 1 output(s) finished before it: {kept}" in err
     assert "no partial output" not in err
-    assert np.asarray(volumes.read_labels(kept).array).shape == volumes.read_ct(small / "ct.nii.gz").array.shape
+    assert np.asarray(readers.read_labels(kept).array).shape == volumes.read_ct(small / "ct.nii.gz").array.shape
     cli._WRITTEN.clear()

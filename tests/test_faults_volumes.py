@@ -13,9 +13,9 @@ import pydicom
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import volumes
 from napari_kidseg._napari_io import read_layers
 from napari_kidseg.errors import KidsegError, KidsegWarning
+from napari_kidseg.io import readers, volumes
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_uneven_slice_distances_are_resampled_with_a_note(tmp_path, series):
 
 
 def test_a_resampled_series_gets_no_dicom_seg(tmp_path, series, clean):
-    from napari_kidseg.dicom_seg import series_datasets
+    from napari_kidseg.io.dicom_seg import series_datasets
 
     tilt = _copy(series, tmp_path / "tilt")
     for k in range(len(series)):
@@ -229,16 +229,16 @@ def test_mhd_labels_are_written_under_their_own_names_and_a_missing_data_file_is
     out = volumes.write_labels(tmp_path / "labels.mhd", arr, like)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.mhd", "labels.zraw"]
     assert "ElementDataFile = labels.zraw" in out.read_text()
-    assert np.array_equal(volumes.read_labels(out).array, arr)
+    assert np.array_equal(readers.read_labels(out).array, arr)
     with pytest.raises(KidsegError, match="already exists"):
         volumes.write_labels(tmp_path / "labels.mhd", arr, like)
     (tmp_path / "labels.zraw").unlink()
     with pytest.raises(KidsegError, match="its data file labels.zraw is missing"):
-        volumes.read_labels(out)
+        readers.read_labels(out)
 
 
 def test_a_dicom_seg_given_as_a_ct_is_named_as_one(tmp_path):
-    from napari_kidseg.dicom_seg import write_dicom_seg
+    from napari_kidseg.io.dicom_seg import write_dicom_seg
 
     liver = shared_path("realct", "dcmqi-liver-3slice")
     ct = volumes.read_ct(liver)

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_kidseg import volumes
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.errors import KidsegWarning
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.worklist import Worklist
 
 

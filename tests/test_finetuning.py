@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_kidseg import finetuning, heldout_rule, models, training, volumes
+from napari_kidseg import finetuning, heldout_rule, models, training
 from napari_kidseg.errors import KidsegError
+from napari_kidseg.io import files, readers, volumes
 from napari_kidseg.labels import kits_foreground
 from napari_kidseg.training import FinetuneSettings
 
@@ -22,17 +23,17 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
 
     corrections = tmp_path / "corrections"
     for c in training.find_cases([tiny_dataset]):
-        ct, labels = volumes.read_kits_case(c)
+        ct, labels = readers.read_kits_case(c)
         export_correction(corrections, ct, labels.array)
     parent = tmp_path / "parent.safetensors"
     shutil.copy(tiny_checkpoints["refine"], parent)
-    before_sha = models.file_sha256(parent)
+    before_sha = files.file_sha256(parent)
     out = tmp_path / "child.safetensors"
     fixed = FinetuneSettings(schedule="fixed", epochs=1, steps_per_epoch=3, batch_size=4, n_replay=1, device="cpu")
     report = finetuning.finetune_stage(
         corrections, parent, out, fixed, coarse_checkpoint=tiny_checkpoints["coarse"], log=lambda s: None
     )
-    assert models.file_sha256(parent) == before_sha
+    assert files.file_sha256(parent) == before_sha
     cfg = models.read_config(out)
     assert cfg.provenance["parent"] == str(parent) and cfg.provenance["parent_sha256"] == before_sha
     assert cfg.provenance["parent_version"] == "test" and cfg.version.startswith("test+ft")
@@ -58,7 +59,7 @@ def _corrections(tiny_dataset, root, reviewed=False):
     from napari_kidseg.review import export_correction
 
     for c in training.find_cases([tiny_dataset]):
-        ct, labels = volumes.read_kits_case(c)
+        ct, labels = readers.read_kits_case(c)
         zs = np.flatnonzero(labels.array.reshape(labels.array.shape[0], -1).any(1))
         mid = int(zs[len(zs) // 2])
         export_correction(root, ct, labels.array, reviewed_slices=[mid - 1, mid, mid + 1] if reviewed else None)

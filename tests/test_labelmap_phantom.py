@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import volumes
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.labelmap_phantom import find_label_maps, make_labelmap_phantom, read_label_map, split_label_maps
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.labelmap import find_label_maps, make_labelmap_phantom, read_label_map, split_label_maps
 
 
 def _ellipsoid(shape, spacing, centre_mm, radii_mm):
@@ -103,3 +103,42 @@ def test_fixed_split_holds_out_the_last_ten(tmp_path):
     maps = [tmp_path / f"m{i:02d}.nii.gz" for i in range(50)]
     train, held = split_label_maps(maps)
     assert len(train) == 40 and held == maps[40:]
+
+
+# Golden checksums of three label-map phantoms on the toy map (CT voxels, labels, organs, the info
+# dict and the geometry), taken before make_labelmap_phantom was cut into named sections: any change
+# in the order or the values of its random draws changes them. A change that means to alter these
+# phantoms raises LABELMAP_GENERATOR_REVISION and records new checksums here.
+LABELMAP_GOLDEN = [
+    (
+        "both",
+        3,
+        {"matrix": 96, "phase": "venous", "n_tumors": 1, "slice_thickness": 2.5, "disk_layout": "LPS"},
+        "bba676c31f2e2bde",
+    ),
+    (
+        "both",
+        5,
+        {"matrix": 64, "random_contrast": 1.0, "labels": "kits23", "site": 2, "n_tumors": 2},
+        "35678cbc665d1b82",
+    ),
+    ("one", 8, {"matrix": 80}, "0cc78c223c06847f"),  # one kidney in view; phase and layout drawn
+]
+
+
+@pytest.mark.parametrize("kidneys, seed, kwargs, digest", LABELMAP_GOLDEN)
+def test_labelmap_phantoms_match_their_golden_checksums(kidneys, seed, kwargs, digest):
+    import hashlib
+    import json
+
+    organs, spacing = toy_map()
+    if kidneys == "one":
+        organs[organs == 13] = 0
+    case = make_labelmap_phantom((organs, spacing), seed, **kwargs)
+    h = hashlib.sha256()
+    h.update(case.ct.array.tobytes())
+    h.update(case.labels.tobytes())
+    h.update(case.organs.tobytes())
+    h.update(json.dumps(case.info, sort_keys=True).encode())
+    h.update(repr(case.ct.geometry).encode())
+    assert h.hexdigest()[:16] == digest

@@ -8,8 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_kidseg import _napari_io, volumes
+from napari_kidseg import _napari_io
 from napari_kidseg._napari_io import sample_case_dir
+from napari_kidseg.io import volumes
 from napari_kidseg.layers import CT_WINDOW
 
 pytestmark = pytest.mark.gui

@@ -43,7 +43,7 @@ def test_organ_maps_from_other_vocabularies():
 
 
 def test_procedural_phantom_draws_its_organs_where_they_are_and_never_on_kidney():
-    from napari_kidseg.phantom import make_phantom
+    from napari_kidseg.phantoms.procedural import make_phantom
 
     case = make_phantom(3, matrix=96, max_slices=40)
     o = case.organs
@@ -59,7 +59,7 @@ def test_procedural_phantom_draws_its_organs_where_they_are_and_never_on_kidney(
 def test_labelmap_phantom_keeps_flare_organs_and_adds_touching_negatives():
     from conftest import shared_path
 
-    from napari_kidseg.labelmap_phantom import make_labelmap_phantom
+    from napari_kidseg.phantoms.labelmap import make_labelmap_phantom
 
     path = shared_path("flare22-labels", "FLARE22_Tr_0003.nii.gz")
     case = make_labelmap_phantom(str(path), 1, matrix=96)
@@ -71,7 +71,7 @@ def test_labelmap_phantom_keeps_flare_organs_and_adds_touching_negatives():
 
 @pytest.mark.parametrize("phase", ["arterial", "venous", "noncontrast"])
 def test_drawn_tumors_are_visible_against_their_kidney(phase):
-    from napari_kidseg.phantom import TISSUE_HU, draw_tumor_look, phase_hu, randomise_contrast
+    from napari_kidseg.phantoms.tissues import TISSUE_HU, draw_tumor_look, phase_hu, randomise_contrast
 
     rng = np.random.default_rng(0)
     darker = []
@@ -89,7 +89,7 @@ def test_drawn_tumors_are_visible_against_their_kidney(phase):
 
 
 def test_phantom_tumor_is_darker_than_its_kidney_as_on_real_slices():
-    from napari_kidseg.phantom import make_phantom
+    from napari_kidseg.phantoms.procedural import make_phantom
 
     case = make_phantom(27, matrix=128, max_slices=60, phase="venous", n_tumors=1)
     ct, lab = case.ct.array, case.labels
@@ -206,7 +206,7 @@ def test_anatomy_check_removes_what_the_organ_map_calls_spleen_but_keeps_a_kidne
 
 
 def test_tumor_template_goes_back_into_its_kidney_at_its_place():
-    from napari_kidseg import tumor_shapes
+    from napari_kidseg.phantoms import tumor_shapes
 
     lab = np.zeros((60, 100, 100), np.uint8)
     zz, yy, xx = np.ogrid[:60, :100, :100]
@@ -233,7 +233,8 @@ def test_tumor_template_goes_back_into_its_kidney_at_its_place():
 
 
 def test_tumor_library_leaves_out_evaluation_cases(tmp_path):
-    from napari_kidseg import tumor_shapes, volumes
+    from napari_kidseg.io import volumes
+    from napari_kidseg.phantoms import tumor_shapes
 
     (tmp_path / "slices" / "case_00001_z0010").mkdir(parents=True)
     assert tumor_shapes.evaluation_cases(tmp_path / "slices") == {"case_00001"}
@@ -270,8 +271,8 @@ def test_real_slice_reader_maps_zero_by_where_it_lies():
 def test_dock_offers_the_organs_as_a_hidden_context_layer(make_napari_viewer, small_case_dir, qtbot, tmp_path):
     from test_widget import _run, _settle, _widget
 
-    from napari_kidseg import volumes
     from napari_kidseg._widgets.cascade_widget import LAYER_NAMES
+    from napari_kidseg.io import readers
     from napari_kidseg.layers import ct_layer_data
     from napari_kidseg.models import build_model, model_config, save_checkpoint
 
@@ -280,7 +281,7 @@ def test_dock_offers_the_organs_as_a_hidden_context_layer(make_napari_viewer, sm
         cfg = model_config(stage, "tiny", input_size=64, organs=ORGANS)
         ckpts[stage] = save_checkpoint(tmp_path / f"{stage}.safetensors", build_model(cfg), cfg)
     viewer = make_napari_viewer()
-    ct, _ = volumes.read_kits_case(small_case_dir)
+    ct, _ = readers.read_kits_case(small_case_dir)
     data, kwargs, _ = ct_layer_data(ct, name="CT")
     viewer.add_image(data, **kwargs)
     w = _widget(viewer, ckpts, qtbot)

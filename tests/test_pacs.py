@@ -16,10 +16,11 @@ import orthanc_server as orthanc_helper
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import pacs, volumes
+from napari_kidseg import pacs
 from napari_kidseg.cli import main
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 
 pytestmark = pytest.mark.skipif(orthanc_helper.missing() is not None, reason=str(orthanc_helper.missing()))
 PASSWORD = orthanc_helper.PASSWORD
@@ -104,7 +105,7 @@ def test_ping_find_pull_push_commands(server, tmp_path, capsys):
     assert main(["pacs", "pull", server.url, "--series", uid, "-o", str(tmp_path / "pulled")]) == 2
     assert "already exists" in capsys.readouterr().err
     # push a SEG made here: stored, and a second push is a second SEG series (new UIDs), nothing replaced
-    from napari_kidseg.dicom_seg import write_dicom_seg
+    from napari_kidseg.io.dicom_seg import write_dicom_seg
 
     labels = np.zeros(pulled.array.shape, np.uint8)
     labels[:, 200:260, 150:230] = 1
@@ -144,7 +145,7 @@ def test_full_loop_find_fetch_draft_review_seg_and_pdf_back_on_the_server(server
     import pydicom
 
     from napari_kidseg.cascade import Cascade
-    from napari_kidseg.dicom_seg import read_dicom_seg
+    from napari_kidseg.io.dicom_seg import read_dicom_seg
     from napari_kidseg.worklist import draft_all
 
     state = tmp_path / "state"
@@ -382,7 +383,7 @@ def test_a_store_the_server_refuses_is_not_called_sent(tmp_path, capsys):
 
 
 def test_c_store_where_dimse_is_configured(own_server, tmp_path, monkeypatch, capsys):
-    from napari_kidseg.dicom_seg import write_dicom_seg
+    from napari_kidseg.io.dicom_seg import write_dicom_seg
 
     liver = shared_path("realct", "dcmqi-liver-3slice")
     own_server.upload(sorted(liver.glob("*.dcm")))
@@ -476,7 +477,7 @@ def test_the_case_worklist_widget_reviews_a_pacs_and_sends_back(make_napari_view
     assert w.open_folder(pacs.Query(server.url, description="phantom")) is not None
     assert w.table.rowCount() == 1 and not w.retry_btn.isHidden()
     try:
-        qtbot.waitUntil(lambda: w._opening is None and cw._worker is None and cw.session is not None, timeout=300_000)
+        qtbot.waitUntil(lambda: w._opening is None and not cw.busy and cw.session is not None, timeout=300_000)
     except qtbot.TimeoutError:
         raise AssertionError(f"status: {w.status.text()!r}; rows: {w.worklist.rows}") from None
     assert w.worklist.is_fetched(w.worklist.rows[0])

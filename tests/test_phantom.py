@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from napari_kidseg import metrics
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.phantoms.procedural import make_phantom
 
 
 @pytest.fixture(scope="module")

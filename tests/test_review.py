@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_kidseg import volumes
 from napari_kidseg.cascade import CascadeResult
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.fusion import RefinedRegion
+from napari_kidseg.io import readers, volumes
 from napari_kidseg.review import FusionParams, ReviewSession, export_correction
 
 # these tests exercise fusion and editing on toy volumes far smaller than a kidney; the
@@ -113,7 +113,7 @@ def test_export_writes_kits_layout_and_manifest_without_overwriting(tmp_path, sm
     assert [c["case"] for c in man["cases"]] == ["case_00000", "case_00001"]
     assert man["cases"][0]["hand_edited_voxels"] == 7 and man["cases"][0]["source_sha256"]
     assert man["cases"][0]["fusion"]["alpha"] == 0.3
-    back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
+    back = readers.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert np.array_equal(back.array, small_case.labels)
 
 
@@ -259,7 +259,7 @@ def test_export_once_per_scan(tmp_path, small_case):
     man = json.loads((root / "manifest.json").read_text())["cases"]
     assert len(man) == 1 and man[0]["hand_edited_voxels"] == 9 and man[0]["updates"] == 1
     assert man[0]["reviewed_slices"] == [1, 3]
-    back = volumes.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
+    back = readers.read_labels(a / volumes.KITS_LABELS, like=volumes.read_ct(a / volumes.KITS_IMAGE))
     assert not (back.array == 2).any()
 
 
@@ -350,3 +350,32 @@ def test_reviewed_slices_stay_as_reviewed_against_the_sliders():
     s.set_params(kidney_threshold=0.5)
     s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
     assert not s.labels.any() and s.hand_edited_voxels == 0
+
+
+def test_an_undone_edit_leaves_a_later_marks_freeze_not_its_own():
+    """The defect (issue 25, ``make fuzz`` seed 315): an edit made in view froze its slice on that
+    fusion; a slider moved; the slice was marked reviewed (already frozen: nothing new); the edit
+    was undone. The slice kept the edit's older freeze, where a twin that never got the edit froze
+    it on the fusion of the mark. Each reason a slice is frozen for keeps its own fusion, and the
+    slice lies over the earliest reason still in effect."""
+    meta = np.zeros((3, 20, 20), np.uint8)
+    meta[:, 5:15, 5:15] = 160  # p = 0.63: kidney at 0.5, nothing at 0.7
+    s = ReviewSession(make_result(meta), NO_CHECK)
+    s.labels[1, 0, 0] = 2
+    s.sync_edits(seen=1)  # a stroke on slice 1, in view: frozen on the 0.5 fusion (the square)
+    s.set_params(kidney_threshold=0.7)
+    s.apply_fusion(s.result.fuse(0.4, 0.7, 0.5, anatomy_check=False))
+    assert (s.labels[1, 5:15, 5:15] == 1).all()
+    s.reviewed.add(1)  # Slice reviewed, on the 0.7 fusion (empty)
+    s.undo()  # the stroke goes: slice 1 stays frozen, but on the fusion it was marked on
+    twin = ReviewSession(make_result(meta), NO_CHECK)
+    twin.set_params(kidney_threshold=0.7)
+    twin.apply_fusion(twin.result.fuse(0.4, 0.7, 0.5, anatomy_check=False))
+    twin.reviewed.add(1)
+    twin.sync_edits()
+    assert np.array_equal(s.labels, twin.labels) and not s.labels.any()
+    s.set_params(kidney_threshold=0.5)  # the mark keeps slice 1 as it was marked
+    s.apply_fusion(s.result.fuse(0.4, 0.5, 0.5, anatomy_check=False))
+    assert not s.labels[1].any() and (s.labels[[0, 2], 5:15, 5:15] == 1).all()
+    s.redo()  # the stroke again, on the 0.5 fusion: slice 1 still lies over the mark's (earlier)
+    assert s.labels[1, 0, 0] == 2 and not s.labels[1, 5:15, 5:15].any()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import roi, volumes
+from napari_kidseg import roi
+from napari_kidseg.io import readers
 
 
 @pytest.mark.slow
@@ -15,7 +16,7 @@ def test_refine_patches_cover_real_kits19_kidneys_and_tumors():
     root = shared_path("kits19-masks")
     worst, tumor_full, n_tumor_cases = 1.0, 0, 0
     for case in sorted(root.glob("case_*"))[::4]:
-        vol = volumes.read_labels(case / "segmentation.nii.gz")
+        vol = readers.read_labels(case / "segmentation.nii.gz")
         labels = vol.array
         rois, roi_map = roi.kidney_rois(labels > 0, vol.geometry.spacing)
         assert len(rois) == 2, f"{case.name}: {len(rois)} kidney ROIs"

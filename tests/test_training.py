@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_kidseg import models, roi, training, volumes
+from napari_kidseg import models, roi, training
 from napari_kidseg.errors import KidsegError
+from napari_kidseg.io import readers, volumes
 from napari_kidseg.labels import kits_foreground
-from napari_kidseg.phantom import make_phantom, write_phantom_cases
+from napari_kidseg.phantoms.procedural import make_phantom
+from napari_kidseg.phantoms.writer import write_phantom_cases
 
 
 def test_a_few_training_steps_reduce_the_loss_and_write_a_loadable_checkpoint(tiny_dataset, tmp_path):
@@ -165,8 +167,8 @@ def test_parallel_caching_and_phantoms_match_the_serial_ones(tiny_dataset, tmp_p
     write_phantom_cases(tmp_path / "serial", 2, seed=77, matrix=48, max_slices=12)
     write_phantom_cases(tmp_path / "parallel", 2, seed=77, matrix=48, max_slices=12, jobs=2)
     for name in ("case_00000", "case_00001"):
-        a, la = volumes.read_kits_case(tmp_path / "serial" / name)
-        b, lb = volumes.read_kits_case(tmp_path / "parallel" / name)
+        a, la = readers.read_kits_case(tmp_path / "serial" / name)
+        b, lb = readers.read_kits_case(tmp_path / "parallel" / name)
         assert np.array_equal(a.array, b.array) and np.array_equal(la.array, lb.array)
 
 

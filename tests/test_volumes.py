@@ -14,8 +14,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import shared_path
 
-from napari_kidseg import geometry, volumes
 from napari_kidseg.errors import KidsegError, KidsegWarning
+from napari_kidseg.io import geometry, readers, volumes
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -98,7 +98,7 @@ def test_label_round_trip_keeps_world_position_and_header(tmp_path, src_suffix, 
         # same grid as the source file: shape on disk and index->world map
         assert np.allclose(index_to_lps_by_other_reader(out), src_aff, atol=1e-4)
         assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(tmp_path / f"ct{src_suffix}")).GetSize()
-        assert np.array_equal(volumes.read_labels(out, like=ct).array, marker)
+        assert np.array_equal(readers.read_labels(out, like=ct).array, marker)
 
 
 def test_nifti_labels_keep_the_source_header(tmp_path):
@@ -125,7 +125,7 @@ def test_nifti_labels_keep_the_source_header(tmp_path):
 
 def test_simpleitk_and_nibabel_agree_on_world_coordinates_of_real_kits_labels():
     path = shared_path("kits19-masks", "case_00003", "segmentation.nii.gz")
-    vol = volumes.read_labels(path)
+    vol = readers.read_labels(path)
     img = nib.load(str(path))
     data = np.asarray(img.dataobj)
     for value in (1, 2):
@@ -147,7 +147,7 @@ def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bi
     assert len(paths) == 160
     out = tmp_path / "labels.nii"  # uncompressed: the gzip step is tested elsewhere
     for path in paths:
-        vol = volumes.read_labels(path)
+        vol = readers.read_labels(path)
         arr = vol.array
         assert arr.ndim == 3 and set(np.unique(arr[::4])) <= {0, 1, 2}, path
         # canonical LPS: the two largest kidney+tumor regions lie left and right of the
@@ -172,7 +172,7 @@ def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bi
         if paths.index(path) % 8:
             continue
         volumes.write_labels(out, arr, vol, overwrite=True)
-        back = volumes.read_labels(out, like=vol)
+        back = readers.read_labels(out, like=vol)
         assert np.array_equal(back.array, arr), path
         assert np.array_equal(nib.load(str(out)).affine, nib.load(str(path)).affine), path
 
@@ -196,7 +196,7 @@ def test_dicom_padding_is_read_as_air_and_labels_fit_the_grid():
     assert raw.min() <= -2000  # the file itself holds GE's -3024 padding
     vol = volumes.read_ct(folder)
     assert vol.array.min() == volumes.AIR_HU
-    liver = volumes.read_labels(folder / "liver_seg.nrrd", like=vol)
+    liver = readers.read_labels(folder / "liver_seg.nrrd", like=vol)
     assert 40 < np.median(vol.array[liver.array > 0]) < 200  # contrast-enhanced liver in HU
 
 
@@ -224,7 +224,7 @@ def test_large_nifti_read_holds_about_two_copies(tmp_path):
     nbytes = arr.nbytes
     del arr, img
     code = (
-        "import resource,sys; import numpy, SimpleITK, nibabel; from napari_kidseg import volumes;"
+        "import resource,sys; import numpy, SimpleITK, nibabel; from napari_kidseg.io import volumes;"
         "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
         f"v=volumes.read_ct(r'{path}');"
         "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, v.array.shape)"
@@ -303,7 +303,7 @@ def test_writes_are_atomic_and_never_overwrite_silently(tmp_path, monkeypatch):
 def test_kits_case_round_trip(tmp_path, small_case):
     case = volumes.write_kits_case(tmp_path, "case_00007", small_case.ct, small_case.labels)
     assert volumes.kits_cases(tmp_path) == [case]
-    ct, labels = volumes.read_kits_case(case)
+    ct, labels = readers.read_kits_case(case)
     # the scanner's padding outside the reconstruction circle (-3024) reads back as air
     expected = np.where(small_case.ct.array <= -3024, volumes.AIR_HU, small_case.ct.array)
     assert np.array_equal(ct.array, expected)
@@ -319,7 +319,7 @@ def test_labels_on_a_different_grid_are_refused(tmp_path, small_case):
     other = volumes.volume_in_memory(small_case.labels[:, :-1], (1, 1, 1))
     volumes.write_labels(tmp_path / "bad.nii.gz", other.array, other)
     with pytest.raises(KidsegError, match="differs from the CT grid"):
-        volumes.read_labels(tmp_path / "bad.nii.gz", like=ct)
+        readers.read_labels(tmp_path / "bad.nii.gz", like=ct)
 
 
 def test_single_slice_ct_reads(tmp_path):

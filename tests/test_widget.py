@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_kidseg import volumes
-from napari_kidseg._widgets.cascade_widget import (
-    CLICK_MODES,
-    LAYER_NAMES,
-    WINDOW_KEYS,
-    CascadeWidget,
-    kidney_focus,
-)
+from napari_kidseg._widgets.cascade_widget import CLICK_MODES, LAYER_NAMES, WINDOW_KEYS, CascadeWidget
+from napari_kidseg.display import kidney_focus
+from napari_kidseg.io import readers
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
 
 pytestmark = pytest.mark.gui
@@ -24,7 +19,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def viewer_with_case(make_napari_viewer, small_case_dir):
     viewer = make_napari_viewer()
-    ct, ref = volumes.read_kits_case(small_case_dir)
+    ct, ref = readers.read_kits_case(small_case_dir)
     data, kwargs, _ = ct_layer_data(ct, name="CT")
     viewer.add_image(data, **kwargs)
     data, kwargs, _ = labels_layer_data(ref.array, ct, name="reference")
@@ -177,7 +172,7 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     src = nib.load(ct.path)
     out = nib.load(str(case / "segmentation.nii.gz"))
     assert np.array_equal(out.affine, src.affine) and out.shape == src.shape
-    assert np.array_equal(volumes.read_labels(case / "segmentation.nii.gz").array, fused.data)
+    assert np.array_equal(readers.read_labels(case / "segmentation.nii.gz").array, fused.data)
     # a second export of the same scan asks; a copy on purpose never overwrites the first
     w.ask_about_export = lambda case_id: "copy"
     case2 = _export(w, qtbot)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
-from napari_kidseg import volumes, worklist
+from napari_kidseg import worklist
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.errors import KidsegError
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.worklist import Worklist, draft_all, find_cases
 
 
@@ -142,7 +143,7 @@ def test_mark_reviewed_exports_and_counts(folder, tiny_cascade, tmp_path):
     labels[4:8, 20:30, 10:20] = 1
     case_dir = wl.mark_reviewed(row, ct, labels, tmp_path / "export", seconds=90)
     assert row.status == "reviewed" and wl.reviewed == 1 and row.seconds == 90
-    assert np.array_equal(volumes.read_labels(case_dir / volumes.KITS_LABELS).array, labels)
+    assert np.array_equal(readers.read_labels(case_dir / volumes.KITS_LABELS).array, labels)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["cases"][0]["whole_case_reviewed"] is True
     # marking it again (a second look) updates the same exported case

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from napari_kidseg import volumes
 from napari_kidseg.cascade import Cascade
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.worklist import STATE_FOLDER, Worklist
 
 CHILD = textwrap.dedent(

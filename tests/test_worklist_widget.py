@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_kidseg import volumes
 from napari_kidseg._widgets.cascade_widget import LAYER_NAMES, CascadeWidget
 from napari_kidseg._widgets.worklist_widget import CT_LAYER_PREFIX, WorklistWidget
-from napari_kidseg.phantom import make_phantom
+from napari_kidseg.io import readers, volumes
+from napari_kidseg.phantoms.procedural import make_phantom
 
 pytestmark = pytest.mark.gui
 
@@ -96,7 +96,7 @@ def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
     # mark reviewed: exported (KiTS layout), counted, and the next case opens
     cw.export_folder = tmp_path / "export"
     case_dir = wl.mark_reviewed()
-    assert np.array_equal(volumes.read_labels(case_dir / volumes.KITS_LABELS).array, edited)
+    assert np.array_equal(readers.read_labels(case_dir / volumes.KITS_LABELS).array, edited)
     assert wl.progress.value() == 1 and wl.worklist.rows[0].status == "reviewed"
     _shown(wl, cw, qtbot, "case_00001")
     _quiet(wl, cw, qtbot)

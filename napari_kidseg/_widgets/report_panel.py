@@ -23,6 +23,24 @@ from qtpy.QtWidgets import (
 from ..errors import KidsegError
 
 
+def report_case(ct, cascade, s):
+    """What the Report box measures: the CT, the labels as corrected now, and what made them
+    (None without a result)."""
+    import dataclasses
+
+    from ..models import read_config
+
+    if s is None:
+        return None
+    s.sync_edits()
+    provenance = {
+        stage: f"{path.name} ({read_config(path).version})"
+        for stage, path in (("coarse", cascade.coarse_path), ("refine", cascade.refine_path))
+    }
+    provenance.update(dataclasses.asdict(s.params), hand_edited_voxels=int(s.hand_edited_voxels))
+    return ct, s.labels.copy(), provenance
+
+
 class ReportPanel(QGroupBox):
     """``case()`` returns ``(ct Volume, labels array, provenance dict)`` or None when there is no result;
     ``notify(message, error)`` shows a message the way the parent widget does."""

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import KidsegError
 from ..worklist import draft_case
+from ._workers import LatestRequest
 
 COLUMNS = (
     ("case", "case"),
@@ -67,7 +68,7 @@ class WorklistWidget(QWidget):
         self._opening = None  # the worker opening a case
         self._drafting = None  # {case: future} of the drafts being made ahead, or None
         self._pool = None  # the drafting process
-        self._starting_pool = False
+        self._pool_start = LatestRequest()  # the drafting process being started
         self._cascade = None  # the Cascade that drafts (and made the shown draft)
         self._cascade_lock = threading.Lock()
         self.last_open_seconds = None  # from Next to the draft on screen (benchmarks read it)
@@ -75,8 +76,18 @@ class WorklistWidget(QWidget):
         self._reviewed_since_finetune = 0
         self._touched = False  # the open case was edited since it opened
         self._reviewed_at_open = set()
-
         lay = QVBoxLayout(self)
+        self._build_form(lay)
+        self._build_case_list(lay)
+        self._set_enabled(False)
+        self._start_timers()
+        self._bind_keys()
+        # closing napari destroys this widget: end the drafting process and give the lock back
+        # (through this dict: the lambda must not touch Qt objects that are being destroyed)
+        holder = self._holder = {"worklist": None, "pool": None}
+        self.destroyed.connect(lambda *_: (_stop_pool(holder), holder["worklist"] and holder["worklist"].close()))
+
+    def _build_form(self, lay):
         form = QFormLayout()
         row = QHBoxLayout()
         self.folder_edit = QLineEdit()
@@ -121,6 +132,8 @@ class WorklistWidget(QWidget):
         )
         form.addRow("Fine-tune after", self.finetune_spin)
         lay.addLayout(form)
+
+    def _build_case_list(self, lay):
         self.note = QLabel("")
         self.note.setWordWrap(True)
         lay.addWidget(self.note)
@@ -172,8 +185,8 @@ class WorklistWidget(QWidget):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         lay.addWidget(self.status)
         lay.addStretch(1)
-        self._set_enabled(False)
 
+    def _start_timers(self):
         self._autosave_timer = QTimer(self)  # after the last edit
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.setInterval(AUTOSAVE_AFTER_EDIT_MS)
@@ -187,17 +200,12 @@ class WorklistWidget(QWidget):
         self._pacs_poll = QTimer(self)  # a PACS worklist: fetches and sends done in its threads
         self._pacs_poll.setInterval(500)
         self._pacs_poll.timeout.connect(self._poll_pacs)
-        self._bind_keys()
-        # closing napari destroys this widget: end the drafting process and give the lock back
-        # (through this dict: the lambda must not touch Qt objects that are being destroyed)
-        holder = self._holder = {"worklist": None, "pool": None}
-        self.destroyed.connect(lambda *_: (_stop_pool(holder), holder["worklist"] and holder["worklist"].close()))
 
     # ------------------------------------------------------------------ helpers
     @property
     def drafting(self) -> bool:
         """Whether drafts are being made ahead (or the drafting process is starting)."""
-        return self._starting_pool or bool(self._drafting)
+        return self._pool_start.busy or bool(self._drafting)
 
     @property
     def cascade_widget(self):
@@ -573,16 +581,13 @@ class WorklistWidget(QWidget):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from napari.qt.threading import create_worker
-
         from ..worklist import drafting_process_init
 
-        if self._starting_pool:
+        if self._pool_start.busy:
             return
-        self._starting_pool = True
         cluster = self.cluster_edit.text().strip()
         cw = self.cascade_widget
-        models = (cw.coarse_edit.text() or None, cw.refine_edit.text() or None, cw.device_combo.currentText())
+        models = cw.models
 
         def job():
             if cluster:  # Dask distributed; its workers at low priority beside this napari
@@ -596,7 +601,6 @@ class WorklistWidget(QWidget):
             return pool
 
         def done(pool):
-            self._starting_pool = False
             if self.worklist is None:  # closed meanwhile
                 _stop_pool({"pool": pool})
                 return
@@ -604,11 +608,10 @@ class WorklistWidget(QWidget):
             self._draft_ahead()
 
         def failed(exc):
-            self._starting_pool = False
             why = str(exc) if isinstance(exc, KidsegError) else repr(exc)
             self.status.setText(f"no drafting process ({why}): cases are drafted when opened")
 
-        create_worker(job, _connect={"returned": done, "errored": failed})
+        self._pool_start.start(job, done=done, failed=failed)
 
     def _poll_drafts(self):
         """Take in the drafts the drafting process finished (the state is written here, by the

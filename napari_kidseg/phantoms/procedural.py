@@ -43,261 +43,26 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from . import files, geometry, volumes
-from .errors import KidsegError
-from .labels import ORGAN_CODE
+from ..io import geometry, volumes
+from ..labels import BACKGROUND, KIDNEY, TUMOR
+from .shapes import Blob, Grid, Painter, paint_table, rotation
+from .tissues import (
+    DISK_LAYOUTS,
+    PHASES,
+    SOFT_TISSUES,
+    TISSUE_HU,
+    PhantomCase,
+    cyst_label,
+    draw_tumor_look,
+    phase_hu,
+    randomise_contrast,
+    tumor_texture,
+)
+from .tumor_shapes import load_library, paint_transplant
 
 # Bumped whenever the same seed draws a different phantom. Caches of generated phantoms (the
 # fine-tune replay cases, the benchmark's CTs) are keyed by it, so none outlives a revision.
 GENERATOR_REVISION = 6
-
-TISSUE_HU = {
-    # (non-contrast, arterial, venous) typical HU; jittered per case
-    "fat": (-100, -100, -100),
-    "muscle": (45, 55, 60),
-    "liver": (55, 70, 110),
-    "spleen": (45, 120, 115),
-    "aorta": (40, 320, 170),
-    "ivc": (40, 70, 150),
-    # revision 6: real kidneys are darker than revision 5 drew them (KiTS19 slices: median 125 HU,
-    # IQR 105-138; the phantom's were 165-211)
-    "cortex": (35, 170, 150),
-    "medulla": (30, 80, 140),
-    "pelvis": (10, 10, 15),
-    "bone_cortex": (700, 700, 700),
-    "bone_cancellous": (220, 220, 220),
-    "tumor": (30, 150, 110),
-    "cyst": (5, 8, 10),
-    "bowel_wall": (40, 90, 100),
-    "fluid": (15, 15, 15),
-    "contrast": (300, 300, 300),
-    "air": (-1000, -1000, -1000),
-    "skin": (30, 30, 30),
-    "pancreas": (40, 110, 100),
-    "adrenal": (35, 70, 80),
-    "node": (40, 60, 80),
-    "feces": (20, 20, 20),
-}
-SOFT_TISSUES = (
-    "muscle",
-    "liver",
-    "spleen",
-    "aorta",
-    "ivc",
-    "cortex",
-    "medulla",
-    "tumor",
-    "bowel_wall",
-    "skin",
-    "pancreas",
-    "adrenal",
-    "node",
-    "feces",
-)
-PHASES = ("noncontrast", "arterial", "venous")
-DISK_LAYOUTS = ("IPL", "LPS", "RAS", "LPI", "RAI", "LAS")
-
-
-@dataclasses.dataclass
-class PhantomCase:
-    ct: volumes.Volume  # int16 HU, canonical orientation, with a source layout for writing
-    labels: np.ndarray  # uint8, 0/1/2
-    info: dict  # what was drawn: phase, spacing, tumors, cysts...
-    organs: np.ndarray | None = None  # uint8 organ map (labels.ORGANS codes) on the same grid
-
-
-class _Grid:
-    """Voxel-centre world coordinates (mm) of the canonical array, per axis."""
-
-    def __init__(self, shape, spacing, origin):
-        self.shape = shape
-        self.spacing = np.asarray(spacing, float)
-        self.origin = np.asarray(origin, float)
-        self.axes = [self.origin[i] + np.arange(shape[i]) * self.spacing[i] for i in range(3)]
-
-    def box(self, center_zyx, radius_mm):
-        """Slices of the array within ``radius_mm`` of a centre, or None if outside the grid."""
-        sl = []
-        for i in range(3):
-            lo = int(np.floor((center_zyx[i] - radius_mm - self.origin[i]) / self.spacing[i]))
-            hi = int(np.ceil((center_zyx[i] + radius_mm - self.origin[i]) / self.spacing[i])) + 1
-            lo, hi = max(lo, 0), min(hi, self.shape[i])
-            if lo >= hi:
-                return None
-            sl.append(slice(lo, hi))
-        return tuple(sl)
-
-    def coords(self, sl):
-        z, y, x = (self.axes[i][sl[i]] for i in range(3))
-        return z[:, None, None], y[None, :, None], x[None, None, :]
-
-
-def _rotation(rng, max_deg):
-    """A random rotation (3x3 acting on (z, y, x) vectors) of at most ``max_deg`` about each axis."""
-    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
-    rz = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rx = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-@dataclasses.dataclass
-class _Blob:
-    """A rotated ellipsoid whose surface is bumped by a few low-frequency waves."""
-
-    center: np.ndarray  # (z, y, x) mm
-    semi: np.ndarray  # semi-axes (z, y, x) mm, before rotation
-    rot: np.ndarray
-    waves: np.ndarray  # (k, 3) directions
-    phases: np.ndarray
-    amp: float
-
-    @classmethod
-    def random(cls, rng, center, semi, max_deg=10.0, amp=0.08):
-        return cls(
-            np.asarray(center, float),
-            np.asarray(semi, float),
-            _rotation(rng, max_deg),
-            rng.normal(size=(3, 3)) * 2.0,
-            rng.uniform(0, 2 * np.pi, 3),
-            amp,
-        )
-
-    def radius_field(self, grid: _Grid, margin=1.3):
-        """(slices, rho): rho < 1 inside; None if the blob misses the grid."""
-        sl = grid.box(self.center, float(self.semi.max()) * margin * (1 + self.amp))
-        if sl is None:
-            return None, None
-        z, y, x = grid.coords(sl)
-        d = [z - self.center[0], y - self.center[1], x - self.center[2]]
-        r = self.rot
-        u = [(r[0, i] * d[0] + r[1, i] * d[1] + r[2, i] * d[2]) / self.semi[i] for i in range(3)]
-        rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2)
-        if self.amp:
-            inv = 1.0 / np.maximum(rho, 1e-6)
-            bump = sum(
-                np.cos((w[0] * u[0] + w[1] * u[1] + w[2] * u[2]) * inv + p) for w, p in zip(self.waves, self.phases)
-            )
-            rho = rho / (1.0 + self.amp * bump / len(self.phases))
-        return sl, rho
-
-    def surface_point(self, direction):
-        """A point on the ellipsoid surface along a unit direction (in the blob's own frame)."""
-        d = np.asarray(direction, float)
-        d = d / np.linalg.norm(d)
-        t = 1.0 / np.sqrt(np.sum((d / self.semi) ** 2))
-        return self.center + self.rot @ (d * t)
-
-
-class _Painter:
-    def __init__(self, grid, hu, labels, allowed=None, organs=None):
-        self.grid, self.hu, self.labels = grid, hu, labels
-        self.allowed = allowed  # organs stay inside the skin, however a random draw places them
-        # what each voxel is as an organ (labels.ORGANS codes): whatever is painted last owns the
-        # voxel, so a blob with no organ (a kidney, a node, a lump) clears what was under it
-        self.organs = organs
-
-    def blob(self, blob: _Blob, value, label=None, inside=1.0, texture=None, organ: str | None = None):
-        sl, rho = blob.radius_field(self.grid)
-        if sl is None:
-            return None, None
-        m = rho < inside
-        if self.allowed is not None:
-            m &= self.allowed[sl]
-        v = self.hu[sl]
-        v[m] = value if texture is None else (value + texture(rho)[m])
-        if label is not None:
-            self.labels[sl][m] = label
-        if self.organs is not None:
-            self.organs[sl][m] = ORGAN_CODE[organ] if organ else 0
-        return sl, rho
-
-
-def phase_hu(rng, table: dict, phase_idx: int) -> dict:
-    """Each tissue's HU in one contrast phase, jittered for this case (fat and air drawn anew)."""
-    hu = {k: v[phase_idx] + rng.normal(0, 12 if abs(v[phase_idx]) < 500 else 60) for k, v in table.items()}
-    hu["fat"] = rng.uniform(-125, -80)
-    hu["air"] = rng.uniform(-1010, -960)
-    return hu
-
-
-def randomise_contrast(rng, hu: dict, probability: float, soft_tissues, fluids) -> bool:
-    """With ``probability``, give every soft tissue, fluid and fat an independent random HU
-    (SynthSeg-style), in place; returns whether it did."""
-    shuffled = bool(probability and rng.random() < probability)
-    if shuffled:
-        for k in soft_tissues:
-            hu[k] = rng.uniform(-30, 230)
-        for k in fluids:
-            hu[k] = rng.uniform(-20, 60)
-        hu["fat"] = rng.uniform(-160, -40)
-    return shuffled
-
-
-# Renal tumor subtypes (share of resected renal masses: clear-cell about 65-75%, papillary 10-15%,
-# chromophobe about 5%, plus oncocytoma, which images like chromophobe). Enhancement is drawn as
-# the tumor's darkness against its own kidney, from the 39 real KiTS19 slices with kidney and tumor
-# (DESIGN.md): the tumor is darker by a median 60 HU in 85% of slices, with a within-tumor spread of
-# about 35 HU; clear-cell tumors enhance most and most unevenly (necrosis, cystic parts), papillary
-# tumors least and evenly, chromophobe in between. Unenhanced, all are a little darker than the kidney.
-TUMOR_SUBTYPES = {
-    # name: (share, darker than kidney in HU (contrast phases) as (low, high), texture sd in HU)
-    "clear_cell": (0.65, (15, 90), (22, 40)),
-    "papillary": (0.2, (70, 120), (8, 15)),
-    "chromophobe": (0.15, (35, 80), (10, 20)),
-}
-
-
-MIN_TUMOR_CONTRAST_HU = 30.0
-
-
-def draw_tumor_look(rng, jitter: dict, phase: str) -> dict:
-    """How one tumor looks: subtype, mean HU (relative to this case's kidney, so also under random
-    contrast), texture spread and scale, necrotic/cystic core, pseudocapsule."""
-    names = list(TUMOR_SUBTYPES)
-    subtype = str(rng.choice(names, p=[TUMOR_SUBTYPES[n][0] for n in names]))
-    _, (lo, hi), (sd_lo, sd_hi) = TUMOR_SUBTYPES[subtype]
-    kidney = 0.6 * jitter["cortex"] + 0.4 * jitter["medulla"]
-    if phase == "noncontrast":
-        # unenhanced, a renal tumor is iso- to slightly hypodense: a truly isodense one is drawn
-        # hypodense enough to be seen, since a label the image does not show teaches noise
-        darker = rng.uniform(25, 45)
-    elif subtype == "clear_cell" and rng.random() < (0.35 if phase == "arterial" else 0.1):
-        darker = rng.uniform(-45, 0)  # a clear-cell tumor brighter than its kidney (arterial peak)
-    else:
-        darker = rng.uniform(lo, hi)
-    # a drawn tumor must be visible: at least 30 HU from its kidney (twice the typical noise, and
-    # its texture on top), however random the contrast (scripts/tumor_visibility.py measures it)
-    if abs(darker) < MIN_TUMOR_CONTRAST_HU:
-        darker = MIN_TUMOR_CONTRAST_HU * (1 if darker >= 0 else -1)
-    core = {"clear_cell": 0.45, "papillary": 0.1, "chromophobe": 0.15}[subtype]
-    return {
-        "subtype": subtype,
-        "hu": float(kidney - darker),
-        "texture_sd": float(rng.uniform(sd_lo, sd_hi)),
-        "texture_mm": float(rng.uniform(2.5, 6.0)),
-        "core": str(rng.choice(["none", "necrotic", "cystic"], p=[1 - core, core * 0.7, core * 0.3])),
-        "capsule_hu": float(rng.uniform(-35, -10)) if rng.random() < 0.5 else 0.0,
-        "fluid_hu": float(jitter["fluid"] + rng.uniform(0, 15)),
-    }
-
-
-def tumor_texture(rng, rho: np.ndarray, spacing, look: dict) -> np.ndarray:
-    """The HU of a tumor over its bounding box (``rho``: the blob's radius field, 1 at its edge):
-    a smooth heterogeneous field, a darker rim (pseudocapsule), a fluid core."""
-    sigma = [max(0.5, look["texture_mm"] / float(s)) for s in spacing]
-    field = ndimage.gaussian_filter(rng.standard_normal(rho.shape).astype(np.float32), sigma, truncate=2.5)
-    field *= look["texture_sd"] / max(float(field.std()), 1e-6)
-    hu = look["hu"] + field
-    if look["capsule_hu"]:
-        hu = np.where((rho > 0.9) & (rho < 1.0), hu + look["capsule_hu"], hu)
-    if look["core"] != "none":
-        cut = rng.uniform(0.35, 0.65) if look["core"] == "necrotic" else rng.uniform(0.7, 0.88)
-        # a necrotic core is irregular: its edge follows the texture field
-        edge = rho + 0.08 * field / max(look["texture_sd"], 1e-6)
-        fluid = look["fluid_hu"] + rng.normal(0, 6 if look["core"] == "necrotic" else 3, rho.shape)
-        hu = np.where(edge < cut, fluid, hu)
-    return hu.astype(np.float32)
 
 
 def make_phantom(
@@ -349,7 +114,7 @@ def make_phantom(
     cysts = _paint_cysts(rng, scan, kidneys, cyst_label(labels))
     tumors = _paint_tumors(rng, scan, kidneys, n_tumors, phase, rng3, tumor_library)
     if rng2.random() < 0.6:  # the scanner table under the patient's back
-        _paint_table(rng2, scan.grid, scan.hu, scan.post * float(scan.scale_z.max()) + 10)
+        paint_table(rng2, scan.grid, scan.hu, scan.post * float(scan.scale_z.max()) + 10)
     ct_arr, look = _form_image(rng, scan)
 
     layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
@@ -369,7 +134,7 @@ def make_phantom(
         "tumors": tumors,
         "cysts": cysts,
     }
-    scan.paint.organs[scan.labels > 0] = 0  # a tumor grown into bowel is tumor
+    scan.paint.organs[scan.labels > BACKGROUND] = 0  # a tumor grown into bowel is tumor
     return PhantomCase(ct=ct, labels=scan.labels, info=info, organs=scan.paint.organs)
 
 
@@ -378,10 +143,10 @@ class _Scan:
     """What every section of :func:`make_phantom` draws into, and the body frame it draws around
     (mm; x to the patient's left, y posterior, z superior, the kidneys' level at z = 0)."""
 
-    grid: _Grid
+    grid: Grid
     hu: np.ndarray
     labels: np.ndarray
-    paint: _Painter
+    paint: Painter
     jitter: dict
     fov: float
     body_ax: float  # left-right semi-axis of the body
@@ -410,12 +175,12 @@ def _scan_frame(rng, jitter, matrix, max_slices, min_slices, slice_thickness) ->
     shape = (nz, matrix, matrix)
     center_shift = rng.normal(0, 10, 2)
     origin = np.array([z_lo, -fov / 2 + center_shift[0], -fov / 2 + center_shift[1]])
-    grid = _Grid(shape, (dz, sxy, sxy), origin)
+    grid = Grid(shape, (dz, sxy, sxy), origin)
     hu = np.full(shape, jitter["air"], np.float32)
     labels = np.zeros(shape, np.uint8)
     organs = np.zeros(shape, np.uint8)
     scan = _Scan(
-        grid, hu, labels, _Painter(grid, hu, labels, organs=organs), jitter, fov, body_ax, body_ap, kid_z, z_lo, z_hi
+        grid, hu, labels, Painter(grid, hu, labels, organs=organs), jitter, fov, body_ax, body_ap, kid_z, z_lo, z_hi
     )
     return scan, fat_sc
 
@@ -442,10 +207,10 @@ def _paint_spine_and_muscles(rng, rng2, scan: _Scan):
     """Paraspinal, quadratus lumborum and psoas muscles, vertebrae, ribs."""
     paint, jitter, spine_y, kid_z = scan.paint, scan.jitter, scan.spine_y, scan.kid_z
     for side in (-1, 1):
-        paint.blob(_Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
+        paint.blob(Blob.random(rng, (0, spine_y + 28, side * 32), (400, 28, 26), 2, 0.05), jitter["muscle"])
         # erector spinae fill the back to the skin; quadratus lumborum lies behind each kidney
         paint.blob(
-            _Blob.random(
+            Blob.random(
                 rng2,
                 (0, spine_y + rng2.uniform(32, 42), side * rng2.uniform(32, 42)),
                 (400, rng2.uniform(25, 35), rng2.uniform(28, 38)),
@@ -455,7 +220,7 @@ def _paint_spine_and_muscles(rng, rng2, scan: _Scan):
             jitter["muscle"] + rng2.normal(0, 4),
         )
         paint.blob(
-            _Blob.random(
+            Blob.random(
                 rng2,
                 (kid_z - 30, spine_y + rng2.uniform(5, 15), side * rng2.uniform(55, 70)),
                 (110, rng2.uniform(10, 16), rng2.uniform(16, 24)),
@@ -465,25 +230,23 @@ def _paint_spine_and_muscles(rng, rng2, scan: _Scan):
             jitter["muscle"] + rng2.normal(0, 4),
         )
     for vz in np.arange(scan.z_lo - 20, scan.z_hi + 30, 32.0):
-        paint.blob(_Blob.random(rng, (vz, spine_y, 0), (13, 17, 20), 3, 0.0), jitter["bone_cortex"])
+        paint.blob(Blob.random(rng, (vz, spine_y, 0), (13, 17, 20), 3, 0.0), jitter["bone_cortex"])
         paint.blob(
-            _Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"] + rng.normal(0, 30)
+            Blob.random(rng, (vz, spine_y, 0), (11.5, 15, 18), 3, 0.0), jitter["bone_cancellous"] + rng.normal(0, 30)
         )
-        paint.blob(_Blob.random(rng, (vz, spine_y + 32, 0), (10, 14, 10), 3, 0.0), jitter["bone_cortex"])
-        paint.blob(_Blob.random(rng, (vz, spine_y + 24, 0), (16, 6, 7), 0, 0.0), jitter["fluid"])
+        paint.blob(Blob.random(rng, (vz, spine_y + 32, 0), (10, 14, 10), 3, 0.0), jitter["bone_cortex"])
+        paint.blob(Blob.random(rng, (vz, spine_y + 24, 0), (16, 6, 7), 0, 0.0), jitter["fluid"])
     for side in (-1, 1):
         # psoas: thin at the top, thicker towards the pelvis
         for k, pz in enumerate(np.arange(kid_z - 40, scan.z_lo - 80, -40.0)):
             r = 8 + 5 * k
-            paint.blob(
-                _Blob.random(rng, (pz, spine_y - 5, side * (28 + r)), (30, r, r * 1.1), 5, 0.1), jitter["muscle"]
-            )
+            paint.blob(Blob.random(rng, (pz, spine_y - 5, side * (28 + r)), (30, r, r * 1.1), 5, 0.1), jitter["muscle"])
     for rz in np.arange(kid_z + 30, scan.z_hi + 30, rng.uniform(22, 30)):
         for side in (-1, 1):
             for ang in np.linspace(0.15, 1.25, 4):
                 ry = 10 + np.cos(ang) * scan.post * 0.85
                 rx = side * np.sin(ang) * scan.body_ax * 0.92
-                paint.blob(_Blob.random(rng, (rz - 10 * ang, ry, rx), (5, 5, 9), 20, 0.0), jitter["bone_cortex"])
+                paint.blob(Blob.random(rng, (rz - 10 * ang, ry, rx), (5, 5, 9), 20, 0.0), jitter["bone_cortex"])
 
 
 def _paint_great_vessels(rng, scan: _Scan):
@@ -491,18 +254,18 @@ def _paint_great_vessels(rng, scan: _Scan):
     aorta_r = rng.uniform(9, 14)
     for vz in np.arange(scan.z_lo - 20, scan.z_hi + 30, 25.0):
         scan.paint.blob(
-            _Blob.random(rng, (vz, scan.spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02),
+            Blob.random(rng, (vz, scan.spine_y - 30, 14), (20, aorta_r, aorta_r), 2, 0.02),
             scan.jitter["aorta"],
             organ="vessel",
         )
         scan.paint.blob(
-            _Blob.random(rng, (vz, scan.spine_y - 28, -26), (20, 11, 15), 2, 0.05), scan.jitter["ivc"], organ="vessel"
+            Blob.random(rng, (vz, scan.spine_y - 28, -26), (20, 11, 15), 2, 0.05), scan.jitter["ivc"], organ="vessel"
         )
 
 
 def _paint_liver_and_spleen(rng, rng3, scan: _Scan):
     """Liver (patient's right, -x) and spleen (left, posterior), both in the upper abdomen."""
-    liver = _Blob.random(
+    liver = Blob.random(
         rng,
         (scan.kid_z + rng.uniform(60, 95), 5, -scan.body_ax * 0.38),
         (rng.uniform(70, 95), scan.post * 0.62, scan.body_ax * 0.55),
@@ -514,7 +277,7 @@ def _paint_liver_and_spleen(rng, rng3, scan: _Scan):
     )
     # a real spleen is 8-13 cm long and up to 8 cm across; revision 5 draws its in-plane size
     # (it was fixed at 56 x 44 mm, smaller than the spleen next to the left kidney on real CT)
-    spleen = _Blob.random(
+    spleen = Blob.random(
         rng,
         (scan.kid_z + rng.uniform(45, 80), scan.spine_y - 5, scan.body_ax * 0.62),
         (rng.uniform(40, 60), rng3.uniform(26, 42), rng3.uniform(20, 32)),
@@ -534,7 +297,7 @@ def _paint_bowel_loops(rng, scan: _Scan):
             rng.uniform(-0.6, 0.6) * scan.body_ax,
         )
         r = rng.uniform(10, 22)
-        loop = _Blob.random(rng, c, (r * rng.uniform(1, 2.5), r, r * rng.uniform(0.8, 1.6)), 40, 0.15)
+        loop = Blob.random(rng, c, (r * rng.uniform(1, 2.5), r, r * rng.uniform(0.8, 1.6)), 40, 0.15)
         content = jitter[str(rng.choice(["air", "fluid", "contrast"], p=[0.45, 0.35, 0.2]))]
         scan.paint.blob(loop, jitter["bowel_wall"], organ="bowel")
         scan.paint.blob(loop, content, inside=0.8, organ="bowel")
@@ -552,10 +315,10 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
         depth = rng.uniform(21, 27)
         kz = scan.kid_z + (rng.uniform(5, 25) if side > 0 else rng.uniform(-15, 5))
         kc = np.array([kz, scan.spine_y + rng.uniform(-8, 10) - 6, side * rng.uniform(58, 80)])
-        rot = _rotation(rng, 6)
+        rot = rotation(rng, 6)
         tilt = np.deg2rad(rng.uniform(8, 20)) * side
         tz = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, 1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
-        blob = _Blob(
+        blob = Blob(
             kc,
             np.array([length, depth, width]),
             tz @ rot,
@@ -572,7 +335,7 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
         if rng3.random() < 0.4:
             fat_margin = rng3.uniform(0.5, 3.0)
         paint.blob(dataclasses.replace(blob, semi=blob.semi + fat_margin), jitter["fat"])
-        sl, rho = paint.blob(blob, jitter["cortex"], label=1)
+        sl, rho = paint.blob(blob, jitter["cortex"], label=KIDNEY)
         if sl is None:
             continue
         # medulla: pyramids inside the cortex, distinct only with arterial enhancement
@@ -582,7 +345,7 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
         hu[sl][pyramids] = jitter["medulla"]
         # renal sinus: fat at the hilum (medial), with the pelvis inside it
         hilum = blob.surface_point([0, -0.3, -side])
-        sinus = _Blob.random(
+        sinus = Blob.random(
             rng,
             blob.center + 0.75 * (hilum - blob.center),  # opens at the hilum
             (length * 0.45, depth * 0.4, width * 0.35),
@@ -593,10 +356,10 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
         if s_sl is not None:
             m = (s_rho < 1) & paint.allowed[s_sl]
             hu[s_sl][m] = jitter["fat"]
-            labels[s_sl][m & (labels[s_sl] == 1)] = 0
+            labels[s_sl][m & (labels[s_sl] == KIDNEY)] = BACKGROUND
             pel = s_rho < 0.45
             hu[s_sl][pel] = jitter["pelvis"]
-            labels[s_sl][pel] = 1
+            labels[s_sl][pel] = KIDNEY
         info_kidneys.append(
             {
                 "side": "left" if side > 0 else "right",
@@ -608,15 +371,6 @@ def _paint_kidneys(rng, rng2, rng3, scan: _Scan) -> tuple[list, list]:
     return kidneys, info_kidneys
 
 
-def cyst_label(labels: str) -> int:
-    """The label a simple cyst gets: kidney in KiTS19, its own class in KiTS21/23."""
-    from .fusion import CYST, KIDNEY, LABEL_SETS
-
-    if labels not in LABEL_SETS:
-        raise KidsegError(f"unknown label set {labels!r} (expected one of {', '.join(LABEL_SETS)})")
-    return CYST if labels == "kits23" else KIDNEY
-
-
 def _paint_cysts(rng, scan: _Scan, kidneys, label: int) -> list[dict]:
     """Simple cysts: water density, sharp wall; kidney (KiTS19) or cyst (KiTS23), never tumor."""
     cysts = []
@@ -625,7 +379,7 @@ def _paint_cysts(rng, scan: _Scan, kidneys, label: int) -> list[dict]:
         d = rng.normal(size=3)
         c = kb.surface_point(d)
         r = rng.uniform(5, 25)
-        cyst = _Blob.random(rng, kb.center + 0.85 * (c - kb.center), (r, r, r), 0, 0.02)
+        cyst = Blob.random(rng, kb.center + 0.85 * (c - kb.center), (r, r, r), 0, 0.02)
         scan.paint.blob(cyst, scan.jitter["cyst"], label=label)
         cysts.append({"side": "left" if side > 0 else "right", "diameter_mm": round(2 * r, 1)})
     return cysts
@@ -640,8 +394,6 @@ def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None, phase: str, r
     tumors = []
     library = ()
     if tumor_library:
-        from .tumor_shapes import load_library
-
         library = load_library(tumor_library)
     for _ in range(n_tumors):
         side, kb = kidneys[int(rng.integers(2))]
@@ -659,9 +411,11 @@ def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None, phase: str, r
         depth = {"exophytic": 0.45, "mixed": 0.0, "endophytic": -0.6}[growth] * r
         out = (surf - kb.center) / np.linalg.norm(surf - kb.center)
         c = surf + out * depth if growth != "endophytic" else surf + out * min(depth, -0.3 * r)
-        tb = _Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
+        tb = Blob.random(rng, c, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
         look = draw_tumor_look(rng3, jitter, phase)
-        scan.paint.blob(tb, 0.0, label=2, texture=lambda q, look=look: tumor_texture(rng3, q, scan.grid.spacing, look))
+        scan.paint.blob(
+            tb, 0.0, label=TUMOR, texture=lambda q, look=look: tumor_texture(rng3, q, scan.grid.spacing, look)
+        )
         tumors.append(
             {
                 "side": "left" if side > 0 else "right",
@@ -677,10 +431,8 @@ def _paint_tumors(rng, scan: _Scan, kidneys, n_tumors: int | None, phase: str, r
 
 def _transplant_tumor(rng, scan: _Scan, library, side: int, phase: str) -> dict | None:
     """A library tumor (:mod:`tumor_shapes`) in the kidney on ``side`` (+1 left, at +x)."""
-    from .tumor_shapes import paint_transplant
-
     x = scan.grid.axes[2]
-    both = scan.labels == 1
+    both = scan.labels == KIDNEY
     own = both & ((x[None, None, :] > 0) == (side > 0))
     if not own.any():
         return None
@@ -717,7 +469,7 @@ def _form_image(rng, scan: _Scan) -> tuple[np.ndarray, dict]:
     return ct_arr, look
 
 
-def _paint_pelvis(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, body_ax, spine_y):
+def _paint_pelvis(rng, paint: Painter, jitter: dict, *, kid_z, z_lo, body_ax, spine_y):
     """Iliac wings with the gluteal and iliacus muscles around them, below the iliac crest.
 
     Large muscles beside bone are what a network trained without them takes for kidneys on the
@@ -731,7 +483,7 @@ def _paint_pelvis(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, body_ax, s
             depth = (crest - z) / 80.0  # the wing widens and turns forward going down
             # gluteal muscles behind/outside the wing, iliacus in front/inside it
             paint.blob(
-                _Blob.random(
+                Blob.random(
                     rng,
                     (z, spine_y + 25 - 15 * depth, side * body_ax * rng.uniform(0.5, 0.6)),
                     (8, 32 + 10 * depth, 40),
@@ -741,22 +493,22 @@ def _paint_pelvis(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, body_ax, s
                 jitter["muscle"] + rng.normal(0, 4),
             )
             paint.blob(
-                _Blob.random(rng, (z, spine_y - 20, side * body_ax * 0.45), (8, 18, 22), 10, 0.1),
+                Blob.random(rng, (z, spine_y - 20, side * body_ax * 0.45), (8, 18, 22), 10, 0.1),
                 jitter["muscle"] + rng.normal(0, 4),
             )
             for t in np.linspace(0, 1, 9):  # the wing: a curved plate from the sacroiliac joint outwards
                 y = spine_y + 15 - t * (45 + 20 * depth)
                 x = side * (35 + t * (body_ax * 0.62 - 35))
                 paint.blob(
-                    _Blob.random(rng, (z, y, x), (4, 5 + 2 * (1 - t), 5 + 2 * (1 - t)), 20, 0.0),
+                    Blob.random(rng, (z, y, x), (4, 5 + 2 * (1 - t), 5 + 2 * (1 - t)), 20, 0.0),
                     jitter["bone_cortex"] * rng.uniform(0.4, 0.9),
                 )
     paint.blob(
-        _Blob.random(rng, (z_lo + 10, spine_y - rng.uniform(80, 110), 0), (35, 30, 40), 10, 0.1), jitter["fluid"]
+        Blob.random(rng, (z_lo + 10, spine_y - rng.uniform(80, 110), 0), (35, 30, 40), 10, 0.1), jitter["fluid"]
     )  # bladder
 
 
-def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body_ax, spine_y):
+def _pack_abdomen(rng, paint: Painter, jitter: dict, *, kid_z, z_lo, post, body_ax, spine_y):
     """What crowds a real abdomen around the kidneys, drawn before them (they are painted over it).
 
     Small-bowel loops packed in front and beside the kidneys (mostly soft-tissue or fluid
@@ -771,7 +523,7 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
     for _ in range(int(rng.integers(25, 60))):
         c = (rng.uniform(z_lo, kid_z + 50), rng.uniform(-post * 0.75, spine_y - 10), rng.uniform(-0.75, 0.75) * body_ax)
         r = rng.uniform(7, 16)
-        loop = _Blob.random(rng, c, (r * rng.uniform(1, 3), r, r * rng.uniform(0.8, 2)), 60, 0.2)
+        loop = Blob.random(rng, c, (r * rng.uniform(1, 3), r, r * rng.uniform(0.8, 2)), 60, 0.2)
         content = str(rng.choice(["feces", "fluid", "air", "contrast"], p=[0.45, 0.3, 0.17, 0.08]))
         paint.blob(loop, soft("bowel_wall"), organ="bowel")
         paint.blob(loop, jitter[content] + (rng.normal(0, 10) if content != "air" else 0), inside=0.75, organ="bowel")
@@ -780,20 +532,20 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
         y = rng.uniform(-0.1, 0.35) * post
         for cz in np.arange(z_lo + 20, kid_z + rng.uniform(40, 90), 18.0):
             r = rng.uniform(14, 24)
-            b = _Blob.random(rng, (cz, y + rng.normal(0, 6), x + rng.normal(0, 6)), (12, r, r), 20, 0.15)
+            b = Blob.random(rng, (cz, y + rng.normal(0, 6), x + rng.normal(0, 6)), (12, r, r), 20, 0.15)
             paint.blob(b, soft("bowel_wall"), organ="bowel")
             gas = lambda q: np.where(rng.random(q.shape) < 0.3, -900.0, 0.0).astype(np.float32)
             paint.blob(b, jitter["feces"], inside=0.8, texture=gas, organ="bowel")
     pz = kid_z + rng.uniform(0, 30)  # pancreas: across the spine in front of the left kidney
     for t in np.linspace(-0.4, 1.0, 6):
         paint.blob(
-            _Blob.random(rng, (pz + rng.normal(0, 5), spine_y - 45 + 10 * t, t * 60), (14, 10, 16), 15, 0.2),
+            Blob.random(rng, (pz + rng.normal(0, 5), spine_y - 45 + 10 * t, t * 60), (14, 10, 16), 15, 0.2),
             soft("pancreas"),
             organ="pancreas",
         )
     for t in np.linspace(0, 1, 5):  # duodenum: a C around the pancreatic head, in front of the right kidney
         paint.blob(
-            _Blob.random(
+            Blob.random(
                 rng,
                 (kid_z - 10 + 40 * t, spine_y - 40 - 10 * np.sin(np.pi * t), -35 - 15 * np.sin(np.pi * t)),
                 (12, 10, 10),
@@ -805,82 +557,13 @@ def _pack_abdomen(rng, paint: _Painter, jitter: dict, *, kid_z, z_lo, post, body
         )
     for side in (-1, 1):  # adrenals: thin limbs above and medial to each kidney
         paint.blob(
-            _Blob.random(rng, (kid_z + rng.uniform(55, 75), spine_y - 10, side * 40), (12, 14, 3), 30, 0.2),
+            Blob.random(rng, (kid_z + rng.uniform(55, 75), spine_y - 10, side * 40), (12, 14, 3), 30, 0.2),
             soft("adrenal"),
             organ="adrenal",
         )
     for _ in range(int(rng.integers(0, 8))):  # para-aortic and mesenteric nodes
         c = (rng.uniform(z_lo, kid_z + 40), spine_y - rng.uniform(20, 70), rng.uniform(-50, 50))
-        paint.blob(_Blob.random(rng, c, rng.uniform(4, 12, 3), 30, 0.1), soft("node"))
+        paint.blob(Blob.random(rng, c, rng.uniform(4, 12, 3), 30, 0.1), soft("node"))
     for _ in range(int(rng.integers(0, 5))):  # random extra "organs" anywhere (SynthSeg-style)
         c = (rng.uniform(z_lo, kid_z + 80), rng.uniform(-post * 0.6, spine_y), rng.uniform(-0.7, 0.7) * body_ax)
-        paint.blob(_Blob.random(rng, c, rng.uniform(10, 45, 3), 45, 0.25), rng.uniform(-20, 220))
-
-
-def _paint_table(rng, grid: _Grid, hu: np.ndarray, y_back: float):
-    """A curved table top (and its pad) below the patient, outside the body: every CT has one."""
-    x = grid.axes[2]
-    y0 = y_back + rng.uniform(0, 25)
-    top = y0 + x**2 / rng.uniform(800, 3000)
-    y = grid.axes[1][:, None]
-    pad = (y > top - rng.uniform(0, 8)) & (y < top)
-    board = (y >= top) & (y < top + rng.uniform(2, 6))
-    hu[:, pad & (hu[0] < -500)] = rng.uniform(-150, -50)
-    hu[:, board & (hu[0] < -500)] = rng.uniform(-200, 400)
-
-
-def _write_one_phantom(out, i: int, seed: int, overwrite: bool, kwargs: dict, label_map=None):
-    import json
-
-    if label_map is None:
-        case = make_phantom(seed + i, **kwargs)
-    else:
-        from .labelmap_phantom import make_labelmap_phantom
-
-        case = make_labelmap_phantom(label_map, seed + i, **kwargs)
-    case_dir = volumes.write_kits_case(out, f"case_{i:05d}", case.ct, case.labels, overwrite=overwrite)
-    if case.organs is not None:  # the neighbours, for organ-aware training (labels.ORGANS codes)
-        volumes.write_labels(case_dir / volumes.KITS_ORGANS, case.organs, case.ct, overwrite=True)
-    with files.atomic_path(case_dir / "phantom.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps({**case.info, "generator_kwargs": kwargs}, indent=1))
-    return case_dir
-
-
-def write_phantom_cases(
-    out_dir, n_cases: int, seed: int, *, overwrite=False, progress=None, jobs: int = 1, label_maps=None, **kwargs
-) -> list:
-    """Write ``n_cases`` phantoms in KiTS layout (case_00000, ...) with seeds ``seed, seed+1, ...``.
-
-    Each case folder also gets ``phantom.json`` saying how it was made. ``jobs`` > 1 makes the
-    cases in that many processes; case i is the same phantom either way (its seed is seed+i).
-    ``label_maps``: build each case around one of these real organ label maps
-    (:mod:`labelmap_phantom`); case i takes map ``order[i % len(maps)]`` of a permutation drawn
-    from ``seed``, so every map is used before any is used twice.
-    """
-    from pathlib import Path
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    maps = [None] * n_cases
-    if label_maps:
-        order = np.random.default_rng([seed, 11]).permutation(len(label_maps))
-        maps = [str(label_maps[order[i % len(label_maps)]]) for i in range(n_cases)]
-    if jobs <= 1 or n_cases <= 1:
-        written = []
-        for i in range(n_cases):
-            written.append(_write_one_phantom(out, i, seed, overwrite, kwargs, maps[i]))
-            if progress:
-                progress(i + 1, n_cases)
-        return written
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    # spawn, not fork: the caller may hold threads (napari, torch) that a fork would copy mid-lock
-    with ProcessPoolExecutor(min(jobs, n_cases), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_write_one_phantom, out, i, seed, overwrite, kwargs, maps[i]): i for i in range(n_cases)}
-        written = [None] * n_cases
-        for done, fut in enumerate(as_completed(futures), 1):
-            written[futures[fut]] = fut.result()
-            if progress:
-                progress(done, n_cases)
-    return written
+        paint.blob(Blob.random(rng, c, rng.uniform(10, 45, 3), 45, 0.25), rng.uniform(-20, 220))

@@ -1,6 +1,6 @@
 """Synthetic CTs built around real abdominal organ label maps (FLARE 2022 layout).
 
-The procedural phantom (:mod:`phantom`) draws organs as smooth blobs; networks trained on it
+The procedural phantom (:mod:`procedural`) draws organs as smooth blobs; networks trained on it
 call the real spleen, liver and psoas kidney. Here every case keeps the real shapes and
 neighbours of 13 organs from one real label map (SynthSeg's idea, Billot et al. 2023: real
 anatomy, synthetic images) and adds what the map lacks, consistent with it:
@@ -37,17 +37,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import geometry, volumes
-from .errors import KidsegError
-from .labels import FLARE_TO_ORGAN, ORGAN_CODE, organ_map_from
-from .phantom import (
+from ..errors import KidsegError
+from ..io import geometry, volumes
+from ..labels import BACKGROUND, FLARE_TO_ORGAN, KIDNEY, ORGAN_CODE, TUMOR, organ_map_from
+from .shapes import Blob, Grid, paint_table
+from .tissues import (
+    DISK_LAYOUTS,
     PHASES,
     SOFT_TISSUES,
     TISSUE_HU,
     PhantomCase,
-    _Blob,
-    _Grid,
-    _paint_table,
     cyst_label,
     draw_tumor_look,
     phase_hu,
@@ -74,7 +73,8 @@ FLARE_LABELS = {
     12: "duodenum",
     13: "left_kidney",
 }
-KIDNEY_LABELS = (2, 13)
+RIGHT_KIDNEY, LEFT_KIDNEY = 2, 13  # FLARE labels
+KIDNEY_LABELS = (RIGHT_KIDNEY, LEFT_KIDNEY)
 HELD_OUT_MAPS = 10  # the last 10 maps of a sorted folder (FLARE22_Tr_0041-0050) are never trained on
 
 # extra tissues on top of the procedural phantom's (non-contrast, arterial, venous)
@@ -222,6 +222,20 @@ class _Canvas:
         # separable: a (z, y) and a (z, x) term, so only the sum and the comparison touch every voxel
         return ((self.y - cy) / ry) ** 2 + ((self.x - cx) / rx) ** 2 < 1.0
 
+    @classmethod
+    def blank(cls, organs, spacing, air_hu):
+        """Air everywhere, no labels, on the resampled map's grid."""
+        _, ny, nx = organs.shape
+        _, dy, dx = spacing
+        return cls(
+            np.full(organs.shape, air_hu, np.float32),
+            np.zeros(organs.shape, np.uint8),
+            organs,
+            spacing,
+            (np.arange(ny, dtype=np.float32) * dy)[None, :, None],
+            (np.arange(nx, dtype=np.float32) * dx)[None, None, :],
+        )
+
 
 def _jitter(rng, phase_idx, random_contrast):
     hu = phase_hu(rng, {**TISSUE_HU, **_EXTRA_HU}, phase_idx)
@@ -254,38 +268,83 @@ def make_labelmap_phantom(
     case (HU by 4, blur and noise by 10%); give ``phase`` and ``slice_thickness`` too for a whole
     protocol. The anatomy of a seed is the same with or without a site: the case's own draws are
     made either way, and only the appearance is replaced.
+
+    The sections below run in draw order (every random draw comes from ``rng`` in this order, which
+    the golden checksums in tests/test_labelmap_phantom.py pin): spine and back muscles, body
+    outline, lungs and ribs, bowel, the spine's HU, organs, lesions, table, image formation.
     """
-    if isinstance(label_map, (str, Path)):
-        src, src_spacing = read_label_map(str(label_map))
-        map_name = Path(label_map).name
-    else:
-        src, src_spacing = np.asarray(label_map[0], np.uint8), tuple(label_map[1])
-        map_name = "array"
+    src, src_spacing, map_name = _source_map(label_map)
     rng = np.random.default_rng(seed)
     phase = phase or str(rng.choice(PHASES, p=[0.25, 0.35, 0.40]))
     jit, shuffled = _jitter(rng, PHASES.index(phase), random_contrast)
     site_look = None
     if site is not None:
-        site_rng, vary = np.random.default_rng([site, 17]), np.random.default_rng([seed, site, 18])
-        site_hu, shuffled = _jitter(site_rng, PHASES.index(phase), random_contrast)
-        jit = {k: v + vary.normal(0, 4) for k, v in site_hu.items()}
-        site_look = (
-            site_rng.uniform(0.4, 1.2) * vary.uniform(0.9, 1.1),
-            site_rng.uniform(6, 22) * vary.uniform(0.9, 1.1),
-        )
+        jit, shuffled, site_look = _site_appearance(seed, site, phase, random_contrast)
     organs, spacing = _resample(src, src_spacing, rng, matrix, slice_thickness, max_slices)
-    nz, ny, nx = organs.shape
-    dz, dy, dx = spacing
-    c = _Canvas(
-        np.full(organs.shape, jit["air"], np.float32),
-        np.zeros(organs.shape, np.uint8),
-        organs,
-        spacing,
-        (np.arange(ny, dtype=np.float32) * dy)[None, :, None],
-        (np.arange(nx, dtype=np.float32) * dx)[None, None, :],
-    )
+    c = _Canvas.blank(organs, spacing, jit["air"])
     mid, front = _frame(organs, spacing)
-    z_mm = np.arange(nz) * dz
+    z_mm = np.arange(organs.shape[0]) * spacing[0]
+    kid_top, kid_bot, notes = _kidney_span(organs, z_mm)
+
+    structures, bone_shift = _draw_spine_and_back_muscles(rng, c, mid, front, z_mm, kid_top, kid_bot)
+    body, wall_out, wall_in, bcy, by1 = _paint_body_outline(rng, c, jit, structures, mid, front)
+    free, lung = _paint_lungs_and_ribs(
+        rng, c, jit, structures, wall_out, wall_in, mid, front, bcy, z_mm, kid_top, kid_bot
+    )
+    # -------- bowel: loops from a smooth random field in the free space in front of the spine
+    peritoneal = free & ~lung & (c.y < front[:, None, None] + rng.uniform(-5, 15))
+    bowel = _paint_bowel(rng, c, jit, peritoneal)
+    _shade_spine_and_muscles(rng, c.hu, jit, structures, bone_shift)
+    kidney = _paint_organs(rng, c, jit)
+
+    # -------- lesions: hard negatives first, then cysts and tumors in the kidneys
+    grid = Grid(organs.shape, spacing, (0.0, 0.0, 0.0))
+    negatives = _paint_hard_negatives(rng, c, grid, jit, organs, structures)
+    library = load_library(tumor_library) if tumor_library else ()
+    cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors, cyst_label(labels), phase, library)
+    tumors = cysts.pop("tumors")
+
+    if rng.random() < 0.6:
+        paint_table(rng, grid, c.hu, float(np.max(by1)) + 5)
+
+    ct_arr, sigma_mm, noise_sd = _form_image(rng, c.hu, spacing, site_look)
+    origin = (0.0, -matrix * spacing[1] / 2, -matrix * spacing[2] / 2)
+    layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
+    ct = volumes.volume_in_memory(ct_arr, spacing, origin, geometry.direction_from_code(layout))
+    info = {
+        "generator": "labelmap",
+        "labelmap_generator_revision": LABELMAP_GENERATOR_REVISION,
+        "label_map": map_name,
+        "seed": seed,
+        "phase": phase,
+        "shape_zyx": list(ct_arr.shape),
+        "spacing_zyx_mm": [round(s, 4) for s in spacing],
+        "disk_layout": layout,
+        "noise_sd_hu": round(noise_sd, 1),
+        "blur_sigma_mm": round(sigma_mm, 2),
+        "random_contrast": shuffled,
+        "site": site,
+        "tumors": tumors,
+        "cysts": cysts["cysts"],
+        "hard_negatives": negatives,
+        "notes": notes,
+    }
+    organ_map = organ_map_from(FLARE_TO_ORGAN, organs)
+    organ_map[bowel] = ORGAN_CODE["bowel"]
+    organ_map[c.labels > BACKGROUND] = 0  # a tumor grown into bowel is tumor
+    return PhantomCase(ct=ct, labels=c.labels, info=info, organs=organ_map)
+
+
+def _source_map(label_map):
+    """The organ map, its spacing and the name the case's info gives it."""
+    if isinstance(label_map, (str, Path)):
+        src, src_spacing = read_label_map(str(label_map))
+        return src, src_spacing, Path(label_map).name
+    return np.asarray(label_map[0], np.uint8), tuple(label_map[1]), "array"
+
+
+def _kidney_span(organs, z_mm):
+    """Top and bottom of the map's kidneys (mm; a guess without any), and a note for a one-kidney map."""
     kid_z = np.flatnonzero(np.isin(organs, KIDNEY_LABELS).any(axis=(1, 2)))
     kid_top = z_mm[kid_z.max()] if len(kid_z) else z_mm[-1] * 0.6
     kid_bot = z_mm[kid_z.min()] if len(kid_z) else z_mm[-1] * 0.2
@@ -293,8 +352,26 @@ def make_labelmap_phantom(
     present = set(np.unique(organs).tolist())
     if not all(k in present for k in KIDNEY_LABELS):
         notes.append("one-kidney case: the map has only one kidney in view")
+    return kid_top, kid_bot, notes
 
-    # -------- spine and back muscles (drawn where the map has no organ)
+
+def _site_appearance(seed: int, site: int, phase: str, random_contrast: float):
+    """One site's tissue HU and (blur, noise), drawn from the site number, varied a little per case."""
+    site_rng, vary = np.random.default_rng([site, 17]), np.random.default_rng([seed, site, 18])
+    site_hu, shuffled = _jitter(site_rng, PHASES.index(phase), random_contrast)
+    jit = {k: v + vary.normal(0, 4) for k, v in site_hu.items()}
+    site_look = (
+        site_rng.uniform(0.4, 1.2) * vary.uniform(0.9, 1.1),
+        site_rng.uniform(6, 22) * vary.uniform(0.9, 1.1),
+    )
+    return jit, shuffled, site_look
+
+
+def _draw_spine_and_back_muscles(rng, c: _Canvas, mid, front, z_mm, kid_top, kid_bot):
+    """Spine and back muscles, drawn where the map has no organ: the structures map (1 bone
+    cortex, 2 cancellous, 3 disc, 4 canal, 5 muscle) and the case's cancellous-bone HU shift."""
+    organs = c.organs
+    nz = organs.shape[0]
     body_ry = rng.uniform(15, 20)  # lumbar vertebral body semi-axes (AP, LR): 30-40 x 40-56 mm
     body_rx = body_ry * rng.uniform(1.3, 1.4)
     period = rng.uniform(30, 36)
@@ -334,8 +411,16 @@ def make_labelmap_phantom(
         muscles |= c.ellipse(0, nz, canal_cy + er_ry * 0.9, mid + side * (er_rx * 0.9 + 5), er_ry, er_rx)
     structures[muscles & (structures == 0)] = 5
     structures[organs > 0] = 0  # the map's organs win where a drawn shape overlaps them
+    return structures, bone_shift
 
-    # -------- body outline: a superellipse around organs, spine and muscles, per slice
+
+def _paint_body_outline(rng, c: _Canvas, jit, structures, mid, front):
+    """The body outline: a superellipse around organs, spine and muscles, per slice, with skin,
+    subcutaneous fat, the abdominal wall and the fat inside it. Returns the body, the outer and
+    inner edges of the wall (masks), and the outline's centre (y) and back edge per slice (mm)."""
+    organs = c.organs
+    nz, ny, nx = organs.shape
+    dz, dy, dx = c.spacing
     inside = (organs > 0) | (structures > 0)
     rows = inside.any(axis=2)
     cols = inside.any(axis=1)
@@ -385,8 +470,14 @@ def make_labelmap_phantom(
     hu[subcut] = jit["fat"]
     hu[wall_out] = jit["muscle"]
     hu[wall_in] = jit["fat"]  # visceral and retroperitoneal fat
+    return body, wall_out, wall_in, bcy, by1
 
-    # -------- lungs behind the liver dome, ribs on the upper slices
+
+def _paint_lungs_and_ribs(rng, c: _Canvas, jit, structures, wall_out, wall_in, mid, front, bcy, z_mm, kid_top, kid_bot):
+    """Lungs behind the liver dome, ribs on the upper slices; returns the free space inside the
+    wall (no organ, no spine or muscle) and the lungs (masks)."""
+    organs, hu = c.organs, c.hu
+    dz, dy, dx = c.spacing
     liver_z = np.flatnonzero((organs == 1).any(axis=(1, 2)))
     thorax_from = z_mm[liver_z.max()] - rng.uniform(30, 60) if len(liver_z) else np.inf
     free = wall_in & (organs == 0) & (structures == 0)
@@ -398,20 +489,23 @@ def make_labelmap_phantom(
     rib_phase = (z_mm[rz] / rng.uniform(20, 28) + ang / (2 * np.pi) * 3) % 1.0
     keep = (rib_phase < 0.35) & (np.abs(ang) < 2.4)
     hu[rz[keep], ry_[keep], rx_[keep]] = jit["bone_cortex"] * rng.uniform(0.5, 0.9)
+    return free, lung
 
-    # -------- bowel: loops from a smooth random field in the free space in front of the spine
-    peritoneal = free & ~lung & (c.y < front[:, None, None] + rng.uniform(-5, 15))
-    bowel = _paint_bowel(rng, c, jit, peritoneal)
 
-    # -------- spine and muscles
+def _shade_spine_and_muscles(rng, hu, jit, structures, bone_shift):
+    """The HU of the drawn spine, canal and back muscles."""
     hu[structures == 5] = jit["muscle"] + rng.normal(0, 4)
     hu[structures == 1] = jit["bone_cortex"]
     hu[structures == 2] = jit["bone_cancellous"] + bone_shift
     hu[structures == 3] = jit["disc"]
     hu[structures == 4] = jit["fluid"]
 
-    # -------- organs with textures
-    texture = _smooth_noise(rng, organs.shape, spacing, 6.0)
+
+def _paint_organs(rng, c: _Canvas, jit):
+    """The map's organs with textures, the contents of stomach and bowel, and the kidneys (labelled
+    kidney); returns the kidney mask."""
+    organs, hu = c.organs, c.hu
+    texture = _smooth_noise(rng, organs.shape, c.spacing, 6.0)
     for lab, name, sd in (
         (1, "liver", 6),
         (3, "spleen", 5),
@@ -431,20 +525,14 @@ def make_labelmap_phantom(
     _hollow_organ(rng, c, jit, organs == 11, ("air", "fluid", "feces", "contrast"), (0.35, 0.35, 0.2, 0.1))
     _hollow_organ(rng, c, jit, organs == 12, ("fluid", "air", "feces"), (0.6, 0.2, 0.2))
     kidney = np.isin(organs, KIDNEY_LABELS)
-    c.labels[kidney] = 1
+    c.labels[kidney] = KIDNEY
     _paint_kidneys(rng, c, jit, kidney, organs)
+    return kidney
 
-    # -------- lesions: hard negatives first, then cysts and tumors in the kidneys
-    grid = _Grid(organs.shape, spacing, (0.0, 0.0, 0.0))
-    negatives = _paint_hard_negatives(rng, c, grid, jit, organs, structures)
-    library = load_library(tumor_library) if tumor_library else ()
-    cysts = _paint_kidney_lesions(rng, c, grid, jit, kidney, body, n_tumors, cyst_label(labels), phase, library)
-    tumors = cysts.pop("tumors")
 
-    if rng.random() < 0.6:
-        _paint_table(rng, grid, hu, float(np.max(by1)) + 5)
-
-    # -------- image formation
+def _form_image(rng, hu, spacing, site_look):
+    """Image formation: partial volume (blur), correlated noise (a site's own when given); the
+    int16 CT, the blur (mm) and the noise (HU)."""
     sigma_mm = rng.uniform(0.4, 1.2)
     noise_sd = rng.uniform(6, 22)
     if site_look:
@@ -455,33 +543,7 @@ def make_labelmap_phantom(
     ndimage.gaussian_filter(hu, [0, 0.5, 0.5], output=hu, truncate=2.0)
     np.maximum(hu, volumes.AIR_HU, out=hu)
     ct_arr = np.clip(np.round(hu), -3024, 3071).astype(np.int16)
-    origin = (0.0, -matrix * dy / 2, -matrix * dx / 2)
-    from .phantom import DISK_LAYOUTS
-
-    layout = disk_layout or str(rng.choice(DISK_LAYOUTS))
-    ct = volumes.volume_in_memory(ct_arr, spacing, origin, geometry.direction_from_code(layout))
-    info = {
-        "generator": "labelmap",
-        "labelmap_generator_revision": LABELMAP_GENERATOR_REVISION,
-        "label_map": map_name,
-        "seed": seed,
-        "phase": phase,
-        "shape_zyx": list(ct_arr.shape),
-        "spacing_zyx_mm": [round(s, 4) for s in spacing],
-        "disk_layout": layout,
-        "noise_sd_hu": round(noise_sd, 1),
-        "blur_sigma_mm": round(sigma_mm, 2),
-        "random_contrast": shuffled,
-        "site": site,
-        "tumors": tumors,
-        "cysts": cysts["cysts"],
-        "hard_negatives": negatives,
-        "notes": notes,
-    }
-    organ_map = organ_map_from(FLARE_TO_ORGAN, organs)
-    organ_map[bowel] = ORGAN_CODE["bowel"]
-    organ_map[c.labels > 0] = 0  # a tumor grown into bowel is tumor
-    return PhantomCase(ct=ct, labels=c.labels, info=info, organs=organ_map)
+    return ct_arr, sigma_mm, noise_sd
 
 
 def _smooth_noise(rng, shape, spacing, sigma_mm, step=4):
@@ -570,14 +632,14 @@ def _surface_point(rng, mask):
     return pts[int(rng.integers(len(pts)))]
 
 
-def _blob_mask(grid: _Grid, blob: _Blob, inside=1.0):
+def _blob_mask(grid: Grid, blob: Blob, inside=1.0):
     sl, rho = blob.radius_field(grid)
     if sl is None:
         return None, None, None
     return sl, rho < inside, rho
 
 
-def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures) -> list[dict]:
+def _paint_hard_negatives(rng, c: _Canvas, grid: Grid, jit, organs, structures) -> list[dict]:
     """Liver and splenic cysts and lesions, adrenal nodules, vertebral lesions: all background."""
     drawn = []
     sp = np.array(c.spacing)
@@ -598,12 +660,12 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
                 break
             centre = pts[int(rng.integers(len(pts)))] * sp
             r = float(np.exp(rng.uniform(np.log(r0), np.log(r1)))) / 2
-            blob = _Blob.random(rng, centre, r * rng.uniform(0.8, 1.2, 3), 30, 0.08)
+            blob = Blob.random(rng, centre, r * rng.uniform(0.8, 1.2, 3), 30, 0.08)
             sl, inside, _ = _blob_mask(grid, blob)
             if sl is None:
                 continue
             allowed = (organs[sl] == organ) | ((organs[sl] == 0) & (organ in (7, 8)))
-            inside &= allowed & (c.labels[sl] == 0)
+            inside &= allowed & (c.labels[sl] == BACKGROUND)
             c.hu[sl][inside] = jit[kind] + rng.normal(0, 8)
             drawn.append({"organ": FLARE_LABELS[organ], "kind": kind, "diameter_mm": round(2 * r, 1)})
     drawn += _paint_touching_negatives(rng, c, grid, jit, organs)
@@ -613,7 +675,7 @@ def _paint_hard_negatives(rng, c: _Canvas, grid: _Grid, jit, organs, structures)
             centre = pts[int(rng.integers(len(pts)))] * sp
             r = rng.uniform(4, 12)
             kind = str(rng.choice(["bone_lytic", "bone_sclerotic"]))
-            sl, inside, _ = _blob_mask(grid, _Blob.random(rng, centre, (r, r, r), 0, 0.05))
+            sl, inside, _ = _blob_mask(grid, Blob.random(rng, centre, (r, r, r), 0, 0.05))
             if sl is not None:
                 inside &= structures[sl] == 2
                 c.hu[sl][inside] = jit[kind]
@@ -632,7 +694,7 @@ TOUCHING_NEGATIVES = (
 )
 
 
-def _paint_touching_negatives(rng, c: _Canvas, grid: _Grid, jit, organs) -> list[dict]:
+def _paint_touching_negatives(rng, c: _Canvas, grid: Grid, jit, organs) -> list[dict]:
     drawn = []
     sp = np.array(c.spacing)
     for organ, kidney, kind, share, (d0, d1) in TOUCHING_NEGATIVES:
@@ -643,18 +705,18 @@ def _paint_touching_negatives(rng, c: _Canvas, grid: _Grid, jit, organs) -> list
         if not len(pts):
             continue
         r = float(rng.uniform(d0, d1)) / 2
-        blob = _Blob.random(rng, pts[int(rng.integers(len(pts)))] * sp, r * rng.uniform(0.85, 1.15, 3), 30, 0.06)
+        blob = Blob.random(rng, pts[int(rng.integers(len(pts)))] * sp, r * rng.uniform(0.85, 1.15, 3), 30, 0.06)
         sl, inside, _ = _blob_mask(grid, blob)
         if sl is None:
             continue
-        inside &= (organs[sl] == organ) & (c.labels[sl] == 0)
+        inside &= (organs[sl] == organ) & (c.labels[sl] == BACKGROUND)
         c.hu[sl][inside] = jit[kind] + rng.normal(0, 6)
         drawn.append({"organ": FLARE_LABELS[organ], "kind": kind, "diameter_mm": round(2 * r, 1), "touches": "kidney"})
     return drawn
 
 
 def _paint_kidney_lesions(
-    rng, c: _Canvas, grid: _Grid, jit, kidney, body, n_tumors, cyst: int, phase: str, library=()
+    rng, c: _Canvas, grid: Grid, jit, kidney, body, n_tumors, cyst: int, phase: str, library=()
 ) -> dict:
     """Simple cysts (label 1) and tumors (label 2) in and on the map's kidneys."""
     sp = np.array(c.spacing)
@@ -670,14 +732,14 @@ def _paint_kidney_lesions(
         if pt is None:
             continue
         r = rng.uniform(5, 25)
-        blob = _Blob.random(rng, pt * [1, 2, 2] * sp, (r, r, r), 0, 0.02)
+        blob = Blob.random(rng, pt * [1, 2, 2] * sp, (r, r, r), 0, 0.02)
         sl, inside, _ = _blob_mask(grid, blob)
         if sl is None:
             continue
         inside &= growable[sl]
         c.hu[sl][inside] = jit["cyst"]
         c.labels[sl][inside] = cyst
-        out["cysts"].append({"side": "right" if lab == 2 else "left", "diameter_mm": round(2 * r, 1)})
+        out["cysts"].append({"side": "right" if lab == RIGHT_KIDNEY else "left", "diameter_mm": round(2 * r, 1)})
     if n_tumors is None:
         n_tumors = int(rng.choice([0, 1, 1, 1, 1, 2, 2, 3]))
     for _ in range(n_tumors):
@@ -687,7 +749,7 @@ def _paint_kidney_lesions(
             own = c.organs == lab
             drawn = paint_transplant(rng, library, own, kidney_side(own, kidney), sp, growable, look, c.hu, c.labels)
             if drawn is not None:
-                side = "right" if lab == 2 else "left"
+                side = "right" if lab == RIGHT_KIDNEY else "left"
                 out["tumors"].append({"side": side, "subtype": look["subtype"], "core": look["core"], **drawn})
             continue
         mask = c.organs[:, ::2, ::2] == lab
@@ -702,7 +764,7 @@ def _paint_kidney_lesions(
         centre_mm = centroid * [1, 2, 2] * sp
         outward = (surf - centre_mm) / max(np.linalg.norm(surf - centre_mm), 1e-6)
         shift = {"exophytic": 0.45, "mixed": 0.0, "endophytic": -0.6}[growth] * r
-        blob = _Blob.random(rng, surf + outward * shift, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
+        blob = Blob.random(rng, surf + outward * shift, r * rng.uniform(0.8, 1.15, 3), 30, 0.1)
         sl, inside, rho = _blob_mask(grid, blob)
         if sl is None:
             continue
@@ -711,10 +773,10 @@ def _paint_kidney_lesions(
             continue
         look = draw_tumor_look(rng, jit, phase)
         c.hu[sl][inside] = tumor_texture(rng, rho, c.spacing, look)[inside]
-        c.labels[sl][inside] = 2
+        c.labels[sl][inside] = TUMOR
         out["tumors"].append(
             {
-                "side": "right" if lab == 2 else "left",
+                "side": "right" if lab == RIGHT_KIDNEY else "left",
                 "diameter_mm": round(diam, 1),
                 "subtype": look["subtype"],
                 "core": look["core"],

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import KidsegError, KidsegWarning
 from . import files
-from .errors import KidsegError, KidsegWarning
 from .files import atomic_path
 from .geometry import Geometry, SourceInfo, canonical_geometry, orientation_ops, reorient, triple
 
@@ -193,7 +193,7 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
             f"slice file {unreadable[0]}{more} is unreadable (truncated or not DICOM): the series would miss it",
             folder,
         )
-    segs = {uid for uid, names in files_of.items() if len(names) == 1 and _is_seg_file(names[0])}
+    segs = {uid for uid, names in files_of.items() if len(names) == 1 and is_dicom_seg(names[0])}
     if not ids:
         raise KidsegError("no DICOM series found in this folder", folder)
     if series_uid is not None:
@@ -217,10 +217,21 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
     return files_of[cts[0]], cts[0]
 
 
-def _is_seg_file(path) -> bool:
-    from .dicom_seg import is_dicom_seg
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 
-    return is_dicom_seg(path)
+
+def is_dicom_seg(path) -> bool:
+    """Whether a file is a DICOM Segmentation object (not a CT slice)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a non-DICOM file: not a SEG either
+        return False
+    return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,9 +271,36 @@ def inspect_dicom_series(folder, files: list[str]) -> SeriesCheck:
     slice stored twice (same pixels) is read once; uneven slice distances and a gantry tilt are
     resampled onto a regular, orthogonal grid (linear interpolation between slices).
     """
+    folder = Path(folder)
+    heads = _slice_headers(folder, files)
+    if len(heads) == 1 and getattr(heads[0], "ImagePositionPatient", None) is None:
+        # a single image without geometry (a scout, a secondary capture): ITK's defaults stand
+        return SeriesCheck(list(files), [], np.zeros((1, 3)), np.eye(3)[0], np.eye(3)[1], (1.0, 1.0))
+    usual_px, spacings = _check_one_grid(folder, heads)
+    iop = np.asarray(_tag(folder, heads[0], "ImageOrientationPatient", 6)).reshape(2, 3)
+    row, col = iop[0] / np.linalg.norm(iop[0]), iop[1] / np.linalg.norm(iop[1])
+    normal = np.cross(row, col)
+    pos = np.array([_tag(folder, ds, "ImagePositionPatient", 3) for ds in heads])
+    order = np.argsort(pos @ normal, kind="stable")
+    names = [files[k] for k in order]
+    pos = pos[order]
+    notes = []
+    # PixelSpacing is (between rows, between columns) = (along j, along i)
+    dj, di = _tag(folder, heads[spacings.index(usual_px)], "PixelSpacing", 2)
+    check = SeriesCheck(names, notes, pos, row, col, (di, dj))
+    if len(names) < 2:
+        return check
+    s = _drop_copies(folder, check, pos @ normal)
+    if len(check.files) < 2:
+        return check
+    _check_gaps_and_tilt(folder, check, s, normal)
+    return check
+
+
+def _slice_headers(folder: Path, files: list[str]) -> list:
+    """The geometry tags of each slice file (no pixels); an unreadable one is refused."""
     import pydicom
 
-    folder = Path(folder)
     tags = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"]
     heads = []
     for f in files:
@@ -270,27 +308,31 @@ def inspect_dicom_series(folder, files: list[str]) -> SeriesCheck:
             heads.append(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags))
         except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the slice is unreadable
             raise KidsegError(f"slice {Path(f).name} is unreadable ({type(exc).__name__})", folder) from None
+    return heads
 
-    def get(ds, tag, n):
-        value = getattr(ds, tag, None)
-        try:
-            out = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            out = ()
-        if len(out) != n:
-            raise KidsegError(f"slice {Path(ds.filename).name} has no valid {tag}", folder)
-        return out
 
-    if len(heads) == 1 and getattr(heads[0], "ImagePositionPatient", None) is None:
-        # a single image without geometry (a scout, a secondary capture): ITK's defaults stand
-        return SeriesCheck(list(files), [], np.zeros((1, 3)), np.eye(3)[0], np.eye(3)[1], (1.0, 1.0))
+def _tag(folder: Path, ds, tag: str, n: int) -> tuple:
+    """A slice's numeric tag of ``n`` values, or a refusal naming the slice and the tag."""
+    value = getattr(ds, tag, None)
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != n:
+        raise KidsegError(f"slice {Path(ds.filename).name} has no valid {tag}", folder)
+    return out
+
+
+def _check_one_grid(folder: Path, heads: list) -> tuple[tuple, list]:
+    """Refuse slices of different sizes, orientations or pixel spacings; returns the usual pixel
+    spacing and each slice's."""
     sizes = {(int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))) for ds in heads}
     if len(sizes) > 1:
         raise KidsegError(f"mixes slice sizes ({', '.join(f'{r}x{c}' for r, c in sorted(sizes))})", folder)
-    orient = {tuple(np.round(get(ds, "ImageOrientationPatient", 6), 4)) for ds in heads}
+    orient = {tuple(np.round(_tag(folder, ds, "ImageOrientationPatient", 6), 4)) for ds in heads}
     if len(orient) > 1:
         raise KidsegError("mixes slice orientations; it is not one CT series", folder)
-    spacings = [tuple(np.round(get(ds, "PixelSpacing", 2), 4)) for ds in heads]
+    spacings = [tuple(np.round(_tag(folder, ds, "PixelSpacing", 2), 4)) for ds in heads]
     usual_px = max(set(spacings), key=spacings.count)
     odd = [Path(ds.filename).name for ds, sp in zip(heads, spacings) if sp != usual_px]
     if odd:
@@ -300,20 +342,13 @@ def inspect_dicom_series(folder, files: list[str]) -> SeriesCheck:
             f"have {other[0]:g} x {other[1]:g} mm pixels, the others {usual_px[0]:g} x {usual_px[1]:g} mm",
             folder,
         )
-    iop = np.asarray(get(heads[0], "ImageOrientationPatient", 6)).reshape(2, 3)
-    row, col = iop[0] / np.linalg.norm(iop[0]), iop[1] / np.linalg.norm(iop[1])
-    normal = np.cross(row, col)
-    pos = np.array([get(ds, "ImagePositionPatient", 3) for ds in heads])
-    order = np.argsort(pos @ normal, kind="stable")
-    names = [files[k] for k in order]
-    pos = pos[order]
-    notes = []
-    # PixelSpacing is (between rows, between columns) = (along j, along i)
-    dj, di = get(heads[spacings.index(usual_px)], "PixelSpacing", 2)
-    check = SeriesCheck(names, notes, pos, row, col, (di, dj))
-    if len(names) < 2:
-        return check
-    s = pos @ normal
+    return usual_px, spacings
+
+
+def _drop_copies(folder: Path, check: SeriesCheck, s: np.ndarray) -> np.ndarray:
+    """Read a slice stored twice (same position, same pixels) once, with a note; refuse two
+    different slices at one position. Returns the kept slices' positions along the normal."""
+    names, notes = check.files, check.notes
     same = np.flatnonzero(np.diff(s) < 1e-3)
     drop = set()
     for k in same:
@@ -328,11 +363,15 @@ def inspect_dicom_series(folder, files: list[str]) -> SeriesCheck:
         notes.append(f"slice {Path(b).name} is a copy of {Path(a).name} (same position and pixels): read once")
     if drop:
         keep = [k for k in range(len(names)) if k not in drop]
-        check.files = names = [names[k] for k in keep]
-        check.positions = pos = pos[keep]
+        check.files = [names[k] for k in keep]
+        check.positions = check.positions[keep]
         s = s[keep]
-    if len(names) < 2:
-        return check
+    return s
+
+
+def _check_gaps_and_tilt(folder: Path, check: SeriesCheck, s: np.ndarray, normal: np.ndarray) -> None:
+    """Refuse a missing slice; mark uneven slice distances and a gantry tilt for resampling."""
+    pos = check.positions
     gaps = np.diff(s)
     usual = float(np.median(gaps))
     worst = int(np.argmax(gaps))
@@ -353,8 +392,7 @@ def inspect_dicom_series(folder, files: list[str]) -> SeriesCheck:
     if why:
         check.resample = " and ".join(why)
         step = (s[-1] - s[0]) / (len(s) - 1)
-        notes.append(f"has {check.resample}: resampled onto a regular grid of {step:.2f} mm slices")
-    return check
+        check.notes.append(f"has {check.resample}: resampled onto a regular grid of {step:.2f} mm slices")
 
 
 def _pixels_of(file) -> bytes:
@@ -437,7 +475,7 @@ def _read_sitk(path: Path, series_uid: str | None = None):
             for note in check.notes:
                 warnings.warn(f"{path}: {note}", KidsegWarning, stacklevel=4)
         else:
-            if fmt == "dicom" and _is_seg_file(path):
+            if fmt == "dicom" and is_dicom_seg(path):
                 raise KidsegError("is a DICOM Segmentation (labels), not a CT; give it as the labels", path)
             if path.name.lower().endswith(".gz"):
                 _check_gzip_complete(path)
@@ -607,31 +645,6 @@ def read_ct(path: str | os.PathLike, *, series_uid: str | None = None, check_hu:
     return readable_ct(read_volume(path, series_uid=series_uid), path, check_hu=check_hu)
 
 
-def read_labels(path: str | os.PathLike, like: Volume | None = None) -> Volume:
-    """Read a label volume (0 background, 1 kidney, 2 tumor, ...) as uint8.
-
-    With ``like``, the labels must lie on the same grid as that CT (same shape and geometry). A
-    DICOM Segmentation file is read by :mod:`dicom_seg` (onto ``like``'s grid when given).
-    """
-    from .dicom_seg import is_dicom_seg, read_dicom_seg
-
-    if is_dicom_seg(path):
-        vol = read_dicom_seg(path, like=like)
-        if like is not None:
-            check_same_grid(like, vol, path)
-        return vol
-    vol = read_volume(path)
-    arr = vol.array
-    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
-        raise KidsegError("label volume holds fractional values", path)
-    if arr.min() < 0 or arr.max() > 255:
-        raise KidsegError(f"label values {arr.min()}..{arr.max()} are outside 0..255", path)
-    vol.array = arr.astype(np.uint8, copy=False)
-    if like is not None:
-        check_same_grid(like, vol, path)
-    return vol
-
-
 def check_same_grid(ct: Volume, labels: Volume, path=None) -> None:
     if ct.array.shape != labels.array.shape:
         raise KidsegError(f"label grid {labels.array.shape} differs from the CT grid {ct.array.shape}", path)
@@ -787,15 +800,6 @@ def kits_cases(root: str | os.PathLike) -> list[Path]:
         raise KidsegError("not a folder", root)
     cases = sorted(p for p in root.iterdir() if p.is_dir() and CASE_RE.match(p.name) and (p / KITS_IMAGE).exists())
     return cases
-
-
-def read_kits_case(case_dir: str | os.PathLike, *, with_labels: bool = True) -> tuple[Volume, Volume | None]:
-    case_dir = Path(case_dir)
-    ct = read_ct(case_dir / KITS_IMAGE)
-    labels = None
-    if with_labels and (case_dir / KITS_LABELS).exists():
-        labels = read_labels(case_dir / KITS_LABELS, like=ct)
-    return ct, labels
 
 
 def write_kits_case(root, case_id: str, ct: Volume, labels: np.ndarray | None, *, overwrite: bool = False) -> Path:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import KidsegError
+from ..errors import KidsegError
 
 # the temporary name keeps the real suffix (ITK picks the format from it): these are the ones
 # with more than one dot or that a writer looks at
@@ -94,3 +95,11 @@ def remove_temporaries(path: str | os.PathLike) -> int:
                 tmp.unlink()
                 removed += 1
     return removed
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

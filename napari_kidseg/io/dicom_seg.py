@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, files, geometry, volumes
-from .errors import KidsegError
-from .fusion import CYST, KIDNEY, TUMOR
-
-SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+from .. import __version__
+from ..errors import KidsegError
+from ..labels import CYST, KIDNEY, TUMOR
+from . import files, geometry, volumes
 
 
 def _codes():
@@ -33,20 +32,6 @@ def _codes():
         TUMOR: ("Kidney tumor", altered, codes.SCT.Neoplasm),
         CYST: ("Kidney cyst", altered, codes.SCT.Cyst),  # KiTS23's third class; written only when present
     }
-
-
-def is_dicom_seg(path) -> bool:
-    """Whether a file is a DICOM Segmentation object (not a CT slice)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    try:
-        import pydicom
-
-        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # noqa: BLE001 - pydicom raises many types on a non-DICOM file: not a SEG either
-        return False
-    return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS_UID
 
 
 def series_datasets(dicom_dir, series_uid: str | None = None, *, pixels: bool = True) -> tuple[list, str]:
@@ -109,7 +94,7 @@ def write_dicom_seg(
     """
     import highdicom as hd
 
-    from .metrics import check_label_values
+    from ..labels import check_label_values
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import files, volumes
-from .errors import KidsegError
-from .labels import KIDNEY, TUMOR
+from ..errors import KidsegError
+from ..io import files, readers, volumes
+from ..labels import BACKGROUND, KIDNEY, TUMOR
+from .tissues import tumor_texture
 
 TEMPLATE_MM = 1.5
 MIN_TUMOR_ML = 0.5
@@ -60,9 +61,9 @@ def templates_of_case(labels: np.ndarray, spacing) -> list[TumorTemplate]:
     tumor = labels == TUMOR
     if not tumor.any():
         return []
-    meta, _ = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
+    meta, _ = ndimage.label(labels > BACKGROUND, structure=np.ones((3, 3, 3)))
     parts, n = ndimage.label(tumor, structure=np.ones((3, 3, 3)))
-    midline_x = np.median(np.nonzero(labels > 0)[2]) * sp[2]  # between the kidneys: left of it, right
+    midline_x = np.median(np.nonzero(labels > BACKGROUND)[2]) * sp[2]  # between the kidneys: left of it, right
     out = []
     for i, box in enumerate(ndimage.find_objects(parts), start=1):
         m = parts[box] == i
@@ -104,14 +105,14 @@ def templates_of_case(labels: np.ndarray, spacing) -> list[TumorTemplate]:
 
 
 def _library_file(root: Path, exclude: set[str]) -> Path:
-    from .training import cache_root
+    from ..training import cache_root
 
     stamp = f"{LIBRARY_REVISION}|{root.resolve()}|{sorted(exclude)}"
     return cache_root() / f"tumor-library-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}.npz"
 
 
 def _case_templates(case: Path) -> list[TumorTemplate]:
-    lab = volumes.read_labels(case / volumes.KITS_LABELS)
+    lab = readers.read_labels(case / volumes.KITS_LABELS)
     return templates_of_case(lab.array, lab.geometry.spacing)
 
 
@@ -225,7 +226,7 @@ def transplant(rng, template: TumorTemplate, kidney: np.ndarray, spacing, side: 
 
 
 def radius_field(mask: np.ndarray, spacing) -> np.ndarray:
-    """1 at a mask's outline, 0 at its deepest point: what :func:`phantom.tumor_texture` shades by."""
+    """1 at a mask's outline, 0 at its deepest point: what :func:`tissues.tumor_texture` shades by."""
     depth = ndimage.distance_transform_edt(mask, sampling=spacing)
     return (1.0 - depth / max(float(depth.max()), 1e-6)).astype(np.float32)
 
@@ -237,10 +238,8 @@ def paint_transplant(
     rng, library, kidney: np.ndarray, side: int, spacing, growable: np.ndarray, look: dict, hu, labels
 ):
     """Put one library tumor into ``kidney`` (bool mask; ``side`` as in :func:`transplant`), where
-    ``growable`` allows, shaded by ``look`` (:func:`phantom.draw_tumor_look`); labels it tumor (2).
+    ``growable`` allows, shaded by ``look`` (:func:`tissues.draw_tumor_look`); labels it tumor (2).
     Returns its description for the phantom's info, or None when it did not fit."""
-    from .phantom import tumor_texture
-
     template = library[int(rng.integers(len(library)))]
     mask, box = transplant(rng, template, kidney, spacing, side)
     if mask.size == 0:

@@ -1,0 +1,206 @@
+"""The dock's layers in the napari viewer, without Qt: the CT taken from its layer, the result
+layers set or replaced, the reference labels, the 3D surfaces, and the slice in view.
+
+Functions of the viewer (and the case's CT Volume); what a click on a layer does is handed in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import KidsegError
+from ..layers import LABEL_COLORS, LABEL_FEATURES, ORGAN_COLORS, ORGAN_FEATURES, REFERENCE_COLORS, SOURCE_KEY
+
+LAYER_NAMES = {
+    "coarse": "coarse labels",
+    "refined": "refined labels",
+    "fused": "fused labels (editable)",
+    "rois": "kidney ROIs (refine patches)",
+    "disagreement": "coarse/refined disagreement",
+    "removed": "removed by anatomy check",
+    "organs": "organs (context)",
+    "preview": "preview (not applied yet)",
+}
+SURFACE_NAMES = {1: "3D kidney", 2: "3D tumor", 3: "3D cyst"}
+
+
+def ct_from_layer(viewer, name: str):
+    """The CT Volume of the image layer ``name`` (the one it was read into, or one made from the
+    layer's scale); a clear error when it is no 3D grayscale CT."""
+    from ..io.volumes import check_ct_intensities, volume_in_memory
+
+    if not name:
+        raise KidsegError("no 3D image layer to segment: open a CT first (File > Open, or the sample)")
+    layer = viewer.layers[name]
+    data = np.asarray(layer.data)
+    if data.ndim != 3 or layer.rgb:
+        raise KidsegError(f"layer {name!r} is not a 3D grayscale CT")
+    check_ct_intensities(data, f"layer {name!r}")
+    source = layer.metadata.get(SOURCE_KEY)
+    if source is not None and source.array.shape == data.shape:
+        source.array = data
+        return source
+    return volume_in_memory(data, tuple(layer.scale), tuple(layer.translate))
+
+
+def set_labels_layer(viewer, ct, key, data, **kwargs):
+    """The result layer ``key`` (see LAYER_NAMES) showing ``data`` on the CT's grid: its data
+    replaced when it exists (napari keeps its canvas node), else added."""
+    from ..io.volumes import Volume
+
+    name = LAYER_NAMES[key]
+    meta = {SOURCE_KEY: Volume(array=data, geometry=ct.geometry, source=ct.source)}
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        layer.data = data
+        layer.metadata.update(meta)
+        layer.scale, layer.translate = ct.geometry.spacing, ct.geometry.origin_zyx
+        return layer
+    layer = viewer.add_labels(data, name=name, metadata=meta, **ct.napari_kwargs(), **kwargs)
+    layer.features = dict(LABEL_FEATURES)  # napari's status bar names the label under the cursor
+    return layer
+
+
+def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) -> list:
+    """One callable per result layer, fused (editable, on top) last. ``restore_on_click(layer,
+    event)`` is the removed layer's mouse callback; ``on_fused(layer)`` gets the fused layer."""
+    colors = dict(LABEL_COLORS)
+
+    def put(key, data, **kwargs):
+        return set_labels_layer(viewer, ct, key, data, **kwargs)
+
+    def rois():
+        layer = put(
+            "rois",
+            comparison["rois"],
+            opacity=0.8,
+            visible=False,
+            colormap={None: "transparent", 0: "transparent", 1: "cyan", 2: "orange"},
+        )
+        layer.contour = 2
+
+    def removed():
+        layer = put("removed", comparison["removed"], opacity=0.9, colormap=colors)
+        layer.contour = 1
+        if restore_on_click not in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.append(restore_on_click)
+
+    def organs():  # an organ-aware cascade's neighbours, as context: hidden until asked for
+        layer = put("organs", s.result.organs, opacity=0.35, visible=False, colormap=dict(ORGAN_COLORS))
+        layer.features = dict(ORGAN_FEATURES)
+
+    def fused():
+        layer = put("fused", s.labels, opacity=0.6, colormap=colors)
+        on_fused(layer)
+        # the layer must edit the session's array itself, so that edits are seen by the session
+        if layer.data is not s.labels:
+            s.labels = layer.data
+
+    return [
+        lambda: put("coarse", comparison["coarse"], opacity=0.5, visible=False, colormap=colors),
+        lambda: put("refined", comparison["refined"], opacity=0.5, visible=False, colormap=colors),
+        lambda: put(
+            "disagreement",
+            comparison["disagreement"],
+            opacity=0.7,
+            visible=False,
+            colormap={None: "transparent", 0: "transparent", 1: "magenta"},
+        ),
+        rois,
+        removed,
+        *([organs] if s.result.organs is not None else []),
+        fused,
+    ]
+
+
+def update_comparison(viewer, comparison):
+    """The comparison layers shown follow a new fusion."""
+    for key in ("coarse", "refined", "disagreement", "removed"):
+        if LAYER_NAMES[key] in viewer.layers:
+            viewer.layers[LAYER_NAMES[key]].data = comparison[key]
+
+
+def reference_layer(viewer, shape):
+    """The reference labels layer (any labels layer that is not ours), and a line when one is on
+    another grid and cannot be scored. A reference gets its own colours, as outlines."""
+    from napari.layers import Labels
+
+    ours = set(LAYER_NAMES.values())
+    problem = None
+    for layer in viewer.layers:
+        if not isinstance(layer, Labels) or layer.name in ours:
+            continue
+        if layer.data.shape != shape:
+            problem = (
+                f"reference {layer.name!r} is on another grid ({'x'.join(map(str, layer.data.shape))} "
+                f"voxels, not {'x'.join(map(str, shape))}): not scored"
+            )
+            continue
+        if not layer.metadata.get("kidseg_reference_colours"):
+            layer.metadata["kidseg_reference_colours"] = True
+            layer.colormap = dict(REFERENCE_COLORS)
+            layer.contour = 1
+        return layer, None
+    return None, problem
+
+
+def current_slice(viewer) -> int:
+    return int(viewer.dims.current_step[0])
+
+
+def show_slice(viewer, z: int):
+    step = list(viewer.dims.current_step)
+    step[0] = z
+    viewer.dims.current_step = tuple(step)
+
+
+def focus_on(viewer, ct, z, y, x):
+    """The slice z in view, centred on voxel (y, x)."""
+    show_slice(viewer, z)
+    sp, origin = ct.geometry.spacing, ct.geometry.origin_zyx
+    viewer.camera.center = (origin[1] + y * sp[1], origin[2] + x * sp[2])
+
+
+def single_colour(colour: str):
+    from napari.utils.colormaps import Colormap
+    from vispy.color import Color
+
+    rgba = Color(colour).rgba
+    return Colormap([rgba, rgba], name=f"kidseg {colour}")
+
+
+def show_surfaces(viewer, surfaces: dict, ct_name: str, hidden: dict):
+    """The 3D view: the label surfaces (label value -> napari surface data) shown, the CT and every
+    labels layer hidden (``hidden`` records them, for :func:`hide_surfaces`)."""
+    from napari.layers import Labels
+
+    layers = viewer.layers
+    for ly in layers:
+        if (isinstance(ly, Labels) or ly.name == ct_name) and ly.visible:
+            hidden[ly.name] = True
+            ly.visible = False
+    for value, name in SURFACE_NAMES.items():
+        if value not in surfaces:
+            if name in layers:
+                layers[name].visible = False
+            continue
+        if name in layers:
+            layers[name].data = surfaces[value]
+            layers[name].visible = True
+        else:
+            colour = LABEL_COLORS[value]
+            viewer.add_surface(surfaces[value], name=name, colormap=single_colour(colour), opacity=0.8)
+    viewer.dims.ndisplay = 3
+
+
+def hide_surfaces(viewer, hidden: dict):
+    """Back to 2D: the surfaces hidden, the layers the 3D view hid shown as they were."""
+    layers = viewer.layers
+    for name in SURFACE_NAMES.values():
+        if name in layers:
+            layers[name].visible = False
+    for name, visible in hidden.items():
+        if name in layers:
+            layers[name].visible = visible
+    hidden.clear()
+    viewer.dims.ndisplay = 2

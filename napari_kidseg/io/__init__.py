@@ -1,0 +1,1 @@
+"""The io wing: files on disk, geometry, CT and label volumes, DICOM SEG, the readers above them."""

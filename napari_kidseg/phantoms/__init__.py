@@ -1,0 +1,1 @@
+"""The phantoms wing: two generators, their tissues and painting kit, the tumor library, the writer."""
