@@ -189,7 +189,7 @@ class ExportPanel(QGroupBox):
         def job(progress, cancel):
             return finetuning.finetune_models(
                 folder,
-                FinetuneSettings(device=device),
+                settings=FinetuneSettings(device=device),
                 stages=stages,
                 **parents,
                 progress=progress,
