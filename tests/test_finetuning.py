@@ -279,10 +279,10 @@ def test_the_time_budget_counts_training_steps_not_scoring(tiny_dataset, tiny_ch
         progress=lambda done, total, what: ticks.append(what), log=lambda s: None,
     )  # fmt: skip
     stop = ft["stopped"]
-    assert stop["reason"] == "minutes" and stop["steps"] >= 2, stop["why"]
-    assert 3.0 <= ft["training_seconds"] < 3.0 + 2 * ft["training_seconds"] / stop["steps"] + 1.0
+    assert stop["reason"] == "minutes" and stop["steps"] >= 1, stop["why"]  # before: 0 steps
+    assert 3.0 <= ft["training_seconds"] < 3.0 + ft["training_seconds"] / stop["steps"] + 1.0  # at most a step over
     assert ft["seconds"] > ft["training_seconds"] + 5.0  # the step-0 scores (4 batches of 1.5 s) are not in it
-    assert ticks[0] == "step 1/1000, timing the steps" and ticks[-1].endswith("min of training left")
+    assert ticks[0] == "step 1/1000, timing the steps" and len(ticks) == stop["steps"]
 
 
 def test_time_left_comes_from_the_step_times_alone():
