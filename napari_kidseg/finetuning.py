@@ -8,21 +8,26 @@ slices plus replayed phantoms), and writes both children into a new dated folder
 ``CORRECTIONS/models/finetune-YYYYmmdd-HHMMSS/`` with a ``report.json``: the chain of
 parents, the held-out before/after scores of the whole cascade, and the time. A child that
 scores worse than its parent on the held-out corrected cases is reported as worse
-(``report["worse"]``), so the widget can keep the parent unless the user insists.
+(``report["worse"]``), so the widget can keep the parent unless the user insists. How it learns
+is one :class:`~napari_kidseg.training.FinetuneSettings` (the CLI and the widget build one).
 
 How much to learn is decided by the corrected case (``schedule="heldout"``, the default): alternating
 slabs of each corrected case's reviewed slices (two trained, one held out; whole cases too once
-there are three scans or more) are held out, and training runs in steps of ``eval_every`` until
+there are three scans or more) are held out, and training runs in steps of ``EVAL_EVERY`` until
 the held-out Dice stops improving: the best step is kept, the learning rate starts at ``lr`` and
-is quartered at each plateau (back from the best step), and the run ends after ``lr_drops`` drops,
-at ``max_steps`` or at ``max_minutes``; ``report["stopped"]`` says where and why. Half of each
-batch is replayed phantoms (and all earlier corrected cases train too), and a step whose Dice on
-two held-out phantoms falls more than ``forget_tolerance`` below the parent's never counts as the
-best. What the correction changed (the parent's answer against the corrected labels, coarse stage
-alone and fused, widened by ``lesson_mm``) weighs ``lesson_weight`` times more in the loss, and
-those slices are drawn as often as tumor slices, so the coarse stage learns the deletions too.
-``schedule="fixed"`` is the earlier rule: ``epochs`` x ``steps_per_epoch`` steps at ``lr``, no lesson
-weights (the phantom site study's 5 x 20 steps at 2e-5; the model card has both side by side).
+is quartered at each plateau (back from the best step), and the run ends after ``LR_DROPS`` drops,
+at ``max_steps`` or once ``max_minutes`` of training steps are spent (scoring, loading and the
+parents' runs do not count); ``report["stopped"]`` says where and why. Where nothing can be held
+out (a correction of one reviewed slice), the trained slices themselves are scored (training data,
+said so) and the guard phantoms still judge forgetting. Half of each batch is replayed phantoms
+(and all earlier corrected cases train too), and a step whose Dice on two held-out phantoms falls
+more than ``FORGET_TOLERANCE`` below the parent's never counts as the best. What the correction
+changed (the parent's answer against the corrected labels, coarse stage alone and fused, widened
+by ``lesson_mm``) weighs ``lesson_weight`` times more in the loss, and those slices are drawn as
+often as tumor slices, so the coarse stage learns the deletions too. ``schedule="fixed"`` is the
+earlier rule: ``epochs`` x ``steps_per_epoch`` steps at ``lr``, no lesson weights (the phantom site
+study's 5 x 20 steps at 2e-5; the model card has both side by side). The time left that the CLI
+and the widget show comes from the measured step times (:class:`StepClock`).
 """
 
 from __future__ import annotations
@@ -33,38 +38,20 @@ import datetime
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
 from .errors import KidsegError
+from .heldout_rule import StepClock, train_until_heldout_stops
 from .io import files, readers, volumes
 from .review.corrections_folder import check_corrections, reviewed_slices, split_by_scan
+from .training import FinetuneSettings
 
 STAGES = ("coarse", "refine")
 MODELS_FOLDER = "models"
-DEFAULTS = {  # model card, "Fine-tuning defaults: the site study"
-    "schedule": "heldout",
-    "max_steps": 150,  # per stage; the held-out rule usually stops earlier
-    "lr": 1e-4,  # the held-out rule's first learning rate (the fixed rule's was 2e-5)
-    "epochs": 5,  # epochs and steps_per_epoch: the fixed rule only
-    "steps_per_epoch": 20,
-    "batch_size": 8,
-    "n_replay": 8,
-    "max_minutes": 1.25,  # per stage
-    "holdout_fraction": 0.25,
-    "bn_momentum": 0.0,
-    "freeze_encoder": False,
-    "lesson_weight": 4.0,
-    "lesson_mm": 6.0,
-}
-SCHEDULES = ("heldout", "fixed")
 SLAB_MM = 15.0  # held-out slabs: two of this thickness trained, one held out
-EVAL_EVERY = 10  # steps between held-out scores
-PATIENCE = 3  # held-out scores without a gain before the learning rate drops
-LR_DROPS = 2  # drops (each to a quarter, from the best step) before the rule stops
-MIN_GAIN = 0.002  # a held-out Dice gain smaller than this is no gain
-FORGET_TOLERANCE = 0.02  # a step losing more held-out phantom Dice than this is never the best
 GUARD_PHANTOMS = 2  # held-out phantoms (never replayed) for the forgetting check
 WORSE_MARGIN = {"corrected": 0.005, "phantoms": 0.01}  # the "worse" guard on the whole cascade
 
@@ -102,38 +89,40 @@ def _chain(path: Path) -> list[str]:
 def finetune_models(
     corrections_dir,
     out_dir=None,
+    settings: FinetuneSettings | None = None,
     *,
     stages=STAGES,
     coarse=None,
     refine=None,
-    device="auto",
-    schedule=DEFAULTS["schedule"],
-    max_steps=DEFAULTS["max_steps"],
-    epochs=DEFAULTS["epochs"],
-    steps_per_epoch=DEFAULTS["steps_per_epoch"],
-    batch_size=DEFAULTS["batch_size"],
-    lr=DEFAULTS["lr"],
-    n_replay=DEFAULTS["n_replay"],
-    max_minutes=DEFAULTS["max_minutes"],
-    holdout_fraction=DEFAULTS["holdout_fraction"],
-    bn_momentum=DEFAULTS["bn_momentum"],
-    freeze_encoder=DEFAULTS["freeze_encoder"],
-    lesson_weight=DEFAULTS["lesson_weight"],
-    lesson_mm=DEFAULTS["lesson_mm"],
-    reviewed_only=True,
     progress=None,
     cancel=None,
     log=None,
 ) -> dict:
-    """Fine-tune ``stages`` on the corrections; writes ``out_dir/<stage>.safetensors`` and ``report.json``."""
+    """Fine-tune ``stages`` on the corrections as ``settings`` say (None: the defaults); writes
+    ``out_dir/<stage>.safetensors`` and ``report.json``."""
     log = log or _log.info
-    from .models import read_config, resolve_checkpoint
-
+    settings = (settings or FinetuneSettings()).check()
     corrections_dir = Path(corrections_dir)
     stages = tuple(stages)
     if not stages or any(s not in STAGES for s in stages):
         raise KidsegError(f"stages must be among {STAGES}, got {stages}")
     cases = check_corrections(corrections_dir)
+    parents = _parents(corrections_dir, coarse, refine)
+    out_dir = Path(out_dir) if out_dir else default_output_dir(corrections_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KidsegError("is a file; the new models go into a folder", out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise KidsegError("already exists and is not empty; not overwriting it", out_dir)
+    made_here = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _cleared_when_interrupted(out_dir, made_here):
+        return _finetune_into(out_dir, corrections_dir, cases, parents, stages, settings, progress, cancel, log)
+
+
+def _parents(corrections_dir: Path, coarse, refine) -> dict[str, Path]:
+    """The parent of each stage: given, else the newest child in the folder, else the bundled one."""
+    from .models import read_config, resolve_checkpoint
+
     children = latest_children(corrections_dir)
     parents = {
         "coarse": resolve_checkpoint(coarse or children.get("coarse"), "coarse"),
@@ -143,27 +132,7 @@ def finetune_models(
         got = read_config(path).stage
         if got != stage:
             raise KidsegError(f"is a {got} checkpoint, not a {stage} one", path)
-    for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise KidsegError(f"{name} must be a whole number of 1 or more, got {value}")
-    if not 0 < lr < float("inf"):
-        raise KidsegError(f"the learning rate must be above 0, got {lr}")
-    if not 0 <= holdout_fraction < 1:
-        raise KidsegError(f"the held-out fraction must be from 0 to below 1, got {holdout_fraction}")
-    out_dir = Path(out_dir) if out_dir else default_output_dir(corrections_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise KidsegError("is a file; the new models go into a folder", out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise KidsegError("already exists and is not empty; not overwriting it", out_dir)
-    made_here = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _cleared_when_interrupted(out_dir, made_here):
-        return _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, progress, cancel, log, **{  # noqa: PIE804 - until FinetuneSettings
-            "epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
-            "n_replay": n_replay, "max_minutes": max_minutes, "holdout_fraction": holdout_fraction,
-            "bn_momentum": bn_momentum, "freeze_encoder": freeze_encoder, "reviewed_only": reviewed_only,
-            "schedule": schedule, "max_steps": max_steps, "lesson_weight": lesson_weight, "lesson_mm": lesson_mm,
-        })  # fmt: skip
+    return parents
 
 
 @contextlib.contextmanager
@@ -181,79 +150,39 @@ def _cleared_when_interrupted(out_dir: Path, made_here: bool):
         raise
 
 
-def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, progress, cancel, log, **kw) -> dict:
-    """The work of :func:`finetune_models` once its inputs are checked; ``kw``: its settings."""
-    import time
-
-    epochs, steps_per_epoch, batch_size, lr = kw["epochs"], kw["steps_per_epoch"], kw["batch_size"], kw["lr"]
-    n_replay, max_minutes, holdout_fraction = kw["n_replay"], kw["max_minutes"], kw["holdout_fraction"]
-    bn_momentum, freeze_encoder, reviewed_only = kw["bn_momentum"], kw["freeze_encoder"], kw["reviewed_only"]
-    schedule, max_steps, lesson_weight, lesson_mm = (
-        kw["schedule"],
-        kw["max_steps"],
-        kw["lesson_weight"],
-        kw["lesson_mm"],
-    )
-
+def _finetune_into(out_dir, corrections_dir, cases, parents, stages, settings, progress, cancel, log) -> dict:
+    """The work of :func:`finetune_models` once its inputs are checked: what the corrections
+    teach, each stage in turn, the "worse" guard on the children, the report."""
     need = sum(parents[s].stat().st_size for s in stages) * 4 + 50 * 2**20  # children, .last, state
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise KidsegError(
             f"needs about {need / 2**20:.0f} MB free for the new models, has {free / 2**20:.0f} MB", out_dir
         )
-    if schedule not in SCHEDULES:
-        raise KidsegError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
-    reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
     t_start = time.time()
-    log(f"running the parents on {len(train_dirs)} corrected case(s): what each correction changed")
-    drafts = parent_drafts(train_dirs, parents["coarse"], parents["refine"], device=device, cancel=cancel)
-    slabs = {
-        c.name: heldout_slabs(reviewed.get(c.name) or range(len(drafts[c.name]["draft"])), drafts[c.name]["spacing"][0])
-        for c in train_dirs
-    }
-    lessons = {}
-    if schedule == "heldout" and lesson_weight > 0:
-        lessons = {c.name: lesson_file(c, drafts[c.name], parents, lesson_mm) for c in train_dirs}
-    guard = guard_phantoms() if n_replay else []
-    log(f"scoring the parents on {len(held)} held-out case(s), held-out slabs and {len(guard)} held-out phantom(s)")
-    before = guard_scores(held, guard, parents, drafts, slabs, device)
+    taught = _what_corrections_teach(corrections_dir, cases, parents, settings, cancel, log)
     seconds = {"parents": time.time() - t_start}
-    new = dict(parents)
-    stopped = {}
+    new, stopped = dict(parents), {}
     for k, stage in enumerate(stages):
         t0 = time.time()
         out = out_dir / f"{stage}.safetensors"
 
         def stage_progress(done, total, what=None, k=k, stage=stage):
             if progress:
-                progress(k * 1000 + int(1000 * done / max(total, 1)), 1000 * len(stages), f"fine-tune {stage}")
+                text = f"fine-tune {stage}" + (f": {what}" if what else "")
+                progress(k * 1000 + int(1000 * done / max(total, 1)), 1000 * len(stages), text)
 
         log(f"fine-tuning the {stage} model from {parents[stage].name}")
         ft = finetune_stage(
             corrections_dir,
             parents[stage],
             out,
+            settings,
             stage=stage,
             cases=cases,
             coarse_checkpoint=new["coarse"],
-            holdout_fraction=holdout_fraction,
-            n_replay=n_replay,
-            schedule=schedule,
-            max_steps=max_steps,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size,
-            lr=lr,
-            max_minutes=max_minutes,
-            bn_momentum=bn_momentum,
-            freeze_encoder=freeze_encoder,
-            lesson_weight=lesson_weight,
-            lesson_mm=lesson_mm,
-            lessons=lessons,
-            slabs=slabs,
-            device=device,
-            reviewed_only=reviewed_only,
+            lessons=taught["lessons"],
+            slabs=taught["slabs"],
             progress=stage_progress,
             cancel=cancel,
             log=log,
@@ -261,15 +190,55 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
             chain=_chain(parents[stage]),
         )
         new[stage] = out
-        seconds[stage] = time.time() - t0
+        seconds[stage], seconds[f"{stage}_training"] = time.time() - t0, ft["training_seconds"]
         if ft.get("stopped"):
             stopped[stage] = ft["stopped"]
             log(f"{stage}: {ft['stopped']['why']}")
         for leftover in (out.with_suffix(".last.safetensors"), out.with_suffix(".state.pt")):
             leftover.unlink(missing_ok=True)  # resume files of a finished run: 3x the model's size
     t0 = time.time()
-    after = guard_scores(held, guard, new, None, slabs, device, train_dirs=train_dirs)
+    after = guard_scores(
+        taught["held"], taught["guard"], new, None, taught["slabs"], settings.device, train_dirs=taught["train_dirs"]
+    )
     seconds["children"] = time.time() - t0
+    seconds["total"] = time.time() - t_start
+    report = _report(taught, after, stopped, stages, parents, new, out_dir, seconds, settings)
+    with files.atomic_path(out_dir / "report.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _what_corrections_teach(corrections_dir, cases, parents, settings, cancel, log) -> dict:
+    """Both stages' shared inputs, made once: the split by scan, each case's held-out slabs and
+    lesson (from the parents' runs on it), the guard phantoms and the parents' guard scores."""
+    s = settings
+    train_dirs, held = split_by_scan(corrections_dir, cases, s.holdout_fraction)
+    reviewed = reviewed_slices(corrections_dir) if s.reviewed_only else {}
+    log(f"running the parents on {len(train_dirs)} corrected case(s): what each correction changed")
+    drafts = parent_drafts(train_dirs, parents["coarse"], parents["refine"], device=s.device, cancel=cancel)
+    slabs = {
+        c.name: heldout_slabs(reviewed.get(c.name) or range(len(drafts[c.name]["draft"])), drafts[c.name]["spacing"][0])
+        for c in train_dirs
+    }
+    lessons = {}
+    if s.schedule == "heldout" and s.lesson_weight > 0:
+        lessons = {c.name: lesson_file(c, drafts[c.name], parents, s.lesson_mm) for c in train_dirs}
+    guard = guard_phantoms() if s.n_replay else []
+    log(f"scoring the parents on {len(held)} held-out case(s), held-out slabs and {len(guard)} held-out phantom(s)")
+    before = guard_scores(held, guard, parents, drafts, slabs, s.device)
+    return {
+        "train_dirs": train_dirs,
+        "held": held,
+        "slabs": slabs,
+        "lessons": lessons,
+        "guard": guard,
+        "before": before,
+    }
+
+
+def _report(taught, after, stopped, stages, parents, new, out_dir, seconds, settings) -> dict:
+    """``report.json``: the before/after scores, the "worse" guard's verdict, where each stage stopped."""
+    before, held, slabs = taught["before"], taught["held"], taught["slabs"]
     worse_on = [
         what
         for what, margin in WORSE_MARGIN.items()
@@ -277,8 +246,7 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
         and after.get(what)
         and after[what]["kidney_tumor_dice"] < before[what]["kidney_tumor_dice"] - margin
     ]
-    scored = held or train_dirs
-    report = {
+    return {
         "before": before.get("corrected", {}),
         "after": after.get("corrected", {}),
         "phantoms_before": before.get("phantoms", {}),
@@ -288,31 +256,15 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, device, pro
         "stopped": stopped,
         "held_out": [c.name for c in held],
         "held_out_slabs": {k: len(v[1]) for k, v in slabs.items()} if not held else {},
-        "scored_on": [c.name for c in scored],
-        "trained_on": [c.name for c in train_dirs],
+        "scored_on": [c.name for c in held or taught["train_dirs"]],
+        "trained_on": [c.name for c in taught["train_dirs"]],
         "stages": list(stages),
         "parents": {k: str(v) for k, v in parents.items()},
         "models": {k: str(v) for k, v in new.items()},
         "folder": str(out_dir),
-        "seconds": {**seconds, "total": time.time() - t_start},
-        "settings": {
-            "schedule": schedule,
-            "max_steps": max_steps,
-            "epochs": epochs,
-            "steps_per_epoch": steps_per_epoch,
-            "batch_size": batch_size,
-            "lr": lr,
-            "n_replay": n_replay,
-            "bn_momentum": bn_momentum,
-            "freeze_encoder": freeze_encoder,
-            "lesson_weight": lesson_weight,
-            "lesson_mm": lesson_mm,
-            "reviewed_only": reviewed_only,
-        },
+        "seconds": seconds,
+        "settings": dataclasses.asdict(settings),
     }
-    with files.atomic_path(out_dir / "report.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
-    return report
 
 
 def model_versions(corrections_dir) -> list[dict]:
@@ -478,39 +430,26 @@ def finetune_stage(
     corrections_dir,
     parent,
     out,
+    settings: FinetuneSettings | None = None,
     *,
     stage="refine",
     cases=None,
     coarse_checkpoint=None,
-    holdout_fraction=DEFAULTS["holdout_fraction"],
-    n_replay=DEFAULTS["n_replay"],
     replay_seed=50_000,
-    schedule=DEFAULTS["schedule"],
-    max_steps=DEFAULTS["max_steps"],
-    epochs=DEFAULTS["epochs"],
-    steps_per_epoch=DEFAULTS["steps_per_epoch"],
-    batch_size=DEFAULTS["batch_size"],
-    lr=DEFAULTS["lr"],
-    max_minutes=DEFAULTS["max_minutes"],
-    bn_momentum=DEFAULTS["bn_momentum"],
-    freeze_encoder=DEFAULTS["freeze_encoder"],
-    lesson_weight=DEFAULTS["lesson_weight"],
-    lesson_mm=DEFAULTS["lesson_mm"],
     lessons=None,
     slabs=None,
-    device="auto",
-    reviewed_only=True,
     progress=None,
     cancel=None,
     log=None,
     score=True,
     chain=None,
 ) -> dict:
-    """Fine-tune one stage's ``parent`` on exported corrections; writes a child checkpoint ``out``.
+    """Fine-tune one stage's ``parent`` on exported corrections as ``settings`` say; writes a child
+    checkpoint ``out``.
 
     ``cases``: the corrected cases, already checked (:func:`check_corrections` runs otherwise).
-    ``schedule``: "heldout" (the module's rule: the held-out slabs decide the steps and the
-    learning rate, ``report["stopped"]`` says why it stopped) or "fixed" (``epochs`` x
+    ``settings.schedule``: "heldout" (the module's rule: the held-out slabs decide the steps and
+    the learning rate, ``report["stopped"]`` says why it stopped) or "fixed" (``epochs`` x
     ``steps_per_epoch`` at ``lr``). ``lessons`` (case name -> :func:`lesson_file`) and ``slabs``
     (case name -> :func:`heldout_slabs`): made by :func:`finetune_models` for both stages at
     once; None makes them here (the lessons by running the parents).
@@ -521,22 +460,20 @@ def finetune_stage(
     batches, and a few cases' batches would otherwise pull them away from everything else.
     """
     log = log or _log.info
-    from .io.files import file_sha256
     from .models import read_config
-    from .training import TrainSettings, cache_case, train
+    from .training import cache_case
 
+    s = (settings or FinetuneSettings()).check()
     corrections_dir, parent, out = Path(corrections_dir), Path(parent), Path(out)
     if out.resolve() == parent.resolve():
         raise KidsegError("the fine-tuned checkpoint must not replace its parent; choose another -o", out)
     if out.exists():
         raise KidsegError("already exists; not overwriting it", out)
-    if schedule not in SCHEDULES:
-        raise KidsegError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     cases = check_corrections(corrections_dir) if cases is None else cases
     parent_cfg = read_config(parent)
     if parent_cfg.stage != stage:
         raise KidsegError(f"is a {parent_cfg.stage} checkpoint; --stage {stage} needs a {stage} one", parent)
-    train_dirs, held = split_by_scan(corrections_dir, cases, holdout_fraction)
+    train_dirs, held = split_by_scan(corrections_dir, cases, s.holdout_fraction)
     eval_dirs = held or train_dirs
     if not held and score:
         log(
@@ -548,33 +485,43 @@ def finetune_stage(
     before = {}
     if score:
         log(f"scoring the parent on {len(eval_dirs)} case(s)...")
-        before = evaluate_cascade(eval_dirs, coarse, refine_before, device=device)
-    replay = replay_cases(n_replay, replay_seed) if n_replay else []
-    reviewed = reviewed_slices(corrections_dir) if reviewed_only else {}
+        before = evaluate_cascade(eval_dirs, coarse, refine_before, device=s.device)
+    replay = replay_cases(s.n_replay, replay_seed) if s.n_replay else []
+    reviewed = reviewed_slices(corrections_dir) if s.reviewed_only else {}
     cached = [dataclasses.replace(cache_case(c), slices=reviewed.get(c.name)) for c in train_dirs]
-    heldout = schedule == "heldout"
-    if heldout:
-        if slabs is None:
-            slabs = {
-                c.name: heldout_slabs(k.slices or range(k.shape[0]), k.spacing[0]) for c, k in zip(train_dirs, cached)
-            }
-        if lessons is None and lesson_weight > 0:
-            from .models import resolve_checkpoint
+    cfg = _child_config(parent, parent_cfg, corrections_dir, train_dirs, held, replay_seed, len(replay), s, chain)
+    cfg.provenance["reviewed_slices_only"] = {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed}
+    if s.schedule == "heldout":
+        trained, held_cached, slabs = _heldout_cases(cached, train_dirs, held, slabs, lessons, coarse, refine_before, s)
+        cfg.provenance["held_out_slices"] = {k: list(v[1]) for k, v in slabs.items() if v[1]}
+        guard = [cache_case(c) for c in guard_phantoms()] if s.n_replay else []
+        replayed = [cache_case(c) for c in replay]
+        summary = train_until_heldout_stops(
+            cfg, parent, trained, held_cached, replayed, guard, out, s, progress=progress, cancel=cancel, log=log
+        )
+    else:
+        summary = _train_fixed(cfg, parent, cached + [cache_case(c) for c in replay], out, s, progress, cancel, log)
+    after = {}
+    if score:
+        after = evaluate_cascade(
+            eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None, device=s.device
+        )
+    return {
+        "before": before,
+        "after": after,
+        "held_out": [c.name for c in held],
+        "scored_on": [c.name for c in eval_dirs],
+        "checkpoint": str(out),
+        "seconds": summary["seconds"],
+        "training_seconds": summary["training_seconds"],
+        "stopped": summary.get("stopped"),
+    }
 
-            pair = {
-                "coarse": resolve_checkpoint(coarse, "coarse"),
-                "refine": resolve_checkpoint(refine_before, "refine"),
-            }
-            drafts = parent_drafts(train_dirs, pair["coarse"], pair["refine"], device=device)
-            lessons = {c.name: lesson_file(c, drafts[c.name], pair, lesson_mm) for c in train_dirs}
-        lessons = lessons or {}
-        held_cached = [dataclasses.replace(k, slices=slabs[k.name][1]) for k in cached if slabs[k.name][1]]
-        held_cached += [cache_case(c) for c in held]
-        cached = [
-            dataclasses.replace(k, slices=slabs[k.name][0], lesson_path=lessons.get(k.name))
-            for k in cached
-            if slabs[k.name][0]
-        ]
+
+def _child_config(parent, parent_cfg, corrections_dir, train_dirs, held, replay_seed, n_replay, s, chain):
+    """The child's config: the parent's, a new version, and a provenance that names its lineage."""
+    from .io.files import file_sha256
+
     cfg = dataclasses.replace(parent_cfg)
     cfg.version = f"{parent_cfg.version}+ft{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
     cfg.provenance = {
@@ -584,245 +531,67 @@ def finetune_stage(
         "corrections": str(corrections_dir),
         "trained_on": [{"case": c.name, "labels_sha256": file_sha256(c / volumes.KITS_LABELS)} for c in train_dirs],
         "held_out": [c.name for c in held],
-        "replay_phantom_seeds": [replay_seed + i for i in range(len(replay))],
-        "schedule": schedule,
-        "lr": lr,
-        "bn_momentum": bn_momentum,
-        "freeze_encoder": freeze_encoder,
+        "replay_phantom_seeds": [replay_seed + i for i in range(n_replay)],
+        "schedule": s.schedule,
+        "lr": s.lr,
+        "bn_momentum": s.bn_momentum,
+        "freeze_encoder": s.freeze_encoder,
         "chain": list(chain) if chain else [f"{parent.parent.name}/{parent.name} ({parent_cfg.version})"],
-        "reviewed_slices_only": {c.name: list(reviewed[c.name]) for c in train_dirs if c.name in reviewed},
     }
-    if heldout:
-        cfg.provenance.update(
-            max_steps=max_steps,
-            lesson_weight=lesson_weight,
-            lesson_mm=lesson_mm,
-            held_out_slices={k: list(v[1]) for k, v in slabs.items() if v[1]},
-        )
-        summary = _train_until_heldout_stops(
-            cfg,
-            parent,
-            cached,
-            held_cached,
-            [cache_case(c) for c in replay],
-            [cache_case(c) for c in guard_phantoms()] if n_replay else [],
-            out,
-            lr=lr,
-            max_steps=max_steps,
-            max_minutes=max_minutes,
-            batch_size=batch_size,
-            bn_momentum=bn_momentum,
-            freeze_encoder=freeze_encoder,
-            lesson_weight=lesson_weight,
-            device=device,
-            progress=progress,
-            cancel=cancel,
-            log=log,
-        )
+    if s.schedule == "heldout":
+        cfg.provenance.update(max_steps=s.max_steps, lesson_weight=s.lesson_weight, lesson_mm=s.lesson_mm)
     else:
-        cfg.provenance.update(epochs=epochs, steps_per_epoch=steps_per_epoch)
-        settings = TrainSettings(
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size,
-            lr=lr,
-            patience=epochs + 1,
-            workers=0,
-            device=device,
-            max_minutes=max_minutes,
-            val_samples=0,
-            bn_momentum=bn_momentum,
-            freeze_encoder=freeze_encoder,
-        )
-        cached += [cache_case(c) for c in replay]
-        summary = train(
-            cfg, cached, [], out, settings, init_checkpoint=parent, progress=progress, cancel=cancel, log=log
-        )
-    after = {}
-    if score:
-        after = evaluate_cascade(
-            eval_dirs, coarse if stage == "refine" else out, out if stage == "refine" else None, device=device
-        )
-    return {
-        "before": before,
-        "after": after,
-        "held_out": [c.name for c in held],
-        "scored_on": [c.name for c in eval_dirs],
-        "checkpoint": str(out),
-        "seconds": summary["seconds"],
-        "stopped": summary.get("stopped"),
-    }
+        cfg.provenance.update(epochs=s.epochs, steps_per_epoch=s.steps_per_epoch)
+    return cfg
 
 
-def _train_until_heldout_stops(
-    cfg,
-    parent,
-    train_cases,
-    heldout_cases,
-    replay,
-    guard,
-    out,
-    *,
-    lr,
-    max_steps,
-    max_minutes,
-    batch_size,
-    bn_momentum,
-    freeze_encoder,
-    lesson_weight,
-    device,
-    progress,
-    cancel,
-    log,
-) -> dict:
-    """The held-out rule (module docstring): train in steps, score the held-out slabs (and the
-    guard phantoms) every ``EVAL_EVERY`` steps, keep the best step, quarter the learning rate
-    from the best step at each plateau, stop after ``LR_DROPS`` drops or at a budget. Writes the
-    best step's weights to ``out`` (the parent's own when no step beat it); nothing on Cancel."""
-    import time
+def _heldout_cases(cached, train_dirs, held, slabs, lessons, coarse, refine_before, s):
+    """The held-out rule's cases: the trained slabs (each with its lesson), the held-out slabs and
+    cases, and the slabs (made here, and the lessons from the parents' runs, when not given)."""
+    from .training import cache_case
 
-    import torch
-    from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
+    if slabs is None:
+        slabs = {c.name: heldout_slabs(k.slices or range(k.shape[0]), k.spacing[0]) for c, k in zip(train_dirs, cached)}
+    if lessons is None and s.lesson_weight > 0:
+        from .models import resolve_checkpoint
 
-    from .errors import Cancelled
-    from .models import load_checkpoint, pick_device, save_checkpoint
-    from .training import (
-        Augment,
-        DiceCounter,
-        SegmentationSamples,
-        TrainSettings,
-        _trainable,
-        dice_ce_loss,
-        validation_indices,
+        pair = {"coarse": resolve_checkpoint(coarse, "coarse"), "refine": resolve_checkpoint(refine_before, "refine")}
+        drafts = parent_drafts(train_dirs, pair["coarse"], pair["refine"], device=s.device)
+        lessons = {c.name: lesson_file(c, drafts[c.name], pair, s.lesson_mm) for c in train_dirs}
+    lessons = lessons or {}
+    held_cached = [dataclasses.replace(k, slices=slabs[k.name][1]) for k in cached if slabs[k.name][1]]
+    held_cached += [cache_case(c) for c in held]
+    trained = [
+        dataclasses.replace(k, slices=slabs[k.name][0], lesson_path=lessons.get(k.name))
+        for k in cached
+        if slabs[k.name][0]
+    ]
+    return trained, held_cached, slabs
+
+
+def _train_fixed(cfg, parent, cached, out, s, progress, cancel, log) -> dict:
+    """The fixed rule: :func:`training.train` for ``epochs`` x ``steps_per_epoch`` at ``lr``."""
+    from .training import TrainSettings, train
+
+    settings = TrainSettings(
+        epochs=s.epochs,
+        steps_per_epoch=s.steps_per_epoch,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        patience=s.epochs + 1,
+        workers=0,
+        device=s.device,
+        max_minutes=s.max_minutes,  # train() counts its epochs' time: steps (and a checkpoint write each)
+        val_samples=0,
+        bn_momentum=s.bn_momentum,
+        freeze_encoder=s.freeze_encoder,
     )
+    clock = StepClock(s.max_minutes)
 
-    device = pick_device(device)
-    torch.manual_seed(0)
-    model, _ = load_checkpoint(parent, stage=cfg.stage, device=device)
-    model.train()
-    if bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = bn_momentum
-    params = _trainable(model, TrainSettings(freeze_encoder=freeze_encoder))
-    train_set = SegmentationSamples(train_cases + replay, cfg, Augment(), seed=0, lessons=True)
-    corrected = np.array([ci < len(train_cases) for ci, *_ in train_set.items])
-    weights = train_set.weights.copy()
-    if corrected.any() and (~corrected).any():  # half of every batch the corrections, half replay
-        weights[corrected] *= 0.5 / weights[corrected].sum()
-        weights[~corrected] *= 0.5 / weights[~corrected].sum()
-    sampler = WeightedRandomSampler(weights, max_steps * batch_size, generator=torch.Generator().manual_seed(7919))
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True)
-
-    def scorer(cases, cap, kidney_only=False):
-        try:
-            samples = SegmentationSamples(cases, cfg, None) if cases else None
-        except KidsegError:  # e.g. refine patches: the held-out slabs hold no kidney
-            return None
-        if samples is None:
-            return None
-        batches = DataLoader(Subset(samples, validation_indices(len(samples), cap)), batch_size=16)
-
-        def score():
-            counter = DiceCounter()
-            model.eval()
-            with torch.inference_mode():
-                for x, y in batches:
-                    counter.add(model(x.to(device)).argmax(1).cpu().numpy(), y.numpy())
-            model.train()
-            s = counter.scores()
-            # no tumor in the reference: kidney+tumor alone (a tumor Dice of 0 or 1 would swamp it); the
-            # guard phantoms' sampled tumor Dice swings by 0.05 between two steps, their kidney+tumor hardly
-            return s["mean_dice"] if counter.n[1][2] and not kidney_only else s["kidney_tumor_dice"]
-
-        return score
-
-    held_score, guard_score = scorer(heldout_cases, 128), scorer(guard, 48, kidney_only=True)
-    t_start = time.time()
-    snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
-    parent_guard = guard_score() if guard_score else None
-    steps_alone = max_steps // 4 if held_score is None else max_steps
-    best = {"score": held_score() if held_score else float("nan"), "step": 0, "lr": lr, "phantoms": parent_guard}
-    parent_score, best_state = best["score"], snapshot()
-    history = [{"step": 0, "heldout": best["score"], "phantoms": parent_guard, "lr": lr}]
-    opt = torch.optim.Adam(params, lr=lr)
-    cur_lr, drops, stale, step, reason = lr, 0, 0, 0, None
-    batches = iter(loader)
-    while reason is None:
-        if step >= steps_alone:
-            reason = "steps"
-            break
-        if max_minutes and time.time() - t_start > max_minutes * 60:
-            reason = "minutes"
-            break
-        if cancel is not None and cancel():
-            raise Cancelled("fine-tune cancelled; the parent models are kept")
-        try:
-            x, y, lesson = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        x, y, lesson = x.to(device), y.to(device), lesson.to(device)
-        if device.startswith("cuda"):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(x)
-        else:
-            logits = model(x)
-        loss = dice_ce_loss(logits.float(), y, cfg.classes, voxel_weight=1.0 + lesson_weight * lesson)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+    def ticked(done, total, what=None):
+        clock.step()
         if progress:
-            progress(step, steps_alone, f"step {step}/{steps_alone} loss {float(loss.detach()):.3f}")
-        if held_score is None or step % EVAL_EVERY:
-            continue
-        h, g = held_score(), guard_score() if guard_score else None
-        forgot = g is not None and g < parent_guard - FORGET_TOLERANCE
-        history.append({"step": step, "heldout": h, "phantoms": g, "lr": cur_lr})
-        if h > best["score"] + MIN_GAIN and not forgot:
-            best, best_state, stale = {"score": h, "step": step, "lr": cur_lr, "phantoms": g}, snapshot(), 0
-        else:
-            stale += 1
-        if stale >= PATIENCE:
-            if drops >= LR_DROPS:
-                reason = "plateau"
-                break
-            model.load_state_dict(best_state)
-            cur_lr, drops, stale = cur_lr / 4, drops + 1, 0
-            opt = torch.optim.Adam(params, lr=cur_lr)
-            log(
-                f"held-out Dice {best['score']:.3f} not beaten in {PATIENCE} checks: "
-                f"back to step {best['step']}, lr {cur_lr:g}"
-            )
-    model.load_state_dict(best_state)
-    save_checkpoint(out, model.cpu(), cfg)
-    why = {
-        "plateau": f"held-out Dice stopped improving ({LR_DROPS} learning-rate drops gained nothing more)",
-        "steps": f"the step budget ({steps_alone}) ran out",
-        "minutes": f"the time budget ({max_minutes or 0:g} min) ran out",
-    }[reason]
-    if held_score is None:
-        why = f"nothing could be held out (one reviewed slice?): trained {step} steps at lr {lr:g} unchecked"
-        best["step"] = step
-    elif best["step"] == 0:
-        why += f"; no step beat the parent's held-out Dice {parent_score:.3f}: the child keeps the parent's weights"
-    else:
-        why += f"; kept step {best['step']} of {step} (lr {best['lr']:g}): held-out Dice "
-        why += f"{parent_score:.3f} -> {best['score']:.3f}"
-    if parent_guard is not None:
-        why += f", held-out phantoms {parent_guard:.3f} -> {best['phantoms']:.3f}"
-    stopped = {
-        "why": why,
-        "reason": reason if held_score is not None else "no-heldout",
-        "best_step": best["step"],
-        "steps": step,
-        "lr_start": lr,
-        "lr_at_best": best["lr"],
-        "heldout_parent": parent_score,
-        "heldout_best": best["score"],
-        "phantoms_parent": parent_guard,
-        "phantoms_at_best": best["phantoms"],
-        "history": history,
-    }
-    return {"seconds": time.time() - t_start, "stopped": stopped}
+            progress(done, total, f"{what}, {clock.says(done, total)}" if what else clock.says(done, total))
+
+    summary = train(cfg, cached, [], out, settings, init_checkpoint=parent, progress=ticked, cancel=cancel, log=log)
+    return {**summary, "training_seconds": clock.trained_s}

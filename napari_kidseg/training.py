@@ -434,6 +434,51 @@ class TrainSettings:
     freeze_encoder: bool = False
 
 
+FINETUNE_SCHEDULES = ("heldout", "fixed")
+
+
+@dataclasses.dataclass
+class FinetuneSettings:
+    """How a fine-tune on corrections learns (:mod:`finetuning`; the model card's "Fine-tuning
+    defaults: the site study" measured them). ``kidseg finetune`` and the widget build one."""
+
+    schedule: str = "heldout"  # heldout: the corrected case decides; fixed: epochs x steps_per_epoch at lr
+    max_steps: int = 150  # per stage; the held-out rule usually stops earlier
+    lr: float = 1e-4  # the held-out rule's first learning rate (the fixed rule's was 2e-5)
+    epochs: int = 5  # epochs and steps_per_epoch: the fixed rule only
+    steps_per_epoch: int = 20
+    batch_size: int = 8
+    n_replay: int = 8  # phantoms replayed against forgetting (half of each held-out-rule batch)
+    max_minutes: float | None = 1.25  # per stage, training steps only (scoring and loading not counted)
+    holdout_fraction: float = 0.25  # of the corrected scans, once there are three or more
+    bn_momentum: float | None = 0.0  # 0 keeps the parent's BatchNorm statistics
+    freeze_encoder: bool = False
+    lesson_weight: float = 4.0  # extra loss weight of the voxels the correction changed
+    lesson_mm: float = 6.0  # how far in-plane around a changed voxel it weighs
+    reviewed_only: bool = True  # train on the slices the export marked reviewed (else every slice)
+    device: str = "auto"
+
+    def check(self) -> FinetuneSettings:
+        """Itself, or one line naming the setting that is out of range."""
+        if self.schedule not in FINETUNE_SCHEDULES:
+            raise KidsegError(f"schedule must be one of {FINETUNE_SCHEDULES}, got {self.schedule!r}")
+        for name in ("max_steps", "epochs", "steps_per_epoch", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise KidsegError(f"{name} must be a whole number of 1 or more, got {value}")
+        if not isinstance(self.n_replay, int) or self.n_replay < 0:
+            raise KidsegError(f"n_replay must be a whole number of 0 or more, got {self.n_replay}")
+        if not 0 < self.lr < float("inf"):
+            raise KidsegError(f"the learning rate must be above 0, got {self.lr}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise KidsegError(f"the held-out fraction must be from 0 to below 1, got {self.holdout_fraction}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise KidsegError(f"the time budget must be above 0 minutes (or none), got {self.max_minutes}")
+        if self.lesson_weight < 0 or self.lesson_mm < 0:
+            raise KidsegError("the lesson weight and its reach in mm must be 0 or more")
+        return self
+
+
 def _trainable(model, settings: TrainSettings):
     """The parameters the optimiser moves: all, or all but the encoder's with ``freeze_encoder``."""
     encoder = getattr(model, "encoder", None)
@@ -760,13 +805,13 @@ def validation_indices(n_items: int, cap: int) -> list[int]:
     return np.unique(np.linspace(0, n_items - 1, n).round().astype(int)).tolist()
 
 
-def evaluate_samples(model, loader, device, kits_classes: int = 3) -> dict:
+def evaluate_samples(model, loader, device, kits_classes: int = 3, counter: DiceCounter | None = None) -> dict:
     """KiTS Dice of a network over a loader; organ answers (channels after the KiTS classes) and
-    unlabelled targets count as background."""
+    unlabelled targets count as background. ``counter``: where the voxel counts add up (a new one)."""
     import torch
 
     model.eval()
-    counter = DiceCounter()
+    counter = DiceCounter() if counter is None else counter
     with torch.inference_mode():
         for x, y in loader:
             pred = model(x.to(device)).argmax(1).cpu().numpy()

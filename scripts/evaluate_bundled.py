@@ -23,7 +23,6 @@ tumors 5-50 mL found, and what the anatomy check removed.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import tempfile
 import time
@@ -37,6 +36,7 @@ from napari_kidseg.finetuning import finetune_stage
 from napari_kidseg.io import readers, volumes
 from napari_kidseg.phantoms.writer import write_phantom_cases
 from napari_kidseg.review.corrections_folder import export_correction
+from napari_kidseg.training import FinetuneSettings
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realct" / "totalseg-abdomen-3mm"
 
@@ -231,8 +231,8 @@ def main():
     ap.add_argument(
         "--bn-momentum",
         type=float,
-        default=inspect.signature(finetune_stage).parameters["bn_momentum"].default,
-        help="fine-tuning's BatchNorm momentum (default: finetune_stage()'s, as kidseg finetune)",
+        default=FinetuneSettings().bn_momentum,
+        help="fine-tuning's BatchNorm momentum (default: FinetuneSettings()'s, as kidseg finetune)",
     )
     args = ap.parse_args()
     if args.mirror and not args.skip_finetune:
@@ -287,9 +287,8 @@ def main():
             corr,
             cascade.refine_path,
             refine_child,
+            FinetuneSettings(device="cpu", bn_momentum=args.bn_momentum),
             coarse_checkpoint=cascade.coarse_path,
-            device="cpu",
-            bn_momentum=args.bn_momentum,
             log=lambda s: None,
         )
         refine_minutes = (time.time() - t0) / 60
@@ -307,9 +306,8 @@ def main():
             corr,
             cascade.coarse_path,
             coarse_child,
+            FinetuneSettings(device="cpu", bn_momentum=args.bn_momentum),
             stage="coarse",
-            device="cpu",
-            bn_momentum=args.bn_momentum,
             log=lambda s: None,
         )
         coarse_minutes = (time.time() - t0) / 60

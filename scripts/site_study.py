@@ -23,6 +23,7 @@ as it is measured, so an interrupted study keeps what it has; a rerun skips what
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -32,11 +33,12 @@ import numpy as np
 
 from napari_kidseg import kits_slices, metrics
 from napari_kidseg.cascade import Cascade
-from napari_kidseg.finetuning import DEFAULTS, finetune_models
+from napari_kidseg.finetuning import STAGES, finetune_models
 from napari_kidseg.io import files, readers, volumes
 from napari_kidseg.models import bundled_checkpoint
 from napari_kidseg.phantoms.labelmap import find_label_maps, split_label_maps
 from napari_kidseg.phantoms.writer import write_phantom_cases
+from napari_kidseg.training import FinetuneSettings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FIXED = {"schedule": "fixed", "lr": 2e-5}  # the earlier defaults: 5 x 20 steps at 2e-5, 8 replayed phantoms
@@ -59,6 +61,12 @@ SITES = {
     # an unusual one: 5 mm arterial slices whose tissue contrasts were drawn at random once
     "odd-5mm": {"phase": "arterial", "slice_thickness": 5.0, "random_contrast": 1.0, "site": 2, "n_tumors": 1},
 }
+
+
+def setting(name: str, **more) -> tuple[FinetuneSettings, tuple]:
+    """A configuration's settings (the defaults with its changes and ``more``) and its stages."""
+    changes = {k: v for k, v in {**CONFIGS[name], **more}.items() if k != "stages"}
+    return dataclasses.replace(FinetuneSettings(), **changes), tuple(CONFIGS[name].get("stages", STAGES))
 
 
 def case_scores(cascade: Cascade, case: Path) -> dict:
@@ -140,10 +148,10 @@ def real_study(out: Path, names: list[str], time_cap: bool = True) -> dict:
             ct = volumes.read_ct(real / "ct.nii.gz")
             export_correction(corr, ct, readers.read_labels(real / "kidneys.nii.gz", like=ct).array)
         t0 = time.time()
-        kwargs = dict(CONFIGS[name]) | ({} if time_cap else {"max_minutes": None})
-        report = finetune_models(corr, corr / "models" / f"child-{int(t0)}", **kwargs, log=print)
+        settings, stages = setting(name, **({} if time_cap else {"max_minutes": None}))
+        report = finetune_models(corr, corr / "models" / f"child-{int(t0)}", settings, stages=stages, log=print)
         results["configs"][name] = {
-            "settings": {k: str(v) for k, v in {**DEFAULTS, **kwargs}.items()},
+            "settings": {**dataclasses.asdict(settings), "stages": stages},
             "seconds": report["seconds"],
             "wall_s": time.time() - t0,
             "stopped": report["stopped"],
@@ -251,9 +259,9 @@ def main():
 
     folds = site_cases[: args.folds or len(site_cases)]
     for name in args.configs.split(","):
-        settings = {**DEFAULTS, **CONFIGS[name]}
+        settings, stages = setting(name)
         runs = results.setdefault("configs", {}).setdefault(
-            name, {"settings": {k: str(v) for k, v in settings.items()}}
+            name, {"settings": {**dataclasses.asdict(settings), "stages": stages}}
         )
         for case in folds:
             if key(case) in runs:
@@ -264,9 +272,8 @@ def main():
                 link = corr / "case_00000" / f
                 if not link.exists():
                     os.symlink((case / f).resolve(), link)
-            kwargs = dict(CONFIGS[name])
             t0 = time.time()
-            report = finetune_models(corr, corr / "models" / "child", **kwargs, log=lambda *a: None)
+            report = finetune_models(corr, corr / "models" / "child", settings, stages=stages, log=lambda *a: None)
             seconds = time.time() - t0
             models = report["models"]
             others = [c for c in site_cases if c != case] + other_cases

@@ -4,7 +4,6 @@ export-seg, train, finetune; bad input is one line and nothing is overwritten.""
 from __future__ import annotations
 
 import gzip
-import inspect
 import json
 import shutil
 import subprocess
@@ -166,28 +165,13 @@ def test_train_init_starts_from_a_checkpoint_and_says_so(tiny_dataset, tiny_chec
 
 
 def test_finetune_defaults_are_the_finetune_function_defaults():
-    """The widget calls finetune_models() and the CLI passes its own defaults: they must not drift apart."""
-    from napari_kidseg.finetuning import finetune_models
+    """The widget fine-tunes with FinetuneSettings() and the CLI builds its own: they must not drift apart."""
+    from napari_kidseg.cli.training import _finetune_settings
+    from napari_kidseg.training import FinetuneSettings
 
     args = build_parser().parse_args(["finetune", "corrections"])
     assert args.stage == "both"
-    defaults = {k: p.default for k, p in inspect.signature(finetune_models).parameters.items()}
-    pairs = {
-        "holdout": "holdout_fraction",
-        "replay_cases": "n_replay",
-        "epochs": "epochs",
-        "lr": "lr",
-        "steps_per_epoch": "steps_per_epoch",
-        "max_minutes": "max_minutes",
-        "bn_momentum": "bn_momentum",
-        "batch_size": "batch_size",
-        "freeze_encoder": "freeze_encoder",
-        "schedule": "schedule",
-        "max_steps": "max_steps",
-        "lesson_weight": "lesson_weight",
-        "lesson_mm": "lesson_mm",
-    }
-    assert {a: getattr(args, a) for a in pairs} == {a: defaults[f] for a, f in pairs.items()}
+    assert _finetune_settings(args) == FinetuneSettings()
 
 
 def test_export_seg_and_report_on_it(tmp_path, capsys):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from napari_kidseg import finetuning, models, training
+from napari_kidseg import finetuning, heldout_rule, models, training
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.io import files, readers, volumes
 from napari_kidseg.labels import kits_foreground
+from napari_kidseg.training import FinetuneSettings
 
 
 def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_dataset, tiny_checkpoints, tmp_path):
@@ -25,18 +28,9 @@ def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_data
     shutil.copy(tiny_checkpoints["refine"], parent)
     before_sha = files.file_sha256(parent)
     out = tmp_path / "child.safetensors"
+    fixed = FinetuneSettings(schedule="fixed", epochs=1, steps_per_epoch=3, batch_size=4, n_replay=1, device="cpu")
     report = finetuning.finetune_stage(
-        corrections,
-        parent,
-        out,
-        coarse_checkpoint=tiny_checkpoints["coarse"],
-        n_replay=1,
-        schedule="fixed",
-        epochs=1,
-        steps_per_epoch=3,
-        batch_size=4,
-        device="cpu",
-        log=lambda s: None,
+        corrections, parent, out, fixed, coarse_checkpoint=tiny_checkpoints["coarse"], log=lambda s: None
     )
     assert files.file_sha256(parent) == before_sha
     cfg = models.read_config(out)
@@ -75,7 +69,7 @@ def test_finetune_models_both_stages_chain_and_refuse(tiny_dataset, tiny_checkpo
     from napari_kidseg.finetuning import finetune_models, model_versions
 
     corrections = _corrections(tiny_dataset, tmp_path / "corr", reviewed=True)
-    small = {"max_steps": 4, "batch_size": 2, "n_replay": 0, "device": "cpu", "log": lambda s: None}
+    small = {"settings": FinetuneSettings(max_steps=4, batch_size=2, n_replay=0, device="cpu"), "log": lambda s: None}
     first = finetune_models(corrections, coarse=tiny_checkpoints["coarse"], refine=tiny_checkpoints["refine"], **small)
     folder = Path(first["folder"])
     assert folder.parent == corrections / "models" and folder.name.startswith("finetune-")
@@ -176,14 +170,16 @@ def test_heldout_rule_keeps_the_best_step_says_why_and_guards_forgetting(
     corrections = _corrections(tiny_dataset, tmp_path / "corr")
     one = tmp_path / "one"  # a single corrected scan: its own held-out slabs decide
     shutil.copytree(corrections / "case_00000", one / "case_00000")
-    monkeypatch.setattr(finetuning, "EVAL_EVERY", 2)
-    monkeypatch.setattr(finetuning, "PATIENCE", 1)
-    monkeypatch.setattr(finetuning, "LR_DROPS", 1)
+    monkeypatch.setattr(heldout_rule, "EVAL_EVERY", 2)
+    monkeypatch.setattr(heldout_rule, "PATIENCE", 1)
+    monkeypatch.setattr(heldout_rule, "LR_DROPS", 1)
     monkeypatch.setattr(finetuning, "replay_cases", lambda n, seed: training.find_cases([tiny_dataset])[1:][:n])
     monkeypatch.setattr(finetuning, "guard_phantoms", lambda: training.find_cases([tiny_dataset])[2:])
-    kw = {"coarse": tiny_checkpoints["coarse"], "refine": tiny_checkpoints["refine"], "batch_size": 2}
-    kw |= {"n_replay": 1, "device": "cpu", "lr": 1e-2, "log": lambda s: None}
-    report = finetuning.finetune_models(one, tmp_path / "a", max_steps=12, max_minutes=None, **kw)
+    kw = {"coarse": tiny_checkpoints["coarse"], "refine": tiny_checkpoints["refine"], "log": lambda s: None}
+    rule = FinetuneSettings(batch_size=2, n_replay=1, device="cpu", lr=1e-2, max_steps=6)
+    report = finetuning.finetune_models(
+        one, tmp_path / "a", dataclasses.replace(rule, max_steps=12, max_minutes=None), **kw
+    )
     assert set(report["stopped"]) == {"coarse", "refine"}
     for stop in report["stopped"].values():
         steps = [h["step"] for h in stop["history"]]
@@ -196,8 +192,8 @@ def test_heldout_rule_keeps_the_best_step_says_why_and_guards_forgetting(
     cfg = models.read_config(tmp_path / "a" / "coarse.safetensors")
     assert cfg.provenance["schedule"] == "heldout" and cfg.provenance["held_out_slices"]["case_00000"]
     # a step that forgets the held-out phantoms is never the best: every step "forgets" here
-    monkeypatch.setattr(finetuning, "FORGET_TOLERANCE", -1.0)
-    report = finetuning.finetune_models(one, tmp_path / "b", max_steps=6, **kw)
+    monkeypatch.setattr(heldout_rule, "FORGET_TOLERANCE", -1.0)
+    report = finetuning.finetune_models(one, tmp_path / "b", rule, **kw)
     assert all(stop["best_step"] == 0 for stop in report["stopped"].values())
     assert "keeps the parent's weights" in report["stopped"]["coarse"]["why"]
     from safetensors.numpy import load_file
@@ -206,5 +202,125 @@ def test_heldout_rule_keeps_the_best_step_says_why_and_guards_forgetting(
     assert all(np.array_equal(mother[k], child[k]) for k in mother)
     # Cancel: nothing written for the stage, the parents untouched
     with pytest.raises(Cancelled):
-        finetuning.finetune_models(one, tmp_path / "c", max_steps=6, cancel=lambda: True, **kw)
+        finetuning.finetune_models(one, tmp_path / "c", rule, cancel=lambda: True, **kw)
     assert not (tmp_path / "c" / "coarse.safetensors").exists()
+
+
+def _one_case(tiny_dataset, root, reviewed):
+    """Case 0 of the tiny dataset as the only corrected case, ``reviewed`` slices around its kidney's middle."""
+    from napari_kidseg.review.corrections_folder import export_correction
+
+    ct, labels = readers.read_kits_case(training.find_cases([tiny_dataset])[0])
+    zs = np.flatnonzero(labels.array.reshape(labels.array.shape[0], -1).any(1))
+    mid = int(zs[len(zs) // 2])
+    export_correction(
+        root, ct, labels.array, reviewed_slices=list(range(mid - reviewed // 2, mid - reviewed // 2 + reviewed))
+    )
+    return root
+
+
+def test_a_one_slice_correction_trains_under_the_rule(tiny_dataset, tiny_checkpoints, tmp_path, monkeypatch):
+    """One reviewed slice leaves nothing to hold out: the rule still runs on the full step budget, its
+    trained slice scored (training data, said so) with the guard phantoms; before, it trained
+    max_steps // 4 steps unchecked (none for 3 steps, as the widget's test found)."""
+    monkeypatch.setattr(heldout_rule, "EVAL_EVERY", 1)
+    monkeypatch.setattr(finetuning, "guard_phantoms", lambda: training.find_cases([tiny_dataset])[2:])
+    monkeypatch.setattr(finetuning, "replay_cases", lambda n, seed: training.find_cases([tiny_dataset])[1:][:n])
+    corrections = _one_case(tiny_dataset, tmp_path / "corr", reviewed=1)
+    settings = FinetuneSettings(max_steps=3, batch_size=2, n_replay=1, device="cpu")
+    kw = {"coarse": tiny_checkpoints["coarse"], "refine": tiny_checkpoints["refine"], "log": lambda s: None}
+    report = finetuning.finetune_models(corrections, tmp_path / "a", settings, stages=("coarse",), **kw)
+    stop = report["stopped"]["coarse"]
+    assert stop["steps"] == 3 and stop["reason"] == "steps" and stop["checked_on"] == "trained slices"
+    assert [h["step"] for h in stop["history"]] == [0, 1, 2, 3] and stop["phantoms_parent"] is not None
+    assert "training data" in stop["why"] and "Dice of the trained slices" in stop["why"]
+
+
+def test_the_time_budget_counts_training_steps_not_scoring(tiny_dataset, tiny_checkpoints, tmp_path, monkeypatch):
+    """Scoring that takes longer than the whole budget (as under a load of 20 it did) leaves the
+    steps their budget (3 s here, the step-0 scores 6 s): before, the step-0 scores spent it and the
+    child kept the parent's weights."""
+    add = training.DiceCounter.add
+
+    def slow_add(self, *args):
+        time.sleep(1.5)
+        return add(self, *args)
+
+    monkeypatch.setattr(training.DiceCounter, "add", slow_add)
+    monkeypatch.setattr(finetuning, "guard_phantoms", lambda: training.find_cases([tiny_dataset])[2:])
+    monkeypatch.setattr(finetuning, "replay_cases", lambda n, seed: training.find_cases([tiny_dataset])[1:][:n])
+    corrections = _one_case(tiny_dataset, tmp_path / "corr", reviewed=3)
+    budget = FinetuneSettings(max_minutes=0.05, max_steps=1000, batch_size=2, n_replay=1, lesson_weight=0, device="cpu")
+    ticks = []
+    ft = finetuning.finetune_stage(
+        corrections, tiny_checkpoints["coarse"], tmp_path / "c.safetensors", budget, stage="coarse", score=False,
+        progress=lambda done, total, what: ticks.append(what), log=lambda s: None,
+    )  # fmt: skip
+    stop = ft["stopped"]
+    assert stop["reason"] == "minutes" and stop["steps"] >= 1, stop["why"]  # before: 0 steps
+    assert 3.0 <= ft["training_seconds"] < 3.0 + ft["training_seconds"] / stop["steps"] + 1.0  # at most a step over
+    assert ft["seconds"] > ft["training_seconds"] + 5.0  # the step-0 scores (4 batches of 1.5 s) are not in it
+    assert ticks[0] == "step 1/1000, timing the steps" and len(ticks) == stop["steps"]
+
+
+def test_time_left_comes_from_the_step_times_alone():
+    from napari_kidseg.heldout_rule import StepClock
+
+    now = [0.0]
+    clock = StepClock(max_minutes=1, clock=lambda: now[0])
+    now[0] = 5.0
+    clock.step()  # the first step also starts the data loader: left out of the pace
+    assert clock.seconds_left(1, 100) is None and clock.says(1, 100) == "timing the steps"
+    now[0] = 5.5
+    clock.step()
+    assert clock.seconds_left(2, 100) == pytest.approx(0.5 * 98)
+    now[0] = 100.0  # 94.5 s of scoring: neither a step nor spent budget
+    clock.resume()
+    now[0] = 100.5
+    clock.step()
+    assert clock.trained_s == pytest.approx(6.0) and not clock.spent()
+    assert clock.says(3, 100) == "about 0.8 min of training left"  # 97 steps of 0.5 s
+    now[0] = 150.5  # one slow step: the median pace stays, the budget caps what is left
+    clock.step()
+    assert clock.seconds_left(4, 100) == pytest.approx(60 - 56.0)
+    now[0] = 155.5
+    clock.step()
+    assert clock.spent() and clock.seconds_left(5, 100) == 0.0
+    assert not StepClock(None).spent()
+
+
+def test_settings_refuse_what_is_out_of_range():
+    assert FinetuneSettings().check() == FinetuneSettings()
+    for bad, words in (
+        ({"schedule": "slow"}, "schedule"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"n_replay": -1}, "n_replay"),
+        ({"lr": 0}, "learning rate"),
+        ({"holdout_fraction": 1.0}, "held-out fraction"),
+        ({"max_minutes": 0}, "time budget"),
+        ({"lesson_weight": -1}, "lesson"),
+    ):
+        with pytest.raises(KidsegError, match=words):
+            FinetuneSettings(**bad).check()
+
+
+def test_the_rule_scores_organ_answers_as_not_kidney(tiny_dataset):
+    """An organ-aware network (bundled version 5) that answers "spleen" everywhere finds no kidney:
+    the held-out rule scored every organ answer as kidney (pred > 0) and judged v5 children on it."""
+    import torch
+
+    from napari_kidseg.heldout_rule import _scorer
+    from napari_kidseg.labels import ORGANS
+
+    cfg = models.model_config("coarse", "tiny", context_slices=1, input_size=64, organs=tuple(ORGANS))
+
+    class SaysSpleen(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], cfg.out_channels, *x.shape[-2:])
+            logits[:, cfg.classes] = 1.0  # the first organ channel
+            return logits
+
+    case = training.cache_case(training.find_cases([tiny_dataset])[0])
+    score = _scorer(SaysSpleen(), cfg, [case], 16, "cpu", kidney_only=True)
+    assert score() == 0.0

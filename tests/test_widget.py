@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_kidseg._widgets._workers import Pace
 from napari_kidseg._widgets.cascade_widget import CLICK_MODES, LAYER_NAMES, WINDOW_KEYS, CascadeWidget
 from napari_kidseg.display import kidney_focus
 from napari_kidseg.io import readers
@@ -177,17 +176,18 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     case2 = _export(w, qtbot)
     assert case2 != case and (case / "segmentation.nii.gz").exists()
     # fine-tune on the two exported cases, then switch to the new refine model
+    import dataclasses
+
     import napari_kidseg.finetuning as finetuning
+    from napari_kidseg.training import FinetuneSettings
 
     real_finetune = finetuning.finetune_stage
-    monkey = {"kwargs": None}
+    monkey = {"settings": None}
 
-    def small_finetune(*args, **kwargs):  # the widget's calls, with a test-sized fixed schedule
-        # (one reviewed slice per case leaves the held-out rule nothing to hold out: it trains 0
-        # steps and says so; test_finetuning.py tests that rule, this test the widget's loop)
-        monkey["kwargs"] = kwargs
-        small = {"schedule": "fixed", "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "n_replay": 0}
-        return real_finetune(*args, **{**kwargs, **small})
+    def small_finetune(*args, **kwargs):  # the widget's calls: the default rule on a test-sized budget
+        monkey["settings"] = args[3]
+        small = dataclasses.replace(args[3], max_steps=10, batch_size=2, n_replay=0)
+        return real_finetune(*args[:3], small, **kwargs)
 
     finetuning.finetune_stage = small_finetune
     real_guard, finetuning.guard_phantoms = finetuning.guard_phantoms, list  # no phantoms to generate
@@ -196,10 +196,13 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
         qtbot.waitUntil(lambda: not w.busy, timeout=180_000)
     finally:
         finetuning.finetune_stage, finetuning.guard_phantoms = real_finetune, real_guard
-    # two one-slice corrections leave no held-out part to score (site loop, issue 27): the line
-    # names the run and its time, and a Dice only where something was held out
+    # the widget fine-tunes with the defaults, on the device chosen
+    assert monkey["settings"] == FinetuneSettings(device=w.device_combo.currentText())
+    # two one-slice corrections: nothing to hold out, so the trained slice itself is scored and the rule
+    # runs (it trained max_steps // 4 steps unchecked before: 0 at this test's earlier budget of 2)
     text = w.finetune_label.text()
     assert text.startswith("finetune-") and " min" in text, (text, w.status.text())
+    assert "Coarse: stopped at step 10" in text and "trained slices" in text, text
     assert w.use_new_btn.isEnabled()
     assert w.versions_combo.count() == 2 and w.versions_combo.itemText(0) == "bundled"
     w.ask_about_edits = lambda n: "discard"
@@ -569,16 +572,6 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
     assert [ly.name for ly in viewer.layers] == ["another CT"] and w.ct_combo.currentText() == "another CT"
     assert not w.export_btn.isEnabled()
     _settle(w, qtbot)
-
-
-def test_time_left_comes_from_the_pace_of_the_steps_not_from_the_start():
-    pace = Pace()
-    # 100 s of loading and scoring before the first step, then one unit every 0.1 s
-    assert pace.seconds_left("fine-tune coarse", 10, 2000, now=100.0) is None  # one tick: no pace yet
-    assert pace.seconds_left("fine-tune coarse", 20, 2000, now=101.0) == pytest.approx(0.1 * 1980)
-    # a new stage starts timing afresh (its samples are prepared before its first step)
-    assert pace.seconds_left("fine-tune refine", 1000, 2000, now=200.0) is None
-    assert pace.seconds_left("fine-tune refine", 1100, 2000, now=205.0) == pytest.approx(0.05 * 900)
 
 
 def test_label_surfaces_are_closed_and_in_world_coordinates():

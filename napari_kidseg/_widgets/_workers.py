@@ -91,24 +91,6 @@ class Relay(QObject):
     progress = Signal(int, int, str)
 
 
-class Pace:
-    """Time left from the measured pace of the latest progress ticks of one stage. Not from the
-    start of the job: loading the models, scoring them and preparing the samples come before the
-    first step, and counting them as steps made a 2-minute fine-tune start at "106 min left"."""
-
-    def __init__(self):
-        self._first = None  # (stage, time, done) of the stage's first tick
-
-    def seconds_left(self, stage: str, done: int, total: int, now: float) -> float | None:
-        """Seconds until ``done`` reaches ``total`` at the pace since the stage's first tick (None
-        until two ticks of the stage are in)."""
-        if self._first is None or self._first[0] != stage or done < self._first[2]:
-            self._first = (stage, now, done)
-            return None
-        _, t0, d0 = self._first
-        return (now - t0) / (done - d0) * (total - done) if done > d0 else None
-
-
 _heavy_imports = None  # the thread importing torch and segmentation_models_pytorch
 
 

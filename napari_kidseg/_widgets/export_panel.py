@@ -164,6 +164,7 @@ class ExportPanel(QGroupBox):
         """Fine-tune both models (or the refine one) on the corrections folder, in a worker."""
         from .. import finetuning
         from ..models import resolve_checkpoint
+        from ..training import FinetuneSettings
 
         folder = self.export_edit.text().strip()
         if not folder:
@@ -183,8 +184,8 @@ class ExportPanel(QGroupBox):
         def job(progress, cancel):
             return finetuning.finetune_models(
                 folder,
+                settings=FinetuneSettings(device=device),
                 stages=stages,
-                device=device,
                 **parents,
                 progress=progress,
                 cancel=cancel,

@@ -8,13 +8,12 @@ Knows nothing of the dock: the job, what to do with its answer and when it ends 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..errors import KidsegError
-from ._workers import LatestRequest, Pace, Relay
+from ._workers import LatestRequest, Relay
 
 
 class RunPanel(QWidget):
@@ -28,7 +27,6 @@ class RunPanel(QWidget):
         self.job = LatestRequest(self.failed, closed)  # busy from the start of a job until end()
         self._relay = Relay()
         self._relay.progress.connect(self._on_progress)
-        self._pace = Pace()
         self._extra = ()  # other buttons off while the job runs
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -61,7 +59,6 @@ class RunPanel(QWidget):
         if self.job.busy:
             return False
         self._cancel.clear()
-        self._pace = Pace()
         self._extra = tuple(also)
         for b in (self.run_btn, *self._extra):
             b.setEnabled(False)
@@ -86,10 +83,8 @@ class RunPanel(QWidget):
             return
         self.progress.setMaximum(max(total, 1))
         self.progress.setValue(done)
-        if stage.startswith("fine-tune"):
-            left = self._pace.seconds_left(stage, done, total, time.perf_counter())
-            when = "timing the steps" if left is None else f"about {left / 60:.1f} min left, then scoring"
-            self.status.setText(f"{stage}: {100 * done / max(total, 1):.0f}%, {when}")
+        if stage.startswith("fine-tune"):  # the core's words, time left from its step times: as the CLI's
+            self.status.setText(f"{stage} ({100 * done / max(total, 1):.0f}%)")
             return
         self.status.setText(f"{stage}: {done}/{total} {'slices' if stage == 'coarse' else 'patches'}")
 

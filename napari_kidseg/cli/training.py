@@ -102,18 +102,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_finetune(args) -> int:
-    from ..finetuning import STAGES, finetune_models
+def _finetune_settings(args):
+    """``kidseg finetune``'s arguments as the core's settings (the widget uses their defaults)."""
+    from ..training import FinetuneSettings
 
-    stages = STAGES if args.stage == "both" else (args.stage,)
-    bar = _ProgressBar("fine-tune")
-    report = finetune_models(
-        args.corrections,
-        args.output,
-        stages=stages,
-        coarse=args.coarse,
-        refine=args.refine,
-        device=args.device,
+    return FinetuneSettings(
         schedule=args.schedule,
         max_steps=args.max_steps,
         epochs=args.epochs,
@@ -128,6 +121,22 @@ def cmd_finetune(args) -> int:
         lesson_weight=args.lesson_weight,
         lesson_mm=args.lesson_mm,
         reviewed_only=not args.all_slices,
+        device=args.device,
+    )
+
+
+def cmd_finetune(args) -> int:
+    from ..finetuning import STAGES, finetune_models
+
+    stages = STAGES if args.stage == "both" else (args.stage,)
+    bar = _ProgressBar("fine-tune")
+    report = finetune_models(
+        args.corrections,
+        args.output,
+        _finetune_settings(args),
+        stages=stages,
+        coarse=args.coarse,
+        refine=args.refine,
         progress=bar,
         log=lambda s: print(s, file=sys.stderr),
     )
@@ -222,7 +231,9 @@ def _add_train_parser(sub):
 
 
 def _add_finetune_parser(sub):
-    from ..finetuning import DEFAULTS
+    from ..training import FinetuneSettings
+
+    defaults = FinetuneSettings()
 
     p = sub.add_parser("finetune", help="fine-tune both models (or one) on exported corrections")
     p.add_argument("corrections", help="corrections folder (KiTS layout + manifest.json, as the widget exports)")
@@ -241,43 +252,45 @@ def _add_finetune_parser(sub):
     p.add_argument(
         "--holdout",
         type=_holdout,
-        default=DEFAULTS["holdout_fraction"],
+        default=defaults.holdout_fraction,
         help="fraction of corrected scans held out for the before/after score",
     )
     p.add_argument(
         "--replay-cases",
         type=_checked(int, lambda v: v >= 0, "must be 0 or more"),
-        default=DEFAULTS["n_replay"],
+        default=defaults.n_replay,
         help="phantom cases mixed in against forgetting",
     )
     p.add_argument(
         "--schedule",
         choices=["heldout", "fixed"],
-        default=DEFAULTS["schedule"],
+        default=defaults.schedule,
         help="heldout (default): train until the corrected cases' held-out slabs stop improving, keep the best "
         "step; fixed: --epochs x --steps-per-epoch at --lr",
     )
-    p.add_argument("--max-steps", type=_count, default=DEFAULTS["max_steps"], help="per stage (heldout schedule)")
-    p.add_argument("--epochs", type=_count, default=DEFAULTS["epochs"], help="fixed schedule only")
-    p.add_argument("--steps-per-epoch", type=_count, default=DEFAULTS["steps_per_epoch"], help="fixed schedule only")
-    p.add_argument("--batch-size", type=_count, default=DEFAULTS["batch_size"])
+    p.add_argument("--max-steps", type=_count, default=defaults.max_steps, help="per stage (heldout schedule)")
+    p.add_argument("--epochs", type=_count, default=defaults.epochs, help="fixed schedule only")
+    p.add_argument("--steps-per-epoch", type=_count, default=defaults.steps_per_epoch, help="fixed schedule only")
+    p.add_argument("--batch-size", type=_count, default=defaults.batch_size)
     p.add_argument(
-        "--lr", type=_positive, default=DEFAULTS["lr"], help="heldout: the first learning rate (quartered at plateaus)"
+        "--lr", type=_positive, default=defaults.lr, help="heldout: the first learning rate (quartered at plateaus)"
     )
     p.add_argument(
         "--lesson-weight",
         type=float,
-        default=DEFAULTS["lesson_weight"],
+        default=defaults.lesson_weight,
         help="extra loss weight of the voxels the correction changed (heldout schedule; 0: none)",
     )
     p.add_argument(
-        "--lesson-mm", type=float, default=DEFAULTS["lesson_mm"], help="how far around a changed voxel it weighs"
+        "--lesson-mm", type=float, default=defaults.lesson_mm, help="how far around a changed voxel it weighs"
     )
-    p.add_argument("--max-minutes", type=_positive, default=DEFAULTS["max_minutes"], help="per stage")
+    p.add_argument(
+        "--max-minutes", type=_positive, default=defaults.max_minutes, help="per stage, of training steps (not scoring)"
+    )
     p.add_argument(
         "--bn-momentum",
         type=_fraction,
-        default=DEFAULTS["bn_momentum"],
+        default=defaults.bn_momentum,
         help="BatchNorm statistics momentum (default 0: keep the parent's statistics)",
     )
     p.add_argument(
@@ -288,7 +301,7 @@ def _add_finetune_parser(sub):
     p.add_argument(
         "--freeze-encoder",
         action="store_true",
-        default=DEFAULTS["freeze_encoder"],
+        default=defaults.freeze_encoder,
         help="train the decoders only; the encoders keep the parents' features",
     )
     p.add_argument("--device", default="auto")
