@@ -64,7 +64,7 @@ def review_of(result, params: tuple, labels=None):
 def score_text(s, labels, ref, ref_name, comparison, problem=None):
     """The Review box: ``(html text, measurements, region table)`` of ``labels`` (the session's
     labels as corrected, a copy), with Dice and false mL against ``ref`` when there is one."""
-    from .metrics import false_ml, kits_scores, measurements
+    from .metrics import bounding_box, false_ml, kits_scores, measurements
 
     sp = s.result.spacing
     m = measurements(labels, sp)
@@ -78,6 +78,11 @@ def score_text(s, labels, ref, ref_name, comparison, problem=None):
         # two narrow blocks (Dice, then false mL), not one wide table: the dock must not need a
         # horizontal scroll bar once a reference is scored
         coarse, refined = comparison["coarse"], comparison["refine_stage"]
+        # scored on the box around every label of the five maps, not the whole volume: the same
+        # figures (nothing outside it), a fraction of the passes (the box caught up 5-7 s after a click)
+        crop = bounding_box((ref > 0) | (labels > 0) | (coarse > 0) | (refined > 0) | (s.fused > 0))
+        crop = crop or np.s_[:, :, :]
+        ref = ref[crop]
         lines.append(f"Dice vs {ref_name[: MEASURE_COLUMNS - 8]}")
         lines.append(f"{'':<10}{'kid+tum':>8}{'tumor':>8}{'KiTS':>8}")
         false_lines = [f"{'false mL':<10}{'kidney':>8}{'tumor':>8}"]
@@ -86,6 +91,7 @@ def score_text(s, labels, ref, ref_name, comparison, problem=None):
             return f"{value:>8.3f}" if present else f"{'n/a':>8}"
 
         for name, lab in (("coarse", coarse), ("refined", refined), ("fused", s.fused), ("corrected", labels)):
+            lab = lab[crop]
             k = kits_scores(lab, ref)
             f = false_ml(lab, ref, sp)
             has_kid, has_tum = (

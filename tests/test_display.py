@@ -17,6 +17,7 @@ from napari_kidseg.display import (
     review_of,
     score_text,
 )
+from napari_kidseg.metrics import kits_scores
 from napari_kidseg.review.session import FusionParams, ReviewSession
 
 PATCH = np.dtype([("roi", "i2"), ("z", "i4"), ("y0", "i4"), ("x0", "i4")])
@@ -85,6 +86,8 @@ def test_score_text_is_narrow_and_scores_against_a_reference():
     assert all(len(line) <= MEASURE_COLUMNS for line in body), "the Review box must not need a horizontal scroll"
     corrected = next(line for line in body if line.startswith("corrected") and "." in line)
     assert "1.000" not in corrected.split()[1]
+    full = kits_scores(labels, ref)  # scored on the labels' box: the figures of the whole volume
+    assert corrected.split()[1:3] == [f"{full['kidney_tumor_dice']:.3f}", f"{full['tumor_dice']:.3f}"]
     false_kidney = [line for line in body if line.startswith("corrected")][-1]
     assert false_kidney.split()[1:] == ["0.1", "0.0"]  # 27 voxels of 2 mm^3 called kidney, none tumor
     assert "hand-edited voxels: 0" in text

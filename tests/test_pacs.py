@@ -481,7 +481,8 @@ def test_the_case_worklist_widget_reviews_a_pacs_and_sends_back(make_napari_view
     except qtbot.TimeoutError:
         raise AssertionError(f"status: {w.status.text()!r}; rows: {w.worklist.rows}") from None
     assert w.worklist.is_fetched(w.worklist.rows[0])
-    assert w.mark_reviewed() is not None
+    assert w.mark_reviewed()
+    qtbot.waitUntil(lambda: w.last_reviewed is not None, timeout=60_000)
     assert w.worklist.wait_sent(60)
     qtbot.waitUntil(lambda: "sent to the PACS" in w.table.item(0, 1).text(), timeout=10_000)
     w.close_worklist()

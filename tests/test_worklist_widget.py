@@ -95,7 +95,10 @@ def test_review_loop_drafts_ahead_autosaves_resumes_and_exports(
     wl2.close_worklist()
     # mark reviewed: exported (KiTS layout), counted, and the next case opens
     cw.export_folder = tmp_path / "export"
-    case_dir = wl.mark_reviewed()
+    assert wl.mark_reviewed() and wl.exporting  # written in a worker: the GUI thread goes on
+    assert wl.last_reviewed is None and wl.mark_reviewed() is None  # a second press waits for the first
+    qtbot.waitUntil(lambda: wl.last_reviewed is not None, timeout=60_000)
+    case_dir = wl.last_reviewed
     assert np.array_equal(readers.read_labels(case_dir / volumes.KITS_LABELS).array, edited)
     assert wl.progress.value() == 1 and wl.worklist.rows[0].status == "reviewed"
     _shown(wl, cw, qtbot, "case_00001")
@@ -151,6 +154,7 @@ def test_new_models_mark_older_drafts_and_k_reviewed_cases_start_a_finetune(
     cw.export_folder = tmp_path / "export"
     _quiet(wl, cw, qtbot)
     wl.mark_reviewed()
+    qtbot.waitUntil(lambda: wl.last_reviewed is not None, timeout=60_000)
     assert started == [str(tmp_path / "export")]
     _quiet(wl, cw, qtbot)
     wl.close_worklist()

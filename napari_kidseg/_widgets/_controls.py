@@ -23,7 +23,8 @@ class Hooks:
     notify: Callable  # notify(message, error=False): the status line and a napari notification
     failed: Callable  # failed(exc): a worker's error, in one line
     closed: Callable  # closed(): the viewer was closed, late answers are dropped
-    edited: Callable  # edited(): the labels changed, the Review box follows (debounced)
+    edited: Callable  # edited(): the labels changed by a stroke, the Review box follows (debounced)
+    changed: Callable  # changed(): the labels changed by a tool, undo or redo: the Review box follows now
 
 
 def path_row(parent, placeholder, folder=False):

@@ -9,6 +9,8 @@ position is fused again). ``hold`` keeps it busy without a worker (a prepared re
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -104,6 +106,15 @@ def start_heavy_imports():
 def _import_heavy():
     import segmentation_models_pytorch  # noqa: F401
     import torch  # noqa: F401
+
+    # torch and the model zoo bring some 360,000 objects that every full garbage collection walks
+    # with the interpreter lock held: 3-4 s under load, measured, and napari collects on each layer
+    # it removes (a Windows OpenGL workaround), so closing a second CT froze the viewer 10-25 s. The
+    # objects alive now (modules, the viewer) are moved out of every later collection; a layer that
+    # exists now and is removed later may stay in memory (at most the CT opened before the dock).
+    # KIDSEG_GC_FREEZE=0 keeps them collectable (the test suite: many viewers, each one closed).
+    if os.environ.get("KIDSEG_GC_FREEZE", "1") != "0":
+        gc.freeze()
 
 
 def wait_for_heavy_imports(timeout: float | None = None):

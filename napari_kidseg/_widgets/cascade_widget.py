@@ -93,6 +93,7 @@ class CascadeWidget(QWidget):
             failed=self.run_box.failed,
             closed=self._closed.is_set,
             edited=lambda: self.review_box.measure_timer.start(),
+            changed=lambda: self.review_box.update_measurements(),
         )
         self.models_box = ModelsPanel(
             hooks,

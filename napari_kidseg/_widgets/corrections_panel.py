@@ -56,6 +56,7 @@ class CorrectionsPanel(QGroupBox):
         self.viewer = hooks.viewer
         self._session, self._fused, self._ct = hooks.session, hooks.fused, hooks.ct
         self._say, self._notify, self._edited, self._closed = hooks.say, hooks.notify, hooks.edited, hooks.closed
+        self._changed = hooks.changed
         self._tool = LatestRequest(hooks.failed, hooks.closed)
         self._pending = None  # the planned Change shown as a preview
         self._cut_start = None  # the first click of a cut line
@@ -330,7 +331,7 @@ class CorrectionsPanel(QGroupBox):
             return
         self._fused().refresh()
         self._say(f"{change.name}: {change.summary or f'{change.voxels} voxel(s) changed'}")
-        self._edited()
+        self._changed()  # one change, not a stroke of many: no need to wait for the edits to rest
 
     def history(self, which: str):
         """ "undo" or "redo" on the session's history."""
@@ -339,7 +340,7 @@ class CorrectionsPanel(QGroupBox):
         name = getattr(self._session(), which)()
         self._fused().refresh()
         self._say(f"{which}: {name}" if name else f"nothing to {which}")
-        self._edited()
+        self._changed()
 
     def mark_slice_reviewed(self):
         s = self._session()

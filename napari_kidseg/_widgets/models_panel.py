@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QGrou
 
 from ._controls import Hooks, path_row
 from ._workers import LatestRequest
-from .result_layers import LAYER_NAMES, SURFACE_NAMES
+from .result_layers import LAYER_NAMES, SURFACE_NAMES, remove_layers
 
 
 class ModelsPanel(QGroupBox):
@@ -196,16 +196,14 @@ class ModelsPanel(QGroupBox):
         session.sync_edits()
         if self._ask_new_ct(layer.name, int(session.hand_edited_voxels)) != "replace":
             came_with = [ly for ly in self.viewer.layers if ly not in before]  # e.g. its reference labels
-            for ly in came_with:
-                self.viewer.layers.remove(ly)
+            remove_layers(self.viewer, came_with)
             h.notify(f"{layer.name!r} closed: this case stays")
             return
         old_ct = self.ct_combo.currentText()
         ours = {*LAYER_NAMES.values(), *SURFACE_NAMES.values(), old_ct}
         gone = [ly for ly in before if ly in self.viewer.layers and (ly.name in ours or isinstance(ly, Labels))]
         self._close_case()
-        for ly in gone:  # this case's CT, results and reference labels
-            self.viewer.layers.remove(ly)
+        remove_layers(self.viewer, gone)  # this case's CT, results and reference labels
         self.select_ct(layer.name)
         self.viewer.reset_view()
         h.notify(f"{layer.name!r} is the case now: press Run")

@@ -144,6 +144,14 @@ def reference_layer(viewer, shape):
     return None, problem
 
 
+def remove_layers(viewer, layers):
+    """Remove the layers in one batch: napari cleans its scene graph (a full garbage collection)
+    once per batch, not once per layer."""
+    with viewer.layers.batched_update():
+        for ly in layers:
+            viewer.layers.remove(ly)
+
+
 def current_slice(viewer) -> int:
     return int(viewer.dims.current_step[0])
 

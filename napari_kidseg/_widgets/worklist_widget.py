@@ -76,6 +76,8 @@ class WorklistWidget(QWidget):
         self._reviewed_since_finetune = 0
         self._touched = False  # the open case was edited since it opened
         self._reviewed_at_open = set()
+        self._exporting = LatestRequest(closed=lambda: self.worklist is None)  # Mark reviewed's export
+        self.last_reviewed = None  # the case folder the latest Mark reviewed exported
         lay = QVBoxLayout(self)
         self._build_form(lay)
         self._build_case_list(lay)
@@ -429,7 +431,7 @@ class WorklistWidget(QWidget):
         from napari.qt.threading import create_worker
 
         wl = self.worklist
-        if wl is None or not 0 <= index < len(wl.rows) or self._opening is not None:
+        if wl is None or not 0 <= index < len(wl.rows) or self._opening is not None or self._exporting.busy:
             return
         if self.cascade_widget.busy:
             self._notify("the Kidney cascade widget is busy: wait for its run to end", error=True)
@@ -662,9 +664,11 @@ class WorklistWidget(QWidget):
             self.open_case(self.current - 1)
 
     def mark_reviewed(self):
-        """Export the case (KiTS layout + manifest, DICOM SEG for DICOM CTs) and open the next one."""
+        """Export the case (KiTS layout + manifest, DICOM SEG for DICOM CTs) in a worker (writing it
+        held the GUI thread 2-5 s), then open the next one. True once the export started;
+        :attr:`last_reviewed` is the case folder when it is written."""
         wl, cw = self.worklist, self.cascade_widget
-        if wl is None or self.current is None or cw.session is None:
+        if wl is None or self.current is None or cw.session is None or self._exporting.busy:
             return None
         folder = cw.export_folder
         if not folder:
@@ -672,20 +676,32 @@ class WorklistWidget(QWidget):
         s = cw.session
         s.sync_edits()
         row = wl.rows[self.current]
-        try:
-            case_dir = wl.mark_reviewed(
-                row,
-                cw.ct_volume,
-                s.labels,
-                folder,
-                seconds=self._elapsed(),
-                checkpoints={"coarse": cw.cascade.coarse_path, "refine": cw.cascade.refine_path},
-                params=s.params,
-                hand_edited_voxels=s.hand_edited_voxels,
-            )
-        except KidsegError as exc:
-            self._notify(str(exc), error=True)
-            return None
+        ct, labels, seconds = cw.ct_volume, s.labels.copy(), self._elapsed()
+        kwargs = {
+            "checkpoints": {"coarse": cw.cascade.coarse_path, "refine": cw.cascade.refine_path},
+            "params": s.params,
+            "hand_edited_voxels": s.hand_edited_voxels,
+        }
+        self.last_reviewed = None
+        self._autosave_timer.stop()  # the worklist's state is written by the export meanwhile
+        self._periodic.stop()
+        self.status.setText(f"exporting {row.case}...")
+
+        def failed(exc):
+            self._periodic.start()
+            self._notify(str(exc) if isinstance(exc, KidsegError) else f"export failed: {exc!r}", error=True)
+
+        return self._exporting.start(
+            lambda: wl.mark_reviewed(row, ct, labels, folder, seconds=seconds, **kwargs),
+            done=lambda case_dir: self._reviewed(row, case_dir, folder),
+            failed=failed,
+        )
+
+    def _reviewed(self, row, case_dir, folder):
+        """The case is exported: saved, counted, then the next case (or the fine-tune it is time for)."""
+        cw = self.cascade_widget
+        self.last_reviewed = case_dir
+        self._periodic.start()
         self.autosave()
         self._refresh_table()
         sending = "; sending the DICOM SEG and the report to the PACS" if row.pacs else ""
@@ -696,9 +712,13 @@ class WorklistWidget(QWidget):
             self._reviewed_since_finetune = 0
             self.status.setText(f"{k} case(s) reviewed: fine-tuning the models on {folder} in the background")
             cw.finetune()  # its progress, checks and 'Use the new models' are the Kidney cascade widget's
-            return case_dir
+            return
         self.next_case()
-        return case_dir
+
+    @property
+    def exporting(self) -> bool:
+        """Mark reviewed's export is being written."""
+        return self._exporting.busy
 
     def redraft(self):
         """Draft the open case again with the models now in the Kidney cascade widget."""
