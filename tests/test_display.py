@@ -1,4 +1,4 @@
-"""The review's display arithmetic (napari_kidseg.display) without Qt, napari or a display."""
+"""The review's display arithmetic (napari_kidseg.review.display) without Qt, napari or a display."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 import numpy as np
 
 from napari_kidseg.cascade import CascadeResult
-from napari_kidseg.display import (
+from napari_kidseg.metrics import kits_scores
+from napari_kidseg.review.display import (
     MEASURE_COLUMNS,
     carried_edits,
     changed_voxels,
@@ -17,7 +18,6 @@ from napari_kidseg.display import (
     review_of,
     score_text,
 )
-from napari_kidseg.metrics import kits_scores
 from napari_kidseg.review.session import FusionParams, ReviewSession
 
 PATCH = np.dtype([("roi", "i2"), ("z", "i4"), ("y0", "i4"), ("x0", "i4")])
@@ -122,7 +122,7 @@ def test_changed_voxels_counts_voxels_and_ml_on_the_same_grid_only():
 
 def test_the_display_arithmetic_needs_neither_qt_nor_napari():
     code = (
-        "import sys, napari_kidseg.display\n"
+        "import sys, napari_kidseg.review.display\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'napari', 'vispy')]\n"
         "assert not bad, bad\n"
     )

@@ -9,10 +9,10 @@ import pytest
 from qtpy.QtCore import QTimer
 
 from napari_kidseg._widgets.cascade_widget import CLICK_MODES, LAYER_NAMES, WINDOW_KEYS, CascadeWidget
-from napari_kidseg.display import kidney_focus
 from napari_kidseg.io import readers
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
 from napari_kidseg.review.corrections_folder import manifest_cases
+from napari_kidseg.review.display import kidney_focus
 
 pytestmark = pytest.mark.gui
 

@@ -295,7 +295,7 @@ class CascadeWidget(QWidget):
 
     # ------------------------------------------------------------------ run
     def run(self):
-        from ..display import carried_edits
+        from ..review.display import carried_edits
 
         if self._run.busy:
             return
@@ -327,7 +327,7 @@ class CascadeWidget(QWidget):
             # everything slow happens here, off the GUI thread: loading, inference, first fusion
             wait_for_heavy_imports()
             from ..cascade import Cascade
-            from ..display import review_of
+            from ..review.display import review_of
 
             cascade = Cascade(*paths[:2], device=paths[2]) if reload else old
             result = cascade.run(ct.array, ct.geometry.spacing, progress=progress, cancel=cancel.is_set, mirror=mirror)
@@ -340,7 +340,7 @@ class CascadeWidget(QWidget):
         """Off the GUI thread: the review session of a result made elsewhere (a worklist's draft),
         with the labels as corrected so far, and its comparison maps. Pass both to
         :meth:`show_prepared` on the GUI thread."""
-        from ..display import review_of
+        from ..review.display import review_of
 
         return review_of(result, self.fusion_box.params(), labels)
 
@@ -396,7 +396,7 @@ class CascadeWidget(QWidget):
             self.run_box.end()
 
     def _result_shown(self, cascade, session, comparison):
-        from ..display import changed_voxels
+        from ..review.display import changed_voxels
 
         self.cascade, self.session, self._comparison = cascade, session, comparison
         session.reviewed.update(self._restore_reviewed)  # the widget marks slices in the session's own set

@@ -94,7 +94,7 @@ class FusionPanel(QGroupBox):
 
     def _fusion_job(self):
         """The whole volume fused at the sliders' values (the latest request: see _workers)."""
-        from ..display import comparison_maps
+        from ..review.display import comparison_maps
 
         s = self._session()
         if s is None:

@@ -2,7 +2,7 @@
 diameters, Dice against a reference), the region table, the CT window and the 3D view.
 
 Knows the review session and the case only through callables handed in; never the dock. The
-measuring (:func:`napari_kidseg.display.score_text`) and the 3D surfaces run in workers.
+measuring (:func:`napari_kidseg.review.display.score_text`) and the 3D surfaces run in workers.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class ReviewPanel(QGroupBox):
         self._measuring.request(self._measure_job)
 
     def _measure_job(self):
-        from ..display import score_text
+        from ..review.display import score_text
 
         s = self._session()
         if s is None:

@@ -12,9 +12,9 @@ import textwrap
 
 import numpy as np
 
-from .labels import BACKGROUND, TUMOR
-from .review.session import FusionParams, ReviewSession
-from .roi import patch_rois
+from ..labels import BACKGROUND, TUMOR
+from ..roi import patch_rois
+from .session import FusionParams, ReviewSession
 
 MEASURE_COLUMNS = 38  # the Review box's text is at most this wide (monospace): no horizontal scroll
 
@@ -64,7 +64,7 @@ def review_of(result, params: tuple, labels=None):
 def score_text(s, labels, ref, ref_name, comparison, problem=None):
     """The Review box: ``(html text, measurements, region table)`` of ``labels`` (the session's
     labels as corrected, a copy), with Dice and false mL against ``ref`` when there is one."""
-    from .metrics import bounding_box, false_ml, kits_scores, measurements
+    from ..metrics import bounding_box, false_ml, kits_scores, measurements
 
     sp = s.result.spacing
     m = measurements(labels, sp)
