@@ -146,7 +146,11 @@ def real_study(out: Path, names: list[str], time_cap: bool = True) -> dict:
         corr = out / f"corrections-{name}"
         if not corr.exists():
             ct = volumes.read_ct(real / "ct.nii.gz")
-            export_correction(corr, ct, readers.read_labels(real / "kidneys.nii.gz", like=ct).array)
+            # as the tool exports a reviewed draft: the labels corrected, the draft's organ map beside them
+            draft = Cascade(bundled_checkpoint("coarse"), bundled_checkpoint("refine"), device="cpu")
+            organs = draft.run(ct.array, ct.geometry.spacing).organs
+            kidneys = readers.read_labels(real / "kidneys.nii.gz", like=ct).array
+            export_correction(corr, ct, kidneys, organs=organs)
         t0 = time.time()
         settings, stages = setting(name, **({} if time_cap else {"max_minutes": None}))
         report = finetune_models(corr, corr / "models" / f"child-{int(t0)}", settings, stages=stages, log=print)

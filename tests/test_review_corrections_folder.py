@@ -156,3 +156,31 @@ def test_the_docks_export_note_comes_from_the_entry_written(tmp_path, small_case
     anon = volumes.read_ct(shared_path("realct", "totalseg-abdomen-3mm", "dicom-series"))
     case, note = export_correction_with_note(tmp_path, anon, np.ones(anon.array.shape, np.uint8), {})
     assert note.startswith("; no DICOM SEG: ") and "has no StudyInstanceUID" in note
+
+
+def test_the_drafts_organ_map_goes_with_the_correction_and_trains_the_organs(tmp_path, small_case, monkeypatch):
+    """An organ-aware network fine-tuned on a correction must keep seeing the spleen as spleen
+    where the radiologist left background (else the fine-tune calls it kidney again)."""
+    from napari_kidseg import labels as lab
+    from napari_kidseg import training
+
+    monkeypatch.setattr(training, "cache_root", lambda: tmp_path / "cache")
+    src = tmp_path / "ct.nii.gz"
+    volumes.write_volume(src, small_case.ct.array, small_case.ct)
+    ct = volumes.read_ct(src)
+    kits = small_case.labels
+    spleen = lab.ORGANS.index("spleen") + 1  # organ codes are 1-based (CascadeResult.organs)
+    organs = np.zeros_like(kits)
+    organs[:, :4, :4] = spleen  # a corner the labels leave background
+    assert not kits[:, :4, :4].any()
+    root = tmp_path / "corr"
+    with pytest.raises(KidsegError, match="shape"):
+        export_correction(root, ct, kits, organs=organs[:-1])
+    entry = export_correction(root, ct, kits, organs=organs)
+    case = root / entry["case"]
+    assert entry["organs"] == volumes.KITS_ORGANS and (case / volumes.KITS_ORGANS).exists()
+    target = np.load(training.cache_case(case).labels_path)
+    assert np.all(target[:, :4, :4] == lab.ORGAN_TARGET0 - 1 + spleen), "the spleen is taught as spleen"
+    assert np.array_equal(target[kits > 0], kits[kits > 0]), "the corrected kidneys stay the lesson"
+    again = export_correction(root, ct, kits, update=True)  # an update without the draft's organs
+    assert again["organs"] is None and not (case / volumes.KITS_ORGANS).exists(), "no stale organ map"

@@ -131,6 +131,7 @@ class ExportPanel(QGroupBox):
             "checkpoints": {"coarse": cascade.coarse_path, "refine": cascade.refine_path},
             "params": s.params,
             "hand_edited_voxels": s.hand_edited_voxels,
+            "organs": s.result.organs,  # the draft's organ context (export_correction)
             "reviewed_slices": s.reviewed_slices(),
             "whole_case_reviewed": self.whole_case_check.isChecked(),
         }

@@ -681,6 +681,7 @@ class WorklistWidget(QWidget):
             "checkpoints": {"coarse": cw.cascade.coarse_path, "refine": cw.cascade.refine_path},
             "params": s.params,
             "hand_edited_voxels": s.hand_edited_voxels,
+            "organs": s.result.organs,  # the draft's organ context (export_correction)
         }
         self.last_reviewed = None
         self._autosave_timer.stop()  # the worklist's state is written by the export meanwhile

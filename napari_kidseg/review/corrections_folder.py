@@ -69,6 +69,7 @@ def export_correction(
     reviewed_slices=None,
     whole_case_reviewed: bool = False,
     update: bool | None = None,
+    organs: np.ndarray | None = None,
 ) -> dict:
     """Write one corrected case in KiTS layout under ``root`` and add it to ``root/manifest.json``.
 
@@ -81,6 +82,12 @@ def export_correction(
     ``whole_case_reviewed``). Returns the case's manifest entry as written (a copy): ``"case"`` is
     its folder's name under ``root``, ``"dicom_seg"`` / ``"dicom_seg_note"`` say whether a DICOM SEG
     came with it (a CT read from a DICOM series) and why not.
+
+    ``organs``: the draft's organ map (:attr:`CascadeResult.organs`, organ codes of
+    :data:`labels.ORGANS`), written beside the labels as ``organs.nii.gz``. An organ-aware network
+    fine-tuned on the correction then keeps learning the spleen and liver where the radiologist
+    left background; without it every background voxel teaches "no organ", and on the real proxy
+    a fine-tune turned the DICOM series' spleen and liver back into 155 mL of kidney.
     """
     from ..io.files import file_sha256
 
@@ -89,6 +96,8 @@ def export_correction(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KidsegError(f"cannot create the corrections folder ({exc.strerror})", root) from None
+    if organs is not None and np.shape(organs) != np.shape(labels):
+        raise KidsegError(f"the organ map's shape {np.shape(organs)} is not the labels' {np.shape(labels)}", root)
     manifest_path = root / MANIFEST
     manifest = _read_manifest(root)
     scan = scan_sha256(ct)
@@ -109,6 +118,7 @@ def export_correction(
         "reviewed_slices": None if reviewed_slices is None else sorted(int(z) for z in reviewed_slices),
         "whole_case_reviewed": bool(whole_case_reviewed),
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "organs": volumes.KITS_ORGANS if organs is not None else None,  # the draft's organ context
     }
     if same and update:
         old = same[-1]
@@ -127,6 +137,11 @@ def export_correction(
         old = manifest["cases"][-1]
     if ct.source is not None and ct.source.format == "dicom" and Path(ct.source.path).is_dir():
         old.update(_export_dicom_seg(case_dir, ct, labels, entry["checkpoints"]))
+    organ_file = case_dir / volumes.KITS_ORGANS
+    if organs is not None:
+        volumes.write_labels(organ_file, np.asarray(organs, np.uint8), ct, overwrite=True)
+    elif organ_file.exists():  # an update without a draft's organs: the old map no longer fits the labels
+        organ_file.unlink()
     with files.atomic_path(manifest_path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     return copy.deepcopy(old)
