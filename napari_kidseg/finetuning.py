@@ -306,7 +306,7 @@ def parent_drafts(case_dirs, coarse, refine, device="auto", cancel=None) -> dict
     corrected) and the coarse stage alone (anatomy check off: what the coarse network itself
     says, a spleen the check removed included), with the case's spacing."""
     from .cascade import Cascade
-    from .training import map_kits_labels
+    from .labels import map_kits_labels
 
     cascade = Cascade(coarse, refine, device=device)
     out = {}
@@ -402,8 +402,8 @@ def guard_scores(held, guard, models: dict, drafts, slabs, device, train_dirs=()
 def evaluate_cascade(case_dirs, coarse_checkpoint, refine_checkpoint, device="auto", **fuse_kwargs) -> dict:
     """Mean KiTS scores of the whole cascade on KiTS-layout cases with reference labels."""
     from .cascade import Cascade
+    from .labels import map_kits_labels
     from .metrics import kits_scores
-    from .training import map_kits_labels
 
     cascade = Cascade(coarse_checkpoint, refine_checkpoint, device=device)
     rows = []

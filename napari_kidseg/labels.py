@@ -128,3 +128,18 @@ def network_target(y, kits_classes: int, n_organs: int):
     if n_organs:
         return torch.where(is_organ, y - ORGAN_TARGET0 + kits_classes, y)
     return torch.where(is_organ, BACKGROUND, y)
+
+
+KITS_LABEL_MAP = {BACKGROUND: BACKGROUND, KIDNEY: KIDNEY, TUMOR: TUMOR, CYST: KIDNEY}  # KiTS21/23 cyst -> kidney
+
+
+def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
+    """KiTS19/21/23 labels for a network of ``classes`` classes: a 3-class (KiTS19) network learns
+    a KiTS21/23 cyst as kidney, a 4-class one keeps it. Values that are no KiTS label are refused."""
+    values = np.unique(labels)
+    bad = [int(v) for v in values if int(v) not in KITS_LABEL_MAP]
+    if bad:
+        raise KidsegError(f"label values {bad} are not KiTS labels (0 background, 1 kidney, 2 tumor, 3 cyst)", path)
+    if classes == 3 and values.max(initial=0) > TUMOR:
+        labels = np.where(labels == CYST, KIDNEY, labels).astype(np.uint8)
+    return labels

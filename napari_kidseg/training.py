@@ -30,11 +30,19 @@ import numpy as np
 from . import roi
 from .errors import KidsegError
 from .io import files, readers, volumes
-from .labels import BACKGROUND, CYST, KIDNEY, TUMOR, UNLABELLED, kits_foreground, network_target, training_target
+from .labels import (
+    BACKGROUND,
+    CYST,
+    KIDNEY,
+    TUMOR,
+    UNLABELLED,
+    kits_foreground,
+    map_kits_labels,
+    network_target,
+    training_target,
+)
 from .models import ModelConfig, add_organ_channels, build_model, load_checkpoint, save_checkpoint
 from .preprocessing import context_indices, hu_to_input
-
-KITS_LABEL_MAP = {BACKGROUND: BACKGROUND, KIDNEY: KIDNEY, TUMOR: TUMOR, CYST: KIDNEY}  # KiTS21/23 cyst -> kidney
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
@@ -59,18 +67,6 @@ def find_cases(roots) -> list[Path]:
             )
         cases.extend(found)
     return cases
-
-
-def map_kits_labels(labels: np.ndarray, path, classes: int = 3) -> np.ndarray:
-    """KiTS19/21/23 labels for a network of ``classes`` classes: a 3-class (KiTS19) network learns
-    a KiTS21/23 cyst as kidney, a 4-class one keeps it. Values that are no KiTS label are refused."""
-    values = np.unique(labels)
-    bad = [int(v) for v in values if int(v) not in KITS_LABEL_MAP]
-    if bad:
-        raise KidsegError(f"label values {bad} are not KiTS labels (0 background, 1 kidney, 2 tumor, 3 cyst)", path)
-    if classes == 3 and values.max(initial=0) > TUMOR:
-        labels = np.where(labels == CYST, KIDNEY, labels).astype(np.uint8)
-    return labels
 
 
 def target_for(y, cfg: ModelConfig):

@@ -13,7 +13,7 @@ import pytest
 from napari_kidseg import models, roi, training
 from napari_kidseg.errors import KidsegError
 from napari_kidseg.io import readers, volumes
-from napari_kidseg.labels import kits_foreground
+from napari_kidseg.labels import kits_foreground, map_kits_labels
 from napari_kidseg.phantoms.procedural import make_phantom
 from napari_kidseg.phantoms.writer import write_phantom_cases
 
@@ -60,9 +60,9 @@ def test_training_and_inference_cut_the_same_patches(tiny_dataset):
 
 def test_kits21_cysts_are_mapped_and_bad_labels_refused(tmp_path):
     lab = np.array([0, 1, 2, 3], np.uint8)
-    assert training.map_kits_labels(lab, "x").tolist() == [0, 1, 2, 1]
+    assert map_kits_labels(lab, "x").tolist() == [0, 1, 2, 1]
     with pytest.raises(KidsegError, match=r"label values \[7\]"):
-        training.map_kits_labels(np.array([0, 7], np.uint8), tmp_path / "seg.nii.gz")
+        map_kits_labels(np.array([0, 7], np.uint8), tmp_path / "seg.nii.gz")
 
 
 def test_empty_or_malformed_dataset_folders_are_clear_errors(tmp_path):
