@@ -125,13 +125,12 @@ class ExportPanel(QGroupBox):
             return
         if self._export.busy:
             return
+        from ..review.corrections_folder import export_provenance
+
         ct, cascade = self._hooks.ct(), self._cascade()
         s.sync_edits()
         kwargs = {
-            "checkpoints": {"coarse": cascade.coarse_path, "refine": cascade.refine_path},
-            "params": s.params,
-            "hand_edited_voxels": s.hand_edited_voxels,
-            "organs": s.result.organs,  # the draft's organ context (export_correction)
+            **export_provenance(s, cascade),
             "reviewed_slices": s.reviewed_slices(),
             "whole_case_reviewed": self.whole_case_check.isChecked(),
         }

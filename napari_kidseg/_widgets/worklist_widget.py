@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import KidsegError
+from ..review.corrections_folder import export_provenance
 from ..review.worklist import draft_case
 from ._workers import LatestRequest
 
@@ -677,12 +678,7 @@ class WorklistWidget(QWidget):
         s.sync_edits()
         row = wl.rows[self.current]
         ct, labels, seconds = cw.ct_volume, s.labels.copy(), self._elapsed()
-        kwargs = {
-            "checkpoints": {"coarse": cw.cascade.coarse_path, "refine": cw.cascade.refine_path},
-            "params": s.params,
-            "hand_edited_voxels": s.hand_edited_voxels,
-            "organs": s.result.organs,  # the draft's organ context (export_correction)
-        }
+        kwargs = export_provenance(s, cw.cascade)
         self.last_reviewed = None
         self._autosave_timer.stop()  # the worklist's state is written by the export meanwhile
         self._periodic.stop()

@@ -148,6 +148,18 @@ def export_correction(
     return copy.deepcopy(old)
 
 
+def export_provenance(session, cascade) -> dict:
+    """What :func:`export_correction` records of where a reviewed draft came from, for the dock's
+    export and the worklist's Mark reviewed alike: the models, the sliders, the voxels the user
+    set, and the draft's organ map."""
+    return {
+        "checkpoints": {"coarse": cascade.coarse_path, "refine": cascade.refine_path},
+        "params": session.params,
+        "hand_edited_voxels": session.hand_edited_voxels,
+        "organs": session.result.organs,
+    }
+
+
 DICOM_SEG_NAME = "segmentation.seg.dcm"
 
 
