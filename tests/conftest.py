@@ -20,6 +20,20 @@ os.environ.setdefault("KIDSEG_GC_FREEZE", "0")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def case_digest(case) -> str:
+    """The golden checksum of a phantom case: CT, labels, organ map, info and geometry (16 hex digits)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(case.ct.array.tobytes())
+    h.update(case.labels.tobytes())
+    h.update(case.organs.tobytes())
+    h.update(json.dumps(case.info, sort_keys=True).encode())
+    h.update(repr(case.ct.geometry).encode())
+    return h.hexdigest()[:16]
+
+
 def shared_path(*parts) -> Path:
     """A path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)
