@@ -107,6 +107,7 @@ class Counter:
     def __init__(self):
         self.rows = []
         self.mode = None
+        self.view = None  # the slice in view
 
     def add(self, what, n):
         self.rows.append((what, n))
@@ -171,6 +172,7 @@ def remove_joined_part(session, reference, false_mask, counter, name, spacing):
         if ends is not None:
             ch = session.plan_cut(z, ends[0], ends[1], slab_mm=slab_mm)
             session.apply_change(ch, seen=z)
+            counter.view = z
             counter.add(f"{name}: go to slice {z}, cut line ({ch.summary.split(';')[-1].strip()[:44]})", 3)
     # delete each false part that no longer touches a kidney: a click on it
     for _ in range(8):
@@ -182,11 +184,18 @@ def remove_joined_part(session, reference, false_mask, counter, name, spacing):
         ]
         if not ids:
             break
-        z, y, x = np.argwhere(lab == ids[0])[0]
+        part = lab == ids[0]
         counter.key("delete", "Shift-D")
+        if counter.view is not None and part[counter.view].any():  # the part is in view: click it there
+            y, x = np.argwhere(part[counter.view])[0]
+            z, where, n = counter.view, "in view", 1
+        else:
+            z, y, x = np.argwhere(part)[0]
+            where, n = f"go to slice {z}", 2
         ch = session.plan_region_edit(int(z), int(y), int(x), "delete component")
         session.apply_change(ch, seen=int(z))
-        counter.add(f"{name}: go to slice {z}, delete click ({ch.summary})", 2)
+        counter.view = int(z)
+        counter.add(f"{name}: {where}, delete click ({ch.summary})", n)
     left = false_mask & (session.labels > 0)
     if left.any():
         counter.add(f"{name}: {np.count_nonzero(left) * float(np.prod(spacing)) / 1000:.1f} mL still on the kidney", 0)
@@ -211,6 +220,7 @@ def play(result, reference, base, traps, spacing, title):
         counter.add(f"liver cyst: go to slice {z}", 1)
         ch = session.plan_region_edit(int(z), int(y), int(x), "delete")
         session.apply_change(ch, seen=int(z))
+        counter.view = int(z)
         counter.add(f"liver cyst: delete click on the false tumor ({ch.summary})", 1)
     remove_joined_part(session, reference, traps[0] > 0, counter, "liver cyst rim", spacing)
     remove_joined_part(session, reference, traps[1] > 0, counter, "spleen tip", spacing)
