@@ -34,6 +34,7 @@ Prints a table per draft; asserts nothing (the figures are for the README and th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -201,7 +202,43 @@ def remove_joined_part(session, reference, false_mask, counter, name, spacing):
         counter.add(f"{name}: {np.count_nonzero(left) * float(np.prod(spacing)) / 1000:.1f} mL still on the kidney", 0)
 
 
-def play(result, reference, base, traps, spacing, title):
+def split_off_part(session, reference, false_mask, counter, name, spacing, ct):
+    """Split ``false_mask`` off the kidney it joins with **Split off**: on the slice in the middle
+    of the join, a click deep in the false part, then one deep in the kidney; again while more
+    than 5 mL of it is left joined (a part that came apart is deleted with a click)."""
+    ml = float(np.prod(spacing)) / 1000.0
+    kidney = (reference > 0) & (session.labels > 0)
+    for _ in range(4):
+        still = false_mask & (session.labels > 0)
+        if np.count_nonzero(still) * ml < 5.0:  # a scrap of a few mL is not worth two more clicks
+            break
+        if not joined_to_kidney(session, kidney, still):
+            remove_joined_part(session, reference, false_mask, counter, name, spacing)
+            break
+        joined = ndimage.binary_dilation(kidney, structure=STRUCT) & still
+        zs = np.flatnonzero(joined.any((1, 2)))
+        z = int(zs[len(zs) // 2])
+        counter.key("split", "Shift-A")
+        if counter.view != z:
+            counter.add(f"{name}: go to slice {z}", 1)
+            counter.view = z
+        lab, _ = ndimage.label(session.labels > 0, structure=STRUCT)
+        comp = lab == lab[z][joined[z]][0]  # the kidney this false part joins (not the other side's)
+        deep = [ndimage.distance_transform_edt(m[z], sampling=spacing[1:]) for m in (still & comp, kidney & comp)]
+        a = (z, *np.unravel_index(np.argmax(deep[0]), deep[0].shape))
+        b = (z, *np.unravel_index(np.argmax(deep[1]), deep[1].shape))
+        if os.environ.get("COUNT_DEBUG"):
+            print(name, "clicks", a, b, session.labels[a], session.labels[b], reference[a], reference[b])
+        ch = session.plan_split_off(a, b, ct)
+        session.apply_change(ch, seen=z)
+        counter.add(f"{name}: click the false part, click the kidney ({ch.summary})", 2)
+    left = false_mask & (session.labels > 0)
+    if left.any():
+        counter.add(f"{name}: {np.count_nonzero(left) * ml:.1f} mL still on the kidney", 0)
+
+
+def play(result, reference, base, traps, spacing, title, ct=None):
+    """Correct the draft (``base`` with the traps); ``ct``: with **Split off** (else the cut)."""
     from napari_kidseg.review.session import ReviewSession
 
     session = ReviewSession(result)
@@ -212,20 +249,25 @@ def play(result, reference, base, traps, spacing, title):
     session.labels[...] = draft
     counter = Counter()
     start = foreground_dice(session.labels, reference)
-    # the false tumor core first: a delete click on the tumor label takes only the tumor
-    core = (traps[0] == TUMOR) & (session.labels == TUMOR)
-    if core.any():
-        z, y, x = np.argwhere(core)[len(np.argwhere(core)) // 2]
-        counter.key("delete", "Shift-D")
-        counter.add(f"liver cyst: go to slice {z}", 1)
-        ch = session.plan_region_edit(int(z), int(y), int(x), "delete")
-        session.apply_change(ch, seen=int(z))
-        counter.view = int(z)
-        counter.add(f"liver cyst: delete click on the false tumor ({ch.summary})", 1)
-    remove_joined_part(session, reference, traps[0] > 0, counter, "liver cyst rim", spacing)
-    remove_joined_part(session, reference, traps[1] > 0, counter, "spleen tip", spacing)
+    if ct is not None:  # one split takes the cyst's false tumor and its rim together
+        split_off_part(session, reference, traps[0] > 0, counter, "liver cyst", spacing, ct)
+        split_off_part(session, reference, traps[1] > 0, counter, "spleen tip", spacing, ct)
+    else:
+        # the false tumor core first: a delete click on the tumor label takes only the tumor
+        core = (traps[0] == TUMOR) & (session.labels == TUMOR)
+        if core.any():
+            z, y, x = np.argwhere(core)[len(np.argwhere(core)) // 2]
+            counter.key("delete", "Shift-D")
+            counter.add(f"liver cyst: go to slice {z}", 1)
+            ch = session.plan_region_edit(int(z), int(y), int(x), "delete")
+            session.apply_change(ch, seen=int(z))
+            counter.view = int(z)
+            counter.add(f"liver cyst: delete click on the false tumor ({ch.summary})", 1)
+        remove_joined_part(session, reference, traps[0] > 0, counter, "liver cyst rim", spacing)
+        remove_joined_part(session, reference, traps[1] > 0, counter, "spleen tip", spacing)
     end = foreground_dice(session.labels, reference)
-    print(f"\n### {title}: kidney+tumor Dice {start:.3f} -> {end:.3f} in {counter.total} inputs\n")
+    tool = "split off" if ct is not None else "cut"
+    print(f"\n### {title}, with {tool}: kidney+tumor Dice {start:.3f} -> {end:.3f} in {counter.total} inputs\n")
     print("| step | inputs |\n|---|---|")
     for what, n in counter.rows:
         print(f"| {what} | {n} |")
@@ -278,8 +320,9 @@ def main(argv=None):
     print(
         f"the bundled cascade's own draft (no traps): kidney+tumor Dice {foreground_dice(cascade_draft, reference):.3f}"
     )
-    play(result, reference, reference.astype(np.uint8), traps, spacing, "reference + traps")
-    play(result, reference, cascade_draft, traps, spacing, "bundled cascade's draft + traps")
+    for ct in (None, case.ct.array):
+        play(result, reference, reference.astype(np.uint8), traps, spacing, "reference + traps", ct)
+        play(result, reference, cascade_draft, traps, spacing, "bundled cascade's draft + traps", ct)
     print(f"\nbefore (version 4's tools, modelled lower bound): {before_count(reference, traps, spacing)} inputs")
 
 

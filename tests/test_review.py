@@ -331,3 +331,59 @@ def test_an_undone_edit_leaves_a_later_marks_freeze_not_its_own():
     assert not s.labels[1].any() and (s.labels[[0, 2], 5:15, 5:15] == 1).all()
     s.redo()  # the stroke again, on the 0.5 fusion: slice 1 still lies over the mark's (earlier)
     assert s.labels[1, 0, 0] == 2 and not s.labels[1, 5:15, 5:15].any()
+
+
+def _ball(shape, centre, radius_mm, spacing):
+    grid = np.indices(shape, sparse=True)
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius_mm**2
+
+
+def test_split_off_follows_a_tilted_join_that_a_slab_cut_does_not():
+    """Issue 26's count: a false ball (a liver cyst) lying on a kidney's pole joins it over a
+    surface tilted to the slices; two clicks (the false part, the kidney) split it off along
+    the CT's edge in 3D and delete it, where a straight cut through a slab leaves it joined."""
+    sp = (2.0, 1.0, 1.0)
+    shape = (24, 60, 60)
+    kidney = _ball(shape, (12, 34, 30), 18.0, sp)
+    cyst = _ball(shape, (6, 14, 30), 14.0, sp) & ~kidney  # above the pole and up: a tilted contact
+    assert _joined(kidney, cyst), "the phantom must join the two"
+    ct = np.full(shape, -100, np.int16)
+    ct[kidney] = 160
+    ct[cyst] = 5  # water-like: an edge where it meets the kidney
+    s = ReviewSession(make_result(np.zeros(shape, np.uint8), spacing=sp), NO_CHECK)
+    s.labels[kidney] = 1
+    s.labels[cyst] = 2  # drafted as tumor
+    s.labels[cyst & ~_ball(shape, (6, 14, 30), 9.0, sp)] = 1  # with a kidney rim
+    before = s.labels.copy()
+    cut = s.plan_cut(6, (24, 5), (24, 55), slab_mm=10.0)
+    assert "still joined" in cut.summary  # the straight line through a slab: the join holds
+    ch = s.plan_split_off((6, 14, 30), (12, 34, 30), ct)
+    assert (s.labels == before).all(), "planning must not touch the labels"
+    s.apply_change(ch, seen=6)
+    gone = s.labels == 0
+    assert gone[cyst].mean() > 0.95 and gone[kidney].mean() < 0.01, ch.summary
+    assert "splits off and deletes" in ch.summary and "keeps" in ch.summary
+    s.undo()
+    assert (s.labels == before).all()
+    # without a CT the depth decides: the join is a neck, and the split runs through it
+    s.apply_change(s.plan_split_off((6, 14, 30), (12, 34, 30)))
+    assert (s.labels == 0)[cyst].mean() > 0.8 and (s.labels > 0)[kidney].mean() > 0.95
+
+
+def _joined(a, b) -> bool:
+    from scipy import ndimage
+
+    lab, _ = ndimage.label(a | b, structure=np.ones((3, 3, 3), bool))
+    return bool(set(np.unique(lab[a])) & set(np.unique(lab[b])) - {0})
+
+
+def test_split_off_refuses_clicks_that_it_cannot_use():
+    s = ReviewSession(make_result(np.zeros((6, 20, 20), np.uint8)), NO_CHECK)
+    s.labels[1:5, 2:8, 2:8] = 1
+    s.labels[1:5, 12:18, 12:18] = 1
+    with pytest.raises(KidsegError, match="separate regions"):
+        s.plan_split_off((2, 14, 14), (2, 4, 4))
+    with pytest.raises(KidsegError, match="click inside the false part"):
+        s.plan_split_off((2, 10, 10), (2, 4, 4))
+    with pytest.raises(KidsegError, match="outside the volume"):
+        s.plan_split_off((9, 4, 4), (2, 4, 4))
