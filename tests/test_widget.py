@@ -412,13 +412,23 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     w.click_at(_world(ct, (12, 65, 35)))
     qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
     assert not fused.data[10:14, 61:70, 30:40].any() and (fused.data[10:14, 30:59, 20:50] == 2).all()
+    # split off (Shift-A): a click on the false part, a click on the kidney to keep (any slice);
+    # the false side is deleted, the kidney clicked stays
+    fused.data[10:14, 60:75, 30:40] = 2  # a false region joined to the kidney again
+    w.click_mode.setCurrentText("split off")
+    w.click_at(_world(ct, (12, 72, 35)))
+    assert "now click the kidney to keep" in w.status.text()
+    w.click_at(_world(ct, (11, 40, 30)))
+    qtbot.waitUntil(lambda: "tool" not in w.pending_work, timeout=30_000)
+    assert "splits off and deletes" in w.status.text()
+    assert fused.data[12, 72, 35] == 0 and fused.data[11, 40, 30] == 2
     # undo is the session's history (the buttons and Ctrl-Z): every step back gives the voxels to
     # today's fusion, so after the tools and the painting are undone nothing is "hand-edited"
     # and nothing of an old fusion stays
     from napari.utils.key_bindings import coerce_keybinding
 
     fused.keymap[coerce_keybinding("Control-Z")](fused)  # the fused layer's own Ctrl-Z (before napari's)
-    assert w.status.text() == "undo: delete region"
+    assert w.status.text() == "undo: split off"
     for _ in range(10):
         w.undo_btn.click()
     assert "nothing to undo" in w.status.text()

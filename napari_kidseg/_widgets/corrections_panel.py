@@ -30,6 +30,7 @@ CLICK_MODES = {
     "off": "Shift-O",
     "delete region": "Shift-D",  # the clicked label's region; Shift-click: the whole kidney+tumor region
     "cut": "Shift-U",  # two clicks on the slice: the line that separates a region where it joins another
+    "split off": "Shift-A",  # two clicks: the false part, then the kidney to keep; the false side goes
     "make tumor": "Shift-T",
     "make kidney": "Shift-K",
     "make cyst": "Shift-C",  # KiTS23's cyst class
@@ -60,6 +61,7 @@ class CorrectionsPanel(QGroupBox):
         self._tool = LatestRequest(hooks.failed, hooks.closed)
         self._pending = None  # the planned Change shown as a preview
         self._cut_start = None  # the first click of a cut line
+        self._split_start = None  # the first click of a split: the false part
         self._build()
         self._set_preview_enabled(False)
         # the controls' values are read here, on the GUI thread; the plans run in a worker
@@ -235,6 +237,18 @@ class CorrectionsPanel(QGroupBox):
         slab = self.cut_slab.value()
         self.plan_tool(lambda s: s.plan_cut(z, start[1:], (y, x), slab), apply=True)
 
+    def _split_click(self, z: int, y: int, x: int):
+        """Split off: the first click marks the false part, the second (on any slice) the kidney
+        to keep; the region they share is divided along the CT's edges and the false side deleted."""
+        start, self._split_start = self._split_start, None
+        if start is None:
+            self._split_start = (z, y, x)
+            self._say(f"split off: false part marked on slice {z}; now click the kidney to keep")
+            return
+        ct = self._ct()
+        hu = None if ct is None else ct.array
+        self.plan_tool(lambda s: s.plan_split_off(start, (z, y, x), hu), apply=True)
+
     def on_canvas_click(self, layer, event):
         """A click on the fused labels applies the chosen click mode to the region under it."""
         mode = self.click_mode.currentText()
@@ -246,6 +260,8 @@ class CorrectionsPanel(QGroupBox):
             self.plan_tool(lambda s: s.plan_restore_removed_region(z, y, x), apply=True)
         elif mode == "cut":
             self._cut_click(z, y, x)
+        elif mode == "split off":
+            self._split_click(z, y, x)
         else:
             action = _CLICK_ACTIONS[mode]
             if action == "delete" and "Shift" in getattr(event, "modifiers", ()):
