@@ -387,3 +387,14 @@ def test_split_off_refuses_clicks_that_it_cannot_use():
         s.plan_split_off((2, 10, 10), (2, 4, 4))
     with pytest.raises(KidsegError, match="outside the volume"):
         s.plan_split_off((9, 4, 4), (2, 4, 4))
+
+
+def test_split_off_clicks_at_the_regions_edge():
+    """A click on the region's outermost voxel: the seed ball is cut at the region's box."""
+    s = ReviewSession(make_result(np.zeros((8, 30, 30), np.uint8), spacing=(1.0, 0.5, 0.5)), NO_CHECK)
+    s.labels[0:8, 0:14, 0:30] = 1
+    s.labels[0:8, 14:30, 10:14] = 1  # a false part hanging off the kidney by a neck
+    s.labels[0:8, 18:30, 0:30] = 1
+    ch = s.plan_split_off((7, 29, 29), (0, 0, 0))
+    s.apply_change(ch)
+    assert s.labels[7, 29, 29] == 0 and s.labels[0, 0, 0] == 1

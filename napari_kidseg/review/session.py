@@ -551,9 +551,12 @@ class ReviewSession:
         # of two phantom joins gave the same division with balls; points gave the whole kidney)
         markers = np.zeros(inside.shape, np.int32)
         for value, click in ((1, a), (2, b)):
-            point = np.zeros(inside.shape, bool)
-            point[tuple(v - s.start for v, s in zip(click, box))] = True
-            markers[(ndimage.distance_transform_edt(~point, sampling=sp) <= SPLIT_SEED_MM) & inside] = value
+            centre = [v - s.start for v, s in zip(click, box)]
+            reach = [int(SPLIT_SEED_MM // d) for d in sp]
+            win = tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, r, n in zip(centre, reach, inside.shape))
+            grid = np.ogrid[win]
+            ball = sum(((g - c) * d) ** 2 for g, c, d in zip(grid, centre, sp)) <= SPLIT_SEED_MM**2
+            markers[win][ball & inside[win]] = value
         basins = watershed(elevation, markers, mask=inside)
         new = self.labels.copy()
         new[box][basins == 1] = BACKGROUND
