@@ -24,7 +24,13 @@ said so) and the guard phantoms still judge forgetting. Half of each batch is re
 more than ``FORGET_TOLERANCE`` below the parent's never counts as the best. What the correction
 changed (the parent's answer against the corrected labels, coarse stage alone and fused, widened
 by ``lesson_mm``) weighs ``lesson_weight`` times more in the loss, and those slices are drawn as
-often as tumor slices, so the coarse stage learns the deletions too. ``schedule="fixed"`` is the
+often as tumor slices, so the coarse stage learns the deletions too. The false-kidney guard: a
+step whose whole cascade calls more false kidney than its parent's (beyond
+:func:`~napari_kidseg.heldout_rule.false_kidney_limit`) on real scans without kidneys
+(:func:`kidney_free_scans`) and on the corrected cases' reviewed slices farther than
+``FALSE_KIDNEY_MM`` from their kidneys is never the best, and children that do are "worse"
+(``report["worse_on"]``): the held-out slabs alone passed a child that called 142 mL of another
+real scan kidney. ``schedule="fixed"`` is the
 earlier rule: ``epochs`` x ``steps_per_epoch`` steps at ``lr``, no lesson weights (the phantom site
 study's 5 x 20 steps at 2e-5; the model card has both side by side). The time left that the CLI
 and the widget show comes from the measured step times (:class:`StepClock`).
@@ -37,6 +43,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KidsegError
-from .heldout_rule import StepClock, train_until_heldout_stops
+from .heldout_rule import FALSE_KIDNEY_MM, StepClock, false_kidney_limit, train_until_heldout_stops
 from .io import files, readers, volumes
 from .review.corrections_folder import check_corrections, reviewed_slices, split_by_scan
 from .training import FinetuneSettings
@@ -54,6 +61,10 @@ MODELS_FOLDER = "models"
 SLAB_MM = 15.0  # held-out slabs: two of this thickness trained, one held out
 GUARD_PHANTOMS = 2  # held-out phantoms (never replayed) for the forgetting check
 WORSE_MARGIN = {"corrected": 0.005, "phantoms": 0.01}  # the "worse" guard on the whole cascade
+# real scans without kidneys for the false-kidney guard (os.pathsep-separated DICOM folders or
+# volumes); unset: the shared 3-slice liver CT beside the checkout, when there
+KIDNEY_FREE_ENV = "KIDSEG_KIDNEY_FREE_SCANS"
+SHARED_KIDNEY_FREE = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dcmqi-liver-3slice"
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
@@ -181,6 +192,8 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, settings, p
             stage=stage,
             cases=cases,
             coarse_checkpoint=new["coarse"],
+            refine_checkpoint=new["refine"],
+            guard_scans=taught["scans"],
             lessons=taught["lessons"],
             slabs=taught["slabs"],
             progress=stage_progress,
@@ -198,7 +211,14 @@ def _finetune_into(out_dir, corrections_dir, cases, parents, stages, settings, p
             leftover.unlink(missing_ok=True)  # resume files of a finished run: 3x the model's size
     t0 = time.time()
     after = guard_scores(
-        taught["held"], taught["guard"], new, None, taught["slabs"], settings.device, train_dirs=taught["train_dirs"]
+        taught["held"],
+        taught["guard"],
+        new,
+        None,
+        taught["slabs"],
+        settings.device,
+        train_dirs=taught["train_dirs"],
+        scans=taught["scans"],
     )
     seconds["children"] = time.time() - t0
     seconds["total"] = time.time() - t_start
@@ -224,9 +244,13 @@ def _what_corrections_teach(corrections_dir, cases, parents, settings, cancel, l
     if s.schedule == "heldout" and s.lesson_weight > 0:
         lessons = {c.name: lesson_file(c, drafts[c.name], parents, s.lesson_mm) for c in train_dirs}
     guard = guard_phantoms() if s.n_replay else []
+    scans, scans_line = false_kidney_scans(train_dirs, reviewed)
+    log(scans_line)
     log(f"scoring the parents on {len(held)} held-out case(s), held-out slabs and {len(guard)} held-out phantom(s)")
-    before = guard_scores(held, guard, parents, drafts, slabs, s.device)
+    before = guard_scores(held, guard, parents, drafts, slabs, s.device, scans=scans)
     return {
+        "scans": scans,
+        "scans_line": scans_line,
         "train_dirs": train_dirs,
         "held": held,
         "slabs": slabs,
@@ -246,6 +270,9 @@ def _report(taught, after, stopped, stages, parents, new, out_dir, seconds, sett
         and after.get(what)
         and after[what]["kidney_tumor_dice"] < before[what]["kidney_tumor_dice"] - margin
     ]
+    fk_before, fk_after = before.get("false_kidney"), after.get("false_kidney")
+    if fk_before and fk_after and fk_after["ml"] > false_kidney_limit(fk_before["ml"]):
+        worse_on.append("false_kidney")
     return {
         "before": before.get("corrected", {}),
         "after": after.get("corrected", {}),
@@ -253,6 +280,9 @@ def _report(taught, after, stopped, stages, parents, new, out_dir, seconds, sett
         "phantoms_after": after.get("phantoms", {}),
         "worse": bool(worse_on),
         "worse_on": worse_on,
+        "false_kidney_before": fk_before,
+        "false_kidney_after": fk_after,
+        "false_kidney_guard": taught["scans_line"],
         "stopped": stopped,
         "held_out": [c.name for c in held],
         "held_out_slabs": {k: len(v[1]) for k, v in slabs.items()} if not held else {},
@@ -374,19 +404,133 @@ def guard_phantoms() -> list[Path]:
     return replay_cases(GUARD_PHANTOMS, seed=60_000)
 
 
-def guard_scores(held, guard, models: dict, drafts, slabs, device, train_dirs=()) -> dict:
+@dataclasses.dataclass
+class FalseKidneyScan:
+    """A real scan of the false-kidney guard: kidney the cascade calls where ``where`` is True
+    (everywhere when None) is false."""
+
+    name: str
+    ct: np.ndarray
+    spacing: tuple
+    where: np.ndarray | None = None
+
+
+def kidney_free_scans() -> list[Path]:
+    """Real scans without kidneys for the false-kidney guard: those ``KIDSEG_KIDNEY_FREE_SCANS``
+    names, else the shared 3-slice liver CT beside the checkout when it is there, else none."""
+    named = os.environ.get(KIDNEY_FREE_ENV)
+    if named is None:
+        return [SHARED_KIDNEY_FREE] if SHARED_KIDNEY_FREE.is_dir() else []
+    paths = [Path(p) for p in named.split(os.pathsep) if p]
+    for p in paths:
+        if not p.exists():
+            raise KidsegError(f"not found ({KIDNEY_FREE_ENV} names it as a scan without kidneys)", p)
+    return paths
+
+
+def _far_from(foreground: np.ndarray, spacing, mm: float) -> np.ndarray:
+    """Voxels farther than ``mm`` from ``foreground`` (the distance taken in its bounding box
+    widened by ``mm``: everything outside is farther anyway)."""
+    from scipy import ndimage
+
+    far = np.ones(foreground.shape, bool)
+    zs, ys, xs = (np.flatnonzero(foreground.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    if not len(zs):
+        return far
+    box = tuple(
+        slice(max(int(v[0]) - pad, 0), int(v[-1]) + pad + 1)
+        for v, pad in zip((zs, ys, xs), (int(np.ceil(mm / sp)) + 1 for sp in spacing))
+    )
+    far[box] = ndimage.distance_transform_edt(~foreground[box], sampling=spacing) > mm
+    return far
+
+
+def false_kidney_scans(train_dirs, reviewed: dict) -> tuple[list[FalseKidneyScan], str]:
+    """The false-kidney guard's scans and a line saying which: each corrected case's reviewed
+    slices (``reviewed``: case name -> slices; absent: all) farther than ``FALSE_KIDNEY_MM`` from
+    its corrected kidney, tumor and cyst, and the real scans without kidneys."""
+    from .labels import kits_foreground, map_kits_labels
+
+    scans = []
+    for case in train_dirs:
+        ct, ref = readers.read_kits_case(case)
+        spacing = tuple(ct.geometry.spacing)
+        labels = map_kits_labels(ref.array, case / volumes.KITS_LABELS)
+        where = _far_from(kits_foreground(labels), spacing, FALSE_KIDNEY_MM)
+        if reviewed.get(case.name):
+            where[np.setdiff1d(np.arange(len(where)), reviewed[case.name])] = False
+        scans.append(FalseKidneyScan(case.name, ct.array, spacing, where))
+    free = kidney_free_scans()
+    for path in free:
+        ct = volumes.read_ct(path)
+        scans.append(FalseKidneyScan(f"kidney-free:{path.name}", ct.array, tuple(ct.geometry.spacing)))
+    line = (
+        f"false-kidney guard: {len(train_dirs)} corrected case(s) farther than {FALSE_KIDNEY_MM:g} mm from "
+        "their kidneys, and "
+        + (
+            f"{len(free)} real scan(s) without kidneys ({', '.join(p.name for p in free)})"
+            if free
+            else f"no real scan without kidneys ({KIDNEY_FREE_ENV} unset and the shared one absent): "
+            "the corrected cases only"
+        )
+    )
+    return scans, line
+
+
+def false_kidney_ml(fused: np.ndarray, scan: FalseKidneyScan) -> float:
+    """mL of the labels ``fused`` that lie where ``scan`` holds no kidney."""
+    from .metrics import volume_ml
+
+    hit = fused > 0
+    return volume_ml(hit if scan.where is None else hit & scan.where, scan.spacing)
+
+
+def false_kidney_meter(scans, coarse, refine, stage, device):
+    """A function of the ``stage`` model in training: mL of false kidney the cascade with it (and
+    the other stage's ``coarse`` or ``refine``) calls on ``scans``, all together; None without scans."""
+    from .cascade import Cascade
+
+    if not scans:
+        return None
+    cascade = Cascade(coarse, refine, device=device)
+
+    def measure(model) -> float:
+        setattr(cascade, stage, model)
+        model.eval()
+        try:
+            return float(sum(false_kidney_ml(cascade.run(s.ct, s.spacing).fuse(), s) for s in scans))
+        finally:
+            model.train()
+
+    return measure
+
+
+def guard_scores(held, guard, models: dict, drafts, slabs, device, train_dirs=(), scans=()) -> dict:
     """The "worse" guard's scores of the whole cascade: on the held-out corrected cases (or, with
-    none, on the corrected cases' held-out slabs) and on the held-out phantoms. ``drafts``: the
-    parents' runs on the corrected cases, already made; None runs ``models`` on them."""
+    none, on the corrected cases' held-out slabs), on the held-out phantoms and, with ``scans``,
+    the false kidney on them (:func:`false_kidney_scans`). ``drafts``: the parents' runs on the
+    corrected cases, already made; None runs ``models`` on them."""
     from .metrics import kits_scores
 
     out = {}
+    if drafts is None and not held:
+        cases = [c for c in train_dirs if slabs[c.name][1] or scans]
+        drafts = parent_drafts(cases, models["coarse"], models["refine"], device=device) if cases else {}
+    if scans:
+        cascade, per = None, {}
+        for scan in scans:
+            if drafts and scan.name in drafts:
+                fused = drafts[scan.name]["draft"]
+            else:
+                from .cascade import Cascade
+
+                cascade = cascade or Cascade(models["coarse"], models["refine"], device=device)
+                fused = cascade.run(scan.ct, scan.spacing).fuse()
+            per[scan.name] = false_kidney_ml(fused, scan)
+        out["false_kidney"] = {"ml": float(sum(per.values())), "scans": per}
     if held:
         out["corrected"] = evaluate_cascade(held, models["coarse"], models["refine"], device=device)
     else:
-        if drafts is None:
-            cases = [c for c in train_dirs if slabs[c.name][1]]
-            drafts = parent_drafts(cases, models["coarse"], models["refine"], device=device) if cases else {}
         rows = []
         for name, draft in drafts.items():
             zs = list(slabs[name][1])
@@ -435,6 +579,8 @@ def finetune_stage(
     stage="refine",
     cases=None,
     coarse_checkpoint=None,
+    refine_checkpoint=None,
+    guard_scans=None,
     replay_seed=50_000,
     lessons=None,
     slabs=None,
@@ -452,7 +598,10 @@ def finetune_stage(
     the learning rate, ``report["stopped"]`` says why it stopped) or "fixed" (``epochs`` x
     ``steps_per_epoch`` at ``lr``). ``lessons`` (case name -> :func:`lesson_file`) and ``slabs``
     (case name -> :func:`heldout_slabs`): made by :func:`finetune_models` for both stages at
-    once; None makes them here (the lessons by running the parents).
+    once; None makes them here (the lessons by running the parents). ``guard_scans``
+    (:func:`false_kidney_scans`, None: made here) are where the held-out rule's false-kidney guard
+    runs the cascade: the stage in training with ``coarse_checkpoint`` or ``refine_checkpoint``
+    (None: the bundled refine model) as the other stage.
 
     With ``score``, the whole cascade's Dice on held-out cases (or, with fewer than three scans, on
     the corrected cases) is measured before and after. The parent file is never written.
@@ -481,7 +630,7 @@ def finetune_stage(
             "scan, so the before/after figures are on training data)"
         )
     coarse = coarse_checkpoint if stage == "refine" else parent
-    refine_before = parent if stage == "refine" else None
+    refine_before = parent if stage == "refine" else refine_checkpoint
     before = {}
     if score:
         log(f"scoring the parent on {len(eval_dirs)} case(s)...")
@@ -496,9 +645,20 @@ def finetune_stage(
         cfg.provenance["held_out_slices"] = {k: list(v[1]) for k, v in slabs.items() if v[1]}
         guard = [cache_case(c) for c in guard_phantoms()] if s.n_replay else []
         replayed = [cache_case(c) for c in replay]
+        if guard_scans is None:
+            guard_scans, line = false_kidney_scans(train_dirs, reviewed)
+            log(line)
+        from .models import resolve_checkpoint
+
+        pair = resolve_checkpoint(coarse, "coarse"), resolve_checkpoint(refine_before, "refine")
+        try:
+            meter = false_kidney_meter(guard_scans, *pair, stage, s.device)
+        except KidsegError as e:  # a coarse stage alone, the bundled refine model no match for it
+            meter = log(f"false-kidney guard off for this stage: {e}")
         summary = train_until_heldout_stops(
-            cfg, parent, trained, held_cached, replayed, guard, out, s, progress=progress, cancel=cancel, log=log
-        )
+            cfg, parent, trained, held_cached, replayed, guard, out, s, progress=progress, cancel=cancel, log=log,
+            false_kidney=meter,
+        )  # fmt: skip
     else:
         summary = _train_fixed(cfg, parent, cached + [cache_case(c) for c in replay], out, s, progress, cancel, log)
     after = {}

@@ -3,7 +3,10 @@ slabs and the guard phantoms every ``EVAL_EVERY`` steps, keep the best step, qua
 rate from the best step at each plateau (``PATIENCE`` checks without a gain of ``MIN_GAIN``), stop
 after ``LR_DROPS`` drops, at the step budget or once the time budget of training steps is spent
 (:class:`StepClock`). A step losing more than ``FORGET_TOLERANCE`` Dice on the guard phantoms is
-never the best.
+never the best, and neither is one whose whole cascade calls more false kidney than the parent's
+beyond :func:`false_kidney_limit` (``false_kidney``: on kidney-free real scans and on the corrected
+cases farther than ``FALSE_KIDNEY_MM`` from their kidneys, :mod:`finetuning`): on the real proxy a
+child that gained 0.18 held-out Dice on its corrected case called 142 mL of another scan kidney.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ PATIENCE = 3  # held-out scores without a gain before the learning rate drops
 LR_DROPS = 2  # drops (each to a quarter, from the best step) before the rule stops
 MIN_GAIN = 0.002  # a held-out Dice gain smaller than this is no gain
 FORGET_TOLERANCE = 0.02  # a step losing more held-out phantom Dice than this is never the best
+FALSE_KIDNEY_MM = 10.0  # kidney called farther than this from a corrected case's kidneys is false
+FALSE_KIDNEY_ML = 2.0  # a child may add this much false kidney (mL) to its parent's ...
+FALSE_KIDNEY_SHARE = 0.25  # ... or this share of the parent's, whichever is more
+
+
+def false_kidney_limit(parent_ml: float) -> float:
+    """The most false kidney (mL, all the guard's scans together) a child may call, its parent
+    having called ``parent_ml``."""
+    return parent_ml + max(FALSE_KIDNEY_ML, FALSE_KIDNEY_SHARE * parent_ml)
 
 
 class StepClock:
@@ -121,13 +133,18 @@ def _scorer(model, cfg, cases, cap, device, kidney_only=False):
     return score
 
 
-def train_until_heldout_stops(cfg, parent, train_cases, heldout_cases, replay, guard, out, s, *, progress, cancel, log):
+def train_until_heldout_stops(
+    cfg, parent, train_cases, heldout_cases, replay, guard, out, s, *, progress, cancel, log, false_kidney=None
+):
     """The held-out rule (module docstring) on ``train_cases`` as settings ``s`` say: train in
     steps, score the held-out slabs (the trained ones where nothing is held out) and the guard
     phantoms every ``EVAL_EVERY`` steps, keep the best step, quarter the learning rate from the
     best step at each plateau, stop after ``LR_DROPS`` drops or at a budget (of training steps:
-    :class:`StepClock`). Writes the best step's weights to ``out`` (the parent's own when no step
-    beat it); nothing on Cancel."""
+    :class:`StepClock`). ``false_kidney``: a function of the model in training giving the mL of
+    false kidney its cascade calls on the guard's scans; a step that would be the best is measured
+    and refused above :func:`false_kidney_limit` (and an unchecked run's last step falls back to
+    the parent). Writes the best step's weights to ``out`` (the parent's own when no step beat
+    it); nothing on Cancel."""
     import torch
 
     from .errors import Cancelled
@@ -146,9 +163,12 @@ def train_until_heldout_stops(cfg, parent, train_cases, heldout_cases, replay, g
     guard_score = _scorer(model, cfg, guard, 48, device, kidney_only=True)
     snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
     parent_guard = guard_score() if guard_score else None
+    parent_fk = false_kidney(model) if false_kidney else None
     best = {"score": held_score() if held_score else float("nan"), "step": 0, "lr": s.lr, "phantoms": parent_guard}
+    best["false_kidney_ml"], refused = parent_fk, []
     parent_score, best_state = best["score"], snapshot()
     history = [{"step": 0, "heldout": best["score"], "phantoms": parent_guard, "lr": s.lr}]
+    history[0]["false_kidney_ml"] = parent_fk
     opt = torch.optim.Adam(params, lr=s.lr)
     cur_lr, drops, stale, step, reason = s.lr, 0, 0, 0, None
     batches, clock = iter(loader), StepClock(s.max_minutes)
@@ -183,8 +203,16 @@ def train_until_heldout_stops(cfg, parent, train_cases, heldout_cases, replay, g
         clock.resume()
         forgot = g is not None and g < parent_guard - FORGET_TOLERANCE
         history.append({"step": step, "heldout": h, "phantoms": g, "lr": cur_lr})
-        if h > best["score"] + MIN_GAIN and not forgot:
-            best, best_state, stale = {"score": h, "step": step, "lr": cur_lr, "phantoms": g}, snapshot(), 0
+        fk = None
+        if h > best["score"] + MIN_GAIN and not forgot and false_kidney:  # measured only where it matters
+            fk = history[-1]["false_kidney_ml"] = false_kidney(model)
+            clock.resume()
+            if fk > false_kidney_limit(parent_fk):
+                refused.append(step)
+                log(f"step {step}: held-out Dice {h:.3f}, but false kidney {parent_fk:.1f} -> {fk:.1f} mL: not kept")
+        if h > best["score"] + MIN_GAIN and not forgot and step not in refused:
+            best = {"score": h, "step": step, "lr": cur_lr, "phantoms": g, "false_kidney_ml": fk}
+            best_state, stale = snapshot(), 0
         else:
             stale += 1
         if stale >= PATIENCE:
@@ -198,10 +226,40 @@ def train_until_heldout_stops(cfg, parent, train_cases, heldout_cases, replay, g
                 f"held-out Dice {best['score']:.3f} not beaten in {PATIENCE} checks: "
                 f"back to step {best['step']}, lr {cur_lr:g}"
             )
+    if held_score is None and step:  # unchecked: the last step is the child, unless it adds false kidney
+        fk = false_kidney(model) if false_kidney else None
+        if fk is not None and fk > false_kidney_limit(parent_fk):
+            refused.append(step)
+        else:
+            best_state, best["false_kidney_ml"] = snapshot(), fk
     model.load_state_dict(best_state)
     save_checkpoint(out, model.cpu(), cfg)
     stopped = _stopped(reason, s, step, best, history, parent_score, parent_guard, held_score is not None, on_trained)
+    stopped.update(_false_kidney_words(stopped, parent_fk, best, refused, held_score is not None))
     return {"seconds": time.time() - t_start, "training_seconds": clock.trained_s, "stopped": stopped}
+
+
+def _false_kidney_words(stopped, parent_fk, best, refused, checked) -> dict:
+    """The false-kidney guard's part of ``report["stopped"]``: its figures, and its verdict in ``why``."""
+    if parent_fk is None:
+        return {"false_kidney_parent_ml": None, "false_kidney_best_ml": None, "false_kidney_refused": []}
+    why = stopped["why"]
+    if refused and not checked:
+        why += f"; the trained step called more false kidney than {false_kidney_limit(parent_fk):.1f} mL: parent kept"
+    elif refused:
+        why += (
+            f"; {len(refused)} step(s) that beat it called more false kidney than "
+            f"{false_kidney_limit(parent_fk):.1f} mL (parent {parent_fk:.1f}): not kept (first: step {refused[0]})"
+        )
+    if best["false_kidney_ml"] is not None and best["step"]:
+        why += f", false kidney {parent_fk:.1f} -> {best['false_kidney_ml']:.1f} mL"
+    return {
+        "why": why,
+        **({"best_step": 0} if refused and not checked else {}),
+        "false_kidney_parent_ml": parent_fk,
+        "false_kidney_best_ml": best["false_kidney_ml"] if best["step"] else parent_fk,
+        "false_kidney_refused": refused,
+    }
 
 
 def _stopped(reason, s, step, best, history, parent_score, parent_guard, checked, on_trained) -> dict:

@@ -45,6 +45,9 @@ FIXED = {"schedule": "fixed", "lr": 2e-5}  # the earlier defaults: 5 x 20 steps 
 CONFIGS = {
     "rule": {},  # today's default: the held-out rule
     "rule-no-lesson": {"lesson_weight": 0.0},
+    "rule-lr2e-5": {"lr": 2e-5},  # the held-out rule from the old defaults' learning rate
+    "rule-refine-only": {"stages": ("refine",)},  # the coarse stage left as it is
+    "rule-frozen": {"freeze_encoder": True},  # the held-out rule moving the decoders only
     "fixed": FIXED,
     "fixed-10x50-5e-5": {**FIXED, "epochs": 10, "steps_per_epoch": 50, "lr": 5e-5},
     "lr2e-4": {**FIXED, "lr": 2e-4},
@@ -161,6 +164,9 @@ def real_study(out: Path, names: list[str], time_cap: bool = True) -> dict:
             "stopped": report["stopped"],
             "worse": report["worse_on"],
             "guard": {k: report[k] for k in ("before", "after", "phantoms_before", "phantoms_after")},
+            "false_kidney_guard": {
+                k: report.get(k) for k in ("false_kidney_guard", "false_kidney_before", "false_kidney_after")
+            },
             "scores": real_proxy_scores(report["models"]["coarse"], report["models"]["refine"]),
         }
         save()

@@ -17,6 +17,13 @@ from napari_kidseg.labels import kits_foreground
 from napari_kidseg.training import FinetuneSettings
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_kidney_free_scan(monkeypatch):
+    """The shared 512 x 512 liver slices cost the tiny cascade seconds a run: tests that want a
+    kidney-free scan name one themselves."""
+    monkeypatch.setenv(finetuning.KIDNEY_FREE_ENV, "")
+
+
 def test_finetune_writes_a_child_with_provenance_and_leaves_the_parent(tiny_dataset, tiny_checkpoints, tmp_path):
     from napari_kidseg.review.corrections_folder import export_correction
 
@@ -189,6 +196,10 @@ def test_heldout_rule_keeps_the_best_step_says_why_and_guards_forgetting(
         assert best["heldout"] == stop["heldout_best"] >= stop["heldout_parent"] == stop["history"][0]["heldout"]
     assert not report["held_out"] and report["held_out_slabs"]["case_00000"] > 0
     assert report["before"] and report["after"] and report["phantoms_before"] and report["phantoms_after"]
+    # the false-kidney guard: the corrected case away from its kidneys, before and after, said so
+    assert set(report["false_kidney_before"]["scans"]) == set(report["false_kidney_after"]["scans"]) == {"case_00000"}
+    assert "the corrected cases only" in report["false_kidney_guard"]
+    assert all(stop["false_kidney_parent_ml"] is not None for stop in report["stopped"].values())
     cfg = models.read_config(tmp_path / "a" / "coarse.safetensors")
     assert cfg.provenance["schedule"] == "heldout" and cfg.provenance["held_out_slices"]["case_00000"]
     # a step that forgets the held-out phantoms is never the best: every step "forgets" here
@@ -324,3 +335,124 @@ def test_the_rule_scores_organ_answers_as_not_kidney(tiny_dataset):
     case = training.cache_case(training.find_cases([tiny_dataset])[0])
     score = _scorer(SaysSpleen(), cfg, [case], 16, "cpu", kidney_only=True)
     assert score() == 0.0
+
+
+def _rising_heldout(monkeypatch):
+    """Held-out Dice that rises at every check (guard phantoms steady): without another guard,
+    every check's step beats the one before."""
+    scorer = heldout_rule._scorer
+
+    def rising(model, cfg, cases, cap, device, kidney_only=False):
+        real = scorer(model, cfg, cases, cap, device, kidney_only)
+        if real is None or kidney_only:
+            return (lambda: 0.5) if real else None
+        calls = iter(range(1000))
+        return lambda: 0.1 + 0.1 * next(calls)
+
+    monkeypatch.setattr(heldout_rule, "_scorer", rising)
+
+
+def test_a_step_that_calls_false_kidney_is_never_the_best(tiny_dataset, tiny_checkpoints, tmp_path, monkeypatch):
+    """The real proxy's failure: a child gaining held-out Dice on its corrected case (0.658 -> 0.835)
+    called 142 mL of another real scan kidney, and the rule kept it. Now a step whose cascade calls
+    false kidney beyond the limit is never the best: the best step that does not is kept, or the parent."""
+    monkeypatch.setattr(heldout_rule, "EVAL_EVERY", 1)
+    _rising_heldout(monkeypatch)
+    corrections = _one_case(tiny_dataset, tmp_path / "corr", reviewed=6)
+    settings = FinetuneSettings(max_steps=4, batch_size=2, n_replay=0, lesson_weight=0, device="cpu")
+    measured = []
+
+    def meter_calling(ml_of_call):
+        def make(scans, coarse, refine, stage, device):
+            assert [s.name for s in scans] == ["case_00000"] and stage == "coarse"
+
+            def measure(model):
+                measured.append(model.training)
+                return ml_of_call(len(measured) - 1)
+
+            return measure
+
+        return make
+
+    def run(name, ml_of_call):
+        monkeypatch.setattr(finetuning, "false_kidney_meter", meter_calling(ml_of_call))
+        measured.clear()
+        out = tmp_path / f"{name}.safetensors"
+        ft = finetuning.finetune_stage(
+            corrections, tiny_checkpoints["coarse"], out, settings, stage="coarse", score=False, log=lambda s: None
+        )
+        return ft["stopped"], out
+
+    clean, _ = run("clean", lambda call: 1.0)  # no step adds false kidney: the last check wins
+    assert clean["best_step"] == 4 and not clean["false_kidney_refused"] and len(measured) == 5
+    assert all(measured)  # the meter sees the model in training, as it is
+    # from step 3 on every step calls 10 mL more than the parent (limit 1 + 2 mL): step 2 is kept
+    later, _ = run("later", lambda call: 1.0 if call < 3 else 11.0)
+    assert later["best_step"] == 2 and later["false_kidney_refused"] == [3, 4]
+    assert later["false_kidney_parent_ml"] == 1.0 and later["false_kidney_best_ml"] == 1.0
+    assert "more false kidney than 3.0 mL" in later["why"] and "first: step 3" in later["why"]
+    # every step does: the child is the parent
+    always, out = run("always", lambda call: 1.0 if call == 0 else 50.0)
+    assert always["best_step"] == 0 and always["false_kidney_refused"] == [1, 2, 3, 4]
+    assert "keeps the parent's weights" in always["why"]
+    from safetensors.numpy import load_file
+
+    mother, child = load_file(tiny_checkpoints["coarse"]), load_file(out)
+    assert all(np.array_equal(mother[k], child[k]) for k in mother)
+
+
+def test_false_kidney_limit_and_the_worse_guard_on_it():
+    from napari_kidseg.heldout_rule import false_kidney_limit
+
+    assert false_kidney_limit(0.0) == 2.0 and false_kidney_limit(13.5) == pytest.approx(16.875)
+    taught = {"before": {"false_kidney": {"ml": 13.5}}, "held": [], "slabs": {}, "train_dirs": [], "scans_line": "x"}
+    settings = FinetuneSettings()
+
+    def worse_on(ml):
+        after = {"false_kidney": {"ml": ml}}
+        return finetuning._report(taught, after, {}, ("coarse",), {}, {}, Path("."), {}, settings)["worse_on"]
+
+    assert worse_on(16.0) == [] and worse_on(25.9) == ["false_kidney"]  # 25.9: the proxy's rule child
+
+
+def test_false_kidney_scans_count_far_from_the_kidneys_and_all_of_a_kidney_free_scan(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    from scipy import ndimage
+
+    from napari_kidseg.labels import kits_foreground
+
+    case = training.find_cases([tiny_dataset])[0]
+    labels = readers.read_kits_case(case)[1].array
+    zs = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1))
+    other = training.find_cases([tiny_dataset])[1] / volumes.KITS_IMAGE
+    monkeypatch.setenv(finetuning.KIDNEY_FREE_ENV, str(other))
+    (scan, free), line = finetuning.false_kidney_scans([case], {})
+    assert scan.name == "case_00000" and free.name == f"kidney-free:{other.name}" and free.where is None
+    assert "1 real scan(s) without kidneys" in line
+    fg = kits_foreground(labels)
+    dist = ndimage.distance_transform_edt(~fg, sampling=scan.spacing)
+    assert np.array_equal(scan.where, dist > heldout_rule.FALSE_KIDNEY_MM)
+    assert finetuning.false_kidney_ml(fg.astype(np.uint8), scan) == 0.0
+    assert finetuning.false_kidney_ml(np.ones_like(labels), free) > 0
+    # only the reviewed slices count
+    (scan, _), _ = finetuning.false_kidney_scans([case], {"case_00000": (int(zs[0]),)})
+    assert not scan.where[np.arange(len(scan.where)) != zs[0]].any() and scan.where[zs[0]].any()
+    # none named: the corrected cases only, and it says so; a named scan that is not there: one line
+    monkeypatch.setenv(finetuning.KIDNEY_FREE_ENV, "")
+    scans, line = finetuning.false_kidney_scans([case], {})
+    assert len(scans) == 1 and "no real scan without kidneys" in line and "the corrected cases only" in line
+    monkeypatch.setenv(finetuning.KIDNEY_FREE_ENV, str(tmp_path / "gone"))
+    with pytest.raises(KidsegError, match="scan without kidneys") as info:
+        finetuning.false_kidney_scans([case], {})
+    assert "gone" in str(info.value)
+
+
+def test_the_shared_liver_slices_are_the_default_kidney_free_scan(monkeypatch):
+    from conftest import shared_path
+
+    liver = shared_path("realct", "dcmqi-liver-3slice")
+    monkeypatch.delenv(finetuning.KIDNEY_FREE_ENV)
+    assert finetuning.kidney_free_scans() == [liver] == [finetuning.SHARED_KIDNEY_FREE]
+    monkeypatch.setattr(finetuning, "SHARED_KIDNEY_FREE", liver.parent / "not-here")
+    assert finetuning.kidney_free_scans() == []

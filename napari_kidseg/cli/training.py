@@ -156,10 +156,14 @@ def cmd_finetune(args) -> int:
             f"held-out phantoms: kidney+tumor Dice before {pb['kidney_tumor_dice']:.4f}  "
             f"after {pa['kidney_tumor_dice']:.4f}"
         )
+    fb, fa = report.get("false_kidney_before"), report.get("false_kidney_after")
+    if fb and fa:
+        print(f"{report['false_kidney_guard']}: false kidney before {fb['ml']:.1f} mL  after {fa['ml']:.1f} mL")
     if report["worse"]:
+        words = {"corrected": "corrected cases", "phantoms": "held-out phantoms", "false_kidney": "false kidney"}
         print(
-            f"kidseg: note: the new models score worse than their parents on the {' and '.join(report['worse_on'])} "
-            "cases; keep the parents unless you have a reason",
+            "kidseg: note: the new models score worse than their parents on the "
+            f"{' and '.join(words.get(w, w) for w in report['worse_on'])}; keep the parents unless you have a reason",
             file=sys.stderr,
         )
     return 0
