@@ -9,7 +9,6 @@ the voxels they were drawn on). :mod:`volumes` reads and writes with them.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
 
@@ -106,22 +105,21 @@ def _flip_in_place(arr: np.ndarray, axis: int) -> None:
 def reorient(array: np.ndarray, axes, flips) -> np.ndarray:
     """``flip(transpose(array, axes), flips)`` as a new C-contiguous array, with one full copy.
 
-    numpy's copy of a transposed 3D view walks memory with huge strides (30 s for a 512x512x600
-    volume here); torch's blocked permute copy does the same in about 2 s.
+    A plain copy of a transposed 3D view walks memory with huge strides: KiTS19's largest label
+    volume (1059 x 512 x 512 on disk, reversed here) took 2.6 s with numpy and 2.5 s with torch's
+    permute copy (used before), on 2 busy cores. Copied in 32 x 32 tiles of the first two output
+    axes, each tile's source stays in cache: 0.74 s, the same bytes (int16: 1.1 s against 2.9 s).
     """
     axes = tuple(int(a) for a in axes)
     if axes == (0, 1, 2):
         out = np.array(array, order="C", copy=True)
     else:
-        import torch
-
-        src = np.ascontiguousarray(array)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only ITK buffer: torch only reads it
-                out = torch.from_numpy(src).permute(*axes).contiguous().numpy()
-        except TypeError:  # a dtype torch lacks
-            out = np.ascontiguousarray(np.transpose(src, axes))
+        view = np.transpose(array, axes)
+        out = np.empty(view.shape, view.dtype)
+        tile = 32
+        for i in range(0, view.shape[0], tile):
+            for j in range(0, view.shape[1], tile):
+                out[i : i + tile, j : j + tile] = view[i : i + tile, j : j + tile]
     for axis, flip in enumerate(flips):
         if flip:
             _flip_in_place(out, axis)
