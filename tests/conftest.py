@@ -34,6 +34,29 @@ def case_digest(case) -> str:
     return h.hexdigest()[:16]
 
 
+def read_labels_ahead(paths, workers: int = 2):
+    """``(path, Volume)`` for each label file in order, read by ``workers`` spawned processes a
+    few files ahead (decompressing and reorienting is most of a real-volume sweep's time; at most
+    ``workers + 1`` volumes wait in memory)."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    from napari_kidseg.io.readers import read_labels
+
+    paths = list(paths)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        waiting = deque()
+        for path in paths:
+            waiting.append((path, pool.submit(read_labels, path)))
+            if len(waiting) > workers:
+                done, future = waiting.popleft()
+                yield done, future.result()
+        while waiting:
+            done, future = waiting.popleft()
+            yield done, future.result()
+
+
 def shared_path(*parts) -> Path:
     """A path under ../shared/data, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import read_labels_ahead, shared_path
 
 from napari_kidseg import anatomy
-from napari_kidseg.io import readers
 
 SPACING = (3.0, 3.0, 3.0)
 SHAPE = (60, 128, 128)
@@ -136,8 +135,7 @@ def test_no_kits19_kidney_or_tumor_voxel_is_removed():
     files = sorted(glob.glob(str(root / "case_*" / "segmentation.nii.gz")))
     assert len(files) == 160
     removed = {}
-    for f in files:
-        vol = readers.read_labels(f)
+    for f, vol in read_labels_ahead(files):
         v = anatomy.check_anatomy(vol.array, vol.geometry.spacing, None)
         if v.regions:
             gone = v.removed_mask(vol.array)

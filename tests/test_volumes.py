@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
+from conftest import read_labels_ahead, shared_path
 
 from napari_kidseg.errors import KidsegError, KidsegWarning
 from napari_kidseg.io import geometry, readers, volumes
@@ -146,8 +146,7 @@ def test_all_real_kits19_labels_load_in_anatomical_orientation_and_round_trip_bi
     paths = _kits_cases()
     assert len(paths) == 160
     out = tmp_path / "labels.nii"  # uncompressed: the gzip step is tested elsewhere
-    for path in paths:
-        vol = readers.read_labels(path)
+    for path, vol in read_labels_ahead(paths):
         arr = vol.array
         assert arr.ndim == 3 and set(np.unique(arr[::4])) <= {0, 1, 2}, path
         # canonical LPS: the two largest kidney+tumor regions lie left and right of the
