@@ -399,6 +399,15 @@ def test_a_step_that_calls_false_kidney_is_never_the_best(tiny_dataset, tiny_che
 
     mother, child = load_file(tiny_checkpoints["coarse"]), load_file(out)
     assert all(np.array_equal(mother[k], child[k]) for k in mother)
+    # nothing to score (no held-out or trained slab the scorer can use): the last step is the child
+    # (the parent's weights were written before), unless it calls false kidney
+    monkeypatch.setattr(heldout_rule, "_scorer", lambda *a, **k: None)
+    unchecked, out = run("unchecked", lambda call: 1.0)
+    assert unchecked["reason"] == "unchecked" and unchecked["best_step"] == 4
+    assert any(not np.array_equal(mother[k], v) for k, v in load_file(out).items())
+    refused, out = run("unchecked-refused", lambda call: 1.0 if call == 0 else 50.0)
+    assert refused["best_step"] == 0 and "parent kept" in refused["why"] and refused["false_kidney_refused"] == [4]
+    assert all(np.array_equal(mother[k], v) for k, v in load_file(out).items())
 
 
 def test_false_kidney_limit_and_the_worse_guard_on_it():
