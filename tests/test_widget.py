@@ -591,12 +591,12 @@ def test_the_docks_open_over_a_case_asks_before_it_builds_a_layer(
     asked = []
     w.ask_about_new_ct = lambda name, n_edited: asked.append(name) or "keep"
     w.open_ct(str(small_case_dir))
-    qtbot.waitUntil(lambda: "open" not in w.pending_work and asked, timeout=30_000)
+    qtbot.waitUntil(lambda: "open" not in w.pending_work and bool(asked), timeout=30_000)
     assert added == [] and removed == [] and w.session is not None
     assert "not opened: this case stays" in w.status.text()
     w.ask_about_new_ct = lambda name, n_edited: "replace"
     w.open_ct(str(small_case_dir))
-    qtbot.waitUntil(lambda: w.session is None and added, timeout=30_000)
+    qtbot.waitUntil(lambda: w.session is None and bool(added), timeout=30_000)
     assert LAYER_NAMES["fused"] in removed and "CT" in removed
     assert w.ct_combo.currentText() == added[0] and added[0] in viewer.layers
     _settle(w, qtbot)

@@ -380,8 +380,8 @@ class CascadeWidget(QWidget):
         # software OpenGL): one layer per event-loop turn keeps the viewer responsive in between
         restore, ct = self.corrections_box.restore_on_click, self.ct_volume
         keyed = result_layers.result_layer_steps(self.viewer, ct, session, comparison, restore, self._fused_shown)
-        # the layers there already (a re-run, a worklist's next case): only their data changes, the
-        # hidden ones in one turn, with one dims update a turn (not three per layer)
+        # the layers there already (a re-run, a worklist's next case): only their data changes, in
+        # one turn with one dims update (not three per layer)
         steps = result_layers.swap_steps(self.viewer, keyed) or [step for _, step in keyed]
         self._layer_steps = steps
         self._layer_steps.append(lambda: self._result_shown(cascade, session, comparison))
@@ -424,8 +424,9 @@ class CascadeWidget(QWidget):
         focus = comparison.get("focus")
         if focus is not None:  # then a kidney, not where the view happened to be
             result_layers.focus_on(self.viewer, self.ct_volume, *focus)
-        if self.ct_combo.currentText() in self.viewer.layers:
-            self.viewer.layers[self.ct_combo.currentText()].contrast_limits = CT_WINDOW
+        name = self.ct_combo.currentText()
+        if name in self.viewer.layers and tuple(self.viewer.layers[name].contrast_limits) != tuple(CT_WINDOW):
+            self.viewer.layers[name].contrast_limits = CT_WINDOW  # (set again, it redraws the CT)
         self.viewer.layers.selection.active = self.fused_layer
         self._set_review_enabled(True)
         self.corrections_box.set_slice_range(result.shape[0] - 1)

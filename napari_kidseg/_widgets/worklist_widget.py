@@ -483,8 +483,9 @@ class WorklistWidget(QWidget):
         return ct, cascade, session, comparison, reviewed
 
     def _case_key(self, row) -> tuple:
-        """What a case read ahead was made from: the fusion's values and its CT, draft and autosave
-        files (a slider moved, a draft made again, edits saved: what was read ahead is stale)."""
+        """What a case read ahead was made from: the fusion's values, the models named, and its CT,
+        draft and autosave files (a slider moved, other models, a draft made again, edits saved:
+        what was read ahead is stale)."""
 
         def stamp(path):
             try:
@@ -495,7 +496,8 @@ class WorklistWidget(QWidget):
 
         wl = self.worklist
         files = (row.ct_path, wl.draft_path(row), wl.edits_path(row), wl.edits_backup_path(row))
-        return (tuple(self.cascade_widget.fusion_params), *(stamp(p) for p in files))
+        cw = self.cascade_widget
+        return (tuple(cw.fusion_params), tuple(cw.models), *(stamp(p) for p in files))
 
     @property
     def preparing(self) -> bool:
