@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from napari_kidseg.cascade import CascadeResult
-from napari_kidseg.metrics import kits_scores
+from napari_kidseg.metrics import kits_scores, measurements
 from napari_kidseg.review.display import (
     MEASURE_COLUMNS,
     carried_edits,
@@ -91,6 +91,18 @@ def test_score_text_is_narrow_and_scores_against_a_reference():
     false_kidney = [line for line in body if line.startswith("corrected")][-1]
     assert false_kidney.split()[1:] == ["0.1", "0.0"]  # 27 voxels of 2 mm^3 called kidney, none tumor
     assert "hand-edited voxels: 0" in text
+
+
+def test_score_text_measures_on_the_labels_box_what_the_whole_volume_gives():
+    s = ReviewSession(_result(), FusionParams(*NO_CHECK))
+    labels = np.zeros((6, 30, 40), np.uint8)  # a kidney and a tumor on each side, off the centre
+    labels[1:3, 4:9, 3:12] = 1
+    labels[2, 5:7, 9:11] = 2
+    labels[2:5, 20:27, 25:38] = 1
+    labels[3:5, 22:25, 30:36] = 2
+    _, m, _ = score_text(s, labels, None, None, comparison_maps(s))
+    assert m == measurements(labels, s.result.spacing)
+    assert m["right"]["kidney_ml"] > 0 and m["left"]["tumor_diameter_mm"] > 0
 
 
 def test_score_text_says_n_a_when_nothing_is_there_to_score():

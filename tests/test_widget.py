@@ -584,6 +584,34 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
     _settle(w, qtbot)
 
 
+def test_the_docks_open_over_a_case_asks_before_it_builds_a_layer(
+    viewer_with_case, tiny_checkpoints, qtbot, small_case_dir
+):
+    """Kept: no layer is added or removed (each costs the GUI thread 0.2-0.5 s); made the case:
+    this case's layers go, the new CT is the one to segment. A re-run keeps the same layers."""
+    viewer, ct, ref = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    _run(w, qtbot)
+    layers = {ly.name: ly for ly in viewer.layers}
+    _run(w, qtbot)  # the result layers' data swapped in place, not built again
+    assert {ly.name: ly for ly in viewer.layers} == layers
+    added, removed = [], []
+    viewer.layers.events.inserted.connect(lambda e: added.append(e.value.name))
+    viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
+    asked = []
+    w.ask_about_new_ct = lambda name, n_edited: asked.append(name) or "keep"
+    w.open_ct(str(small_case_dir))
+    qtbot.waitUntil(lambda: "open" not in w.pending_work and bool(asked), timeout=30_000)
+    assert added == [] and removed == [] and w.session is not None
+    assert "not opened: this case stays" in w.status.text()
+    w.ask_about_new_ct = lambda name, n_edited: "replace"
+    w.open_ct(str(small_case_dir))
+    qtbot.waitUntil(lambda: w.session is None and bool(added), timeout=30_000)
+    assert LAYER_NAMES["fused"] in removed and "CT" in removed
+    assert w.ct_combo.currentText() == added[0] and added[0] in viewer.layers
+    _settle(w, qtbot)
+
+
 def test_label_surfaces_are_closed_and_in_world_coordinates():
     from napari_kidseg.layers import label_surfaces
 

@@ -180,3 +180,89 @@ def test_a_cluster_drafts_the_whole_folder_and_the_rows_fill_in(make_napari_view
     _quiet(wl, cw, qtbot)
     wl.close_worklist()
     assert pool._closed and wl._pool is None
+
+
+def _drafted(make_napari_viewer, qtbot, ckpts, cases):
+    """The widgets on a worklist whose cases are drafted already (``kidseg draft``), none ahead."""
+    from napari_kidseg.cascade import Cascade
+    from napari_kidseg.review.worklist import Worklist, draft_all
+
+    worklist = Worklist(cases)
+    draft_all(worklist, Cascade(ckpts["coarse"], ckpts["refine"], device="cpu"))
+    worklist.close()
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, ckpts)
+    wl.ahead_spin.setValue(0)
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    return viewer, cw, wl
+
+
+def _read_ahead(wl, qtbot, case):
+    """The next case read and fused ahead (as while a radiologist reviews this one)."""
+    qtbot.waitUntil(lambda: not wl.preparing and wl.prepared_case == case, timeout=60_000)
+
+
+def test_next_swaps_the_case_read_ahead_into_the_same_layers(make_napari_viewer, qtbot, tiny_checkpoints, cases):
+    viewer, cw, wl = _drafted(make_napari_viewer, qtbot, tiny_checkpoints, cases)
+    _read_ahead(wl, qtbot, "case_00001")
+    layers = {ly.name: ly for ly in viewer.layers}
+    ct_layer, fused = layers[CT_LAYER_PREFIX + "case_00000"], layers[LAYER_NAMES["fused"]]
+    wl.next_btn.click()
+    _shown(wl, cw, qtbot, "case_00001")
+    # nothing was read on Next: the case read ahead went on screen
+    assert "read ahead" in wl.last_open_times and "read CT" not in wl.last_open_times
+    # the same layer objects (no layer removed or added), now showing the next case
+    assert len(viewer.layers) == len(layers)
+    assert viewer.layers[CT_LAYER_PREFIX + "case_00001"] is ct_layer
+    assert viewer.layers[LAYER_NAMES["fused"]] is fused and fused.data is cw.session.labels
+    ct = volumes.read_ct(cases / "case_00001" / volumes.KITS_IMAGE)
+    assert np.array_equal(ct_layer.data, ct.array) and np.allclose(ct_layer.scale, ct.geometry.spacing)
+    assert np.allclose(fused.scale, ct.geometry.spacing) and fused.data.shape == ct.array.shape
+    assert cw.session.params.alpha == cw.alpha.value() / 100
+    for key in ("coarse", "refined", "disagreement", "rois", "removed"):
+        assert layers[LAYER_NAMES[key]] is viewer.layers[LAYER_NAMES[key]]
+        assert viewer.layers[LAYER_NAMES[key]].data.shape == ct.array.shape
+    assert viewer.dims.nsteps[0] == ct.array.shape[0]  # the slice slider follows the new case
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()
+
+
+def test_a_stale_read_ahead_is_not_shown(make_napari_viewer, qtbot, tiny_checkpoints, cases):
+    viewer, cw, wl = _drafted(make_napari_viewer, qtbot, tiny_checkpoints, cases)
+    _read_ahead(wl, qtbot, "case_00001")
+    # the next case's edits change on disk after it was read ahead (another tool, a restored copy)
+    row = wl.worklist.rows[1]
+    edited = wl.worklist.load_draft(row)[0].fuse(0.4, 0.5, 0.5)
+    edited[2:5, 10:30, 10:30] = 2
+    wl.worklist.save_edits(row, edited, {3})
+    wl.next_btn.click()
+    _shown(wl, cw, qtbot, "case_00001")
+    assert "read CT" in wl.last_open_times  # read again, not the stale copy
+    assert np.array_equal(viewer.layers[LAYER_NAMES["fused"]].data, edited) and 3 in cw.reviewed_slices
+    _quiet(wl, cw, qtbot)
+    # a slider moved after the next case was read ahead: it is fused again at the new value
+    _read_ahead(wl, qtbot, "case_00002")
+    cw.alpha.setValue(cw.alpha.value() + 20)
+    wl.next_btn.click()  # at once, before the read-ahead is made again
+    _shown(wl, cw, qtbot, "case_00002")
+    assert "read CT" in wl.last_open_times and cw.session.params.alpha == cw.alpha.value() / 100
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()
+
+
+def test_a_tool_edit_is_autosaved(make_napari_viewer, qtbot, tiny_checkpoints, cases):
+    """A correction tool changes the labels without a napari paint event: it is saved all the same."""
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl.ahead_spin.setValue(0)
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    assert not wl.autosave()  # nothing edited yet: the case stays as it was
+    idx = np.arange(40, 60)
+    cw.plan_tool(lambda s: s.plan_set(idx, np.full(idx.size, 2, np.uint8), "test tool"), apply=True)
+    qtbot.waitUntil(lambda: "tool" not in cw.pending_work, timeout=30_000)
+    assert wl.autosave()
+    labels, _ = wl.worklist.load_edits(wl.worklist.rows[0])
+    assert (labels.ravel()[idx] == 2).all() and wl.worklist.rows[0].status == "in review"
+    assert not wl.autosave()  # saved as it is: not written again
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()

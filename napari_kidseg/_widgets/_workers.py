@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import threading
 from collections.abc import Callable
 
@@ -97,10 +96,15 @@ _heavy_imports = None  # the thread importing torch and segmentation_models_pyto
 
 
 def start_heavy_imports():
+    """Import torch and the model zoo in a thread (once; already imported: only the gc freeze)."""
     global _heavy_imports
-    if _heavy_imports is None and "segmentation_models_pytorch" not in sys.modules:
-        _heavy_imports = threading.Thread(target=_import_heavy, name="kidseg torch import", daemon=True)
-        _heavy_imports.start()
+    with _start_lock:
+        if _heavy_imports is None:
+            _heavy_imports = threading.Thread(target=_import_heavy, name="kidseg torch import", daemon=True)
+            _heavy_imports.start()
+
+
+_start_lock = threading.Lock()
 
 
 def _import_heavy():
@@ -118,6 +122,7 @@ def _import_heavy():
 
 
 def wait_for_heavy_imports(timeout: float | None = None):
-    """Off the GUI thread (a run's worker): let the background import of torch finish first."""
-    if _heavy_imports is not None:
-        _heavy_imports.join(timeout)
+    """Off the GUI thread (a run's worker): let the background import of torch finish first
+    (started now when the dock had not started it yet)."""
+    start_heavy_imports()
+    _heavy_imports.join(timeout)

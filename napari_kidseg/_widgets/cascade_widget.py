@@ -33,6 +33,8 @@ from .run_panel import RunPanel
 
 __all__ = ["CLICK_MODES", "LAYER_NAMES", "WINDOW_KEYS", "CascadeWidget"]
 
+HEAVY_IMPORTS_AFTER_MS = 500  # torch imported in the background this long after the dock is built
+
 # the controls of the boxes that the dock's public face names as its own (w.alpha, w.export_btn, ...)
 _FACE = {
     "run_box": "run_btn cancel_btn progress status cancel",
@@ -51,10 +53,11 @@ _FACE = {
 class CascadeWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
-        # torch and the model zoo take seconds to import (4.9 s measured): in the background, so the
-        # dock appears at once; a run's worker waits for it. (Importing triton in a thread once Qt
-        # runs segfaulted; _widgets/__init__ keeps triton from loading, which the plugin never uses.)
-        start_heavy_imports()
+        # torch and the model zoo take seconds to import (4.9 s measured): in the background, once
+        # the dock is on screen (started here, the import held the interpreter lock while Qt laid
+        # the dock out); a run's worker waits for it. (Importing triton in a thread once Qt runs
+        # segfaulted; _widgets/__init__ keeps triton from loading, which the plugin never uses.)
+        QTimer.singleShot(HEAVY_IMPORTS_AFTER_MS, start_heavy_imports)
         self.viewer = napari_viewer
         self.session = None
         self.ct_volume = None
@@ -336,13 +339,19 @@ class CascadeWidget(QWidget):
         self._run_started = time.perf_counter()
         self.run_box.start(job, done=self._on_result, finished=self._on_finished)
 
-    def prepare_result(self, result, labels=None):
+    @property
+    def fusion_params(self) -> tuple:
+        """The fusion's values now: ``(alpha, kidney threshold, tumor threshold, anatomy check)``."""
+        return self.fusion_box.params()
+
+    def prepare_result(self, result, labels=None, params=None):
         """Off the GUI thread: the review session of a result made elsewhere (a worklist's draft),
-        with the labels as corrected so far, and its comparison maps. Pass both to
+        with the labels as corrected so far, and its comparison maps, fused at ``params`` (read on
+        the GUI thread: :attr:`fusion_params`; default: the sliders now). Pass both to
         :meth:`show_prepared` on the GUI thread."""
         from ..review.display import review_of
 
-        return review_of(result, self.fusion_box.params(), labels)
+        return review_of(result, params if params is not None else self.fusion_box.params(), labels)
 
     def show_prepared(self, ct_volume, cascade, session, comparison, reviewed=()):
         """Show a prepared result as if this widget had run it: the same layers, review tools and
@@ -370,9 +379,11 @@ class CascadeWidget(QWidget):
         # napari builds a labels layer's visuals on the GUI thread (about 0.3-0.6 s each under
         # software OpenGL): one layer per event-loop turn keeps the viewer responsive in between
         restore, ct = self.corrections_box.restore_on_click, self.ct_volume
-        self._layer_steps = result_layers.result_layer_steps(
-            self.viewer, ct, session, comparison, restore, self._fused_shown
-        )
+        keyed = result_layers.result_layer_steps(self.viewer, ct, session, comparison, restore, self._fused_shown)
+        # the layers there already (a re-run, a worklist's next case): only their data changes, in
+        # one turn with one dims update (not three per layer)
+        steps = result_layers.swap_steps(self.viewer, keyed) or [step for _, step in keyed]
+        self._layer_steps = steps
         self._layer_steps.append(lambda: self._result_shown(cascade, session, comparison))
         QTimer.singleShot(0, self._add_next_layer)
 
@@ -413,8 +424,9 @@ class CascadeWidget(QWidget):
         focus = comparison.get("focus")
         if focus is not None:  # then a kidney, not where the view happened to be
             result_layers.focus_on(self.viewer, self.ct_volume, *focus)
-        if self.ct_combo.currentText() in self.viewer.layers:
-            self.viewer.layers[self.ct_combo.currentText()].contrast_limits = CT_WINDOW
+        name = self.ct_combo.currentText()
+        if name in self.viewer.layers and tuple(self.viewer.layers[name].contrast_limits) != tuple(CT_WINDOW):
+            self.viewer.layers[name].contrast_limits = CT_WINDOW  # (set again, it redraws the CT)
         self.viewer.layers.selection.active = self.fused_layer
         self._set_review_enabled(True)
         self.corrections_box.set_slice_range(result.shape[0] - 1)

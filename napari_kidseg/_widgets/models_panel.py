@@ -105,7 +105,8 @@ class ModelsPanel(QGroupBox):
 
     def open_ct(self, path=None):
         """Read a CT (a file, a DICOM series folder, or a KiTS case folder with its reference labels)
-        in a worker and add its layers; the CT becomes the one to segment unless a case is shown."""
+        in a worker and add its layers as the CT to segment; over a shown case, asked first (kept:
+        no layer is built or removed on the GUI thread)."""
         from .._napari_io import read_layers
         from ..io.volumes import KITS_IMAGE
 
@@ -121,17 +122,25 @@ class ModelsPanel(QGroupBox):
         self._hooks.say(f"opening {Path(path).name}...")
 
         def done(layers):
+            h = self._hooks
             if not layers:  # read_layers said why (a warning notification)
-                self._hooks.notify(f"could not open {path}", error=True)
+                h.notify(f"could not open {path}", error=True)
                 return
-            had_case = self._hooks.session() is not None
-            names = []
-            for data, kwargs, kind in layers:
-                names.append(getattr(self.viewer, f"add_{kind}")(data, **kwargs).name)
-            if not had_case:
-                self.select_ct(names[0])
-                self.viewer.reset_view()
-                self._hooks.say(f"{names[0]} opened: press Run")
+            session = h.session()
+            if session is not None:  # asked before its layers are built (kept: none is built, none removed)
+                if self._busy():
+                    h.notify(f"a run is going: {Path(path).name} was not opened", error=True)
+                    return
+                name = layers[0][1].get("name", Path(path).name)
+                session.sync_edits()
+                if self._ask_new_ct(name, int(session.hand_edited_voxels)) != "replace":
+                    h.notify(f"{name!r} not opened: this case stays")
+                    return
+                self._close_shown_case(list(self.viewer.layers))
+            names = [getattr(self.viewer, f"add_{kind}")(data, **kwargs).name for data, kwargs, kind in layers]
+            self.select_ct(names[0])
+            self.viewer.reset_view()
+            h.say(f"{names[0]} opened: press Run")
 
         self._opening.start(read_layers, str(path), done=done)
 
@@ -181,8 +190,6 @@ class ModelsPanel(QGroupBox):
         """A CT opened over a shown case (File > Open, drag and drop): the new case replaces this
         one, or it is closed again; it never sits above the results hiding them. The worklist's
         CT is selected as the case when it arrives, and is not asked about."""
-        from napari.layers import Labels
-
         h = self._hooks
         session = h.session()
         if h.closed() or session is None or layer not in self.viewer.layers:
@@ -199,11 +206,16 @@ class ModelsPanel(QGroupBox):
             remove_layers(self.viewer, came_with)
             h.notify(f"{layer.name!r} closed: this case stays")
             return
-        old_ct = self.ct_combo.currentText()
-        ours = {*LAYER_NAMES.values(), *SURFACE_NAMES.values(), old_ct}
-        gone = [ly for ly in before if ly in self.viewer.layers and (ly.name in ours or isinstance(ly, Labels))]
-        self._close_case()
-        remove_layers(self.viewer, gone)  # this case's CT, results and reference labels
+        self._close_shown_case(before)
         self.select_ct(layer.name)
         self.viewer.reset_view()
         h.notify(f"{layer.name!r} is the case now: press Run")
+
+    def _close_shown_case(self, before):
+        """The case shown is closed: its CT, results and reference labels (of the layers ``before``)."""
+        from napari.layers import Labels
+
+        ours = {*LAYER_NAMES.values(), *SURFACE_NAMES.values(), self.ct_combo.currentText()}
+        gone = [ly for ly in before if ly in self.viewer.layers and (ly.name in ours or isinstance(ly, Labels))]
+        self._close_case()
+        remove_layers(self.viewer, gone)

@@ -10,6 +10,7 @@ second napari opening the same worklist gets it read-only.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -55,6 +56,7 @@ KEYS = {
 AUTOSAVE_AFTER_EDIT_MS = 2000
 AUTOSAVE_EVERY_MS = 30_000
 CT_LAYER_PREFIX = "worklist: "
+PREPARE_AFTER_MS = 1500  # the next case is read ahead this long after a case is shown or a slider rests
 
 
 class WorklistWidget(QWidget):
@@ -78,6 +80,12 @@ class WorklistWidget(QWidget):
         self._touched = False  # the open case was edited since it opened
         self._reviewed_at_open = set()
         self._exporting = LatestRequest(closed=lambda: self.worklist is None)  # Mark reviewed's export
+        self._preparing = LatestRequest(closed=lambda: self.worklist is None)  # the next case, read ahead
+        self._prepared = None  # (index, key, payload) of the next case, read and fused ahead
+        self._dirty = False  # edited since the last autosave
+        self._revision_at_open = self._revision_saved = 0  # the session's edit state when opened, last saved
+        self._reviewed_saved = set()
+        self._watching_fusion = False
         self.last_reviewed = None  # the case folder the latest Mark reviewed exported
         lay = QVBoxLayout(self)
         self._build_form(lay)
@@ -200,6 +208,10 @@ class WorklistWidget(QWidget):
         self._poll = QTimer(self)  # takes in the drafts the drafting process finishes
         self._poll.setInterval(200)
         self._poll.timeout.connect(self._poll_drafts)
+        self._prepare_timer = QTimer(self)  # the next case read ahead once the viewer rests
+        self._prepare_timer.setSingleShot(True)
+        self._prepare_timer.setInterval(PREPARE_AFTER_MS)
+        self._prepare_timer.timeout.connect(self._prepare_next)
         self._pacs_poll = QTimer(self)  # a PACS worklist: fetches and sends done in its threads
         self._pacs_poll.setInterval(500)
         self._pacs_poll.timeout.connect(self._poll_pacs)
@@ -351,6 +363,8 @@ class WorklistWidget(QWidget):
     def close_worklist(self):
         self.autosave()
         self.stop_drafting()
+        self._prepare_timer.stop()
+        self._prepared = None
         self._periodic.stop()
         self._pacs_poll.stop()
         if self.worklist is not None:
@@ -397,15 +411,26 @@ class WorklistWidget(QWidget):
     def _edits_to_save(self):
         """``(row, labels copy, reviewed slices, seconds, measurements)`` of the open case, or None
         when nothing was edited or marked reviewed since it opened (a case only passed through
-        stays as it was: not "in review")."""
+        stays as it was: not "in review"), or since the last autosave (then only the time spent
+        moves on, into the state written next)."""
         wl, cw = self.worklist, self._cascade_widget
         if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
             return None
-        if not self._touched and set(cw.reviewed_slices) == self._reviewed_at_open:
+        s = cw.session
+        marked = set(cw.reviewed_slices)  # a tool's edit changes the session's revision, a stroke _touched too
+        if not self._touched and s.revision == self._revision_at_open and marked == self._reviewed_at_open:
             return None
-        cw.session.sync_edits()
+        if not self._dirty and s.revision == self._revision_saved and marked == self._reviewed_saved:
+            wl.rows[self.current].seconds = self._elapsed()
+            return None
+        s.sync_edits()
         measured = cw.measurements if "measurements" not in cw.pending_work else None  # None: stale
-        return wl.rows[self.current], cw.session.labels.copy(), cw.session.reviewed_slices(), self._elapsed(), measured
+        return wl.rows[self.current], s.labels.copy(), s.reviewed_slices(), self._elapsed(), measured
+
+    def _saved(self, revision, marked):
+        """The open case's edits up to ``revision`` and slices ``marked`` reviewed are on disk."""
+        self._dirty = False
+        self._revision_saved, self._reviewed_saved = revision, marked
 
     def autosave(self):
         """Save the open case's labels and reviewed slices (atomic); a failure keeps the edits in
@@ -414,21 +439,121 @@ class WorklistWidget(QWidget):
         what = self._edits_to_save()
         if what is None:
             return False
+        cw = self._cascade_widget
+        revision, marked = cw.session.revision, set(cw.reviewed_slices)
         try:
             self.worklist.save_edits(*what)
         except KidsegError as exc:
             self._notify(f"autosave failed, your edits are still here: {exc}", error=True)
             return False
+        self._saved(revision, marked)
         self._refresh_table()
         return True
 
     def _on_edit(self, event=None):
-        self._touched = True
+        self._touched = self._dirty = True
         self._autosave_timer.start()
 
+    def _load_case(self, row, pending=None, params=None, times=None, t0=0.0, draft=True):
+        """Off the GUI thread: ``(ct, cascade, session, comparison, reviewed)`` of a case: its CT,
+        its draft (made now when there is none, unless ``draft`` is False: then None), its
+        autosaved edits, fused at ``params``. ``times`` gets when each step ended."""
+        wl, cw = self.worklist, self.cascade_widget
+        times = {} if times is None else times
+        ct = wl.read_ct(row)
+        times["read CT"] = time.perf_counter() - t0
+        if pending is not None:
+            with contextlib.suppress(Exception):  # it failed or was cancelled: drafted below
+                pending.result(timeout=600)
+        cached = wl.load_draft(row)
+        if cached is None and not draft:
+            return None
+        cascade = self._get_cascade()
+        if cached is None:
+            result = wl.draft(row, cascade, ct=ct)
+            if result is None:
+                raise KidsegError(f"could not draft {row.case}: {row.reason}")
+        else:
+            result = cached[0]
+        edits = wl.load_edits(row)
+        labels, reviewed = edits if edits else (None, set())
+        times["draft and edits read"] = time.perf_counter() - t0
+        session, comparison = cw.prepare_result(result, labels, params)
+        times["fused"] = time.perf_counter() - t0
+        return ct, cascade, session, comparison, reviewed
+
+    def _case_key(self, row) -> tuple:
+        """What a case read ahead was made from: the fusion's values, the models named, and its CT,
+        draft and autosave files (a slider moved, other models, a draft made again, edits saved:
+        what was read ahead is stale)."""
+
+        def stamp(path):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_mtime_ns, st.st_size
+
+        wl = self.worklist
+        files = (row.ct_path, wl.draft_path(row), wl.edits_path(row), wl.edits_backup_path(row))
+        cw = self.cascade_widget
+        return (tuple(cw.fusion_params), tuple(cw.models), *(stamp(p) for p in files))
+
+    @property
+    def preparing(self) -> bool:
+        """The next case is being read and fused ahead."""
+        return self._preparing.busy
+
+    @property
+    def prepared_case(self) -> str | None:
+        """The case read and fused ahead for Next (fresh or not), or None."""
+        return None if self._prepared is None or self.worklist is None else self.worklist.rows[self._prepared[0]].case
+
+    def _prepare_next(self):
+        """Read and fuse the next case ahead, in a worker while this one is reviewed (its CT, draft
+        and edits, the review session and comparison maps: 0.9-1.6 s of Next under load), so that
+        Next only swaps the layers' data. Once its draft is in (the drafting process may be
+        making it); a later request (a slider moved) runs when this one ends."""
+        self._preparing.request(self._prepare_job)
+
+    def _prepare_job(self):
+        wl, cw = self.worklist, self._cascade_widget
+        if wl is None or cw is None or self.current is None or self._opening is not None or wl.read_only:
+            return None
+        i = wl.next_todo(self.current)
+        if i is None or i == self.current:
+            return None
+        row = wl.rows[i]
+        if not wl.has_draft(row) or row.case in (self._drafting or {}):
+            return None  # again when its draft is in (_poll_drafts)
+        key = self._case_key(row)
+        if self._prepared is not None and self._prepared[:2] == (i, key):
+            return None
+        self._prepared = None
+        params = key[0]
+
+        def job():
+            return self._load_case(row, params=params, draft=False)
+
+        def done(payload):
+            if payload is not None and self.worklist is wl and self.current != i:
+                self._prepared = (i, key, payload)
+
+        return job, done
+
+    def _take_prepared(self, index):
+        """The payload read ahead for the case ``index`` when it is still what opening it would
+        read now (else None); taken once (its session is the one shown and edited)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is None or prepared[0] != index or self.worklist is None:
+            return None
+        if prepared[1] != self._case_key(self.worklist.rows[index]):
+            return None  # stale: a slider moved, its draft or edits changed since
+        return prepared[2]
+
     def open_case(self, index: int):
-        """Open a case: its draft at once when it was made ahead (else drafted now), with the edits
-        autosaved before; then draft the next cases in the background."""
+        """Open a case: what was read ahead for it when still fresh, else its draft (made ahead, or
+        drafted now), with the edits autosaved before; then draft the next cases in the background."""
         from napari.qt.threading import create_worker
 
         wl = self.worklist
@@ -438,12 +563,19 @@ class WorklistWidget(QWidget):
             self._notify("the Kidney cascade widget is busy: wait for its run to end", error=True)
             return
         t0 = time.perf_counter()
+        self._prepare_timer.stop()
         leaving = self._edits_to_save()  # the case being left: saved in the job, off the GUI thread
         self._autosave_timer.stop()
         row = wl.rows[index]
         self.status.setText(f"opening {row.case}...")
-        cw = self.cascade_widget
+        self.last_open_seconds = None
+        prepared = self._take_prepared(index)
+        if prepared is not None and leaving is None:  # read ahead and nothing to save: on screen now
+            self.last_open_times = {"read ahead": 0.0}
+            self._show_case(index, prepared, t0)
+            return
         pending = (self._drafting or {}).get(row.case)  # the drafting process may be making it now
+        params = self.cascade_widget.fusion_params
 
         def job():
             times = {"queued": time.perf_counter() - t0}
@@ -453,26 +585,13 @@ class WorklistWidget(QWidget):
                 except KidsegError as exc:  # the session is not replaced: the edits stay open here
                     raise KidsegError(f"{leaving[0].case} stays open, its edits could not be saved: {exc}") from None
             times["autosave"] = time.perf_counter() - t0
-            ct = wl.read_ct(row)
-            times["read CT"] = time.perf_counter() - t0
-            if pending is not None:
-                with contextlib.suppress(Exception):  # it failed or was cancelled: drafted below
-                    pending.result(timeout=600)
-            cached = wl.load_draft(row)
-            cascade = self._get_cascade()
-            if cached is None:
-                result = wl.draft(row, cascade, ct=ct)
-                if result is None:
-                    raise KidsegError(f"could not draft {row.case}: {row.reason}")
+            if prepared is not None:
+                times["read ahead"] = times["autosave"]
+                payload = prepared
             else:
-                result = cached[0]
-            edits = wl.load_edits(row)
-            labels, reviewed = edits if edits else (None, set())
-            times["draft and edits read"] = time.perf_counter() - t0
-            session, comparison = cw.prepare_result(result, labels)
-            times["fused"] = time.perf_counter() - t0
+                payload = self._load_case(row, pending, params, times, t0)
             self.last_open_times = times
-            return ct, cascade, session, comparison, reviewed
+            return payload
 
         def done(payload):
             self._opening = None
@@ -487,6 +606,7 @@ class WorklistWidget(QWidget):
 
     def _show_case(self, index, payload, t0):
         from ..layers import ct_layer_data
+        from .result_layers import one_dims_update, place_layer
 
         ct, cascade, session, comparison, reviewed = payload
         self.last_open_times["job returned"] = time.perf_counter() - t0
@@ -498,10 +618,11 @@ class WorklistWidget(QWidget):
         old = [ly for ly in self.viewer.layers if ly.name.startswith(CT_LAYER_PREFIX)]
         if old and old[0].ndim == 3:
             # the case's CT goes into the layer of the one before: napari keeps its canvas node
-            # (a new image layer costs the GUI thread a few hundred ms to build)
+            # (a new image layer costs the GUI thread a few hundred ms to build), one dims update
             layer = old[0]
-            layer.data = data
-            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+            with one_dims_update(self.viewer):
+                place_layer(layer, kwargs["scale"], kwargs["translate"])
+                layer.data = data
             layer.metadata = kwargs["metadata"]
             layer.contrast_limits = kwargs["contrast_limits"]
             layer.name = kwargs["name"]
@@ -510,6 +631,9 @@ class WorklistWidget(QWidget):
         else:
             self.viewer.add_image(data, **kwargs)
         cw.select_ct(CT_LAYER_PREFIX + row.case)  # also a renamed layer
+        if not self._watching_fusion:  # a slider moved: the next case is read ahead again at its values
+            cw.fusion_box.changed.connect(self._prepare_timer.start)
+            self._watching_fusion = True
         cw.show_prepared(ct, cascade, session, comparison, reviewed)
         self.current = wl.current = index
         self._seconds_before = row.seconds
@@ -531,12 +655,16 @@ class WorklistWidget(QWidget):
         self.last_open_seconds = time.perf_counter() - t0
         # what changed the layer until now was the dock putting this case's result in: not an edit
         self._touched = False
+        if cw.session is not None:
+            self._revision_at_open = cw.session.revision
+            self._saved(cw.session.revision, set(self._reviewed_at_open))
         if cw.fused_layer is not None:
             for event in (cw.fused_layer.events.data, cw.fused_layer.events.paint):
                 event.disconnect(self._on_edit)  # connected once, whichever case it was for
                 event.connect(self._on_edit)
         self.status.setText(f"{case}: on screen in {self.last_open_seconds:.1f} s")
         self._draft_ahead()  # now, not while napari builds the layers on the GUI thread
+        self._prepare_timer.start()  # and the next case read ahead once the viewer rests
 
     def _draft_ahead(self):
         """Draft the next few cases not drafted yet, in a separate low-priority process (its long
@@ -638,6 +766,7 @@ class WorklistWidget(QWidget):
             if info is not None and case in [r.case for r in wl.rows]:
                 wl.record_draft(wl.rows[wl.index_of(case)], info)
                 self._refresh_table()
+                self._prepare_timer.start()  # the next case may be read ahead now
         if not self._drafting:
             self._poll.stop()
             self._drafting = None

@@ -67,7 +67,10 @@ def score_text(s, labels, ref, ref_name, comparison, problem=None):
     from ..metrics import bounding_box, false_ml, kits_scores, measurements
 
     sp = s.result.spacing
-    m = measurements(labels, sp)
+    # on the labels' box in z and y (x whole: the sides split at the middle column): the same
+    # volumes and diameters from a fraction of the volume
+    box = bounding_box(labels > BACKGROUND)
+    m = measurements(labels if box is None else labels[box[0], box[1]], sp)
     lines = [f"{'':<7}{'kidney mL':>10}{'tumor mL':>10}{'tumor mm':>10}"]
     for side in ("right", "left", "total"):
         v = m[side]

@@ -103,6 +103,7 @@ class ReviewSession:
         self._order = itertools.count()  # when each freeze (and each application of a change) began
         self._undo: list[Change] = []
         self._redo: list[Change] = []
+        self.revision = 0  # counts every change of the edit state (an edit, an undo, a redo): "edited since?"
 
     # ------------------------------------------------------------------ the edit state
     def _slab(self, z) -> tuple[int, int]:
@@ -209,6 +210,7 @@ class ReviewSession:
         self.labels.flat[idx] = change.new
         change._applied = next(self._order)
         self._undo.append(change)
+        self.revision += 1
         self._update_frozen()
 
     def _revert(self, change: Change) -> None:
@@ -217,6 +219,7 @@ class ReviewSession:
         idx = change.idx
         self.edited.flat[idx] = was_edited
         self.edit_values.flat[idx] = was_value
+        self.revision += 1
         self._update_frozen()
         self.labels.flat[idx] = np.where(was_edited, was_value, self._base_at(idx))
 
@@ -427,9 +430,13 @@ class ReviewSession:
         return self.apply_change(self.plan_fill_holes())
 
     def _connected(self, mask: np.ndarray, z: int, y: int, x: int) -> np.ndarray:
-        """The 26-connected region of ``mask`` holding the voxel."""
-        lab, _ = ndimage.label(mask, structure=_STRUCT_3D)
-        return lab == lab[z, y, x]
+        """The 26-connected region of ``mask`` holding the voxel (labelled on the mask's box: a
+        fraction of the volume, the same region; the whole volume took 0.23 s of a click)."""
+        box = bounding_box(mask, pad=1)
+        lab, _ = ndimage.label(mask[box], structure=_STRUCT_3D)
+        region = np.zeros(mask.shape, bool)
+        region[box] = lab == lab[z - box[0].start, y - box[1].start, x - box[2].start]
+        return region
 
     def plan_region_edit(self, z: int, y: int, x: int, action: str) -> Change:
         """Edit the region under a clicked voxel.
