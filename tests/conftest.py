@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hu
 # triton's LLVM next to Mesa's in one process segfaults (see napari_kidseg/_widgets/__init__.py);
 # the suite mixes napari viewers and training in one process in any order, and never needs triton
 sys.modules.setdefault("triton", None)
-os.environ.setdefault("KIDSEG_NUM_THREADS", "2")
 # the dock freezes the objects alive after torch's import out of garbage collection (_widgets/_workers.py):
 # here every test closes its viewer and napari checks that it was collected
 os.environ.setdefault("KIDSEG_GC_FREEZE", "0")

@@ -540,8 +540,12 @@ def test_our_keys_never_reach_napari_labels_tools():
 
     labels_keys = {str(k) for action, keys in default_shortcuts.items() if "label" in action for k in keys}
     assert "1" in labels_keys and "E" in labels_keys  # napari's eraser, as read
-    ours = [*WINDOW_KEYS.values(), *CLICK_MODES.values(), "Shift-V"]
+    from napari_kidseg._widgets.worklist_widget import KEYS as WORKLIST_KEYS
+
+    ours = [*WINDOW_KEYS.values(), *CLICK_MODES.values(), "Shift-V", *WORKLIST_KEYS.values()]
     assert not {_as_napari_reads(k) for k in ours} & labels_keys
+    # and none of ours twice: the worklist's viewer keys must not shadow the dock's layer keys
+    assert len(set(ours)) == len(ours), sorted(k for k in ours if ours.count(k) > 1)
 
 
 def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):

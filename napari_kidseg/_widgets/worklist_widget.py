@@ -51,7 +51,7 @@ KEYS = {
     "previous case": "Shift-B",
     "mark reviewed": "Shift-E",
     "next disagreement": "Shift-G",
-    "next uncertain slice": "Shift-U",
+    "next uncertain slice": "Shift-Y",  # not Shift-U: the dock's cut mode on the fused layer
 }
 AUTOSAVE_AFTER_EDIT_MS = 2000
 AUTOSAVE_EVERY_MS = 30_000
