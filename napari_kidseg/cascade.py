@@ -420,21 +420,22 @@ class Cascade:
         cfg = self.coarse_cfg
         side = max(ny, nx)
         pad = (0, side - nx, 0, side - ny)  # pad right/bottom to a square with air (-1 after scaling)
-        size = cfg.input_size
         meta = np.empty(ct.shape, np.uint8)
         tumor = np.empty(ct.shape, np.uint8)
         cyst = np.empty(ct.shape, np.uint8) if cfg.classes == 4 else None
         organs = np.empty(ct.shape, np.uint8) if cfg.organs else None
 
+        # every slice scaled down once (it is a context channel of up to 2k+1 batches); a batch
+        # gathers its channels from these (the same numbers: interpolation is per channel)
+        small = self._coarse_inputs(ct, pad, side, cancel)
+
         def batches():
             for z0 in range(0, nz, self.batch_size):
                 zs = np.arange(z0, min(nz, z0 + self.batch_size))
-                yield zs, ct[context_indices(zs, nz, cfg.context_slices)]  # (B, C, H, W) HU
+                yield zs, context_indices(zs, nz, cfg.context_slices)  # (B, C) slice indices
 
-        def prepare(t):
-            x = hu_to_input(t.float(), cfg.hu_window)
-            x = F.pad(x, pad, value=-1.0)
-            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
+        def prepare(index):
+            return small[index]  # (B, C, size, size)
 
         def consume(zs, p):
             if organs is not None:  # codes at the network's size, brought up by nearest neighbour
@@ -451,6 +452,29 @@ class Cascade:
 
         self._run_batches(batches(), consume, self.coarse, prepare, nz, "coarse", progress, cancel, mirror)
         return meta, tumor, cyst, organs
+
+    def _coarse_inputs(self, ct: np.ndarray, pad, side: int, cancel, chunk: int = 32):
+        """(nz, size, size) float32 on the device: each slice's HU window scaled to [-1, 1], padded
+        to a square with air and resized to the coarse network's input."""
+        import torch
+        import torch.nn.functional as F
+
+        from .errors import Cancelled
+
+        cfg = self.coarse_cfg
+        size = cfg.input_size
+        small = torch.empty((ct.shape[0], size, size), dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            for z0 in range(0, ct.shape[0], chunk):
+                if cancel is not None and cancel():
+                    raise Cancelled("cancelled during the coarse stage")
+                t = torch.from_numpy(np.ascontiguousarray(ct[z0 : z0 + chunk]))[:, None]
+                x = hu_to_input(t.to(self.device).float(), cfg.hu_window)
+                if any(pad):  # F.pad copies even when there is nothing to pad
+                    x = F.pad(x, pad, value=-1.0)
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
+                small[z0 : z0 + chunk] = x[:, 0]
+        return small
 
     def _refine(
         self, ct: np.ndarray, patches: np.ndarray, progress, cancel, mirror=False
