@@ -139,6 +139,26 @@ def _check_gzip_complete(path: Path) -> None:
         raise KidsegError("truncated file (the gzip stream ends early)", path)
 
 
+def _read_gzip_checked(path: Path):
+    """ITK's image of a .gz file whose stream was checked complete; the check decompresses the file
+    a second time, so it runs in a thread beside ITK's read (both release the GIL: 512 x 512 x 300
+    int16 took 0.9 s instead of 1.7 s on 2 cores). A truncated or corrupt stream is the error
+    reported, also when ITK failed on it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import SimpleITK as sitk
+
+    with ThreadPoolExecutor(1) as pool:
+        complete = pool.submit(_check_gzip_complete, path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            complete.result()
+            raise
+        complete.result()
+    return image
+
+
 def _check_nifti_size(path: Path) -> None:
     """ITK zero-fills a truncated uncompressed .nii without complaint: compare the file's size
     with the one its header promises."""
@@ -478,12 +498,13 @@ def _read_sitk(path: Path, series_uid: str | None = None):
             if fmt == "dicom" and is_dicom_seg(path):
                 raise KidsegError("is a DICOM Segmentation (labels), not a CT; give it as the labels", path)
             if path.name.lower().endswith(".gz"):
-                _check_gzip_complete(path)
-            elif path.name.lower().endswith(".nii"):
-                _check_nifti_size(path)
-            elif fmt == "mhd":
-                _check_mhd_data_file(path)
-            image = sitk.ReadImage(str(path))
+                image = _read_gzip_checked(path)
+            else:
+                if path.name.lower().endswith(".nii"):
+                    _check_nifti_size(path)
+                elif fmt == "mhd":
+                    _check_mhd_data_file(path)
+                image = sitk.ReadImage(str(path))
     except KidsegError:
         raise
     except RuntimeError as exc:
