@@ -439,9 +439,9 @@ class Cascade:
 
         def consume(zs, p):
             if organs is not None:  # codes at the network's size, brought up by nearest neighbour
-                codes = organ_codes(p[:, self.n_fusion :])[:, None].float()
+                codes = organ_codes(p[:, self.n_fusion :])[:, None]  # uint8: nearest only copies codes
                 codes = F.interpolate(codes, size=(side, side), mode="nearest")[:, 0, :ny, :nx]
-                organs[zs] = codes.to(torch.uint8).cpu().numpy()
+                organs[zs] = codes.cpu().numpy()
             p = F.interpolate(p[:, : self.n_fusion], size=(side, side), mode="bilinear", align_corners=False)
             p = p[:, :, :ny, :nx]
             levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
