@@ -64,7 +64,18 @@ WORSE_MARGIN = {"corrected": 0.005, "phantoms": 0.01}  # the "worse" guard on th
 # real scans without kidneys for the false-kidney guard (os.pathsep-separated DICOM folders or
 # volumes); unset: the shared 3-slice liver CT beside the checkout, when there
 KIDNEY_FREE_ENV = "KIDSEG_KIDNEY_FREE_SCANS"
-SHARED_KIDNEY_FREE = Path(__file__).resolve().parents[2] / "shared" / "data" / "realct" / "dcmqi-liver-3slice"
+
+
+def _beside_the_checkout(*parts) -> Path:
+    """``../shared/data/<parts>`` beside the checkout: found from the package's own folder (a
+    checkout on the path, an editable install) or else from the working directory (a package
+    installed into a virtual environment and run from its checkout, as ``make test`` does)."""
+    tail = Path("shared", "data", *parts)
+    candidates = [Path(__file__).resolve().parents[2] / tail, Path.cwd().parent / tail]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+SHARED_KIDNEY_FREE = _beside_the_checkout("realct", "dcmqi-liver-3slice")
 
 _log = logging.getLogger(__name__)  # the default for ``log``: quiet unless the caller configures logging
 
