@@ -403,6 +403,9 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     fused.data[10:14, 60:70, 30:40] = 1  # a false region joined to the kidney's lower edge
     w.click_mode.setCurrentText("cut")
     w.cut_slab.setValue(12.0 * ct.geometry.spacing[0])  # every slice of the join
+    w.click_at(_world(ct, (12, 60, 45)))  # a first click, then a change of mind: another mode
+    w.click_mode.setCurrentText("delete region")
+    w.click_mode.setCurrentText("cut")
     w.click_at(_world(ct, (12, 60, 25)))
     assert "click where the line ends" in w.status.text()
     w.click_at(_world(ct, (12, 60, 45)))
@@ -415,6 +418,9 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     # split off (Shift-A): a click on the false part, a click on the kidney to keep (any slice);
     # the false side is deleted, the kidney clicked stays
     fused.data[10:14, 60:75, 30:40] = 2  # a false region joined to the kidney again
+    w.click_mode.setCurrentText("split off")
+    w.click_at(_world(ct, (11, 40, 30)))  # half a split, forgotten with the mode: it must not
+    w.click_mode.setCurrentText("cut")  # become the "false part" of the next split
     w.click_mode.setCurrentText("split off")
     w.click_at(_world(ct, (12, 72, 35)))
     assert "now click the kidney to keep" in w.status.text()

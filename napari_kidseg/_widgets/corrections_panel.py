@@ -75,6 +75,7 @@ class CorrectionsPanel(QGroupBox):
                 lambda s, a=self.interp_from.value(), b=self.interp_to.value(): s.plan_interpolate_slices(a, b)
             )
         )
+        self.click_mode.currentTextChanged.connect(self._forget_first_clicks)
         self.apply_btn.clicked.connect(self.apply_pending)
         self.discard_btn.clicked.connect(self.discard_pending)
         self.reviewed_btn.clicked.connect(self.mark_slice_reviewed)
@@ -226,6 +227,11 @@ class CorrectionsPanel(QGroupBox):
             return
         z, y, x = (int(i) for i in np.round(layer.world_to_data(event.position)).astype(int)[-3:])
         self.plan_tool(lambda s: s.plan_restore_removed_region(z, y, x), apply=True)
+
+    def _forget_first_clicks(self, _mode=None):
+        """A new click mode forgets a half-made cut or split: its first click, made for another
+        tool, must not become the second of this one (a split would delete the wrong side)."""
+        self._cut_start = self._split_start = None
 
     def _cut_click(self, z: int, y: int, x: int):
         """Cut mode: the first click starts the line, the second (on the same slice) cuts."""
