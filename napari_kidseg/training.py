@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from . import roi
 from .errors import KidsegError
@@ -152,6 +153,11 @@ class Augment:
     hu_scale: float = 0.12
     noise: float = 0.04  # std of added noise on the [-1, 1] input scale
     clahe: float = 0.0  # probability of contrast-limited adaptive histogram equalisation (off by default)
+    # Another scanner's look, drawn on the CT's own grid before any resizing (off by default): image
+    # noise of up to ``ct_noise_hu`` SD (real thin-slice CT reads 25-40 HU where the phantoms draw
+    # 6-22) and, as often, a partial-volume blur of up to ``ct_blur_px`` pixels
+    ct_noise_hu: float = 0.0
+    ct_blur_px: float = 0.0
 
 
 class SegmentationSamples:
@@ -240,15 +246,15 @@ class SegmentationSamples:
                 0
             ]
             y = F.interpolate(y[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+            # drawn after the resize, scaled to it (a 4x downsample averages noise to a quarter and
+            # shrinks a blur four times): the same look at a sixteenth of the cost of 512 x 512
+            x = torch.from_numpy(self._scanner_look(x.numpy(), aug, pixels_per_input=side / size))
         else:
             if aug is not None:  # the coarse stage never centres a kidney exactly
                 y0 += int(self.rng.integers(-24, 25))
                 x0 += int(self.rng.integers(-24, 25))
-            x = torch.from_numpy(
-                np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, volumes.AIR_HU) for zc in zs]).astype(
-                    np.float32
-                )
-            )
+            x = np.stack([roi.cut_patch(np.asarray(ct[zc]), y0, x0, size, volumes.AIR_HU) for zc in zs])
+            x = torch.from_numpy(self._scanner_look(x.astype(np.float32), aug))
             y = torch.from_numpy(roi.cut_patch(np.asarray(labels[z_lab]), y0, x0, size, 0).astype(np.int64))
         taught, y = (y >= 8, y % 8) if self.lessons else (None, y)
         y = target_for(y, cfg)
@@ -260,6 +266,24 @@ class SegmentationSamples:
         if aug is not None and aug.noise:
             x = x + torch.randn_like(x) * float(self.rng.uniform(0, aug.noise))
         return (x, y % 8, (y >= 8).float()) if self.lessons else (x, y)
+
+    def _scanner_look(self, x: np.ndarray, aug: Augment | None, pixels_per_input: float = 1.0) -> np.ndarray:
+        """(channels, y, x) HU with another scanner's noise or blur (or both) as :class:`Augment`
+        allows, given in the CT's own pixels; ``pixels_per_input``: CT pixels per pixel of ``x``
+        (a resized slice). Air stays air (the noise is drawn on the body only)."""
+        if aug is None or not (aug.ct_noise_hu or aug.ct_blur_px):
+            return x
+        rng, f = self.rng, max(float(pixels_per_input), 1.0)
+        if aug.ct_blur_px and rng.random() < 0.5:
+            sigma = float(rng.uniform(0.3, aug.ct_blur_px)) / f
+            x = ndimage.gaussian_filter(x, (0, sigma, sigma), truncate=2.5)
+        if aug.ct_noise_hu and rng.random() < 0.5:
+            body = x > -500
+            noise = rng.standard_normal(x.shape, dtype=np.float32) * float(rng.uniform(5, aug.ct_noise_hu) / f)
+            if rng.random() < 0.5 and f < 2:  # correlated, as filtered back-projection makes it
+                noise = ndimage.gaussian_filter(noise, (0, 0.6, 0.6), truncate=2.0) * 1.9
+            x = np.where(body, x + noise, x).astype(np.float32)
+        return x
 
     def _augment(self, x, y, aug: Augment):
         import torch
@@ -423,6 +447,8 @@ class TrainSettings:
     max_minutes: float | None = None
     augment: bool = True
     clahe: float = 0.0  # see Augment.clahe
+    ct_noise_hu: float = 0.0  # see Augment.ct_noise_hu
+    ct_blur_px: float = 0.0  # see Augment.ct_blur_px
     # BatchNorm running-statistics momentum; None keeps PyTorch's 0.1. With random tissue contrasts
     # a batch's statistics swing, and at 0.1 the last ~10 batches decide what evaluation uses
     bn_momentum: float | None = None
@@ -663,7 +689,11 @@ def _loaders(cfg, train_cases, val_cases, settings, rank: int, start_epoch: int,
     import torch
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
-    aug = Augment(clahe=settings.clahe) if settings.augment else None
+    aug = (
+        Augment(clahe=settings.clahe, ct_noise_hu=settings.ct_noise_hu, ct_blur_px=settings.ct_blur_px)
+        if settings.augment
+        else None
+    )
     # a resumed run draws fresh samples and augmentations, not epoch 1's again
     stream = settings.seed + 1000 * rank + 104_729 * start_epoch
     torch.manual_seed(stream)  # the workers' torch seeds (noise) derive from this

@@ -19,7 +19,8 @@ TRAIN="$DATA/train-m128 $DATA/train-m256 $DATA/train-m512 $DATA/anat-m128 $DATA/
 # version 5: --organs (the neighbours as classes of their own); from version 4 the head is widened
 COMMON="${ORGANS---organs} --preset small --input-size 128 --context-slices 1 --epochs ${EPOCHS:-60} --steps-per-epoch ${STEPS:-100}
   --batch-size ${BATCH:-16} --lr $LR --patience ${PATIENCE:-10} --workers ${WORKERS:-0} --seed 0
-  --device ${DEVICE:-auto} --max-minutes $MINUTES --val $DATA/val $DATA/anat-val ${BN_MOMENTUM:+--bn-momentum $BN_MOMENTUM}"
+  --device ${DEVICE:-auto} --max-minutes $MINUTES --val $DATA/val $DATA/anat-val ${BN_MOMENTUM:+--bn-momentum $BN_MOMENTUM}
+  ${CT_NOISE_HU:+--ct-noise-hu $CT_NOISE_HU} ${CT_BLUR_PX:+--ct-blur-px $CT_BLUR_PX}"
 for stage in ${STAGES:-coarse refine}; do  # STAGES=coarse: one stage only (the organ ablation)
   START="--overwrite"
   [ -n "${INIT_DIR:-}" ] && START="--overwrite --init $INIT_DIR/$stage.safetensors"

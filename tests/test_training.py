@@ -142,6 +142,30 @@ def test_clahe_augmentation_changes_contrast_inside_the_window_only(tiny_dataset
     assert out[inside].min() >= lo and out[inside].max() <= hi
 
 
+def test_scanner_look_adds_noise_and_blur_on_the_body_only(tiny_dataset):
+    """The scanner-look augmentation: off by default; noise of the asked SD (in the CT's own
+    pixels, a quarter of it on a 4x-downsampled slice) on the body, never on air."""
+    cases = [training.cache_case(c) for c in training.find_cases([tiny_dataset])]
+    cfg = models.model_config("coarse", "tiny", input_size=64, context_slices=1)
+    x = np.full((3, 64, 64), -1000.0, np.float32)
+    x[:, 8:56, 8:56] = 40.0  # a flat body in air
+    plain = training.SegmentationSamples(cases, cfg, training.Augment(), seed=0)
+    assert np.array_equal(plain._scanner_look(x.copy(), plain.augment), x)  # off by default
+    look = training.Augment(ct_noise_hu=40.0, ct_blur_px=1.5)
+    ds = training.SegmentationSamples(cases, cfg, look, seed=0)
+    sds, sds_small, changed = [], [], 0
+    for _ in range(40):
+        out = ds._scanner_look(x.copy(), look)
+        assert out.dtype == np.float32 and np.array_equal(out[:, :4], x[:, :4])  # air stays air
+        body = out[:, 16:48, 16:48]
+        sds.append(float(body.std()))
+        changed += not np.array_equal(out, x)
+        sds_small.append(float(ds._scanner_look(x.copy(), look, pixels_per_input=4.0)[:, 16:48, 16:48].std()))
+    assert 10 < changed < 40  # each of noise and blur on about half the samples
+    assert 5 <= max(sds) <= 45 and min(sds) < 1  # within the asked SD; some samples clean
+    assert max(sds_small) <= 45 / 4 + 1  # a downsampled slice gets the noise a downsample leaves
+
+
 def test_data_loader_workers_draw_different_augmentations(tiny_dataset):
     import torch
     from torch.utils.data import DataLoader

@@ -58,6 +58,8 @@ def cmd_train(args) -> int:
         "napari_kidseg": __version__,
         "encoder_weights": args.encoder_weights,
         "clahe": args.clahe,
+        "ct_noise_hu": args.ct_noise_hu,
+        "ct_blur_px": args.ct_blur_px,
         "bn_momentum": args.bn_momentum,
         "val_samples": args.val_samples,
         "command": " ".join(sys.argv),
@@ -77,6 +79,8 @@ def cmd_train(args) -> int:
         device=args.device,
         max_minutes=args.max_minutes,
         clahe=args.clahe,
+        ct_noise_hu=args.ct_noise_hu,
+        ct_blur_px=args.ct_blur_px,
         bn_momentum=args.bn_momentum,
         val_samples=args.val_samples,
     )
@@ -225,6 +229,18 @@ def _add_train_parser(sub):
         "--clahe", type=_fraction, default=0.0, help="probability of CLAHE augmentation per sample (default 0)"
     )
     p.add_argument(
+        "--ct-noise-hu",
+        type=_checked(float, lambda v: 0 <= v <= 200, "must be 0-200 HU"),
+        default=0.0,
+        help="augmentation: image noise of up to this SD in HU on the CT's own grid, half the samples (default 0: off)",
+    )
+    p.add_argument(
+        "--ct-blur-px",
+        type=_checked(float, lambda v: 0 <= v <= 5, "must be 0-5 pixels"),
+        default=0.0,
+        help="augmentation: a Gaussian blur of up to this sigma in pixels, half the samples (default 0: off)",
+    )
+    p.add_argument(
         "--bn-momentum",
         type=_fraction,
         default=None,
@@ -290,6 +306,18 @@ def _add_finetune_parser(sub):
     )
     p.add_argument(
         "--max-minutes", type=_positive, default=defaults.max_minutes, help="per stage, of training steps (not scoring)"
+    )
+    p.add_argument(
+        "--ct-noise-hu",
+        type=_checked(float, lambda v: 0 <= v <= 200, "must be 0-200 HU"),
+        default=0.0,
+        help="augmentation: image noise of up to this SD in HU on the CT's own grid, half the samples (default 0: off)",
+    )
+    p.add_argument(
+        "--ct-blur-px",
+        type=_checked(float, lambda v: 0 <= v <= 5, "must be 0-5 pixels"),
+        default=0.0,
+        help="augmentation: a Gaussian blur of up to this sigma in pixels, half the samples (default 0: off)",
     )
     p.add_argument(
         "--bn-momentum",
