@@ -214,6 +214,20 @@ class CascadeResult:
         return result, extra.get("note", {})
 
 
+@dataclasses.dataclass
+class CoarseOutput:
+    """The coarse stage's answer on one CT (:meth:`Cascade.run_coarse`): uint8 levels as in
+    :class:`CascadeResult`, the organ map, the spine frame, and their seconds."""
+
+    shape: tuple[int, int, int]
+    meta: np.ndarray
+    tumor: np.ndarray
+    cyst: np.ndarray | None
+    organs: np.ndarray | None
+    spine: anatomy.SpineFrame | None
+    timings: dict
+
+
 def _fusion_channels(p, kits_classes: int):
     """Softmax probabilities (B, channels, ...) as the channels fusion keeps: kidney and masses,
     tumor, with a KiTS23 network cyst, then an organ-aware network's organ channels as they are
@@ -528,27 +542,40 @@ class Cascade:
         return refined
 
     # ------------------------------------------------------------------ the whole cascade
-    def run(self, ct: np.ndarray, spacing, *, progress=None, cancel=None, mirror=False) -> CascadeResult:
+    def run_coarse(self, ct: np.ndarray, spacing, *, progress=None, cancel=None, mirror=False) -> CoarseOutput:
+        """The coarse stage of :meth:`run` (and the spine it needs) alone: what :meth:`run` takes
+        as ``coarse`` to refine again without it (a fine-tune of the refine stage re-runs only that)."""
+        if ct.ndim != 3:
+            raise KidsegError(f"the cascade needs a 3D CT volume, not an array of shape {ct.shape}")
+        t0 = time.perf_counter()
+        coarse = self._coarse_3d if self.coarse_cfg.is_3d else self._coarse
+        meta, tumor, cyst, organs = coarse(ct, spacing, progress, cancel, mirror)
+        self._sync()
+        timings = {"coarse": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        spine = anatomy.find_spine(ct, spacing)
+        timings["spine"] = time.perf_counter() - t0
+        return CoarseOutput(tuple(ct.shape), meta, tumor, cyst, organs, spine, timings)
+
+    def run(
+        self, ct: np.ndarray, spacing, *, progress=None, cancel=None, mirror=False, coarse: CoarseOutput | None = None
+    ) -> CascadeResult:
         """Segment a CT (canonical ``(z, y, x)`` HU array with its spacing in mm).
 
         ``mirror``: average every slice's and patch's answer with that of its left-right mirror
         image (twice the network time). Off by default: on 30 selection phantoms it left
         kidney+tumor Dice unchanged and its tumor gain was within the noise (weights/README.md).
+        ``coarse``: this CT's :meth:`run_coarse`, already made by these coarse weights (only the
+        refine stage runs then).
         """
         import torch
 
-        if ct.ndim != 3:
-            raise KidsegError(f"the cascade needs a 3D CT volume, not an array of shape {ct.shape}")
-        timings = {}
-        t0 = time.perf_counter()
-        coarse = self._coarse_3d if self.coarse_cfg.is_3d else self._coarse
-        coarse_meta, coarse_tumor, coarse_cyst, organs = coarse(ct, spacing, progress, cancel, mirror)
-        self._sync()
-        timings["coarse"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        spine = anatomy.find_spine(ct, spacing)
-        timings["spine"] = time.perf_counter() - t0
+        if coarse is None:
+            coarse = self.run_coarse(ct, spacing, progress=progress, cancel=cancel, mirror=mirror)
+        elif coarse.shape != tuple(ct.shape):
+            raise KidsegError(f"a coarse stage of a {coarse.shape} CT cannot be refined on one of {ct.shape}")
+        coarse_meta, coarse_tumor, coarse_cyst, organs = coarse.meta, coarse.tumor, coarse.cyst, coarse.organs
+        spine, timings = coarse.spine, dict(coarse.timings)
 
         t0 = time.perf_counter()
         # ROIs from the coarse kidney+tumor probability at 0.5, whatever the live thresholds

@@ -504,12 +504,16 @@ def false_kidney_meter(scans, coarse, refine, stage, device):
     if not scans:
         return None
     cascade = Cascade(coarse, refine, device=device)
+    # while the refine stage trains the coarse one stays the parent's: its answer on each scan is
+    # made once (it was half of every measure)
+    coarse_out = [cascade.run_coarse(s.ct, s.spacing) for s in scans] if stage == "refine" else [None] * len(scans)
 
     def measure(model) -> float:
         setattr(cascade, stage, model)
         model.eval()
         try:
-            return float(sum(false_kidney_ml(cascade.run(s.ct, s.spacing).fuse(), s) for s in scans))
+            runs = (cascade.run(s.ct, s.spacing, coarse=c) for s, c in zip(scans, coarse_out))
+            return float(sum(false_kidney_ml(r.fuse(), s) for r, s in zip(runs, scans)))
         finally:
             model.train()
 

@@ -27,6 +27,23 @@ def test_cascade_runs_and_refuses_nothing_on_odd_sizes(tiny_checkpoints, small_c
     assert one.fuse().shape == (1, 128, 100)
 
 
+def test_a_coarse_answer_made_once_refines_like_a_whole_run(tiny_checkpoints, small_case):
+    """run(coarse=run_coarse(...)) is the whole run with the coarse network not called again (the
+    fine-tune's false-kidney guard re-runs only the refine stage it trains)."""
+    cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu", batch_size=4)
+    ct, spacing = small_case.ct.array, small_case.ct.geometry.spacing
+    whole = cas.run(ct, spacing)
+    coarse = cas.run_coarse(ct, spacing)
+    calls = []
+    cas.coarse.register_forward_hook(lambda m, args, out: calls.append(1))
+    again = cas.run(ct, spacing, coarse=coarse)
+    assert not calls  # the coarse network did not run
+    assert np.array_equal(again.fuse(), whole.fuse()) and len(again.patches) == len(whole.patches)
+    assert np.array_equal(again.coarse_meta, whole.coarse_meta)
+    with pytest.raises(KidsegError, match="cannot be refined on one of"):
+        cas.run(ct[:-1], spacing, coarse=coarse)
+
+
 def test_cascade_on_a_volume_without_kidneys_says_so(tiny_checkpoints):
     cas = cascade.Cascade(tiny_checkpoints["coarse"], tiny_checkpoints["refine"], device="cpu")
     # make the coarse net predict background everywhere by biasing its last layer
