@@ -456,9 +456,11 @@ class Cascade:
                 codes = organ_codes(p[:, self.n_fusion :])[:, None]  # uint8: nearest only copies codes
                 codes = F.interpolate(codes, size=(side, side), mode="nearest")[:, 0, :ny, :nx]
                 organs[zs] = codes.cpu().numpy()
-            p = F.interpolate(p[:, : self.n_fusion], size=(side, side), mode="bilinear", align_corners=False)
-            p = p[:, :, :ny, :nx]
-            levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            # levels at the network's size, then brought up as uint8 (a third of the float work; as
+            # the 3D coarse stage does): a level may differ by 1 from rounding after the upsample
+            levels = (p[:, : self.n_fusion] * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+            levels = F.interpolate(levels, size=(side, side), mode="bilinear", align_corners=False)
+            levels = levels[:, :, :ny, :nx].cpu().numpy()
             meta[zs] = levels[:, 0]
             tumor[zs] = levels[:, 1]
             if cyst is not None:
