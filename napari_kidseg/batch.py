@@ -401,6 +401,7 @@ class PredictSettings:
     tumor_threshold: float = DEFAULT_TUMOR_THRESHOLD
     anatomy_check: bool = True
     mirror: bool = False
+    smooth_noise: bool = False  # see Cascade.run
     series: str | None = None
     save_probabilities: bool = False
     report: bool = False
@@ -418,7 +419,9 @@ def predict_case(src, target, settings: PredictSettings, cascade, *, ct=None, pr
 
     src, target = Path(src), Path(target)
     ct = ct if ct is not None else volumes.read_ct(src, series_uid=settings.series)
-    result = cascade.run(ct.array, ct.geometry.spacing, progress=progress, mirror=settings.mirror)
+    result = cascade.run(
+        ct.array, ct.geometry.spacing, progress=progress, mirror=settings.mirror, smooth_noise=settings.smooth_noise
+    )
     labels = result.fuse(
         settings.alpha, settings.kidney_threshold, settings.tumor_threshold, anatomy_check=settings.anatomy_check
     )

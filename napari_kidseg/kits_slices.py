@@ -69,14 +69,14 @@ def score_slice(pred: np.ndarray, ref: np.ndarray) -> dict:
     }
 
 
-def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, progress=None) -> dict:
+def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, smooth_noise=False, progress=None) -> dict:
     """Run ``cascade`` on every slice case under ``root``: per-slice rows and the summary (mean
     per-slice Dice, Dice pooled over all slices' pixels, share of tumors touched)."""
     rows = []
     cases = slice_cases(root)
     for n, case in enumerate(cases, 1):
         ct, spacing, ref = read_slice_case(case)
-        result = cascade.run(ct, spacing)
+        result = cascade.run(ct, spacing, smooth_noise=smooth_noise)
         pred = result.fuse(alpha=alpha, anatomy_check=anatomy_check)[REPEAT // 2]
         rows.append({"case": case.name, **score_slice(pred, ref)})
         if progress:

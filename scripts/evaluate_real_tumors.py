@@ -28,13 +28,15 @@ def main() -> int:
     ap.add_argument("--refine")
     ap.add_argument("--root", default=str(SLICES))
     ap.add_argument("--no-anatomy-check", action="store_true")
+    ap.add_argument("--smooth-noise", action="store_true", help="Cascade.run(smooth_noise=True)")
     ap.add_argument("--json", help="write rows and summary here")
     args = ap.parse_args()
     if not kits_slices.slice_cases(args.root):
         print(f"no KiTS19 slices under {args.root}", file=sys.stderr)
         return 2
     cascade = Cascade(args.coarse, args.refine, device="cpu")
-    out = kits_slices.evaluate(cascade, args.root, anatomy_check=not args.no_anatomy_check)
+    check, smooth = not args.no_anatomy_check, args.smooth_noise
+    out = kits_slices.evaluate(cascade, args.root, anatomy_check=check, smooth_noise=smooth)
     for r in out["rows"]:
         kt, t = r["kidney_tumor_dice"], r["tumor_dice"]
         print(f"{r['case']:22s} kidney+tumor {kt:.3f}  tumor {t:.3f}  touched {r['touched']}")

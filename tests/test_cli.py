@@ -34,7 +34,7 @@ def test_predict_end_to_end_in_a_subprocess_then_evaluate(tmp_path, tiny_checkpo
     """The one subprocess test: ``python -m napari_kidseg.cli`` as a user runs it."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "napari_kidseg.cli", "predict", str(small_case_dir), "-o", str(out)]
-    args += [*_tiny(tiny_checkpoints), "--save-probabilities", "--mirror"]
+    args += [*_tiny(tiny_checkpoints), "--save-probabilities", "--mirror", "--smooth-noise"]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     pred = out / small_case_dir.name / "segmentation.nii.gz"

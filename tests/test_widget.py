@@ -333,23 +333,27 @@ def test_a_failure_while_adding_layers_is_a_message_and_frees_run(
     assert w.session is None  # a half-shown result is not taken for a session
 
 
-def test_the_mirror_box_reaches_the_cascade(viewer_with_case, tiny_checkpoints, qtbot, monkeypatch):
+def test_the_mirror_and_noise_boxes_reach_the_cascade(viewer_with_case, tiny_checkpoints, qtbot, monkeypatch):
     from napari_kidseg import cascade
 
     seen, real_run = [], cascade.Cascade.run
 
     def run(self, *args, **kwargs):
-        seen.append(kwargs.get("mirror"))
+        seen.append((kwargs.get("mirror"), kwargs.get("smooth_noise")))
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(cascade.Cascade, "run", run)
     viewer, *_ = viewer_with_case
     w = _widget(viewer, tiny_checkpoints, qtbot)
-    assert not w.mirror_check.isChecked()  # off by default
+    assert not w.mirror_check.isChecked() and not w.smooth_check.isChecked()  # off by default
     w.mirror_check.setChecked(True)
     w.run_btn.click()
     qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
-    assert seen == [True] and w.session is not None
+    w.mirror_check.setChecked(False)
+    w.smooth_check.setChecked(True)
+    w.run_btn.click()
+    qtbot.waitUntil(lambda: not w.busy, timeout=120_000)
+    assert seen == [(True, False), (False, True)] and w.session is not None
 
 
 def _world(ct, zyx):

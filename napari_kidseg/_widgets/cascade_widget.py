@@ -38,7 +38,7 @@ HEAVY_IMPORTS_AFTER_MS = 500  # torch imported in the background this long after
 # the controls of the boxes that the dock's public face names as its own (w.alpha, w.export_btn, ...)
 _FACE = {
     "run_box": "run_btn cancel_btn progress status cancel",
-    "models_box": "ct_combo open_btn coarse_edit refine_edit device_combo device_label mirror_check",
+    "models_box": "ct_combo open_btn coarse_edit refine_edit device_combo device_label mirror_check smooth_check",
     "fusion_box": "alpha kidney_thr tumor_thr anatomy_check keep_reviewed_check",
     "corrections_box": "click_mode cut_slab island_ml islands_btn largest_btn holes_btn interp_from interp_to "
     "interp_btn apply_btn discard_btn reviewed_btn undo_btn redo_btn plan_tool apply_pending discard_pending "
@@ -323,7 +323,7 @@ class CascadeWidget(QWidget):
         reload = self.cascade is None or self.models_box.models_changed()
         paths = self.models_box.choice()
         params = self.fusion_box.params()
-        mirror = self.mirror_check.isChecked()
+        mirror, smooth = self.mirror_check.isChecked(), self.smooth_check.isChecked()
         old = self.cascade
 
         def job():
@@ -333,7 +333,8 @@ class CascadeWidget(QWidget):
             from ..review.display import review_of
 
             cascade = Cascade(*paths[:2], device=paths[2]) if reload else old
-            result = cascade.run(ct.array, ct.geometry.spacing, progress=progress, cancel=cancel.is_set, mirror=mirror)
+            run = {"progress": progress, "cancel": cancel.is_set, "mirror": mirror, "smooth_noise": smooth}
+            result = cascade.run(ct.array, ct.geometry.spacing, **run)
             return cascade, *review_of(result, params)
 
         self._run_started = time.perf_counter()

@@ -60,6 +60,13 @@ class ModelsPanel(QGroupBox):
             "answers. Off by default: on phantoms it was not clearly better."
         )
         form.addRow("Mirror", self.mirror_check)
+        self.smooth_check = QCheckBox("smooth a CT noisier than the training CTs")
+        self.smooth_check.setToolTip(
+            "A CT whose noise is above the 18 HU the networks were trained on is smoothed in-plane "
+            "first, and the status line says so. Off by default: on 27 real tumor slices it found more "
+            "tumor (Dice 0.07 -> 0.15), on the shared real CT the kidneys fell 0.85 -> 0.84."
+        )
+        form.addRow("Noise", self.smooth_check)
 
     def choice(self) -> tuple:
         """``(coarse, refine, device)``: the checkpoints named (None: the bundled one), the device."""

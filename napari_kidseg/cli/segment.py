@@ -66,6 +66,7 @@ def cmd_predict(args) -> int:
         args.tumor_threshold,
         anatomy_check=not args.no_anatomy_check,
         mirror=args.mirror,
+        smooth_noise=args.smooth_noise,
         series=args.series,
         save_probabilities=args.save_probabilities,
         report=bool(report_csv),
@@ -218,6 +219,11 @@ def add_parsers(sub):
         "--mirror",
         action="store_true",
         help="average each slice with its left-right mirror image (twice the network time)",
+    )
+    p.add_argument(
+        "--smooth-noise",
+        action="store_true",
+        help="smooth a CT noisier than the networks were trained on (18 HU) in-plane first; says so",
     )
     p.add_argument(
         "--no-anatomy-check",
