@@ -144,9 +144,14 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     fused.data[z, 40:42, 40:42] = 1
     voxel_ml = float(np.prod(ct.geometry.spacing)) / 1000
     w.island_ml.setValue(5 * voxel_ml)
+    # the preview layer was built with the run's layers, hidden and empty, the fused one still
+    # selected: the first tool only fills it (a new labels layer is 0.3-0.6 s of the GUI thread)
+    preview = viewer.layers[LAYER_NAMES["preview"]]
+    assert not preview.visible and viewer.layers.selection.active is fused
     w.islands_btn.click()  # planned in a worker, previewed, then applied
     qtbot.waitUntil(lambda: w.pending_change is not None, timeout=30_000)
-    assert LAYER_NAMES["preview"] in viewer.layers and (fused.data[z, 40:42, 40:42] == 1).all()
+    assert viewer.layers[LAYER_NAMES["preview"]] is preview and preview.visible and preview.data[z, 40, 40] == 1
+    assert viewer.layers.selection.active is fused and (fused.data[z, 40:42, 40:42] == 1).all()
     w.apply_btn.click()
     assert not viewer.layers[LAYER_NAMES["preview"]].visible
     assert not fused.data[z, 40:42, 40:42].any() and (fused.data[z, 10:20, 10:20] == 2).all()

@@ -155,6 +155,9 @@ def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) ->
         layer = put("organs", s.result.organs, opacity=0.35, visible=False, colormap=dict(ORGAN_COLORS))
         layer.features = dict(ORGAN_FEATURES)
 
+    def preview():  # hidden and empty on the new case's grid: on the old one it would stretch the slider
+        put("preview", np.zeros(s.labels.shape, np.uint8)).visible = False
+
     def fused():
         layer = put("fused", s.labels, opacity=0.6, colormap=colors)
         on_fused(layer)
@@ -178,6 +181,7 @@ def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) ->
         ("rois", rois),
         ("removed", removed),
         *([("organs", organs)] if s.result.organs is not None else []),
+        *([("preview", preview)] if LAYER_NAMES["preview"] in viewer.layers else []),  # built after a first run
         ("fused", fused),
     ]
 
