@@ -45,6 +45,7 @@ FIXED = {"schedule": "fixed", "lr": 2e-5}  # the earlier defaults: 5 x 20 steps 
 CONFIGS = {
     "rule": {},  # today's default: the held-out rule
     "rule-no-lesson": {"lesson_weight": 0.0},
+    "rule-lesson20": {"lesson_weight": 20.0},  # the changed voxels weigh 21x (the default: 5x)
     "rule-lr2e-5": {"lr": 2e-5},  # the held-out rule from the old defaults' learning rate
     "rule-refine-only": {"stages": ("refine",)},  # the coarse stage left as it is
     "rule-frozen": {"freeze_encoder": True},  # the held-out rule moving the decoders only
