@@ -238,6 +238,22 @@ def _fusion_channels(p, kits_classes: int):
     return torch.cat([torch.stack(kept, dim=1), p[:, kits_classes:]], dim=1)
 
 
+def upsampled_levels(p, side: int):
+    """(B, C, h, w) probabilities -> (B, C, side, side) uint8 levels (0-255). On the CPU the levels
+    are rounded at the network's size and brought up as uint8 (a third of the float work, as the
+    3D coarse stage does; a level may differ by 1 from rounding after the upsample); elsewhere
+    (CUDA has no uint8 bilinear kernel) brought up as floats and rounded after."""
+    import torch
+    import torch.nn.functional as F
+
+    def rounded(x):
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
+    if p.device.type == "cpu":
+        return F.interpolate(rounded(p * 255.0), size=(side, side), mode="bilinear", align_corners=False)
+    return rounded(F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False) * 255.0)
+
+
 def organ_codes(p_organs):
     """(B, organs, h, w) organ probabilities -> (B, h, w) uint8 organ codes (labels.ORGANS, 1-based)
     where the most likely organ passes 0.5, else 0."""
@@ -427,7 +443,6 @@ class Cascade:
         return full[0], full[1], full[2] if len(full) == 3 else None, None  # organs: 2D coarse stages only
 
     def _coarse(self, ct: np.ndarray, spacing, progress, cancel, mirror=False):
-        import torch
         import torch.nn.functional as F
 
         nz, ny, nx = ct.shape
@@ -456,11 +471,7 @@ class Cascade:
                 codes = organ_codes(p[:, self.n_fusion :])[:, None]  # uint8: nearest only copies codes
                 codes = F.interpolate(codes, size=(side, side), mode="nearest")[:, 0, :ny, :nx]
                 organs[zs] = codes.cpu().numpy()
-            # levels at the network's size, then brought up as uint8 (a third of the float work; as
-            # the 3D coarse stage does): a level may differ by 1 from rounding after the upsample
-            levels = (p[:, : self.n_fusion] * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-            levels = F.interpolate(levels, size=(side, side), mode="bilinear", align_corners=False)
-            levels = levels[:, :, :ny, :nx].cpu().numpy()
+            levels = upsampled_levels(p[:, : self.n_fusion], side)[:, :, :ny, :nx].cpu().numpy()
             meta[zs] = levels[:, 0]
             tumor[zs] = levels[:, 1]
             if cyst is not None:

@@ -163,3 +163,27 @@ def test_overlapping_refine_patches_blend_without_a_seam(tiny_checkpoints):
     assert steps.max() <= 0.1 * abs(alone_b - alone_a), f"a step of {steps.max():.0f} levels at x={steps.argmax()}"
     # and a pixel only one patch covers keeps that patch's own answer
     assert np.ptp(row[: size // 2 - 1]) <= 1 and np.ptp(row[size + 1 :]) <= 1
+
+
+def test_levels_brought_up_as_uint8_on_the_cpu_match_the_float_path_within_a_level(monkeypatch):
+    """The CPU path (uint8 bilinear) and the other devices' path (float bilinear, rounded after)
+    give the same levels up to 1; checked on the CPU by sending a tensor that claims another device
+    through the float branch."""
+    import torch.nn.functional as F
+
+    seen, interpolate = [], F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, **kw: seen.append(x.dtype) or interpolate(x, **kw))
+    p = torch.softmax(torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)) * 3, 1)[:, :2]
+    on_cpu = cascade.upsampled_levels(p, 128)
+    assert on_cpu.dtype == torch.uint8 and on_cpu.shape == (2, 2, 128, 128)
+
+    class Elsewhere(torch.Tensor):  # the float branch, as CUDA and MPS take it
+        @property
+        def device(self):
+            return torch.device("meta")
+
+    floats = cascade.upsampled_levels(p.as_subclass(Elsewhere), 128).as_subclass(torch.Tensor)
+    assert seen[0] == torch.uint8 and set(seen[1:]) == {torch.float32}  # each path took its own branch
+    assert floats.dtype == torch.uint8
+    assert (on_cpu.int() - floats.int()).abs().max() <= 1
+    assert (on_cpu != floats).float().mean() < 0.5
