@@ -505,14 +505,21 @@ def false_kidney_meter(scans, coarse, refine, stage, device):
         return None
     cascade = Cascade(coarse, refine, device=device)
     # while the refine stage trains the coarse one stays the parent's: its answer on each scan is
-    # made once (it was half of every measure)
-    coarse_out = [cascade.run_coarse(s.ct, s.spacing) for s in scans] if stage == "refine" else [None] * len(scans)
+    # made at the first measure and kept (it was half of every measure)
+    coarse_out = {}
+
+    def coarse_of(i, scan):
+        if stage != "refine":
+            return None
+        if i not in coarse_out:
+            coarse_out[i] = cascade.run_coarse(scan.ct, scan.spacing)
+        return coarse_out[i]
 
     def measure(model) -> float:
         setattr(cascade, stage, model)
         model.eval()
         try:
-            runs = (cascade.run(s.ct, s.spacing, coarse=c) for s, c in zip(scans, coarse_out))
+            runs = (cascade.run(s.ct, s.spacing, coarse=coarse_of(i, s)) for i, s in enumerate(scans))
             return float(sum(false_kidney_ml(r.fuse(), s) for r, s in zip(runs, scans)))
         finally:
             model.train()

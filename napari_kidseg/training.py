@@ -275,11 +275,13 @@ class SegmentationSamples:
             return x
         rng, f = self.rng, max(float(pixels_per_input), 1.0)
         if aug.ct_blur_px and rng.random() < 0.5:
-            sigma = float(rng.uniform(0.3, aug.ct_blur_px)) / f
+            sigma = float(rng.uniform(min(0.3, aug.ct_blur_px), aug.ct_blur_px)) / f
             x = ndimage.gaussian_filter(x, (0, sigma, sigma), truncate=2.5)
         if aug.ct_noise_hu and rng.random() < 0.5:
             body = x > -500
-            noise = rng.standard_normal(x.shape, dtype=np.float32) * float(rng.uniform(5, aug.ct_noise_hu) / f)
+            noise = rng.standard_normal(x.shape, dtype=np.float32) * float(
+                rng.uniform(min(5.0, aug.ct_noise_hu), aug.ct_noise_hu) / f
+            )
             if rng.random() < 0.5 and f < 2:  # correlated, as filtered back-projection makes it
                 noise = ndimage.gaussian_filter(noise, (0, 0.6, 0.6), truncate=2.0) * 1.9
             x = np.where(body, x + noise, x).astype(np.float32)

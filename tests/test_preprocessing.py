@@ -7,6 +7,7 @@ import pytest
 
 from napari_kidseg import preprocessing
 from napari_kidseg.cascade import Cascade
+from napari_kidseg.errors import KidsegError
 
 
 def _body(noise_sd: float, seed: int = 0, shape=(6, 128, 128)) -> np.ndarray:
@@ -28,6 +29,14 @@ def test_the_noise_estimate_reads_the_noise_drawn(sd):
 
 def test_the_noise_estimate_of_a_ct_without_soft_tissue_is_none():
     assert preprocessing.noise_sd_hu(np.full((3, 64, 64), -1000.0, np.float32)) is None
+
+
+def test_a_noiseless_ct_reads_no_noise_and_is_left_alone():
+    """A flat body without noise: its flattest third is all of it (no NaN, no 2 px smoothing)."""
+    flat = _body(0.0)
+    assert preprocessing.noise_sd_hu(flat) == 0.0
+    same, note = preprocessing.smooth_noise(flat)
+    assert same is flat and note is None
 
 
 def test_a_quiet_ct_is_left_alone_and_a_noisy_one_smoothed_into_the_trained_range():
@@ -56,3 +65,6 @@ def test_the_cascade_smooths_only_when_asked_and_says_so(tiny_checkpoints):
     assert not np.array_equal(plain.coarse_meta, smoothed.coarse_meta)  # the networks saw another CT
     quiet = cas.run(_body(8.0), (5.0, 1.0, 1.0), smooth_noise=True)
     assert not any("noise smoothed" in m for m in quiet.messages)
+    # a coarse answer made beforehand is of the unsmoothed CT: refused, not mixed
+    with pytest.raises(KidsegError, match="cannot be combined with smooth_noise"):
+        cas.run(noisy, (5.0, 1.0, 1.0), coarse=cas.run_coarse(noisy, (5.0, 1.0, 1.0)), smooth_noise=True)

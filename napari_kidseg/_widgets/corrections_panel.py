@@ -345,6 +345,7 @@ class CorrectionsPanel(QGroupBox):
             self._apply_change(self._pending)
 
     def discard_pending(self):
+        self._forget_first_clicks()  # a run, a case closed or swapped: an old first click is of another case
         self._pending = None
         self.preview_label.setText("")
         self._set_preview_enabled(False)

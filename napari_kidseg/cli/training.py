@@ -308,18 +308,6 @@ def _add_finetune_parser(sub):
         "--max-minutes", type=_positive, default=defaults.max_minutes, help="per stage, of training steps (not scoring)"
     )
     p.add_argument(
-        "--ct-noise-hu",
-        type=_checked(float, lambda v: 0 <= v <= 200, "must be 0-200 HU"),
-        default=0.0,
-        help="augmentation: image noise of up to this SD in HU on the CT's own grid, half the samples (default 0: off)",
-    )
-    p.add_argument(
-        "--ct-blur-px",
-        type=_checked(float, lambda v: 0 <= v <= 5, "must be 0-5 pixels"),
-        default=0.0,
-        help="augmentation: a Gaussian blur of up to this sigma in pixels, half the samples (default 0: off)",
-    )
-    p.add_argument(
         "--bn-momentum",
         type=_fraction,
         default=defaults.bn_momentum,
