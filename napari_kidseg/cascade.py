@@ -238,20 +238,23 @@ def _fusion_channels(p, kits_classes: int):
     return torch.cat([torch.stack(kept, dim=1), p[:, kits_classes:]], dim=1)
 
 
+def probability_levels(p):
+    """Probabilities (a torch tensor, 0-1) as the uint8 levels (0-255) results keep."""
+    import torch
+
+    return (p * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def upsampled_levels(p, side: int):
     """(B, C, h, w) probabilities -> (B, C, side, side) uint8 levels (0-255). On the CPU the levels
     are rounded at the network's size and brought up as uint8 (a third of the float work, as the
     3D coarse stage does; a level may differ by 1 from rounding after the upsample); elsewhere
     (CUDA has no uint8 bilinear kernel) brought up as floats and rounded after."""
-    import torch
     import torch.nn.functional as F
 
-    def rounded(x):
-        return x.round_().clamp_(0, 255).to(torch.uint8)
-
     if p.device.type == "cpu":
-        return F.interpolate(rounded(p * 255.0), size=(side, side), mode="bilinear", align_corners=False)
-    return rounded(F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False) * 255.0)
+        return F.interpolate(probability_levels(p), size=(side, side), mode="bilinear", align_corners=False)
+    return probability_levels(F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False))
 
 
 def organ_codes(p_organs):
@@ -436,7 +439,7 @@ class Cascade:
             p = _fusion_channels(p, self.kits_classes)[
                 0, : self.n_fusion, : small.shape[0], : small.shape[1], : small.shape[2]
             ]
-            levels = (p * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            levels = probability_levels(p).cpu().numpy()
         full = [resample(level, None, order=1, shape=ct.shape) for level in levels]
         if progress:
             progress(ct.shape[0], ct.shape[0], "coarse")
@@ -506,7 +509,6 @@ class Cascade:
     def _refine(
         self, ct: np.ndarray, patches: np.ndarray, progress, cancel, mirror=False
     ) -> dict[int, fusion.RefinedRegion]:
-        import torch
 
         cfg = self.refine_cfg
         size = cfg.input_size
@@ -534,7 +536,7 @@ class Cascade:
             return hu_to_input(t.float(), cfg.hu_window)
 
         def consume(chunk, p):
-            levels = (p[:, : self.n_fusion] * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            levels = probability_levels(p[:, : self.n_fusion]).cpu().numpy()
             for j, pt in enumerate(chunk):
                 y0, x0, sums, weights = acc[int(pt["z"])]
                 # the part of the patch inside the image, in region and in patch coordinates

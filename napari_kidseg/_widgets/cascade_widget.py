@@ -386,8 +386,6 @@ class CascadeWidget(QWidget):
         steps = result_layers.swap_steps(self.viewer, keyed) or [step for _, step in keyed]
         self._layer_steps = steps
         self._layer_steps.append(lambda: self._result_shown(cascade, session, comparison))
-        if result_layers.LAYER_NAMES["preview"] not in self.viewer.layers:  # a turn of its own, last
-            self._layer_steps.append(self.corrections_box.prepare_preview_layer)
         QTimer.singleShot(0, self._add_next_layer)
 
     def _fused_shown(self, layer):

@@ -308,37 +308,13 @@ class CorrectionsPanel(QGroupBox):
             return
         preview = np.zeros(shape, np.uint8)
         preview.ravel()[change.idx] = np.where(change.new > 0, change.new, change.old)
-        self._preview_layer(preview).visible = True
+        result_layers.preview_layer(self.viewer, self._ct(), preview).visible = True
         ml = change.voxels * float(np.prod(session.result.spacing)) / 1000.0
         self.preview_label.setText(
             f"Preview of {change.name}: {change.summary or f'{ml:.1f} mL changes'} (outlined). Apply or discard."
         )
         self._say(f"preview: {change.name}")
         self._set_preview_enabled(True)
-
-    def _preview_layer(self, data):
-        """The preview layer showing ``data`` (outlined), the fused layer kept selected."""
-        layer = result_layers.set_labels_layer(
-            self.viewer,
-            self._ct(),
-            "preview",
-            data,
-            opacity=1.0,
-            visible=False,
-            colormap={None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#ff2020"},
-        )
-        if layer.contour != 1:
-            layer.contour = 1
-        self.viewer.layers.selection.active = self._fused()
-        return layer
-
-    def prepare_preview_layer(self):
-        """Build the preview layer now, hidden and empty (a turn of the run's layer building):
-        napari's 0.3-0.6 s for a new labels layer are then not the first tool's to pay, whose
-        preview only fills it (0.1-0.2 s)."""
-        if self._session() is None or self._ct() is None or result_layers.LAYER_NAMES["preview"] in self.viewer.layers:
-            return
-        self._preview_layer(np.zeros(self._session().labels.shape, np.uint8))
 
     def apply_pending(self):
         if self._pending is not None:

@@ -63,6 +63,20 @@ def set_labels_layer(viewer, ct, key, data, **kwargs):
     return layer
 
 
+PREVIEW_COLORS = {None: "transparent", 0: "transparent", 1: "#ff8c00", 2: "#ff2020"}  # outlines
+
+
+def preview_layer(viewer, ct, data):
+    """The preview layer (a tool's change, outlined) showing ``data``, hidden until the caller
+    shows it; the fused layer stays the selected one (a new layer would take the selection)."""
+    layer = set_labels_layer(viewer, ct, "preview", data, opacity=1.0, visible=False, colormap=PREVIEW_COLORS)
+    if layer.contour != 1:
+        layer.contour = 1
+    if LAYER_NAMES["fused"] in viewer.layers:
+        viewer.layers.selection.active = viewer.layers[LAYER_NAMES["fused"]]
+    return layer
+
+
 def place_layer(layer, scale, translate):
     """A layer put on a grid (its data is set next): nothing when it is there already; else both
     in one transform update, one event (each of napari's setters re-slices the layer and moves its
@@ -126,8 +140,9 @@ def swap_steps(viewer, keyed_steps) -> list | None:
 
 
 def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) -> list:
-    """One ``(key, callable)`` per result layer, fused (editable, on top) last. ``restore_on_click(layer,
-    event)`` is the removed layer's mouse callback; ``on_fused(layer)`` gets the fused layer."""
+    """One ``(key, callable)`` per result layer, the fused one (editable) and above it the hidden
+    preview last. ``restore_on_click(layer, event)`` is the removed layer's mouse callback;
+    ``on_fused(layer)`` gets the fused layer."""
     colors = dict(LABEL_COLORS)
 
     def put(key, data, **kwargs):
@@ -155,8 +170,11 @@ def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) ->
         layer = put("organs", s.result.organs, opacity=0.35, visible=False, colormap=dict(ORGAN_COLORS))
         layer.features = dict(ORGAN_FEATURES)
 
-    def preview():  # hidden and empty on the new case's grid: on the old one it would stretch the slider
-        put("preview", np.zeros(s.labels.shape, np.uint8)).visible = False
+    def preview():
+        # hidden and empty, built with the run's layers: a tool's first preview then only fills it
+        # (a new labels layer is 0.3-0.6 s of the GUI thread); on a swap it takes the new case's
+        # grid (on the old one the hidden layer would keep the slice slider at the old length)
+        preview_layer(viewer, ct, np.zeros(s.labels.shape, np.uint8)).visible = False
 
     def fused():
         layer = put("fused", s.labels, opacity=0.6, colormap=colors)
@@ -181,8 +199,8 @@ def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) ->
         ("rois", rois),
         ("removed", removed),
         *([("organs", organs)] if s.result.organs is not None else []),
-        *([("preview", preview)] if LAYER_NAMES["preview"] in viewer.layers else []),  # built after a first run
         ("fused", fused),
+        ("preview", preview),  # above the fused layer, so its outlines show
     ]
 
 
