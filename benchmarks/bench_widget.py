@@ -13,7 +13,8 @@ a worker, previewed, applied through napari's history, undone) while the same ti
 event loop's longest gap per tool (target: 100 ms), and the time until the Review box has caught
 up with a click tool (target: 1 s). Then the other things a radiologist does once per case, each
 with the longest event-loop gap it caused (target: 200 ms each): the first dock (torch imported),
-opening a CT (napari's File > Open, and the dock's Open), exporting, saving the report, the 3D view.
+opening a CT (napari's File > Open, which the dock's worker reads, and the dock's Open), exporting,
+saving the report, the 3D view.
 """
 
 from __future__ import annotations
@@ -309,19 +310,27 @@ def gui_events(viewer, widget, first_dock_ms, first_dock_import):
         "surfaces of the fused labels",
     )
     event("3D labels off", lambda: widget.view3d_btn.setChecked(False), lambda: viewer.dims.ndisplay == 2)
-    # a second CT: the case is replaced (the question answered) - napari's File > Open, then the dock's Open
+    # a second CT over the case: kept (nothing built), by napari's File > Open (handed to the dock's
+    # worker while the dock is open) and by the dock's Open; then made the case (its layers built)
     widget.ask_about_new_ct = lambda name, n_edited: "keep"
     event(
-        "File > Open (napari reads on the GUI thread)",
+        "File > Open (handed to the dock's worker)",
         lambda: viewer.open(str(case), plugin="napari-kidseg"),
-        lambda: True,
-        "the sample case, CT + reference; closed again",
+        lambda: "open" not in widget.pending_work,
+        "the sample case, CT + reference; kept out",
     )
     event(
         "the dock's Open (read in a worker)",
         lambda: widget.open_ct(str(case)),
         lambda: "open" not in widget.pending_work,
-        "the same; closed again",
+        "the same; kept out",
+    )
+    widget.ask_about_new_ct = lambda name, n_edited: "replace"
+    event(
+        "the dock's Open, made the case",
+        lambda: widget.open_ct(str(case)),
+        lambda: "open" not in widget.pending_work and widget.session is None,
+        "this case's layers closed, the new CT and reference built",
     )
     print("\n| once per case | wall s | longest event-loop gap ms | note |")
     print("|---|---|---|---|")

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import glob
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import read_labels_ahead, shared_path
+from conftest import shared_path
 
 from napari_kidseg import anatomy
 
@@ -124,26 +121,6 @@ def test_one_kidney_horseshoe_and_transplant():
     v = anatomy.check_anatomy(transplant, SPACING, spine)
     assert not v.apply(transplant)[graft].any()
     assert any("transplant" in n for n in v.notes), "a removed kidney-sized region must be named"
-
-
-@pytest.mark.slow
-def test_no_kits19_kidney_or_tumor_voxel_is_removed():
-    """Each of the 160 real KiTS19 label volumes, fed as the result, comes through untouched, but
-    for one labelling artefact: case 135 holds a 10-voxel (0.0035 mL) "tumor" 64 mm from any
-    kidney voxel, which the attachment rule removes, as it should remove such a speck in a draft."""
-    root = shared_path("kits19-masks")
-    files = sorted(glob.glob(str(root / "case_*" / "segmentation.nii.gz")))
-    assert len(files) == 160
-    removed = {}
-    for f, vol in read_labels_ahead(files):
-        v = anatomy.check_anatomy(vol.array, vol.geometry.spacing, None)
-        if v.regions:
-            gone = v.removed_mask(vol.array)
-            removed[Path(f).parent.name] = (int(gone.sum()), {r.reason for r in v.regions})
-    assert set(removed) <= {"case_00135"}, removed
-    if removed:
-        n, reasons = removed["case_00135"]
-        assert n <= 10 and reasons == {"touches no kidney, so it is not a kidney tumor"}
 
 
 @pytest.mark.slow

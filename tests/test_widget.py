@@ -9,7 +9,7 @@ import pytest
 from qtpy.QtCore import QTimer
 
 from napari_kidseg._widgets.cascade_widget import CLICK_MODES, LAYER_NAMES, WINDOW_KEYS, CascadeWidget
-from napari_kidseg.io import readers
+from napari_kidseg.io import readers, volumes
 from napari_kidseg.layers import ct_layer_data, labels_layer_data
 from napari_kidseg.review.corrections_folder import manifest_cases
 from napari_kidseg.review.display import kidney_focus
@@ -605,11 +605,13 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
     _settle(w, qtbot)
 
 
-def test_the_docks_open_over_a_case_asks_before_it_builds_a_layer(
+def test_file_open_and_the_docks_open_over_a_case_ask_before_they_build_a_layer(
     viewer_with_case, tiny_checkpoints, qtbot, small_case_dir
 ):
-    """Kept: no layer is added or removed (each costs the GUI thread 0.2-0.5 s); made the case:
-    this case's layers go, the new CT is the one to segment. A re-run keeps the same layers."""
+    """napari's File > Open hands the path to the dock, which reads it in a worker (napari returns
+    at once, no layer yet). Kept: no layer is added or removed (each costs the GUI thread 0.2-0.5
+    s); made the case: this case's layers go, the new CT is the one to segment. A labels file is
+    added beside the case without a question. A re-run keeps the same layers."""
     viewer, ct, ref = viewer_with_case
     w = _widget(viewer, tiny_checkpoints, qtbot)
     _run(w, qtbot)
@@ -621,10 +623,19 @@ def test_the_docks_open_over_a_case_asks_before_it_builds_a_layer(
     viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
     asked = []
     w.ask_about_new_ct = lambda name, n_edited: asked.append(name) or "keep"
-    w.open_ct(str(small_case_dir))
+    assert viewer.open(str(small_case_dir), plugin="napari-kidseg") == []  # File > Open: read in the dock's worker
     qtbot.waitUntil(lambda: "open" not in w.pending_work and bool(asked), timeout=30_000)
     assert added == [] and removed == [] and w.session is not None
     assert "not opened: this case stays" in w.status.text()
+    asked.clear()
+    w.open_ct(str(small_case_dir))
+    qtbot.waitUntil(lambda: "open" not in w.pending_work and bool(asked), timeout=30_000)
+    assert added == [] and removed == [] and w.session is not None
+    viewer.open(str(small_case_dir / volumes.KITS_LABELS), plugin="napari-kidseg")  # a reference file
+    qtbot.waitUntil(lambda: bool(added), timeout=30_000)
+    assert len(asked) == 1 and w.session is not None and removed == []
+    assert viewer.layers.selection.active is w.fused_layer  # click tools keep working
+    added.clear()
     w.ask_about_new_ct = lambda name, n_edited: "replace"
     w.open_ct(str(small_case_dir))
     qtbot.waitUntil(lambda: w.session is None and bool(added), timeout=30_000)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QScrollArea, QVBoxLayout, QWidget
 
+from .._napari_io import register_background_opener
 from ..errors import KidsegError
 from ..layers import CT_WINDOW
 from . import result_layers
@@ -144,6 +145,7 @@ class CascadeWidget(QWidget):
         # find a closed widget instead of deleted Qt objects (the lambda holds only the Events)
         self.destroyed.connect(lambda *_, cancel=self._cancel, closed=self._closed: (closed.set(), cancel.set()))
         self.models_box.watch_layers()
+        register_background_opener(self.viewer, self._open_from_napari)
         closed = self._closed
         for name, key in WINDOW_KEYS.items():  # on the viewer: whichever layer is selected
             self.viewer.bind_key(
@@ -231,6 +233,14 @@ class CascadeWidget(QWidget):
         in a worker and add its layers; the CT becomes the one to segment (over a shown case, it is
         asked about first, see :meth:`ask_about_new_ct`). :attr:`pending_work` holds "open" meanwhile."""
         self.models_box.open_ct(path)
+
+    def _open_from_napari(self, path) -> bool:
+        """napari's File > Open or drag and drop, handed over by the plugin's reader: read in a
+        worker like the dock's Open (False: a closed dock, napari reads it itself)."""
+        if self.closed:
+            return False
+        self.models_box.open_ct(path)
+        return True
 
     def select_ct(self, name: str) -> bool:
         """Make the 3D image layer ``name`` the CT to segment (also one renamed or just added);

@@ -35,7 +35,7 @@ class ModelsPanel(QGroupBox):
         self.open_btn = QPushButton("Open...")
         self.open_btn.setToolTip(
             "Open a CT (file, DICOM folder or KiTS case with its reference) read in the background; "
-            "File > Open reads on the GUI thread and freezes the viewer for a second or two"
+            "napari's File > Open and drag and drop come here too while this dock is open"
         )
         self.open_btn.clicked.connect(lambda: self.open_ct())
         crow = QHBoxLayout()
@@ -125,6 +125,7 @@ class ModelsPanel(QGroupBox):
             if p.suffix.lower() == ".dcm" or p.name == KITS_IMAGE:  # the series, or the case with its reference
                 path = str(p.parent)
         if self._opening.busy:
+            self._hooks.notify(f"still opening the last file: {Path(path).name} was not opened", error=True)
             return
         self._hooks.say(f"opening {Path(path).name}...")
 
@@ -132,6 +133,10 @@ class ModelsPanel(QGroupBox):
             h = self._hooks
             if not layers:  # read_layers said why (a warning notification)
                 h.notify(f"could not open {path}", error=True)
+                return
+            if layers[0][2] != "image":  # a labels file (a reference): added beside the case, nothing asked
+                name = getattr(self.viewer, f"add_{layers[0][2]}")(layers[0][0], **layers[0][1]).name
+                h.say(f"{name} added")
                 return
             session = h.session()
             if session is not None:  # asked before its layers are built (kept: none is built, none removed)
