@@ -486,12 +486,20 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     assert viewer.camera.orientation2d[0] == "down"
     w.window_combo.setCurrentText("bone")
     assert tuple(viewer.layers["CT"].contrast_limits) == (-500.0, 1300.0)
-    w.view3d_btn.setChecked(True)  # surfaces built in a worker, every labels layer hidden meanwhile
-    qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3, timeout=60_000)
+    w.view3d_btn.setChecked(True)  # surfaces built in a worker, then shown one per event-loop turn
+    qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3 and "3D" not in w.pending_work, timeout=60_000)
     assert not viewer.layers["CT"].visible and not fused.visible and viewer.layers["3D tumor"].visible
     w.view3d_btn.setChecked(False)
-    assert viewer.dims.ndisplay == 2 and viewer.layers["CT"].visible and fused.visible
-    assert not viewer.layers["3D tumor"].visible
+    assert viewer.dims.ndisplay == 2 and not viewer.layers["3D tumor"].visible  # at once; the layers next turn
+    qtbot.waitUntil(lambda: viewer.layers["CT"].visible and fused.visible, timeout=5_000)
+    # back to 3D and straight to 2D while the surfaces are still being shown: 2D, as it was
+    w.view3d_btn.setChecked(True)
+    qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3, timeout=60_000)
+    w.view3d_btn.setChecked(False)
+    qtbot.waitUntil(
+        lambda: "3D" not in w.pending_work and viewer.layers["CT"].visible and fused.visible, timeout=60_000
+    )
+    assert viewer.dims.ndisplay == 2 and not viewer.layers["3D tumor"].visible
     _settle(w, qtbot)
 
 
@@ -634,7 +642,7 @@ def test_file_open_and_the_docks_open_over_a_case_ask_before_they_build_a_layer(
     viewer.open(str(small_case_dir / volumes.KITS_LABELS), plugin="napari-kidseg")  # a reference file
     qtbot.waitUntil(lambda: bool(added), timeout=30_000)
     assert len(asked) == 1 and w.session is not None and removed == []
-    assert viewer.layers.selection.active is w.fused_layer  # click tools keep working
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is w.fused_layer, timeout=5_000)  # click tools work
     added.clear()
     w.ask_about_new_ct = lambda name, n_edited: "replace"
     w.open_ct(str(small_case_dir))

@@ -12,6 +12,7 @@ from pathlib import Path
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
+from . import result_layers
 from ._controls import Hooks, path_row
 from ._workers import LatestRequest
 from .result_layers import LAYER_NAMES, SURFACE_NAMES, remove_layers
@@ -129,32 +130,51 @@ class ModelsPanel(QGroupBox):
             return
         self._hooks.say(f"opening {Path(path).name}...")
 
+        def read_and_build(path):
+            layer_data = read_layers(path)
+            return result_layers.built_layers(layer_data) if layer_data else None
+
         def done(layers):
-            h = self._hooks
+            from napari.layers import Image
+
+            h, release = self._hooks, self._opening.release
             if not layers:  # read_layers said why (a warning notification)
+                release()
                 h.notify(f"could not open {path}", error=True)
                 return
-            if layers[0][2] != "image":  # a labels file (a reference): added beside the case, nothing asked
-                name = getattr(self.viewer, f"add_{layers[0][2]}")(layers[0][0], **layers[0][1]).name
-                h.say(f"{name} added")
+            if not isinstance(layers[0], Image):  # a labels file (a reference): added beside the case, nothing asked
+                self.viewer.add_layer(layers[0])
+                release()
+                h.say(f"{layers[0].name} added")
                 return
             session = h.session()
-            if session is not None:  # asked before its layers are built (kept: none is built, none removed)
+            if session is not None:  # asked before its layers are added (kept: none is added, none removed)
                 if self._busy():
+                    release()
                     h.notify(f"a run is going: {Path(path).name} was not opened", error=True)
                     return
-                name = layers[0][1].get("name", Path(path).name)
                 session.sync_edits()
-                if self._ask_new_ct(name, int(session.hand_edited_voxels)) != "replace":
-                    h.notify(f"{name!r} not opened: this case stays")
+                if self._ask_new_ct(layers[0].name, int(session.hand_edited_voxels)) != "replace":
+                    release()
+                    h.notify(f"{layers[0].name!r} not opened: this case stays")
                     return
                 self._close_shown_case(list(self.viewer.layers))
-            names = [getattr(self.viewer, f"add_{kind}")(data, **kwargs).name for data, kwargs, kind in layers]
-            self.select_ct(names[0])
-            self.viewer.reset_view()
-            h.say(f"{names[0]} opened: press Run")
 
-        self._opening.start(read_layers, str(path), done=done)
+            def opened():
+                release()
+                self.select_ct(layers[0].name)
+                self.viewer.reset_view()
+                h.say(f"{layers[0].name} opened: press Run")
+
+            # the closed case's layers went in this turn, in one batch (0.6 s of the GUI thread for
+            # ten layers; removed one per turn, napari crashed); each new one is added in a turn of its own
+            QTimer.singleShot(0, lambda: result_layers.add_one_per_turn(self.viewer, layers, opened, h.closed))
+
+        self._opening.start(read_and_build, str(path), done=done, failed=self._opening_failed, keep=True)
+
+    def _opening_failed(self, exc):
+        self._opening.release()
+        self._hooks.failed(exc)
 
     def watch_layers(self):
         """Follow the viewer's layers: the CT list, a CT deleted during a run, a reference labels

@@ -204,6 +204,40 @@ def result_layer_steps(viewer, ct, s, comparison, restore_on_click, on_fused) ->
     ]
 
 
+def built_layers(layer_data) -> list:
+    """napari layers made from ``(data, kwargs, kind)`` tuples, in a worker: making one costs
+    25-900 ms (the first of a kind in a process imports napari's code for it, an image computes
+    its contrast range), so only adding them is left to the GUI thread. No Qt is touched."""
+    from napari.layers import Layer
+
+    return [Layer.create(data, kwargs, kind) for data, kwargs, kind in layer_data]
+
+
+def one_per_turn(steps, then=None, closed=lambda: False):
+    """Each step in an event-loop turn of its own (napari redraws between, so no turn holds the
+    GUI thread for all of them), then ``then()``; nothing more once ``closed()``."""
+    from qtpy.QtCore import QTimer
+
+    todo = list(steps)
+
+    def step():
+        if closed():
+            return
+        if todo:
+            todo.pop(0)()
+            QTimer.singleShot(0, step)
+        elif then is not None:
+            then()
+
+    step()
+
+
+def add_one_per_turn(viewer, layers, then, closed=lambda: False):
+    """Each layer added in a turn of its own (napari builds its canvas node and draws it: 0.2-0.4 s
+    each under Xvfb), then ``then()``."""
+    one_per_turn([lambda ly=ly: viewer.add_layer(ly) for ly in layers], then, closed)
+
+
 def update_comparison(viewer, comparison):
     """The comparison layers shown follow a new fusion."""
     for key in ("coarse", "refined", "disagreement", "removed"):
@@ -268,40 +302,51 @@ def single_colour(colour: str):
     return Colormap([rgba, rgba], name=f"kidseg {colour}")
 
 
-def show_surfaces(viewer, surfaces: dict, ct_name: str, hidden: dict):
-    """The 3D view: the label surfaces (label value -> napari surface data) shown, the CT and every
-    labels layer hidden (``hidden`` records them, for :func:`hide_surfaces`)."""
-    from napari.layers import Labels
+def show_surfaces_steps(viewer, surfaces: dict, ct_name: str, hidden: dict) -> list:
+    """The 3D view, as steps for :func:`one_per_turn`: the CT and every labels layer hidden
+    (``hidden`` records them, for :func:`hide_surfaces_steps`) and the view made 3D, then each
+    label surface (label value -> napari surface data) shown in a step of its own."""
 
-    layers = viewer.layers
-    for ly in layers:
-        if (isinstance(ly, Labels) or ly.name == ct_name) and ly.visible:
-            hidden[ly.name] = True
-            ly.visible = False
-    viewer.dims.ndisplay = 3  # with every volume hidden (nothing to upload); the surfaces are 3D only
-    for value, name in SURFACE_NAMES.items():
+    def to_3d():
+        from napari.layers import Labels
+
+        for ly in viewer.layers:
+            if (isinstance(ly, Labels) or ly.name == ct_name) and ly.visible:
+                hidden[ly.name] = True
+                ly.visible = False
+        viewer.dims.ndisplay = 3  # with every volume hidden (nothing to upload); the surfaces are 3D only
+
+    def show(value, name):
+        layers = viewer.layers
         if value not in surfaces:
             if name in layers:
                 layers[name].visible = False
-            continue
-        if name in layers:
+        elif name in layers:
             layers[name].data = surfaces[value]
             layers[name].visible = True
         else:
             colour = LABEL_COLORS[value]
             viewer.add_surface(surfaces[value], name=name, colormap=single_colour(colour), opacity=0.8)
 
+    return [to_3d, *(lambda v=value, n=name: show(v, n) for value, name in SURFACE_NAMES.items())]
 
-def hide_surfaces(viewer, hidden: dict):
-    """Back to 2D: the surfaces hidden, the layers the 3D view hid shown as they were."""
-    layers = viewer.layers
-    for name in SURFACE_NAMES.values():
-        if name in layers:
-            layers[name].visible = False
-    # 2D first: a layer shown again while the view is still 3D is sliced and uploaded whole (the
-    # CT and the labels as 3D textures: 2 s of the GUI thread under load), then again in 2D
-    viewer.dims.ndisplay = 2
-    for name, visible in hidden.items():
-        if name in layers:
-            layers[name].visible = visible
-    hidden.clear()
+
+def hide_surfaces_steps(viewer, hidden: dict) -> list:
+    """Back to 2D, as steps for :func:`one_per_turn`: the surfaces hidden and the view made 2D,
+    then the layers the 3D view hid shown as they were."""
+
+    def to_2d():
+        for name in SURFACE_NAMES.values():
+            if name in viewer.layers:
+                viewer.layers[name].visible = False
+        # 2D first: a layer shown again while the view is still 3D is sliced and uploaded whole (the
+        # CT and the labels as 3D textures: 2 s of the GUI thread under load), then again in 2D
+        viewer.dims.ndisplay = 2
+
+    def show_again():
+        for name, visible in hidden.items():
+            if name in viewer.layers:
+                viewer.layers[name].visible = visible
+        hidden.clear()
+
+    return [to_2d, show_again]

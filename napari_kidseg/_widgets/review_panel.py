@@ -136,7 +136,8 @@ class ReviewPanel(QGroupBox):
         from ..layers import label_surfaces
 
         if not on:
-            result_layers.hide_surfaces(self.viewer, self._hidden_for_3d)
+            steps = result_layers.hide_surfaces_steps(self.viewer, self._hidden_for_3d)
+            result_layers.one_per_turn(steps, closed=self._closed)
             return
         s = self._session()
         if s is None or self._surfaces.busy:
@@ -148,16 +149,27 @@ class ReviewPanel(QGroupBox):
 
         def done(surfaces):
             if not self.view3d_btn.isChecked():
+                self._surfaces.release()
                 return
-            result_layers.show_surfaces(self.viewer, surfaces, self._ct_name(), self._hidden_for_3d)
+            steps = result_layers.show_surfaces_steps(self.viewer, surfaces, self._ct_name(), self._hidden_for_3d)
+            # each in a turn of its own (the view made 3D, then each surface: 0.1-0.3 s each); a
+            # click back to 2D meanwhile makes the steps left do nothing
+            steps = [lambda st=st: st() if self.view3d_btn.isChecked() else None for st in steps]
             n = sum(len(f) for _, f, _ in surfaces.values())
-            self._say(f"3D: {n} triangles in {time.perf_counter() - t0:.1f} s (click 3D labels again for 2D)")
+
+            def shown():
+                self._surfaces.release()
+                if self.view3d_btn.isChecked():
+                    self._say(f"3D: {n} triangles in {time.perf_counter() - t0:.1f} s (click 3D labels again for 2D)")
+
+            result_layers.one_per_turn(steps, shown, self._closed)
 
         def failed(exc):
+            self._surfaces.release()
             self.view3d_btn.setChecked(False)
             self._failed(exc)
 
-        self._surfaces.start(label_surfaces, labels, geo.spacing, geo.origin_zyx, done=done, failed=failed)
+        self._surfaces.start(label_surfaces, labels, geo.spacing, geo.origin_zyx, done=done, failed=failed, keep=True)
 
     def _orient_view(self, event=None):
         """Coronal and sagittal views with the head up: the vertical screen axis points up when it
