@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 from ..errors import KidsegError
-from ._common import _add_cluster_argument, _cluster_progress, _open_cluster, _ProgressBar
+from ._common import (
+    _add_cluster_argument,
+    _cluster_progress,
+    _open_cluster,
+    _ProgressBar,
+    import_networks_before_the_window,
+)
 
 
 def _pacs_filters(args) -> dict:
@@ -69,6 +75,7 @@ def cmd_review(args) -> int:
 
     if not isinstance(source, Query):
         find_cases(args.folder)  # a folder with no CT is one line here, before napari opens
+    import_networks_before_the_window()
     import napari
 
     viewer = napari.Viewer(title="napari-kidseg worklist")
