@@ -333,7 +333,7 @@ def show_surfaces_steps(viewer, surfaces: dict, ct_name: str, hidden: dict) -> l
 
 def hide_surfaces_steps(viewer, hidden: dict) -> list:
     """Back to 2D, as steps for :func:`one_per_turn`: the surfaces hidden and the view made 2D,
-    then the layers the 3D view hid shown as they were."""
+    then each layer the 3D view hid shown again in a step of its own (each is sliced and drawn)."""
 
     def to_2d():
         for name in SURFACE_NAMES.values():
@@ -343,10 +343,9 @@ def hide_surfaces_steps(viewer, hidden: dict) -> list:
         # CT and the labels as 3D textures: 2 s of the GUI thread under load), then again in 2D
         viewer.dims.ndisplay = 2
 
-    def show_again():
-        for name, visible in hidden.items():
-            if name in viewer.layers:
-                viewer.layers[name].visible = visible
-        hidden.clear()
+    def show_again(name, visible):
+        hidden.pop(name, None)
+        if name in viewer.layers:
+            viewer.layers[name].visible = visible
 
-    return [to_2d, show_again]
+    return [to_2d, *(lambda n=name, v=visible: show_again(n, v) for name, visible in hidden.items())]
