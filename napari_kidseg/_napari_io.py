@@ -3,10 +3,14 @@
 The reader never raises inside napari: a path it cannot read gives ``None`` (napari then tries
 other readers) and the one-line reason is shown as a warning notification.
 
-Where a Kidney cascade dock is docked in the viewer, napari's File > Open and drag and drop hand
-the path to the dock, which reads it in a worker (napari itself calls readers on the GUI thread,
-which froze the viewer for about a second on a 512 x 512 x 300 CT): one way to open a case, with
-the dock's question before a shown case is replaced. Without a dock it is read here as before.
+Where a Kidney cascade dock is docked in the current viewer, napari's File > Open and drag and
+drop hand the path to the dock, which reads it in a worker (napari itself calls readers on the GUI
+thread, which froze the viewer for about a second on a 512 x 512 x 300 CT): one way to open a
+case, with the dock's question before a shown case is replaced. napari then gets npe2's "handled,
+no layers" answer: ``viewer.open`` returns no layers (they arrive a moment later), and a file the
+dock cannot read is said by the dock, not passed on to other readers. Without a dock, or while
+the dock reads another file, it is read here as before. (napari does not say which viewer a read
+is for: the current one is taken, the window last activated.)
 """
 
 from __future__ import annotations
@@ -27,29 +31,22 @@ def _is_kits_case(path: Path) -> bool:
     return path.is_dir() and (path / volumes.KITS_IMAGE).exists()
 
 
-# viewer -> the docked widget's "open this path in the background" (a weak method: a closed dock
-# drops out by itself)
-_BACKGROUND_OPENERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# each dock's "open this path in the background" (a weak method: a closed dock drops out by itself)
+_BACKGROUND_OPENERS: list[weakref.WeakMethod] = []
 
 # npe2's documented answer of a reader that handled a path without returning layers itself
 NO_LAYERS_HERE = [(None,)]
 
 
-def register_background_opener(viewer, open_path) -> None:
-    """A dock in ``viewer`` reads what File > Open gives: ``open_path(path)`` (a bound method) starts
-    it and says True, or False when it cannot take it (then it is read here)."""
-    _BACKGROUND_OPENERS[viewer] = weakref.WeakMethod(open_path)
+def register_background_opener(open_path) -> None:
+    """A dock reads what File > Open gives: ``open_path(path)`` (a bound method) starts it and
+    says True, or False when it cannot take it (not the current viewer's dock, busy, closed)."""
+    _BACKGROUND_OPENERS[:] = [ref for ref in _BACKGROUND_OPENERS if ref() is not None]
+    _BACKGROUND_OPENERS.append(weakref.WeakMethod(open_path))
 
 
-def _background_opener():
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:  # noqa: BLE001 - no napari, no viewer: read here
-        return None
-    ref = _BACKGROUND_OPENERS.get(viewer) if viewer is not None else None
-    return ref() if ref is not None else None
+def _handed_to_a_dock(path) -> bool:
+    return any(opener(path) for ref in list(_BACKGROUND_OPENERS) if (opener := ref()) is not None)
 
 
 def get_reader(path):
@@ -61,13 +58,12 @@ def get_reader(path):
     p = Path(os.fspath(path))
     if not (_is_kits_case(p) or volumes.volume_format(p) is not None):
         return None
-    opener = _background_opener()
-    if opener is None:
+    if not _BACKGROUND_OPENERS:
         return read_layers
 
     def hand_to_dock(path, **_):
         path = path[0] if isinstance(path, list) else os.fspath(path)
-        return NO_LAYERS_HERE if opener(path) else read_layers(path)
+        return NO_LAYERS_HERE if _handed_to_a_dock(path) else read_layers(path)
 
     return hand_to_dock
 

@@ -616,12 +616,16 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
 def test_file_open_and_the_docks_open_over_a_case_ask_before_they_build_a_layer(
     viewer_with_case, tiny_checkpoints, qtbot, small_case_dir
 ):
-    """napari's File > Open hands the path to the dock, which reads it in a worker (napari returns
-    at once, no layer yet). Kept: no layer is added or removed (each costs the GUI thread 0.2-0.5
-    s); made the case: this case's layers go, the new CT is the one to segment. A labels file is
-    added beside the case without a question. A re-run keeps the same layers."""
+    """napari's File > Open hands the path to the docked dock, which reads it in a worker (napari
+    returns at once, no layer yet); a second file while it reads (the CT and its reference
+    dropped together) is read by napari itself. Kept: no layer is added or removed (each costs
+    the GUI thread 0.2-0.5 s); made the case: this case's layers go, the new CT is the one to
+    segment, and Run waits until it is in. A labels file is added beside the case without a
+    question. A re-run keeps the same layers. Taken off the window, the dock is handed nothing."""
     viewer, ct, ref = viewer_with_case
     w = _widget(viewer, tiny_checkpoints, qtbot)
+    viewer.window.add_dock_widget(w, name="Kidney cascade")
+    viewer.window.show()
     _run(w, qtbot)
     layers = {ly.name: ly for ly in viewer.layers}
     _run(w, qtbot)  # the result layers' data swapped in place, not built again
@@ -644,11 +648,22 @@ def test_file_open_and_the_docks_open_over_a_case_ask_before_they_build_a_layer(
     assert len(asked) == 1 and w.session is not None and removed == []
     qtbot.waitUntil(lambda: viewer.layers.selection.active is w.fused_layer, timeout=5_000)  # click tools work
     added.clear()
+    asked.clear()
     w.ask_about_new_ct = lambda name, n_edited: "replace"
-    w.open_ct(str(small_case_dir))
-    qtbot.waitUntil(lambda: w.session is None and bool(added), timeout=30_000)
+    assert viewer.open(str(small_case_dir / volumes.KITS_IMAGE), plugin="napari-kidseg") == []
+    second = viewer.open(str(small_case_dir / volumes.KITS_LABELS), plugin="napari-kidseg")
+    assert len(second) == 1 and second[0].name.startswith("segmentation")  # read by napari: the dock was busy
+    w.run()  # pressed while the CT is still on its way in: refused, said
+    assert "still being opened" in w.status.text() and "run" not in w.pending_work
+    qtbot.waitUntil(lambda: w.session is None and "open" not in w.pending_work, timeout=30_000)
     assert LAYER_NAMES["fused"] in removed and "CT" in removed
-    assert w.ct_combo.currentText() == added[0] and added[0] in viewer.layers
+    assert w.ct_combo.currentText() == "imaging" and "imaging" in viewer.layers
+    # taken off the window (napari's x keeps the widget alive): napari reads File > Open itself
+    viewer.window.remove_dock_widget(w)
+    assert [ly.name for ly in viewer.open(str(small_case_dir), plugin="napari-kidseg")] == [
+        f"{small_case_dir.name} CT",
+        f"{small_case_dir.name} reference",
+    ]
     _settle(w, qtbot)
 
 

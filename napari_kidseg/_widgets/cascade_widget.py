@@ -28,7 +28,7 @@ from .export_panel import ExportPanel
 from .fusion_panel import FusionPanel
 from .models_panel import ModelsPanel
 from .report_panel import ReportPanel, report_case
-from .result_layers import LAYER_NAMES
+from .result_layers import LAYER_NAMES, unproxied
 from .review_panel import ReviewPanel
 from .run_panel import RunPanel
 
@@ -145,7 +145,7 @@ class CascadeWidget(QWidget):
         # find a closed widget instead of deleted Qt objects (the lambda holds only the Events)
         self.destroyed.connect(lambda *_, cancel=self._cancel, closed=self._closed: (closed.set(), cancel.set()))
         self.models_box.watch_layers()
-        register_background_opener(self.viewer, self._open_from_napari)
+        register_background_opener(self._open_from_napari)
         closed = self._closed
         for name, key in WINDOW_KEYS.items():  # on the viewer: whichever layer is selected
             self.viewer.bind_key(
@@ -236,8 +236,16 @@ class CascadeWidget(QWidget):
 
     def _open_from_napari(self, path) -> bool:
         """napari's File > Open or drag and drop, handed over by the plugin's reader: read in a
-        worker like the dock's Open (False: a closed dock, napari reads it itself)."""
-        if self.closed:
+        worker like the dock's Open. False (napari then reads it itself, as without the dock): the
+        dock is closed or taken off the window (napari's x keeps the widget alive, parentless), or
+        it is reading another file (several files dropped at once: the CT and its reference), or
+        its viewer is not the current one (napari does not say which viewer a read is for)."""
+        import napari
+
+        if self.closed or unproxied(napari.current_viewer()) is not unproxied(self.viewer):
+            return False
+        window = self.window()
+        if window is self or not window.isVisible() or self.models_box.opening:
             return False
         self.models_box.open_ct(path)
         return True
@@ -311,6 +319,9 @@ class CascadeWidget(QWidget):
         from ..review.display import carried_edits
 
         if self._run.busy:
+            return
+        if self.models_box.opening:  # its CT and reference are still being added
+            self._notify("a CT is still being opened: press Run once it is in", error=True)
             return
         try:
             ct = result_layers.ct_from_layer(self.viewer, self.ct_combo.currentText())

@@ -135,6 +135,12 @@ class ModelsPanel(QGroupBox):
             return result_layers.built_layers(layer_data) if layer_data else None
 
         def done(layers):
+            try:
+                show(layers)
+            except Exception as exc:  # noqa: BLE001 - said, and Open stays usable
+                self._opening_failed(exc)
+
+        def show(layers):
             from napari.layers import Image
 
             h, release = self._hooks, self._opening.release
@@ -147,12 +153,12 @@ class ModelsPanel(QGroupBox):
                 release()
                 h.say(f"{layers[0].name} added")
                 return
+            if self._busy():  # a run (the first one has no session yet) keeps its CT
+                release()
+                h.notify(f"a run is going: {Path(path).name} was not opened", error=True)
+                return
             session = h.session()
             if session is not None:  # asked before its layers are added (kept: none is added, none removed)
-                if self._busy():
-                    release()
-                    h.notify(f"a run is going: {Path(path).name} was not opened", error=True)
-                    return
                 session.sync_edits()
                 if self._ask_new_ct(layers[0].name, int(session.hand_edited_voxels)) != "replace":
                     release()
@@ -168,7 +174,10 @@ class ModelsPanel(QGroupBox):
 
             # the closed case's layers went in this turn, in one batch (0.6 s of the GUI thread for
             # ten layers; removed one per turn, napari crashed); each new one is added in a turn of its own
-            QTimer.singleShot(0, lambda: result_layers.add_one_per_turn(self.viewer, layers, opened, h.closed))
+            QTimer.singleShot(
+                0,
+                lambda: result_layers.add_one_per_turn(self.viewer, layers, opened, h.closed, self._opening_failed),
+            )
 
         self._opening.start(read_and_build, str(path), done=done, failed=self._opening_failed, keep=True)
 

@@ -85,8 +85,8 @@ def place_layer(layer, scale, translate):
     if same_scale and same_translate:
         return
     try:
-        transform = _unproxied(layer)._transforms["data2physical"]
-        clear_extent = _unproxied(layer)._clear_extent
+        transform = unproxied(layer)._transforms["data2physical"]
+        clear_extent = unproxied(layer)._clear_extent
     except (AttributeError, KeyError, TypeError):  # another napari: its public setters
         layer.scale, layer.translate = scale, translate
         return
@@ -96,7 +96,7 @@ def place_layer(layer, scale, translate):
     layer.events.translate()
 
 
-def _unproxied(obj):
+def unproxied(obj):
     """napari hands a plugin's dock its viewer (and layers) behind a proxy that warns on private
     names; the two private calls below are made on the object itself."""
     return getattr(obj, "__wrapped__", obj)
@@ -108,7 +108,7 @@ def one_dims_update(viewer):
     (every layer's extent) once, at the end, instead of on every setter of every layer: swapping
     a case's eight layers cost 24 recomputations, 0.5-0.7 s of the GUI thread under load. (A
     napari without the viewer's ``_on_layers_change``: each setter recomputes, as without this.)"""
-    viewer = _unproxied(viewer)
+    viewer = unproxied(viewer)
     recompute = getattr(viewer, "_on_layers_change", None)
     if recompute is None:
         yield
@@ -213,9 +213,10 @@ def built_layers(layer_data) -> list:
     return [Layer.create(data, kwargs, kind) for data, kwargs, kind in layer_data]
 
 
-def one_per_turn(steps, then=None, closed=lambda: False):
+def one_per_turn(steps, then=None, closed=lambda: False, failed=None):
     """Each step in an event-loop turn of its own (napari redraws between, so no turn holds the
-    GUI thread for all of them), then ``then()``; nothing more once ``closed()``."""
+    GUI thread for all of them), then ``then()``; nothing more once ``closed()``. A step that
+    raises ends it: ``failed(exc)`` (which must free whatever waits for ``then``)."""
     from qtpy.QtCore import QTimer
 
     todo = list(steps)
@@ -223,19 +224,26 @@ def one_per_turn(steps, then=None, closed=lambda: False):
     def step():
         if closed():
             return
-        if todo:
+        try:
+            if not todo:
+                if then is not None:
+                    then()
+                return
             todo.pop(0)()
-            QTimer.singleShot(0, step)
-        elif then is not None:
-            then()
+        except Exception as exc:  # noqa: BLE001 - e.g. the viewer changed under us: said, and nothing stays busy
+            if failed is None:
+                raise
+            failed(exc)
+            return
+        QTimer.singleShot(0, step)
 
     step()
 
 
-def add_one_per_turn(viewer, layers, then, closed=lambda: False):
+def add_one_per_turn(viewer, layers, then, closed=lambda: False, failed=None):
     """Each layer added in a turn of its own (napari builds its canvas node and draws it: 0.2-0.4 s
     each under Xvfb), then ``then()``."""
-    one_per_turn([lambda ly=ly: viewer.add_layer(ly) for ly in layers], then, closed)
+    one_per_turn([lambda ly=ly: viewer.add_layer(ly) for ly in layers], then, closed, failed)
 
 
 def update_comparison(viewer, comparison):

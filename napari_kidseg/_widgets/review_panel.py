@@ -44,6 +44,7 @@ class ReviewPanel(QGroupBox):
         self.regions = []  # the region table's rows
         self._disagree_pos = self._uncertain_pos = -1
         self._hidden_for_3d = {}  # layers the 3D view hid: name -> visible before
+        self._view3d_turn = 0  # counts the 3D button's clicks: steps of an older click do nothing
         self._measuring = LatestRequest(failed, closed)
         self._surfaces = LatestRequest(failed, closed)
         self._build()
@@ -132,15 +133,29 @@ class ReviewPanel(QGroupBox):
     def _toggle_3d(self, on: bool):
         """3D: the fused labels as surfaces, built in a worker, with the CT and every labels layer
         hidden (napari's own 3D labels volume froze the GUI thread 20 s on a real CT; the CT as a
-        block would hide them anyway); 2D: the layers as they were."""
-        from ..layers import label_surfaces
-
+        block would hide them anyway); 2D: the layers as they were. Both are shown in steps, one
+        per event-loop turn; each click starts a new turn of the button, and the steps of an older
+        one do nothing."""
+        self._view3d_turn += 1
         if not on:
+            turn = self._view3d_turn
             steps = result_layers.hide_surfaces_steps(self.viewer, self._hidden_for_3d)
+            steps = [steps[0], *(lambda st=st: st() if turn == self._view3d_turn else None for st in steps[1:])]
             result_layers.one_per_turn(steps, closed=self._closed)
             return
+        self._show_3d(self._view3d_turn)
+
+    def _show_3d(self, turn: int):
+        from ..layers import label_surfaces
+
+        def current():
+            return turn == self._view3d_turn and self.view3d_btn.isChecked()
+
         s = self._session()
-        if s is None or self._surfaces.busy:
+        if s is None or not current():
+            return
+        if self._surfaces.busy:  # the last 3D view is still being built or shown: this one after it
+            QTimer.singleShot(100, lambda: None if self._closed() else self._show_3d(turn))
             return
         s.sync_edits()
         labels, geo = s.labels.copy(), self._ct().geometry
@@ -148,21 +163,21 @@ class ReviewPanel(QGroupBox):
         t0 = time.perf_counter()
 
         def done(surfaces):
-            if not self.view3d_btn.isChecked():
+            if not current():
                 self._surfaces.release()
                 return
             steps = result_layers.show_surfaces_steps(self.viewer, surfaces, self._ct_name(), self._hidden_for_3d)
             # each in a turn of its own (the view made 3D, then each surface: 0.1-0.3 s each); a
             # click back to 2D meanwhile makes the steps left do nothing
-            steps = [lambda st=st: st() if self.view3d_btn.isChecked() else None for st in steps]
+            steps = [lambda st=st: st() if current() else None for st in steps]
             n = sum(len(f) for _, f, _ in surfaces.values())
 
             def shown():
                 self._surfaces.release()
-                if self.view3d_btn.isChecked():
+                if current():
                     self._say(f"3D: {n} triangles in {time.perf_counter() - t0:.1f} s (click 3D labels again for 2D)")
 
-            result_layers.one_per_turn(steps, shown, self._closed)
+            result_layers.one_per_turn(steps, shown, self._closed, failed)
 
         def failed(exc):
             self._surfaces.release()

@@ -562,6 +562,9 @@ class WorklistWidget(QWidget):
         if self.cascade_widget.busy:
             self._notify("the Kidney cascade widget is busy: wait for its run to end", error=True)
             return
+        if "open" in self.cascade_widget.pending_work:
+            self._notify("the Kidney cascade widget is opening a CT: wait for it", error=True)
+            return
         t0 = time.perf_counter()
         self._prepare_timer.stop()
         leaving = self._edits_to_save()  # the case being left: saved in the job, off the GUI thread
