@@ -20,6 +20,14 @@ FORMAT_VERSION = 1
 STAGES = ("coarse", "refine")
 
 
+def import_network_libraries():
+    """torch and the model zoo imported now: seconds, much of it with the interpreter lock held
+    (0.4-0.5 s at a stretch, measured in benchmarks/bench_widget.py), so the GUI does it before its
+    window opens or in a thread of its own, never in napari's event loop."""
+    import segmentation_models_pytorch  # noqa: F401
+    import torch  # noqa: F401
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Everything needed to rebuild a network and feed it the right input."""

@@ -108,8 +108,9 @@ _start_lock = threading.Lock()
 
 
 def _import_heavy():
-    import segmentation_models_pytorch  # noqa: F401
-    import torch  # noqa: F401
+    from ..models import import_network_libraries
+
+    import_network_libraries()
 
     # torch and the model zoo bring some 360,000 objects that every full garbage collection walks
     # with the interpreter lock held: 3-4 s under load, measured, and napari collects on each layer

@@ -138,10 +138,9 @@ class ReviewPanel(QGroupBox):
         one do nothing."""
         self._view3d_turn += 1
         if not on:
-            turn = self._view3d_turn
+            turn = self._view3d_turn  # a later click stops the layers still to be shown again
             steps = result_layers.hide_surfaces_steps(self.viewer, self._hidden_for_3d)
-            steps = [steps[0], *(lambda st=st: st() if turn == self._view3d_turn else None for st in steps[1:])]
-            result_layers.one_per_turn(steps, closed=self._closed)
+            result_layers.one_per_turn(steps, closed=lambda: self._closed() or turn != self._view3d_turn)
             return
         self._show_3d(self._view3d_turn)
 

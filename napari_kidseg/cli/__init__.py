@@ -15,8 +15,9 @@ import os
 import sys
 import warnings
 
+from ..models import import_network_libraries
 from . import evaluation, segment, training, worklist
-from ._common import _WRITTEN, _format_warning, _OneLineParser, import_networks_before_the_window, run_command
+from ._common import _WRITTEN, _format_warning, _OneLineParser, run_command
 
 
 def cmd_demo(args) -> int:
@@ -39,7 +40,7 @@ def cmd_demo(args) -> int:
             if rc == 0:
                 rc = main(["evaluate", f"{tmp}/{case.name}/segmentation.nii.gz", str(case / "segmentation.nii.gz")])
         return rc
-    import_networks_before_the_window()
+    import_network_libraries()  # before napari's window opens: not a frozen viewer later
     import napari
 
     viewer = napari.Viewer(title="napari-kidseg demo")

@@ -39,14 +39,6 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def import_networks_before_the_window():
-    """torch and the model zoo imported now, before napari's window opens: their import holds
-    the interpreter lock for 0.4-0.5 s at a stretch (measured in benchmarks/bench_widget.py), which
-    inside napari's event loop is a frozen viewer; here it is part of the start-up."""
-    import segmentation_models_pytorch  # noqa: F401
-    import torch  # noqa: F401
-
-
 def _checked(kind, test, what):
     def parse(text):
         try:

@@ -9,13 +9,8 @@ import sys
 from pathlib import Path
 
 from ..errors import KidsegError
-from ._common import (
-    _add_cluster_argument,
-    _cluster_progress,
-    _open_cluster,
-    _ProgressBar,
-    import_networks_before_the_window,
-)
+from ..models import import_network_libraries
+from ._common import _add_cluster_argument, _cluster_progress, _open_cluster, _ProgressBar
 
 
 def _pacs_filters(args) -> dict:
@@ -75,7 +70,7 @@ def cmd_review(args) -> int:
 
     if not isinstance(source, Query):
         find_cases(args.folder)  # a folder with no CT is one line here, before napari opens
-    import_networks_before_the_window()
+    import_network_libraries()  # before napari's window opens: not a frozen viewer later
     import napari
 
     viewer = napari.Viewer(title="napari-kidseg worklist")
