@@ -608,7 +608,11 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
     w.ask_about_new_ct = lambda name, n_edited: "replace"
     viewer.add_image(data, **kwargs)
     qtbot.waitUntil(lambda: w.session is None, timeout=5_000)
-    assert [ly.name for ly in viewer.layers] == ["another CT"] and w.ct_combo.currentText() == "another CT"
+    # the closed case's layers are hidden at once and removed a few per event-loop turn
+    assert all(not ly.visible for ly in viewer.layers if ly.name != "another CT")
+    assert w.ct_combo.currentText() == "another CT"  # a Run meanwhile takes the new CT
+    qtbot.waitUntil(lambda: [ly.name for ly in viewer.layers] == ["another CT"], timeout=5_000)
+    assert w.ct_combo.currentText() == "another CT"
     assert not w.export_btn.isEnabled()
     _settle(w, qtbot)
 

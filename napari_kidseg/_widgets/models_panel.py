@@ -164,7 +164,7 @@ class ModelsPanel(QGroupBox):
                     release()
                     h.notify(f"{layers[0].name!r} not opened: this case stays")
                     return
-                self._close_shown_case(list(self.viewer.layers))
+            closing = self._close_shown_case(list(self.viewer.layers)) if session is not None else []
 
             def opened():
                 release()
@@ -172,11 +172,13 @@ class ModelsPanel(QGroupBox):
                 self.viewer.reset_view()
                 h.say(f"{layers[0].name} opened: press Run")
 
-            # the closed case's layers went in this turn, in one batch (0.6 s of the GUI thread for
-            # ten layers; removed one per turn, napari crashed); each new one is added in a turn of its own
+            # the closed case's layers go one per turn (hidden at once), then each new one is added
+            # in a turn of its own
             QTimer.singleShot(
                 0,
-                lambda: result_layers.add_one_per_turn(self.viewer, layers, opened, h.closed, self._opening_failed),
+                lambda: result_layers.add_one_per_turn(
+                    self.viewer, layers, opened, h.closed, self._opening_failed, first=closing
+                ),
             )
 
         self._opening.start(read_and_build, str(path), done=done, failed=self._opening_failed, keep=True)
@@ -247,16 +249,21 @@ class ModelsPanel(QGroupBox):
             remove_layers(self.viewer, came_with)
             h.notify(f"{layer.name!r} closed: this case stays")
             return
-        self._close_shown_case(before)
-        self.select_ct(layer.name)
-        self.viewer.reset_view()
-        h.notify(f"{layer.name!r} is the case now: press Run")
+        closing = self._close_shown_case(before)
+        self.select_ct(layer.name)  # at once: a Run meanwhile takes the new CT, not one being removed
 
-    def _close_shown_case(self, before):
-        """The case shown is closed: its CT, results and reference labels (of the layers ``before``)."""
+        def shown():
+            self.viewer.reset_view()
+            h.notify(f"{layer.name!r} is the case now: press Run")
+
+        result_layers.one_per_turn(closing, shown, h.closed, h.failed)
+
+    def _close_shown_case(self, before) -> list:
+        """The case shown is closed now: its CT, results and reference labels (of the layers
+        ``before``) hidden at once; the steps that remove them (:func:`result_layers.removal_steps`)."""
         from napari.layers import Labels
 
         ours = {*LAYER_NAMES.values(), *SURFACE_NAMES.values(), self.ct_combo.currentText()}
         gone = [ly for ly in before if ly in self.viewer.layers and (ly.name in ours or isinstance(ly, Labels))]
         self._close_case()
-        remove_layers(self.viewer, gone)
+        return result_layers.removal_steps(self.viewer, gone)

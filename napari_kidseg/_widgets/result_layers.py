@@ -240,10 +240,10 @@ def one_per_turn(steps, then=None, closed=lambda: False, failed=None):
     step()
 
 
-def add_one_per_turn(viewer, layers, then, closed=lambda: False, failed=None):
+def add_one_per_turn(viewer, layers, then, closed=lambda: False, failed=None, first=()):
     """Each layer added in a turn of its own (napari builds its canvas node and draws it: 0.2-0.4 s
-    each under Xvfb), then ``then()``."""
-    one_per_turn([lambda ly=ly: viewer.add_layer(ly) for ly in layers], then, closed, failed)
+    each under Xvfb), then ``then()``; the steps ``first`` (such as :func:`removal_steps`) before."""
+    one_per_turn([*first, *(lambda ly=ly: viewer.add_layer(ly) for ly in layers)], then, closed, failed)
 
 
 def update_comparison(viewer, comparison):
@@ -282,7 +282,27 @@ def remove_layers(viewer, layers):
     once per batch, not once per layer."""
     with viewer.layers.batched_update():
         for ly in layers:
-            viewer.layers.remove(ly)
+            if ly in viewer.layers:
+                viewer.layers.remove(ly)
+
+
+# layers removed in one event-loop turn when a case is closed: each costs napari some 25 ms (its
+# events disconnected one by one) and each batch one full garbage collection (about 70 ms). The
+# longest gap of bench_widget's "made the case", three invocations each: the ten layers in one
+# batch 460-832 ms, 3 a turn 242-399, 2 a turn 253-272, 1 a turn 202-237 (6 replacements in a
+# row, 3D on and off between, ran without a fault; session 12 saw napari crash once removing
+# them one per turn, not seen again since they are hidden first and the session ends first)
+REMOVED_PER_TURN = 1
+
+
+def removal_steps(viewer, layers, per_turn=REMOVED_PER_TURN) -> list:
+    """Steps for :func:`one_per_turn` that remove ``layers``, ``per_turn`` a turn. They are hidden at
+    once, so a case being closed is not seen while it goes."""
+    layers = list(layers)
+    for ly in layers:
+        ly.visible = False
+    chunks = [layers[i : i + per_turn] for i in range(0, len(layers), per_turn)]
+    return [lambda chunk=chunk: remove_layers(viewer, chunk) for chunk in chunks]
 
 
 def current_slice(viewer) -> int:
@@ -310,10 +330,28 @@ def single_colour(colour: str):
     return Colormap([rgba, rgba], name=f"kidseg {colour}")
 
 
+def surface_layers(labels, spacing, origin_zyx) -> dict:
+    """In a worker: each label's surface (:func:`napari_kidseg.layers.label_surfaces`) and the
+    napari layer that shows it, made here because the first surface layer of a process costs the
+    GUI thread some 200 ms to make (napari's surface code imported, normals computed)."""
+    from napari.layers import Surface
+
+    from ..layers import label_surfaces
+
+    out = {}
+    for value, data in label_surfaces(labels, spacing, origin_zyx).items():
+        if value not in SURFACE_NAMES:
+            continue
+        name, colour = SURFACE_NAMES[value], LABEL_COLORS[value]
+        out[value] = (data, Surface(data, name=name, colormap=single_colour(colour), opacity=0.8))
+    return out
+
+
 def show_surfaces_steps(viewer, surfaces: dict, ct_name: str, hidden: dict) -> list:
     """The 3D view, as steps for :func:`one_per_turn`: the CT and every labels layer hidden
     (``hidden`` records them, for :func:`hide_surfaces_steps`) and the view made 3D, then each
-    label surface (label value -> napari surface data) shown in a step of its own."""
+    label surface (label value -> (surface data, its layer), :func:`surface_layers`) shown in a
+    step of its own: the data swapped into a surface layer already there, else the layer added."""
 
     def to_3d():
         from napari.layers import Labels
@@ -330,11 +368,10 @@ def show_surfaces_steps(viewer, surfaces: dict, ct_name: str, hidden: dict) -> l
             if name in layers:
                 layers[name].visible = False
         elif name in layers:
-            layers[name].data = surfaces[value]
+            layers[name].data = surfaces[value][0]
             layers[name].visible = True
         else:
-            colour = LABEL_COLORS[value]
-            viewer.add_surface(surfaces[value], name=name, colormap=single_colour(colour), opacity=0.8)
+            viewer.add_layer(surfaces[value][1])
 
     return [to_3d, *(lambda v=value, n=name: show(v, n) for value, name in SURFACE_NAMES.items())]
 

@@ -145,8 +145,6 @@ class ReviewPanel(QGroupBox):
         self._show_3d(self._view3d_turn)
 
     def _show_3d(self, turn: int):
-        from ..layers import label_surfaces
-
         def current():
             return turn == self._view3d_turn and self.view3d_btn.isChecked()
 
@@ -169,7 +167,7 @@ class ReviewPanel(QGroupBox):
             # each in a turn of its own (the view made 3D, then each surface: 0.1-0.3 s each); a
             # click back to 2D meanwhile makes the steps left do nothing
             steps = [lambda st=st: st() if current() else None for st in steps]
-            n = sum(len(f) for _, f, _ in surfaces.values())
+            n = sum(len(data[1]) for data, _ in surfaces.values())
 
             def shown():
                 self._surfaces.release()
@@ -183,7 +181,9 @@ class ReviewPanel(QGroupBox):
             self.view3d_btn.setChecked(False)
             self._failed(exc)
 
-        self._surfaces.start(label_surfaces, labels, geo.spacing, geo.origin_zyx, done=done, failed=failed, keep=True)
+        self._surfaces.start(
+            result_layers.surface_layers, labels, geo.spacing, geo.origin_zyx, done=done, failed=failed, keep=True
+        )
 
     def _orient_view(self, event=None):
         """Coronal and sagittal views with the head up: the vertical screen axis points up when it
