@@ -309,7 +309,12 @@ def gui_events(viewer, widget, first_dock_ms, first_dock_import):
         lambda: viewer.dims.ndisplay == 3 and "3D" not in widget.pending_work,
         "surfaces of the fused labels",
     )
-    event("3D labels off", lambda: widget.view3d_btn.setChecked(False), lambda: viewer.dims.ndisplay == 2)
+    event(
+        "3D labels off",
+        lambda: widget.view3d_btn.setChecked(False),
+        lambda: viewer.dims.ndisplay == 2 and "3D" not in widget.pending_work,
+        "the layers the 3D view hid shown again",
+    )
     # a second CT over the case: kept (nothing built), by napari's File > Open (handed to the dock's
     # worker while the dock is open) and by the dock's Open; then made the case (its layers built)
     widget.ask_about_new_ct = lambda name, n_edited: "keep"

@@ -491,7 +491,9 @@ def test_corrections_a_radiologist_can_trust(viewer_with_case, tiny_checkpoints,
     assert not viewer.layers["CT"].visible and not fused.visible and viewer.layers["3D tumor"].visible
     w.view3d_btn.setChecked(False)
     assert viewer.dims.ndisplay == 2 and not viewer.layers["3D tumor"].visible  # at once; the layers next turn
-    qtbot.waitUntil(lambda: viewer.layers["CT"].visible and fused.visible, timeout=5_000)
+    assert "3D" in w.pending_work  # until the last layer the 3D view hid is shown again
+    qtbot.waitUntil(lambda: "3D" not in w.pending_work, timeout=5_000)
+    assert viewer.layers["CT"].visible and fused.visible
     # back to 3D and straight to 2D while the surfaces are still being shown: 2D, as it was
     w.view3d_btn.setChecked(True)
     qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3, timeout=60_000)

@@ -166,8 +166,8 @@ class CascadeWidget(QWidget):
     def pending_work(self) -> frozenset:
         """What is still going on: "run" (see :attr:`busy`), "layers" (result layers still being
         added), "fusion" (the volume following the sliders), "measurements" (the Review box), "tool"
-        (a correction tool being planned), "export", "3D" (the 3D surfaces being built) and "open"
-        (a CT being read)."""
+        (a correction tool being planned), "export", "3D" (the 3D surfaces being built or shown, or
+        the 2D view's layers shown again) and "open" (a CT being read)."""
         work = {
             "run": self._run.busy,
             "layers": bool(self._layer_steps),

@@ -45,6 +45,7 @@ class ReviewPanel(QGroupBox):
         self._disagree_pos = self._uncertain_pos = -1
         self._hidden_for_3d = {}  # layers the 3D view hid: name -> visible before
         self._view3d_turn = 0  # counts the 3D button's clicks: steps of an older click do nothing
+        self._leaving_3d = None  # the click whose 2D steps are still running
         self._measuring = LatestRequest(failed, closed)
         self._surfaces = LatestRequest(failed, closed)
         self._build()
@@ -105,7 +106,8 @@ class ReviewPanel(QGroupBox):
 
     @property
     def building_3d(self) -> bool:
-        return self._surfaces.busy
+        """The 3D surfaces are being built or shown, or the 2D view's layers shown again."""
+        return self._surfaces.busy or (self._leaving_3d is not None and self._leaving_3d == self._view3d_turn)
 
     def clear(self):
         """No case: no measurements, no rows, no 3D view."""
@@ -139,8 +141,16 @@ class ReviewPanel(QGroupBox):
         self._view3d_turn += 1
         if not on:
             turn = self._view3d_turn  # a later click stops the layers still to be shown again
+            self._leaving_3d = turn  # building_3d until the last layer is shown again
+
+            def left(exc=None):
+                if self._leaving_3d == turn:
+                    self._leaving_3d = None
+                if exc is not None:
+                    self._failed(exc)
+
             steps = result_layers.hide_surfaces_steps(self.viewer, self._hidden_for_3d)
-            result_layers.one_per_turn(steps, closed=lambda: self._closed() or turn != self._view3d_turn)
+            result_layers.one_per_turn(steps, left, lambda: self._closed() or turn != self._view3d_turn, left)
             return
         self._show_3d(self._view3d_turn)
 
