@@ -606,15 +606,25 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
     viewer.add_image(data, **kwargs)
     qtbot.waitUntil(lambda: "another CT" not in viewer.layers, timeout=5_000)
     assert w.session is not None and w.ct_combo.currentText() == "CT"
-    # ... or made the case: this case's CT, results and references go, the new CT is selected
+    # ... or made the case, here from the 3D view: this case's CT, results and references go, the
+    # new CT is selected
+    w.view3d_btn.setChecked(True)
+    qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3 and "3D" not in w.pending_work, timeout=60_000)
+    shown_again = []
+    for ly in viewer.layers:
+        ly.events.visible.connect(lambda e, ly=ly: shown_again.append(ly.name) if ly.visible else None)
     w.ask_about_new_ct = lambda name, n_edited: "replace"
     viewer.add_image(data, **kwargs)
     qtbot.waitUntil(lambda: w.session is None, timeout=5_000)
-    # the closed case's layers are hidden at once and removed a few per event-loop turn
+    # the closed case's layers are hidden at once and removed one per event-loop turn; meanwhile
+    # Run waits (a result now would go into those layers, found by name, and go with them)
     assert all(not ly.visible for ly in viewer.layers if ly.name != "another CT")
-    assert w.ct_combo.currentText() == "another CT"  # a Run meanwhile takes the new CT
+    assert viewer.dims.ndisplay == 2 and not w.view3d_btn.isChecked()
+    w.run()
+    assert "still being opened" in w.status.text() and "run" not in w.pending_work and "open" in w.pending_work
     qtbot.waitUntil(lambda: [ly.name for ly in viewer.layers] == ["another CT"], timeout=5_000)
-    assert w.ct_combo.currentText() == "another CT"
+    assert shown_again == []  # none the 3D view hid was shown again on its way out
+    assert w.ct_combo.currentText() == "another CT" and "open" not in w.pending_work
     assert not w.export_btn.isEnabled()
     _settle(w, qtbot)
 

@@ -380,6 +380,8 @@ class CascadeWidget(QWidget):
         export. The CT must already be a layer (selected in the CT box)."""
         if self._run.busy:
             raise KidsegError("the widget is busy (a run is going): wait for it or cancel it")
+        if self.models_box.opening:  # a result put in now would land in the closing case's layers
+            raise KidsegError("the widget is opening a CT: wait for it")
         self.discard_pending()
         self.ct_volume = ct_volume
         self._carried_edits = None

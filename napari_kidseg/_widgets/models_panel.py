@@ -29,6 +29,9 @@ class ModelsPanel(QGroupBox):
         self.viewer, self._hooks = hooks.viewer, hooks
         self._busy, self._cancel, self._ask_new_ct, self._close_case = busy, cancel, ask_new_ct, close_case
         self._opening = LatestRequest(hooks.failed, hooks.closed)
+        # the closed case's layers still being removed (hidden, one per turn): Run and the worklist's
+        # Next wait, since a result put in now would go into those layers (found by name) and go with them
+        self._closing = []
         self._models_key = None  # which models the loaded cascade holds
         form = QFormLayout(self)
         self.ct_combo = QComboBox()
@@ -109,7 +112,8 @@ class ModelsPanel(QGroupBox):
 
     @property
     def opening(self) -> bool:
-        return self._opening.busy
+        """A CT is being read or added, or the case it replaces is still being closed."""
+        return self._opening.busy or bool(self._closing)
 
     def open_ct(self, path=None):
         """Read a CT (a file, a DICOM series folder, or a KiTS case folder with its reference labels)
@@ -177,13 +181,14 @@ class ModelsPanel(QGroupBox):
             QTimer.singleShot(
                 0,
                 lambda: result_layers.add_one_per_turn(
-                    self.viewer, layers, opened, h.closed, self._opening_failed, first=closing
+                    self.viewer, layers, opened, h.closed, self._opening_failed, first=[*closing, self._closed_case]
                 ),
             )
 
         self._opening.start(read_and_build, str(path), done=done, failed=self._opening_failed, keep=True)
 
     def _opening_failed(self, exc):
+        self._closed_case()
         self._opening.release()
         self._hooks.failed(exc)
 
@@ -250,13 +255,18 @@ class ModelsPanel(QGroupBox):
             h.notify(f"{layer.name!r} closed: this case stays")
             return
         closing = self._close_shown_case(before)
-        self.select_ct(layer.name)  # at once: a Run meanwhile takes the new CT, not one being removed
+        self.select_ct(layer.name)
 
         def shown():
+            self._closed_case()
             self.viewer.reset_view()
             h.notify(f"{layer.name!r} is the case now: press Run")
 
-        result_layers.one_per_turn(closing, shown, h.closed, h.failed)
+        def failed(exc):
+            self._closed_case()
+            h.failed(exc)
+
+        result_layers.one_per_turn(closing, shown, h.closed, failed)
 
     def _close_shown_case(self, before) -> list:
         """The case shown is closed now: its CT, results and reference labels (of the layers
@@ -266,4 +276,11 @@ class ModelsPanel(QGroupBox):
         ours = {*LAYER_NAMES.values(), *SURFACE_NAMES.values(), self.ct_combo.currentText()}
         gone = [ly for ly in before if ly in self.viewer.layers and (ly.name in ours or isinstance(ly, Labels))]
         self._close_case()
+        self._closing = gone
         return result_layers.removal_steps(self.viewer, gone)
+
+    def _closed_case(self):
+        """The closed case's layers are gone: those a failed step left are removed in one batch."""
+        left, self._closing = [ly for ly in self._closing if ly in self.viewer.layers], []
+        if left and not self._hooks.closed():
+            result_layers.remove_layers(self.viewer, left)

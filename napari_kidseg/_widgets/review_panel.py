@@ -110,8 +110,15 @@ class ReviewPanel(QGroupBox):
         return self._surfaces.busy or (self._leaving_3d is not None and self._leaving_3d == self._view3d_turn)
 
     def clear(self):
-        """No case: no measurements, no rows, no 3D view."""
+        """No case: no measurements, no rows, no 3D view. The case's layers are being removed, so
+        none the 3D view hid is shown again, and steps of a 3D view still being shown do nothing."""
+        self._view3d_turn += 1
+        self._hidden_for_3d.clear()
+        blocked = self.view3d_btn.blockSignals(True)
         self.view3d_btn.setChecked(False)
+        self.view3d_btn.blockSignals(blocked)
+        if self.viewer.dims.ndisplay == 3:
+            self.viewer.dims.ndisplay = 2
         self.measurements, self.regions = None, []
         self.measure_label.setText("")
         self.region_table.setRowCount(0)

@@ -598,6 +598,10 @@ class WorklistWidget(QWidget):
 
         def done(payload):
             self._opening = None
+            if "open" in self.cascade_widget.pending_work:  # the dock began opening a CT meanwhile
+                self._refresh_table()
+                self._notify(f"{wl.rows[index].case} not shown: the dock is opening a CT", error=True)
+                return
             self._show_case(index, payload, t0)
 
         def failed(exc):
