@@ -69,9 +69,41 @@ def score_slice(pred: np.ndarray, ref: np.ndarray) -> dict:
     }
 
 
-def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, smooth_noise=False, progress=None) -> dict:
+def stages_on_tumor(result, ref: np.ndarray) -> dict:
+    """What each stage says on the reference tumor's pixels of the middle slice (medians, in the
+    results' 1/255 levels): the coarse stage's p(kidney or tumor) and p(tumor), the refine stage's
+    p(tumor) where its patches cover the tumor (None when they cover none of it), and the coarse
+    organ map's share of the tumor pixels per organ ("none" where no organ passes 0.5)."""
+    from .labels import ORGANS
+
+    mid, tumor = REPEAT // 2, ref == TUMOR
+    out = {
+        "coarse_kidney_or_tumor": float(np.median(result.coarse_meta[mid][tumor])),
+        "coarse_tumor": float(np.median(result.coarse_tumor[mid][tumor])),
+        "refine_tumor": None,
+        "organ_pixels": {},
+    }
+    region = result.refined.get(mid)
+    if region is not None:
+        ys, xs = region.window
+        covered = np.zeros(ref.shape, bool)
+        covered[ys, xs] = region.covered
+        p = np.zeros(ref.shape, np.uint8)
+        p[ys, xs] = region.tumor
+        if (covered & tumor).any():
+            out["refine_tumor"] = float(np.median(p[covered & tumor]))
+    if result.organs is not None:
+        codes, counts = np.unique(result.organs[mid][tumor], return_counts=True)
+        names = ("none", *ORGANS)
+        out["organ_pixels"] = {names[int(c)]: int(n) for c, n in zip(codes, counts)}
+    return out
+
+
+def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, smooth_noise=False, stages=False, progress=None) -> dict:
     """Run ``cascade`` on every slice case under ``root``: per-slice rows and the summary (mean
-    per-slice Dice, Dice pooled over all slices' pixels, share of tumors touched)."""
+    per-slice Dice, Dice pooled over all slices' pixels, share of tumors touched). ``stages``: each
+    row also says what each stage answered on its tumor (:func:`stages_on_tumor`), and the summary
+    the organ map's share of all tumor pixels."""
     rows = []
     cases = slice_cases(root)
     for n, case in enumerate(cases, 1):
@@ -79,6 +111,8 @@ def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, smooth_noise=False
         result = cascade.run(ct, spacing, smooth_noise=smooth_noise)
         pred = result.fuse(alpha=alpha, anatomy_check=anatomy_check)[REPEAT // 2]
         rows.append({"case": case.name, **score_slice(pred, ref)})
+        if stages:
+            rows[-1]["stages"] = stages_on_tumor(result, ref)
         if progress:
             progress(n, len(cases))
     if not rows:
@@ -93,4 +127,11 @@ def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, smooth_noise=False
         "tumor_dice_pooled": float(2 * inter[1] / max(sums[1], 1)),
         "touched": int(sum(r["touched"] for r in rows)),
     }
+    if stages:
+        pixels = {}
+        for r in rows:
+            for organ, count in r["stages"]["organ_pixels"].items():
+                pixels[organ] = pixels.get(organ, 0) + count
+        total = max(sum(pixels.values()), 1)
+        summary["organ_share_of_tumor_pixels"] = {k: round(v / total, 3) for k, v in sorted(pixels.items())}
     return {"rows": rows, "summary": summary}

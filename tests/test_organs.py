@@ -267,6 +267,36 @@ def test_real_slice_reader_maps_zero_by_where_it_lies():
     assert hu[0, 0] == OUTSIDE_HU and hu[10, 10] == INSIDE_ZERO_HU and hu[5, 5] == 60
 
 
+def test_what_each_stage_says_on_a_real_slice_tumor():
+    """stages_on_tumor reads the middle slice of the slab: the coarse levels on the tumor, the
+    refine level only where its patches cover the tumor, the organ map's pixels per organ."""
+    from types import SimpleNamespace
+
+    from napari_kidseg.fusion import RefinedRegion
+    from napari_kidseg.kits_slices import REPEAT, stages_on_tumor
+
+    mid, shape = REPEAT // 2, (12, 12)
+    ref = np.zeros(shape, np.uint8)
+    ref[2:6, 2:6] = 2  # 16 tumor pixels
+    meta, tumor = np.zeros((REPEAT, *shape), np.uint8), np.zeros((REPEAT, *shape), np.uint8)
+    meta[mid, 2:6, 2:6], tumor[mid, 2:6, 2:6] = 250, 3
+    meta[mid - 1] = 9  # another slice: not read
+    organs = np.zeros((REPEAT, *shape), np.uint8)
+    organs[mid, 2:4, 2:6] = ORGAN_CODE["liver"]  # half the tumor called liver
+    covered = np.zeros((6, 6), bool)
+    covered[:, :3] = True  # the patch covers x 2-4 of the tumor's 2-5
+    p_tumor = np.full((6, 6), 200, np.uint8)
+    p_tumor[:, 3:] = 10  # what the patch says outside its covered part is not read
+    region = RefinedRegion(y0=1, x0=1, meta=np.zeros((6, 6), np.uint8), tumor=p_tumor, covered=covered)
+    result = SimpleNamespace(coarse_meta=meta, coarse_tumor=tumor, refined={mid: region}, organs=organs)
+    out = stages_on_tumor(result, ref)
+    assert out["coarse_kidney_or_tumor"] == 250 and out["coarse_tumor"] == 3
+    assert out["refine_tumor"] == 200
+    assert out["organ_pixels"] == {"none": 8, "liver": 8}
+    result.refined = {}
+    assert stages_on_tumor(result, ref)["refine_tumor"] is None
+
+
 @pytest.mark.gui
 def test_dock_offers_the_organs_as_a_hidden_context_layer(make_napari_viewer, small_case_dir, qtbot, tmp_path):
     from test_widget import _run, _settle, _widget
