@@ -683,6 +683,40 @@ def test_file_open_and_the_docks_open_over_a_case_ask_before_they_build_a_layer(
     _settle(w, qtbot)
 
 
+def test_a_failed_layer_removal_leaves_no_layer_of_the_closed_case_and_open_usable(
+    viewer_with_case, tiny_checkpoints, qtbot, small_case_dir, monkeypatch
+):
+    """A removal step that raises (napari refusing one layer): said in one line, the rest of the
+    closed case's layers removed all the same, and Open, Run and Next usable again."""
+    from napari_kidseg._widgets import result_layers
+
+    viewer, ct, ref = viewer_with_case
+    w = _widget(viewer, tiny_checkpoints, qtbot)
+    viewer.window.add_dock_widget(w, name="Kidney cascade")
+    _run(w, qtbot)
+    old = list(viewer.layers)
+    real_remove, calls, refused = result_layers.remove_layers, [], w.fused_layer
+
+    def remove_refusing_one(v, layers):  # the batch after the failure is refused too
+        calls.append(len(layers))
+        if refused in layers:
+            raise RuntimeError("napari refused a layer")
+        return real_remove(v, layers)
+
+    monkeypatch.setattr(result_layers, "remove_layers", remove_refusing_one)
+    w.ask_about_new_ct = lambda name, n_edited: "replace"
+    w.open_ct(str(small_case_dir))
+    qtbot.waitUntil(lambda: "open" not in w.pending_work and len(calls) >= 2, timeout=30_000)
+    assert "napari refused a layer" in w.status.text()
+    assert not any(ly in viewer.layers for ly in old)  # the rest went, one by one after the failed batch
+    assert not w.models_box.opening
+    w.open_ct(str(small_case_dir))  # Open usable again: the file is read (nothing to ask: no case)
+    name = f"{small_case_dir.name} CT"
+    qtbot.waitUntil(lambda: "open" not in w.pending_work and name in viewer.layers, timeout=30_000)
+    assert w.ct_combo.currentText() == name
+    _settle(w, qtbot)
+
+
 def test_label_surfaces_are_closed_and_in_world_coordinates():
     from napari_kidseg.layers import label_surfaces
 

@@ -6,6 +6,7 @@ Knows the viewer's layers and callables handed in; never the dock. A CT is read 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,7 +130,7 @@ class ModelsPanel(QGroupBox):
             p = Path(path)
             if p.suffix.lower() == ".dcm" or p.name == KITS_IMAGE:  # the series, or the case with its reference
                 path = str(p.parent)
-        if self._opening.busy:
+        if self.opening:  # a file still being read or added, or the case it replaced still being closed
             self._hooks.notify(f"still opening the last file: {Path(path).name} was not opened", error=True)
             return
         self._hooks.say(f"opening {Path(path).name}...")
@@ -178,19 +179,22 @@ class ModelsPanel(QGroupBox):
 
             # the closed case's layers go one per turn (hidden at once), then each new one is added
             # in a turn of its own
+            first = [*closing, self._closed_case] if closing else []
             QTimer.singleShot(
                 0,
                 lambda: result_layers.add_one_per_turn(
-                    self.viewer, layers, opened, h.closed, self._opening_failed, first=[*closing, self._closed_case]
+                    self.viewer, layers, opened, h.closed, self._opening_failed, first=first
                 ),
             )
 
         self._opening.start(read_and_build, str(path), done=done, failed=self._opening_failed, keep=True)
 
     def _opening_failed(self, exc):
-        self._closed_case()
         self._opening.release()
-        self._hooks.failed(exc)
+        try:
+            self._closed_case()
+        finally:
+            self._hooks.failed(exc)
 
     def watch_layers(self):
         """Follow the viewer's layers: the CT list, a CT deleted during a run, a reference labels
@@ -263,8 +267,10 @@ class ModelsPanel(QGroupBox):
             h.notify(f"{layer.name!r} is the case now: press Run")
 
         def failed(exc):
-            self._closed_case()
-            h.failed(exc)
+            try:
+                self._closed_case()
+            finally:
+                h.failed(exc)
 
         result_layers.one_per_turn(closing, shown, h.closed, failed)
 
@@ -275,12 +281,21 @@ class ModelsPanel(QGroupBox):
 
         ours = {*LAYER_NAMES.values(), *SURFACE_NAMES.values(), self.ct_combo.currentText()}
         gone = [ly for ly in before if ly in self.viewer.layers and (ly.name in ours or isinstance(ly, Labels))]
+        steps = result_layers.removal_steps(self.viewer, gone)  # hidden first: leaving 3D then slices none
         self._close_case()
         self._closing = gone
-        return result_layers.removal_steps(self.viewer, gone)
+        return steps
 
     def _closed_case(self):
-        """The closed case's layers are gone: those a failed step left are removed in one batch."""
+        """The closed case's layers are gone: those a failed step left are removed now, in one
+        batch, else one by one (a layer that cannot be removed does not keep the others)."""
         left, self._closing = [ly for ly in self._closing if ly in self.viewer.layers], []
-        if left and not self._hooks.closed():
+        if not left or self._hooks.closed():
+            return
+        try:
             result_layers.remove_layers(self.viewer, left)
+        except Exception:  # noqa: BLE001 - the step's own error is the one reported
+            for ly in left:
+                with contextlib.suppress(Exception):
+                    if ly in self.viewer.layers:
+                        self.viewer.layers.remove(ly)

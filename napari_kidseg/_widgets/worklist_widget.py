@@ -598,10 +598,6 @@ class WorklistWidget(QWidget):
 
         def done(payload):
             self._opening = None
-            if "open" in self.cascade_widget.pending_work:  # the dock began opening a CT meanwhile
-                self._refresh_table()
-                self._notify(f"{wl.rows[index].case} not shown: the dock is opening a CT", error=True)
-                return
             self._show_case(index, payload, t0)
 
         def failed(exc):
@@ -619,6 +615,11 @@ class WorklistWidget(QWidget):
         self.last_open_times["job returned"] = time.perf_counter() - t0
         wl, cw = self.worklist, self.cascade_widget
         if wl is None:
+            return
+        if cw.busy or "open" in cw.pending_work:  # a run, or the dock opening a CT, began meanwhile
+            self._refresh_table()
+            self._notify(f"{wl.rows[index].case} not shown: the Kidney cascade widget is busy", error=True)
+            self._prepare_timer.start()
             return
         row = wl.rows[index]
         data, kwargs, _ = ct_layer_data(ct, name=CT_LAYER_PREFIX + row.case)
