@@ -266,3 +266,27 @@ def test_a_tool_edit_is_autosaved(make_napari_viewer, qtbot, tiny_checkpoints, c
     assert not wl.autosave()  # saved as it is: not written again
     _quiet(wl, cw, qtbot)
     wl.close_worklist()
+
+
+def test_a_case_the_dock_replaced_is_not_autosaved_with_the_new_cts_labels(
+    make_napari_viewer, qtbot, tiny_checkpoints, cases
+):
+    """The dock's Open replaced the worklist's case with another CT, which was run and edited: the
+    worklist's open row keeps what it had (its autosave would write another CT's labels)."""
+    viewer, cw, wl = _widgets(make_napari_viewer, qtbot, tiny_checkpoints)
+    wl.ahead_spin.setValue(0)
+    wl.open_folder(str(cases))
+    _shown(wl, cw, qtbot, "case_00000")
+    cw.ask_about_new_ct = lambda name, n_edited: "replace"
+    cw.open_ct(str(cases / "case_00001"))
+    qtbot.waitUntil(lambda: "open" not in cw.pending_work and cw.session is None, timeout=30_000)
+    assert cw.ct_combo.currentText() == "case_00001 CT"
+    cw.run()
+    qtbot.waitUntil(lambda: not cw.busy and cw.session is not None, timeout=60_000)
+    idx = np.arange(40, 60)
+    cw.plan_tool(lambda s: s.plan_set(idx, np.full(idx.size, 2, np.uint8), "test tool"), apply=True)
+    qtbot.waitUntil(lambda: "tool" not in cw.pending_work, timeout=30_000)
+    assert not wl.autosave()  # not written into case_00000's edits
+    assert wl.worklist.rows[0].status != "in review"
+    _quiet(wl, cw, qtbot)
+    wl.close_worklist()

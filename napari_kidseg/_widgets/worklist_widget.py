@@ -416,6 +416,8 @@ class WorklistWidget(QWidget):
         wl, cw = self.worklist, self._cascade_widget
         if wl is None or self.current is None or cw is None or cw.session is None or wl.read_only:
             return None
+        if CT_LAYER_PREFIX + wl.rows[self.current].case not in self.viewer.layers:
+            return None  # the dock's Open closed this case for another CT: the labels shown are not this case's
         s = cw.session
         marked = set(cw.reviewed_slices)  # a tool's edit changes the session's revision, a stroke _touched too
         if not self._touched and s.revision == self._revision_at_open and marked == self._reviewed_at_open:
