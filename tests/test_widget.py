@@ -622,7 +622,7 @@ def test_no_traps_in_the_viewer(viewer_with_case, tiny_checkpoints, qtbot):
     assert viewer.dims.ndisplay == 2 and not w.view3d_btn.isChecked()
     w.run()
     assert "still being opened" in w.status.text() and "run" not in w.pending_work and "open" in w.pending_work
-    qtbot.waitUntil(lambda: [ly.name for ly in viewer.layers] == ["another CT"], timeout=5_000)
+    qtbot.waitUntil(lambda: [ly.name for ly in viewer.layers] == ["another CT"], timeout=30_000)  # one per turn
     assert shown_again == []  # none the 3D view hid was shown again on its way out
     assert w.ct_combo.currentText() == "another CT" and "open" not in w.pending_work
     assert not w.export_btn.isEnabled()
