@@ -15,6 +15,7 @@ slices are for evaluation only: never train on them.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +86,9 @@ def stages_on_tumor(result, ref: np.ndarray) -> dict:
     }
     region = result.refined.get(mid)
     if region is not None:
-        ys, xs = region.window
-        covered = np.zeros(ref.shape, bool)
-        covered[ys, xs] = region.covered
-        p = np.zeros(ref.shape, np.uint8)
-        p[ys, xs] = region.tumor
-        if (covered & tumor).any():
-            out["refine_tumor"] = float(np.median(p[covered & tumor]))
+        covered_tumor = tumor[region.window] & region.covered
+        if covered_tumor.any():
+            out["refine_tumor"] = float(np.median(region.tumor[covered_tumor]))
     if result.organs is not None:
         codes, counts = np.unique(result.organs[mid][tumor], return_counts=True)
         names = ("none", *ORGANS)
@@ -128,10 +125,9 @@ def evaluate(cascade, root, *, alpha=0.4, anatomy_check=True, smooth_noise=False
         "touched": int(sum(r["touched"] for r in rows)),
     }
     if stages:
-        pixels = {}
+        pixels = Counter()
         for r in rows:
-            for organ, count in r["stages"]["organ_pixels"].items():
-                pixels[organ] = pixels.get(organ, 0) + count
+            pixels.update(r["stages"]["organ_pixels"])
         total = max(sum(pixels.values()), 1)
         summary["organ_share_of_tumor_pixels"] = {k: round(v / total, 3) for k, v in sorted(pixels.items())}
     return {"rows": rows, "summary": summary}
