@@ -330,21 +330,25 @@ def single_colour(colour: str):
     return Colormap([rgba, rgba], name=f"kidseg {colour}")
 
 
-def surface_layers(labels, spacing, origin_zyx) -> dict:
+def surface_layers(labels, spacing, origin_zyx, shown=()) -> dict:
     """In a worker: each label's surface (:func:`napari_kidseg.layers.label_surfaces`) and the
     napari layer that shows it, made here because the first surface layer of a process costs the
-    GUI thread some 200 ms to make (napari's surface code imported, normals computed)."""
-    from napari.layers import Surface
-
+    GUI thread some 200 ms to make (napari's surface code imported, normals computed). A layer
+    named in ``shown`` is in the viewer already (it takes the data): None, none made."""
     from ..layers import label_surfaces
 
     out = {}
     for value, data in label_surfaces(labels, spacing, origin_zyx).items():
-        if value not in SURFACE_NAMES:
-            continue
-        name, colour = SURFACE_NAMES[value], LABEL_COLORS[value]
-        out[value] = (data, Surface(data, name=name, colormap=single_colour(colour), opacity=0.8))
+        if value in SURFACE_NAMES:
+            out[value] = (data, None if SURFACE_NAMES[value] in shown else _surface_layer(value, data))
     return out
+
+
+def _surface_layer(value, data):
+    from napari.layers import Surface
+
+    colour = single_colour(LABEL_COLORS[value])
+    return Surface(data, name=SURFACE_NAMES[value], colormap=colour, opacity=0.8)
 
 
 def show_surfaces_steps(viewer, surfaces: dict, ct_name: str, hidden: dict) -> list:
@@ -370,8 +374,9 @@ def show_surfaces_steps(viewer, surfaces: dict, ct_name: str, hidden: dict) -> l
         elif name in layers:
             layers[name].data = surfaces[value][0]
             layers[name].visible = True
-        else:
-            viewer.add_layer(surfaces[value][1])
+        else:  # made in the worker, or here when it was in the viewer then and has been deleted since
+            data, layer = surfaces[value]
+            viewer.add_layer(layer if layer is not None else _surface_layer(value, data))
 
     return [to_3d, *(lambda v=value, n=name: show(v, n) for value, name in SURFACE_NAMES.items())]
 

@@ -198,9 +198,9 @@ class ReviewPanel(QGroupBox):
             self.view3d_btn.setChecked(False)
             self._failed(exc)
 
-        self._surfaces.start(
-            result_layers.surface_layers, labels, geo.spacing, geo.origin_zyx, done=done, failed=failed, keep=True
-        )
+        shown = {n for n in result_layers.SURFACE_NAMES.values() if n in self.viewer.layers}  # they take the data
+        args = (labels, geo.spacing, geo.origin_zyx, shown)
+        self._surfaces.start(result_layers.surface_layers, *args, done=done, failed=failed, keep=True)
 
     def _orient_view(self, event=None):
         """Coronal and sagittal views with the head up: the vertical screen axis points up when it
