@@ -291,7 +291,7 @@ def remove_layers(viewer, layers):
 # longest gap of bench_widget's "made the case", three invocations each: the ten layers in one
 # batch 460-832 ms, 3 a turn 242-399, 2 a turn 253-272, 1 a turn 202-237 (6 replacements in a
 # row, 3D on and off between, ran without a fault; session 12 saw napari crash once removing
-# them one per turn, not seen again since they are hidden first and the session ends first)
+# them one per turn, before they were hidden first: not seen since, its cause not known)
 REMOVED_PER_TURN = 1
 
 
