@@ -42,7 +42,7 @@ from pathlib import Path
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import KidsegError
-from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from .fusion import DEFAULT_ALPHA, DEFAULT_CONTRAST_TUMOR, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 from .io import files, volumes
 
 _log = logging.getLogger(__name__)
@@ -400,6 +400,7 @@ class PredictSettings:
     kidney_threshold: float = DEFAULT_KIDNEY_THRESHOLD
     tumor_threshold: float = DEFAULT_TUMOR_THRESHOLD
     anatomy_check: bool = True
+    contrast_tumor: bool = DEFAULT_CONTRAST_TUMOR  # see enhancement.py
     mirror: bool = False
     smooth_noise: bool = False  # see Cascade.run
     series: str | None = None
@@ -423,7 +424,11 @@ def predict_case(src, target, settings: PredictSettings, cascade, *, ct=None, pr
         ct.array, ct.geometry.spacing, progress=progress, mirror=settings.mirror, smooth_noise=settings.smooth_noise
     )
     labels = result.fuse(
-        settings.alpha, settings.kidney_threshold, settings.tumor_threshold, anatomy_check=settings.anatomy_check
+        settings.alpha,
+        settings.kidney_threshold,
+        settings.tumor_threshold,
+        anatomy_check=settings.anatomy_check,
+        contrast_tumor=settings.contrast_tumor,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     volumes.write_labels(target, labels, ct, overwrite=settings.overwrite)

@@ -66,7 +66,7 @@ def _one_size(n: int, coarse, refine, device: str, preset: str | None, workdir: 
     t0 = time.perf_counter()
     result = cascade.run(ct.array, ct.geometry.spacing)
     row["cascade_s"] = time.perf_counter() - t0
-    row.update({k: result.timings[k] for k in ("coarse", "roi", "refine")})
+    row.update({k: result.timings[k] for k in ("coarse", "roi", "refine", "tissue")})
     row["patches"] = len(result.patches)
     row["coarse_slices_per_s"] = n / result.timings["coarse"]
     row["refine_patches_per_s"] = (
@@ -107,6 +107,7 @@ COLUMNS = [
     ("coarse", "coarse s", "{:.2f}"),
     ("roi", "ROI s", "{:.2f}"),
     ("refine", "refine s", "{:.2f}"),
+    ("tissue", "tissue s", "{:.2f}"),
     ("fusion_s", "fusion s", "{:.2f}"),
     ("anatomy_s", "anatomy s", "{:.2f}"),
     ("anatomy_pct", "anat %", "{:.1f}"),

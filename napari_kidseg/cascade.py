@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from . import anatomy, fusion, preprocessing, roi
+from . import anatomy, enhancement, fusion, preprocessing, roi
 from .errors import Cancelled, KidsegError
-from .fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from .fusion import DEFAULT_ALPHA, DEFAULT_CONTRAST_TUMOR, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 from .io.volumes import AIR_HU
 from .preprocessing import context_indices, hu_to_input
 
@@ -55,6 +55,10 @@ class CascadeResult:
     # uint8 organ map (labels.ORGANS codes) from an organ-aware coarse stage: where the network's
     # most likely neighbour organ has p > 0.5; the context layer and the anatomy check read it
     organs: np.ndarray | None = None
+    # uint8 smoothed HU (0-255) where labels can appear (enhancement.tissue_levels), for the
+    # tumor-by-contrast rule; kidney_hu: that rule's kidney reference from the last volume fusion
+    tissue: np.ndarray | None = None
+    kidney_hu: float | None = None
 
     def fuse(
         self,
@@ -63,6 +67,7 @@ class CascadeResult:
         tumor_threshold=DEFAULT_TUMOR_THRESHOLD,
         z: int | None = None,
         anatomy_check: bool = True,
+        contrast_tumor: bool = DEFAULT_CONTRAST_TUMOR,
     ) -> np.ndarray:
         """Fused labels of the whole volume, or of slice ``z`` only.
 
@@ -70,9 +75,13 @@ class CascadeResult:
         its own labels and keeps the verdict in :attr:`verdict`; a slice reuses the last verdict
         (a slider move re-fuses the slice in view at once and the volume, with a new verdict,
         in the background).
+
+        ``contrast_tumor``: turn the parts of a kidney region that enhance clearly less than the
+        kidney into tumor (:mod:`enhancement`), before the anatomy check; a slice uses the
+        kidney reference of the last whole-volume fusion.
         """
         if z is None:
-            return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check)[1]
+            return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor)[1]
         cyst = None if self.coarse_cyst is None else self.coarse_cyst[z]
         labels = fusion.fuse_slice(
             self.coarse_meta[z],
@@ -83,11 +92,16 @@ class CascadeResult:
             tumor_threshold,
             cyst,
         )
+        if contrast_tumor and self.tissue is not None:
+            ref = self.kidney_hu
+            if ref is None:
+                ref = enhancement.kidney_reference_hu(labels, self.tissue[z])
+            labels = enhancement.mark_hypodense_tumor(labels, self.tissue[z], self.spacing, ref)
         if anatomy_check and self.verdict is not None:
             return self.verdict.apply(labels, z=z)
         return labels
 
-    def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check):
+    def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor):
         """(labels before the anatomy check, labels after it) of the whole volume."""
         raw = fusion.fuse_volume(
             self.coarse_meta,
@@ -98,6 +112,9 @@ class CascadeResult:
             tumor_threshold,
             self.coarse_cyst,
         )
+        if contrast_tumor and self.tissue is not None:
+            self.kidney_hu = enhancement.kidney_reference_hu(raw, self.tissue)
+            raw = enhancement.mark_hypodense_tumor(raw, self.tissue, self.spacing, self.kidney_hu)
         if not anatomy_check:
             return raw, raw
         self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine, organs=self.organs)
@@ -109,10 +126,11 @@ class CascadeResult:
         kidney_threshold=DEFAULT_KIDNEY_THRESHOLD,
         tumor_threshold=DEFAULT_TUMOR_THRESHOLD,
         anatomy_check: bool = True,
+        contrast_tumor: bool = DEFAULT_CONTRAST_TUMOR,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The whole-volume fusion and the labels the anatomy check took out of it (0 elsewhere;
         None without the check): one fusion serves the result and the *removed* layer."""
-        raw, labels = self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check)
+        raw, labels = self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor)
         if not anatomy_check:
             return labels, None
         return labels, np.where(labels != raw, raw, 0).astype(np.uint8)
@@ -157,6 +175,8 @@ class CascadeResult:
             payload["coarse_cyst"] = self.coarse_cyst
         if self.organs is not None:
             payload["organs"] = self.organs
+        if self.tissue is not None:
+            payload["tissue"] = self.tissue
         if self.spine is not None:
             payload["spine"] = np.stack([self.spine.x_mm, self.spine.front_y_mm])
             payload["spine_share"] = np.float64(self.spine.found_share)
@@ -207,6 +227,7 @@ class CascadeResult:
                     spine,
                     coarse_cyst=f.get("coarse_cyst"),
                     organs=f.get("organs"),
+                    tissue=f.get("tissue"),
                 )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             # a truncated file raises any of these, depending on where it ends
@@ -628,6 +649,10 @@ class Cascade:
         timings["refine"] = time.perf_counter() - t0
         timings["coarse_slices"] = ct.shape[0]
         timings["refine_patches"] = len(patches)
+        t0 = time.perf_counter()
+        windows = [(z, r.y0, r.x0, *r.meta.shape) for z, r in refined.items()]
+        tissue = enhancement.tissue_levels(ct, coarse_meta, windows)
+        timings["tissue"] = time.perf_counter() - t0
         if self.is_cuda:
             timings["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return CascadeResult(
@@ -644,6 +669,7 @@ class Cascade:
             spine,
             coarse_cyst=coarse_cyst,
             organs=organs,
+            tissue=tissue,
         )
 
     def _sync(self):

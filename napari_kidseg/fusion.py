@@ -22,6 +22,8 @@ from .labels import CYST, TUMOR
 DEFAULT_ALPHA = 0.4  # the coarse stage's weight; best in the paper
 DEFAULT_KIDNEY_THRESHOLD = 0.5
 DEFAULT_TUMOR_THRESHOLD = 0.5
+# the tumor-by-contrast rule (enhancement.py) after fusion; weights/README.md has the figures
+DEFAULT_CONTRAST_TUMOR = True
 
 
 @dataclasses.dataclass

@@ -116,6 +116,20 @@ def test_predict_prints_what_the_anatomy_check_removed(tmp_path, tiny_checkpoint
     assert (off[:, :4, :4] > 0).all() and not on[:, :4, :4].any()
 
 
+def test_predict_applies_tumor_by_contrast_unless_told_not_to(tmp_path, tiny_checkpoints, small_case_dir, monkeypatch):
+    seen, real_fuse = [], cascade.CascadeResult.fuse
+
+    def fuse(self, *a, **kw):
+        seen.append(kw.get("contrast_tumor"))
+        return real_fuse(self, *a, **kw)
+
+    monkeypatch.setattr(cascade.CascadeResult, "fuse", fuse)
+    common = [str(small_case_dir), *_tiny(tiny_checkpoints)]
+    assert main(["predict", *common, "-o", str(tmp_path / "on.nii.gz")]) == 0
+    assert main(["predict", *common, "-o", str(tmp_path / "off.nii.gz"), "--no-contrast-tumor"]) == 0
+    assert seen == [True, False]
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path, capsys):
     rng = np.random.default_rng(2)
     ct = rng.integers(-1000, 1000, (30, 30, 10)).astype(np.int16)

@@ -170,7 +170,13 @@ def test_full_workflow(viewer_with_case, tiny_checkpoints, qtbot, tmp_path):
     entry = manifest_cases(tmp_path / "corrections")[0]
     assert entry["case"] == case.name and entry["hand_edited_voxels"] == s.hand_edited_voxels
     assert entry["checkpoints"]["refine"]["version"] == "test"
-    assert entry["fusion"] == {"alpha": 0.0, "kidney_threshold": 0.9, "tumor_threshold": 0.2, "anatomy_check": False}
+    assert entry["fusion"] == {
+        "alpha": 0.0,
+        "kidney_threshold": 0.9,
+        "tumor_threshold": 0.2,
+        "anatomy_check": False,
+        "contrast_tumor": True,
+    }
     assert z in entry["reviewed_slices"]
     src = nib.load(ct.path)
     out = nib.load(str(case / "segmentation.nii.gz"))

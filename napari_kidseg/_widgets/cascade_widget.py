@@ -40,7 +40,7 @@ HEAVY_IMPORTS_AFTER_MS = 500  # torch imported in the background this long after
 _FACE = {
     "run_box": "run_btn cancel_btn progress status cancel",
     "models_box": "ct_combo open_btn coarse_edit refine_edit device_combo device_label mirror_check smooth_check",
-    "fusion_box": "alpha kidney_thr tumor_thr anatomy_check keep_reviewed_check",
+    "fusion_box": "alpha kidney_thr tumor_thr anatomy_check contrast_tumor keep_reviewed_check",
     "corrections_box": "click_mode cut_slab island_ml islands_btn largest_btn holes_btn interp_from interp_to "
     "interp_btn apply_btn discard_btn reviewed_btn undo_btn redo_btn plan_tool apply_pending discard_pending "
     "mark_slice_reviewed",

@@ -65,6 +65,7 @@ def cmd_predict(args) -> int:
         args.kidney_threshold,
         args.tumor_threshold,
         anatomy_check=not args.no_anatomy_check,
+        contrast_tumor=not args.no_contrast_tumor,
         mirror=args.mirror,
         smooth_noise=args.smooth_noise,
         series=args.series,
@@ -230,6 +231,12 @@ def add_parsers(sub):
         action="store_true",
         help="keep regions that cannot be a kidney or kidney tumor by their position (spine, side), "
         "size or attachment; by default they are removed and listed",
+    )
+    p.add_argument(
+        "--no-contrast-tumor",
+        action="store_true",
+        help="leave kidney that enhances 40 HU less than the kidney as kidney; by default it becomes tumor "
+        "on a contrast-enhanced CT (see weights/README.md)",
     )
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     p.add_argument("--save-probabilities", action="store_true", help="also write the probabilities (.npz)")

@@ -37,7 +37,7 @@ from scipy import ndimage
 from .. import anatomy
 from ..cascade import CascadeResult
 from ..errors import KidsegError
-from ..fusion import DEFAULT_ALPHA, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
+from ..fusion import DEFAULT_ALPHA, DEFAULT_CONTRAST_TUMOR, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 from ..labels import BACKGROUND, CYST, KIDNEY, KITS23_LABEL_NAMES, TUMOR
 from ..metrics import bounding_box
 
@@ -84,6 +84,7 @@ class FusionParams:
     kidney_threshold: float = DEFAULT_KIDNEY_THRESHOLD
     tumor_threshold: float = DEFAULT_TUMOR_THRESHOLD
     anatomy_check: bool = True
+    contrast_tumor: bool = DEFAULT_CONTRAST_TUMOR
 
 
 class ReviewSession:
@@ -257,13 +258,16 @@ class ReviewSession:
         return int(np.count_nonzero(self.edited))
 
     # ------------------------------------------------------------------ live fusion
-    def set_params(self, alpha=None, kidney_threshold=None, tumor_threshold=None, anatomy_check=None):
+    def set_params(
+        self, alpha=None, kidney_threshold=None, tumor_threshold=None, anatomy_check=None, contrast_tumor=None
+    ):
         p = self.params
         self.params = FusionParams(
             p.alpha if alpha is None else float(alpha),
             p.kidney_threshold if kidney_threshold is None else float(kidney_threshold),
             p.tumor_threshold if tumor_threshold is None else float(tumor_threshold),
             p.anatomy_check if anatomy_check is None else bool(anatomy_check),
+            p.contrast_tumor if contrast_tumor is None else bool(contrast_tumor),
         )
 
     def refuse_slice(self, z: int) -> np.ndarray:

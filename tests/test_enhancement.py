@@ -1,0 +1,92 @@
+"""The tumor-by-contrast rule (napari_kidseg/enhancement.py) on drawn volumes."""
+
+import numpy as np
+
+from napari_kidseg import enhancement
+from napari_kidseg.cascade import CascadeResult
+from napari_kidseg.labels import KIDNEY, TUMOR
+
+SPACING = (2.0, 1.0, 1.0)
+
+
+def _kidney(kidney_hu, blob_hu, blob_radius_mm=10.0):
+    """An 8-slice CT with a 60 x 40 mm kidney region (labels all kidney) and a round blob in it."""
+    ct = np.full((8, 96, 96), -100, np.int16)
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[:, 20:80, 28:68] = KIDNEY
+    ct[labels > 0] = kidney_hu
+    y, x = np.ogrid[:96, :96]
+    blob = (y - 50) ** 2 + (x - 48) ** 2 <= blob_radius_mm**2
+    ct[:, blob] = blob_hu
+    return ct, labels, np.broadcast_to(blob, ct.shape)
+
+
+def _marked(ct, labels):
+    tissue = enhancement.tissue_levels(ct, (labels > 0).astype(np.uint8) * 255)
+    ref = enhancement.kidney_reference_hu(labels, tissue)
+    return enhancement.mark_hypodense_tumor(labels, tissue, SPACING, ref), ref
+
+
+def test_a_hypoenhancing_mass_in_an_enhanced_kidney_becomes_tumor_and_nothing_else_changes():
+    ct, labels, blob = _kidney(180, 90)
+    out, ref = _marked(ct, labels)
+    assert ref == 180
+    inside = blob & (ct == 90)
+    assert (out[inside] == TUMOR).mean() > 0.9  # the blob, less its smoothed rim
+    assert (out[(labels > 0) & ~blob] == KIDNEY).all()  # the enhancing kidney stays kidney
+    assert np.array_equal(out > 0, labels > 0)  # the rule never adds or removes kidney+tumor
+
+
+def test_the_rule_leaves_unenhanced_kidneys_water_small_spots_and_faint_differences_alone():
+    for kidney_hu, blob_hu, radius in (
+        (40, 5, 10.0),  # no contrast: a kidney at 40 HU is not enhanced
+        (180, 10, 10.0),  # water: a cyst or urine, not an enhancing tumor
+        (180, 90, 6.0),  # 113 mm2 on the slice: under the 300 mm2 a tumor must cover
+        (180, 150, 10.0),  # 30 HU darker: within the kidney's own spread
+    ):
+        ct, labels, _ = _kidney(kidney_hu, blob_hu, radius)
+        out, _ = _marked(ct, labels)
+        assert (out == labels).all(), (kidney_hu, blob_hu, radius)
+
+
+def test_a_mass_thinner_than_2_ml_in_3d_stays_kidney_in_the_volume():
+    ct, labels, blob = _kidney(180, 90)
+    ct[2:, blob[0]] = 180  # the blob on two slices only: 2 x 314 mm2 x 2 mm = 1.3 mL
+    out, _ = _marked(ct, labels)
+    assert not (out == TUMOR).any()
+    one_slice = enhancement.mark_hypodense_tumor(
+        labels[0], enhancement.tissue_levels(ct, labels * 255)[0], SPACING, 180.0
+    )
+    assert (one_slice == TUMOR).any()  # a slice alone cannot know the 3D size: it marks it
+
+
+def test_cascade_fusion_applies_the_rule_on_demand_and_a_saved_result_keeps_it(tmp_path):
+    ct, labels, blob = _kidney(180, 90)
+    meta = (labels > 0).astype(np.uint8) * 250
+    r = CascadeResult(ct.shape, SPACING, meta, np.zeros_like(meta), {}, [], np.zeros(0), 96)
+    r.tissue = enhancement.tissue_levels(ct, meta)
+    with_rule = r.fuse(anatomy_check=False, contrast_tumor=True)
+    without = r.fuse(anatomy_check=False, contrast_tumor=False)
+    assert (without == TUMOR).sum() == 0 and (with_rule[blob & (ct == 90)] == TUMOR).mean() > 0.9
+    assert np.array_equal(r.fuse(z=4, anatomy_check=False, contrast_tumor=True), with_rule[4])
+    r.save_probabilities(tmp_path / "draft.npz")
+    back, _ = CascadeResult.load_probabilities(tmp_path / "draft.npz")
+    assert np.array_equal(back.fuse(anatomy_check=False, contrast_tumor=True), with_rule)
+
+
+def test_the_review_sessions_switch_refuses_the_slice_and_keeps_hand_edits():
+    from napari_kidseg.review.session import FusionParams, ReviewSession
+
+    ct, labels, blob = _kidney(180, 90)
+    meta = (labels > 0).astype(np.uint8) * 250
+    r = CascadeResult(ct.shape, SPACING, meta, np.zeros_like(meta), {}, [], np.zeros(0), 96)
+    r.tissue = enhancement.tissue_levels(ct, meta)
+    s = ReviewSession(r, FusionParams(anatomy_check=False))
+    assert (s.labels[4][blob[4] & (ct[4] == 90)] == TUMOR).mean() > 0.9  # on by default
+    s.labels[4, 50, 48] = KIDNEY  # the radiologist says this voxel is kidney
+    s.set_params(contrast_tumor=False)
+    s.refuse_slice(3)
+    assert not (s.labels[3] == TUMOR).any()
+    s.set_params(contrast_tumor=True)
+    s.refuse_slice(4)
+    assert s.labels[4, 50, 48] == KIDNEY and (s.labels[4] == TUMOR).sum() > 200
