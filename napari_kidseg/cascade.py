@@ -59,6 +59,7 @@ class CascadeResult:
     # tumor-by-contrast rule; kidney_hu: that rule's kidney reference from the last volume fusion
     tissue: np.ndarray | None = None
     kidney_hu: float | None = None
+    contrast_ml: float | None = None  # kidney the rule turned tumor in the last volume fusion (None: rule off)
 
     def fuse(
         self,
@@ -112,9 +113,13 @@ class CascadeResult:
             tumor_threshold,
             self.coarse_cyst,
         )
+        self.contrast_ml = None
         if contrast_tumor and self.tissue is not None:
             self.kidney_hu = enhancement.kidney_reference_hu(raw, self.tissue)
-            raw = enhancement.mark_hypodense_tumor(raw, self.tissue, self.spacing, self.kidney_hu)
+            marked = enhancement.mark_hypodense_tumor(raw, self.tissue, self.spacing, self.kidney_hu)
+            voxel_ml = float(np.prod(self.spacing)) / 1000.0
+            self.contrast_ml = float(np.count_nonzero(marked != raw)) * voxel_ml
+            raw = marked
         if not anatomy_check:
             return raw, raw
         self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine, organs=self.organs)
@@ -134,6 +139,21 @@ class CascadeResult:
         if not anatomy_check:
             return labels, None
         return labels, np.where(labels != raw, raw, 0).astype(np.uint8)
+
+    def contrast_note(self) -> str | None:
+        """What the tumor-by-contrast rule did in the last whole-volume fusion, in one line (None
+        when it was off or the result has no CT levels, e.g. saved by an older version)."""
+        if self.contrast_ml is None or self.kidney_hu is None:
+            return None
+        if self.kidney_hu < enhancement.ENHANCED_HU:
+            return (
+                f"tumor by contrast: not applied, the kidneys read {self.kidney_hu:.0f} HU "
+                f"(not contrast-enhanced: under {enhancement.ENHANCED_HU:.0f} HU)"
+            )
+        return (
+            f"tumor by contrast: {self.contrast_ml:.1f} mL of kidney made tumor "
+            f"(at least {enhancement.DROP_HU:.0f} HU darker than the kidneys' {self.kidney_hu:.0f} HU)"
+        )
 
     def coarse_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
         return fusion.labels_from_levels(

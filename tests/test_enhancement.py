@@ -38,6 +38,13 @@ def test_a_hypoenhancing_mass_in_an_enhanced_kidney_becomes_tumor_and_nothing_el
 
 
 def test_the_rule_leaves_unenhanced_kidneys_water_small_spots_and_faint_differences_alone():
+    ct, labels, _ = _kidney(40, 5)
+    r = CascadeResult(
+        ct.shape, SPACING, (labels > 0).astype(np.uint8) * 250, np.zeros_like(labels), {}, [], np.zeros(0), 96
+    )
+    r.tissue = enhancement.tissue_levels(ct, r.coarse_meta)
+    assert not (r.fuse(anatomy_check=False) == TUMOR).any()
+    assert "not applied, the kidneys read 40 HU (not contrast-enhanced" in r.contrast_note()
     for kidney_hu, blob_hu, radius in (
         (40, 5, 10.0),  # no contrast: a kidney at 40 HU is not enhanced
         (180, 10, 10.0),  # water: a cyst or urine, not an enhancing tumor
@@ -65,8 +72,14 @@ def test_cascade_fusion_applies_the_rule_on_demand_and_a_saved_result_keeps_it(t
     meta = (labels > 0).astype(np.uint8) * 250
     r = CascadeResult(ct.shape, SPACING, meta, np.zeros_like(meta), {}, [], np.zeros(0), 96)
     r.tissue = enhancement.tissue_levels(ct, meta)
-    with_rule = r.fuse(anatomy_check=False, contrast_tumor=True)
     without = r.fuse(anatomy_check=False, contrast_tumor=False)
+    assert r.contrast_note() is None
+    with_rule = r.fuse(anatomy_check=False, contrast_tumor=True)
+    made_ml = (with_rule == TUMOR).sum() * np.prod(SPACING) / 1000
+    assert (
+        r.contrast_note()
+        == f"tumor by contrast: {made_ml:.1f} mL of kidney made tumor (at least 40 HU darker than the kidneys' 180 HU)"
+    )
     assert (without == TUMOR).sum() == 0 and (with_rule[blob & (ct == 90)] == TUMOR).mean() > 0.9
     assert np.array_equal(r.fuse(z=4, anatomy_check=False, contrast_tumor=True), with_rule[4])
     r.save_probabilities(tmp_path / "draft.npz")
