@@ -60,6 +60,7 @@ class CascadeResult:
     tissue: np.ndarray | None = None
     kidney_hu: float | None = None
     contrast_ml: float | None = None  # kidney the rule turned tumor in the last volume fusion (None: rule off)
+    contrast_asked: bool = False  # the last volume fusion asked for the rule
 
     def fuse(
         self,
@@ -78,11 +79,12 @@ class CascadeResult:
         in the background).
 
         ``contrast_tumor``: turn the parts of a kidney region that enhance clearly less than the
-        kidney into tumor (:mod:`enhancement`), before the anatomy check; a slice uses the
-        kidney reference of the last whole-volume fusion.
+        kidney into tumor (:mod:`enhancement`), after the anatomy check (which judges kidney
+        voxels: a false region turned tumor first would escape it); a slice uses the kidney
+        references of the last whole-volume fusion.
         """
         if z is None:
-            return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor)[1]
+            return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor)[2]
         cyst = None if self.coarse_cyst is None else self.coarse_cyst[z]
         labels = fusion.fuse_slice(
             self.coarse_meta[z],
@@ -93,17 +95,18 @@ class CascadeResult:
             tumor_threshold,
             cyst,
         )
+        if anatomy_check and self.verdict is not None:
+            labels = self.verdict.apply(labels, z=z)
         if contrast_tumor and self.tissue is not None:
             ref = self.kidney_hu
             if ref is None:
                 ref = enhancement.kidney_reference_hu(labels, self.tissue[z])
             labels = enhancement.mark_hypodense_tumor(labels, self.tissue[z], self.spacing, ref)
-        if anatomy_check and self.verdict is not None:
-            return self.verdict.apply(labels, z=z)
         return labels
 
     def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor):
-        """(labels before the anatomy check, labels after it) of the whole volume."""
+        """(labels before the anatomy check, labels after it, the labels with tumor by contrast)
+        of the whole volume."""
         raw = fusion.fuse_volume(
             self.coarse_meta,
             self.coarse_tumor,
@@ -113,17 +116,18 @@ class CascadeResult:
             tumor_threshold,
             self.coarse_cyst,
         )
-        self.contrast_ml = None
+        checked = raw
+        if anatomy_check:
+            self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine, organs=self.organs)
+            checked = self.verdict.apply(raw)
+        self.contrast_ml, self.kidney_hu, final = None, None, checked
         if contrast_tumor and self.tissue is not None:
-            self.kidney_hu = enhancement.kidney_reference_hu(raw, self.tissue)
-            marked = enhancement.mark_hypodense_tumor(raw, self.tissue, self.spacing, self.kidney_hu)
+            self.kidney_hu = enhancement.kidney_reference_hu(checked, self.tissue)
+            final = enhancement.mark_hypodense_tumor(checked, self.tissue, self.spacing, self.kidney_hu)
             voxel_ml = float(np.prod(self.spacing)) / 1000.0
-            self.contrast_ml = float(np.count_nonzero(marked != raw)) * voxel_ml
-            raw = marked
-        if not anatomy_check:
-            return raw, raw
-        self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine, organs=self.organs)
-        return raw, self.verdict.apply(raw)
+            self.contrast_ml = float(np.count_nonzero(final != checked)) * voxel_ml
+        self.contrast_asked = bool(contrast_tumor)
+        return raw, checked, final
 
     def fuse_and_removed(
         self,
@@ -135,15 +139,23 @@ class CascadeResult:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The whole-volume fusion and the labels the anatomy check took out of it (0 elsewhere;
         None without the check): one fusion serves the result and the *removed* layer."""
-        raw, labels = self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor)
+        raw, checked, labels = self._fuse_volume(
+            alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor
+        )
         if not anatomy_check:
             return labels, None
-        return labels, np.where(labels != raw, raw, 0).astype(np.uint8)
+        return labels, np.where(checked != raw, raw, 0).astype(np.uint8)
 
     def contrast_note(self) -> str | None:
         """What the tumor-by-contrast rule did in the last whole-volume fusion, in one line (None
-        when it was off or the result has no CT levels, e.g. saved by an older version)."""
-        if self.contrast_ml is None or self.kidney_hu is None:
+        when it was not asked for or found no kidney)."""
+        if not self.contrast_asked:
+            return None
+        if self.tissue is None:
+            return (
+                "tumor by contrast: not available for this result (saved without its CT levels); run the cascade again"
+            )
+        if self.kidney_hu is None:
             return None
         if self.kidney_hu < enhancement.ENHANCED_HU:
             return (

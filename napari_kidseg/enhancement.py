@@ -6,9 +6,9 @@ the 39 real KiTS19 slices that show both it is darker than its kidney, by a medi
 most real tumors kidney, so after fusion a rule relabels, slice by slice, the parts of the
 kidney+tumor region that are
 
-- darker than the kidney's enhanced tissue by ``DROP_HU`` (the 75th percentile of the region's
-  smoothed HU stands for the cortex: a tumor that fills half the region would pull a median down
-  to its own HU),
+- darker than the kidney's enhanced tissue by ``DROP_HU`` (the 75th percentile of the smoothed HU
+  of all kidney+tumor labels stands for the cortex: a tumor that fills half the region would pull
+  a median down to its own HU),
 - brighter than ``FLOOR_HU`` (sinus fat and urine, and simple cysts, are darker; a tumor in a
   contrast phase enhances),
 - wider than the renal pyramids (an opening of ``OPEN_MM`` radius), at least ``MIN_AREA_MM2`` on
@@ -16,8 +16,9 @@ kidney+tumor region that are
   skips that last test until the volume is fused again, a moment later).
 
 It acts only when the kidney is enhanced (reference at least ``ENHANCED_HU``): without contrast a
-tumor and its kidney differ by a few HU. It never adds or removes kidney+tumor voxels; it only
-turns kidney into tumor. The figures that chose it are in weights/README.md.
+tumor and its kidney differ by a few HU. It runs after the anatomy check, which judges kidney
+voxels (a false region turned tumor first would escape it), and it never adds or removes
+kidney+tumor voxels; it only turns kidney into tumor. The figures that chose it are in weights/README.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ SMOOTH_PX = 1.0  # in-plane Gaussian before any HU is read: CT noise (20-40 HU S
 # under 0.05 labels voxels it leaves as they are
 _LOW_LEVEL = 13
 _BOX_STEP = 4  # regions boxed on a 4x coarser in-plane grid (one under 4 px can miss it: far under 300 mm2)
-_BOX_MARGIN_PX = 8  # around a box: the smoothing's reach (4 px) and the coarse grid's rounding (3 px)
+_ROUNDING_PX = 4  # around a box found on the coarse grid: what its rounding can leave out
+_REACH_PX = 4  # the smoothing's reach (4 sigma), read around a box and not written
 
 
 def tissue_levels(ct: np.ndarray, coarse_meta: np.ndarray, windows=()) -> np.ndarray:
@@ -47,7 +49,9 @@ def tissue_levels(ct: np.ndarray, coarse_meta: np.ndarray, windows=()) -> np.nda
     boxes around the coarse stage's regions of p(kidney or tumor) >= 0.05 and the refine
     windows (``windows`` as (z, y0, x0, height, width)); 0 elsewhere, which the rule reads as "not
     enhancing". Boxes per region, not one around them all: stray low-probability voxels far
-    apart would make one box the whole CT (2.4 s on the 512x512x300 benchmark)."""
+    apart would make one box the whole CT (2.4 s on the 512x512x300 benchmark). Each box is
+    smoothed with the smoothing's reach around it and only its own voxels are written, so where
+    boxes overlap the values are those of the whole CT smoothed at once."""
     out = np.zeros(ct.shape, np.uint8)
     step = _BOX_STEP
     coarse = coarse_meta[:, ::step, ::step] >= _LOW_LEVEL  # regions found on a coarser grid: cheap
@@ -58,23 +62,35 @@ def tissue_levels(ct: np.ndarray, coarse_meta: np.ndarray, windows=()) -> np.nda
         if b is not None
     ]
     boxes += [(z, z + 1, y0, y0 + h, x0, x0 + w) for z, y0, x0, h, w in windows]
-    m = _BOX_MARGIN_PX
+    ny, nx = ct.shape[1:]
     for z0, z1, y0, y1, x0, x1 in boxes:
-        y0, x0, y1, x1 = max(y0 - m, 0), max(x0 - m, 0), y1 + m, x1 + m
-        crop = ct[z0:z1, y0:y1, x0:x1].astype(np.float32)
-        smooth = ndimage.gaussian_filter(crop, sigma=(0, SMOOTH_PX, SMOOTH_PX))
-        np.clip(smooth + 0.5, 0, 255, out=smooth)  # + 0.5: the cast below truncates
-        out[z0:z1, y0:y1, x0:x1] = smooth.astype(np.uint8)
+        y0, x0, y1, x1 = (
+            max(y0 - _ROUNDING_PX, 0),
+            max(x0 - _ROUNDING_PX, 0),
+            min(y1 + _ROUNDING_PX, ny),
+            min(x1 + _ROUNDING_PX, nx),
+        )
+        ry0, rx0, ry1, rx1 = (
+            max(y0 - _REACH_PX, 0),
+            max(x0 - _REACH_PX, 0),
+            min(y1 + _REACH_PX, ny),
+            min(x1 + _REACH_PX, nx),
+        )
+        crop = ct[z0:z1, ry0:ry1, rx0:rx1].astype(np.float32)
+        smooth = ndimage.gaussian_filter(crop, sigma=(0, SMOOTH_PX, SMOOTH_PX), truncate=_REACH_PX / SMOOTH_PX)
+        inner = smooth[:, y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
+        np.clip(inner + 0.5, 0, 255, out=inner)  # + 0.5: the cast below truncates
+        out[z0:z1, y0:y1, x0:x1] = inner.astype(np.uint8)
     return out
 
 
 def kidney_reference_hu(labels: np.ndarray, tissue: np.ndarray) -> float | None:
-    """The HU that stands for the enhanced kidney (see the module docstring); None without a
-    kidney+tumor region."""
-    region = labels > 0
-    if not region.any():
-        return None
-    return float(np.percentile(tissue[region], CORTEX_PERCENTILE))
+    """The HU that stands for the enhanced kidney: the 75th percentile over all kidney+tumor labels
+    of the CT, both kidneys together (a tumor that fills its kidney leaves the other kidney's
+    cortex to set it; a reference per side measured worse, see weights/README.md); None without a
+    kidney+tumor region. Voxels outside the tissue boxes (0) do not count."""
+    region = (labels > 0) & (tissue > 0)
+    return float(np.percentile(tissue[region], CORTEX_PERCENTILE)) if region.any() else None
 
 
 def _disk(radius_px: float) -> np.ndarray:

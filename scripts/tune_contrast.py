@@ -50,6 +50,8 @@ def score(cases, rule_on: bool) -> str:
     rows, found, mid_found, false_ml, regions, by_phase = [], [], [], [], [], {}
     for saved, ref, spacing, phase in cases:
         result, _ = CascadeResult.load_probabilities(saved)
+        if result.tissue is None:
+            raise SystemExit(f"{saved}: cached without CT levels (an older napari-kidseg); delete the cache")
         labels = result.fuse(contrast_tumor=rule_on)
         rows.append(metrics.kits_scores(labels, ref))
         d = metrics.tumor_detection(labels, ref, spacing)

@@ -77,8 +77,8 @@ def test_cascade_fusion_applies_the_rule_on_demand_and_a_saved_result_keeps_it(t
     with_rule = r.fuse(anatomy_check=False, contrast_tumor=True)
     made_ml = (with_rule == TUMOR).sum() * np.prod(SPACING) / 1000
     assert (
-        r.contrast_note()
-        == f"tumor by contrast: {made_ml:.1f} mL of kidney made tumor (at least 40 HU darker than the kidneys' 180 HU)"
+        r.contrast_note() == f"tumor by contrast: {made_ml:.1f} mL of kidney made tumor "
+        "(at least 40 HU darker than the kidneys' 180 HU)"
     )
     assert (without == TUMOR).sum() == 0 and (with_rule[blob & (ct == 90)] == TUMOR).mean() > 0.9
     assert np.array_equal(r.fuse(z=4, anatomy_check=False, contrast_tumor=True), with_rule[4])
@@ -103,3 +103,47 @@ def test_the_review_sessions_switch_refuses_the_slice_and_keeps_hand_edits():
     s.set_params(contrast_tumor=True)
     s.refuse_slice(4)
     assert s.labels[4, 50, 48] == KIDNEY and (s.labels[4] == TUMOR).sum() > 200
+
+
+def test_tissue_levels_match_the_whole_ct_smoothed_at_once_where_boxes_overlap():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    ct = rng.normal(120, 60, (6, 80, 90)).astype(np.int16)
+    meta = np.zeros(ct.shape, np.uint8)
+    meta[:, 10:40, 10:40] = 200  # two coarse regions apart, and a refine window over both
+    meta[:, 30:70, 50:85] = 200
+    meta[:, 45:48, 20:23] = 0
+    windows = [(2, 20, 30, 40, 40)]
+    tissue = enhancement.tissue_levels(ct, meta, windows)
+    whole = np.clip(ndimage.gaussian_filter(ct.astype(np.float32), (0, 1, 1)) + 0.5, 0, 255).astype(np.uint8)
+    covered = tissue > 0
+    covered[2, 20:60, 30:70] = True
+    covered[:, 10:40, 10:40] = covered[:, 30:70, 50:85] = True
+    assert np.abs(tissue[covered].astype(int) - whole[covered]).max() <= 1
+
+
+def test_the_anatomy_check_judges_the_networks_labels_before_the_rule():
+    """A false kidney region on the liver, 80 HU darker than the kidneys: the check removes it as
+    the kidney the networks called it (listed and restorable as kidney), and the rule then finds
+    nothing to turn into tumor; turned tumor first, it would have reached the check as tumor."""
+    from test_anatomy import FRONT_Y, MID_X, SHAPE, _ellipsoid, kidney, synthetic_ct
+
+    from napari_kidseg import anatomy
+
+    sp = (3.0, 3.0, 3.0)
+    ct = synthetic_ct()
+    labels = np.zeros(SHAPE, np.uint8)
+    right, left = kidney(labels, "right"), kidney(labels, "left")
+    liver = _ellipsoid(SHAPE, (30, FRONT_Y - 22, MID_X - 25), (10, 8, 10))
+    labels[liver] = KIDNEY
+    ct[right | left] = 190
+    ct[liver] = 110
+    meta = (labels > 0).astype(np.uint8) * 250
+    r = CascadeResult(SHAPE, sp, meta, np.zeros_like(meta), {}, [], np.zeros(0), 96)
+    r.spine = anatomy.find_spine(ct, sp)
+    r.tissue = enhancement.tissue_levels(ct, meta)
+    labels_on, removed = r.fuse_and_removed(contrast_tumor=True)
+    assert not labels_on[liver].any() and (removed[liver] == KIDNEY).all()
+    assert (labels_on[right | left] == KIDNEY).mean() > 0.95 and not (labels_on == TUMOR).any()
+    assert r.contrast_note().startswith("tumor by contrast: 0.0 mL of kidney made tumor")

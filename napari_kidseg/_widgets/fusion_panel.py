@@ -48,10 +48,11 @@ class FusionPanel(QGroupBox):
         self.contrast_tumor = QCheckBox("hypoenhancing kidney parts become tumor")
         self.contrast_tumor.setChecked(DEFAULT_CONTRAST_TUMOR)
         self.contrast_tumor.setToolTip(
-            "After fusion, the parts of a kidney region at least 40 HU darker than the kidney's enhanced tissue "
-            "(and above 20 HU, 3 mm wide, 300 mm\N{SUPERSCRIPT TWO} on the slice, 2 mL in all) become tumor. Only on a "
-            "contrast-enhanced CT (the kidney at 100 HU or more). The bundled networks call most real tumors "
-            "kidney; this rule finds more of them (weights/README.md)."
+            "After fusion and the anatomy check, the parts of a kidney region at least 40 HU darker than the "
+            "kidneys' enhanced tissue (and above 20 HU, at least 6 mm across, "
+            "300 mm\N{SUPERSCRIPT TWO} on the slice, 2 mL in all) become tumor. Only where the kidney is "
+            "contrast-enhanced (100 HU or more). The bundled networks call most real tumors kidney; this rule "
+            "finds more of them (weights/README.md)."
         )
         form.addRow("Tumor by contrast", self.contrast_tumor)
         self.keep_reviewed_check = QCheckBox("sliders leave reviewed slices as they are")
