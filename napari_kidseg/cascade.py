@@ -59,8 +59,8 @@ class CascadeResult:
     # tumor-by-contrast rule; kidney_hu: that rule's kidney reference from the last volume fusion
     tissue: np.ndarray | None = None
     kidney_hu: float | None = None
-    contrast_ml: float | None = None  # kidney the rule turned tumor in the last volume fusion (None: rule off)
-    contrast_asked: bool = False  # the last volume fusion asked for the rule
+    # what the rule did in the last volume fusion, in one line (None: not asked for, or no kidney)
+    contrast_note: str | None = None
 
     def fuse(
         self,
@@ -120,13 +120,16 @@ class CascadeResult:
         if anatomy_check:
             self.verdict = anatomy.check_anatomy(raw, self.spacing, self.spine, organs=self.organs)
             checked = self.verdict.apply(raw)
-        self.contrast_ml, self.kidney_hu, final = None, None, checked
-        if contrast_tumor and self.tissue is not None:
+        self.kidney_hu, self.contrast_note, final = None, None, checked
+        if contrast_tumor and self.tissue is None:
+            self.contrast_note = (
+                "tumor by contrast: not available for this result (saved without its CT levels); run the cascade again"
+            )
+        elif contrast_tumor:
             self.kidney_hu = enhancement.kidney_reference_hu(checked, self.tissue)
             final = enhancement.mark_hypodense_tumor(checked, self.tissue, self.spacing, self.kidney_hu)
-            voxel_ml = float(np.prod(self.spacing)) / 1000.0
-            self.contrast_ml = float(np.count_nonzero(final != checked)) * voxel_ml
-        self.contrast_asked = bool(contrast_tumor)
+            made_ml = float(np.count_nonzero(final != checked)) * float(np.prod(self.spacing)) / 1000.0
+            self.contrast_note = enhancement.describe(self.kidney_hu, made_ml)
         return raw, checked, final
 
     def fuse_and_removed(
@@ -145,27 +148,6 @@ class CascadeResult:
         if not anatomy_check:
             return labels, None
         return labels, np.where(checked != raw, raw, 0).astype(np.uint8)
-
-    def contrast_note(self) -> str | None:
-        """What the tumor-by-contrast rule did in the last whole-volume fusion, in one line (None
-        when it was not asked for or found no kidney)."""
-        if not self.contrast_asked:
-            return None
-        if self.tissue is None:
-            return (
-                "tumor by contrast: not available for this result (saved without its CT levels); run the cascade again"
-            )
-        if self.kidney_hu is None:
-            return None
-        if self.kidney_hu < enhancement.ENHANCED_HU:
-            return (
-                f"tumor by contrast: not applied, the kidneys read {self.kidney_hu:.0f} HU "
-                f"(not contrast-enhanced: under {enhancement.ENHANCED_HU:.0f} HU)"
-            )
-        return (
-            f"tumor by contrast: {self.contrast_ml:.1f} mL of kidney made tumor "
-            f"(at least {enhancement.DROP_HU:.0f} HU darker than the kidneys' {self.kidney_hu:.0f} HU)"
-        )
 
     def coarse_labels(self, kidney_threshold=DEFAULT_KIDNEY_THRESHOLD, tumor_threshold=DEFAULT_TUMOR_THRESHOLD):
         return fusion.labels_from_levels(

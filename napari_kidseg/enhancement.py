@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from .labels import KIDNEY, TUMOR
+from .roi import component_grid_step
 
 DROP_HU = 40.0
 FLOOR_HU = 20.0
@@ -39,8 +40,6 @@ SMOOTH_PX = 1.0  # in-plane Gaussian before any HU is read: CT noise (20-40 HU S
 # the rule reads HU only where p(kidney or tumor) >= 0.05 (or in a refine window): a kidney threshold
 # under 0.05 labels voxels it leaves as they are
 _LOW_LEVEL = 13
-_BOX_STEP = 4  # regions boxed on a 4x coarser in-plane grid (one under 4 px can miss it: far under 300 mm2)
-_ROUNDING_PX = 4  # around a box found on the coarse grid: what its rounding can leave out
 _REACH_PX = 4  # the smoothing's reach (4 sigma), read around a box and not written
 
 
@@ -53,8 +52,9 @@ def tissue_levels(ct: np.ndarray, coarse_meta: np.ndarray, windows=()) -> np.nda
     smoothed with the smoothing's reach around it and only its own voxels are written, so where
     boxes overlap the values are those of the whole CT smoothed at once."""
     out = np.zeros(ct.shape, np.uint8)
-    step = _BOX_STEP
-    coarse = coarse_meta[:, ::step, ::step] >= _LOW_LEVEL  # regions found on a coarser grid: cheap
+    # regions found on roi's coarser component grid: cheap (one under a step wide can be missed: far under 300 mm2)
+    step = component_grid_step(ct.shape[1:])
+    coarse = coarse_meta[:, ::step, ::step] >= _LOW_LEVEL
     parts, _ = ndimage.label(coarse)
     boxes = [
         (b[0].start, b[0].stop, b[1].start * step, b[1].stop * step, b[2].start * step, b[2].stop * step)
@@ -63,13 +63,8 @@ def tissue_levels(ct: np.ndarray, coarse_meta: np.ndarray, windows=()) -> np.nda
     ]
     boxes += [(z, z + 1, y0, y0 + h, x0, x0 + w) for z, y0, x0, h, w in windows]
     ny, nx = ct.shape[1:]
-    for z0, z1, y0, y1, x0, x1 in boxes:
-        y0, x0, y1, x1 = (
-            max(y0 - _ROUNDING_PX, 0),
-            max(x0 - _ROUNDING_PX, 0),
-            min(y1 + _ROUNDING_PX, ny),
-            min(x1 + _ROUNDING_PX, nx),
-        )
+    for z0, z1, y0, y1, x0, x1 in boxes:  # each widened by a grid step: what the grid's rounding leaves out
+        y0, x0, y1, x1 = max(y0 - step, 0), max(x0 - step, 0), min(y1 + step, ny), min(x1 + step, nx)
         ry0, rx0, ry1, rx1 = (
             max(y0 - _REACH_PX, 0),
             max(x0 - _REACH_PX, 0),
@@ -91,6 +86,21 @@ def kidney_reference_hu(labels: np.ndarray, tissue: np.ndarray) -> float | None:
     kidney+tumor region. Voxels outside the tissue boxes (0) do not count."""
     region = (labels > 0) & (tissue > 0)
     return float(np.percentile(tissue[region], CORTEX_PERCENTILE)) if region.any() else None
+
+
+def describe(reference_hu: float | None, made_ml: float) -> str | None:
+    """What the rule did, in one line (None without a kidney+tumor region)."""
+    if reference_hu is None:
+        return None
+    if reference_hu < ENHANCED_HU:
+        return (
+            f"tumor by contrast: not applied, the kidneys read {reference_hu:.0f} HU "
+            f"(not contrast-enhanced: under {ENHANCED_HU:.0f} HU)"
+        )
+    return (
+        f"tumor by contrast: {made_ml:.1f} mL of kidney made tumor "
+        f"(at least {DROP_HU:.0f} HU darker than the kidneys' {reference_hu:.0f} HU)"
+    )
 
 
 def _disk(radius_px: float) -> np.ndarray:

@@ -16,6 +16,7 @@ and false tumor per contrast phase. The first row is the rule off.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
@@ -80,8 +81,7 @@ def main() -> int:
         unknown = set(v) - set(KNOBS)
         if unknown:
             ap.error(f"--variants: {sorted(unknown)} are not constants of enhancement.py ({', '.join(KNOBS)})")
-    cascade = []
-    factory = lambda: cascade[0] if cascade else cascade.append(Cascade(device="cpu")) or cascade[0]  # noqa: E731
+    factory = functools.cache(lambda: Cascade(device="cpu"))  # loaded once, only if a case is not cached
     sets = {f.name: cached_cases(f, args.cache, factory) for f in args.folders}
     defaults = {k: getattr(enhancement, k) for k in KNOBS}
     for v in [None, *variants]:

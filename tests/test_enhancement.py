@@ -44,7 +44,7 @@ def test_the_rule_leaves_unenhanced_kidneys_water_small_spots_and_faint_differen
     )
     r.tissue = enhancement.tissue_levels(ct, r.coarse_meta)
     assert not (r.fuse(anatomy_check=False) == TUMOR).any()
-    assert "not applied, the kidneys read 40 HU (not contrast-enhanced" in r.contrast_note()
+    assert "not applied, the kidneys read 40 HU (not contrast-enhanced" in r.contrast_note
     for kidney_hu, blob_hu, radius in (
         (40, 5, 10.0),  # no contrast: a kidney at 40 HU is not enhanced
         (180, 10, 10.0),  # water: a cyst or urine, not an enhancing tumor
@@ -73,11 +73,11 @@ def test_cascade_fusion_applies_the_rule_on_demand_and_a_saved_result_keeps_it(t
     r = CascadeResult(ct.shape, SPACING, meta, np.zeros_like(meta), {}, [], np.zeros(0), 96)
     r.tissue = enhancement.tissue_levels(ct, meta)
     without = r.fuse(anatomy_check=False, contrast_tumor=False)
-    assert r.contrast_note() is None
+    assert r.contrast_note is None
     with_rule = r.fuse(anatomy_check=False, contrast_tumor=True)
     made_ml = (with_rule == TUMOR).sum() * np.prod(SPACING) / 1000
     assert (
-        r.contrast_note() == f"tumor by contrast: {made_ml:.1f} mL of kidney made tumor "
+        r.contrast_note == f"tumor by contrast: {made_ml:.1f} mL of kidney made tumor "
         "(at least 40 HU darker than the kidneys' 180 HU)"
     )
     assert (without == TUMOR).sum() == 0 and (with_rule[blob & (ct == 90)] == TUMOR).mean() > 0.9
@@ -146,4 +146,4 @@ def test_the_anatomy_check_judges_the_networks_labels_before_the_rule():
     labels_on, removed = r.fuse_and_removed(contrast_tumor=True)
     assert not labels_on[liver].any() and (removed[liver] == KIDNEY).all()
     assert (labels_on[right | left] == KIDNEY).mean() > 0.95 and not (labels_on == TUMOR).any()
-    assert r.contrast_note().startswith("tumor by contrast: 0.0 mL of kidney made tumor")
+    assert r.contrast_note.startswith("tumor by contrast: 0.0 mL of kidney made tumor")

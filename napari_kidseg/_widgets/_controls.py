@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QSlider
+from qtpy.QtWidgets import QCheckBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QSlider
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ def path_row(parent, placeholder, folder=False):
     row.addWidget(edit)
     row.addWidget(btn)
     return edit, row
+
+
+def check_row(form, name, text, tip, checked=False):
+    """A checkbox with its tooltip, added as a row ``name`` of ``form``."""
+    box = QCheckBox(text)
+    box.setChecked(checked)
+    box.setToolTip(tip)
+    form.addRow(name, box)
+    return box
 
 
 def slider(form, name, value):

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 
 from qtpy.QtCore import QTimer, Signal
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox
+from qtpy.QtWidgets import QFormLayout, QGroupBox
 
 from ..fusion import DEFAULT_ALPHA, DEFAULT_CONTRAST_TUMOR, DEFAULT_KIDNEY_THRESHOLD, DEFAULT_TUMOR_THRESHOLD
 from . import result_layers
-from ._controls import Hooks, slider
+from ._controls import Hooks, check_row, slider
 from ._workers import LatestRequest
 
 
@@ -36,32 +36,35 @@ class FusionPanel(QGroupBox):
         self.alpha = slider(form, "alpha (coarse weight)", DEFAULT_ALPHA)
         self.kidney_thr = slider(form, "kidney threshold", DEFAULT_KIDNEY_THRESHOLD)
         self.tumor_thr = slider(form, "tumor threshold", DEFAULT_TUMOR_THRESHOLD)
-        self.anatomy_check = QCheckBox("remove what cannot be kidney or kidney tumor")
-        self.anatomy_check.setChecked(True)
-        self.anatomy_check.setToolTip(
+        self.anatomy_check = check_row(
+            form,
+            "Anatomy check",
+            "remove what cannot be kidney or kidney tumor",
             "Regions on the wrong side of the spine's front edge or off the kidneys' usual place, a second "
             "region far from a side's kidney, regions too small for a kidney, and tumor that touches no kidney "
             "are removed. They are outlined in the 'removed by anatomy check' layer: select that layer and "
-            "click a region to restore it."
+            "click a region to restore it.",
+            checked=True,
         )
-        form.addRow("Anatomy check", self.anatomy_check)
-        self.contrast_tumor = QCheckBox("hypoenhancing kidney parts become tumor")
-        self.contrast_tumor.setChecked(DEFAULT_CONTRAST_TUMOR)
-        self.contrast_tumor.setToolTip(
+        self.contrast_tumor = check_row(
+            form,
+            "Tumor by contrast",
+            "hypoenhancing kidney parts become tumor",
             "After fusion and the anatomy check, the parts of a kidney region at least 40 HU darker than the "
             "kidneys' enhanced tissue (and above 20 HU, at least 6 mm across, "
             "300 mm\N{SUPERSCRIPT TWO} on the slice, 2 mL in all) become tumor. Only where the kidney is "
             "contrast-enhanced (100 HU or more). The bundled networks call most real tumors kidney; this rule "
-            "finds more of them (weights/README.md)."
+            "finds more of them (weights/README.md).",
+            checked=DEFAULT_CONTRAST_TUMOR,
         )
-        form.addRow("Tumor by contrast", self.contrast_tumor)
-        self.keep_reviewed_check = QCheckBox("sliders leave reviewed slices as they are")
-        self.keep_reviewed_check.setChecked(True)
-        self.keep_reviewed_check.setToolTip(
+        self.keep_reviewed_check = check_row(
+            form,
+            "Reviewed slices",
+            "sliders leave reviewed slices as they are",
             "Slices you marked reviewed or edited keep the fusion you reviewed them on ('whole case reviewed': "
-            "every slice). Uncheck to let the sliders re-fuse them too; your edits stay either way."
+            "every slice). Uncheck to let the sliders re-fuse them too; your edits stay either way.",
+            checked=True,
         )
-        form.addRow("Reviewed slices", self.keep_reviewed_check)
         self._fuse_timer = QTimer(self)
         self._fuse_timer.setSingleShot(True)
         self._fuse_timer.setInterval(150)

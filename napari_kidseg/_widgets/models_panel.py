@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton
 
 from . import result_layers
-from ._controls import Hooks, path_row
+from ._controls import Hooks, check_row, path_row
 from ._workers import LatestRequest
 from .result_layers import LAYER_NAMES, SURFACE_NAMES, remove_layers
 
@@ -59,19 +59,21 @@ class ModelsPanel(QGroupBox):
         drow.addWidget(self.device_combo)
         drow.addWidget(self.device_label)
         form.addRow("Device", drow)
-        self.mirror_check = QCheckBox("average with the mirror image (2x time)")
-        self.mirror_check.setToolTip(
+        self.mirror_check = check_row(
+            form,
+            "Mirror",
+            "average with the mirror image (2x time)",
             "Runs every slice and patch again mirrored left-right and averages the two "
-            "answers. Off by default: on phantoms it was not clearly better."
+            "answers. Off by default: on phantoms it was not clearly better.",
         )
-        form.addRow("Mirror", self.mirror_check)
-        self.smooth_check = QCheckBox("smooth a CT noisier than the training CTs")
-        self.smooth_check.setToolTip(
+        self.smooth_check = check_row(
+            form,
+            "Noise",
+            "smooth a CT noisier than the training CTs",
             "A CT whose noise is above the 18 HU the networks were trained on is smoothed in-plane "
             "first, and the status line says so. Off by default: on 27 real tumor slices it found more "
-            "tumor (Dice 0.07 -> 0.15), on the shared real CT the kidneys fell 0.85 -> 0.84."
+            "tumor (Dice 0.07 -> 0.15), on the shared real CT the kidneys fell 0.85 -> 0.84.",
         )
-        form.addRow("Noise", self.smooth_check)
 
     def choice(self) -> tuple:
         """``(coarse, refine, device)``: the checkpoints named (None: the bundled one), the device."""
