@@ -436,6 +436,7 @@ def predict_case(src, target, settings: PredictSettings, cascade, *, ct=None, pr
         result.save_probabilities(probabilities_path(target), overwrite=settings.overwrite)
     notes = list(result.messages)
     notes += [result.contrast_note] if result.contrast_note else []
+    notes += [result.speck_note] if result.speck_note else []
     if result.verdict is not None and settings.anatomy_check:
         notes += result.verdict.summary()
     m = measurements(labels, ct.geometry.spacing)

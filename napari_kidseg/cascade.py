@@ -61,6 +61,10 @@ class CascadeResult:
     kidney_hu: float | None = None
     # what the rule did in the last volume fusion, in one line (None: not asked for, or no kidney)
     contrast_note: str | None = None
+    # the tumor voxels the last volume fusion with the anatomy check left as kidney (flat indices,
+    # sorted; fusion.tumor_specks): a slice fused alone for a slider reuses them; and a line saying so
+    tumor_specks: np.ndarray | None = None
+    speck_note: str | None = None
 
     def fuse(
         self,
@@ -102,6 +106,8 @@ class CascadeResult:
             if ref is None:
                 ref = enhancement.kidney_reference_hu(labels, self.tissue[z])
             labels = enhancement.mark_hypodense_tumor(labels, self.tissue[z], self.spacing, ref)
+        if anatomy_check and self.tumor_specks is not None:
+            labels = fusion.specks_to_kidney(labels, self.tumor_specks, z=z)
         return labels
 
     def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor):
@@ -130,6 +136,16 @@ class CascadeResult:
             final = enhancement.mark_hypodense_tumor(checked, self.tissue, self.spacing, self.kidney_hu)
             made_ml = float(np.count_nonzero(final != checked)) * float(np.prod(self.spacing)) / 1000.0
             self.contrast_note = enhancement.describe(self.kidney_hu, made_ml)
+        self.tumor_specks, self.speck_note = None, None
+        if anatomy_check:  # last, so a tumor region's size counts what the contrast rule added to it
+            self.tumor_specks, n = fusion.tumor_specks(final, self.spacing, fusion.MIN_TUMOR_ML)
+            final = fusion.specks_to_kidney(final, self.tumor_specks)
+            if n:
+                ml = len(self.tumor_specks) * float(np.prod(self.spacing)) / 1000.0
+                self.speck_note = (
+                    f"{n} tumor speck(s) under {fusion.MIN_TUMOR_ML:g} mL ({ml:.1f} mL in all) left as kidney: "
+                    "too small to call a tumor"
+                )
         return raw, checked, final
 
     def fuse_and_removed(

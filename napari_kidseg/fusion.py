@@ -16,14 +16,19 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy import ndimage
 
-from .labels import CYST, TUMOR
+from .labels import CYST, KIDNEY, TUMOR
 
 DEFAULT_ALPHA = 0.4  # the coarse stage's weight; best in the paper
 DEFAULT_KIDNEY_THRESHOLD = 0.5
 DEFAULT_TUMOR_THRESHOLD = 0.5
 # the tumor-by-contrast rule (enhancement.py) after fusion; weights/README.md has the figures
 DEFAULT_CONTRAST_TUMOR = True
+# a tumor region smaller than this (26-connected, in 3D) is left as kidney: about a 10 mm sphere, the size under
+# which a renal mass is "too small to characterise" on CT; the fused drafts' false tumor regions are mostly such
+# specks (weights/README.md)
+MIN_TUMOR_ML = 0.5
 
 
 @dataclasses.dataclass
@@ -131,3 +136,35 @@ def refined_only_labels(shape, refined: dict[int, RefinedRegion], kidney_thresho
             region.meta, region.tumor, kidney_threshold, tumor_threshold, region.cyst
         )[region.covered]
     return labels
+
+
+def tumor_specks(labels: np.ndarray, spacing, min_ml: float = MIN_TUMOR_ML) -> tuple[np.ndarray, int]:
+    """(flat indices into ``labels``, a volume, of the tumor voxels whose 26-connected tumor region
+    is under ``min_ml``; how many such regions): what a draft should call kidney, not tumors."""
+    tumor = np.asarray(labels) == TUMOR
+    box = ndimage.find_objects(tumor.astype(np.uint8))
+    if not box or min_ml <= 0:
+        return np.zeros(0, np.int64), 0
+    box = box[0]  # the labelling costs the tumors' bounding box, not the CT
+    parts, n = ndimage.label(tumor[box], structure=np.ones((3, 3, 3), bool))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    small = np.zeros(n + 1, bool)
+    small[1:] = np.bincount(parts.ravel(), minlength=n + 1)[1:] * voxel_ml < min_ml
+    where = np.nonzero(small[parts])
+    flat = np.ravel_multi_index(tuple(w + b.start for w, b in zip(where, box)), tumor.shape)
+    return flat.astype(np.int64), int(small.sum())
+
+
+def specks_to_kidney(labels: np.ndarray, specks: np.ndarray, z: int | None = None) -> np.ndarray:
+    """``labels`` (a volume, or slice ``z`` of one) with the tumor voxels at ``specks`` (flat indices
+    into the volume, :func:`tumor_specks`) made kidney; the same array when none is there."""
+    if z is not None:  # this slice's specks, as indices into it
+        n = labels.size
+        lo, hi = np.searchsorted(specks, (z * n, (z + 1) * n))
+        specks = specks[lo:hi] - z * n
+    if not len(specks):
+        return labels
+    out = labels.copy()
+    flat = out.reshape(-1)
+    flat[specks[flat[specks] == TUMOR]] = KIDNEY
+    return out

@@ -1,16 +1,17 @@
-"""Score variants of the tumor-by-contrast rule (napari_kidseg/enhancement.py) on phantom folders.
+"""Score variants of the rules after fusion (napari_kidseg/enhancement.py, fusion.MIN_TUMOR_ML) on phantom folders.
 
     kidseg phantom runs/eval/val --cases 10 --seed 8000 --matrix 256 --max-slices 100
     kidseg phantom runs/eval/anat-val --cases 10 --seed 8100 --matrix 256 \
         --anatomy ../shared/data/flare22-labels --maps train
     python scripts/tune_contrast.py runs/eval/val runs/eval/anat-val \
-        --variants '[{}, {"MIN_AREA_MM2": 150, "MIN_VOLUME_ML": 0}, {"OPEN_MM": 5}]'
+        --variants '[{}, {"MIN_AREA_MM2": 150, "MIN_VOLUME_ML": 0}, {"OPEN_MM": 5}, {"MIN_TUMOR_ML": 0}]'
 
 Validation phantoms only (seeds 8000+ and 8100+ on training maps): the held-out sets of
 scripts/evaluate_bundled.py stay for the figures. Each case runs the bundled cascade once (its
-result cached under --cache); each variant, a dict of enhancement.py's constants, is then scored
+result cached under --cache); each variant, a dict of enhancement.py's constants (and fusion.py's
+MIN_TUMOR_ML, the tumor specks left as kidney), is then scored
 from the cache: kidney+tumor and tumor Dice, tumors found, false tumor mL and regions per case,
-and false tumor per contrast phase. The first row is the rule off.
+and false tumor per contrast phase. The first row is tumor by contrast off.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from napari_kidseg import enhancement, metrics  # noqa: E402
+from napari_kidseg import enhancement, fusion, metrics  # noqa: E402
 from napari_kidseg.cascade import Cascade, CascadeResult  # noqa: E402
 from napari_kidseg.io import readers, volumes  # noqa: E402
 
 KNOBS = ("DROP_HU", "FLOOR_HU", "ENHANCED_HU", "OPEN_MM", "MIN_AREA_MM2", "MIN_VOLUME_ML", "CORTEX_PERCENTILE")
+FUSION_KNOBS = ("MIN_TUMOR_ML",)  # fusion.py's: the smallest tumor region kept as tumor
 
 
 def cached_cases(folder: Path, cache: Path, cascade_factory):
@@ -78,15 +80,16 @@ def main() -> int:
     args = ap.parse_args()
     variants = json.loads(args.variants)
     for v in variants:
-        unknown = set(v) - set(KNOBS)
+        unknown = set(v) - set(KNOBS) - set(FUSION_KNOBS)
         if unknown:
-            ap.error(f"--variants: {sorted(unknown)} are not constants of enhancement.py ({', '.join(KNOBS)})")
+            known = ", ".join(KNOBS + FUSION_KNOBS)
+            ap.error(f"--variants: {sorted(unknown)} are not constants of enhancement.py or fusion.py ({known})")
     factory = functools.cache(lambda: Cascade(device="cpu"))  # loaded once, only if a case is not cached
     sets = {f.name: cached_cases(f, args.cache, factory) for f in args.folders}
-    defaults = {k: getattr(enhancement, k) for k in KNOBS}
+    defaults = {k: getattr(enhancement, k) for k in KNOBS} | {k: getattr(fusion, k) for k in FUSION_KNOBS}
     for v in [None, *variants]:
         for k, value in {**defaults, **(v or {})}.items():
-            setattr(enhancement, k, value)
+            setattr(fusion if k in FUSION_KNOBS else enhancement, k, value)
         name = "rule off" if v is None else json.dumps(v)
         for folder, cases in sets.items():
             print(f"{folder:16s} {name:40s} {score(cases, v is not None)}", flush=True)

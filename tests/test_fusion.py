@@ -52,3 +52,45 @@ def test_alpha_one_is_coarse_and_alpha_zero_is_refined_inside_the_rois():
                 fusion.fuse_slice(cm[z], ct[z], refined.get(z), 0.4, kt, tt),
                 fusion.fuse_volume(cm, ct, refined, 0.4, kt, tt)[z],
             )
+
+
+def _kidney_with_tumors():
+    """Levels of a 32 x 60 x 40 mm kidney (2 x 1 x 1 mm voxels, 77 mL) holding a 2.4 mL tumor and a
+    0.2 mL one, and a 0.2 mL tumor whose two halves touch only at a corner across slices."""
+    meta = np.zeros((16, 80, 80), np.uint8)
+    tumor = np.zeros_like(meta)
+    meta[:, 10:70, 20:60] = 250
+    tumor[4:10, 20:40, 25:45] = 250  # 6 x 20 x 20 voxels: 2.4 mL
+    tumor[12:14, 50:57, 25:32] = 250  # 2 x 7 x 7: 0.196 mL
+    tumor[2, 60:65, 45:50] = 250  # 25 voxels ...
+    tumor[3, 65:70, 50:55] = 250  # ... and 25 more, joined at one corner (26-connected): 0.1 mL
+    return meta, tumor
+
+
+def test_tumor_regions_under_half_a_millilitre_are_the_specks_and_become_kidney():
+    meta, tumor = _kidney_with_tumors()
+    labels = fusion.labels_from_levels(meta, tumor, 0.5, 0.5)
+    specks, n = fusion.tumor_specks(labels, (2.0, 1.0, 1.0))
+    assert n == 2  # the corner-joined pair is one region
+    assert len(specks) == 2 * 7 * 7 + 50 and np.all(np.diff(specks) > 0)
+    out = fusion.specks_to_kidney(labels, specks)
+    assert (out == 2).sum() == 6 * 20 * 20  # the 2.4 mL tumor stays
+    assert np.array_equal(out > 0, labels > 0)  # kidney+tumor unchanged: only tumor becomes kidney
+    for z in range(labels.shape[0]):  # a slice alone, with the volume's specks, agrees
+        assert np.array_equal(fusion.specks_to_kidney(labels[z], specks, z=z), out[z])
+    assert fusion.tumor_specks(labels, (2.0, 1.0, 1.0), min_ml=0.0)[1] == 0
+    assert fusion.tumor_specks(np.zeros_like(labels), (2.0, 1.0, 1.0))[1] == 0
+
+
+def test_the_cascades_fusion_leaves_specks_as_kidney_with_the_anatomy_check_and_says_so():
+    from napari_kidseg.cascade import CascadeResult
+
+    meta, tumor = _kidney_with_tumors()
+    r = CascadeResult(meta.shape, (2.0, 1.0, 1.0), meta, tumor, {}, [], np.zeros(0), 96)
+    checked = r.fuse(contrast_tumor=False)
+    assert (checked == 2).sum() == 6 * 20 * 20
+    assert r.speck_note == "2 tumor speck(s) under 0.5 mL (0.3 mL in all) left as kidney: too small to call a tumor"
+    assert all(np.array_equal(r.fuse(z=z, contrast_tumor=False), checked[z]) for z in range(meta.shape[0]))
+    unchecked = r.fuse(anatomy_check=False, contrast_tumor=False)
+    assert (unchecked == 2).sum() == 6 * 20 * 20 + 2 * 7 * 7 + 50 and r.speck_note is None
+    assert np.array_equal(r.fuse(z=13, anatomy_check=False, contrast_tumor=False), unchecked[13])

@@ -43,7 +43,7 @@ class FusionPanel(QGroupBox):
             "Regions on the wrong side of the spine's front edge or off the kidneys' usual place, a second "
             "region far from a side's kidney, regions too small for a kidney, and tumor that touches no kidney "
             "are removed. They are outlined in the 'removed by anatomy check' layer: select that layer and "
-            "click a region to restore it.",
+            "click a region to restore it. Tumor regions under 0.5 mL (about 1 cm across) are left as kidney.",
             checked=True,
         )
         self.contrast_tumor = check_row(

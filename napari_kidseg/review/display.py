@@ -113,6 +113,7 @@ def score_text(s, labels, ref, ref_name, comparison, problem=None):
         gone = verdict.removed_ml()
         lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
     lines += [s.result.contrast_note] if s.result.contrast_note else []  # None with the rule off
+    lines += [s.result.speck_note] if s.params.anatomy_check and s.result.speck_note else []
     lines.append(f"hand-edited voxels: {np.count_nonzero(s.edited)}")  # read only: the GUI thread records edits
     lines = [
         line if len(line) <= MEASURE_COLUMNS else textwrap.fill(line, MEASURE_COLUMNS, subsequent_indent="  ")
