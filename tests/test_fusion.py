@@ -1,8 +1,9 @@
-"""Fusion of coarse and refined probabilities: a hand-computed case, alpha at its ends."""
+"""Fusion of coarse and refined probabilities (a hand-computed case, alpha at its ends) and the tumor specks."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_kidseg import fusion
 
@@ -55,12 +56,12 @@ def test_alpha_one_is_coarse_and_alpha_zero_is_refined_inside_the_rois():
 
 
 def _kidney_with_tumors():
-    """Levels of a 32 x 60 x 40 mm kidney (2 x 1 x 1 mm voxels, 77 mL) holding a 2.4 mL tumor and a
+    """Levels of a 32 x 60 x 40 mm kidney (2 x 1 x 1 mm voxels, 77 mL) holding a 4.8 mL tumor and a
     0.2 mL one, and a 0.2 mL tumor whose two halves touch only at a corner across slices."""
     meta = np.zeros((16, 80, 80), np.uint8)
     tumor = np.zeros_like(meta)
     meta[:, 10:70, 20:60] = 250
-    tumor[4:10, 20:40, 25:45] = 250  # 6 x 20 x 20 voxels: 2.4 mL
+    tumor[4:10, 20:40, 25:45] = 250  # 6 x 20 x 20 voxels: 4.8 mL
     tumor[12:14, 50:57, 25:32] = 250  # 2 x 7 x 7: 0.196 mL
     tumor[2, 60:65, 45:50] = 250  # 25 voxels ...
     tumor[3, 65:70, 50:55] = 250  # ... and 25 more, joined at one corner (26-connected): 0.1 mL
@@ -74,7 +75,7 @@ def test_tumor_regions_under_half_a_millilitre_are_the_specks_and_become_kidney(
     assert n == 2  # the corner-joined pair is one region
     assert len(specks) == 2 * 7 * 7 + 50 and np.all(np.diff(specks) > 0)
     out = fusion.specks_to_kidney(labels, specks)
-    assert (out == 2).sum() == 6 * 20 * 20  # the 2.4 mL tumor stays
+    assert (out == 2).sum() == 6 * 20 * 20  # the 4.8 mL tumor stays
     assert np.array_equal(out > 0, labels > 0)  # kidney+tumor unchanged: only tumor becomes kidney
     for z in range(labels.shape[0]):  # a slice alone, with the volume's specks, agrees
         assert np.array_equal(fusion.specks_to_kidney(labels[z], specks, z=z), out[z])
@@ -94,3 +95,20 @@ def test_the_cascades_fusion_leaves_specks_as_kidney_with_the_anatomy_check_and_
     unchecked = r.fuse(anatomy_check=False, contrast_tumor=False)
     assert (unchecked == 2).sum() == 6 * 20 * 20 + 2 * 7 * 7 + 50 and r.speck_note is None
     assert np.array_equal(r.fuse(z=13, anatomy_check=False, contrast_tumor=False), unchecked[13])
+
+
+def test_the_review_box_names_the_specks_only_while_the_anatomy_check_is_on():
+    from napari_kidseg.cascade import CascadeResult
+    from napari_kidseg.review.display import comparison_maps, score_text
+    from napari_kidseg.review.session import FusionParams, ReviewSession
+
+    meta, tumor = _kidney_with_tumors()
+    r = CascadeResult(meta.shape, (2.0, 1.0, 1.0), meta, tumor, {}, [], np.zeros(0), 96)
+    s = ReviewSession(r, FusionParams(contrast_tumor=False))
+    text, m, _ = score_text(s, s.labels.copy(), None, None, comparison_maps(s))
+    assert "2 tumor speck(s) under 0.5 mL (0.3 mL in all) left as kidney" in text.replace("\n  ", " ")
+    assert m["total"]["tumor_ml"] == pytest.approx(4.8)
+    s.set_params(anatomy_check=False)
+    s.apply_fusion(*r.fuse_and_removed(**vars(s.params)))
+    text, m, _ = score_text(s, s.labels.copy(), None, None, comparison_maps(s))
+    assert "speck" not in text and m["total"]["tumor_ml"] == pytest.approx(5.096)
