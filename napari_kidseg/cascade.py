@@ -62,8 +62,11 @@ class CascadeResult:
     # what the rule did in the last volume fusion, in one line (None: not asked for, or no kidney)
     contrast_note: str | None = None
     # the tumor voxels the last volume fusion with the anatomy check left as kidney (flat indices,
-    # sorted; fusion.tumor_specks): a slice fused alone for a slider reuses them; and a line saying so
-    tumor_specks: np.ndarray | None = None
+    # sorted; fusion.tumor_specks), with the fusion settings that made them: a slice fused alone with
+    # the same settings reuses them (with others it keeps its specks until the volume is fused
+    # again). One tuple, replaced whole, so a slice fused while a worker fuses the volume never
+    # sees half of it. And a line saying what was done.
+    tumor_specks: tuple | None = None
     speck_note: str | None = None
 
     def fuse(
@@ -74,6 +77,7 @@ class CascadeResult:
         z: int | None = None,
         anatomy_check: bool = True,
         contrast_tumor: bool = DEFAULT_CONTRAST_TUMOR,
+        keep_specks: bool = False,
     ) -> np.ndarray:
         """Fused labels of the whole volume, or of slice ``z`` only.
 
@@ -86,9 +90,15 @@ class CascadeResult:
         kidney into tumor (:mod:`enhancement`), after the anatomy check (which judges kidney
         voxels: a false region turned tumor first would escape it); a slice uses the kidney
         references of the last whole-volume fusion.
+
+        With the anatomy check, tumor masses under ``fusion.MIN_TUMOR_ML`` are left as kidney
+        (:func:`fusion.tumor_specks`), unless ``keep_specks`` (fine-tuning's drafts keep them: a
+        speck the radiologist left as kidney is a lesson).
         """
         if z is None:
-            return self._fuse_volume(alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor)[2]
+            return self._fuse_volume(
+                alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor, keep_specks
+            )[2]
         cyst = None if self.coarse_cyst is None else self.coarse_cyst[z]
         labels = fusion.fuse_slice(
             self.coarse_meta[z],
@@ -106,11 +116,21 @@ class CascadeResult:
             if ref is None:
                 ref = enhancement.kidney_reference_hu(labels, self.tissue[z])
             labels = enhancement.mark_hypodense_tumor(labels, self.tissue[z], self.spacing, ref)
-        if anatomy_check and self.tumor_specks is not None:
-            labels = fusion.specks_to_kidney(labels, self.tumor_specks, z=z)
+        specks = self.tumor_specks  # read once: a worker's volume fusion may replace it meanwhile
+        if (
+            anatomy_check
+            and not keep_specks
+            and specks is not None
+            and specks[0] == self._speck_key(alpha, kidney_threshold, tumor_threshold, contrast_tumor)
+        ):
+            labels = fusion.specks_to_kidney(labels, specks[1], z=z)
         return labels
 
-    def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor):
+    @staticmethod
+    def _speck_key(alpha, kidney_threshold, tumor_threshold, contrast_tumor) -> tuple:
+        return (float(alpha), float(kidney_threshold), float(tumor_threshold), bool(contrast_tumor))
+
+    def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor, keep_specks=False):
         """(labels before the anatomy check, labels after it, the labels with tumor by contrast)
         of the whole volume."""
         raw = fusion.fuse_volume(
@@ -136,16 +156,18 @@ class CascadeResult:
             final = enhancement.mark_hypodense_tumor(checked, self.tissue, self.spacing, self.kidney_hu)
             made_ml = float(np.count_nonzero(final != checked)) * float(np.prod(self.spacing)) / 1000.0
             self.contrast_note = enhancement.describe(self.kidney_hu, made_ml)
-        self.tumor_specks, self.speck_note = None, None
-        if anatomy_check:  # last, so a tumor region's size counts what the contrast rule added to it
-            self.tumor_specks, n = fusion.tumor_specks(final, self.spacing, fusion.MIN_TUMOR_ML)
-            final = fusion.specks_to_kidney(final, self.tumor_specks)
+        specks, note = None, None
+        if anatomy_check and not keep_specks:  # last: a mass's size counts what the contrast rule added to it
+            found, n = fusion.tumor_specks(final, self.spacing)
+            final = fusion.specks_to_kidney(final, found)
+            specks = (self._speck_key(alpha, kidney_threshold, tumor_threshold, contrast_tumor), found)
             if n:
-                ml = len(self.tumor_specks) * float(np.prod(self.spacing)) / 1000.0
-                self.speck_note = (
-                    f"{n} tumor speck(s) under {fusion.MIN_TUMOR_ML:g} mL ({ml:.1f} mL in all) left as kidney: "
+                ml = len(found) * float(np.prod(self.spacing)) / 1000.0
+                note = (
+                    f"{n} tumor speck(s) under {fusion.MIN_TUMOR_ML:g} mL ({ml:.2f} mL in all) left as kidney: "
                     "too small to call a tumor"
                 )
+        self.tumor_specks, self.speck_note = specks, note
         return raw, checked, final
 
     def fuse_and_removed(

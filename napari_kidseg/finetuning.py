@@ -346,7 +346,8 @@ def parent_drafts(case_dirs, coarse, refine, device="auto", cancel=None) -> dict
     """What the parents answer on each corrected case: the fused draft (what the radiologist
     corrected) and the coarse stage alone (anatomy check off: what the coarse network itself
     says, a spleen the check removed included), with the case's spacing. Both without tumor by
-    contrast: a tumor the networks called kidney is their lesson even where the rule mended it."""
+    contrast and with the tumor specks kept: a tumor the networks called kidney, or a speck of
+    tumor they drew on a kidney, is their lesson even where a rule after fusion mended it."""
     from .cascade import Cascade
     from .labels import map_kits_labels
 
@@ -356,7 +357,7 @@ def parent_drafts(case_dirs, coarse, refine, device="auto", cancel=None) -> dict
         ct, ref = readers.read_kits_case(case)
         result = cascade.run(ct.array, ct.geometry.spacing, cancel=cancel)
         out[case.name] = {
-            "draft": result.fuse(contrast_tumor=False),
+            "draft": result.fuse(contrast_tumor=False, keep_specks=True),
             "coarse": result.fuse(alpha=1.0, anatomy_check=False, contrast_tumor=False),
             "labels": map_kits_labels(ref.array, case / volumes.KITS_LABELS),
             "spacing": tuple(ct.geometry.spacing),

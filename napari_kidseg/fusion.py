@@ -138,20 +138,26 @@ def refined_only_labels(shape, refined: dict[int, RefinedRegion], kidney_thresho
     return labels
 
 
-def tumor_specks(labels: np.ndarray, spacing, min_ml: float = MIN_TUMOR_ML) -> tuple[np.ndarray, int]:
-    """(flat indices into ``labels``, a volume, of the tumor voxels whose 26-connected tumor region
-    is under ``min_ml``; how many such regions): what a draft should call kidney, not tumors."""
-    tumor = np.asarray(labels) == TUMOR
-    box = ndimage.find_objects(tumor.astype(np.uint8))
-    if not box or min_ml <= 0:
+def tumor_specks(labels: np.ndarray, spacing, min_ml: float | None = None) -> tuple[np.ndarray, int]:
+    """(flat indices into ``labels``, a volume, of the tumor voxels in 26-connected masses (tumor
+    and cyst together) under ``min_ml``, default :data:`MIN_TUMOR_ML`; how many such masses): what
+    a draft should call kidney, not tumors. A solid nodule on a large cystic mass is not a speck."""
+    min_ml = MIN_TUMOR_ML if min_ml is None else min_ml
+    labels = np.asarray(labels)
+    mass = (labels == TUMOR) | (labels == CYST)
+    zs, ys, xs = (np.flatnonzero(mass.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    if not len(zs) or min_ml <= 0:
         return np.zeros(0, np.int64), 0
-    box = box[0]  # the labelling costs the tumors' bounding box, not the CT
-    parts, n = ndimage.label(tumor[box], structure=np.ones((3, 3, 3), bool))
+    # the labelling costs the masses' bounding box, not the CT
+    box = tuple(slice(int(v[0]), int(v[-1]) + 1) for v in (zs, ys, xs))
+    parts, n = ndimage.label(mass[box], structure=np.ones((3, 3, 3), bool))
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    small = np.zeros(n + 1, bool)
-    small[1:] = np.bincount(parts.ravel(), minlength=n + 1)[1:] * voxel_ml < min_ml
-    where = np.nonzero(small[parts])
-    flat = np.ravel_multi_index(tuple(w + b.start for w, b in zip(where, box)), tumor.shape)
+    tumor = labels[box] == TUMOR
+    small = np.bincount(parts.ravel(), minlength=n + 1) * voxel_ml < min_ml
+    small &= np.bincount(parts[tumor], minlength=n + 1) > 0  # a small cyst alone is no tumor speck
+    small[0] = False
+    where = np.nonzero(small[parts] & tumor)
+    flat = np.ravel_multi_index(tuple(w + b.start for w, b in zip(where, box)), mass.shape)
     return flat.astype(np.int64), int(small.sum())
 
 

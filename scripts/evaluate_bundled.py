@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_kidseg import fusion, metrics
+from napari_kidseg import metrics
 from napari_kidseg.cascade import Cascade
 from napari_kidseg.finetuning import finetune_stage
 from napari_kidseg.io import readers, volumes
@@ -157,19 +157,9 @@ def _set_row(pred, ref, spacing, removed_ml=None):
     }
 
 
-def _fuse_keeping_specks(result):
-    """The default fusion (alpha 0.4, anatomy check on) without the speck step."""
-    kept = fusion.MIN_TUMOR_ML
-    fusion.MIN_TUMOR_ML = 0.0
-    try:
-        return result.fuse(alpha=0.4)
-    finally:
-        fusion.MIN_TUMOR_ML = kept
-
-
 def score_sets(cascade, work: Path, n_cases: int) -> dict:
     """Every evaluation set, with the anatomy check on and off, and on with the tumor specks kept
-    (``fusion.MIN_TUMOR_ML`` 0, as before session 15), from one network run per case."""
+    (``keep_specks``, as before session 15), from one network run per case."""
     from napari_kidseg.phantoms.labelmap import find_label_maps, split_label_maps
 
     sets = {}
@@ -199,7 +189,9 @@ def score_sets(cascade, work: Path, n_cases: int) -> dict:
             r = cascade.run(ct.array, ct.geometry.spacing)
             sp = ct.geometry.spacing
             rows["off"].append(_set_row(r.fuse(alpha=0.4, anatomy_check=False), ref, sp))
-            rows["on_specks_kept"].append(_set_row(_fuse_keeping_specks(r), ref, sp, r.verdict.removed_ml()))
+            rows["on_specks_kept"].append(
+                _set_row(r.fuse(alpha=0.4, keep_specks=True), ref, sp, r.verdict.removed_ml())
+            )
             on = r.fuse(alpha=0.4)
             rows["on"].append(_set_row(on, ref, sp, r.verdict.removed_ml()))
         out[name] = {k: _summarise(v) for k, v in rows.items()}

@@ -83,6 +83,18 @@ def test_tumor_regions_under_half_a_millilitre_are_the_specks_and_become_kidney(
     assert fusion.tumor_specks(np.zeros_like(labels), (2.0, 1.0, 1.0))[1] == 0
 
 
+def test_a_small_solid_part_of_a_large_cystic_mass_is_not_a_speck():
+    labels = np.zeros((8, 60, 60), np.uint8)
+    labels[:, 5:55, 5:55] = 1
+    labels[1:7, 15:40, 15:40] = 3  # a 7.5 mL cyst (2 x 1 x 1 mm voxels) ...
+    labels[3:5, 20:25, 40:45] = 2  # ... with a 0.1 mL solid nodule on its wall
+    labels[5, 50:53, 10:13] = 3  # and a lone small cyst: not a tumor speck
+    assert fusion.tumor_specks(labels, (2.0, 1.0, 1.0))[1] == 0
+    labels[1:7, 15:40, 15:40] = 1  # without the cyst the nodule is a speck
+    specks, n = fusion.tumor_specks(labels, (2.0, 1.0, 1.0))
+    assert n == 1 and len(specks) == 2 * 5 * 5
+
+
 def test_the_cascades_fusion_leaves_specks_as_kidney_with_the_anatomy_check_and_says_so():
     from napari_kidseg.cascade import CascadeResult
 
@@ -90,8 +102,11 @@ def test_the_cascades_fusion_leaves_specks_as_kidney_with_the_anatomy_check_and_
     r = CascadeResult(meta.shape, (2.0, 1.0, 1.0), meta, tumor, {}, [], np.zeros(0), 96)
     checked = r.fuse(contrast_tumor=False)
     assert (checked == 2).sum() == 6 * 20 * 20
-    assert r.speck_note == "2 tumor speck(s) under 0.5 mL (0.3 mL in all) left as kidney: too small to call a tumor"
+    assert r.speck_note == "2 tumor speck(s) under 0.5 mL (0.30 mL in all) left as kidney: too small to call a tumor"
     assert all(np.array_equal(r.fuse(z=z, contrast_tumor=False), checked[z]) for z in range(meta.shape[0]))
+    # a slice fused with other settings does not borrow specks the volume's settings made
+    assert (r.fuse(z=12, tumor_threshold=0.4, contrast_tumor=False) == 2).sum() == 7 * 7  # its speck, on one slice
+    assert (r.fuse(keep_specks=True, contrast_tumor=False) == 2).sum() == 6 * 20 * 20 + 2 * 7 * 7 + 50
     unchecked = r.fuse(anatomy_check=False, contrast_tumor=False)
     assert (unchecked == 2).sum() == 6 * 20 * 20 + 2 * 7 * 7 + 50 and r.speck_note is None
     assert np.array_equal(r.fuse(z=13, anatomy_check=False, contrast_tumor=False), unchecked[13])
@@ -106,7 +121,7 @@ def test_the_review_box_names_the_specks_only_while_the_anatomy_check_is_on():
     r = CascadeResult(meta.shape, (2.0, 1.0, 1.0), meta, tumor, {}, [], np.zeros(0), 96)
     s = ReviewSession(r, FusionParams(contrast_tumor=False))
     text, m, _ = score_text(s, s.labels.copy(), None, None, comparison_maps(s))
-    assert "2 tumor speck(s) under 0.5 mL (0.3 mL in all) left as kidney" in text.replace("\n  ", " ")
+    assert "2 tumor speck(s) under 0.5 mL (0.30 mL in all) left as kidney" in text.replace("\n  ", " ")
     assert m["total"]["tumor_ml"] == pytest.approx(4.8)
     s.set_params(anatomy_check=False)
     s.apply_fusion(*r.fuse_and_removed(**vars(s.params)))
