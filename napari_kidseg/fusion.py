@@ -144,20 +144,24 @@ def tumor_specks(labels: np.ndarray, spacing, min_ml: float | None = None) -> tu
     a draft should call kidney, not tumors. A solid nodule on a large cystic mass is not a speck."""
     min_ml = MIN_TUMOR_ML if min_ml is None else min_ml
     labels = np.asarray(labels)
-    mass = (labels == TUMOR) | (labels == CYST)
-    zs, ys, xs = (np.flatnonzero(mass.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    # the masses' bounding box from max projections (TUMOR and CYST are the top labels): no
+    # whole-volume temporaries, whose fresh pages cost 0.5 s on a 512 x 512 x 300 CT
+    zs = np.flatnonzero(labels.max(axis=(1, 2)) >= TUMOR)
     if not len(zs) or min_ml <= 0:
         return np.zeros(0, np.int64), 0
-    # the labelling costs the masses' bounding box, not the CT
+    slab = labels[zs[0] : zs[-1] + 1]
+    ys, xs = (np.flatnonzero(slab.max(axis=a) >= TUMOR) for a in ((0, 2), (0, 1)))
     box = tuple(slice(int(v[0]), int(v[-1]) + 1) for v in (zs, ys, xs))
-    parts, n = ndimage.label(mass[box], structure=np.ones((3, 3, 3), bool))
+    sub = labels[box]
+    mass = (sub == TUMOR) | (sub == CYST)
+    parts, n = ndimage.label(mass, structure=np.ones((3, 3, 3), bool))
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    tumor = labels[box] == TUMOR
+    tumor = sub == TUMOR
     small = np.bincount(parts.ravel(), minlength=n + 1) * voxel_ml < min_ml
     small &= np.bincount(parts[tumor], minlength=n + 1) > 0  # a small cyst alone is no tumor speck
     small[0] = False
     where = np.nonzero(small[parts] & tumor)
-    flat = np.ravel_multi_index(tuple(w + b.start for w, b in zip(where, box)), mass.shape)
+    flat = np.ravel_multi_index(tuple(w + b.start for w, b in zip(where, box)), labels.shape)
     return flat.astype(np.int64), int(small.sum())
 
 
