@@ -131,8 +131,8 @@ class CascadeResult:
         return (float(alpha), float(kidney_threshold), float(tumor_threshold), bool(contrast_tumor))
 
     def _fuse_volume(self, alpha, kidney_threshold, tumor_threshold, anatomy_check, contrast_tumor, keep_specks=False):
-        """(labels before the anatomy check, labels after it, the labels with tumor by contrast)
-        of the whole volume."""
+        """(labels before the anatomy check, labels after it, the final labels: with tumor by
+        contrast and, with the check, the tumor specks left as kidney) of the whole volume."""
         raw = fusion.fuse_volume(
             self.coarse_meta,
             self.coarse_tumor,
@@ -161,12 +161,7 @@ class CascadeResult:
             found, n = fusion.tumor_specks(final, self.spacing)
             final = fusion.specks_to_kidney(final, found)
             specks = (self._speck_key(alpha, kidney_threshold, tumor_threshold, contrast_tumor), found)
-            if n:
-                ml = len(found) * float(np.prod(self.spacing)) / 1000.0
-                note = (
-                    f"{n} tumor speck(s) under {fusion.MIN_TUMOR_ML:g} mL ({ml:.2f} mL in all) left as kidney: "
-                    "too small to call a tumor"
-                )
+            note = fusion.describe_specks(n, len(found) * float(np.prod(self.spacing)) / 1000.0)
         self.tumor_specks, self.speck_note = specks, note
         return raw, checked, final
 

@@ -165,6 +165,14 @@ def tumor_specks(labels: np.ndarray, spacing, min_ml: float | None = None) -> tu
     return flat.astype(np.int64), int(small.sum())
 
 
+def describe_specks(n: int, ml: float) -> str | None:
+    """What the speck step did, in one line (None when it found none)."""
+    if not n:
+        return None
+    what = f"{n} tumor speck(s) under {MIN_TUMOR_ML:g} mL ({ml:.2f} mL in all)"
+    return f"{what} left as kidney: too small to call a tumor"
+
+
 def specks_to_kidney(labels: np.ndarray, specks: np.ndarray, z: int | None = None) -> np.ndarray:
     """``labels`` (a volume, or slice ``z`` of one) with the tumor voxels at ``specks`` (flat indices
     into the volume, :func:`tumor_specks`) made kidney; the same array when none is there."""
