@@ -416,6 +416,7 @@ def probabilities_path(target: Path) -> Path:
 def predict_case(src, target, settings: PredictSettings, cascade, *, ct=None, progress=None) -> dict:
     """Read, segment, fuse and write one case's labels (atomically), in this process or on a
     worker; returns the line to print, the notes and (with ``settings.report``) its report row."""
+    from .anatomy import tumor_without_kidney
     from .metrics import measurements
 
     src, target = Path(src), Path(target)
@@ -437,6 +438,7 @@ def predict_case(src, target, settings: PredictSettings, cascade, *, ct=None, pr
     notes = list(result.messages)
     notes += [result.contrast_note] if result.contrast_note else []
     notes += [result.speck_note] if result.speck_note else []
+    notes += [r.describe() for r in tumor_without_kidney(labels, ct.geometry.spacing, result.spine)]
     if result.verdict is not None and settings.anatomy_check:
         notes += result.verdict.summary()
     m = measurements(labels, ct.geometry.spacing)

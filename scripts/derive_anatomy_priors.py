@@ -11,7 +11,9 @@
   check's grid) in those 40 maps, less a margin of 1.0 (a factor e in density).
 - From the 160 KiTS19 label volumes: ``min_kidney_ml`` and ``min_length_mm`` are half the smallest
   kidney+tumor region (volume, and shortest extent along any axis) of any side; ``fragment_mm``
-  is 1.5 times the farthest any separate piece of kidney or tumor lay from its side's main region.
+  is 1.5 times the farthest any separate piece of kidney or tumor lay from its side's main region;
+  ``kits_least_kidney_left_ml`` is the least kidney tissue (label 1) any tumor-bearing side's main
+  region kept (the fusion's "kidney left" note).
 The printout also says what share of the other FLARE organs' slice regions the position rule
 removes on the 10 held-out maps, and that it removes no kidney slice there.
 """
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from napari_kidseg import anatomy  # noqa: E402
-from napari_kidseg.io import readers  # noqa: E402
+from napari_kidseg.io import files, readers  # noqa: E402
 
 BIN_MM = 4.0
 DX_MM, DY_MM = (0.0, 200.0), (-120.0, 120.0)
@@ -101,12 +103,13 @@ def slice_scores(labels, sp, organs, pr):
 
 
 def kits_limits(kits_root: Path) -> dict:
-    vols, lengths, frags = [], [], []
+    vols, lengths, frags, kidney_left = [], [], [], []
     for f in sorted(glob.glob(str(kits_root / "case_*" / "segmentation.nii.gz"))):
         v = readers.read_labels(f)
         a, sp = v.array, np.asarray(v.geometry.spacing, float)
         s = anatomy.grid_step(a.shape[1:])
-        small = a[:, ::s, ::s] > 0
+        grid = a[:, ::s, ::s]
+        small = grid > 0
         spg = sp * [1, s, s]
         lab, n = ndimage.label(small, structure=anatomy._STRUCT_3D)
         counts = np.bincount(lab.ravel())[1:]
@@ -119,6 +122,8 @@ def kits_limits(kits_root: Path) -> dict:
             main = max(members, key=lambda i: counts[i])
             mask = lab == main + 1
             vols.append(counts[main] * spg.prod() / 1000.0)
+            if (grid[mask] == 2).any():  # the kidney tissue a tumor-bearing side keeps
+                kidney_left.append(np.count_nonzero(grid[mask] == 1) * spg.prod() / 1000.0)
             box = ndimage.find_objects(mask.astype(np.uint8))[0]
             lengths.append(min((b.stop - b.start) * d for b, d in zip(box, spg)))
             if len(members) > 1:
@@ -134,6 +139,8 @@ def kits_limits(kits_root: Path) -> dict:
         "kits_shortest_extent_mm": round(min(lengths), 1),
         "kits_farthest_fragment_mm": round(max(frags, default=0.0), 1),
         "kits_sides": len(vols),
+        "kits_least_kidney_left_ml": round(float(min(kidney_left)), 1),
+        "kits_tumor_sides": len(kidney_left),
     }
 
 
@@ -143,11 +150,11 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", default=str(anatomy.PRIORS_PATH))
     args = ap.parse_args(argv)
     data = Path(args.data)
-    files = sorted(glob.glob(str(data / "flare22-labels" / "FLARE22_Tr_*.nii.gz")))
-    if len(files) < N_TRAIN_MAPS + 1:
-        raise SystemExit(f"{data / 'flare22-labels'}: expected 50 FLARE 2022 label maps, found {len(files)}")
-    print(f"reading {len(files)} FLARE maps")
-    maps = [read_flare(f) for f in files]
+    paths = sorted(glob.glob(str(data / "flare22-labels" / "FLARE22_Tr_*.nii.gz")))
+    if len(paths) < N_TRAIN_MAPS + 1:
+        raise SystemExit(f"{data / 'flare22-labels'}: expected 50 FLARE 2022 label maps, found {len(paths)}")
+    print(f"reading {len(paths)} FLARE maps")
+    maps = [read_flare(f) for f in paths]
     train, held = maps[:N_TRAIN_MAPS], maps[N_TRAIN_MAPS:]
     log_density = atlas_from(train)
     pr = {

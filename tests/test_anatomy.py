@@ -158,3 +158,30 @@ def test_a_large_exophytic_tumor_does_not_take_its_kidney_away():
     v = anatomy.check_anatomy(labels, SPACING, anatomy.find_spine(synthetic_ct(), SPACING))
     out = v.apply(labels)
     assert (out[k & ~tumor] == 1).all() and (out[tumor] == 2).all(), v.summary()
+
+
+def test_a_kidney_called_tumor_almost_whole_is_named():
+    """Every tumor-bearing side in KiTS19 keeps some kidney (``kits_least_kidney_left_ml``): a
+    region that is tumor with less kidney left gets a note, its side named; a kidney with a
+    tumor and plenty of kidney left, and a region cut by the volume's first slice, get none."""
+    least = anatomy.priors()["kits_least_kidney_left_ml"]
+    assert 20.0 < least < 100.0  # derived from the KiTS19 label volumes (48 mL when written)
+    spine = anatomy.find_spine(synthetic_ct(), SPACING)
+    labels = np.zeros(SHAPE, np.uint8)
+    right = kidney(labels, "right", value=2)
+    zz = np.nonzero(right)[0]
+    labels[right & (np.arange(SHAPE[0])[:, None, None] < zz.min() + 3)] = 1  # a cap of kidney at its upper pole
+    left = kidney(labels, "left")
+    labels[left & _ellipsoid(SHAPE, (30, FRONT_Y + 6, MID_X + 22), (5, 5, 5))] = 2  # a 14 mL tumor in a whole kidney
+    ml = 27.0 / 1000.0
+    found = anatomy.tumor_without_kidney(labels, SPACING, spine)
+    assert len(found) == 1 and found[0].side == "right", found
+    assert found[0].kidney_ml == pytest.approx(np.count_nonzero(labels[right] == 1) * ml, abs=0.1)
+    assert 0 < found[0].kidney_ml < least
+    assert found[0].tumor_ml == pytest.approx(np.count_nonzero(labels[right] == 2) * ml, abs=0.1)
+    text = found[0].describe()
+    assert text.startswith("right kidney: ") and f"({least:.0f} mL)" in text
+    assert anatomy.tumor_without_kidney(labels[zz.min() + 1 :], SPACING, None) == []  # cut by the first slice
+    labels[right] = 1
+    labels[right & (np.arange(SHAPE[0])[:, None, None] > 30)] = 2  # half the kidney is tumor: plausible
+    assert anatomy.tumor_without_kidney(labels, SPACING, spine) == []

@@ -139,3 +139,19 @@ def test_the_display_arithmetic_needs_neither_qt_nor_napari():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_score_text_names_a_kidney_called_tumor_almost_whole_until_it_is_corrected():
+    s = ReviewSession(_result(), FusionParams(*NO_CHECK))
+    labels = np.zeros((12, 60, 60), np.uint8)
+    labels[2:10, 5:55, 0:30] = 2  # 24 mL at 2 mm^3 voxels, 15.5 mm right of the image centre (LPS)
+    labels[2, 5:55, 0:30] = 1  # 3 mL of kidney left: less than any tumor-bearing KiTS19 kidney
+    text, _, _ = score_text(s, labels, None, None, comparison_maps(s))
+    body = " ".join(line.strip() for line in text[len("<pre>") : -len("</pre>")].splitlines())
+    assert "right kidney: 21 mL called tumor with 3 mL of kidney left" in body, text
+    labels[2:6, 5:55, 0:30] = 1  # the radiologist gives half back to the kidney: 12 mL, still short of KiTS
+    text, _, _ = score_text(s, labels, None, None, comparison_maps(s))
+    assert "right kidney: 12 mL called tumor with 12 mL of kidney left" in " ".join(text.split())
+    labels[labels == 2] = 1  # no tumor left: nothing to say
+    text, _, _ = score_text(s, labels, None, None, comparison_maps(s))
+    assert "called tumor" not in text

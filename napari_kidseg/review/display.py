@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 
+from .. import anatomy
 from ..labels import BACKGROUND, TUMOR
 from ..roi import patch_rois
 from .session import FusionParams, ReviewSession
@@ -114,6 +115,8 @@ def score_text(s, labels, ref, ref_name, comparison, problem=None):
         lines.append(f"anatomy check removed {gone['kidney']:.1f} mL kidney, {gone['tumor']:.1f} mL tumor")
     lines += [s.result.contrast_note] if s.result.contrast_note else []  # None with the rule off
     lines += [s.result.speck_note] if s.params.anatomy_check and s.result.speck_note else []
+    # judged on the labels as corrected, so a fix clears it
+    lines += [r.describe() for r in anatomy.tumor_without_kidney(labels, sp, s.result.spine)]
     lines.append(f"hand-edited voxels: {np.count_nonzero(s.edited)}")  # read only: the GUI thread records edits
     lines = [
         line if len(line) <= MEASURE_COLUMNS else textwrap.fill(line, MEASURE_COLUMNS, subsequent_indent="  ")
