@@ -609,6 +609,12 @@ def _distance_mm(regions, a: int, b: int, boxes, sp) -> float:
     return float(dist[sub == b].min())
 
 
+def side_of(dx_mm: float) -> str:
+    """The side a region lies on, from its centre's distance to the midline (LPS: +x is the
+    patient's left); within 15 mm of it, "midline"."""
+    return "midline" if abs(dx_mm) < 15 else ("left" if dx_mm > 0 else "right")
+
+
 def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdict:
     groups = np.zeros(removed.shape, np.int16)
     regions: list[RemovedRegion] = []
@@ -628,7 +634,7 @@ def _group(removed, reasons, small, sp, mid, step, shape, notes) -> AnatomyVerdi
             zz, _, xx = np.nonzero(piece)
             cz = int(round(zz.mean())) + box[0].start
             dx = float(xs[int(round(xx.mean())) + box[2].start] - mid[cz])
-            side = "midline" if abs(dx) < 15 else ("left" if dx > 0 else "right")
+            side = side_of(dx)
             new_id = len(regions) + 1
             groups[box][piece] = new_id
             regions.append(
@@ -677,9 +683,7 @@ def tumor_without_kidney(labels: np.ndarray, spacing, spine: SpineFrame | None =
     kidney tumor (a network guess on unenhanced CT looks like this). Regions cut by the volume's
     first or last slice are left out: a kidney partly in view may show only its tumor."""
     pr = priors()
-    least = pr.get("kits_least_kidney_left_ml")
-    if least is None or labels.ndim != 3 or labels.shape[0] < 3:
-        return []
+    least = pr["kits_least_kidney_left_ml"]
     step = grid_step(labels.shape[1:])
     small = labels[:, ::step, ::step]
     sp = np.asarray(spacing, float) * [1, step, step]
@@ -701,6 +705,5 @@ def tumor_without_kidney(labels: np.ndarray, spacing, spine: SpineFrame | None =
         zz, _, xx = np.nonzero(parts[box] == j)
         cz = int(round(zz.mean())) + box[0].start
         dx = (xx.mean() + box[2].start) * sp[2] - mid[cz]
-        side = "midline" if abs(dx) < 15 else ("left" if dx > 0 else "right")  # LPS: +x is the patient's left
-        out.append(TumorWithoutKidney(side, round(float(tumor[j]), 1), round(float(kidney[j]), 1)))
+        out.append(TumorWithoutKidney(side_of(dx), round(float(tumor[j]), 1), round(float(kidney[j]), 1)))
     return out

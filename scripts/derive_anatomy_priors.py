@@ -13,7 +13,7 @@
   kidney+tumor region (volume, and shortest extent along any axis) of any side; ``fragment_mm``
   is 1.5 times the farthest any separate piece of kidney or tumor lay from its side's main region;
   ``kits_least_kidney_left_ml`` is the least kidney tissue (label 1) any tumor-bearing side's main
-  region kept (the fusion's "kidney left" note).
+  region kept (the note of ``anatomy.tumor_without_kidney``).
 The printout also says what share of the other FLARE organs' slice regions the position rule
 removes on the 10 held-out maps, and that it removes no kidney slice there.
 """
